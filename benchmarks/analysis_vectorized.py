@@ -1,0 +1,123 @@
+r"""Reset-variant evaluation: vmapped chunks against one variant at a time.
+
+The analysis pass evaluates the trained model and every reset variant of it
+(units x (taus + seeds)). This benchmark builds such variants of a randomly
+initialized model (each unit reset, in turn, to one of several fresh
+initializations), and evaluates all of them on the same random batches:
+  * one at a time: the jitted single-variant eval step, looped over variants;
+  * vectorized: variants stacked on a leading axis, jit(vmap(eval step)),
+    `variants_per_call` per call (the last chunk padded).
+Both in the same process, with the same batches and the same host-side WER
+scoring. "compile s" is the first call's extra time (compilation); "eval s" is
+the median over repeats of a full evaluation of all variants after that; the
+ratio is one-at-a-time eval s / this row's eval s. The rows also check that
+both paths give the same losses.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=1 \
+    .venv/bin/python benchmarks/analysis_vectorized.py
+  .venv/bin/python benchmarks/analysis_vectorized.py --size=demo \
+      --variants_per_call=4,16 --num_variants=32
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from conformer_fl import models
+from conformer_fl.analysis import importance
+from conformer_fl.analysis import resets
+from conformer_fl.analysis import variant_eval
+
+
+def make_variants(model, num_variants: int, granularity: str):
+  """num_variants variable sets: unit i % U of seed 0 taken from seed 1 + i % 3."""
+  inits = importance.fresh_initializations(model, [0, 1, 2, 3])
+  units = list(models.list_units(inits[0]['params'], granularity).values())
+  return [resets.reset_unit(inits[0], inits[1 + i % 3], units[i % len(units)])
+          for i in range(num_variants)]
+
+
+def make_batches(num_batches: int, batch_size: int, seconds: float,
+                 vocab_size: int, label_length: int = 32):
+  rng = np.random.default_rng(0)
+  samples = int(16000 * seconds)
+  return [dict(
+      audio=(0.1 * rng.normal(size=(batch_size, samples))).astype(np.float32),
+      audio_paddings=np.zeros((batch_size, samples), np.float32),
+      labels=rng.integers(1, vocab_size, (batch_size, label_length)).astype(
+          np.int32),
+      label_paddings=np.zeros((batch_size, label_length), np.float32),
+      example_mask=np.ones((batch_size,), np.float32),
+  ) for _ in range(num_batches)]
+
+
+def _decode(ids):
+  return ' '.join(f'w{i}' for i in ids)
+
+
+def time_evaluation(run, repeats: int):
+  """(compile seconds, median eval seconds, results) of run()."""
+  start = time.perf_counter()
+  results = run()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  steady = statistics.median(times)
+  return max(first - steady, 0.0), steady, results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--size', default='tiny')
+  parser.add_argument('--granularity', default='module')
+  parser.add_argument('--num_variants', type=int, default=24)
+  parser.add_argument('--variants_per_call', default='4,8,24',
+                      help='comma-separated chunk sizes, one row each')
+  parser.add_argument('--num_batches', type=int, default=2)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--seconds', type=float, default=4.0)
+  parser.add_argument('--repeats', type=int, default=2)
+  args = parser.parse_args()
+
+  config = models.get_model_config(args.size, conv_norm='batch_norm')
+  model = models.build_model(config)
+  variants = make_variants(model, args.num_variants, args.granularity)
+  batches = make_batches(args.num_batches, args.batch_size, args.seconds,
+                         config.vocab_size)
+  print(f'size={args.size} variants={args.num_variants} '
+        f'batches={args.num_batches}x{args.batch_size}x{args.seconds}s '
+        f'devices={jax.device_count()} ({jax.devices()[0].platform})')
+
+  single = variant_eval.make_single_eval_fn(model)
+  compile_s, loop_s, loop_results = time_evaluation(
+      lambda: variant_eval.evaluate_one_at_a_time(
+          single, variants.__getitem__, len(variants), batches, _decode),
+      args.repeats)
+  rows = [('one at a time', 1, compile_s, loop_s, 0.0)]
+  for per_call in [int(v) for v in args.variants_per_call.split(',')]:
+    vectorized = variant_eval.make_vectorized_eval_fn(model)
+    compile_s, eval_s, results = time_evaluation(
+        lambda: variant_eval.evaluate_vectorized(
+            vectorized, variants.__getitem__, len(variants), batches, _decode,
+            per_call), args.repeats)
+    max_diff = max(abs(a['loss'] - b['loss']) / max(abs(b['loss']), 1e-9)
+                   for a, b in zip(results, loop_results))
+    rows.append(('vmapped', per_call, compile_s, eval_s, max_diff))
+
+  print(f"\n| method | variants/call | compile s | eval s | variants/s | "
+        f"ratio vs one at a time | max rel. loss diff |")
+  print('|---|---|---|---|---|---|---|')
+  for method, per_call, compile_s, eval_s, diff in rows:
+    print(f'| {method} | {per_call} | {compile_s:.1f} | {eval_s:.2f} | '
+          f'{len(variants) / eval_s:.1f} | {loop_s / eval_s:.2f}x | '
+          f'{diff:.1e} |')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,327 @@
+r"""Throughput of the compiled federated round against a per-client Python loop.
+
+For each device count (a subprocess each, since XLA_FLAGS must be set before
+jax is imported) this measures, in the same process:
+  compiled  `make_federated_round`: all clients vmapped and sharded over the
+            'clients' mesh axis, aggregation and server step in one jit.
+  loop      the fedjax-style baseline: a Python loop over clients calling a
+            jitted per-client update (K local steps under lax.scan) on one
+            device, a jitted weighted accumulation, then a jitted server step.
+  matmul    a float32 [N, N] x [N, N] matmul, the machine's reference peak
+            (XLA:CPU uses every core for one device's matmul, so this is the
+            peak of the whole machine, not of one forced host device).
+Model FLOP utilization = (FLOPs of one local step, from XLA's cost analysis of
+the jitted loss gradient, x client steps) / round time / matmul FLOP/s.
+
+Usage:
+  python benchmarks/round_throughput.py --model=toy
+  python benchmarks/round_throughput.py --model=tiny --clients=4 \
+      --local_steps=2 --batch=2 --devices=1,2,4
+'toy' is a 2-layer MLP regression. 'tiny' / 'S' build the Conformer of
+conformer_fl.models and feed it random audio and labels.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+RESULT_PREFIX = 'RESULT '
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='toy', choices=['toy', 'tiny', 'S'])
+  parser.add_argument('--devices', default='1,2,4',
+                      help='Comma-separated device counts (a subprocess'
+                      ' each).')
+  parser.add_argument('--clients', type=int, default=8,
+                      help='Clients per round (a multiple of every count).')
+  parser.add_argument('--local_steps', type=int, default=4)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--toy_dim', type=int, default=256)
+  parser.add_argument('--toy_hidden', type=int, default=512)
+  parser.add_argument('--audio_seconds', type=float, default=2.0)
+  parser.add_argument('--label_length', type=int, default=16)
+  parser.add_argument('--matmul_size', type=int, default=1024)
+  parser.add_argument('--worker_devices', type=int, default=0,
+                      help='Internal: run one measurement in this process.')
+  return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------- models
+
+
+def toy_problem(args, rng_seed: int = 0):
+  """(loss_fn, params, model_state, make_client_batches) for the MLP."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  d, h = args.toy_dim, args.toy_hidden
+  key_1, key_2 = jax.random.split(jax.random.key(rng_seed))
+  params = {
+      'hidden': {'w': jax.random.normal(key_1, (d, h)) / np.sqrt(d),
+                 'b': jnp.zeros((h,))},
+      'out': {'w': jax.random.normal(key_2, (h,)) / np.sqrt(h),
+              'b': jnp.zeros(())},
+  }
+
+  def loss_fn(params, model_state, batch, rng):
+    del rng
+    hidden = jax.nn.relu(batch['x'] @ params['hidden']['w']
+                         + params['hidden']['b'])
+    prediction = hidden @ params['out']['w'] + params['out']['b']
+    mask = batch['example_mask']
+    squared = jnp.where(mask > 0, (prediction - batch['y']) ** 2, 0.0)
+    return jnp.sum(squared) / jnp.maximum(jnp.sum(mask), 1.0), model_state
+
+  def make_batches(rng: np.random.Generator, shape: tuple[int, ...]):
+    x = rng.normal(size=shape + (d,)).astype(np.float32)
+    return {'x': x, 'y': np.tanh(x[..., 0]).astype(np.float32)}
+
+  return loss_fn, params, {}, make_batches
+
+
+def asr_problem(args, rng_seed: int = 0):
+  """(loss_fn, params, model_state, make_client_batches) for a Conformer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from conformer_fl import models  # pylint: disable=g-import-not-at-top
+
+  config = models.get_model_config(args.model)
+  model = models.build_model(config)
+  num_samples = int(args.audio_seconds * 16000)
+
+  def make_batches(rng: np.random.Generator, shape: tuple[int, ...]):
+    audio = 0.1 * rng.uniform(-1, 1, size=shape + (num_samples,))
+    lengths = rng.integers(num_samples // 2, num_samples + 1, size=shape)
+    audio_paddings = (np.arange(num_samples) >= lengths[..., None])
+    label_lengths = rng.integers(1, args.label_length + 1, size=shape)
+    label_paddings = (np.arange(args.label_length) >= label_lengths[..., None])
+    labels = rng.integers(1, config.vocab_size,
+                          size=shape + (args.label_length,))
+    return {
+        'audio': np.where(audio_paddings, 0, audio).astype(np.float32),
+        'audio_paddings': audio_paddings.astype(np.float32),
+        'labels': np.where(label_paddings, 0, labels).astype(np.int32),
+        'label_paddings': label_paddings.astype(np.float32),
+    }
+
+  init_batch = make_batches(np.random.default_rng(rng_seed), (1,))
+  variables = model.init(
+      {'params': jax.random.key(rng_seed)}, init_batch['audio'],
+      init_batch['audio_paddings'], init_batch['labels'],
+      init_batch['label_paddings'], train=False)
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+
+  def loss_fn(params, model_state, batch, rng):
+    losses, new_model_state = models.per_example_loss(
+        model, {'params': params, **model_state}, batch, train=True, rng=rng)
+    mask = batch['example_mask']
+    loss = (jnp.sum(jnp.where(mask > 0, losses, 0.0))
+            / jnp.maximum(jnp.sum(mask), 1.0))
+    return loss, new_model_state
+
+  return loss_fn, params, model_state, make_batches
+
+
+# ----------------------------------------------------------------- worker
+
+
+def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(run())  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+def run_worker(args) -> dict[str, Any]:
+  """One measurement on `args.worker_devices` devices (XLA_FLAGS set)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from conformer_fl.federated import mesh as mesh_lib
+  from conformer_fl.federated import round as round_lib
+  # pylint: enable=g-import-not-at-top
+
+  num_devices = args.worker_devices
+  if jax.device_count() < num_devices:
+    raise RuntimeError(f'Asked for {num_devices} devices, jax has'
+                       f' {jax.device_count()}.')
+  make_problem = toy_problem if args.model == 'toy' else asr_problem
+  loss_fn, params, model_state, make_batches = make_problem(args)
+  c, k, b = args.clients, args.local_steps, args.batch
+  rng = np.random.default_rng(0)
+  round_data = make_batches(rng, (c, k, b))
+  round_data.update(
+      example_mask=np.ones((c, k, b), np.float32),
+      step_mask=np.ones((c, k), np.float32),
+      num_examples=np.full((c,), k * b, np.float32))
+  client_optimizer = optax.sgd(0.01)
+  server_optimizer = optax.sgd(1.0)
+  rng_key = jax.random.key(0)
+
+  # Compiled, sharded round. The state is donated, so each call gets a copy.
+  mesh = mesh_lib.make_client_mesh(num_devices)
+  round_fn = round_lib.make_federated_round(loss_fn, client_optimizer,
+                                            server_optimizer, mesh)
+  server_state = mesh_lib.replicate(
+      round_lib.init_server_state(params, model_state, server_optimizer),
+      mesh)
+  sharded_data = mesh_lib.shard_round_data(round_data, mesh)
+  copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
+  compiled_seconds = _median_seconds(
+      lambda: round_fn(copy_state(server_state), sharded_data, rng_key)[0],
+      args.repeats)
+
+  # Baseline: Python loop over clients of a jitted per-client update.
+  client_update = jax.jit(
+      round_lib.make_client_update(loss_fn, client_optimizer))
+  accumulate = jax.jit(lambda total, delta, w: jax.tree.map(
+      lambda t, d: t + w * d, total, delta))
+  opt_state = server_optimizer.init(params)
+
+  @jax.jit
+  def server_step(params, opt_state, delta_sum, weight_sum):
+    pseudo_gradient = jax.tree.map(lambda d: -d / weight_sum, delta_sum)
+    updates, opt_state = server_optimizer.update(pseudo_gradient, opt_state,
+                                                 params)
+    return optax.apply_updates(params, updates), opt_state
+
+  client_inputs = [
+      ({key: value[i] for key, value in round_data.items()
+        if key not in round_lib.ROUND_KEYS}, round_data['step_mask'][i])
+      for i in range(c)]
+
+  def loop_round():
+    delta_sum = jax.tree.map(jnp.zeros_like, params)
+    round_rng = jax.random.fold_in(rng_key, 0)
+    for i, (batches, step_mask) in enumerate(client_inputs):
+      delta, _, _, _ = client_update(params, model_state, batches, step_mask,
+                                     jax.random.fold_in(round_rng, i))
+      delta_sum = accumulate(delta_sum, delta, round_data['num_examples'][i])
+    return server_step(params, opt_state, delta_sum,
+                       float(round_data['num_examples'].sum()))
+
+  loop_seconds = _median_seconds(loop_round, args.repeats)
+
+  # FLOPs of one local step (loss + gradient) from XLA's cost analysis.
+  one_batch = {key: value[0, 0] for key, value in round_data.items()
+               if key not in round_lib.ROUND_KEYS}
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  cost = grad_fn.lower(params, model_state, one_batch,
+                       rng_key).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  step_flops = float(cost.get('flops', float('nan')))
+
+  n = args.matmul_size
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul_seconds = _median_seconds(lambda: matmul(a), max(args.repeats, 5))
+  matmul_flops_per_second = 2 * n ** 3 / matmul_seconds
+
+  client_steps = c * k
+  round_flops = step_flops * client_steps
+  param_count = sum(x.size for x in jax.tree.leaves(params))
+  return {
+      'model': args.model,
+      'devices': num_devices,
+      'clients': c,
+      'local_steps': k,
+      'batch': b,
+      'params': int(param_count),
+      'compiled_round_s': compiled_seconds,
+      'loop_round_s': loop_seconds,
+      'compiled_client_steps_per_s': client_steps / compiled_seconds,
+      'loop_client_steps_per_s': client_steps / loop_seconds,
+      'speedup_vs_loop': loop_seconds / compiled_seconds,
+      'step_gflop': step_flops / 1e9,
+      'matmul_gflop_per_s': matmul_flops_per_second / 1e9,
+      'compiled_gflop_per_s': round_flops / compiled_seconds / 1e9,
+      'compiled_mfu': round_flops / compiled_seconds / matmul_flops_per_second,
+      'loop_mfu': round_flops / loop_seconds / matmul_flops_per_second,
+  }
+
+
+# ----------------------------------------------------------------- driver
+
+
+def _subprocess_env(num_devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={num_devices}')
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (repo_root, env.get('PYTHONPATH')) if p)
+  return env
+
+
+def run_device_count(num_devices: int, argv: list[str]) -> dict[str, Any]:
+  command = [sys.executable, os.path.abspath(__file__), *argv,
+             f'--worker_devices={num_devices}']
+  completed = subprocess.run(command, env=_subprocess_env(num_devices),
+                             capture_output=True, text=True, check=False)
+  for line in completed.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  raise RuntimeError(f'Worker with {num_devices} devices failed'
+                     f' (exit {completed.returncode}):\n{completed.stderr}')
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+  first = results[0]
+  print(f"model={first['model']} params={first['params']:,}"
+        f" clients={first['clients']} local_steps={first['local_steps']}"
+        f" batch={first['batch']} step={first['step_gflop']:.4f} GFLOP")
+  header = ('devices', 'compiled steps/s', 'loop steps/s', 'speedup',
+            'compiled ms', 'loop ms', 'matmul GFLOP/s', 'compiled GFLOP/s',
+            'MFU compiled', 'MFU loop')
+  print(' | '.join(header))
+  for r in results:
+    print(' | '.join([
+        f"{r['devices']:7d}",
+        f"{r['compiled_client_steps_per_s']:16.1f}",
+        f"{r['loop_client_steps_per_s']:12.1f}",
+        f"{r['speedup_vs_loop']:6.2f}x",
+        f"{1e3 * r['compiled_round_s']:11.1f}",
+        f"{1e3 * r['loop_round_s']:7.1f}",
+        f"{r['matmul_gflop_per_s']:14.1f}",
+        f"{r['compiled_gflop_per_s']:16.2f}",
+        f"{r['compiled_mfu']:12.1%}",
+        f"{r['loop_mfu']:8.1%}"]))
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  if args.worker_devices:
+    print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
+    return
+  device_counts = [int(n) for n in args.devices.split(',')]
+  for n in device_counts:
+    if args.clients % n:
+      raise ValueError(f'--clients={args.clients} must be a multiple of every'
+                       f' device count; {n} does not divide it.')
+  results = [run_device_count(n, argv) for n in device_counts]
+  print_table(results)
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,46 @@
+r"""Federated training of a Conformer, one client per speaker.
+
+Each round samples `clients_per_round` speakers; every client trains K local steps
+of its own optimizer (fresh each round) on its padded, masked batches, all clients
+under vmap and sharded over the `clients` axis of a mesh spanning every device;
+the server averages the deltas by example counts and applies its optimizer, in one
+jit-compiled function. By default the clients adapt a centrally pre-trained model
+(`init_workdir`) to the short-form domain, the paper's federated experiment.
+
+  python -m conformer_fl.main --config=configs/federated.py \
+      --config.federated.init_workdir=/tmp/cfl/central --workdir=/tmp/cfl/federated
+  python launch/local_multiprocess.py --num_processes=2 --devices_per_process=2 -- \
+      --config=configs/federated.py:size=tiny,corpus=tiny --workdir=/tmp/cfl/fed_mh
+
+Argument (all optional, `key=value,...`):
+  size     model size: tiny | demo | S | M | L             (default demo)
+  norm     conv-module norm: batch_norm | group_norm | layer_norm (group_norm)
+  decoder  ctc | rnnt                                       (ctc)
+  corpus   synthetic_speech builder config, or librispeech   (demo)
+  domain   the clients' domain: short | long | all           (short)
+  server   fedavg | fedavgm | fedadam | fedyogi              (fedavg)
+  rounds   number of rounds                                  (60)
+  seed                                                       (0)
+"""
+
+import ml_collections
+
+from conformer_fl import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = config_lib.parse_arg(arg, size="demo", norm="group_norm", decoder="ctc",
+                           corpus="demo", domain="short", server="fedavg",
+                           rounds=60, seed=0)
+  config = ml_collections.ConfigDict()
+  config.mode = "federated"
+  config.seed = a.seed
+  config.data = config_lib.data_config_for_corpus(a.corpus)
+  config.data.client_domains = () if a.domain == "all" else (a.domain,)
+  config.data.eval_domains = config.data.client_domains
+  config.model = config_lib.model_config(a.size, conv_norm=a.norm,
+                                         decoder=a.decoder)
+  config.eval_max_batches = 0
+  config.federated = config_lib.federated_config(server=a.server,
+                                                 rounds=a.rounds)
+  return config

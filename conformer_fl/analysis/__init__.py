@@ -1,0 +1,83 @@
+"""Layer importance by resetting units (Zhang, Bengio and Singer, 2019).
+
+A separate pass over a trained run's workdir W:
+  python -m conformer_fl.main --config=configs/analysis.py --workdir=W
+Each unit of the model (`conformer_fl.models.list_units` at
+`config.analysis.granularity`) of the trained checkpoint T is, one at a time:
+  * re-initialized: replaced by its value at a saved checkpoint tau, for every
+    tau of `config.analysis.taus` (tau = 0 is the initial value);
+  * re-randomized: replaced by a fresh draw from its initializer (the model
+    initialized with seed run_seed + rerandomize_seed_offset + i).
+A unit's batch-norm statistics are reset with it. Every variant and the trained
+model are evaluated (WER, loss) on the eval split by one compiled function:
+variants stacked on a leading axis and vmapped, `variants_per_call` at a time
+(`variant_eval`). A unit is ambient when its WER after the tau = 0 reset stays
+within the thresholds of the baseline WER, critical otherwise
+(`importance.is_ambient`). Weight movement (`movement`), rank correlations
+with the importance, stability across runs (`stability`), figures (`plots`)
+and a report (`report`) complete it.
+
+Outputs in W/analysis/: importance.json, heatmap_wer.png, heatmap_loss.png
+(units x tau), rerandomization.png, movement_scatter.png,
+stability_depth.png (with compare_workdirs), report.md.
+
+importance.json (schema_version 1). Numbers are plain JSON floats; undefined
+ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
+{
+  "schema_version": 1,
+  "workdir": str,                 absolute path of the analyzed run
+  "step_key": "step" | "round",   central or federated checkpoints
+  "granularity": "block" | "module",
+  "trained_step": int,            the checkpoint T whose units are reset
+  "checkpoint_steps": [int],      every saved step of the run
+  "taus": [int],                  re-initialization checkpoints, ascending, taus[0] == 0
+  "rerandomize_seeds": [int],     init seeds of the re-randomization draws
+  "model": {"num_blocks", "model_dim", "conv_norm", "decoder", "num_params"},
+  "eval": {"split": str, "domains": [str] ([] = all), "num_batches": int,
+           "num_examples": float},
+  "thresholds": {"max_abs_wer_increase": float, "max_rel_wer_increase": float,
+                 "rule": "either" | "both"},
+  "baseline": {"wer": float, "loss": float},   the trained model, no reset
+  "units": {                       in model order (subsampling, blocks, decoder)
+    "<unit name, e.g. encoder/block_03/conv>": {
+      "path": [str],               its path in the params tree
+      "num_params": int,
+      "reinit_wer": [float],       WER with the unit reset to taus[i]
+      "reinit_loss": [float],      mean loss per utterance, same order
+      "rerandomize_wer": [float],  per rerandomize_seeds[i]
+      "rerandomize_loss": [float],
+      "wer_increase": float,       reinit_wer[0] - baseline wer (the importance)
+      "relative_wer_increase": float | null,   / baseline wer (null if 0)
+      "loss_increase": float,      reinit_loss[0] - baseline loss
+      "rerandomize_wer_increase": float | null,  mean over seeds - baseline
+      "movement": {"distance": ||theta(T)-theta(0)||, "initial_norm":
+                   ||theta(0)||, "relative_distance": float | null,
+                   "update_norm_sum": float | null (federated runs only)},
+      "ambient": bool
+    }, ...
+  },
+  "ambient": [unit names],        in model order
+  "critical": [unit names],
+  "correlations": {"distance" | "relative_distance" | "update_norm_sum": {
+      "wer_increase" | "loss_increase": {"num_units": int,
+          "spearman": {"statistic", "pvalue"}, "kendall": {"statistic",
+          "pvalue"}}}},
+  "stability": null | {"runs": [workdir], "pairs": [{"a", "b",
+      "num_common_units", "jaccard_ambient", "wer_increase": correlations,
+      "loss_increase": correlations}], "depth": {workdir: {"num_blocks",
+      "points": [{"unit", "relative_depth", "wer_increase", "loss_increase"}],
+      "wer_increase_vs_depth": correlations, "loss_increase_vs_depth": ...}}},
+  "timing": {"evaluation_seconds", "num_variants", "variants_per_call",
+             "vectorized"},
+  "figures": {"heatmap_wer" | "heatmap_loss" | "rerandomization" |
+              "movement_scatter" | "stability_depth": {"file": name in
+              analysis/, "width": px, "height": px}}
+}
+Targeted federated dropout reads "ambient" / "critical" (names match
+`list_units` at "granularity") and, to grade rates, units[name]["wer_increase"].
+"""
+
+from conformer_fl.analysis.importance import load_importance
+from conformer_fl.analysis.importance import run_analysis
+
+__all__ = ['load_importance', 'run_analysis']

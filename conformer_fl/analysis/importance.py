@@ -1,0 +1,401 @@
+"""The analysis pass: reset units of a trained run, evaluate, classify, report.
+
+`run_analysis(config, workdir)` reads the run in `workdir` (its config.json,
+tokenizer.model, checkpoints/ and metrics.jsonl), evaluates the trained model
+and every reset variant (`resets`) with one vmapped compiled function
+(`variant_eval`), and writes `workdir/analysis/` (schema: the package
+docstring). Single-process: run it on one host.
+"""
+
+from collections.abc import Mapping
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from conformer_fl import checkpointing
+from conformer_fl import models
+from conformer_fl.analysis import movement
+from conformer_fl.analysis import plots
+from conformer_fl.analysis import report
+from conformer_fl.analysis import resets
+from conformer_fl.analysis import stability
+from conformer_fl.analysis import variant_eval
+from conformer_fl.data import input_pipeline
+from conformer_fl.data import tokenizer as tokenizer_lib
+
+SCHEMA_VERSION = 1
+THRESHOLD_RULES = ('either', 'both')
+OUTPUT_DIR = 'analysis'
+IMPORTANCE_FILE = 'importance.json'
+
+
+# ----------------------------------------------------------------------------
+# Pure pieces.
+
+
+def is_ambient(wer_increase: float, baseline_wer: float, max_abs: float,
+               max_rel: float, rule: str = 'either') -> bool:
+  """Whether a unit whose tau = 0 reset raised WER by `wer_increase` is ambient.
+
+  Absolute test: wer_increase <= max_abs. Relative test: wer_increase <=
+  max_rel * baseline_wer. rule 'either' needs one test, 'both' needs both.
+  """
+  if rule not in THRESHOLD_RULES:
+    raise ValueError(f'threshold_rule must be one of {THRESHOLD_RULES}, got '
+                     f'{rule!r}.')
+  absolute_ok = wer_increase <= max_abs
+  relative_ok = wer_increase <= max_rel * baseline_wer
+  return (absolute_ok or relative_ok) if rule == 'either' else (
+      absolute_ok and relative_ok)
+
+
+def parse_taus(taus: Any, saved_steps: list[int], trained_step: int) -> list[int]:
+  """The re-initialization checkpoints: 'all' or a list / 'a,b,c' of saved steps.
+
+  'all' is every saved step <= trained_step. Step 0 is always included.
+
+  Raises:
+    ValueError: a requested step that was not saved.
+  """
+  if isinstance(taus, str) and taus.strip() == 'all':
+    chosen = [s for s in saved_steps if s <= trained_step]
+  else:
+    if isinstance(taus, str):
+      try:
+        chosen = [int(t) for t in taus.split(',') if t.strip()]
+      except ValueError:
+        raise ValueError(f"analysis.taus must be 'all' or comma-separated "
+                         f'checkpoint steps, got {taus!r}.') from None
+    else:
+      chosen = [int(t) for t in taus]
+    missing = sorted(set(chosen) - set(saved_steps))
+    if missing:
+      raise ValueError(f'analysis.taus asks for unsaved checkpoint(s) {missing};'
+                       f' saved: {saved_steps}.')
+  return sorted(set(chosen) | {0})
+
+
+def _count_params(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def summarize(metrics: list[dict[str, float]], variants: list[resets.Variant],
+              units: Mapping[str, tuple[str, ...]], trained_params: Any,
+              taus: list[int], seeds: list[int], analysis: Any) -> dict[str, Any]:
+  """Per-unit results, classification and baseline from the evaluated variants."""
+  by_variant = dict(zip(variants, metrics))
+  base = by_variant[resets.Variant(resets.BASELINE)]
+  unit_results = {}
+  for name, path in units.items():
+    reinit = [by_variant[resets.Variant(resets.REINIT, name, t)] for t in taus]
+    rerand = [by_variant[resets.Variant(resets.RERANDOMIZE, name, s)]
+              for s in seeds]
+    wer_increase = reinit[0]['wer'] - base['wer']
+    rerand_wers = [m['wer'] for m in rerand]
+    unit_results[name] = dict(
+        path=list(path),
+        num_params=_count_params(models.get_unit(trained_params, path)),
+        reinit_wer=[m['wer'] for m in reinit],
+        reinit_loss=[m['loss'] for m in reinit],
+        rerandomize_wer=rerand_wers,
+        rerandomize_loss=[m['loss'] for m in rerand],
+        wer_increase=wer_increase,
+        relative_wer_increase=(wer_increase / base['wer'] if base['wer'] > 0
+                               else None),
+        loss_increase=reinit[0]['loss'] - base['loss'],
+        rerandomize_wer_increase=(float(np.mean(rerand_wers)) - base['wer']
+                                  if rerand_wers else None),
+        ambient=is_ambient(wer_increase, base['wer'],
+                           analysis.max_abs_wer_increase,
+                           analysis.max_rel_wer_increase,
+                           analysis.threshold_rule))
+  return dict(
+      baseline=dict(wer=base['wer'], loss=base['loss']),
+      num_examples=base['num_examples'],
+      units=unit_results,
+      ambient=[n for n, u in unit_results.items() if u['ambient']],
+      critical=[n for n, u in unit_results.items() if not u['ambient']])
+
+
+def movement_correlations(unit_results: Mapping[str, Any]) -> dict[str, Any]:
+  """{measure: {'wer_increase': corr, 'loss_increase': corr}} over units."""
+  names = list(unit_results)
+  measures = ['distance', 'relative_distance']
+  if any(unit_results[n]['movement']['update_norm_sum'] is not None
+         for n in names):
+    measures.append('update_norm_sum')
+  return {
+      measure: {
+          target: movement.rank_correlations(
+              [unit_results[n]['movement'][measure] for n in names],
+              [unit_results[n][target] for n in names])
+          for target in stability.IMPORTANCE_KEYS
+      } for measure in measures
+  }
+
+
+def fresh_initializations(model: models.ConformerASR,
+                          seeds: list[int]) -> dict[int, dict[str, Any]]:
+  """{seed: host variables of `train.init_variables(model, seed)`}.
+
+  The init function is vmapped over the seeds, so it compiles once (calling
+  `init_variables` per seed would compile once per seed). Same values: the
+  same init function of the same key.
+  """
+  if not seeds:
+    return {}
+  audio = np.zeros((1, 16000), np.float32)
+  labels = np.ones((1, 8), np.int32)
+  init = jax.jit(jax.vmap(lambda rng: model.init(
+      rng, audio, np.zeros_like(audio), labels,
+      np.zeros(labels.shape, np.float32), train=False)))
+  stacked = jax.device_get(init(jax.vmap(jax.random.key)(np.array(seeds))))
+  return {seed: jax.tree.map(lambda x, i=i: np.asarray(x[i]),
+                             flax.core.unfreeze(stacked))
+          for i, seed in enumerate(seeds)}
+
+
+# ----------------------------------------------------------------------------
+# Reading a run.
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'No {path}: the analysis pass needs a trained '
+                            'run\'s workdir.')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_variables(store: checkpointing.CheckpointStore,
+                      step: int) -> dict[str, Any]:
+  """{'params': ..., [**model_state]} of a saved step, as host numpy.
+
+  The checkpoint's own tree (read from its metadata) is restored onto one
+  local device, so a run saved on another device count or topology reads.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item_dir = store.directory / str(step) / 'default'
+  try:
+    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+    like = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                          sharding=device), dict(tree))
+  except (FileNotFoundError, ValueError, AttributeError, TypeError) as e:
+    logging.warning('No metadata at %s (%s); restoring as saved.', item_dir, e)
+    like = None
+  saved = store.restore(step, like=like)
+  variables = {'params': saved['params'], **(saved.get('model_state') or {})}
+  return jax.tree.map(np.asarray, jax.device_get(variables))
+
+
+def _data_config(run_config, analysis) -> ml_collections.ConfigDict:
+  data = run_config.data.copy_and_resolve_references()
+  if analysis.data_dir:
+    data.data_dir = analysis.data_dir
+  if analysis.eval_split:
+    data.eval_split = analysis.eval_split
+  if analysis.eval_domains is not None:
+    data.eval_domains = tuple(analysis.eval_domains)
+  return data
+
+
+def _tokenizer(run_config, workdir: str) -> tokenizer_lib.Tokenizer:
+  kind = run_config.data.tokenizer.kind
+  if kind == 'sentencepiece' and not os.path.exists(
+      os.path.join(workdir, tokenizer_lib.TOKENIZER_FILENAME)):
+    raise FileNotFoundError(
+        f'No {tokenizer_lib.TOKENIZER_FILENAME} in {workdir}: the analysis '
+        'needs the tokenizer the run was trained with.')
+  return tokenizer_lib.build_tokenizer(run_config.data.tokenizer, None, workdir)
+
+
+def _validate(analysis) -> None:
+  if analysis.granularity not in models.units.GRANULARITIES:
+    raise ValueError(f'analysis.granularity must be one of '
+                     f'{models.units.GRANULARITIES}, got '
+                     f'{analysis.granularity!r}.')
+  if analysis.threshold_rule not in THRESHOLD_RULES:
+    raise ValueError(f'analysis.threshold_rule must be one of '
+                     f'{THRESHOLD_RULES}, got {analysis.threshold_rule!r}.')
+  for field in ('max_abs_wer_increase', 'max_rel_wer_increase'):
+    if analysis[field] < 0:
+      raise ValueError(f'analysis.{field} must be >= 0, got {analysis[field]}.')
+  if analysis.num_rerandomize_seeds < 0:
+    raise ValueError('analysis.num_rerandomize_seeds must be >= 0.')
+  if analysis.rerandomize_seed_offset < 1:
+    raise ValueError('analysis.rerandomize_seed_offset must be >= 1 (offset 0 '
+                     'would redraw the run\'s own initialization).')
+  if analysis.variants_per_call < 1:
+    raise ValueError('analysis.variants_per_call must be >= 1.')
+
+
+def load_importance(workdir: str) -> dict[str, Any]:
+  """A workdir's analysis/importance.json."""
+  path = os.path.join(workdir, OUTPUT_DIR, IMPORTANCE_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No {path}: run the analysis pass on {workdir} '
+                            'first (configs/analysis.py).')
+  with open(path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------
+# The pass.
+
+
+def _write_figures(results: dict[str, Any], out_dir: str) -> dict[str, Any]:
+  names = list(results['units'])
+  units = results['units']
+  figures = {}
+
+  def add(key, filename, size):
+    figures[key] = dict(file=filename, width=size[0], height=size[1])
+
+  for metric, field in (('wer', 'reinit_wer'), ('loss', 'reinit_loss')):
+    filename = f'heatmap_{metric}.png'
+    add(f'heatmap_{metric}', filename, plots.heatmap(
+        np.array([units[n][field] for n in names]), names, results['taus'],
+        results['baseline'][metric], metric.upper() if metric == 'wer' else
+        metric, results['step_key'], os.path.join(out_dir, filename)))
+  add('rerandomization', 'rerandomization.png', plots.rerandomization_bars(
+      {n: units[n]['rerandomize_wer'] for n in names},
+      {n: units[n]['reinit_wer'][0] for n in names}, results['baseline']['wer'],
+      os.path.join(out_dir, 'rerandomization.png')))
+  panels = [(measure, [units[n]['movement'][measure] for n in names])
+            for measure in results['correlations']]
+  add('movement_scatter', 'movement_scatter.png', plots.movement_scatter(
+      panels, [units[n]['wer_increase'] for n in names], names,
+      os.path.join(out_dir, 'movement_scatter.png')))
+  if results.get('stability'):
+    add('stability_depth', 'stability_depth.png', plots.depth_plot(
+        results['stability']['depth'], 'wer_increase',
+        os.path.join(out_dir, 'stability_depth.png')))
+  return figures
+
+
+def run_analysis(config: ml_collections.ConfigDict,
+                 workdir: str) -> dict[str, Any]:
+  """The analysis pass over the run in `workdir` (module docstring).
+
+  Returns:
+    The importance.json dict (also written to workdir/analysis/).
+  """
+  analysis = config.analysis
+  _validate(analysis)
+  run_config = load_run_config(workdir)
+  model = models.build_model(run_config.model)
+  tokenizer = _tokenizer(run_config, workdir)
+  store = checkpointing.CheckpointStore(workdir, read_only=True)
+  saved_steps = store.all_steps()
+  if 0 not in saved_steps:
+    raise ValueError(f'{store.directory} has no step 0 (the initial state); '
+                     f'saved: {saved_steps}.')
+  trained_step = (saved_steps[-1] if analysis.trained_step < 0
+                  else int(analysis.trained_step))
+  if trained_step not in saved_steps:
+    raise ValueError(f'analysis.trained_step={trained_step} was not saved; '
+                     f'saved: {saved_steps}.')
+  taus = parse_taus(analysis.taus, saved_steps, trained_step)
+  step_key = 'round' if run_config.mode == 'federated' else 'step'
+
+  trained = restore_variables(store, trained_step)
+  checkpoints = {tau: trained if tau == trained_step
+                 else restore_variables(store, tau) for tau in taus}
+  seeds = [int(run_config.seed) + analysis.rerandomize_seed_offset + i
+           for i in range(analysis.num_rerandomize_seeds)]
+  fresh_inits = fresh_initializations(model, seeds)
+  units = models.list_units(trained['params'], analysis.granularity)
+
+  data_config = _data_config(run_config, analysis)
+  batches = input_pipeline.get_eval_batches(data_config, tokenizer)
+  if analysis.eval_max_batches:
+    batches = itertools.islice(batches, analysis.eval_max_batches)
+  batches = list(batches)
+
+  variants = resets.make_variants(list(units), taus, seeds)
+  get_variables = lambda i: resets.variant_variables(
+      variants[i], trained, checkpoints, fresh_inits, units)
+  logging.info('Evaluating %d variants (%d units, taus %s, seeds %s) on %d '
+               'batches.', len(variants), len(units), taus, seeds, len(batches))
+  tic = time.perf_counter()
+  if analysis.vectorized:
+    metrics = variant_eval.evaluate_vectorized(
+        variant_eval.make_vectorized_eval_fn(model), get_variables,
+        len(variants), batches, tokenizer.decode, analysis.variants_per_call)
+  else:
+    metrics = variant_eval.evaluate_one_at_a_time(
+        variant_eval.make_single_eval_fn(model), get_variables, len(variants),
+        batches, tokenizer.decode)
+  seconds = time.perf_counter() - tic
+
+  summary = summarize(metrics, variants, units, trained['params'], taus, seeds,
+                      analysis)
+  moved = movement.unit_movement(trained['params'], checkpoints[0]['params'],
+                                 units)
+  update_sums = movement.read_update_norm_sums(
+      os.path.join(workdir, 'metrics.jsonl'), list(units), trained_step)
+  for name, entry in summary['units'].items():
+    entry['movement'] = dict(
+        moved[name],
+        update_norm_sum=update_sums[name] if update_sums else None)
+
+  results: dict[str, Any] = dict(
+      schema_version=SCHEMA_VERSION,
+      workdir=os.path.abspath(workdir),
+      step_key=step_key,
+      granularity=analysis.granularity,
+      trained_step=trained_step,
+      checkpoint_steps=saved_steps,
+      taus=taus,
+      rerandomize_seeds=seeds,
+      model=dict(num_blocks=run_config.model.num_blocks,
+                 model_dim=run_config.model.model_dim,
+                 conv_norm=run_config.model.conv_norm,
+                 decoder=run_config.model.decoder,
+                 num_params=_count_params(trained['params'])),
+      eval=dict(split=data_config.eval_split,
+                domains=list(data_config.eval_domains),
+                num_batches=len(batches),
+                num_examples=summary['num_examples']),
+      thresholds=dict(max_abs_wer_increase=analysis.max_abs_wer_increase,
+                      max_rel_wer_increase=analysis.max_rel_wer_increase,
+                      rule=analysis.threshold_rule),
+      baseline=summary['baseline'],
+      units=summary['units'],
+      ambient=summary['ambient'],
+      critical=summary['critical'],
+      correlations=movement_correlations(summary['units']),
+      stability=None,
+      timing=dict(evaluation_seconds=seconds, num_variants=len(variants),
+                  variants_per_call=analysis.variants_per_call,
+                  vectorized=bool(analysis.vectorized)),
+  )
+  if analysis.compare_workdirs:
+    others = [load_importance(w) for w in analysis.compare_workdirs]
+    results['stability'] = stability.compare_runs(
+        [results] + others,
+        [results['workdir']] + [os.path.abspath(w)
+                                for w in analysis.compare_workdirs])
+
+  out_dir = os.path.join(workdir, OUTPUT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  results['figures'] = _write_figures(results, out_dir)
+  with open(os.path.join(out_dir, IMPORTANCE_FILE), 'w') as f:
+    json.dump(results, f, indent=2, allow_nan=False)
+  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+    f.write(report.render_report(results))
+  logging.info('Analysis of %s: baseline WER %.4f; ambient %s; critical %s.',
+               workdir, results['baseline']['wer'], results['ambient'],
+               results['critical'])
+  return results

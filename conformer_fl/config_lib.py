@@ -1,0 +1,127 @@
+"""Building blocks of the experiment configs in `configs/`.
+
+Each `configs/NAME.py` composes these into one `ml_collections.ConfigDict` and
+documents the command that runs it. Every field is documented here, where it is made.
+"""
+
+import os
+
+import ml_collections
+
+from conformer_fl import models
+from conformer_fl.data import input_pipeline
+
+# Where TFDS datasets are built and read: $TFDS_DATA_DIR, else a cache folder.
+DEFAULT_DATA_DIR = os.environ.get(
+    "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "conformer_fl", "tfds")
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config argument `key=value,key=value` over `defaults`.
+
+  `configs/fl.py:size=S,norm=group_norm` passes "size=S,norm=group_norm". Values
+  keep the type of their default (int, float, bool or str).
+
+  Raises:
+    ValueError: a key that has no default, or a value of the wrong type.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(
+          f"Bad config argument {item!r}: expected key=value with key one of"
+          f" {sorted(defaults)}"
+      )
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value not in ("true", "false", "True", "False", "1", "0"):
+        raise ValueError(f"Config argument {key} must be true or false, got {value!r}")
+      parsed[key] = value in ("true", "True", "1")
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def data_config(builder_config: str = "demo") -> ml_collections.ConfigDict:
+  """The corpus, tokenizer and batching (fields: `input_pipeline.default_data_config`).
+
+  The synthetic corpus is read from (and built into) DEFAULT_DATA_DIR.
+  """
+  config = input_pipeline.default_data_config()
+  config.builder_config = builder_config
+  config.data_dir = DEFAULT_DATA_DIR
+  return config
+
+
+def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
+  """The Conformer (see `conformer_fl.models.get_model_config` for its fields)."""
+  return models.get_model_config(size, **overrides)
+
+
+def data_config_for_corpus(corpus: str) -> ml_collections.ConfigDict:
+  """`data_config` for a synthetic corpus size, or for "librispeech".
+
+  LibriSpeech is read from $TFDS_DATA_DIR (prepared beforehand, as on TPU pods),
+  with a 1024-piece sentencepiece vocabulary and buckets up to 36 s.
+  """
+  if corpus == "librispeech":
+    config = data_config("")
+    config.dataset = "librispeech"
+    config.data_dir = os.environ.get("TFDS_DATA_DIR", "")
+    config.bucket_seconds = (6.0, 12.0, 18.0, 36.0)
+    config.tokenizer.vocab_size = 1024
+    config.batch_size = 64
+    config.eval_batch_size = 64
+    return config
+  return data_config(corpus)
+
+
+def federated_config(server: str = "fedavg",
+                     rounds: int = 60) -> ml_collections.ConfigDict:
+  """Federated training fields.
+
+  Fields:
+    rounds: rounds to run.
+    clients_per_round: C; must divide over the devices of the mesh.
+    local_steps: K local steps per client and round.
+    local_epochs: 0 = K full steps; E > 0 = E passes over the client's data,
+      capped at K steps (clients with little data then run fewer steps).
+    client_batch_size: B utterances per local step.
+    fixed_round_shape: pad every round to the longest bucket (one compiled shape)
+      instead of the longest bucket the round needs.
+    client_optimizer: name ('sgd' | 'adam', state reset every round),
+      learning_rate, clip_grad_norm (None = off).
+    server_optimizer: name ('fedavg' | 'fedavgm' | 'fedadam' | 'fedyogi') and
+      learning_rate, with momentum (fedavgm) or b1, b2, eps (fedadam, fedyogi).
+    clip_update_norm: clip each client's update to this L2 norm (0 = off).
+    init_workdir: start from this (central) run's checkpoint; its tokenizer is
+      reused. '' = random initialization.
+    init_step: which checkpoint of init_workdir (-1 = the latest).
+    unit_granularity: 'block' or 'module': the units whose server-update norms
+      are logged every round (`update_norm/<unit>`).
+    log_every, eval_every, checkpoint_every: cadence in rounds.
+  """
+  server_optimizer = dict(name=server, learning_rate=1.0)
+  if server == "fedavgm":
+    server_optimizer.update(learning_rate=1.0, momentum=0.9)
+  elif server in ("fedadam", "fedyogi"):
+    server_optimizer.update(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3)
+  return ml_collections.ConfigDict(dict(
+      rounds=rounds,
+      clients_per_round=8,
+      local_steps=4,
+      local_epochs=0,
+      client_batch_size=4,
+      fixed_round_shape=False,
+      client_optimizer=dict(name="sgd", learning_rate=0.05, clip_grad_norm=5.0),
+      server_optimizer=server_optimizer,
+      clip_update_norm=0.0,
+      init_workdir="",
+      init_step=-1,
+      unit_granularity="module",
+      log_every=1,
+      eval_every=10,
+      checkpoint_every=10,
+  ))

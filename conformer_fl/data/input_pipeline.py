@@ -1,0 +1,429 @@
+"""High-level input pipeline: corpus -> common examples -> batches / client rounds.
+
+The common example dict (one utterance), produced for every corpus:
+  'audio'      int16 [N]  16 kHz waveform
+  'text'       str        normalized (conformer_fl.text.normalize_text)
+  'speaker_id' str        (the federated client id)
+  'domain'     str        'long' or 'short'
+  'duration'   float      seconds
+  'id'         str        utterance id
+
+Corpora (`load_split`):
+  'librispeech'      TFDS LibriSpeech, mapped by `librispeech.py`.
+  'synthetic_speech' the local TFDS corpus (conformer_fl.data.synthetic_speech),
+                     builder config e.g. 'tiny' or 'demo'.
+  any other name     a TFDS dataset with the synthetic corpus's features ('audio',
+                     'text', 'speaker_id', 'domain' ClassLabel, 'duration', 'id').
+
+Typical use by the training loop:
+  data_config = config.data                      # fields: `default_data_config`
+  tokenizer = get_tokenizer(data_config, workdir)
+  train_iter = get_train_batches(data_config, tokenizer, seed=config.seed,
+                                 start_step=step)
+  for batch in get_eval_batches(data_config, tokenizer): ...
+  clients = get_client_datasets(data_config, tokenizer)
+  sampler = clients_lib.ClientSampler(clients.client_ids, C, seed)
+  ids, round_data = make_round(clients, sampler, round_index, seed,
+                               local_steps=K, batch_size=B)
+Batch layouts: `batching` (central batches) and `clients` (round arrays).
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
+import dataclasses
+import importlib
+import itertools
+import queue
+import threading
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from conformer_fl import text as text_lib
+from conformer_fl.data import batching
+from conformer_fl.data import clients as clients_lib
+from conformer_fl.data import librispeech
+from conformer_fl.data import tokenizer as tokenizer_lib
+
+Example = batching.Example
+Batch = batching.Batch
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The data fields read by this module, with their defaults (documented)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "synthetic_speech"   # 'synthetic_speech' | 'librispeech' | TFDS name
+  c.builder_config = "tiny"         # synthetic_speech config; '' for none
+  c.data_dir = ""                   # TFDS data_dir; '' = TFDS default
+  c.train_split = "train"
+  c.eval_split = "dev"
+  c.train_domains = ()              # () = all; e.g. ('long',) for central training
+  c.eval_domains = ()
+  c.client_domains = ("short",)     # federated clients' domain (paper: short)
+  # Static shapes (batching.make_buckets).
+  c.bucket_seconds = (2.0, 4.0, 8.0, 16.0)
+  c.label_lengths = ()              # per bucket; () = derive from labels_per_second
+  # Label length of a bucket = ceil(seconds * labels_per_second), rounded up to 8.
+  # Set it above the corpus's fastest tokens per second (`max_labels_per_second`):
+  # ~16-24 for characters, far fewer for large SentencePiece vocabularies (RNN-T
+  # memory grows with U; CTC after 4x subsampling has 25 frames per second).
+  c.labels_per_second = 24.0
+  # Skip utterances with more labels per second of audio than this (0 = off);
+  # ~20 for character CTC (see batching.prepare_example).
+  c.max_label_rate = 0.0
+  # Central training.
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.shuffle_buffer = 0              # per-bucket buffer when streaming (0 = batch)
+  # Small corpora: prepare the train split once and permute it per epoch. Set
+  # False for LibriSpeech (stream each epoch; use a shuffle_buffer of hundreds).
+  c.cache_train_in_memory = True
+  c.prefetch_batches = 2            # background-thread prefetch (0 = none)
+  # LibriSpeech only.
+  c.librispeech_train_split = librispeech.FULL_TRAIN_SPLIT
+  c.librispeech_domain_mode = "long"  # 'long' | 'by_duration'
+  c.short_max_seconds = 4.0
+  # Tokenizer (tokenizer.build_tokenizer).
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "sentencepiece"  # 'sentencepiece' | 'char'
+  c.tokenizer.vocab_size = 128
+  c.tokenizer.model_type = "unigram"  # 'unigram' | 'bpe'
+  return c
+
+
+def load_split(
+    dataset_name: str,
+    split: str,
+    data_dir: str | None = None,
+    builder_config: str | None = None,
+    *,
+    domains: Sequence[str] = (),
+    shuffle_files: bool = False,
+    seed: int = 0,
+    librispeech_options: librispeech.LibriSpeechOptions | None = None,
+) -> Iterator[Example]:
+  """Common example dicts (module docstring) of one split of a corpus.
+
+  Args:
+    dataset_name: 'synthetic_speech', 'librispeech', or a TFDS dataset with the
+      synthetic corpus's features.
+    split: 'train', 'dev', 'test' (or a TFDS split string, e.g. 'train[:10%]').
+    data_dir: TFDS data directory (None/'' = TFDS default).
+    builder_config: builder config name (e.g. 'tiny'); ignored for LibriSpeech.
+    domains: keep only examples of these domains; empty keeps all.
+    shuffle_files: read shards in a seeded random order.
+    seed: the file-shuffle seed.
+    librispeech_options: split map and domain rule for LibriSpeech.
+
+  Yields:
+    Common example dicts in the dataset's order (deterministic for a seed).
+  """
+  data_dir = data_dir or None
+  if dataset_name == "librispeech":
+    examples = librispeech.load_librispeech(
+        split, data_dir, librispeech_options, shuffle_files=shuffle_files,
+        seed=seed)
+  else:
+    examples = _load_common_schema(dataset_name, split, data_dir, builder_config,
+                                   shuffle_files, seed)
+  if domains:
+    wanted = set(domains)
+    examples = (e for e in examples if e["domain"] in wanted)
+  return examples
+
+
+def load_split_from_config(
+    config: ml_collections.ConfigDict, split: str, *,
+    domains: Sequence[str] = (), shuffle_files: bool = False, seed: int = 0
+) -> Iterator[Example]:
+  """`load_split` with the dataset fields of a data config."""
+  return load_split(
+      config.dataset, split, config.data_dir, config.builder_config,
+      domains=domains, shuffle_files=shuffle_files, seed=seed,
+      librispeech_options=librispeech_options_from_config(config))
+
+
+def librispeech_options_from_config(
+    config: ml_collections.ConfigDict) -> librispeech.LibriSpeechOptions:
+  split_map = dict(librispeech.DEFAULT_SPLIT_MAP)
+  split_map["train"] = config.librispeech_train_split
+  return librispeech.LibriSpeechOptions(
+      split_map=split_map, domain_mode=config.librispeech_domain_mode,
+      short_max_seconds=config.short_max_seconds)
+
+
+def buckets_from_config(config: ml_collections.ConfigDict) -> batching.Buckets:
+  return batching.make_buckets(
+      config.bucket_seconds, tuple(config.label_lengths) or None,
+      config.labels_per_second)
+
+
+def max_labels_per_second(
+    examples: Iterable[Example], tokenizer: tokenizer_lib.Tokenizer,
+    min_seconds: float = 0.5
+) -> float:
+  """The largest tokens per second of speech over `examples` (common dicts).
+
+  A guide for config.labels_per_second (take a margin above it). Utterances
+  shorter than `min_seconds` are ignored: trimmed one-word clips give rates
+  that no bucket label length needs. For CTC after 4x subsampling of 10 ms
+  frames the model sees 25 frames per second, which bounds the usable rate.
+  """
+  rate = 0.0
+  for example in examples:
+    duration = example["audio"].shape[0] / batching.SAMPLE_RATE
+    if duration >= min_seconds and example["text"]:
+      rate = max(rate, len(tokenizer.encode(example["text"])) / duration)
+  return rate
+
+
+def get_tokenizer(config: ml_collections.ConfigDict,
+                  save_dir: str | None) -> tokenizer_lib.Tokenizer:
+  """The config's tokenizer: loaded from `save_dir/tokenizer.model` if saved,
+  else trained on the transcripts of the whole train split (all domains: text
+  only, so the short domain has no unknown words) and saved there."""
+  transcripts = (e["text"] for e in load_split_from_config(config, config.train_split))
+  return tokenizer_lib.build_tokenizer(config.tokenizer, transcripts, save_dir)
+
+
+def get_eval_batches(
+    config: ml_collections.ConfigDict,
+    tokenizer: tokenizer_lib.Tokenizer,
+    *,
+    split: str | None = None,
+    domains: Sequence[str] | None = None,
+    skips: batching.SkipCounter | None = None,
+) -> Iterator[Batch]:
+  """One pass over an eval split: every valid example exactly once.
+
+  Batches are `batching.eval_batches` dicts ([B, S] audio etc. plus
+  'example_mask' [B]); the last batch of each bucket is completed with masked
+  rows. Examples that cannot be used (bad audio, too long, ...) are skipped and
+  counted in `skips`.
+
+  Args:
+    config: data config (`default_data_config`).
+    tokenizer: the run's tokenizer.
+    split: defaults to config.eval_split.
+    domains: defaults to config.eval_domains (empty = all).
+    skips: receives the skipped examples; a fresh counter if None.
+  """
+  split = split or config.eval_split
+  domains = config.eval_domains if domains is None else domains
+  skips = skips or batching.SkipCounter(f"eval:{split}")
+  buckets = buckets_from_config(config)
+  examples = load_split_from_config(config, split, domains=domains)
+  prepared = batching.prepare_examples(examples, tokenizer, buckets, skips,
+                                       config.max_label_rate)
+  yield from batching.eval_batches(prepared, buckets, config.eval_batch_size)
+  skips.log_summary()
+
+
+def get_train_batches(
+    config: ml_collections.ConfigDict,
+    tokenizer: tokenizer_lib.Tokenizer,
+    *,
+    seed: int,
+    start_step: int = 0,
+    domains: Sequence[str] | None = None,
+    skips: batching.SkipCounter | None = None,
+) -> Iterator[Batch]:
+  """Infinite training batches, reshuffled every epoch, deterministic for a seed.
+
+  Epoch e visits the train split in an order seeded by (seed, e) and groups it
+  into same-bucket batches of config.batch_size (`batching.bucket_by_length`,
+  last partial batch of each bucket dropped). `start_step` skips that many
+  batches (without padding them), so a resumed run continues the same sequence.
+
+  With config.cache_train_in_memory the prepared split is held in memory and
+  permuted per epoch; otherwise each epoch streams the split again with seeded
+  file shuffling and a per-bucket shuffle buffer of config.shuffle_buffer (then
+  skipping to start_step reads the skipped data once).
+
+  Yields:
+    Batch dicts ([B, S] audio, [B, U] labels, paddings, 'example_mask' [B] all 1).
+
+  Raises:
+    ValueError: an epoch yields no batch (fewer valid examples than a batch in
+      every bucket).
+  """
+  domains = config.train_domains if domains is None else domains
+  skips = skips or batching.SkipCounter(f"train:{config.train_split}")
+  buckets = buckets_from_config(config)
+
+  if config.cache_train_in_memory:
+    cached = list(batching.prepare_examples(
+        load_split_from_config(config, config.train_split, domains=domains),
+        tokenizer, buckets, skips, config.max_label_rate))
+    skips.log_summary()
+    logging.info("Cached %d training examples in memory.", len(cached))
+
+    def epoch_examples(epoch: int) -> Iterable[Example]:
+      order = np.random.default_rng([seed, epoch, 0]).permutation(len(cached))
+      return (cached[i] for i in order)
+  else:
+    def epoch_examples(epoch: int) -> Iterable[Example]:
+      examples = load_split_from_config(
+          config, config.train_split, domains=domains, shuffle_files=True,
+          seed=seed * 100003 + epoch)
+      return batching.prepare_examples(examples, tokenizer, buckets, skips,
+                                       config.max_label_rate)
+
+  def groups() -> Iterator[tuple[int, list[Example]]]:
+    for epoch in itertools.count():
+      num_groups = 0
+      for group in batching.bucket_by_length(
+          epoch_examples(epoch), len(buckets), config.batch_size,
+          seed=[seed, epoch, 1], shuffle_buffer=config.shuffle_buffer,
+          drop_remainder=True):
+        num_groups += 1
+        yield group
+      if num_groups == 0:
+        raise ValueError(
+            f"Training split {config.train_split!r} (domains {tuple(domains)})"
+            f" gives no full batch of {config.batch_size}: too few valid examples"
+            f" per bucket (skipped: {dict(skips.counts)}).")
+
+  batches = batching.pad_groups(
+      itertools.islice(groups(), start_step, None), buckets, config.batch_size)
+  return prefetch_in_thread(batches, config.prefetch_batches)
+
+
+@dataclasses.dataclass
+class ClientDatasets:
+  """Prepared examples per client (client id = speaker id), in client-id order."""
+
+  examples: dict[str, list[Example]]
+  buckets: batching.Buckets
+
+  @property
+  def client_ids(self) -> list[str]:
+    return list(self.examples)
+
+  def sizes(self) -> dict[str, int]:
+    return {c: len(e) for c, e in self.examples.items()}
+
+
+def get_client_datasets(
+    config: ml_collections.ConfigDict,
+    tokenizer: tokenizer_lib.Tokenizer,
+    *,
+    split: str | None = None,
+    domains: Sequence[str] | None = None,
+    skips: batching.SkipCounter | None = None,
+) -> ClientDatasets:
+  """The federated clients of a split, held in memory (see `clients`).
+
+  Args:
+    config: data config.
+    tokenizer: the run's tokenizer.
+    split: defaults to config.train_split.
+    domains: defaults to config.client_domains (empty = all).
+    skips: receives the skipped examples.
+  """
+  split = split or config.train_split
+  domains = config.client_domains if domains is None else domains
+  skips = skips or batching.SkipCounter(f"clients:{split}")
+  buckets = buckets_from_config(config)
+  prepared = batching.prepare_examples(
+      load_split_from_config(config, split, domains=domains), tokenizer, buckets,
+      skips, config.max_label_rate)
+  examples = clients_lib.partition_by_speaker(prepared)
+  skips.log_summary()
+  if not examples:
+    raise ValueError(f"No client has a valid example in split {split!r}, domains"
+                     f" {tuple(domains)} (skipped: {dict(skips.counts)}).")
+  logging.info("%d clients, %d examples.", len(examples),
+               sum(len(e) for e in examples.values()))
+  return ClientDatasets(examples, buckets)
+
+
+def make_round(
+    client_datasets: ClientDatasets,
+    sampler: clients_lib.ClientSampler,
+    round_index: int,
+    seed: int,
+    *,
+    local_steps: int,
+    batch_size: int,
+    local_epochs: int | None = None,
+    fixed_shape: bool = False,
+    client_range: tuple[int, int] | None = None,
+) -> tuple[list[str], clients_lib.RoundData]:
+  """Chosen client ids and the round's arrays ([C, K, B, ...], see `clients`).
+
+  The federated fields (K, B, E, fixed shape) belong to the federated config;
+  they are passed explicitly. Arguments as in `clients.make_round_data`.
+  """
+  client_ids = sampler.sample(round_index)
+  data = clients_lib.make_round_data(
+      [client_datasets.examples[c] for c in client_ids], client_ids, round_index,
+      seed, local_steps=local_steps, batch_size=batch_size,
+      buckets=client_datasets.buckets, local_epochs=local_epochs,
+      fixed_shape=fixed_shape, client_range=client_range)
+  return client_ids, data
+
+
+def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[Any]:
+  """Runs `iterator` in a background thread, `buffer_size` items ahead.
+
+  Host batching then overlaps the device step. Exceptions of the producer are
+  re-raised in the consumer. buffer_size 0 returns `iterator` itself.
+  """
+  if buffer_size <= 0:
+    return iterator
+  items: queue.Queue[Any] = queue.Queue(maxsize=buffer_size)
+  done = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        items.put((True, item))
+      items.put((True, done))
+    except BaseException as e:  # pylint: disable=broad-except
+      items.put((False, e))
+
+  threading.Thread(target=produce, daemon=True).start()
+
+  def consume() -> Iterator[Any]:
+    while True:
+      ok, item = items.get()
+      if not ok:
+        raise item
+      if item is done:
+        return
+      yield item
+
+  return consume()
+
+
+def _load_common_schema(
+    dataset_name: str, split: str, data_dir: str | None,
+    builder_config: str | None, shuffle_files: bool, seed: int
+) -> Iterator[Example]:
+  """Examples of a TFDS dataset with the synthetic corpus's features."""
+  if dataset_name == "synthetic_speech":
+    # Registers the builder with TFDS.
+    importlib.import_module("conformer_fl.data.synthetic_speech")
+  name = f"{dataset_name}/{builder_config}" if builder_config else dataset_name
+  ds, info = tfds.load(
+      name, split=split, data_dir=data_dir, shuffle_files=shuffle_files,
+      read_config=tfds.ReadConfig(shuffle_seed=seed), with_info=True)
+  domain_names = info.features["domain"].names
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  for raw in tfds.as_numpy(ds):
+    yield {
+        "audio": raw["audio"],
+        "text": text_lib.normalize_text(raw["text"].decode("utf-8")),
+        "speaker_id": _as_str(raw["speaker_id"]),
+        "domain": domain_names[int(raw["domain"])],
+        "duration": float(raw["duration"]),
+        "id": _as_str(raw["id"]),
+    }
+
+
+def _as_str(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)

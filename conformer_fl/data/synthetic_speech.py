@@ -1,0 +1,524 @@
+"""TFDS builder 'synthetic_speech': English speech synthesized on this machine.
+
+Many synthetic speakers (each one a federated client) read two domains of text:
+
+* 'long':  sentences from the Debian fortunes-min files, kept when 3-10 s long.
+* 'short': spoken-assistant commands from a seeded grammar, kept when <= 2 s long
+  ("set a timer for five minutes", "call mom", "turn on the kitchen lights").
+
+Speakers are eSpeak NG voice variants x English accents x rate x pitch, and Flite
+voices x duration stretch (see `tts_engines.Speaker` for the ids). Audio is 16 kHz
+int16, trimmed of silence, peak-normalized to a per-speaker level and mixed with
+low white noise at a per-utterance SNR.
+
+Splits and the held-out-speaker rule. A speaker's *timbre* is its eSpeak NG
+variant (the formant set, whatever the accent, rate or pitch) or its Flite voice
+(kal and kal16 count as one). For each engine the timbres are shuffled with the
+seed and dealt out: the first ones to 'dev', the next to 'test', the rest to
+'train' (each held-out split gets at least one timbre of an engine it uses, and
+about its share of the speakers otherwise). So dev and test speakers are not only
+unseen (engine, voice, accent, rate, pitch) combinations: no train speaker shares
+their timbre. The long-domain sentences are split the same way (80% / 10% / 10%
+of the shuffled pool), so dev and test sentences are never heard in train; the
+short commands come from one small grammar and do repeat across splits.
+
+Determinism. Everything is a function of the config (seed included): the
+speakers, the texts, the levels, the noise. eSpeak NG and Flite are deterministic
+programs, synthesis runs in a pool of threads whose results are consumed in
+submission order, and examples are serialized with a fixed feature order (see
+`SyntheticSpeech._download_and_prepare`), so the same config writes the same
+record files, byte for byte, in any process and with any number of threads.
+
+Usage:
+  python -m conformer_fl.data.synthetic_speech --config=demo --data_dir=/tmp/tfds
+  builder = synthetic_speech.build('tiny', data_dir)   # prepared, idempotent
+  ds = builder.as_dataset(split='train')
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+import collections
+import concurrent.futures
+import dataclasses
+import math
+import time
+from typing import Any, TypeVar
+from unittest import mock
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
+
+from conformer_fl.data import text_sources
+from conformer_fl.data import tts_engines
+from conformer_fl.data.tts_engines import Speaker
+
+SPLITS = ("train", "dev", "test")
+DOMAINS = ("long", "short")
+
+# eSpeak NG material (`espeak-ng --voices=en`, `espeak-ng --voices=variant`): the
+# plain-sounding variants only (no whisper, croak or robot voices).
+ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
+                  "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3",
+                   "f4", "f5", "klatt", "klatt2", "klatt3")
+ESPEAK_RATES = (140, 155, 170, 185)  # words per minute
+ESPEAK_PITCHES = (30, 40, 50, 60, 70)
+# Flite (`flite -lv`); awb_time is a limited-domain (clock) voice and is left out.
+FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
+FLITE_STRETCHES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticSpeechConfig(tfds.core.BuilderConfig):
+  """Size and randomness of one synthetic corpus.
+
+  Attributes:
+    num_train_speakers: speakers (clients) in 'train'.
+    num_dev_speakers: held-out speakers in 'dev'.
+    num_test_speakers: held-out speakers in 'test'.
+    long_per_speaker: 'long' utterances each speaker reads.
+    short_per_speaker: 'short' utterances each speaker reads.
+    seed: seeds speakers, texts, levels and noise.
+    flite_fraction: share of each split's speakers voiced by Flite.
+    long_seconds: (min, max) duration of a 'long' utterance.
+    short_max_seconds: longest 'short' utterance.
+    peak_dbfs_range: per-speaker peak level, uniform in this range (dB full scale).
+    noise_snr_db_range: per-utterance white-noise SNR, uniform in this range;
+      None adds no noise.
+    num_workers: synthesis threads (each runs one engine process at a time).
+  """
+
+  num_train_speakers: int = 8
+  num_dev_speakers: int = 2
+  num_test_speakers: int = 2
+  long_per_speaker: int = 2
+  short_per_speaker: int = 3
+  seed: int = 0
+  flite_fraction: float = 0.2
+  long_seconds: tuple[float, float] = (3.0, 10.0)
+  short_max_seconds: float = 2.0
+  peak_dbfs_range: tuple[float, float] = (-12.0, -2.0)
+  noise_snr_db_range: tuple[float, float] | None = (30.0, 50.0)
+  num_workers: int = 2
+
+  def num_speakers(self, split: str) -> int:
+    return {"train": self.num_train_speakers, "dev": self.num_dev_speakers,
+            "test": self.num_test_speakers}[split]
+
+
+def _config(name: str, description: str, **sizes) -> SyntheticSpeechConfig:
+  return SyntheticSpeechConfig(name=name, description=description, **sizes)
+
+
+CONFIGS = (
+    _config("tiny", "For tests: 8+2+2 speakers, 2 long + 3 short each; < 1 min.",
+            num_train_speakers=8, num_dev_speakers=2, num_test_speakers=2,
+            long_per_speaker=2, short_per_speaker=3),
+    _config("demo", "The demo default: 48+6+6 speakers, 12 long + 20 short each.",
+            num_train_speakers=48, num_dev_speakers=6, num_test_speakers=6,
+            long_per_speaker=12, short_per_speaker=20),
+    _config("small", "200+20+20 speakers, 20 long + 30 short each.",
+            num_train_speakers=200, num_dev_speakers=20, num_test_speakers=20,
+            long_per_speaker=20, short_per_speaker=30),
+    _config("medium", "800+50+50 speakers, 25 long + 40 short each.",
+            num_train_speakers=800, num_dev_speakers=50, num_test_speakers=50,
+            long_per_speaker=25, short_per_speaker=40),
+)
+
+
+# ---------------------------------------------------------------------------
+# Speakers and texts (pure functions of the config).
+# ---------------------------------------------------------------------------
+
+
+def _engine_combos(engine: str) -> dict[str, list[Speaker]]:
+  """All speakers of an engine, grouped by timbre (level not yet set)."""
+  groups = collections.defaultdict(list)
+  if engine == "espeak":
+    for variant in ESPEAK_VARIANTS:
+      for accent in ESPEAK_ACCENTS:
+        for rate in ESPEAK_RATES:
+          for pitch in ESPEAK_PITCHES:
+            s = Speaker("espeak", variant, accent=accent, rate=rate, pitch=pitch)
+            groups[s.timbre].append(s)
+  else:
+    for voice in FLITE_VOICES:
+      for stretch in FLITE_STRETCHES:
+        s = Speaker("flite", voice, duration_stretch=stretch)
+        groups[s.timbre].append(s)
+  return dict(groups)
+
+
+def _deal_timbres(timbres: Sequence[str], counts: dict[str, int],
+                  rng: np.random.Generator) -> dict[str, list[str]]:
+  """Shuffles timbres and gives dev, then test, then train their share."""
+  order = [timbres[i] for i in rng.permutation(len(timbres))]
+  total = sum(counts.values())
+  dealt, start = {}, 0
+  for split in ("dev", "test"):
+    share = math.ceil(len(order) * counts[split] / total)
+    take = 0 if counts[split] == 0 else max(1, share)
+    dealt[split], start = order[start:start + take], start + take
+  dealt["train"] = order[start:]
+  for split, n in counts.items():
+    if n and not dealt[split]:
+      raise ValueError(f"Too few timbres to hold out speakers for split {split!r}.")
+  return dealt
+
+
+def assign_speakers(config: SyntheticSpeechConfig) -> dict[str, list[Speaker]]:
+  """Returns the speakers of each split (see the module docstring for the rule)."""
+  rng = np.random.default_rng([config.seed, 1])
+  by_split = {split: [] for split in SPLITS}
+  requested_flite = {split: round(config.flite_fraction * config.num_speakers(split))
+                     for split in SPLITS}
+  for engine in ("flite", "espeak"):
+    groups = _engine_combos(engine)
+    if engine == "flite":
+      counts = requested_flite
+    else:  # eSpeak NG voices every speaker that Flite could not.
+      counts = {split: config.num_speakers(split) - len(by_split[split])
+                for split in SPLITS}
+    dealt = _deal_timbres(sorted(groups), counts, rng)
+    for split in SPLITS:
+      timbres = dealt[split]
+      combos = [[groups[t][i] for i in rng.permutation(len(groups[t]))]
+                for t in timbres]
+      capacity = sum(len(c) for c in combos)
+      count = counts[split]
+      if engine == "flite":
+        count = min(count, capacity)  # Flite has few voices; eSpeak NG fills in.
+      elif count > capacity:
+        raise ValueError(
+            f"Split {split!r} asks for {count} eSpeak NG speakers but its"
+            f" timbres {timbres} only give {capacity} combinations.")
+      # Round-robin over the split's timbres, a new combination on each pass.
+      chosen, k = [], 0
+      while len(chosen) < count:
+        pass_index, t = divmod(k, len(timbres))
+        if pass_index < len(combos[t]):
+          chosen.append(combos[t][pass_index])
+        k += 1
+      by_split[split].extend(chosen)
+  assigned = {}
+  lo, hi = config.peak_dbfs_range
+  for split in SPLITS:
+    order = rng.permutation(len(by_split[split]))
+    speakers = [by_split[split][i] for i in order]
+    assigned[split] = [
+        dataclasses.replace(s, peak_dbfs=round(float(rng.uniform(lo, hi)), 2))
+        for s in speakers]
+  return assigned
+
+
+def sentence_pools(config: SyntheticSpeechConfig,
+                   sentences: Sequence[str]) -> dict[str, list[str]]:
+  """Splits the shuffled long-domain sentences 80/10/10 into train/dev/test pools."""
+  rng = np.random.default_rng([config.seed, 2])
+  order = [sentences[i] for i in rng.permutation(len(sentences))]
+  n_dev = n_test = max(1, len(order) // 10)
+  return {"dev": order[:n_dev], "test": order[n_dev:n_dev + n_test],
+          "train": order[n_dev + n_test:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisTask:
+  """The utterances of one speaker in one domain: read candidates until enough fit."""
+
+  split: str
+  speaker_index: int
+  speaker: Speaker
+  domain: str
+  candidates: tuple[str, ...]
+  count: int
+  min_seconds: float
+  max_seconds: float
+  noise_snr_db_range: tuple[float, float] | None
+  seed: int
+
+
+def _derived_seed(*keys: int) -> int:
+  """A 32-bit seed that depends on `keys` only (numpy SeedSequence hashing)."""
+  return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
+  """Every (speaker, domain) task of the corpus, in the order examples are written."""
+  speakers = assign_speakers(config)
+  pools = sentence_pools(config, text_sources.fortune_sentences())
+  tasks = []
+  for split_index, split in enumerate(SPLITS):
+    for i, speaker in enumerate(speakers[split]):
+      rng = np.random.default_rng([config.seed, 3, split_index, i])
+      pool = pools[split]
+      long_texts = tuple(pool[j] for j in rng.permutation(len(pool)))
+      short_texts = tuple(dict.fromkeys(
+          text_sources.command_phrase(rng)
+          for _ in range(4 * config.short_per_speaker + 10)))
+      common = dict(split=split, speaker_index=i, speaker=speaker,
+                    noise_snr_db_range=config.noise_snr_db_range)
+      tasks.append(SynthesisTask(
+          domain="long", candidates=long_texts, count=config.long_per_speaker,
+          min_seconds=config.long_seconds[0], max_seconds=config.long_seconds[1],
+          seed=_derived_seed(config.seed, 4, split_index, i, 0),
+          **common))
+      tasks.append(SynthesisTask(
+          domain="short", candidates=short_texts, count=config.short_per_speaker,
+          min_seconds=0.0, max_seconds=config.short_max_seconds,
+          seed=_derived_seed(config.seed, 4, split_index, i, 1),
+          **common))
+  return tasks
+
+
+def run_task(task: SynthesisTask) -> list[tuple[str, np.ndarray]]:
+  """Synthesizes candidates in order until `task.count` fit the duration window.
+
+  If the candidates run out, the closest misfits fill the rest (in candidate
+  order), so a task always returns `task.count` utterances.
+
+  Returns:
+    [(normalized text, int16 audio [N])] of length task.count.
+  """
+  rng = np.random.default_rng(task.seed)
+  fitting, misfits = [], []
+  for text in task.candidates:
+    snr = None
+    if task.noise_snr_db_range is not None:
+      snr = float(rng.uniform(*task.noise_snr_db_range))
+    noise_seed = int(rng.integers(2**31))
+    audio = tts_engines.synthesize(task.speaker, text, snr, noise_seed)
+    seconds = audio.size / tts_engines.SAMPLE_RATE
+    if task.min_seconds <= seconds <= task.max_seconds:
+      fitting.append((text, audio))
+      if len(fitting) == task.count:
+        return fitting
+    else:
+      miss = max(task.min_seconds - seconds, seconds - task.max_seconds)
+      misfits.append((miss, len(misfits), text, audio))
+  misfits.sort(key=lambda m: m[:2])
+  fillers = [(text, audio) for _, _, text, audio in misfits]
+  return fitting + fillers[:task.count - len(fitting)]
+
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def ordered_parallel_map(fn: Callable[[_In], _Out], items: Iterable[_In],
+                         num_workers: int) -> Iterator[_Out]:
+  """Like map(fn, items) on `num_workers` threads, results in input order.
+
+  At most 2 * num_workers items are in flight, so memory stays bounded.
+  """
+  window = 2 * max(1, num_workers)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= window:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------
+# The TFDS builder.
+# ---------------------------------------------------------------------------
+
+
+def _serialize_deterministically(serializer, example) -> bytes:
+  """ExampleSerializer.serialize_example with the map keys in a fixed order."""
+  return serializer.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+class Int16Audio(tfds.features.Audio):
+  """tfds.features.Audio of int16 samples [N], stored as raw bytes.
+
+  TFDS's default stores samples in an int64 list (about 2.5x the bytes of int16
+  PCM here, and slow to parse). `Audio(encoding='bytes')` would store raw bytes,
+  but TFDS 4.9.10's `Audio.encode_example` returns numpy input unencoded, which
+  then fails to serialize; this class applies the Tensor encoding that Audio
+  skips. Decoding is the inherited one: int16 [N].
+  """
+
+  def __init__(self, *, sample_rate: int, **kwargs):
+    kwargs = {"shape": (None,), "dtype": np.int16,
+              "encoding": tfds.features.Encoding.BYTES, **kwargs}
+    super().__init__(sample_rate=sample_rate, **kwargs)
+
+  def encode_example(self, audio: np.ndarray):
+    """Encodes int16 samples [N] (a numpy array) as raw bytes."""
+    audio = np.asarray(audio)
+    if audio.dtype != np.int16 or audio.ndim != 1:
+      raise ValueError(
+          f"Int16Audio takes int16 samples of shape [N], got {audio.dtype}"
+          f" {audio.shape}.")
+    return tfds.features.Tensor.encode_example(self, audio)
+
+
+class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
+                      # Under `python -m`, this file is also importable as
+                      # conformer_fl.data.synthetic_speech: register only that copy.
+                      skip_registration=__name__ == "__main__"):
+  """English speech by eSpeak NG and Flite speakers; one speaker = one client."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # TFDS 4.9.10 locates the builder file through the `importlib_resources`
+  # backport, which it does not install on Python >= 3.9; this file is the answer.
+  code_path = epath.Path(__file__)
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = list(CONFIGS)
+  DEFAULT_CONFIG_NAME = "demo"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__.split("\n\n")[1],
+        features=tfds.features.FeaturesDict({
+            "audio": Int16Audio(sample_rate=tts_engines.SAMPLE_RATE),
+            "text": tfds.features.Text(),
+            "speaker_id": tfds.features.Text(),
+            "domain": tfds.features.ClassLabel(names=list(DOMAINS)),
+            "duration": tfds.features.Scalar(dtype=np.float32),
+            "id": tfds.features.Text(),
+        }),
+        supervised_keys=("audio", "text"),
+        homepage="https://github.com/espeak-ng/espeak-ng",
+    )
+
+  def _download_and_prepare(self, *args, **kwargs):
+    # tf.train.Example holds its features in a protobuf map, whose serialization
+    # order changes from process to process unless asked to be deterministic;
+    # that would make the same corpus differ in bytes between two builds.
+    with mock.patch.object(example_serializer.ExampleSerializer,
+                           "serialize_example", _serialize_deterministically):
+      return super()._download_and_prepare(*args, **kwargs)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing is downloaded.
+    tts_engines.check_system_packages()
+    tasks = synthesis_tasks(self.builder_config)
+    return {split: self._generate_examples([t for t in tasks if t.split == split])
+            for split in SPLITS}
+
+  def _generate_examples(self, tasks: Sequence[SynthesisTask]):
+    results = ordered_parallel_map(run_task, tasks, self.builder_config.num_workers)
+    for task, utterances in zip(tasks, results):
+      for j, (text, audio) in enumerate(utterances):
+        if not text:
+          raise ValueError(f"Empty transcript for {task.speaker.speaker_id}.")
+        example_id = f"{task.speaker.speaker_id}/{task.domain}/{j:03d}"
+        yield example_id, {
+            "audio": audio,
+            "text": text,
+            "speaker_id": task.speaker.speaker_id,
+            "domain": task.domain,
+            "duration": np.float32(audio.size / tts_engines.SAMPLE_RATE),
+            "id": example_id,
+        }
+
+
+def build(config: str | SyntheticSpeechConfig = "demo",
+          data_dir: str | None = None) -> SyntheticSpeech:
+  """Returns the prepared builder, synthesizing the corpus only if not yet there.
+
+  Args:
+    config: a config name ('tiny', 'demo', 'small', 'medium') or a
+      SyntheticSpeechConfig.
+    data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
+
+  Raises:
+    tts_engines.MissingSystemPackagesError: espeak-ng, flite or fortunes-min are
+      missing (checked before any work).
+  """
+  tts_engines.check_system_packages()
+  builder = SyntheticSpeech(config=config, data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+      try_download_gcs=False))
+  return builder
+
+
+def corpus_statistics(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+  """Speakers, utterances and hours per split and domain of a prepared builder.
+
+  Returns:
+    {split: {'speakers': int, 'utterances': int, 'hours': float,
+             domain: {'utterances', 'hours', 'mean_seconds', 'min_seconds',
+                      'max_seconds'}}} plus 'total': {'speakers', 'utterances',
+    'hours'}.
+  """
+  domain_names = builder.info.features["domain"].names
+  stats = {}
+  for split in builder.info.splits:
+    ds = builder.as_dataset(
+        split=split, decoders={"audio": tfds.decode.SkipDecoding()})
+    durations = collections.defaultdict(list)
+    speakers = set()
+    for ex in tfds.as_numpy(ds):
+      durations[domain_names[ex["domain"]]].append(float(ex["duration"]))
+      speakers.add(ex["speaker_id"].decode())
+    split_stats = {"speakers": len(speakers),
+                   "utterances": sum(len(d) for d in durations.values()),
+                   "hours": sum(sum(d) for d in durations.values()) / 3600.0}
+    for domain in domain_names:
+      d = np.asarray(durations.get(domain, []), dtype=np.float64)
+      split_stats[domain] = {
+          "utterances": int(d.size), "hours": float(d.sum() / 3600.0),
+          "mean_seconds": float(d.mean()) if d.size else 0.0,
+          "min_seconds": float(d.min()) if d.size else 0.0,
+          "max_seconds": float(d.max()) if d.size else 0.0}
+    stats[split] = split_stats
+  splits = [s for s in SPLITS if s in stats]
+  stats["total"] = {key: sum(stats[s][key] for s in splits)
+                    for key in ("speakers", "utterances", "hours")}
+  return stats
+
+
+def format_statistics(stats: dict[str, Any]) -> str:
+  """A plain-text table of `corpus_statistics` output."""
+  header = (f"{'split':<6} {'domain':<6} {'speakers':>8} {'utts':>6} {'hours':>7}"
+            f" {'mean s':>7} {'min s':>6} {'max s':>6}")
+  lines = [header, "-" * len(header)]
+  for split in (s for s in SPLITS if s in stats):
+    st = stats[split]
+    for domain in DOMAINS:
+      d = st[domain]
+      lines.append(f"{split:<6} {domain:<6} {st['speakers']:>8} {d['utterances']:>6}"
+                   f" {d['hours']:>7.3f} {d['mean_seconds']:>7.2f}"
+                   f" {d['min_seconds']:>6.2f} {d['max_seconds']:>6.2f}")
+  t = stats["total"]
+  lines.append(f"{'total':<6} {'all':<6} {t['speakers']:>8} {t['utterances']:>6}"
+               f" {t['hours']:>7.3f}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  """CLI: build a config (if needed) and print its statistics and build time."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config_name, data_dir = flags.FLAGS.config, flags.FLAGS.data_dir
+  probe = SyntheticSpeech(config=config_name, data_dir=data_dir)
+  already = probe.is_prepared()
+  start = time.perf_counter()
+  builder = build(config_name, data_dir)
+  seconds = time.perf_counter() - start
+  print(f"synthetic_speech/{config_name} at {builder.data_dir}")
+  if already:
+    print(f"already prepared: reused in {seconds:.1f} s (no synthesis)")
+  else:
+    print(f"build wall time: {seconds:.1f} s"
+          f" ({builder.builder_config.num_workers} synthesis threads)")
+  print(format_statistics(corpus_statistics(builder)))
+
+
+if __name__ == "__main__":
+  # Run the importable copy of this module (whose builder is the registered one).
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top,import-self
+  from conformer_fl.data import synthetic_speech
+  flags.DEFINE_string("config", "demo", "Config name: tiny, demo, small or medium.")
+  flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+  app.run(synthetic_speech.main)

@@ -1,0 +1,186 @@
+"""eSpeak NG and Flite as speech synthesizers: text in, 16 kHz int16 audio out.
+
+A `Speaker` is one (engine, voice, accent, rate, pitch) combination with a stable
+string id:
+
+  espeak/<accent>+<variant>/s<words per minute>/p<pitch 0..99>
+      e.g. 'espeak/en-us+m3/s160/p45'  (`espeak-ng -v en-us+m3 -s 160 -p 45`)
+  flite/<voice>/d<duration stretch>
+      e.g. 'flite/slt/d1.05'           (`flite -voice slt --setf duration_stretch=1.05`)
+
+Both programs are deterministic: the same text and settings give the same bytes
+(checked on eSpeak NG 1.51 and Flite 2.2; `tests/test_synthetic_speech.py` checks the
+corpus bytes end to end). eSpeak NG writes 22050 Hz, Flite 8 kHz (kal) or 16 kHz;
+everything is resampled to 16 kHz with a polyphase filter (scipy), which is
+deterministic too.
+"""
+
+import dataclasses
+import io
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import wave
+
+import numpy as np
+from scipy import signal
+
+SAMPLE_RATE = 16000
+
+# Debian package -> what it provides that the corpus needs.
+REQUIRED_DEBIAN_PACKAGES = {
+    "espeak-ng": "the `espeak-ng` program",
+    "flite": "the `flite` program",
+    "fortunes-min": "the text files in /usr/share/games/fortunes",
+}
+INSTALL_COMMAND = "sudo apt-get install espeak-ng flite fortunes-min"
+
+
+class MissingSystemPackagesError(RuntimeError):
+  """The Debian packages that synthesize the corpus are not installed."""
+
+
+def check_system_packages(fortune_dir: str = "/usr/share/games/fortunes") -> None:
+  """Raises MissingSystemPackagesError naming every missing Debian package."""
+  missing = []
+  if shutil.which("espeak-ng") is None:
+    missing.append("espeak-ng")
+  if shutil.which("flite") is None:
+    missing.append("flite")
+  if not os.path.isfile(os.path.join(fortune_dir, "fortunes")):
+    missing.append("fortunes-min")
+  if missing:
+    details = "; ".join(f"{p} ({REQUIRED_DEBIAN_PACKAGES[p]})" for p in missing)
+    raise MissingSystemPackagesError(
+        "The synthetic speech corpus needs Debian packages that are not installed:"
+        f" {details}. Install them with:\n  {INSTALL_COMMAND}\n(or run `make test`"
+        " / `make demo`, which install them)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Speaker:
+  """One synthetic speaker (a federated client).
+
+  Attributes:
+    engine: 'espeak' or 'flite'.
+    voice: eSpeak NG variant ('m3', 'f2', 'klatt') or Flite voice ('slt', 'kal16').
+    accent: eSpeak NG language voice ('en-us', 'en-gb-scotland'); '' for Flite.
+    rate: eSpeak NG words per minute (-s); 0 for Flite.
+    pitch: eSpeak NG pitch 0..99 (-p); 0 for Flite.
+    duration_stretch: Flite duration stretch (> 1 is slower); 1.0 for eSpeak NG.
+    peak_dbfs: every utterance of this speaker is scaled to this peak level
+      (dB relative to int16 full scale) before noise is added.
+  """
+
+  engine: str
+  voice: str
+  accent: str = ""
+  rate: int = 0
+  pitch: int = 0
+  duration_stretch: float = 1.0
+  peak_dbfs: float = -3.0
+
+  @property
+  def speaker_id(self) -> str:
+    if self.engine == "espeak":
+      return f"espeak/{self.accent}+{self.voice}/s{self.rate}/p{self.pitch}"
+    return f"flite/{self.voice}/d{self.duration_stretch:.2f}"
+
+  @property
+  def timbre(self) -> str:
+    """The voice identity behind the speaker, shared across rate/pitch/accent.
+
+    eSpeak NG variants set the formants (the timbre) whatever the accent; Flite's
+    kal and kal16 are the same recorded speaker.
+    """
+    if self.engine == "espeak":
+      return f"espeak/{self.voice}"
+    return "flite/" + ("kal" if self.voice.startswith("kal") else self.voice)
+
+
+def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
+  """Decodes mono 16-bit PCM WAV bytes to (int16 samples [N], sample rate)."""
+  with wave.open(io.BytesIO(data)) as wav:
+    if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+      raise ValueError(
+          "Expected mono 16-bit WAV from the synthesizer, got"
+          f" {wav.getnchannels()} channels of {8 * wav.getsampwidth()} bits."
+      )
+    rate = wav.getframerate()
+    # eSpeak NG's --stdout header has a placeholder length: read what is there.
+    frames = wav.readframes(wav.getnframes())
+  return np.frombuffer(frames, dtype="<i2").astype(np.int16), rate
+
+
+def resample_to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+  """Resamples float or int audio [N] from `rate` Hz to 16 kHz; float64 [M]."""
+  audio = np.asarray(audio, dtype=np.float64)
+  if rate == SAMPLE_RATE:
+    return audio
+  g = math.gcd(SAMPLE_RATE, rate)
+  return signal.resample_poly(audio, SAMPLE_RATE // g, rate // g)
+
+
+def _run(cmd: list[str]) -> bytes:
+  result = subprocess.run(cmd, capture_output=True, check=False)
+  if result.returncode != 0:
+    raise RuntimeError(
+        f"Speech synthesis failed ({' '.join(cmd)}): exit {result.returncode},"
+        f" {result.stderr.decode(errors='replace').strip()}"
+    )
+  return result.stdout
+
+
+def synthesize_raw(speaker: Speaker, text: str) -> tuple[np.ndarray, int]:
+  """Runs the speaker's engine on `text`; returns (int16 audio [N], sample rate)."""
+  if not text or text.startswith("-"):
+    raise ValueError(f"Text to synthesize must be non-empty normalized text: {text!r}")
+  if speaker.engine == "espeak":
+    cmd = ["espeak-ng", "-v", f"{speaker.accent}+{speaker.voice}",
+           "-s", str(speaker.rate), "-p", str(speaker.pitch), "--stdout", text]
+    return _read_wav(_run(cmd))
+  if speaker.engine == "flite":
+    with tempfile.TemporaryDirectory(prefix="flite_") as tmp:
+      path = os.path.join(tmp, "out.wav")
+      _run(["flite", "-voice", speaker.voice, "--setf",
+            f"duration_stretch={speaker.duration_stretch:.2f}", "-t", text,
+            "-o", path])
+      with open(path, "rb") as f:
+        return _read_wav(f.read())
+  raise ValueError(
+      f"Unknown speech engine {speaker.engine!r}; expected espeak or flite.")
+
+
+def trim_silence(audio: np.ndarray, threshold: float = 0.01,
+                 margin_seconds: float = 0.1) -> np.ndarray:
+  """Cuts leading/trailing silence of float audio [N] in [-1, 1], keeping a margin."""
+  loud = np.flatnonzero(np.abs(audio) > threshold)
+  if loud.size == 0:
+    return audio
+  margin = int(margin_seconds * SAMPLE_RATE)
+  return audio[max(0, loud[0] - margin): loud[-1] + 1 + margin]
+
+
+def synthesize(speaker: Speaker, text: str, noise_snr_db: float | None = None,
+               noise_seed: int = 0) -> np.ndarray:
+  """Speaks `text` as `speaker`: int16 audio [N] at 16 kHz.
+
+  The engine output is resampled to 16 kHz, trimmed of leading and trailing
+  silence (0.1 s kept), scaled to the speaker's peak level, optionally mixed
+  with white noise at `noise_snr_db` (relative to the utterance's power; seeded
+  by `noise_seed`), then rounded and clipped to int16.
+  """
+  raw, rate = synthesize_raw(speaker, text)
+  audio = trim_silence(resample_to_16k(raw, rate) / 32768.0)
+  peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+  if peak > 0.0:
+    audio = audio * (10.0 ** (speaker.peak_dbfs / 20.0) / peak)
+  if noise_snr_db is not None:
+    power = float(np.mean(audio**2)) if audio.size else 0.0
+    noise_std = math.sqrt(power / 10.0 ** (noise_snr_db / 10.0))
+    rng = np.random.default_rng(noise_seed)
+    audio = audio + noise_std * rng.standard_normal(audio.shape)
+  return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)

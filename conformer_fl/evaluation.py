@@ -1,0 +1,119 @@
+"""Evaluation of a Conformer on padded batches: mean loss and WER.
+
+`make_eval_step` gives a pure function of (variables, batch) that jit compiles once
+per batch shape and can be vmapped over a leading axis of variable sets (the
+analysis pass evaluates many reset variants of a model at once that way).
+Transcripts are detokenized and scored on the host with `conformer_fl.wer`.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conformer_fl import models
+from conformer_fl import wer as wer_lib
+
+Batch = Mapping[str, Any]
+Variables = Mapping[str, Any]
+EvalOutput = dict[str, jax.Array]
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Variables, Batch], EvalOutput]:
+  """Returns `eval_step(variables, batch) -> outputs` (pure; not yet jitted).
+
+  Outputs:
+    loss_sum: f32[] loss summed over the real examples of the batch.
+    num_examples: f32[] number of real examples (`batch['example_mask']`).
+    ids: i32[B, L] greedy hypotheses, 0 at padded positions.
+    id_paddings: f32[B, L].
+  """
+
+  def eval_step(variables: Variables, batch: Batch) -> EvalOutput:
+    mask = batch["example_mask"]
+    loss, _ = models.per_example_loss(
+        model, variables, batch, train=False, rng=jax.random.key(0)
+    )
+    ids, id_paddings = models.greedy_decode(model, variables, batch)
+    loss = jnp.where(mask > 0, loss, 0.0)
+    return dict(
+        loss_sum=jnp.sum(loss),
+        num_examples=jnp.sum(mask),
+        ids=ids,
+        id_paddings=id_paddings,
+    )
+
+  return eval_step
+
+
+def ids_to_texts(
+    ids: np.ndarray, paddings: np.ndarray, decode: Callable[[list[int]], str]
+) -> list[str]:
+  """Detokenizes the valid ids of each row of i32[B, L] with `decode`."""
+  return [
+      decode([int(t) for t, p in zip(row, pad) if p == 0 and t != 0])
+      for row, pad in zip(np.asarray(ids), np.asarray(paddings))
+  ]
+
+
+class EvalAccumulator:
+  """Sums loss, word errors and reference words over the batches of a split."""
+
+  def __init__(self, decode: Callable[[list[int]], str]):
+    self._decode = decode
+    self.loss_sum = 0.0
+    self.num_examples = 0.0
+    self.word_errors = 0
+    self.reference_words = 0
+    self.examples: list[tuple[str, str]] = []
+
+  def add(self, outputs: Mapping[str, Any], batch: Batch) -> None:
+    """Adds one batch's `eval_step` outputs (host numpy or device arrays)."""
+    outputs = jax.device_get(outputs)
+    self.loss_sum += float(outputs["loss_sum"])
+    self.num_examples += float(outputs["num_examples"])
+    keep = np.asarray(batch["example_mask"]) > 0
+    hypotheses = ids_to_texts(outputs["ids"], outputs["id_paddings"], self._decode)
+    references = ids_to_texts(batch["labels"], batch["label_paddings"], self._decode)
+    hypotheses = [h for h, k in zip(hypotheses, keep) if k]
+    references = [r for r, k in zip(references, keep) if k]
+    errors, words = wer_lib.wer_counts(references, hypotheses)
+    self.word_errors += errors
+    self.reference_words += words
+    self.examples.extend(zip(references, hypotheses))
+
+  def result(self) -> dict[str, float]:
+    """{'loss': mean loss per example, 'wer': corpus WER, 'num_examples': n}."""
+    if self.num_examples == 0:
+      raise ValueError("Evaluation saw no examples: is the eval split empty?")
+    return dict(
+        loss=self.loss_sum / self.num_examples,
+        wer=self.word_errors / max(self.reference_words, 1),
+        num_examples=self.num_examples,
+    )
+
+
+def evaluate(
+    eval_step: Callable[[Variables, Batch], EvalOutput],
+    variables: Variables,
+    batches: Iterable[Batch],
+    decode: Callable[[list[int]], str],
+) -> tuple[dict[str, float], list[tuple[str, str]]]:
+  """Evaluates `variables` on every batch.
+
+  Args:
+    eval_step: a jitted `make_eval_step(model)`.
+    variables: the model's variables.
+    batches: padded batches with 'example_mask'.
+    decode: token ids -> text (the tokenizer's decode).
+
+  Returns:
+    ({'loss', 'wer', 'num_examples'}, [(reference, hypothesis), ...]).
+  """
+  accumulator = EvalAccumulator(decode)
+  for batch in batches:
+    accumulator.add(eval_step(variables, batch), batch)
+  return accumulator.result(), accumulator.examples

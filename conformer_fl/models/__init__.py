@@ -1,0 +1,29 @@
+"""Conformer ASR: front end, encoder, decoders, losses, decoding, units."""
+
+from conformer_fl.models.asr import ConformerASR
+from conformer_fl.models.asr import greedy_decode
+from conformer_fl.models.asr import per_example_loss
+from conformer_fl.models.decoding import ctc_loss
+from conformer_fl.models.frontend import log_mel
+from conformer_fl.models.frontend import spec_augment
+from conformer_fl.models.rnnt_loss import rnnt_loss
+from conformer_fl.models.sizes import build_model
+from conformer_fl.models.sizes import get_model_config
+from conformer_fl.models.units import get_unit
+from conformer_fl.models.units import list_units
+from conformer_fl.models.units import set_unit
+
+__all__ = [
+    'ConformerASR',
+    'build_model',
+    'ctc_loss',
+    'get_model_config',
+    'get_unit',
+    'greedy_decode',
+    'list_units',
+    'log_mel',
+    'per_example_loss',
+    'rnnt_loss',
+    'set_unit',
+    'spec_augment',
+]

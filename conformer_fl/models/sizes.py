@@ -1,0 +1,144 @@
+"""Named model sizes and the config -> model factory.
+
+A model config is a flat `ml_collections.ConfigDict` whose fields are exactly
+the fields of `ConformerASR` (asr.py), so `build_model(config)` is
+`ConformerASR(**config)` after validation.
+
+Sizes (encoder blocks x width, heads, LSTM width; depthwise kernel 32):
+  S: 16 x 144, 4 heads, LSTM 320   (paper: 10.3M parameters with RNN-T)
+  M: 16 x 256, 4 heads, LSTM 640   (paper: 30.7M)
+  L: 17 x 512, 8 heads, LSTM 640   (paper: 118.8M)
+  demo: 4 x 96, 4 heads, kernel 15, LSTM 128 - the local CPU demo.
+  tiny: 2 x 32, 2 heads, kernel 8, LSTM 32 - tests.
+
+vocab_size includes the blank (id 0). Default 1024 for S/M/L (a 1k wordpiece
+model, as in ContextNet/Conformer: with 4096 the decoder alone would put S
+20% over the paper's 10.3M; see tests/test_conformer_shapes.py), 256 for demo
+and 32 for tiny (the 28 characters of `conformer_fl.text.ALPHABET` + blank
+fit). Training configs override it with the tokenizer's size.
+
+Choices the paper leaves open, all config fields: the label-embedding width
+(embed_dim) and the joint network's width (joint_dim) are 320 for S, M and L:
+with them and vocab 1024 the three parameter counts land within 0.5% of the
+paper's (with 640 for M and L, M would be 5.8% over); conv-module norm
+(batch_norm by default, group_norm for federated runs), per-utterance feature
+normalization,
+SpecAugment (the LibriSpeech policy of the Conformer paper: 2 frequency masks
+of up to 27 bins, 10 time masks of up to 5% of the utterance).
+"""
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from conformer_fl.models import asr
+from conformer_fl.models import conformer
+
+_SIZES: dict[str, dict[str, Any]] = {
+    'S': dict(num_blocks=16, model_dim=144, num_heads=4, lstm_dim=320,
+              embed_dim=320, joint_dim=320, conv_kernel_size=32,
+              vocab_size=1024),
+    'M': dict(num_blocks=16, model_dim=256, num_heads=4, lstm_dim=640,
+              embed_dim=320, joint_dim=320, conv_kernel_size=32,
+              vocab_size=1024),
+    'L': dict(num_blocks=17, model_dim=512, num_heads=8, lstm_dim=640,
+              embed_dim=320, joint_dim=320, conv_kernel_size=32,
+              vocab_size=1024),
+    'demo': dict(num_blocks=4, model_dim=96, num_heads=4, lstm_dim=128,
+                 embed_dim=128, joint_dim=128, conv_kernel_size=15,
+                 vocab_size=256),
+    'tiny': dict(num_blocks=2, model_dim=32, num_heads=2, lstm_dim=32,
+                 embed_dim=32, joint_dim=32, conv_kernel_size=8,
+                 vocab_size=32),
+}
+
+SIZES = tuple(_SIZES)
+DECODERS = ('ctc', 'rnnt')
+FEATURE_NORMALIZATIONS = ('utterance', 'none')
+
+
+def _defaults() -> dict[str, Any]:
+  """Every ConformerASR field with its default value."""
+  return {
+      field.name: field.default
+      for field in dataclasses.fields(asr.ConformerASR)
+      if field.name not in ('parent', 'name')
+  }
+
+
+def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The config of a named size, with fields overridden by keyword.
+
+  Args:
+    size: One of 'S', 'M', 'L', 'demo', 'tiny'.
+    **overrides: Any ConformerASR field, e.g. decoder='ctc',
+      conv_norm='group_norm'.
+
+  Returns:
+    A validated, flat ConfigDict (fields = ConformerASR fields).
+
+  Raises:
+    ValueError: unknown size, unknown field or invalid value (names it).
+  """
+  if size not in _SIZES:
+    raise ValueError(f'Unknown model size {size!r}; expected one of {SIZES}.')
+  values = _defaults()
+  values.update(_SIZES[size])
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ValueError(f'Unknown model config field(s) {unknown}; known fields: '
+                     f'{sorted(values)}.')
+  values.update(overrides)
+  config = ml_collections.ConfigDict(values)
+  validate_config(config)
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field of a model config."""
+  known = set(_defaults())
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f'Unknown model config field(s) {unknown}.')
+  missing = sorted(known - set(config.keys()))
+  if missing:
+    raise ValueError(f'Model config lacks field(s) {missing}.')
+  choices = {
+      'conv_norm': conformer.CONV_NORMS,
+      'depthwise_impl': conformer.DEPTHWISE_IMPLS,
+      'decoder': DECODERS,
+      'feature_normalization': FEATURE_NORMALIZATIONS,
+  }
+  for field, allowed in choices.items():
+    if config[field] not in allowed:
+      raise ValueError(f'Model config field {field}={config[field]!r}; '
+                       f'expected one of {allowed}.')
+  positive = ('num_blocks', 'model_dim', 'num_heads', 'ffn_mult',
+              'conv_kernel_size', 'conv_norm_groups', 'vocab_size',
+              'embed_dim', 'lstm_dim', 'joint_dim', 'max_symbols_per_step',
+              'num_mel_bins')
+  for field in positive:
+    if not isinstance(config[field], int) or config[field] < 1:
+      raise ValueError(f'Model config field {field}={config[field]!r} must be '
+                       'a positive integer.')
+  if config.model_dim % config.num_heads:
+    raise ValueError(f'Model config: num_heads={config.num_heads} does not '
+                     f'divide model_dim={config.model_dim}.')
+  if (config.conv_norm == 'group_norm' and
+      config.model_dim % config.conv_norm_groups):
+    raise ValueError(f'Model config: conv_norm_groups={config.conv_norm_groups}'
+                     f' does not divide model_dim={config.model_dim}.')
+  for field in ('dropout_rate', 'attention_dropout_rate'):
+    if not 0.0 <= config[field] < 1.0:
+      raise ValueError(f'Model config field {field}={config[field]!r} must lie '
+                       'in [0, 1).')
+  if config.vocab_size < 2:
+    raise ValueError('Model config field vocab_size must be >= 2 (blank + one '
+                     'token).')
+
+
+def build_model(config: ml_collections.ConfigDict) -> asr.ConformerASR:
+  """ConformerASR with the fields of a (validated) model config."""
+  validate_config(config)
+  return asr.ConformerASR(**{field: config[field] for field in config.keys()})

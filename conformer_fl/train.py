@@ -1,0 +1,437 @@
+"""Central and federated training loops, each around one compiled step.
+
+`train_and_evaluate(config, workdir)` runs `config.mode`:
+  central    Adam with warm-up and inverse-square-root decay over batches of the
+             training split (the paper's pre-training stage), data-parallel over
+             every device of every process.
+  federated  rounds of `conformer_fl.federated.round`: clients (speakers) sampled
+             per round, trained under vmap, sharded over the `clients` mesh axis,
+             aggregated and applied by the server optimizer in one jitted function.
+
+Both write the workdir CONTRACT: `config.json`, `metrics.jsonl` (key `step` or
+`round`), TensorBoard events, `checkpoints/` (orbax; step 0 is the initial state),
+and the tokenizer the run used (`tokenizer.model` for sentencepiece). Both resume by
+themselves from the latest checkpoint of the workdir, and the resumed run ends with
+the same parameters as an uninterrupted one: every random choice is a function of
+(seed, step or round), never of how far this process has run.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from conformer_fl import checkpointing
+from conformer_fl import evaluation
+from conformer_fl import metric_logging
+from conformer_fl import models
+from conformer_fl.data import clients as clients_lib
+from conformer_fl.data import input_pipeline
+from conformer_fl.data import tokenizer as tokenizer_lib
+from conformer_fl.federated import mesh as mesh_lib
+from conformer_fl.federated import round as round_lib
+from conformer_fl.federated import server_optimizers
+
+PyTree = Any
+MODES = ("central", "federated", "analysis")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Runs `config.mode` in `workdir`.
+
+  central / federated return the final params (host numpy); analysis (the layer
+  importance pass over a finished run, `conformer_fl.analysis`) returns its
+  results.
+  """
+  if config.mode == "central":
+    return train_central(config, workdir)
+  if config.mode == "federated":
+    return train_federated(config, workdir)
+  if config.mode == "analysis":
+    from conformer_fl import analysis  # pylint: disable=g-import-not-at-top
+    return analysis.run_analysis(config, workdir)
+  raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+
+
+# ----------------------------------------------------------------------------
+# Set-up shared by both modes.
+
+
+@dataclasses.dataclass
+class Run:
+  """What both loops need: the resolved config, model, tokenizer and outputs."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  model: models.ConformerASR
+  tokenizer: tokenizer_lib.Tokenizer
+  store: checkpointing.CheckpointStore
+  logger: metric_logging.MetricsLogger
+
+
+def _is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
+               init_workdir: str) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer, trained (or copied from `init_workdir`) by process 0."""
+  saved = workdir / "tokenizer.model"
+  if init_workdir and not saved.exists() and _is_chief():
+    source = epath.Path(init_workdir) / "tokenizer.model"
+    if source.exists():
+      shutil.copyfile(source, saved)
+  if _is_chief():
+    tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
+  _sync("tokenizer")
+  if not _is_chief():
+    tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
+  return tokenizer
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str, step_key: str,
+           init_workdir: str = "") -> Run:
+  workdir = epath.Path(workdir)
+  if _is_chief():
+    workdir.mkdir(parents=True, exist_ok=True)
+  _sync("workdir")
+  tokenizer = _tokenizer(config, workdir, init_workdir)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    # The decoder's output size is the tokenizer's vocabulary (blank included).
+    config.model.vocab_size = tokenizer.vocab_size
+  model = models.build_model(config.model)
+  if _is_chief():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return Run(config, workdir, model, tokenizer,
+             checkpointing.CheckpointStore(os.fspath(workdir)),
+             metric_logging.MetricsLogger(os.fspath(workdir), step_key))
+
+
+def init_variables(model: models.ConformerASR, seed: int) -> dict[str, PyTree]:
+  """The model's initial variables ({'params': ..., ['batch_stats': ...]})."""
+  audio = jnp.zeros((1, 16000), jnp.float32)
+  labels = jnp.ones((1, 8), jnp.int32)
+  init = jax.jit(lambda rng: model.init(
+      rng, audio, jnp.zeros_like(audio), labels, jnp.zeros(labels.shape),
+      train=False))
+  return flax.core.unfreeze(init(jax.random.key(seed)))
+
+
+def split_variables(variables: dict[str, PyTree]) -> tuple[PyTree, PyTree]:
+  """(params, model_state): model_state holds the rest, e.g. batch_stats."""
+  variables = dict(variables)
+  return variables.pop("params"), variables
+
+
+def make_mean_loss_fn(model: models.ConformerASR):
+  """`loss_fn(params, model_state, batch, rng) -> (mean loss, new_model_state)`.
+
+  The mean is over the real examples of the batch (`batch['example_mask']` [B]);
+  a batch with none has loss 0. This is the function the federated round sees.
+  """
+
+  def loss_fn(params, model_state, batch, rng):
+    per_example, new_state = models.per_example_loss(
+        model, {"params": params, **model_state}, batch, train=True, rng=rng)
+    mask = batch["example_mask"]
+    loss = jnp.sum(jnp.where(mask > 0, per_example, 0.0)) / jnp.maximum(
+        jnp.sum(mask), 1.0)
+    return loss, {**model_state, **new_state}
+
+  return loss_fn
+
+
+def _eval_batches(run: Run, domains) -> list[dict[str, np.ndarray]]:
+  """The eval split as padded batches, read once and kept (small eval sets)."""
+  batches = list(input_pipeline.get_eval_batches(
+      run.config.data, run.tokenizer, domains=domains))
+  limit = run.config.eval_max_batches
+  return batches[:limit] if limit else batches
+
+
+def _local_copy(tree: PyTree) -> PyTree:
+  """Host numpy copy of a replicated pytree (works across processes too)."""
+  return jax.tree.map(
+      lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+      else np.asarray(x), tree)
+
+
+def _evaluate(run: Run, eval_step, variables, batches, step: int) -> dict[str, float]:
+  metrics, examples = evaluation.evaluate(
+      eval_step, variables, batches, run.tokenizer.decode)
+  if _is_chief():
+    samples = run.workdir / "eval_samples.txt"
+    with samples.open("a") as f:
+      for reference, hypothesis in examples[:3]:
+        f.write(f"{run.logger.step_key} {step}\n  REF: {reference}\n"
+                f"  HYP: {hypothesis}\n")
+  return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------
+# Central training.
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up to `peak` over `warmup_steps`, then peak * sqrt(warmup / step)."""
+  if warmup_steps < 1:
+    raise ValueError(f"central.warmup_steps must be >= 1, got {warmup_steps}")
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32) + 1.0
+    return peak * jnp.minimum(step / warmup_steps, jnp.sqrt(warmup_steps / step))
+
+  return schedule
+
+
+def freeze_units(optimizer: optax.GradientTransformation, params: PyTree,
+                 frozen: tuple[str, ...],
+                 granularity: str = "module") -> optax.GradientTransformation:
+  """`optimizer` on every unit but `frozen` (unit names), whose weights never change.
+
+  Raises:
+    ValueError: a name that is not a unit of the model.
+  """
+  if not frozen:
+    return optimizer
+  units = models.list_units(params, granularity=granularity)
+  unknown = sorted(set(frozen) - set(units))
+  if unknown:
+    raise ValueError(f"Unknown units to freeze {unknown}; the model's units at"
+                     f" granularity {granularity!r} are {list(units)}")
+  labels = jax.tree.map(lambda _: "train", params)
+  for name in frozen:
+    labels = models.set_unit(labels, units[name], jax.tree.map(
+        lambda _: "frozen", models.get_unit(labels, units[name])))
+  return optax.multi_transform(
+      {"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def make_central_optimizer(c: ml_collections.ConfigDict,
+                           params: PyTree) -> optax.GradientTransformation:
+  """Adam (b1, b2, eps), warm-up / rsqrt schedule, norm clipping, frozen units."""
+  schedule = learning_rate_schedule(c.peak_learning_rate, c.warmup_steps)
+  optimizer = optax.adam(schedule, b1=c.b1, b2=c.b2, eps=c.eps)
+  if c.clip_grad_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(c.clip_grad_norm), optimizer)
+  return freeze_units(optimizer, params, tuple(c.frozen_units))
+
+
+def make_central_train_step(model, optimizer, seed: int):
+  """`train_step(state, batch) -> (state, metrics)`, state a plain dict pytree.
+
+  state: {'params', 'model_state', 'opt_state', 'step'}; the step's rng is
+  fold_in(key(seed), step), so a resumed run draws the same dropout and masks.
+  """
+  loss_fn = make_mean_loss_fn(model)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["model_state"], batch, rng)
+    updates, opt_state = optimizer.update(grads, state["opt_state"],
+                                          state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(params=params, model_state=model_state,
+                     opt_state=opt_state, step=state["step"] + 1)
+    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads))
+
+  return train_step
+
+
+def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
+  """Central training of `config.central.num_steps` steps (module docstring)."""
+  run = _setup(config, workdir, "step")
+  c = run.config.central
+  # The one-axis device mesh of federated rounds; here examples are sharded
+  # over it the way clients are in a round.
+  mesh = mesh_lib.make_client_mesh()
+  replicated = mesh_lib.replicated_sharding(mesh)
+  by_example = mesh_lib.client_sharding(mesh)
+  if run.config.data.batch_size % jax.device_count():
+    raise ValueError(
+        f"data.batch_size={run.config.data.batch_size} must divide over the"
+        f" {jax.device_count()} devices (central training is data-parallel).")
+
+  params, model_state = split_variables(init_variables(run.model, run.config.seed))
+  optimizer = make_central_optimizer(c, params)
+  state = dict(params=params, model_state=model_state,
+               opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+  state = mesh_lib.replicate(state, mesh)
+  start = run.store.latest_step()
+  if start is None:
+    start = 0
+    run.store.save(0, state)
+  else:
+    logging.info("Resuming from step %d.", start)
+    state = run.store.restore(start, like=state)
+  run.logger.drop_after(start)
+
+  train_step = jax.jit(make_central_train_step(run.model, optimizer, run.config.seed),
+                       in_shardings=(replicated, by_example),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(evaluation.make_eval_step(run.model))
+  eval_batches = _eval_batches(run, None)
+  batches = input_pipeline.get_train_batches(
+      run.config.data, run.tokenizer, seed=run.config.seed, start_step=start)
+
+  progress = tqdm.tqdm(total=c.num_steps, initial=start, desc="central",
+                       disable=not _is_chief(), dynamic_ncols=True)
+  tic = time.perf_counter()
+  for step in range(start + 1, c.num_steps + 1):
+    batch = next(batches)
+    # Every process reads the global batch and places its own rows.
+    first, last = mesh_lib.process_client_range(batch["audio"].shape[0], mesh)
+    batch = {k: v[first:last] for k, v in batch.items()}
+    state, metrics = train_step(state, mesh_lib.shard_round_data(batch, mesh))
+    progress.update(1)
+    if step % c.log_every == 0 or step == c.num_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - tic
+      tic = time.perf_counter()
+      metrics["steps_per_second"] = c.log_every / elapsed
+      progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+      if step % c.eval_every == 0 or step == c.num_steps:
+        variables = {"params": _local_copy(state["params"]),
+                     **_local_copy(state["model_state"])}
+        metrics.update(_evaluate(run, eval_step, variables, eval_batches, step))
+        logging.info("step %d: %s", step, metrics)
+      run.logger.write(step, metrics)
+    if step % c.checkpoint_every == 0 or step == c.num_steps:
+      run.store.save(step, state)
+  progress.close()
+  run.logger.close()
+  return _local_copy(state["params"])
+
+
+# ----------------------------------------------------------------------------
+# Federated training.
+
+
+def _initial_variables(run: Run) -> dict[str, PyTree]:
+  """Random init, or the params of `federated.init_workdir`'s checkpoint."""
+  f = run.config.federated
+  variables = init_variables(run.model, run.config.seed)
+  if not f.init_workdir:
+    return variables
+  store = checkpointing.CheckpointStore(f.init_workdir, read_only=True)
+  step = store.latest_step() if f.init_step < 0 else f.init_step
+  if step is None:
+    raise FileNotFoundError(
+        f"federated.init_workdir={f.init_workdir!r} has no checkpoint.")
+  saved = store.restore(step)
+  like = split_variables(variables)
+  try:
+    params = jax.tree.map(lambda x, y: np.asarray(y, x.dtype).reshape(x.shape),
+                          like[0], saved["params"])
+    model_state = jax.tree.map(
+        lambda x, y: np.asarray(y, x.dtype).reshape(x.shape), like[1],
+        saved.get("model_state", {}))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"The checkpoint {f.init_workdir} step {step} does not fit this model"
+        f" config ({e}): pre-train with the same config.model.") from e
+  logging.info("Initialized from %s step %d.", f.init_workdir, step)
+  return {"params": params, **model_state}
+
+
+def round_arrays(run: Run, client_datasets, sampler, round_index: int,
+                 mesh) -> dict[str, np.ndarray]:
+  """This process's block of the round's arrays [C / P, K, B, ...]."""
+  f = run.config.federated
+  client_ids = sampler.sample(round_index)
+  first, last = mesh_lib.process_client_range(len(client_ids), mesh)
+  return clients_lib.make_round_data(
+      [client_datasets.examples[c] for c in client_ids], client_ids, round_index,
+      run.config.seed, local_steps=f.local_steps, batch_size=f.client_batch_size,
+      buckets=client_datasets.buckets, local_epochs=f.local_epochs or None,
+      fixed_shape=f.fixed_round_shape, client_range=(first, last))
+
+
+def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
+  """Federated training of `config.federated.rounds` rounds (module docstring)."""
+  f = config.federated
+  run = _setup(config, workdir, "round", init_workdir=f.init_workdir)
+  f = run.config.federated
+  mesh = mesh_lib.make_client_mesh()
+  mesh_lib.check_clients_divisible(f.clients_per_round, mesh)
+
+  params, model_state = split_variables(_initial_variables(run))
+  server_optimizer = server_optimizers.server_optimizer_from_config(
+      f.server_optimizer)
+  client_optimizer = server_optimizers.client_optimizer_from_config(
+      f.client_optimizer)
+  units = models.list_units(params, granularity=f.unit_granularity)
+  round_fn = round_lib.make_federated_round(
+      make_mean_loss_fn(run.model), client_optimizer, server_optimizer, mesh,
+      clip_update_norm=f.clip_update_norm or None, unit_paths=units)
+
+  state = mesh_lib.replicate(
+      round_lib.init_server_state(params, model_state, server_optimizer), mesh)
+  start = run.store.latest_step()
+  if start is None:
+    start = 0
+    run.store.save(0, flax.serialization.to_state_dict(state))
+  else:
+    logging.info("Resuming from round %d.", start)
+    state = flax.serialization.from_state_dict(state, run.store.restore(
+        start, like=flax.serialization.to_state_dict(state)))
+  run.logger.drop_after(start)
+
+  client_datasets = input_pipeline.get_client_datasets(run.config.data,
+                                                       run.tokenizer)
+  if _is_chief():
+    table, _ = clients_lib.client_size_report(
+        client_datasets.sizes(), os.fspath(run.workdir / "clients"))
+    logging.info("Client sizes:\n%s", table)
+  sampler = clients_lib.ClientSampler(client_datasets.client_ids,
+                                      f.clients_per_round, run.config.seed)
+  eval_step = jax.jit(evaluation.make_eval_step(run.model))
+  eval_batches = _eval_batches(run, None)
+  rng = jax.random.key(run.config.seed)
+
+  progress = tqdm.tqdm(total=f.rounds, initial=start, desc="federated",
+                       disable=not _is_chief(), dynamic_ncols=True)
+  for round_index in range(start, f.rounds):
+    tic = time.perf_counter()
+    data = mesh_lib.shard_round_data(
+        round_arrays(run, client_datasets, sampler, round_index, mesh), mesh)
+    state, metrics = round_fn(state, data, rng)
+    metrics = jax.device_get(metrics)
+    done = round_index + 1
+    metrics["clients_per_second"] = f.clients_per_round / (time.perf_counter() - tic)
+    progress.update(1)
+    progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                         clients_s=f"{metrics['clients_per_second']:.2f}")
+    if done % f.eval_every == 0 or done == f.rounds:
+      variables = {"params": _local_copy(state.params),
+                   **_local_copy(state.model_state)}
+      metrics.update(_evaluate(run, eval_step, variables, eval_batches, done))
+      logging.info("round %d: %s", done, {k: v for k, v in metrics.items()
+                                          if not k.startswith("update_norm/")})
+    if done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics:
+      run.logger.write(done, metrics)
+    if done % f.checkpoint_every == 0 or done == f.rounds:
+      run.store.save(done, flax.serialization.to_state_dict(state))
+  progress.close()
+  run.logger.close()
+  return _local_copy(state.params)

@@ -1,0 +1,88 @@
+"""Runs one config as N local processes on 127.0.0.1, as a pod runs one per host.
+
+Each process gets `--xla_force_host_platform_device_count=D` CPU devices, joins the
+others through `jax.distributed.initialize` (gloo CPU collectives), and runs the
+same entry point with the same config, so the `clients` mesh axis spans N x D
+devices exactly as it spans the hosts of a TPU pod.
+
+  python launch/local_multiprocess.py --num_processes=2 --devices_per_process=2 -- \
+      --config=configs/federated.py:size=tiny --workdir=/tmp/cfl_fed
+
+Everything after `--` goes to `python -m conformer_fl.main`. The launcher waits for
+every process, prefixes their output with the process index, and exits non-zero if
+any process fails (the others are then stopped).
+"""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _relay(prefix: str, stream, out) -> None:
+  for line in iter(stream.readline, ""):
+    out.write(f"[{prefix}] {line}")
+    out.flush()
+
+
+def launch(
+    main_args: list[str], num_processes: int, devices_per_process: int
+) -> int:
+  """Starts the processes, waits for them and returns the first non-zero exit code."""
+  port = _free_port()
+  procs = []
+  for index in range(num_processes):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices_per_process}"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    env["CONFORMER_FL_COORDINATOR"] = f"127.0.0.1:{port}"
+    env["CONFORMER_FL_NUM_PROCESSES"] = str(num_processes)
+    env["CONFORMER_FL_PROCESS_ID"] = str(index)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conformer_fl.main", *main_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    thread = threading.Thread(
+        target=_relay, args=(f"p{index}", proc.stdout, sys.stdout), daemon=True
+    )
+    thread.start()
+    procs.append((proc, thread))
+  exit_code = 0
+  for proc, thread in procs:
+    code = proc.wait()
+    thread.join()
+    if code and not exit_code:
+      exit_code = code
+      for other, _ in procs:
+        if other.poll() is None:
+          other.terminate()
+  return exit_code
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--num_processes", type=int, default=2)
+  parser.add_argument("--devices_per_process", type=int, default=2)
+  args, main_args = parser.parse_known_args()
+  if main_args and main_args[0] == "--":
+    main_args = main_args[1:]
+  if args.num_processes < 1 or args.devices_per_process < 1:
+    parser.error("--num_processes and --devices_per_process must be positive")
+  sys.exit(launch(main_args, args.num_processes, args.devices_per_process))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+"""Test-wide settings: several XLA CPU devices, quiet TensorFlow, CPU-only TF.
+
+XLA_FLAGS must be set before jax is first imported, so it is set here, at
+collection time, for every test module.
+"""
+
+import os
+
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=4"
+)
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled programs are cached on disk for the whole test session, so the
+# subprocesses of the end-to-end tests reuse what an earlier one compiled.
+_CACHE_DIR = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"conformer_fl_jax_cache_{os.getpid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding the 'tiny' synthetic corpus, built once per session."""
+  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
+
+  data_dir = str(tmp_path_factory.mktemp("tiny_corpus"))
+  synthetic_speech.build("tiny", data_dir)
+  return data_dir

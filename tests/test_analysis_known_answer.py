@@ -1,0 +1,188 @@
+"""End to end on the tiny corpus: a frozen unit is ambient; tau = 0 is the init.
+
+A tiny batch-norm Conformer is trained centrally for a few steps with one unit
+frozen (`config.central.frozen_units`), then the analysis pass runs through
+`train.train_and_evaluate` (config.mode 'analysis') on its workdir.
+"""
+
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from configs import analysis as analysis_config
+from configs import central as central_config
+from conformer_fl import checkpointing
+from conformer_fl import evaluation
+from conformer_fl import models
+from conformer_fl import train
+from conformer_fl.analysis import importance
+from conformer_fl.analysis import plots
+from conformer_fl.analysis import resets
+from conformer_fl.data import input_pipeline
+from conformer_fl.data import synthetic_speech
+from conformer_fl.data import tokenizer as tokenizer_lib
+
+FROZEN = 'encoder/block_00/ffn2'  # No batch norm inside: nothing moves.
+STEPS = 4
+TOP_LEVEL_KEYS = {
+    'schema_version', 'workdir', 'step_key', 'granularity', 'trained_step',
+    'checkpoint_steps', 'taus', 'rerandomize_seeds', 'model', 'eval',
+    'thresholds', 'baseline', 'units', 'ambient', 'critical', 'correlations',
+    'stability', 'timing', 'figures'}
+UNIT_KEYS = {
+    'path', 'num_params', 'reinit_wer', 'reinit_loss', 'rerandomize_wer',
+    'rerandomize_loss', 'wer_increase', 'relative_wer_increase',
+    'loss_increase', 'rerandomize_wer_increase', 'movement', 'ambient'}
+MOVEMENT_KEYS = {'distance', 'initial_norm', 'relative_distance',
+                 'update_norm_sum'}
+
+
+@pytest.fixture(scope='session')
+def tiny_corpus_dir(tmp_path_factory):
+  """The 'tiny' synthetic corpus, built once per session (~10 s)."""
+  data_dir = tmp_path_factory.mktemp('tiny_corpus')
+  synthetic_speech.build('tiny', str(data_dir))
+  return str(data_dir)
+
+
+@pytest.fixture(scope='module')
+def workdir(tiny_corpus_dir, tmp_path_factory):
+  """A finished tiny central run with FROZEN never updated."""
+  config = central_config.get_config(
+      f'size=tiny,corpus=tiny,norm=batch_norm,steps={STEPS},domain=all')
+  config.data.data_dir = tiny_corpus_dir
+  config.data.tokenizer.vocab_size = 64
+  config.data.bucket_seconds = (8.0,)  # One shape: compile once.
+  config.central.peak_learning_rate = 1e-2
+  config.central.warmup_steps = 2
+  config.central.log_every = 2
+  config.central.eval_every = STEPS
+  config.central.checkpoint_every = 2
+  config.central.frozen_units = (FROZEN,)
+  workdir = str(tmp_path_factory.mktemp('analysis_run'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def results(workdir):
+  config = analysis_config.get_config('granularity=module,seeds=1,variants=13')
+  return train.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope='module')
+def saved(workdir):
+  """Host variables of the initial and the trained checkpoints."""
+  store = checkpointing.CheckpointStore(workdir, read_only=True)
+  return {step: importance.restore_variables(store, step) for step in (0, STEPS)}
+
+
+def test_frozen_unit_reset_changes_nothing_and_is_ambient(results):
+  frozen = results['units'][FROZEN]
+  baseline = results['baseline']
+  assert frozen['reinit_wer'] == [baseline['wer']] * len(results['taus'])
+  assert frozen['reinit_loss'] == [baseline['loss']] * len(results['taus'])
+  assert frozen['wer_increase'] == 0.0 and frozen['loss_increase'] == 0.0
+  assert frozen['ambient'] and FROZEN in results['ambient']
+  assert frozen['movement']['distance'] == 0.0
+  # Units that trained did move, and resetting them changes the loss.
+  trained_units = [u for n, u in results['units'].items() if n != FROZEN]
+  assert all(u['movement']['distance'] > 0 for u in trained_units)
+  assert any(u['loss_increase'] != 0.0 for u in trained_units)
+
+
+def test_reset_to_the_trained_step_is_the_baseline(results):
+  assert results['taus'] == [0, 2, STEPS] == results['checkpoint_steps']
+  for unit in results['units'].values():
+    assert unit['reinit_wer'][-1] == results['baseline']['wer']
+    assert unit['reinit_loss'][-1] == pytest.approx(results['baseline']['loss'],
+                                                    rel=1e-6)
+
+
+def test_every_unit_reset_to_tau0_reproduces_the_initial_model(
+    workdir, saved, results):
+  del results  # Only for the fixture order: the run's outputs exist.
+  initial, trained = saved[0], saved[STEPS]
+  # Batch statistics moved in training, so their reset is tested too.
+  assert not all(jax.tree.leaves(jax.tree.map(
+      np.array_equal, initial['batch_stats'], trained['batch_stats'])))
+  units = models.list_units(trained['params'], 'module')
+  reset = trained
+  for path in units.values():
+    reset = resets.reset_unit(reset, initial, path)
+  jax.tree.map(np.testing.assert_array_equal, reset, initial)
+
+  run_config = importance.load_run_config(workdir)
+  model = models.build_model(run_config.model)
+  tokenizer = tokenizer_lib.load_tokenizer(
+      os.path.join(workdir, tokenizer_lib.TOKENIZER_FILENAME))
+  batches = list(input_pipeline.get_eval_batches(run_config.data, tokenizer))
+  eval_step = jax.jit(evaluation.make_eval_step(model))
+  from_resets, _ = evaluation.evaluate(eval_step, reset, batches,
+                                       tokenizer.decode)
+  from_checkpoint, _ = evaluation.evaluate(eval_step, initial, batches,
+                                           tokenizer.decode)
+  assert from_resets == from_checkpoint
+  from_trained, _ = evaluation.evaluate(eval_step, trained, batches,
+                                        tokenizer.decode)
+  assert from_trained['loss'] != from_checkpoint['loss']
+
+
+def test_importance_json_has_every_field(workdir, results):
+  with open(os.path.join(workdir, 'analysis', 'importance.json')) as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(results))
+  assert set(written) == TOP_LEVEL_KEYS
+  assert written['granularity'] == 'module' and written['step_key'] == 'step'
+  assert written['trained_step'] == STEPS
+  assert list(written['units']) == [
+      'encoder/subsampling'] + [f'encoder/block_{b:02d}/{m}' for b in range(2)
+                                for m in ('ffn1', 'mhsa', 'conv', 'ffn2',
+                                          'final_norm')] + ['decoder']
+  for unit in written['units'].values():
+    assert set(unit) == UNIT_KEYS
+    assert set(unit['movement']) == MOVEMENT_KEYS
+    assert len(unit['reinit_wer']) == len(unit['reinit_loss']) == 3
+    assert len(unit['rerandomize_wer']) == len(written['rerandomize_seeds']) == 1
+    assert unit['movement']['update_norm_sum'] is None  # A central run.
+  assert sorted(written['ambient'] + written['critical']) == sorted(
+      written['units'])
+  assert sum(u['num_params'] for u in written['units'].values()) == (
+      written['model']['num_params'])
+  assert set(written['correlations']) == {'distance', 'relative_distance'}
+  assert written['eval']['num_examples'] == 10.0
+  assert written['timing']['num_variants'] == 1 + 12 * (3 + 1)
+
+
+def _png_size(path):
+  with open(path, 'rb') as f:
+    header = f.read(24)
+  assert header[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  return struct.unpack('>II', header[16:24])
+
+
+def test_figures_are_pngs_of_the_expected_size(workdir, results):
+  out = os.path.join(workdir, 'analysis')
+  num_units, num_taus = len(results['units']), len(results['taus'])
+  expected = {
+      'heatmap_wer': plots.heatmap_size_inches(num_units, num_taus),
+      'heatmap_loss': plots.heatmap_size_inches(num_units, num_taus),
+      'rerandomization': plots.bars_size_inches(num_units),
+      # Two movement panels for a central run: distance, relative distance.
+      'movement_scatter': (2 * plots.SCATTER_SIZE_INCHES[0],
+                           plots.SCATTER_SIZE_INCHES[1]),
+  }
+  assert set(results['figures']) == set(expected)
+  with open(os.path.join(out, 'report.md')) as f:
+    report_text = f.read()
+  for key, (width, height) in expected.items():
+    figure = results['figures'][key]
+    size = (round(width * plots.DPI), round(height * plots.DPI))
+    assert (figure['width'], figure['height']) == size
+    assert _png_size(os.path.join(out, figure['file'])) == size
+    assert f"]({figure['file']})" in report_text
+  assert FROZEN in report_text

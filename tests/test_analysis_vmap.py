@@ -1,0 +1,145 @@
+"""Reset variants and their vectorized evaluation (random tiny model and data)."""
+
+import jax
+import numpy as np
+import pytest
+
+from conformer_fl import models
+from conformer_fl import train
+from conformer_fl.analysis import importance
+from conformer_fl.analysis import resets
+from conformer_fl.analysis import variant_eval
+
+VOCAB = 16
+VARIANTS_PER_CALL = 3
+
+
+@pytest.fixture(scope='module')
+def model():
+  return models.build_model(models.get_model_config(
+      'tiny', conv_norm='batch_norm', vocab_size=VOCAB))
+
+
+@pytest.fixture(scope='module')
+def vectorized_fn(model):
+  return variant_eval.make_vectorized_eval_fn(model)
+
+
+@pytest.fixture(scope='module')
+def single_fn(model):
+  return variant_eval.make_single_eval_fn(model)
+
+
+@pytest.fixture(scope='module')
+def inits(model):
+  """Three initializations; seed 2 with batch statistics moved off init."""
+  variables = importance.fresh_initializations(model, [0, 1, 2])
+  variables[2]['batch_stats'] = jax.tree.map(lambda x: x + 0.5,
+                                             variables[2]['batch_stats'])
+  return variables
+
+
+def _batches(num_batches=2, batch_size=3, seconds=0.5, label_length=6):
+  rng = np.random.default_rng(0)
+  samples = int(16000 * seconds)
+  batches = []
+  for _ in range(num_batches):
+    lengths = rng.integers(samples // 2, samples, size=batch_size)
+    audio_paddings = (np.arange(samples)[None] >= lengths[:, None]).astype(
+        np.float32)
+    label_lengths = rng.integers(1, label_length, size=batch_size)
+    label_paddings = (np.arange(label_length)[None] >=
+                      label_lengths[:, None]).astype(np.float32)
+    batches.append(dict(
+        audio=(rng.normal(size=(batch_size, samples)) * 0.1 *
+               (1 - audio_paddings)).astype(np.float32),
+        audio_paddings=audio_paddings,
+        labels=(rng.integers(1, VOCAB, size=(batch_size, label_length)) *
+                (1 - label_paddings)).astype(np.int32),
+        label_paddings=label_paddings,
+        example_mask=np.array([1.0] * (batch_size - 1) + [0.0], np.float32)))
+  return batches
+
+
+def _decode(ids):
+  return ' '.join(f'w{i}' for i in ids)
+
+
+def test_fresh_initializations_equal_init_variables(model, inits):
+  expected = train.init_variables(model, 1)
+  jax.tree.map(np.testing.assert_array_equal, expected, inits[1])
+
+
+def test_reset_unit_replaces_params_and_batch_stats_of_that_unit_only(inits):
+  trained, source = inits[0], inits[2]
+  units = models.list_units(trained['params'], 'module')
+  path = units['encoder/block_01/conv']
+  reset = resets.reset_unit(trained, source, path)
+  for collection in ('params', 'batch_stats'):
+    jax.tree.map(np.testing.assert_array_equal,
+                 models.get_unit(reset[collection], path),
+                 models.get_unit(source[collection], path))
+    assert (models.get_unit(reset[collection], ('encoder', 'block_00')) is
+            models.get_unit(trained[collection], ('encoder', 'block_00')))
+  # A unit without batch norm leaves the statistics alone.
+  ffn_path = units['encoder/block_01/ffn1']
+  ffn = resets.reset_unit(trained, source, ffn_path)
+  assert ffn['batch_stats'] is trained['batch_stats']
+  jax.tree.map(np.testing.assert_array_equal,
+               models.get_unit(ffn['params'], ffn_path),
+               models.get_unit(source['params'], ffn_path))
+  with pytest.raises(KeyError, match='encoder/block_09'):
+    resets.reset_unit(trained, source, ('encoder', 'block_09'))
+
+
+def _variants(inits):
+  trained = inits[0]
+  units = models.list_units(trained['params'], 'module')
+  return [
+      trained,
+      resets.reset_unit(trained, inits[2], units['encoder/block_00/conv']),
+      resets.reset_unit(trained, inits[1], units['encoder/block_01/mhsa']),
+      resets.reset_unit(trained, inits[2], units['decoder']),
+      inits[1],
+  ]
+
+
+def test_vectorized_outputs_equal_each_variant_alone(vectorized_fn, single_fn,
+                                                     inits):
+  variants = _variants(inits)[:VARIANTS_PER_CALL]
+  batch = _batches()[0]
+  vectorized = vectorized_fn(resets.stack_variables(variants), batch)
+  losses = []
+  for row, variables in enumerate(variants):
+    alone = single_fn(variables, batch)
+    np.testing.assert_allclose(vectorized['loss_sum'][row], alone['loss_sum'],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(vectorized['ids'][row], alone['ids'])
+    np.testing.assert_array_equal(vectorized['id_paddings'][row],
+                                  alone['id_paddings'])
+    losses.append(float(alone['loss_sum']))
+  assert len(set(losses)) == len(variants)  # The variants really differ.
+
+
+def test_chunked_vectorized_evaluation_equals_one_at_a_time(
+    vectorized_fn, single_fn, inits):
+  variants = _variants(inits)
+  batches = _batches()
+  # 5 variants: a chunk of 3, then 2 padded to 3 (the same compiled shape).
+  chunked = variant_eval.evaluate_vectorized(
+      vectorized_fn, variants.__getitem__, len(variants), batches, _decode,
+      variants_per_call=VARIANTS_PER_CALL)
+  looped = variant_eval.evaluate_one_at_a_time(
+      single_fn, variants.__getitem__, len(variants), batches, _decode)
+  assert len(chunked) == len(looped) == len(variants)
+  for a, b in zip(chunked, looped):
+    assert a['num_examples'] == b['num_examples'] == 4.0
+    assert a['wer'] == b['wer']
+    assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+
+
+def test_evaluation_rejects_empty_inputs(model):
+  with pytest.raises(ValueError, match='No eval batches'):
+    variant_eval.evaluate_one_at_a_time(None, None, 1, [], _decode)
+  with pytest.raises(ValueError, match='variants_per_call'):
+    variant_eval.evaluate_vectorized(None, None, 1, _batches(1), _decode, 0)

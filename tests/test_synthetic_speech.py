@@ -1,0 +1,314 @@
+"""Tests of the synthesized TFDS corpus 'synthetic_speech' and its text and TTS helpers.
+
+The 'tiny' config is built once per module (a few seconds); a smaller custom config
+is built three more times for the determinism check.
+"""
+
+import collections
+import hashlib
+import os
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conformer_fl.data import synthetic_speech
+from conformer_fl.data import text_sources
+from conformer_fl.data import tts_engines
+from conformer_fl.text import ALPHABET, normalize_text
+
+TINY = synthetic_speech.SyntheticSpeech.builder_configs["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_builder(tiny_corpus_dir):
+  return synthetic_speech.build("tiny", tiny_corpus_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(tiny_builder):
+  """{split: [example dict of numpy values]} of the tiny corpus."""
+  return {split: list(tfds.as_numpy(tiny_builder.as_dataset(split=split)))
+          for split in synthetic_speech.SPLITS}
+
+
+def _timbre(speaker_id: str) -> str:
+  """'espeak/en-us+m3/s160/p45' -> 'espeak/m3'; 'flite/kal16/d1.00' -> 'flite/kal'."""
+  engine, voice = speaker_id.split("/")[:2]
+  if engine == "espeak":
+    return "espeak/" + voice.split("+")[1]
+  return "flite/" + ("kal" if voice.startswith("kal") else voice)
+
+
+def _record_digests(builder) -> dict[str, str]:
+  """sha256 of every record file the builder wrote, by file name."""
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(builder.data_path.iterdir()) if ".tfrecord" in p.name}
+
+
+def test_features_schema(tiny_builder):
+  features = tiny_builder.info.features
+  assert sorted(features.keys()) == sorted(
+      ["audio", "text", "speaker_id", "domain", "duration", "id"])
+  assert features["audio"].np_dtype == np.int16
+  assert features["audio"].sample_rate == 16000
+  assert features["domain"].names == ["long", "short"]
+  assert features["duration"].np_dtype == np.float32
+  assert tiny_builder.info.name == "synthetic_speech"
+  with pytest.raises(ValueError, match="int16 samples"):
+    features["audio"].encode_example(np.zeros(10, np.float32))
+
+
+def test_audio_is_stored_as_two_bytes_a_sample(tiny_builder, tiny_examples):
+  samples = sum(ex["audio"].size for examples in tiny_examples.values()
+                for ex in examples)
+  record_bytes = sum(os.path.getsize(p) for p in tiny_builder.data_path.iterdir()
+                     if ".tfrecord" in p.name)
+  assert 2 * samples < record_bytes < 2 * samples + 300 * 60  # 60 examples
+
+
+def test_split_sizes_follow_the_config(tiny_examples):
+  for split, examples in tiny_examples.items():
+    per_speaker = collections.Counter(
+        (ex["speaker_id"].decode(), int(ex["domain"])) for ex in examples)
+    speakers = {s for s, _ in per_speaker}
+    assert len(speakers) == TINY.num_speakers(split)
+    for speaker in speakers:
+      assert per_speaker[(speaker, 0)] == TINY.long_per_speaker
+      assert per_speaker[(speaker, 1)] == TINY.short_per_speaker
+    ids = [ex["id"].decode() for ex in examples]
+    assert len(set(ids)) == len(ids)
+
+
+def test_audio_is_int16_16khz_and_duration_matches(tiny_examples):
+  for examples in tiny_examples.values():
+    for ex in examples:
+      audio = ex["audio"]
+      assert audio.dtype == np.int16 and audio.ndim == 1
+      assert ex["duration"] == pytest.approx(audio.size / 16000, abs=1e-6)
+      # Peak-normalized to -12..-2 dBFS before noise: never silent, never clipped.
+      peak = np.abs(audio.astype(np.int32)).max()
+      assert 0.2 * 32768 < peak < 32767
+
+
+def test_text_is_normalized_and_non_empty(tiny_examples):
+  for examples in tiny_examples.values():
+    for ex in examples:
+      text = ex["text"].decode()
+      assert text and normalize_text(text) == text
+      assert set(text) <= set(ALPHABET)
+
+
+def test_held_out_speakers_share_no_timbre_with_train(tiny_examples):
+  speakers = {split: {ex["speaker_id"].decode() for ex in examples}
+              for split, examples in tiny_examples.items()}
+  train_timbres = {_timbre(s) for s in speakers["train"]}
+  for held_out in ("dev", "test"):
+    assert speakers[held_out].isdisjoint(speakers["train"])
+    assert {_timbre(s) for s in speakers[held_out]}.isdisjoint(train_timbres)
+  assert speakers["dev"].isdisjoint(speakers["test"])
+
+
+def test_long_sentences_are_not_shared_between_splits(tiny_examples):
+  long_texts = {split: {ex["text"].decode() for ex in examples if ex["domain"] == 0}
+                for split, examples in tiny_examples.items()}
+  assert long_texts["dev"].isdisjoint(long_texts["train"])
+  assert long_texts["test"].isdisjoint(long_texts["train"])
+
+
+def test_domain_durations(tiny_examples):
+  durations = collections.defaultdict(list)
+  for examples in tiny_examples.values():
+    for ex in examples:
+      durations[int(ex["domain"])].append(float(ex["duration"]))
+  long, short = np.array(durations[0]), np.array(durations[1])
+  assert short.max() <= TINY.short_max_seconds + 1e-6 <= 2.5
+  assert long.min() >= TINY.long_seconds[0] - 1e-6
+  assert long.max() <= TINY.long_seconds[1] + 1e-6
+  assert long.mean() > 2.0 * short.mean()
+
+
+def test_corpus_statistics_match_the_examples(tiny_builder, tiny_examples):
+  stats = synthetic_speech.corpus_statistics(tiny_builder)
+  for split, examples in tiny_examples.items():
+    assert stats[split]["speakers"] == TINY.num_speakers(split)
+    assert stats[split]["utterances"] == len(examples)
+    seconds = sum(float(ex["duration"]) for ex in examples)
+    assert stats[split]["hours"] == pytest.approx(seconds / 3600, rel=1e-6)
+    n_short = sum(int(ex["domain"]) == 1 for ex in examples)
+    assert stats[split]["short"]["utterances"] == n_short
+  assert stats["total"]["speakers"] == 12
+  assert stats["total"]["utterances"] == 12 * (2 + 3)
+  assert "train" in synthetic_speech.format_statistics(stats)
+
+
+def test_build_again_reuses_the_prepared_data(tiny_builder, monkeypatch):
+  digests = _record_digests(tiny_builder)
+
+  def fail(*args):
+    raise AssertionError("build() synthesized again although the data exists.")
+
+  monkeypatch.setattr(synthetic_speech, "run_task", fail)
+  again = synthetic_speech.build("tiny", str(tiny_builder.data_dir_root))
+  assert again.data_path == tiny_builder.data_path
+  assert _record_digests(again) == digests
+
+
+def test_same_seed_gives_same_bytes(tmp_path):
+  def micro(seed, num_workers=2):
+    return synthetic_speech.SyntheticSpeechConfig(
+        name="micro", num_train_speakers=2, num_dev_speakers=1, num_test_speakers=1,
+        long_per_speaker=1, short_per_speaker=2, flite_fraction=0.5, seed=seed,
+        num_workers=num_workers)
+
+  first = synthetic_speech.build(micro(0), str(tmp_path / "a"))
+  # Another process (other hash seeds, other protobuf map order) with another
+  # thread count must not change a byte.
+  script = (
+      "from conformer_fl.data import synthetic_speech as s\n"
+      "c = s.SyntheticSpeechConfig(name='micro', num_train_speakers=2,"
+      " num_dev_speakers=1, num_test_speakers=1, long_per_speaker=1,"
+      " short_per_speaker=2, flite_fraction=0.5, seed=0, num_workers=1)\n"
+      f"s.build(c, {str(tmp_path / 'b')!r})\n")
+  subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                 env={**os.environ, "PYTHONHASHSEED": "123"})
+  second = synthetic_speech.SyntheticSpeech(
+      config=micro(0), data_dir=str(tmp_path / "b"))
+  other = synthetic_speech.build(micro(1), str(tmp_path / "c"))
+  digests = _record_digests(first)
+  assert len(digests) == 3  # one record file per split
+  assert _record_digests(second) == digests
+  assert _record_digests(other) != digests
+  engines = {ex["speaker_id"].decode().split("/")[0]
+             for ex in tfds.as_numpy(first.as_dataset(split="train"))}
+  assert engines == {"espeak", "flite"}
+
+
+def test_missing_packages_are_named_before_any_work(tmp_path, monkeypatch):
+  real_which = tts_engines.shutil.which
+  monkeypatch.setattr(tts_engines.shutil, "which",
+                      lambda cmd: None if cmd == "flite" else real_which(cmd))
+  monkeypatch.setattr(synthetic_speech, "synthesis_tasks", lambda config: 1 / 0)
+  with pytest.raises(tts_engines.MissingSystemPackagesError) as error:
+    synthetic_speech.build("tiny", str(tmp_path))
+  message = str(error.value)
+  assert "flite" in message and "espeak-ng (" not in message
+  assert "apt-get install espeak-ng flite fortunes-min" in message
+  assert not any(tmp_path.iterdir())
+
+  monkeypatch.setattr(tts_engines.shutil, "which", lambda cmd: None)
+  with pytest.raises(tts_engines.MissingSystemPackagesError,
+                     match=r"espeak-ng .*flite .*fortunes-min"):
+    tts_engines.check_system_packages(fortune_dir=str(tmp_path / "none"))
+
+
+def test_assign_speakers_is_deterministic_and_respects_counts():
+  demo = synthetic_speech.SyntheticSpeech.builder_configs["demo"]
+  first = synthetic_speech.assign_speakers(demo)
+  assert first == synthetic_speech.assign_speakers(demo)
+  assert {s: len(v) for s, v in first.items()} == {"train": 48, "dev": 6, "test": 6}
+  assert sum(sp.engine == "flite" for sp in first["train"]) == round(0.2 * 48)
+  ids = [sp.speaker_id for v in first.values() for sp in v]
+  assert len(set(ids)) == len(ids)
+  for split in ("dev", "test"):
+    assert {sp.timbre for sp in first[split]}.isdisjoint(
+        {sp.timbre for sp in first["train"]})
+
+
+def test_speaker_ids():
+  assert tts_engines.Speaker("espeak", "m3", "en-us", 160, 45).speaker_id == (
+      "espeak/en-us+m3/s160/p45")
+  flite = tts_engines.Speaker("flite", "kal16", duration_stretch=1.05)
+  assert flite.speaker_id == "flite/kal16/d1.05"
+  assert flite.timbre == "flite/kal"
+
+
+def test_number_to_words():
+  assert text_sources.number_to_words(0) == "zero"
+  assert text_sources.number_to_words(17) == "seventeen"
+  assert text_sources.number_to_words(40) == "forty"
+  assert text_sources.number_to_words(59) == "fifty nine"
+  assert text_sources.number_to_words(305) == "three hundred five"
+  assert text_sources.number_to_words(999) == "nine hundred ninety nine"
+  with pytest.raises(ValueError, match="0..999"):
+    text_sources.number_to_words(1000)
+
+
+def test_fortune_parsing_and_sentence_filter(tmp_path):
+  (tmp_path / "f").write_text(
+      "The cat sat on the mat all day long.  It was happy there, they say!\n"
+      "\t\t-- Some Author, \"A Book\"\n%\n"
+      "Mr. Smith bought three apples at the market today.\n%\n"
+      "We paid 5 dollars for the big old lamp yesterday.\n%\n"
+      "The NASA people like to count backwards all day long.\n%\n"
+      "Q:\tWhat do you call a very sleepy old dinosaur today?\n"
+      "A:\tA dinosnore, of course, my good friend.\n%\n")
+  assert text_sources.split_sentences("Mr. Smith went home.  He slept! J. Doe") == [
+      "Mr. Smith went home.", "He slept!", "J. Doe"]
+  entries = text_sources.read_fortune_entries(str(tmp_path / "f"))
+  assert len(entries) == 5 and "Author" not in entries[0]
+  sentences = text_sources.fortune_sentences(str(tmp_path), ["f"], min_words=5)
+  assert sentences == [
+      "a dinosnore of course my good friend",
+      "it was happy there they say",
+      "the cat sat on the mat all day long",
+      "what do you call a very sleepy old dinosaur today",
+  ]
+
+
+def test_fortune_sentences_of_the_system_files_are_clean():
+  sentences = text_sources.fortune_sentences()
+  assert len(sentences) > 500
+  for s in sentences:
+    assert normalize_text(s) == s and 6 <= len(s.split()) <= 22
+
+
+def test_command_phrases_are_short_normalized_and_seeded():
+  rng = np.random.default_rng(0)
+  phrases = [text_sources.command_phrase(rng) for _ in range(300)]
+  assert len(set(phrases)) > 100
+  for p in phrases:
+    assert normalize_text(p) == p and 1 <= len(p.split()) <= 7
+  rng = np.random.default_rng(0)
+  assert [text_sources.command_phrase(rng) for _ in range(300)] == phrases
+
+
+def test_resample_keeps_frequency_and_length():
+  rate = 22050
+  t = np.arange(rate) / rate
+  tone = np.sin(2 * np.pi * 440.0 * t)
+  out = tts_engines.resample_to_16k(tone, rate)
+  assert out.size == 16000
+  spectrum = np.abs(np.fft.rfft(out[2000:14000] * np.hanning(12000)))
+  assert np.argmax(spectrum) * 16000 / 12000 == pytest.approx(440.0, abs=2.0)
+  assert np.array_equal(tts_engines.resample_to_16k(np.ones(5), 16000), np.ones(5))
+
+
+def test_trim_silence_keeps_a_margin():
+  audio = np.zeros(16000)
+  audio[8000:8100] = 0.5
+  trimmed = tts_engines.trim_silence(audio, threshold=0.01, margin_seconds=0.1)
+  assert trimmed.size == 100 + 2 * 1600
+  assert np.array_equal(tts_engines.trim_silence(np.zeros(10)), np.zeros(10))
+
+
+def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
+  speakers = [tts_engines.Speaker("espeak", "f3", "en-gb", 170, 60),
+              tts_engines.Speaker("flite", "kal", duration_stretch=0.9)]
+  for speaker in speakers:
+    a = tts_engines.synthesize(speaker, "call mom", noise_snr_db=30.0, noise_seed=7)
+    b = tts_engines.synthesize(speaker, "call mom", noise_snr_db=30.0, noise_seed=7)
+    assert a.dtype == np.int16 and a.tobytes() == b.tobytes()
+    assert 0.3 < a.size / 16000 < 2.0
+  # The WAV reader rejects what it cannot represent.
+  path = tmp_path / "stereo.wav"
+  with wave.open(str(path), "wb") as w:
+    w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000)
+    w.writeframes(np.zeros(20, np.int16).tobytes())
+  with pytest.raises(ValueError, match="mono 16-bit"):
+    tts_engines._read_wav(path.read_bytes())  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="non-empty"):
+    tts_engines.synthesize(speakers[0], "")
