@@ -6,7 +6,8 @@ initialized model (each unit reset, in turn, to one of several fresh
 initializations), and evaluates all of them on the same random batches:
   * one at a time: the jitted single-variant eval step, looped over variants;
   * vectorized: variants stacked on a leading axis, jit(vmap(eval step)),
-    `variants_per_call` per call (the last chunk padded).
+    `variants_per_call` per call (the last chunk padded), the front end passed
+    unbatched to chunks that do not reset it (as the analysis pass does).
 Both in the same process, with the same batches and the same host-side WER
 scoring. "compile s" is the first call's extra time (compilation); "eval s" is
 the median over repeats of a full evaluation of all variants after that; the
@@ -16,7 +17,7 @@ both paths give the same losses.
   XLA_FLAGS=--xla_force_host_platform_device_count=1 \
     .venv/bin/python benchmarks/analysis_vectorized.py
   .venv/bin/python benchmarks/analysis_vectorized.py --size=demo \
-      --variants_per_call=4,16 --num_variants=32
+      --variants_per_call=8,16 --num_sources=3
 """
 
 import argparse
@@ -32,12 +33,16 @@ from conformer_fl.analysis import resets
 from conformer_fl.analysis import variant_eval
 
 
-def make_variants(model, num_variants: int, granularity: str):
-  """num_variants variable sets: unit i % U of seed 0 taken from seed 1 + i % 3."""
-  inits = importance.fresh_initializations(model, [0, 1, 2, 3])
-  units = list(models.list_units(inits[0]['params'], granularity).values())
-  return [resets.reset_unit(inits[0], inits[1 + i % 3], units[i % len(units)])
-          for i in range(num_variants)]
+def make_variants(model, num_sources: int, granularity: str):
+  """As the analysis orders them: the model (seed 0), then per unit, the unit
+  reset to each of `num_sources` other initializations (seeds 1, 2, ...)."""
+  seeds = list(range(1, num_sources + 1))
+  inits = importance.fresh_initializations(model, [0] + seeds)
+  units = models.list_units(inits[0]['params'], granularity)
+  variants = resets.make_variants(list(units), taus=[], seeds=seeds)
+  groups = variant_eval.shareable_groups([units.get(v.unit) for v in variants])
+  return [resets.variant_variables(v, inits[0], {}, inits, units)
+          for v in variants], groups
 
 
 def make_batches(num_batches: int, batch_size: int, seconds: float,
@@ -76,8 +81,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--size', default='tiny')
   parser.add_argument('--granularity', default='module')
-  parser.add_argument('--num_variants', type=int, default=24)
-  parser.add_argument('--variants_per_call', default='4,8,24',
+  parser.add_argument('--num_sources', type=int, default=2,
+                      help='reset sources per unit (taus + seeds)')
+  parser.add_argument('--variants_per_call', default='5,25',
                       help='comma-separated chunk sizes, one row each')
   parser.add_argument('--num_batches', type=int, default=2)
   parser.add_argument('--batch_size', type=int, default=8)
@@ -87,10 +93,10 @@ def main():
 
   config = models.get_model_config(args.size, conv_norm='batch_norm')
   model = models.build_model(config)
-  variants = make_variants(model, args.num_variants, args.granularity)
+  variants, groups = make_variants(model, args.num_sources, args.granularity)
   batches = make_batches(args.num_batches, args.batch_size, args.seconds,
                          config.vocab_size)
-  print(f'size={args.size} variants={args.num_variants} '
+  print(f'size={args.size} variants={len(variants)} '
         f'batches={args.num_batches}x{args.batch_size}x{args.seconds}s '
         f'devices={jax.device_count()} ({jax.devices()[0].platform})')
 
@@ -105,7 +111,7 @@ def main():
     compile_s, eval_s, results = time_evaluation(
         lambda: variant_eval.evaluate_vectorized(
             vectorized, variants.__getitem__, len(variants), batches, _decode,
-            per_call), args.repeats)
+            per_call, groups), args.repeats)
     max_diff = max(abs(a['loss'] - b['loss']) / max(abs(b['loss']), 1e-9)
                    for a, b in zip(results, loop_results))
     rows.append(('vmapped', per_call, compile_s, eval_s, max_diff))

@@ -111,7 +111,11 @@ def benchmark_case(size: str, impl: str, num_sets: int,
     inputs = (params, batches[0], keys[0])
     step = jax.jit(grad_step)
   else:
-    params = jax.jit(jax.vmap(init))(keys)
+    # Not jax.vmap(init): a batched QR (the LSTM's orthogonal init) can
+    # deadlock jaxlib 0.10's LAPACK kernel on a 2-thread pool.
+    single_init = jax.jit(init)
+    params = jax.tree.map(lambda *xs: jnp.stack(xs),
+                          *[single_init(key) for key in keys])
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
     inputs = (params, stacked, keys)
     step = jax.jit(jax.vmap(grad_step))

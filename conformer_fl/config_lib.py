@@ -55,8 +55,19 @@ def data_config(builder_config: str = "demo") -> ml_collections.ConfigDict:
   return config
 
 
+# Groups of the conv-module group norm in the experiment configs: 4 groups
+# divide every model width (32, 96, 144, 256, 512).
+GROUP_NORM_GROUPS = 4
+
+
 def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
-  """The Conformer (see `conformer_fl.models.get_model_config` for its fields)."""
+  """The Conformer (see `conformer_fl.models.get_model_config` for its fields).
+
+  With conv_norm="group_norm" the norm has GROUP_NORM_GROUPS groups unless
+  conv_norm_groups is given.
+  """
+  if overrides.get("conv_norm") == "group_norm":
+    overrides.setdefault("conv_norm_groups", GROUP_NORM_GROUPS)
   return models.get_model_config(size, **overrides)
 
 
@@ -102,6 +113,23 @@ def federated_config(server: str = "fedavg",
     unit_granularity: 'block' or 'module': the units whose server-update norms
       are logged every round (`update_norm/<unit>`).
     log_every, eval_every, checkpoint_every: cadence in rounds.
+    dropout: Federated Dropout (conformer_fl/federated/dropout.py): each
+      client of a round trains a sub-model keeping a random subset of the
+      units of the targeted layers, gathered into smaller weight matrices.
+      kind: 'none' (full model) | 'uniform' (default_rate on every targeted
+        layer) | 'targeted' (per-unit rates, default_rate elsewhere).
+      rates: {unit name or prefix: rate in [0, 1)}, e.g.
+        {'encoder/block_03/ffn1': 0.5, 'encoder/block_05': 0.25}; the
+        longest matching key wins (kind='targeted' only). Build it from
+        analysis/importance.json with dropout.rates_from_importance.
+      default_rate: rate of the targeted layers that no key of rates names.
+      unit_kinds: the layers targeted, some of 'ffn' (the ffn_mult*D hidden
+        units of ffn1/ffn2), 'conv' (conv-module channels, kept within each
+        group-norm group), 'mhsa' (attention heads).
+      freeze_units: unit names (or prefixes) the clients do not train at all
+        (any kind; applies with every `kind`, also 'none').
+      A layer keeps round((1 - rate) * n) of its n units (>= 1), the same
+      count for every client; which ones is drawn per client and round.
   """
   server_optimizer = dict(name=server, learning_rate=1.0)
   if server == "fedavgm":
@@ -124,4 +152,11 @@ def federated_config(server: str = "fedavg",
       log_every=1,
       eval_every=10,
       checkpoint_every=10,
+      dropout=dict(
+          kind="none",
+          rates={},
+          default_rate=0.0,
+          unit_kinds=("ffn", "conv", "mhsa"),
+          freeze_units=(),
+      ),
   ))

@@ -17,7 +17,6 @@ the same parameters as an uninterrupted one: every random choice is a function o
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -41,6 +40,7 @@ from conformer_fl import models
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
+from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import server_optimizers
@@ -296,7 +296,7 @@ def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
 
   progress = tqdm.tqdm(total=c.num_steps, initial=start, desc="central",
                        disable=not _is_chief(), dynamic_ncols=True)
-  tic = time.perf_counter()
+  tic, logged_step = time.perf_counter(), start
   for step in range(start + 1, c.num_steps + 1):
     batch = next(batches)
     # Every process reads the global batch and places its own rows.
@@ -304,17 +304,20 @@ def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
     batch = {k: v[first:last] for k, v in batch.items()}
     state, metrics = train_step(state, mesh_lib.shard_round_data(batch, mesh))
     progress.update(1)
-    if step % c.log_every == 0 or step == c.num_steps:
+    log = step % c.log_every == 0 or step == c.num_steps
+    evaluate = step % c.eval_every == 0 or step == c.num_steps
+    if log or evaluate:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tic
-      tic = time.perf_counter()
-      metrics["steps_per_second"] = c.log_every / elapsed
+      metrics["steps_per_second"] = (step - logged_step) / elapsed
+      tic, logged_step = time.perf_counter(), step
       progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-      if step % c.eval_every == 0 or step == c.num_steps:
+      if evaluate:
         variables = {"params": _local_copy(state["params"]),
                      **_local_copy(state["model_state"])}
         metrics.update(_evaluate(run, eval_step, variables, eval_batches, step))
         logging.info("step %d: %s", step, metrics)
+        tic = time.perf_counter()  # Evaluation time is not training time.
       run.logger.write(step, metrics)
     if step % c.checkpoint_every == 0 or step == c.num_steps:
       run.store.save(step, state)
@@ -381,9 +384,13 @@ def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
   client_optimizer = server_optimizers.client_optimizer_from_config(
       f.client_optimizer)
   units = models.list_units(params, granularity=f.unit_granularity)
+  # Federated Dropout and frozen units; None trains the full model.
+  submodel = federated_dropout.dropout_spec_from_config(
+      f.dropout, params, model_state, run.config.model)
   round_fn = round_lib.make_federated_round(
       make_mean_loss_fn(run.model), client_optimizer, server_optimizer, mesh,
-      clip_update_norm=f.clip_update_norm or None, unit_paths=units)
+      clip_update_norm=f.clip_update_norm or None, unit_paths=units,
+      submodel=submodel)
 
   state = mesh_lib.replicate(
       round_lib.init_server_state(params, model_state, server_optimizer), mesh)

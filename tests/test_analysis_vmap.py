@@ -17,7 +17,7 @@ VARIANTS_PER_CALL = 3
 @pytest.fixture(scope='module')
 def model():
   return models.build_model(models.get_model_config(
-      'tiny', conv_norm='batch_norm', vocab_size=VOCAB))
+      'tiny', conv_norm='batch_norm', vocab_size=VOCAB, num_blocks=1))
 
 
 @pytest.fixture(scope='module')
@@ -73,16 +73,18 @@ def test_fresh_initializations_equal_init_variables(model, inits):
 def test_reset_unit_replaces_params_and_batch_stats_of_that_unit_only(inits):
   trained, source = inits[0], inits[2]
   units = models.list_units(trained['params'], 'module')
-  path = units['encoder/block_01/conv']
+  path = units['encoder/block_00/conv']
   reset = resets.reset_unit(trained, source, path)
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal,
                  models.get_unit(reset[collection], path),
                  models.get_unit(source[collection], path))
-    assert (models.get_unit(reset[collection], ('encoder', 'block_00')) is
-            models.get_unit(trained[collection], ('encoder', 'block_00')))
+  # Untouched subtrees are shared, not copied.
+  assert reset['params']['decoder'] is trained['params']['decoder']
+  assert (reset['params']['encoder']['block_00']['mhsa'] is
+          trained['params']['encoder']['block_00']['mhsa'])
   # A unit without batch norm leaves the statistics alone.
-  ffn_path = units['encoder/block_01/ffn1']
+  ffn_path = units['encoder/block_00/ffn1']
   ffn = resets.reset_unit(trained, source, ffn_path)
   assert ffn['batch_stats'] is trained['batch_stats']
   jax.tree.map(np.testing.assert_array_equal,
@@ -98,7 +100,7 @@ def _variants(inits):
   return [
       trained,
       resets.reset_unit(trained, inits[2], units['encoder/block_00/conv']),
-      resets.reset_unit(trained, inits[1], units['encoder/block_01/mhsa']),
+      resets.reset_unit(trained, inits[1], units['encoder/block_00/mhsa']),
       resets.reset_unit(trained, inits[2], units['decoder']),
       inits[1],
   ]
@@ -108,7 +110,13 @@ def test_vectorized_outputs_equal_each_variant_alone(vectorized_fn, single_fn,
                                                      inits):
   variants = _variants(inits)[:VARIANTS_PER_CALL]
   batch = _batches()[0]
-  vectorized = vectorized_fn(resets.stack_variables(variants), batch)
+  batched, shared = variant_eval.split_shared(variants)
+  # No variant here resets the front end: it is passed once, unbatched.
+  assert list(shared['params']) == ['encoder/subsampling']
+  assert 'subsampling' not in batched['params']['encoder']
+  assert all(x.shape[0] == len(variants)
+             for x in jax.tree.leaves(batched['params']['decoder']))
+  vectorized = vectorized_fn(batched, shared, batch)
   losses = []
   for row, variables in enumerate(variants):
     alone = single_fn(variables, batch)
@@ -125,17 +133,35 @@ def test_chunked_vectorized_evaluation_equals_one_at_a_time(
     vectorized_fn, single_fn, inits):
   variants = _variants(inits)
   batches = _batches()
-  # 5 variants: a chunk of 3, then 2 padded to 3 (the same compiled shape).
+  # 5 variants: a chunk of 3 (front end shared), then 2 padded to 3 (front
+  # end batched: variant 4 is another initialization).
   chunked = variant_eval.evaluate_vectorized(
       vectorized_fn, variants.__getitem__, len(variants), batches, _decode,
       variants_per_call=VARIANTS_PER_CALL)
   looped = variant_eval.evaluate_one_at_a_time(
       single_fn, variants.__getitem__, len(variants), batches, _decode)
-  assert len(chunked) == len(looped) == len(variants)
-  for a, b in zip(chunked, looped):
+  # Chunks within groups, in any order: [3, 0, 2], then [1, 4] as one chunk
+  # of 2 (a group smaller than variants_per_call is not padded).
+  grouped = variant_eval.evaluate_vectorized(
+      vectorized_fn, variants.__getitem__, len(variants), batches, _decode,
+      variants_per_call=VARIANTS_PER_CALL, groups=[[3, 0, 2], [1, 4]])
+  assert len(chunked) == len(grouped) == len(looped) == len(variants)
+  for a, b, c in zip(chunked, looped, grouped):
     assert a['num_examples'] == b['num_examples'] == 4.0
-    assert a['wer'] == b['wer']
+    assert a['wer'] == b['wer'] == c['wer']
     assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+    assert c['loss'] == pytest.approx(b['loss'], rel=1e-5)
+  with pytest.raises(ValueError, match='partition'):
+    variant_eval.evaluate_vectorized(
+        vectorized_fn, variants.__getitem__, len(variants), batches, _decode,
+        variants_per_call=2, groups=[[0, 1]])
+
+
+def test_shareable_groups_put_front_end_resets_apart():
+  paths = [None, ('encoder', 'subsampling'), ('encoder', 'block_00', 'conv'),
+           ('encoder',), ('decoder',)]
+  assert variant_eval.shareable_groups(paths) == [[0, 2, 4], [1, 3]]
+  assert variant_eval.shareable_groups([None, ('decoder',)]) == [[0, 1]]
 
 
 def test_evaluation_rejects_empty_inputs(model):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conformer_fl.models.rnnt_loss import rnnt_loss
+from conformer_fl.models.rnnt import rnnt_loss
 
 BLANK = 0
 _loss = jax.jit(rnnt_loss, static_argnames="blank_id")

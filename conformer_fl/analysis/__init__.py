@@ -17,6 +17,14 @@ within the thresholds of the baseline WER, critical otherwise
 with the importance, stability across runs (`stability`), figures (`plots`)
 and a report (`report`) complete it.
 
+Choices the papers leave open (config fields, configs/analysis.py): the
+thresholds (default: ambient when the WER rises by <= 0.01 absolute or <= 5%
+of the baseline WER), taus (every saved checkpoint), 3 re-randomization seeds,
+block granularity. For a federated run started from a pre-trained model
+(federated.init_workdir), round 0 is that model: tau = 0 and the movement
+then measure change from it, not from random initialization. The pass runs in
+one process; run it on one host.
+
 Outputs in W/analysis/: importance.json, heatmap_wer.png, heatmap_loss.png
 (units x tau), rerandomization.png, movement_scatter.png,
 stability_depth.png (with compare_workdirs), report.md.

@@ -330,9 +330,14 @@ def run_analysis(config: ml_collections.ConfigDict,
                'batches.', len(variants), len(units), taus, seeds, len(batches))
   tic = time.perf_counter()
   if analysis.vectorized:
+    # Variants that reset the front end go in chunks of their own, so that
+    # the others share it unbatched (variant_eval.SHAREABLE_PATHS).
+    groups = variant_eval.shareable_groups([units.get(v.unit)
+                                            for v in variants])
     metrics = variant_eval.evaluate_vectorized(
         variant_eval.make_vectorized_eval_fn(model), get_variables,
-        len(variants), batches, tokenizer.decode, analysis.variants_per_call)
+        len(variants), batches, tokenizer.decode, analysis.variants_per_call,
+        groups=groups)
   else:
     metrics = variant_eval.evaluate_one_at_a_time(
         variant_eval.make_single_eval_fn(model), get_variables, len(variants),

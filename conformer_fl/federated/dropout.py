@@ -40,7 +40,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -263,9 +262,22 @@ def rates_from_importance(importance: Mapping[str, Sequence[str]], *,
 # ----------------------------------------------------------------------------
 
 
-def _compiled_step_cost(loss_fn, client_optimizer, spec, params, model_state,
-                        batch, rng) -> dict[str, float]:
-  """Params optimized, FLOPs and peak bytes of one local step of a client."""
+def client_step_cost(
+    loss_fn: Callable[..., tuple[jax.Array, PyTree]],
+    client_optimizer: optax.GradientTransformation,
+    spec: submodel_lib.SubmodelSpec,
+    params: PyTree,
+    model_state: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+) -> dict[str, float]:
+  """{'params', 'flops', 'peak_bytes'} of one local step of a sub-model.
+
+  params: number of parameters the client optimizes; flops: XLA cost
+  analysis of the compiled step (loss, gradient, optimizer update); peak_bytes:
+  arguments + outputs + temporaries - aliased, from its memory analysis.
+  Arguments as in client_cost.
+  """
   kept = submodel_lib.all_kept_indices(spec)
   sub_params = submodel_lib.gather_submodel(spec, params, kept)
   sub_state = submodel_lib.gather_submodel(spec, model_state, kept,
@@ -326,9 +338,9 @@ def client_cost(
     {'full_params', 'full_flops', 'full_peak_bytes'} of the full model's and
     '<name>_fraction' = sub / full for the three.
   """
-  sub = _compiled_step_cost(loss_fn, client_optimizer, spec, params,
+  sub = client_step_cost(loss_fn, client_optimizer, spec, params,
                             model_state, batch, rng)
-  full = _compiled_step_cost(loss_fn, client_optimizer,
+  full = client_step_cost(loss_fn, client_optimizer,
                              submodel_lib.SubmodelSpec(), params, model_state,
                              batch, rng)
   report = dict(sub)

@@ -57,7 +57,8 @@ class DroppedLayer:
   Attributes:
     name: unit name, e.g. 'encoder/block_03/ffn1'.
     num_units: n, the layer's unit count in the full model.
-    num_kept: k, kept per client (a multiple of num_groups, 0 < k < n).
+    num_kept: k, kept per client (a multiple of num_groups, 0 < k <= n;
+      k = n gathers every unit, the identity, which tests use).
     num_groups: G; k / G units are kept in each group of n / G consecutive
       units (group norm keeps its groups; 1 elsewhere).
     param_leaves: leaves of the params tree gathered along their unit axis.
@@ -75,11 +76,11 @@ class DroppedLayer:
     if self.num_units % self.num_groups:
       raise ValueError(f'{self.name}: num_groups={self.num_groups} does not '
                        f'divide num_units={self.num_units}.')
-    if (not 0 < self.num_kept < self.num_units or
+    if (not 0 < self.num_kept <= self.num_units or
         self.num_kept % self.num_groups):
       raise ValueError(
           f'{self.name}: num_kept={self.num_kept} must be in (0, '
-          f'{self.num_units}) and a multiple of num_groups={self.num_groups}.')
+          f'{self.num_units}] and a multiple of num_groups={self.num_groups}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +311,8 @@ def count_normalized_mean(delta_sum: PyTree, plain_mean: PyTree,
   return replace_paths(plain_mean, values)
 
 
-def zero_untrained(updates: PyTree, weights: Mapping[Path, jax.Array]) -> PyTree:
+def zero_untrained(updates: PyTree,
+                   weights: Mapping[Path, jax.Array]) -> PyTree:
   """Server updates set to 0 where no client trained the element.
 
   (A server optimizer with momentum would otherwise keep moving them.)

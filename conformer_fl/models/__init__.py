@@ -6,7 +6,7 @@ from conformer_fl.models.asr import per_example_loss
 from conformer_fl.models.decoding import ctc_loss
 from conformer_fl.models.frontend import log_mel
 from conformer_fl.models.frontend import spec_augment
-from conformer_fl.models.rnnt_loss import rnnt_loss
+from conformer_fl.models.rnnt import rnnt_loss
 from conformer_fl.models.sizes import build_model
 from conformer_fl.models.sizes import get_model_config
 from conformer_fl.models.units import get_unit

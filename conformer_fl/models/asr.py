@@ -19,7 +19,7 @@ from conformer_fl.models import conformer
 from conformer_fl.models import decoders
 from conformer_fl.models import decoding
 from conformer_fl.models import frontend
-from conformer_fl.models import rnnt_loss as rnnt_loss_lib
+from conformer_fl.models import rnnt
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -224,7 +224,7 @@ def per_example_loss(model: ConformerASR, variables: Variables, batch: Batch,
                              batch['labels'], batch['label_paddings'],
                              blank_id=BLANK_ID)
   else:
-    loss = rnnt_loss_lib.rnnt_loss(outputs['logits'],
+    loss = rnnt.rnnt_loss(outputs['logits'],
                                    outputs['logit_paddings'], batch['labels'],
                                    batch['label_paddings'], blank_id=BLANK_ID)
   return loss, new_state

@@ -45,7 +45,8 @@ class RNNTDecoder(nn.Module):
   Parameter tree: {'embedding', 'lstm', 'joint_encoder', 'joint_prediction',
   'joint_output'}. The same `lstm` cell runs over whole label sequences in
   training (`__call__`) and one token at a time in greedy decoding
-  (`predict_step`).
+  (`predict_step`). The LSTM's recurrent kernels are initialized LeCun-normal
+  rather than orthogonal (see setup).
 
   Attributes:
     vocab_size: V, including the blank (id 0).
@@ -60,7 +61,11 @@ class RNNTDecoder(nn.Module):
 
   def setup(self):
     self.embedding = nn.Embed(self.vocab_size, self.embed_dim)
-    self.lstm = nn.OptimizedLSTMCell(self.lstm_dim)
+    # Not flax's default orthogonal recurrent init: its QR, batched when a
+    # caller vmaps model.init over seeds, can deadlock jaxlib 0.10's LAPACK
+    # kernel on a 2-thread CPU pool (seen on the team machine).
+    self.lstm = nn.OptimizedLSTMCell(
+        self.lstm_dim, recurrent_kernel_init=nn.initializers.lecun_normal())
     self.joint_encoder = nn.Dense(self.joint_dim)
     self.joint_prediction = nn.Dense(self.joint_dim, use_bias=False)
     self.joint_output = nn.Dense(self.vocab_size)
