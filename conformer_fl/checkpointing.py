@@ -9,6 +9,7 @@ from typing import Any
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -80,6 +81,12 @@ class CheckpointStore:
     else:
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_variables(self, step: int) -> dict[str, PyTree]:
+    """The model variables of `step`, {'params': ..., **model_state}, as numpy."""
+    saved = self.restore(step)
+    variables = {"params": saved["params"], **(saved.get("model_state") or {})}
+    return jax.tree.map(np.asarray, jax.device_get(variables))
 
   def close(self) -> None:
     self._manager.close()

@@ -23,7 +23,6 @@ from conformer_fl.analysis import importance
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import resets
 from conformer_fl.data import input_pipeline
-from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
@@ -55,14 +54,6 @@ UNIT_KEYS = {
     'loss_increase', 'rerandomize_wer_increase', 'movement', 'ambient'}
 MOVEMENT_KEYS = {'distance', 'initial_norm', 'relative_distance',
                  'update_norm_sum'}
-
-
-@pytest.fixture(scope='session')
-def tiny_corpus_dir(tmp_path_factory):
-  """The 'tiny' synthetic corpus, built once per session (~10 s)."""
-  data_dir = tmp_path_factory.mktemp('tiny_corpus')
-  synthetic_speech.build('tiny', str(data_dir))
-  return str(data_dir)
 
 
 @pytest.fixture(scope='module')
@@ -97,7 +88,7 @@ def results(workdir):
 def saved(workdir):
   """Host variables of the initial and the trained checkpoints."""
   store = checkpointing.CheckpointStore(workdir, read_only=True)
-  return {step: importance.restore_variables(store, step) for step in (0, STEPS)}
+  return {step: store.restore_variables(step) for step in (0, STEPS)}
 
 
 def test_frozen_unit_reset_changes_nothing_and_is_ambient(results):

@@ -20,7 +20,6 @@ import flax
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from conformer_fl import checkpointing
 from conformer_fl import models
@@ -177,28 +176,6 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_variables(store: checkpointing.CheckpointStore,
-                      step: int) -> dict[str, Any]:
-  """{'params': ..., [**model_state]} of a saved step, as host numpy.
-
-  The checkpoint's own tree (read from its metadata) is restored onto one
-  local device, so a run saved on another device count or topology reads.
-  """
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  item_dir = store.directory / str(step) / 'default'
-  try:
-    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
-    like = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                          sharding=device), dict(tree))
-  except (FileNotFoundError, ValueError, AttributeError, TypeError) as e:
-    logging.warning('No metadata at %s (%s); restoring as saved.', item_dir, e)
-    like = None
-  saved = store.restore(step, like=like)
-  variables = {'params': saved['params'], **(saved.get('model_state') or {})}
-  return jax.tree.map(np.asarray, jax.device_get(variables))
-
-
 def _data_config(run_config, analysis) -> ml_collections.ConfigDict:
   data = run_config.data.copy_and_resolve_references()
   if analysis.data_dir:
@@ -309,9 +286,9 @@ def run_analysis(config: ml_collections.ConfigDict,
   taus = parse_taus(analysis.taus, saved_steps, trained_step)
   step_key = 'round' if run_config.mode == 'federated' else 'step'
 
-  trained = restore_variables(store, trained_step)
+  trained = store.restore_variables(trained_step)
   checkpoints = {tau: trained if tau == trained_step
-                 else restore_variables(store, tau) for tau in taus}
+                 else store.restore_variables(tau) for tau in taus}
   seeds = [int(run_config.seed) + analysis.rerandomize_seed_offset + i
            for i in range(analysis.num_rerandomize_seeds)]
   fresh_inits = fresh_initializations(model, seeds)

@@ -21,7 +21,7 @@ object with these attributes):
   model_type:  'unigram' or 'bpe' (SentencePiece only).
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 import io
 import os
 import re
@@ -238,8 +238,3 @@ def build_tokenizer(
     logging.info("Trained and saved tokenizer %s (vocab %d).", path,
                  tokenizer.vocab_size)
   return tokenizer
-
-
-def ids_to_texts(tokenizer: Tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
-  """Decodes a batch of id sequences ([B, L], 0 = blank/pad) to strings."""
-  return [tokenizer.decode(row) for row in ids]
