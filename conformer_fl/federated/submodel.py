@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from conformer_fl.models.units import get_unit as get_path
+
 Path = tuple[str, ...]
 PyTree = Any
 KeptIndices = dict[str, jax.Array]  # layer name -> int32 [num_kept]
@@ -103,17 +105,6 @@ class SubmodelSpec:
 # ----------------------------------------------------------------------------
 # Nested-dict helpers.
 # ----------------------------------------------------------------------------
-
-
-def get_path(tree: Mapping[str, Any], path: Path) -> Any:
-  """tree[path[0]][path[1]]...; KeyError naming the missing key."""
-  node = tree
-  for depth, key in enumerate(path):
-    if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"No entry '{'/'.join(path)}': missing key {key!r} at "
-                     f"'{'/'.join(path[:depth]) or '<root>'}'.")
-    node = node[key]
-  return node
 
 
 def replace_paths(tree: Mapping[str, Any], values: Mapping[Path, Any]) -> dict:

@@ -1,0 +1,76 @@
+r"""What one client step of Federated Dropout costs, against the full model.
+
+For each model size and uniform dropout rate (every feed-forward, conv-module and
+attention layer), prints the parameters a client optimizes, the FLOPs of one local
+step (XLA's cost analysis of the compiled step) and its peak memory (XLA's memory
+analysis), each also as a percentage of the full model (rate 0). Nothing is timed,
+so the figures do not drift with the load of the machine.
+
+  .venv/bin/python benchmarks/client_cost.py --sizes=tiny,demo --rates=0,0.25,0.5
+"""
+
+import argparse
+
+import jax
+import numpy as np
+import optax
+
+from conformer_fl import config_lib
+from conformer_fl import models
+from conformer_fl import train
+from conformer_fl.federated import dropout
+
+
+def random_batch(vocab_size: int, batch_size: int, seconds: float,
+                 num_labels: int) -> dict[str, np.ndarray]:
+  """A batch of noise with random labels: [B, S] audio, [B, U] labels."""
+  rng = np.random.default_rng(0)
+  samples = int(16000 * seconds)
+  return {
+      "audio": (0.1 * rng.normal(size=(batch_size, samples))).astype(np.float32),
+      "audio_paddings": np.zeros((batch_size, samples), np.float32),
+      "labels": rng.integers(1, vocab_size, size=(batch_size, num_labels),
+                             dtype=np.int32),
+      "label_paddings": np.zeros((batch_size, num_labels), np.float32),
+      "example_mask": np.ones((batch_size,), np.float32),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="tiny,demo")
+  parser.add_argument("--rates", default="0,0.25,0.5")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seconds", type=float, default=2.0)
+  parser.add_argument("--labels", type=int, default=20)
+  args = parser.parse_args()
+
+  print("| size | rate | client params | % full | step GFLOP | % full |"
+        " peak MiB | % full |")
+  print("|---|---|---|---|---|---|---|---|")
+  for size in args.sizes.split(","):
+    config = config_lib.model_config(size, conv_norm="group_norm")
+    model = models.build_model(config)
+    batch = random_batch(config.vocab_size, args.batch, args.seconds,
+                         args.labels)
+    params, model_state = train.split_variables(train.init_variables(model, 0))
+    loss_fn = train.make_mean_loss_fn(model)
+    full = None
+    for rate in (float(r) for r in args.rates.split(",")):
+      spec = dropout.make_dropout_spec(
+          params, model_state, default_rate=rate,
+          conv_norm_groups=config.conv_norm_groups)
+      cost = dropout.client_step_cost(loss_fn, optax.adam(1e-3), spec, params,
+                                      model_state, batch, jax.random.key(1))
+      full = full or cost
+      print(f"| {size} | {rate:g} | {cost['params']:,.0f} |"
+            f" {100 * cost['params'] / full['params']:.1f} |"
+            f" {cost['flops'] / 1e9:.3f} |"
+            f" {100 * cost['flops'] / full['flops']:.1f} |"
+            f" {cost['peak_bytes'] / 2**20:.1f} |"
+            f" {100 * cost['peak_bytes'] / full['peak_bytes']:.1f} |",
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()
