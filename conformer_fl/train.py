@@ -341,20 +341,16 @@ def _initial_variables(run: Run) -> dict[str, PyTree]:
   if step is None:
     raise FileNotFoundError(
         f"federated.init_workdir={f.init_workdir!r} has no checkpoint.")
-  saved = store.restore(step)
-  like = split_variables(variables)
+  saved = store.restore_variables(step)
   try:
-    params = jax.tree.map(lambda x, y: np.asarray(y, x.dtype).reshape(x.shape),
-                          like[0], saved["params"])
-    model_state = jax.tree.map(
-        lambda x, y: np.asarray(y, x.dtype).reshape(x.shape), like[1],
-        saved.get("model_state", {}))
-  except (ValueError, KeyError, TypeError) as e:
+    restored = jax.tree.map(
+        lambda x, y: np.asarray(y, x.dtype).reshape(x.shape), variables, saved)
+  except (ValueError, TypeError) as e:
     raise ValueError(
         f"The checkpoint {f.init_workdir} step {step} does not fit this model"
         f" config ({e}): pre-train with the same config.model.") from e
   logging.info("Initialized from %s step %d.", f.init_workdir, step)
-  return {"params": params, **model_state}
+  return restored
 
 
 def round_arrays(run: Run, client_datasets, sampler, round_index: int,
