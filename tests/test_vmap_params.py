@@ -186,3 +186,17 @@ def test_rnnt_greedy_decode_follows_the_models_lattice():
     assert np.all(ids[b, int(lengths[b]):] == 0)
     # Non-trivial: some frames emit, others do not reach the cap.
     assert 0 < len(walk) < num_frames[b] * config.max_symbols_per_step
+
+
+@pytest.mark.parametrize('shape', [(2, 37, 80, 1), (3, 10, 41, 5)])
+def test_strided_conv_equals_nn_conv(shape):
+  """The im2col subsampling conv: same init and outputs as nn.Conv."""
+  x = jax.random.normal(jax.random.key(1), shape)
+  reference = nn.Conv(7, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  strided = conformer.StridedConv3x3(7)
+  ref_vars = reference.init(jax.random.key(0), x)
+  vars_ = strided.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(vars_['params']['kernel'],
+                                ref_vars['params']['kernel'])
+  np.testing.assert_allclose(strided.apply(ref_vars, x),
+                             reference.apply(ref_vars, x), atol=1e-5)

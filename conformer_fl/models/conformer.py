@@ -419,6 +419,37 @@ class ConformerBlock(nn.Module):
     return x * _valid_mask(paddings), paddings
 
 
+class StridedConv3x3(nn.Module):
+  """A 3x3 stride-2 convolution with one zero of padding on each side.
+
+  Computed as one matmul over the 9 shifted, strided views of the input (an
+  explicit im2col) instead of `lax.conv`: under `vmap` over per-client kernels
+  a convolution becomes a grouped convolution (`feature_group_count` = clients),
+  which XLA:CPU runs several times slower, while a matmul becomes a batched
+  matmul. Parameters are those of `nn.Conv(features, (3, 3))`: 'kernel'
+  [3, 3, C_in, C_out] (LeCun normal) and 'bias' [C_out], so checkpoints of
+  either form load in the other.
+
+  Attributes:
+    features: C_out.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, T, F, C_in] -> [B, ceil(T / 2), ceil(F / 2), C_out]."""
+    _, time, freq, channels = x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (3, 3, channels, self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    out_time, out_freq = -(-time // 2), -(-freq // 2)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([
+        padded[:, i:i + 2 * out_time - 1:2, j:j + 2 * out_freq - 1:2, :]
+        for i in range(3) for j in range(3)], axis=-1)  # [B, T', F', 9 C_in]
+    return patches @ kernel.reshape(9 * channels, self.features) + bias
+
+
 class ConvSubsampling(nn.Module):
   """4x time subsampling: two 3x3 stride-2 convs (relu), flatten, Dense to D.
 
@@ -444,8 +475,7 @@ class ConvSubsampling(nn.Module):
     """[B, T, F], [B, T] -> ([B, T', D], [B, T']) with T' = ceil(T / 4)."""
     x = features[..., None] * _valid_mask(paddings)[..., None]  # [B,T,F,1]
     for name in ('conv_0', 'conv_1'):
-      x = nn.Conv(self.model_dim, (3, 3), strides=(2, 2),
-                  padding=((1, 1), (1, 1)), name=name)(x)
+      x = StridedConv3x3(self.model_dim, name=name)(x)
       paddings = paddings[:, ::2]
       x = nn.relu(x) * _valid_mask(paddings)[..., None]
     batch, time = x.shape[:2]
