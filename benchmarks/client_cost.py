@@ -55,20 +55,18 @@ def main() -> None:
                          args.labels)
     params, model_state = train.split_variables(train.init_variables(model, 0))
     loss_fn = train.make_mean_loss_fn(model)
-    full = None
     for rate in (float(r) for r in args.rates.split(",")):
       spec = dropout.make_dropout_spec(
           params, model_state, default_rate=rate,
           conv_norm_groups=config.conv_norm_groups)
-      cost = dropout.client_step_cost(loss_fn, optax.adam(1e-3), spec, params,
-                                      model_state, batch, jax.random.key(1))
-      full = full or cost
+      cost = dropout.client_cost(loss_fn, optax.adam(1e-3), spec, params,
+                                 model_state, batch, jax.random.key(1))
       print(f"| {size} | {rate:g} | {cost['params']:,.0f} |"
-            f" {100 * cost['params'] / full['params']:.1f} |"
+            f" {100 * cost['params_fraction']:.1f} |"
             f" {cost['flops'] / 1e9:.3f} |"
-            f" {100 * cost['flops'] / full['flops']:.1f} |"
+            f" {100 * cost['flops_fraction']:.1f} |"
             f" {cost['peak_bytes'] / 2**20:.1f} |"
-            f" {100 * cost['peak_bytes'] / full['peak_bytes']:.1f} |",
+            f" {100 * cost['peak_bytes_fraction']:.1f} |",
             flush=True)
 
 
