@@ -4,7 +4,9 @@
 tokenizer.model, checkpoints/ and metrics.jsonl), evaluates the trained model
 and every reset variant (`resets`) with one vmapped compiled function
 (`variant_eval`), and writes `workdir/analysis/` (schema: the package
-docstring). Single-process: run it on one host.
+docstring). Single-process: run it on one host. Every file of the workdir is
+read and written through `etils.epath`, so the workdir may be on GCS
+(`gs://...`).
 """
 
 from collections.abc import Mapping
@@ -168,7 +170,8 @@ def fresh_initializations(model: models.ConformerASR,
 # Reading a run.
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+def load_run_config(
+    workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'No {path}: the analysis pass needs a trained '
@@ -187,10 +190,11 @@ def _data_config(run_config, analysis) -> ml_collections.ConfigDict:
   return data
 
 
-def _tokenizer(run_config, workdir: str) -> tokenizer_lib.Tokenizer:
+def _tokenizer(run_config,
+               workdir: str | os.PathLike[str]) -> tokenizer_lib.Tokenizer:
   kind = run_config.data.tokenizer.kind
-  if kind == 'sentencepiece' and not os.path.exists(
-      os.path.join(workdir, tokenizer_lib.TOKENIZER_FILENAME)):
+  if kind == 'sentencepiece' and not (
+      epath.Path(workdir) / tokenizer_lib.TOKENIZER_FILENAME).exists():
     raise FileNotFoundError(
         f'No {tokenizer_lib.TOKENIZER_FILENAME} in {workdir}: the analysis '
         'needs the tokenizer the run was trained with.')
@@ -217,21 +221,27 @@ def _validate(analysis) -> None:
     raise ValueError('analysis.variants_per_call must be >= 1.')
 
 
-def load_importance(workdir: str) -> dict[str, Any]:
-  """A workdir's analysis/importance.json."""
-  path = os.path.join(workdir, OUTPUT_DIR, IMPORTANCE_FILE)
-  if not os.path.exists(path):
+def load_importance(workdir: str | os.PathLike[str]) -> dict[str, Any]:
+  """A workdir's analysis/importance.json (the workdir local or `gs://`)."""
+  path = epath.Path(workdir) / OUTPUT_DIR / IMPORTANCE_FILE
+  if not path.exists():
     raise FileNotFoundError(f'No {path}: run the analysis pass on {workdir} '
                             'first (configs/analysis.py).')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
+
+
+def _absolute(workdir: str | os.PathLike[str]) -> str:
+  """`workdir` made absolute; a `gs://`-style URI is already absolute."""
+  path = os.fspath(workdir)
+  return path if '://' in path else os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------
 # The pass.
 
 
-def _write_figures(results: dict[str, Any], out_dir: str) -> dict[str, Any]:
+def _write_figures(results: dict[str, Any],
+                   out_dir: epath.Path) -> dict[str, Any]:
   names = list(results['units'])
   units = results['units']
   figures = {}
@@ -244,25 +254,25 @@ def _write_figures(results: dict[str, Any], out_dir: str) -> dict[str, Any]:
     add(f'heatmap_{metric}', filename, plots.heatmap(
         np.array([units[n][field] for n in names]), names, results['taus'],
         results['baseline'][metric], metric.upper() if metric == 'wer' else
-        metric, results['step_key'], os.path.join(out_dir, filename)))
+        metric, results['step_key'], out_dir / filename))
   add('rerandomization', 'rerandomization.png', plots.rerandomization_bars(
       {n: units[n]['rerandomize_wer'] for n in names},
       {n: units[n]['reinit_wer'][0] for n in names}, results['baseline']['wer'],
-      os.path.join(out_dir, 'rerandomization.png')))
+      out_dir / 'rerandomization.png'))
   panels = [(measure, [units[n]['movement'][measure] for n in names])
             for measure in results['correlations']]
   add('movement_scatter', 'movement_scatter.png', plots.movement_scatter(
       panels, [units[n]['wer_increase'] for n in names], names,
-      os.path.join(out_dir, 'movement_scatter.png')))
+      out_dir / 'movement_scatter.png'))
   if results.get('stability'):
     add('stability_depth', 'stability_depth.png', plots.depth_plot(
         results['stability']['depth'], 'wer_increase',
-        os.path.join(out_dir, 'stability_depth.png')))
+        out_dir / 'stability_depth.png'))
   return figures
 
 
 def run_analysis(config: ml_collections.ConfigDict,
-                 workdir: str) -> dict[str, Any]:
+                 workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """The analysis pass over the run in `workdir` (module docstring).
 
   Returns:
@@ -326,7 +336,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   moved = movement.unit_movement(trained['params'], checkpoints[0]['params'],
                                  units)
   update_sums = movement.read_update_norm_sums(
-      os.path.join(workdir, 'metrics.jsonl'), list(units), trained_step)
+      epath.Path(workdir) / 'metrics.jsonl', list(units), trained_step)
   for name, entry in summary['units'].items():
     entry['movement'] = dict(
         moved[name],
@@ -334,7 +344,7 @@ def run_analysis(config: ml_collections.ConfigDict,
 
   results: dict[str, Any] = dict(
       schema_version=SCHEMA_VERSION,
-      workdir=os.path.abspath(workdir),
+      workdir=_absolute(workdir),
       step_key=step_key,
       granularity=analysis.granularity,
       trained_step=trained_step,
@@ -367,16 +377,15 @@ def run_analysis(config: ml_collections.ConfigDict,
     others = [load_importance(w) for w in analysis.compare_workdirs]
     results['stability'] = stability.compare_runs(
         [results] + others,
-        [results['workdir']] + [os.path.abspath(w)
+        [results['workdir']] + [_absolute(w)
                                 for w in analysis.compare_workdirs])
 
-  out_dir = os.path.join(workdir, OUTPUT_DIR)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(workdir) / OUTPUT_DIR
+  out_dir.mkdir(parents=True, exist_ok=True)
   results['figures'] = _write_figures(results, out_dir)
-  with open(os.path.join(out_dir, IMPORTANCE_FILE), 'w') as f:
-    json.dump(results, f, indent=2, allow_nan=False)
-  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report.render_report(results))
+  (out_dir / IMPORTANCE_FILE).write_text(
+      json.dumps(results, indent=2, allow_nan=False))
+  (out_dir / 'report.md').write_text(report.render_report(results))
   logging.info('Analysis of %s: baseline WER %.4f; ambient %s; critical %s.',
                workdir, results['baseline']['wer'], results['ambient'],
                results['critical'])

@@ -21,6 +21,7 @@ import math
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 from scipy import stats
@@ -55,12 +56,13 @@ def unit_movement(trained_params: PyTree, initial_params: PyTree,
   return movement
 
 
-def read_update_norm_sums(metrics_path: str, unit_names: Sequence[str],
+def read_update_norm_sums(metrics_path: str | os.PathLike[str],
+                          unit_names: Sequence[str],
                           last_round: int) -> dict[str, float | None] | None:
   """Per unit, the summed per-round update norms of rounds <= `last_round`.
 
   Args:
-    metrics_path: a run's metrics.jsonl.
+    metrics_path: a run's metrics.jsonl (local or `gs://`).
     unit_names: the analysis units.
     last_round: the trained checkpoint's round T.
 
@@ -68,10 +70,11 @@ def read_update_norm_sums(metrics_path: str, unit_names: Sequence[str],
     None when the file has no `update_norm/` keys (central runs, or no file);
     else {unit: sum or None when no logged unit lies inside it}.
   """
-  if not os.path.exists(metrics_path):
+  metrics_path = epath.Path(metrics_path)
+  if not metrics_path.exists():
     return None
   per_round: dict[int, dict[str, float]] = {}
-  with open(metrics_path) as f:
+  with metrics_path.open() as f:
     for line in f:
       if not line.strip():
         continue

@@ -1,12 +1,17 @@
 """Figures of the importance analysis (matplotlib, Agg backend, fixed sizes).
 
 Each function writes one PNG and returns its size in pixels (width, height),
-which is `figure_size_inches(...) * DPI` exactly (no tight bounding box).
+which is `figure_size_inches(...) * DPI` exactly (no tight bounding box). The
+PNG is rendered in memory and written through `etils.epath`, so `path` may be
+local or remote (`gs://...`).
 """
 
 from collections.abc import Mapping, Sequence
+import io
+import os
 from typing import Any
 
+from etils import epath
 import matplotlib
 
 matplotlib.use('Agg')
@@ -28,16 +33,19 @@ SCATTER_SIZE_INCHES = (4.5, 4.0)  # Per panel.
 DEPTH_SIZE_INCHES = (6.0, 4.0)
 
 
-def _save(fig, path: str) -> tuple[int, int]:
-  fig.savefig(path, dpi=DPI)
+def _save(fig, path: str | os.PathLike[str]) -> tuple[int, int]:
+  """Writes `fig` as a PNG to `path` (local or `gs://`); its size in pixels."""
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=DPI)
   width, height = fig.get_size_inches()
   plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
   return int(round(width * DPI)), int(round(height * DPI))
 
 
 def heatmap(values: np.ndarray, unit_names: Sequence[str], taus: Sequence[int],
             baseline: float, metric: str, step_key: str,
-            path: str) -> tuple[int, int]:
+            path: str | os.PathLike[str]) -> tuple[int, int]:
   """Units x tau heatmap of a metric after re-initialization (Zhang et al.).
 
   Args:
@@ -67,7 +75,7 @@ def heatmap(values: np.ndarray, unit_names: Sequence[str], taus: Sequence[int],
 
 def rerandomization_bars(wers: Mapping[str, Sequence[float]],
                          reinit_wers: Mapping[str, float], baseline: float,
-                         path: str) -> tuple[int, int]:
+                         path: str | os.PathLike[str]) -> tuple[int, int]:
   """Per unit: mean WER over re-randomization seeds (min-max whiskers).
 
   Args:
@@ -97,7 +105,7 @@ def rerandomization_bars(wers: Mapping[str, Sequence[float]],
 
 def movement_scatter(panels: Sequence[tuple[str, Sequence[float | None]]],
                      wer_increase: Sequence[float], unit_names: Sequence[str],
-                     path: str) -> tuple[int, int]:
+                     path: str | os.PathLike[str]) -> tuple[int, int]:
   """One panel per movement measure: measure (x) vs WER increase (y) per unit.
 
   Args:
@@ -122,7 +130,7 @@ def movement_scatter(panels: Sequence[tuple[str, Sequence[float | None]]],
 
 
 def depth_plot(profiles: Mapping[str, Mapping[str, Any]], key: str,
-               path: str) -> tuple[int, int]:
+               path: str | os.PathLike[str]) -> tuple[int, int]:
   """Importance (`key` of each point) against relative depth, one series per run."""
   fig, ax = plt.subplots(figsize=DEPTH_SIZE_INCHES)
   for label, profile in profiles.items():

@@ -38,9 +38,11 @@ sample of `ClientSampler` of (seed, round), so a resumed run sees the same data.
 
 import collections
 from collections.abc import Iterable, Mapping, Sequence
+import io
 import os
 import zlib
 
+from etils import epath
 import numpy as np
 
 from conformer_fl.data import batching
@@ -195,13 +197,15 @@ def make_round_data(
 
 
 def client_size_report(
-    client_sizes: Mapping[str, int] | Sequence[int], out_dir: str
+    client_sizes: Mapping[str, int] | Sequence[int],
+    out_dir: str | os.PathLike[str],
 ) -> tuple[str, str]:
   """Markdown table and histogram PNG of the number of examples per client.
 
   Args:
     client_sizes: examples per client (a client id -> count mapping or counts).
-    out_dir: where `client_sizes.png` is written (created if needed).
+    out_dir: where `client_sizes.png` is written (created if needed); local or
+      remote (`gs://...`), written through `etils.epath`.
 
   Returns:
     (markdown table with clients, examples, min, median, mean, max; PNG path).
@@ -221,8 +225,9 @@ def client_size_report(
       f" {float(np.median(sizes)):.1f} | {float(sizes.mean()):.1f} |"
       f" {int(sizes.max())} |",
   ])
-  os.makedirs(out_dir, exist_ok=True)
-  png_path = os.path.join(out_dir, "client_sizes.png")
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  png_path = out_dir / "client_sizes.png"
   fig, ax = plt.subplots(figsize=(5, 3.2))
   bins = np.arange(sizes.min(), sizes.max() + 2) - 0.5
   if bins.size > 41:
@@ -232,6 +237,8 @@ def client_size_report(
   ax.set_ylabel("clients")
   ax.set_title(f"{sizes.size} clients, {int(sizes.sum())} examples")
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
-  return table, png_path
+  png_path.write_bytes(png.getvalue())
+  return table, os.fspath(png_path)

@@ -7,7 +7,8 @@ counts the blank. Two tokenizers follow it:
 * `SentencePieceTokenizer`: a SentencePiece model (unigram or BPE) trained on the
   training transcripts with pad_id=0 (the blank), unk_id=1 and no BOS/EOS, so the
   model's piece count is the vocab size including id 0. The pad piece is a control
-  symbol: SentencePiece never emits it.
+  symbol: SentencePiece never emits it. Saved and loaded through
+  `etils.epath`, so the model file may be on GCS (`gs://...`) or local disk.
 * `CharTokenizer`: id 0 the blank, then one id per character of
   `conformer_fl.text.ALPHABET` (vocab_size = len(ALPHABET) + 1).
 
@@ -28,6 +29,7 @@ import re
 from typing import Any, Protocol
 
 from absl import logging
+from etils import epath
 import sentencepiece as spm
 
 from conformer_fl import text as text_lib
@@ -114,13 +116,21 @@ class SentencePieceTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._processor.decode([int(i) for i in ids if int(i) != BLANK_ID])
 
-  def save(self, path: str) -> None:
-    """Writes the model to `path` (atomically: a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-      f.write(self._model_proto)
-    os.replace(tmp_path, path)
+  def save(self, path: str | os.PathLike[str]) -> None:
+    """Writes the model to `path`, a local or remote (`gs://`) file.
+
+    The bytes go to a temporary file beside `path`, which is then renamed onto
+    it: atomic on a local filesystem; on object stores (GCS) the rename is a
+    copy, and the object appears whole or not at all either way.
+
+    Args:
+      path: the model file; its parent directory is created if needed.
+    """
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp_path.write_bytes(self._model_proto)
+    tmp_path.replace(path)
 
 
 def train_sentencepiece(
@@ -188,16 +198,22 @@ def train_sentencepiece(
   return SentencePieceTokenizer(model.getvalue())
 
 
-def load_tokenizer(path: str) -> SentencePieceTokenizer:
-  """Loads a SentencePiece tokenizer saved by `SentencePieceTokenizer.save`."""
-  if not os.path.exists(path):
+def load_tokenizer(path: str | os.PathLike[str]) -> SentencePieceTokenizer:
+  """Loads a SentencePiece tokenizer saved by `SentencePieceTokenizer.save`.
+
+  Args:
+    path: the model file, local or remote (`gs://`).
+  """
+  path = epath.Path(path)
+  if not path.exists():
     raise FileNotFoundError(f"No tokenizer model at {path}.")
-  with open(path, "rb") as f:
-    return SentencePieceTokenizer(f.read())
+  return SentencePieceTokenizer(path.read_bytes())
 
 
 def build_tokenizer(
-    config: Any, transcripts: Iterable[str] | None, save_dir: str | None
+    config: Any,
+    transcripts: Iterable[str] | None,
+    save_dir: str | os.PathLike[str] | None,
 ) -> Tokenizer:
   """Returns the tokenizer described by `config` (fields: module docstring).
 
@@ -208,7 +224,8 @@ def build_tokenizer(
   Args:
     config: tokenizer config (kind, vocab_size, model_type).
     transcripts: training transcripts; only read when a model must be trained.
-    save_dir: directory of `tokenizer.model`; None trains without saving.
+    save_dir: directory of `tokenizer.model` (local or `gs://`); None trains
+      without saving.
 
   Raises:
     ValueError: unknown kind, or a saved model whose vocab size differs from
@@ -219,8 +236,8 @@ def build_tokenizer(
     return CharTokenizer()
   if kind != "sentencepiece":
     raise ValueError(f"tokenizer kind must be 'sentencepiece' or 'char', got {kind!r}.")
-  path = os.path.join(save_dir, TOKENIZER_FILENAME) if save_dir else None
-  if path and os.path.exists(path):
+  path = epath.Path(save_dir) / TOKENIZER_FILENAME if save_dir else None
+  if path and path.exists():
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size != config.vocab_size:
       raise ValueError(

@@ -1,0 +1,222 @@
+"""A workdir on GCS: every file the package reads or writes there uses epath.
+
+The fake GCS is etils.epath's own fsspec backend (the one `gs://` paths use
+when TensorFlow is absent or EPATH_USE_TF=0) over an in-memory fsspec
+filesystem registered for `gs://`. `etils.epath.testing.mock_epath()` cannot
+serve here: it swaps the backend table, but with TensorFlow installed epath
+sends `gs://` paths to its tf.io.gfile backend without consulting that table,
+so the fake also turns that choice off.
+
+Nothing of a `gs://` workdir may reach the local disk. Each test runs in an
+empty working directory: builtin `open`, `os.makedirs` or `savefig(path)` on
+`gs://bucket/...` would fail (no local `gs:/bucket/` directory) or create one,
+which `_assert_nothing_local` rejects; and the file would then be missing from
+the fake bucket, which the tests read back.
+"""
+
+import json
+import os
+import struct
+
+from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
+from fsspec.implementations import memory
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from conformer_fl.analysis import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.analysis import movement  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.data import clients  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.experiment import summary as summary_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_WORKDIR = "gs://bucket/run"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "a journey of a thousand miles begins with a single step",
+    "birds of a feather flock together in the park",
+    "every cloud has a silver lining even in the quiet valley",
+] * 3
+
+
+class _InMemoryGcs(memory.MemoryFileSystem):
+  """fsspec's in-memory filesystem answering `gs://` URIs."""
+
+  protocol = ("gs", "gcs")
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = os.fspath(path)
+    if path.startswith("gs://"):
+      path = "memory://" + path[len("gs://"):]
+    return super()._strip_protocol(path)
+
+
+class _FakeGcsBackend(epath_backend._FileSystemSpecBackend):  # pylint: disable=protected-access
+  """epath's fsspec backend, with the in-memory filesystem for every path."""
+
+  def __init__(self, fs):
+    self._fs = fs
+
+  def fs(self, path):
+    del path
+    return self._fs
+
+
+@pytest.fixture(name="bucket")
+def fixture_bucket(tmp_path, monkeypatch):
+  """The in-memory filesystem behind `gs://`; cwd an empty local directory."""
+  fs = _InMemoryGcs(global_store=False, skip_instance_cache=True)
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", _FakeGcsBackend(fs))  # pylint: disable=protected-access
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  monkeypatch.chdir(tmp_path)
+  return fs
+
+
+def _assert_nothing_local():
+  assert os.listdir(".") == [], "a gs:// path was written to the local disk"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+  """(width, height) from a PNG's IHDR chunk."""
+  assert data[:8] == _PNG_MAGIC
+  return struct.unpack(">II", data[16:24])
+
+
+def _spm_config(vocab_size=40):
+  return ml_collections.ConfigDict(
+      dict(kind="sentencepiece", vocab_size=vocab_size, model_type="unigram"))
+
+
+def test_fake_gcs_is_not_the_local_disk(bucket):
+  path = epath.Path(_WORKDIR) / "probe.txt"
+  path.write_text("hello")
+  assert bucket.cat_file(f"{_WORKDIR}/probe.txt") == b"hello"
+  assert path.read_text() == "hello"
+  assert not os.path.exists(f"{_WORKDIR}/probe.txt")
+  with pytest.raises(FileNotFoundError):
+    open(f"{_WORKDIR}/probe.txt", encoding="utf-8")  # pylint: disable=consider-using-with
+  _assert_nothing_local()
+
+
+def test_tokenizer_saved_to_gs_round_trips(bucket):
+  trained = tokenizer_lib.build_tokenizer(_spm_config(), _CORPUS, _WORKDIR)
+  model_path = f"{_WORKDIR}/{tokenizer_lib.TOKENIZER_FILENAME}"
+  assert bucket.cat_file(model_path) == trained.model_proto
+  # The temporary file was renamed onto the model, not left beside it.
+  assert bucket.ls(_WORKDIR, detail=False) == ["/bucket/run/tokenizer.model"]
+
+  sentence = "the lazy fox flocks in the quiet park"
+  loaded = tokenizer_lib.load_tokenizer(model_path)
+  assert loaded.vocab_size == 40
+  assert loaded.encode(sentence) == trained.encode(sentence)
+  assert loaded.decode(loaded.encode(sentence)) == sentence
+  # A resumed run loads the saved model without transcripts.
+  again = tokenizer_lib.build_tokenizer(_spm_config(), None, _WORKDIR)
+  assert again.model_proto == trained.model_proto
+  assert again.encode(sentence) == trained.encode(sentence)
+  # Saving over an existing model replaces it.
+  tokenizer_lib.SentencePieceTokenizer(trained.model_proto).save(model_path)
+  assert bucket.ls(_WORKDIR, detail=False) == ["/bucket/run/tokenizer.model"]
+
+  with pytest.raises(ValueError, match=(
+      f"The saved tokenizer {model_path} has vocab_size=40 but the config asks"
+      " for 50")):
+    tokenizer_lib.build_tokenizer(_spm_config(50), None, _WORKDIR)
+  with pytest.raises(FileNotFoundError,
+                     match="No tokenizer model at gs://bucket/none/x.model."):
+    tokenizer_lib.load_tokenizer("gs://bucket/none/x.model")
+  with pytest.raises(ValueError, match="No saved tokenizer at gs://bucket/new"):
+    tokenizer_lib.build_tokenizer(_spm_config(), None, "gs://bucket/new")
+  _assert_nothing_local()
+
+
+def test_analysis_finds_the_tokenizer_in_a_gs_workdir(bucket):
+  run_config = ml_collections.ConfigDict(
+      dict(data=dict(tokenizer=_spm_config().to_dict())))
+  with pytest.raises(FileNotFoundError,
+                     match=f"No tokenizer.model in {_WORKDIR}: the analysis"):
+    importance._tokenizer(run_config, _WORKDIR)  # pylint: disable=protected-access
+  trained = tokenizer_lib.train_sentencepiece(_CORPUS, 40)
+  trained.save(f"{_WORKDIR}/tokenizer.model")
+  loaded = importance._tokenizer(run_config, _WORKDIR)  # pylint: disable=protected-access
+  assert loaded.model_proto == trained.model_proto
+  assert bucket.exists(f"{_WORKDIR}/tokenizer.model")
+  # The workdir recorded in importance.json stays a gs:// URI.
+  assert importance._absolute(_WORKDIR) == _WORKDIR  # pylint: disable=protected-access
+  assert importance._absolute("run") == os.path.join(os.getcwd(), "run")  # pylint: disable=protected-access
+  _assert_nothing_local()
+
+
+def test_load_importance_and_update_norms_read_gs(bucket):
+  results = {"schema_version": 1, "baseline": {"wer": 0.25},
+             "ambient": ["decoder"], "critical": []}
+  bucket.pipe_file(f"{_WORKDIR}/analysis/importance.json",
+                   json.dumps(results).encode())
+  assert importance.load_importance(_WORKDIR) == results
+  assert importance.load_importance(epath.Path(_WORKDIR)) == results
+  with pytest.raises(FileNotFoundError, match=(
+      "No gs://bucket/other/analysis/importance.json: run the analysis pass"
+      " on gs://bucket/other first")):
+    importance.load_importance("gs://bucket/other")
+
+  records = [{"round": 1, "update_norm/decoder": 3.0},
+             {"round": 2, "update_norm/decoder": 4.0},
+             {"round": 3, "update_norm/decoder": 100.0}]
+  bucket.pipe_file(f"{_WORKDIR}/metrics.jsonl", "".join(
+      json.dumps(r) + "\n" for r in records).encode())
+  assert movement.read_update_norm_sums(
+      f"{_WORKDIR}/metrics.jsonl", ["decoder"], last_round=2) == {
+          "decoder": 7.0}
+  assert movement.read_update_norm_sums(
+      "gs://bucket/other/metrics.jsonl", ["decoder"], last_round=2) is None
+  _assert_nothing_local()
+
+
+def test_plots_write_pngs_to_gs(bucket):
+  fig = plt.figure(figsize=(2.0, 1.5))
+  out = epath.Path(_WORKDIR) / "analysis"
+  out.mkdir(parents=True, exist_ok=True)
+  assert plots._save(fig, out / "blank.png") == (200, 150)  # pylint: disable=protected-access
+  assert _png_size(bucket.cat_file(f"{_WORKDIR}/analysis/blank.png")) == (
+      200, 150)
+
+  size = plots.heatmap([[0.1, 0.2], [0.3, 0.4]], ["a", "b"], [0, 5], 0.05,
+                       "WER", "round", f"{_WORKDIR}/analysis/heatmap_wer.png")
+  assert size == tuple(round(x * plots.DPI)
+                       for x in plots.heatmap_size_inches(2, 2))
+  assert _png_size(bucket.cat_file(f"{_WORKDIR}/analysis/heatmap_wer.png")) == (
+      size)
+  _assert_nothing_local()
+
+
+def test_client_size_report_writes_to_gs(bucket):
+  table, png = clients.client_size_report({"a": 1, "b": 4, "c": 4, "d": 11},
+                                          f"{_WORKDIR}/clients")
+  assert table.splitlines()[2] == "| 4 | 20 | 1 | 4.0 | 5.0 | 11 |"
+  assert png == f"{_WORKDIR}/clients/client_sizes.png"
+  assert _png_size(bucket.cat_file(png)) == (500, 320)
+  _assert_nothing_local()
+
+
+def test_experiment_figures_write_to_gs(bucket):
+  summary = dict(
+      seeds=[0],
+      arms=[dict(arm="full", params_fraction=1.0, flops_fraction=1.0,
+                 peak_bytes_fraction=1.0, dev_wer_by_round={0: [[1, 0.5]]}),
+            dict(arm="targeted", params_fraction=0.5, flops_fraction=0.6,
+                 peak_bytes_fraction=0.7, dev_wer_by_round={0: [[1, 0.4]]})])
+  summary_lib.plot_wer_by_round(summary, f"{_WORKDIR}/wer_by_round.png")
+  summary_lib.plot_client_cost(summary,
+                               epath.Path(_WORKDIR) / "client_cost.png")
+  for name in ("wer_by_round.png", "client_cost.png"):
+    assert _png_size(bucket.cat_file(f"{_WORKDIR}/{name}")) == (600, 400)
+  _assert_nothing_local()
