@@ -32,15 +32,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_lib.parse_arg(arg, size="demo", norm="group_norm", decoder="ctc",
                            corpus="demo", domain="short", server="fedavg",
                            rounds=60, seed=0)
-  config = ml_collections.ConfigDict()
-  config.mode = "federated"
-  config.seed = a.seed
-  config.data = config_lib.data_config_for_corpus(a.corpus)
-  config.data.client_domains = () if a.domain == "all" else (a.domain,)
-  config.data.eval_domains = config.data.client_domains
-  config.model = config_lib.model_config(a.size, conv_norm=a.norm,
-                                         decoder=a.decoder)
-  config.eval_max_batches = 0
-  config.federated = config_lib.federated_config(server=a.server,
-                                                 rounds=a.rounds)
-  return config
+  # Fields: config_lib.federated_run_config and config_lib.federated_config.
+  return config_lib.federated_run_config(**a)

@@ -7,6 +7,7 @@ documents the command that runs it. Every field is documented here, where it is 
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from conformer_fl import models
 from conformer_fl.data import input_pipeline
@@ -160,3 +161,113 @@ def federated_config(server: str = "fedavg",
           freeze_units=(),
       ),
   ))
+
+
+# ----------------------------------------------------------------------------
+# Whole run configs, one per mode; `configs/*.py` call these.
+
+
+def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
+                decoder: str) -> ml_collections.ConfigDict:
+  """The fields every training mode has: mode, seed, data, model, eval."""
+  config = ml_collections.ConfigDict()
+  config.mode = mode
+  config.seed = seed
+  config.data = data_config_for_corpus(corpus)
+  config.model = model_config(size, conv_norm=norm, decoder=decoder)
+  # Evaluate on at most this many eval batches (0 = the whole eval split).
+  config.eval_max_batches = 0
+  return config
+
+
+def central_run_config(size: str = "demo", norm: str = "group_norm",
+                       decoder: str = "ctc", corpus: str = "demo",
+                       domain: str = "long", steps: int = 1200,
+                       seed: int = 0) -> ml_collections.ConfigDict:
+  """Central pre-training (configs/central.py documents the arguments).
+
+  Fields: mode, seed, data (`data_config`), model (`model_config`),
+  eval_max_batches (0 = the whole eval split) and central:
+    num_steps; peak_learning_rate, warmup_steps (linear warm-up, then
+    inverse-square-root decay); b1, b2, eps (Adam); clip_grad_norm (0 = off);
+    log_every, eval_every, checkpoint_every (steps; step 0 is always saved);
+    frozen_units: units (`models.list_units` names, module granularity) whose
+    weights stay at their initial value, e.g. ("encoder/block_01/conv",).
+  """
+  config = _run_config("central", seed, corpus, size, norm, decoder)
+  config.data.train_domains = () if domain == "all" else (domain,)
+  config.data.eval_domains = config.data.train_domains
+  config.central = ml_collections.ConfigDict(dict(
+      num_steps=steps,
+      peak_learning_rate=2e-3,
+      warmup_steps=200,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-9,
+      clip_grad_norm=5.0,
+      log_every=20,
+      eval_every=200,
+      checkpoint_every=100,
+      frozen_units=(),
+  ))
+  return config
+
+
+def federated_run_config(size: str = "demo", norm: str = "group_norm",
+                         decoder: str = "ctc", corpus: str = "demo",
+                         domain: str = "short", server: str = "fedavg",
+                         rounds: int = 60,
+                         seed: int = 0) -> ml_collections.ConfigDict:
+  """Federated training (configs/federated.py documents the arguments).
+
+  Fields: mode, seed, data, model, eval_max_batches and federated
+  (`federated_config`). The clients are the speakers of `domain`.
+  """
+  config = _run_config("federated", seed, corpus, size, norm, decoder)
+  config.data.client_domains = () if domain == "all" else (domain,)
+  config.data.eval_domains = config.data.client_domains
+  config.federated = federated_config(server=server, rounds=rounds)
+  return config
+
+
+def analysis_run_config(granularity: str = "block", seeds: int = 3,
+                        variants: int = 8) -> ml_collections.ConfigDict:
+  """The layer-importance pass (configs/analysis.py documents the arguments)."""
+  config = ml_collections.ConfigDict()
+  config.mode = "analysis"
+  analysis = config.analysis = ml_collections.ConfigDict()
+  # Units: `conformer_fl.models.list_units` at this granularity.
+  analysis.granularity = granularity
+  # Re-initialization checkpoints tau: "all" (every saved step up to the
+  # trained one) or comma-separated steps, e.g. "0,100,400". Step 0 (the
+  # initial value, which decides ambient vs critical) is always included.
+  analysis.taus = "all"
+  # The "trained" checkpoint T whose units are reset; -1 = the latest.
+  analysis.trained_step = -1
+  # Re-randomization: fresh draws of each unit from its initializer, by
+  # initializing the model with seed run_seed + rerandomize_seed_offset + i.
+  analysis.num_rerandomize_seeds = seeds
+  analysis.rerandomize_seed_offset = 1000
+  # Evaluation data: "" / None = the run"s own config.data fields.
+  analysis.eval_split = ""
+  analysis.eval_domains = config_dict.placeholder(tuple)
+  analysis.data_dir = ""
+  analysis.eval_max_batches = 0  # 0 = the whole split.
+  # Ambient vs critical: the WER increase after the tau=0 reset against
+  # max_abs_wer_increase (WER points, 0.01 = 1%) and relative to the baseline
+  # WER against max_rel_wer_increase; threshold_rule "either" calls a unit
+  # ambient when one test passes, "both" when both do.
+  analysis.max_abs_wer_increase = 0.01
+  analysis.max_rel_wer_increase = 0.05
+  analysis.threshold_rule = "either"
+  # Evaluation: variants stacked on a leading axis and vmapped, this many per
+  # compiled call (bounds memory: each holds a full copy of the variables).
+  # vectorized=False evaluates one variant at a time. Measure both on your
+  # hardware with benchmarks/analysis_vectorized.py: on the 2-core CPU the
+  # vmapped path was 1.5-2.3x faster for the tiny model but 0.6-0.7x for demo.
+  analysis.variants_per_call = variants
+  analysis.vectorized = True
+  # Stability: workdirs of other runs (seeds, sizes, batch vs group norm)
+  # whose analysis/importance.json already exists; compared with this run.
+  analysis.compare_workdirs = ()
+  return config

@@ -1,7 +1,8 @@
 r"""Entry point: `python -m conformer_fl.main --config=configs/NAME.py[:ARG] --workdir=DIR`.
 
 Fields are overridden with `--config.FIELD=VALUE` (e.g. `--config.federated.rounds=5`).
-Running again on the same workdir resumes from its latest checkpoint.
+Running again on the same workdir resumes from its latest checkpoint. With absl's
+`--log_dir=DIR` the log is written to files in DIR instead of the terminal.
 
 Multi-host: on a Cloud TPU pod, `jax.distributed.initialize()` finds the other hosts
 by itself; `launch/local_multiprocess.py` stands in for a pod on one machine by setting
@@ -45,6 +46,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if flags.FLAGS.log_dir:
+    # absl's --log_dir: the log goes to files there (`make demo` uses it).
+    logging.get_absl_handler().use_absl_log_file()
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

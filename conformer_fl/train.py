@@ -18,7 +18,6 @@ the same parameters as an uninterrupted one: every random choice is a function o
 
 import dataclasses
 import os
-import shutil
 import time
 from typing import Any
 
@@ -46,7 +45,7 @@ from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import server_optimizers
 
 PyTree = Any
-MODES = ("central", "federated", "analysis")
+MODES = ("central", "federated", "analysis", "experiment")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
@@ -54,7 +53,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
   central / federated return the final params (host numpy); analysis (the layer
   importance pass over a finished run, `conformer_fl.analysis`) returns its
-  results.
+  results; experiment (pre-training, analysis and federated arms in
+  sub-directories, `conformer_fl.experiment`) returns its summary.
   """
   if config.mode == "central":
     return train_central(config, workdir)
@@ -63,6 +63,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if config.mode == "analysis":
     from conformer_fl import analysis  # pylint: disable=g-import-not-at-top
     return analysis.run_analysis(config, workdir)
+  if config.mode == "experiment":
+    from conformer_fl import experiment  # pylint: disable=g-import-not-at-top
+    return experiment.run_experiment(config, workdir)
   raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
 
 
@@ -98,7 +101,7 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
   if init_workdir and not saved.exists() and _is_chief():
     source = epath.Path(init_workdir) / "tokenizer.model"
     if source.exists():
-      shutil.copyfile(source, saved)
+      source.copy(saved)
   if _is_chief():
     tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
   _sync("tokenizer")
@@ -236,16 +239,18 @@ def make_central_optimizer(c: ml_collections.ConfigDict,
   return freeze_units(optimizer, params, tuple(c.frozen_units))
 
 
-def make_central_train_step(model, optimizer, seed: int):
-  """`train_step(state, batch) -> (state, metrics)`, state a plain dict pytree.
+def make_central_train_step(model, optimizer):
+  """`train_step(state, batch, seed_key) -> (state, metrics)`.
 
-  state: {'params', 'model_state', 'opt_state', 'step'}; the step's rng is
-  fold_in(key(seed), step), so a resumed run draws the same dropout and masks.
+  state: a plain dict pytree {'params', 'model_state', 'opt_state', 'step'}.
+  The step's rng is fold_in(seed_key, step), so a resumed run draws the same
+  dropout and masks; seed_key = key(config.seed) is an argument, not a
+  constant, so runs that differ only in the seed share the compiled step.
   """
   loss_fn = make_mean_loss_fn(model)
 
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+  def train_step(state, batch, seed_key):
+    rng = jax.random.fold_in(seed_key, state["step"])
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["model_state"], batch, rng)
     updates, opt_state = optimizer.update(grads, state["opt_state"],
@@ -286,9 +291,10 @@ def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
     state = run.store.restore(start, like=state)
   run.logger.drop_after(start)
 
-  train_step = jax.jit(make_central_train_step(run.model, optimizer, run.config.seed),
-                       in_shardings=(replicated, by_example),
+  train_step = jax.jit(make_central_train_step(run.model, optimizer),
+                       in_shardings=(replicated, by_example, replicated),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
+  seed_key = jax.device_put(jax.random.key(run.config.seed), replicated)
   eval_step = jax.jit(evaluation.make_eval_step(run.model))
   eval_batches = _eval_batches(run, None)
   batches = input_pipeline.get_train_batches(
@@ -302,7 +308,8 @@ def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
     # Every process reads the global batch and places its own rows.
     first, last = mesh_lib.process_client_range(batch["audio"].shape[0], mesh)
     batch = {k: v[first:last] for k, v in batch.items()}
-    state, metrics = train_step(state, mesh_lib.shard_round_data(batch, mesh))
+    state, metrics = train_step(state, mesh_lib.shard_round_data(batch, mesh),
+                                seed_key)
     progress.update(1)
     log = step % c.log_every == 0 or step == c.num_steps
     evaluate = step % c.eval_every == 0 or step == c.num_steps

@@ -32,3 +32,38 @@ def tiny_corpus_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp("tiny_corpus"))
   synthetic_speech.build("tiny", data_dir)
   return data_dir
+
+
+def _run_tiny_experiment(workdir, data_dir) -> str:
+  """`configs/experiment.py:scale=tiny` through the entry point; its stdout."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  command = [sys.executable, "-m", "conformer_fl.main",
+             "--config=configs/experiment.py:scale=tiny",
+             f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
+  result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
+                          env=dict(os.environ), capture_output=True, text=True,
+                          timeout=900, check=False)
+  assert result.returncode == 0, (
+      f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n"
+      f"{result.stderr[-6000:]}")
+  return result.stdout
+
+
+@pytest.fixture(scope="session")
+def run_tiny_experiment():
+  """`run(workdir, data_dir) -> stdout`: the tiny experiment's entry point."""
+  return _run_tiny_experiment
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tiny_corpus_dir, tmp_path_factory):
+  """(workdir, stdout) of `make demo`'s pipeline at tiny scale, run once.
+
+  tests/test_experiment_e2e.py checks it; the targeted-dropout notebook runs
+  the same config on the same workdir and must reuse every stage.
+  """
+  workdir = tmp_path_factory.mktemp("tiny_experiment")
+  return workdir, _run_tiny_experiment(workdir, tiny_corpus_dir)

@@ -1,0 +1,126 @@
+r"""The study end to end: pre-train, analyse, adapt with targeted Federated Dropout.
+
+`make demo` runs this config (scale=demo) on the local synthesized corpus:
+
+  python -m conformer_fl.main --config=configs/experiment.py --workdir=runs/demo
+  python -m conformer_fl.main --config=configs/experiment.py:seeds=0+1+2,norm=batch_norm \
+      --workdir=runs/demo_bn3
+
+Stages (conformer_fl/experiment/__init__.py): (1) build the corpus; (2) central
+pre-training on the long-form domain, checkpoints from step 0 (`pretrain`, a
+configs/central.py config); (3) the layer-importance analysis of the pre-trained
+model (`analysis`, a configs/analysis.py config); (4) federated adaptation to the
+withheld short-form domain, one client per speaker, once per arm and seed
+(`adapt`, a configs/federated.py config, with `federated.dropout` set per arm);
+(5) the client cost of each arm and W/report.md. Any field can be overridden,
+e.g. `--config.adapt.federated.rounds=40` or `--config.targeting.rule=ambient`.
+
+The arms (conformer_fl/experiment/arms.py):
+  full      the whole model on every client;
+  targeted  the targeted (least important) units lose `targeting.targeted_rate`
+            of their feed-forward units, conv channels and attention heads;
+  uniform   the control: the same rate on every droppable layer, set so a client
+            optimizes as many parameters as in `targeted`;
+  freeze    clients do not train the targeted units at all.
+`targeting.rule`: 'rank' targets the `targeting.num_units` units whose reset to
+their initial value raises `targeting.metric` least; 'ambient' targets the units
+the analysis calls ambient (its WER thresholds: config.analysis). The scales
+here rank by the loss: their short pre-training leaves the long-form WER near
+100%, where the WER cannot tell the units apart and the loss still can.
+
+Argument (all optional, `key=value,...`):
+  scale    demo (the `make demo` default: about 15 minutes on 2 CPU cores)
+           | tiny (a minute: the test of the whole pipeline)        (demo)
+  norm     conv-module norm: group_norm | batch_norm | layer_norm   (group_norm)
+  decoder  ctc | rnnt                                                (ctc)
+  seeds    federated seeds (client sampling, dropout draws), '+'-separated;
+           every arm runs once per seed                              (0)
+  rounds   federated rounds per arm (0 = the scale's default)         (0)
+  steps    central pre-training steps (0 = the scale's default)       (0)
+"""
+
+import ml_collections
+
+from conformer_fl import config_lib
+
+# Per scale: corpus and model size, pre-training steps, federated rounds,
+# clients per round, local steps, client batch and eval batches.
+_SCALES = {
+    "demo": dict(corpus="demo", size="demo", steps=400, rounds=30, clients=8,
+                 local_steps=4, batch=4, eval_batches=4, num_units=2,
+                 metric="loss"),
+    "tiny": dict(corpus="tiny", size="tiny", steps=6, rounds=2, clients=4,
+                 local_steps=2, batch=2, eval_batches=1, num_units=1,
+                 metric="loss"),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = config_lib.parse_arg(arg, scale="demo", norm="group_norm", decoder="ctc",
+                           seeds="0", rounds=0, steps=0)
+  if a.scale not in _SCALES:
+    raise ValueError(f"scale={a.scale!r}; expected one of {sorted(_SCALES)}.")
+  s = _SCALES[a.scale]
+  steps = a.steps or s["steps"]
+  rounds = a.rounds or s["rounds"]
+
+  config = ml_collections.ConfigDict()
+  config.mode = "experiment"
+  # Federated seeds: every arm runs once per seed.
+  config.seeds = tuple(int(x) for x in a.seeds.split("+"))
+  # The split of the final evaluation of every arm (held-out speakers).
+  config.final_eval_split = "test"
+
+  # (2) Central pre-training on the long-form domain.
+  pretrain = config_lib.central_run_config(
+      size=s["size"], norm=a.norm, decoder=a.decoder, corpus=s["corpus"],
+      domain="long", steps=steps, seed=0)
+  pretrain.eval_max_batches = s["eval_batches"]
+  pretrain.central.warmup_steps = max(1, min(200, steps // 4))
+  pretrain.central.log_every = max(1, min(20, steps // 10))
+  pretrain.central.eval_every = max(1, steps // 2)
+  # The analysis resets units to these checkpoints (tau), 0 included.
+  pretrain.central.checkpoint_every = max(1, steps // 4)
+  config.pretrain = pretrain
+
+  # (3) Layer importance of the pre-trained model, on its own dev split.
+  analysis = config_lib.analysis_run_config(granularity="block", seeds=1)
+  analysis.analysis.eval_max_batches = s["eval_batches"]
+  # One variant at a time: faster than vmapped variants on 2 CPU cores for
+  # the demo size (benchmarks/analysis_vectorized.py).
+  analysis.analysis.vectorized = a.scale == "tiny"
+  config.analysis = analysis
+
+  # (4) Federated adaptation to the short-form domain.
+  adapt = config_lib.federated_run_config(
+      size=s["size"], norm=a.norm, decoder=a.decoder, corpus=s["corpus"],
+      domain="short", rounds=rounds, seed=0)
+  adapt.eval_max_batches = s["eval_batches"]
+  f = adapt.federated
+  f.clients_per_round = s["clients"]
+  f.local_steps = s["local_steps"]
+  f.client_batch_size = s["batch"]
+  # One compiled round per arm: every round padded to the one bucket, which
+  # holds the short-form utterances (<= 2 s).
+  adapt.data.bucket_seconds = (2.0,)
+  f.fixed_round_shape = True
+  f.eval_every = max(1, rounds // 4)
+  f.checkpoint_every = max(1, rounds // 2)
+  f.unit_granularity = "block"
+  config.adapt = adapt
+
+  # The arms, and which units the targeted and freeze arms aim at.
+  config.arms = ("full", "uniform", "targeted", "freeze")
+  config.targeting = ml_collections.ConfigDict(dict(
+      rule="rank",                  # 'rank' | 'ambient'
+      num_units=s["num_units"],     # rule 'rank': how many units
+      metric=s["metric"],           # rule 'rank': rank by 'wer' or 'loss'
+      targeted_rate=0.5,            # dropout rate of the targeted units
+      other_rate=0.0,               # dropout rate of every other unit
+  ))
+
+  # Every stage reads the same corpus.
+  config.data_dir = config_lib.DEFAULT_DATA_DIR
+  for stage in (config.pretrain, config.adapt):
+    stage.data.data_dir = config.get_ref("data_dir")
+  return config

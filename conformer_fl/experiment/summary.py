@@ -1,0 +1,258 @@
+"""The experiment's summary: one row per arm, figures, and `report.md`.
+
+W/summary.json:
+{
+  "rounds": int, "seeds": [int], "clients_per_round": int,
+  "eval": {"split": str, "domains": [str]},     the final evaluation
+  "pretrain": {"steps": int, "eval_wer": float | null,   on its own eval split
+               "eval_domains": [str]},
+  "pretrained_not_adapted": {"wer", "loss", "num_examples"},  on "eval"
+  "analysis": {"baseline_wer", "ambient": [str], "critical": [str],
+               "rule": str, "metric": str, "targeted_units": [str]},
+  "arms": [{                                       in config.arms order
+    "arm": str, "dropout": {kind, rates, default_rate, unit_kinds, freeze_units},
+    "wer": float, "wer_std": float, "wer_per_seed": [float],   mean over seeds
+    "loss": float,
+    "client_params", "params_fraction", "client_flops", "flops_fraction",
+    "client_peak_bytes", "peak_bytes_fraction": float,   one client step
+    "seconds_per_round": float | null,   mean wall time of rounds 2.., all seeds
+    "dev_wer_by_round": {seed: [[round, wer], ...]}}]
+}
+"""
+
+from collections.abc import Mapping, Sequence
+import io
+import json
+import math
+import os
+from typing import Any
+
+from etils import epath
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+WER_FIGURE = "wer_by_round.png"
+COST_FIGURE = "client_cost.png"
+DPI = 100
+
+
+def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
+  """The rows of a run's metrics.jsonl, in order."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _round_seconds(rows: Sequence[Mapping[str, Any]],
+                   clients_per_round: int) -> list[float]:
+  """Wall seconds of every logged round but the first (which compiles)."""
+  return [clients_per_round / row["clients_per_second"] for row in rows
+          if row.get("round", 0) > 1 and row.get("clients_per_second")]
+
+
+def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  importance: Mapping[str, Any], targets: Sequence[str],
+                  arm_dropouts: Mapping[str, ml_collections.ConfigDict],
+                  costs: Mapping[str, Mapping[str, float]],
+                  results: Mapping[tuple[str, int], Mapping[str, float]],
+                  pretrained_eval: Mapping[str, float]) -> dict[str, Any]:
+  """The summary (module docstring) from the stages' outputs."""
+  f = config.adapt.federated
+  pretrain_rows = [r for r in read_metrics(workdir / "pretrain")
+                   if "eval/wer" in r]
+  arms = []
+  for arm, dropout_config in arm_dropouts.items():
+    wers = [results[(arm, seed)]["wer"] for seed in config.seeds]
+    losses = [results[(arm, seed)]["loss"] for seed in config.seeds]
+    seconds, by_round = [], {}
+    for seed in config.seeds:
+      rows = read_metrics(workdir / "arms" / arm / f"seed_{seed}")
+      seconds += _round_seconds(rows, f.clients_per_round)
+      by_round[str(seed)] = [[r["round"], r["eval/wer"]] for r in rows
+                             if "eval/wer" in r]
+    cost = costs[arm]
+    arms.append(dict(
+        arm=arm, dropout=dropout_config.to_dict(),
+        wer=float(np.mean(wers)), wer_std=float(np.std(wers)),
+        wer_per_seed=wers, loss=float(np.mean(losses)),
+        client_params=cost["params"], params_fraction=cost["params_fraction"],
+        client_flops=cost["flops"], flops_fraction=cost["flops_fraction"],
+        client_peak_bytes=cost["peak_bytes"],
+        peak_bytes_fraction=cost["peak_bytes_fraction"],
+        seconds_per_round=float(np.mean(seconds)) if seconds else None,
+        dev_wer_by_round=by_round))
+  return dict(
+      rounds=f.rounds, seeds=list(config.seeds),
+      clients_per_round=f.clients_per_round,
+      eval=dict(split=config.final_eval_split,
+                domains=list(config.adapt.data.eval_domains)),
+      pretrain=dict(
+          steps=config.pretrain.central.num_steps,
+          eval_wer=pretrain_rows[-1]["eval/wer"] if pretrain_rows else None,
+          eval_domains=list(config.pretrain.data.eval_domains)),
+      pretrained_not_adapted={k: pretrained_eval[k]
+                              for k in ("wer", "loss", "num_examples")},
+      analysis=dict(baseline_wer=importance["baseline"]["wer"],
+                    ambient=list(importance["ambient"]),
+                    critical=list(importance["critical"]),
+                    rule=config.targeting.rule,
+                    metric=config.targeting.metric,
+                    targeted_units=list(targets)),
+      arms=arms)
+
+
+def _describe(dropout: Mapping[str, Any]) -> str:
+  """The arm's client model in words, e.g. 'rate 0.5 on 2 units'."""
+  if dropout["freeze_units"]:
+    return f"freeze {len(dropout['freeze_units'])} units"
+  if dropout["kind"] == "uniform":
+    return f"rate {dropout['default_rate']:g} everywhere"
+  if dropout["kind"] == "targeted":
+    rates = sorted(set(dropout["rates"].values()))
+    text = (f"rate {', '.join(f'{r:g}' for r in rates)} on"
+            f" {len(dropout['rates'])} units")
+    if dropout["default_rate"]:
+      text += f", {dropout['default_rate']:g} elsewhere"
+    return text
+  return "full model"
+
+
+def summary_table(summary: Mapping[str, Any]) -> str:
+  """The markdown table: WER and client cost of each arm."""
+  ev = summary["eval"]
+  seeds = len(summary["seeds"])
+  wer_head = f"WER ({ev['split']}, {'+'.join(ev['domains']) or 'all'})"
+  if seeds > 1:
+    wer_head += f", mean ± sd of {seeds} seeds"
+  lines = [
+      f"| arm | client model | {wer_head} | loss | client params | % |"
+      " client step GFLOP | % | client peak MiB | % | s/round |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  base = summary["pretrained_not_adapted"]
+  lines.append(f"| pre-trained, not adapted | full model | {base['wer']:.3f} |"
+               f" {base['loss']:.2f} | | | | | | | |")
+  for row in summary["arms"]:
+    wer = f"{row['wer']:.3f}"
+    if seeds > 1:
+      wer += f" ± {row['wer_std']:.3f}"
+    secs = row["seconds_per_round"]
+    lines.append(
+        f"| {row['arm']} | {_describe(row['dropout'])} | {wer} |"
+        f" {row['loss']:.2f} | {row['client_params']:,.0f} |"
+        f" {100 * row['params_fraction']:.1f} |"
+        f" {row['client_flops'] / 1e9:.3f} | {100 * row['flops_fraction']:.1f} |"
+        f" {row['client_peak_bytes'] / 2**20:.1f} |"
+        f" {100 * row['peak_bytes_fraction']:.1f} |"
+        f" {'' if secs is None else f'{secs:.2f}'} |")
+  return "\n".join(lines)
+
+
+def _save(fig, path: str | os.PathLike[str]) -> None:
+  """Writes `fig` as a PNG to `path` (local or `gs://`) and closes it."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=DPI)
+  plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
+
+
+def plot_wer_by_round(summary: Mapping[str, Any],
+                      path: str | os.PathLike[str]) -> None:
+  """Dev WER of each arm against the round (one line per arm and seed)."""
+  fig, ax = plt.subplots(figsize=(6.0, 4.0))
+  for row in summary["arms"]:
+    for seed, points in row["dev_wer_by_round"].items():
+      if points:
+        x, y = zip(*points)
+        label = row["arm"] if len(summary["seeds"]) == 1 else (
+            f"{row['arm']} seed {seed}")
+        ax.plot(x, y, marker="o", label=label)
+  ax.set_xlabel("round")
+  ax.set_ylabel("WER on the dev split (held-out speakers)")
+  ax.set_title("Federated adaptation to the short-form domain")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_client_cost(summary: Mapping[str, Any],
+                     path: str | os.PathLike[str]) -> None:
+  """Client parameters, step FLOPs and peak memory of each arm, % of full."""
+  names = [row["arm"] for row in summary["arms"]]
+  fields = (("params_fraction", "parameters"), ("flops_fraction", "step FLOPs"),
+            ("peak_bytes_fraction", "peak memory"))
+  x = np.arange(len(names))
+  width = 0.8 / len(fields)
+  fig, ax = plt.subplots(figsize=(6.0, 4.0))
+  for i, (key, label) in enumerate(fields):
+    ax.bar(x + (i - 1) * width, [100 * row[key] for row in summary["arms"]],
+           width, label=label)
+  ax.set_xticks(x, names)
+  ax.set_ylabel("% of the full model's client step")
+  ax.set_ylim(0, 125)
+  ax.legend(loc="upper center", ncol=len(fields))
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def render_report(summary: Mapping[str, Any]) -> str:
+  """report.md: the table, the analysis that chose the targets, the figures."""
+  a = summary["analysis"]
+  p = summary["pretrain"]
+  targets = ", ".join(f"`{u}`" for u in a["targeted_units"]) or "none"
+  return "\n".join([
+      "# Federated Dropout targeted by layer importance",
+      "",
+      f"Federated adaptation: {summary['rounds']} rounds of"
+      f" {summary['clients_per_round']} clients (speakers), seeds"
+      f" {summary['seeds']}, from a model pre-trained for {p['steps']} central"
+      f" steps (WER {_fmt(p['eval_wer'])} on its own eval domain"
+      f" {'+'.join(p['eval_domains']) or 'all'}).",
+      "",
+      summary_table(summary),
+      "",
+      "Client cost is one local step of one client (XLA cost and memory"
+      " analysis); s/round is the measured wall time of a round on this"
+      " machine, without the first (compiling) round.",
+      "",
+      "## Which layers were targeted",
+      "",
+      f"Baseline WER of the pre-trained model in the analysis:"
+      f" {_fmt(a['baseline_wer'])}. Ambient: {a['ambient'] or 'none'};"
+      f" critical: {a['critical'] or 'none'}.",
+      f"Targeting rule `{a['rule']}`"
+      f"{' by ' + a['metric'] if a['rule'] == 'rank' else ''} chose: {targets}.",
+      "",
+      "![WER after resetting each unit](pretrain/analysis/heatmap_wer.png)",
+      "",
+      "![Importance against weight movement]"
+      "(pretrain/analysis/movement_scatter.png)",
+      "",
+      "The full analysis: [pretrain/analysis/report.md]"
+      "(pretrain/analysis/report.md).",
+      "",
+      "## Adaptation",
+      "",
+      f"![Dev WER by round]({WER_FIGURE})",
+      "",
+      f"![Client cost]({COST_FIGURE})",
+      "",
+  ])
+
+
+def write_report(summary: Mapping[str, Any], workdir: epath.Path) -> None:
+  """Writes summary.json, the two figures and report.md into `workdir`."""
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  plot_wer_by_round(summary, str(workdir / WER_FIGURE))
+  plot_client_cost(summary, str(workdir / COST_FIGURE))
+  (workdir / "report.md").write_text(render_report(summary))

@@ -1,0 +1,67 @@
+"""configs/experiment.py and the experiment's workdir guard."""
+
+import importlib.util
+import json
+import pathlib
+
+from etils import epath
+import pytest
+
+from conformer_fl import experiment
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(arg: str = ""):
+  spec = importlib.util.spec_from_file_location(
+      "experiment_config", ROOT / "configs" / "experiment.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_stages_share_the_data_dir_and_the_seeds_parse():
+  config = _config("scale=tiny,seeds=0+3,rounds=5")
+  config.data_dir = "/somewhere"
+  resolved = config.copy_and_resolve_references()
+  assert resolved.pretrain.data.data_dir == "/somewhere"
+  assert resolved.adapt.data.data_dir == "/somewhere"
+  assert config.seeds == (0, 3)
+  assert config.adapt.federated.rounds == 5
+  assert config.pretrain.data.train_domains == ("long",)
+  assert config.adapt.data.client_domains == ("short",)
+  assert config.adapt.data.eval_domains == ("short",)
+
+
+def test_unknown_scale_is_named():
+  with pytest.raises(ValueError, match="scale='huge'"):
+    _config("scale=huge")
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+  workdir = epath.Path(tmp_path)
+  experiment.check_workdir_config(_config("scale=tiny"), workdir)
+  saved = (workdir / experiment.CONFIG_FILE).read_text()
+  experiment.check_workdir_config(_config("scale=tiny"), workdir)  # Same: ok.
+  with pytest.raises(ValueError, match=r"adapt\.federated\.rounds"):
+    experiment.check_workdir_config(_config("scale=tiny,rounds=7"), workdir)
+  assert (workdir / experiment.CONFIG_FILE).read_text() == saved
+  assert json.loads(saved)["adapt"]["federated"]["rounds"] == 2
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("arms", ("full", "dropout"), r"config.arms=\('full', 'dropout'\)"),
+    ("seeds", (), "config.seeds is empty"),
+    ("targeting.rule", "loudest", "config.targeting.rule='loudest'"),
+    ("targeting.targeted_rate", 1.0, r"config.targeting.targeted_rate=1.0"),
+    ("adapt.mode", "central", "config.adapt.mode='central'"),
+])
+def test_bad_experiment_fields_are_named(field, value, message):
+  config = _config("scale=tiny")
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.validate_config(config)
