@@ -1,0 +1,508 @@
+r"""Cloud TPU VM pods through gcloud: create, wait, setup, run, logs, delete.
+
+A pod slice (e.g. v4-32: 4 hosts) runs the same command on every host; inside
+it, `conformer_fl.main` calls `jax.distributed.initialize()`, which finds the
+other hosts from the TPU metadata server. The workdir must be on GCS (every
+host writes to it), and TFDS datasets (LibriSpeech) are read from
+$TFDS_DATA_DIR, usually a gs:// folder too.
+
+  P="--name=cfl-v4 --zone=us-central2-b --project=my-project"
+  python launch/tpu_pod.py create $P --accelerator_type=v4-32 \
+      --runtime_version=tpu-ubuntu2204-base [--spot | --best_effort]
+  python launch/tpu_pod.py wait $P            # polls until the pod is ACTIVE
+  python launch/tpu_pod.py setup $P           # code + virtualenv, every worker
+  python launch/tpu_pod.py run $P --tfds_data_dir=gs://BUCKET/tfds -- \
+      --config=configs/central.py:size=S,corpus=librispeech \
+      --workdir=gs://BUCKET/cfl/central_S
+  python launch/tpu_pod.py logs $P --job=central_S [--worker=all] [--follow]
+  python launch/tpu_pod.py delete $P          # the queued resource and its node
+
+Every subcommand takes --dry-run: it prints the exact commands, one per line
+(shell-quoted), instead of running them. Otherwise they run one after another
+and the first failure stops the script with the failing command.
+
+On each worker: `setup` ships the committed tree (`git archive` of --ref,
+default HEAD: commit or stash what you want to run) to ~/conformer_fl and
+installs the package with `jax[tpu]` into ~/conformer_fl/.venv (Python 3.11,
+from apt when missing). `run` starts `python -m conformer_fl.main` with nohup
+in the background on every worker at once, with TFDS_DATA_DIR and
+CLOUD_TPU_TASK_ID (the worker number, from the metadata server) exported: a
+TPU VM's ssh session has neither TPU_WORKER_HOSTNAMES nor CLOUD_TPU_TASK_ID,
+and `conformer_fl.main` calls `jax.distributed.initialize()` only when one of
+them is set. Each worker logs to ~/conformer_fl/logs/JOB.workerN.log. `run`
+refuses to start while a conformer_fl.main job is still running on a worker.
+"""
+
+import argparse
+from collections.abc import Sequence
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# On every worker, relative to the home directory (ssh sessions start there).
+REMOTE_DIR = "conformer_fl"
+REMOTE_ARCHIVE = "conformer_fl.tar.gz"
+LOG_DIR = "logs"  # Inside REMOTE_DIR.
+DEFAULT_PYTHON = "python3.11"  # setup.py: python_requires >= 3.11.
+CORPUS_PACKAGES = ("espeak-ng", "flite", "fortunes-min")  # Local corpus only.
+WORKER_NUMBER_URL = ("http://metadata.google.internal/computeMetadata/v1/"
+                     "instance/attributes/agent-worker-number")
+# A process whose command line starts with a python binary running the entry
+# point (the remote shell that runs this check does not start that way).
+_RUNNING_PATTERN = "^[^ ]*python[^ ]* -m conformer_fl[.]main"
+
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+_ACCELERATOR = re.compile(r"^v[0-9]+[a-z]*-[0-9]+$")
+_JOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+_WORKER = re.compile(r"^(all|[0-9]+(,[0-9]+)*)$")
+_PYTHON = re.compile(r"^python3(\.[0-9]+)?$")
+
+Command = list[str]
+
+
+class LaunchError(ValueError):
+  """A bad input, or a command that failed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+  """A queued resource and its TPU VM node.
+
+  Attributes:
+    name: queued-resource name.
+    zone: e.g. us-central2-b.
+    project: GCP project; None = gcloud's default project.
+    node_id: the TPU VM node; None = `name`.
+  """
+  name: str
+  zone: str
+  project: str | None = None
+  node_id: str | None = None
+
+  def __post_init__(self):
+    for field, value in (("name", self.name), ("node_id", self.node_id)):
+      if field == "node_id" and value is None:
+        continue
+      if not value:
+        raise LaunchError(f"The pod {field} must not be empty.")
+      if not _NAME.match(value):
+        raise LaunchError(
+            f"Bad pod {field} {value!r}: lower-case letters, digits and"
+            " hyphens, starting with a letter, at most 63 characters.")
+    if not self.zone or not _ZONE.match(self.zone):
+      raise LaunchError(f"Bad zone {self.zone!r}: expected e.g. us-central2-b.")
+    if self.project is not None and not self.project:
+      raise LaunchError("--project must not be empty (omit it for gcloud's"
+                        " default project).")
+
+  @property
+  def node(self) -> str:
+    return self.node_id or self.name
+
+  def location_flags(self) -> list[str]:
+    flags = [f"--zone={self.zone}"]
+    if self.project:
+      flags.append(f"--project={self.project}")
+    return flags
+
+
+# ----------------------------------------------------------------------------
+# Input checks.
+
+
+def check_accelerator_type(accelerator_type: str) -> str:
+  if not _ACCELERATOR.match(accelerator_type or ""):
+    raise LaunchError(
+        f"Bad accelerator type {accelerator_type!r}: expected VERSION-CORES,"
+        " e.g. v4-32, v5p-16, v5litepod-16, v6e-8.")
+  return accelerator_type
+
+
+def check_gcs_workdir(workdir: str) -> str:
+  """A pod's workdir: every host writes there, so it must be gs://BUCKET/..."""
+  if not workdir.startswith("gs://") or len(workdir.rstrip("/")) <= len(
+      "gs://") or workdir[len("gs://")] == "/":
+    raise LaunchError(
+        f"The workdir of a pod run must be on GCS (gs://BUCKET/PATH), got"
+        f" {workdir!r}: every host of the pod writes to it.")
+  return workdir
+
+
+def check_job(job: str) -> str:
+  if not _JOB.match(job or ""):
+    raise LaunchError(f"Bad job name {job!r}: letters, digits and ._=- only.")
+  return job
+
+
+def check_worker(worker: str) -> str:
+  if not _WORKER.match(worker or ""):
+    raise LaunchError(
+        f"Bad --worker {worker!r}: 'all' or worker numbers such as 0 or 0,1.")
+  return worker
+
+
+def _flag_value(args: Sequence[str], name: str) -> str | None:
+  prefix = f"--{name}="
+  values = [a[len(prefix):] for a in args if a.startswith(prefix)]
+  return values[-1] if values else None
+
+
+def check_main_args(main_args: Sequence[str]) -> None:
+  """`conformer_fl.main` arguments for a pod: a config and a gs:// workdir."""
+  if not _flag_value(main_args, "config"):
+    raise LaunchError(
+        "The run needs --config=configs/NAME.py[:ARG] (after --).")
+  workdir = _flag_value(main_args, "workdir")
+  if not workdir:
+    raise LaunchError("The run needs --workdir=gs://BUCKET/PATH (after --).")
+  check_gcs_workdir(workdir)
+  for arg in main_args:
+    if not arg.startswith(("--config=", "--workdir=", "--config.")):
+      raise LaunchError(
+          f"Unexpected argument {arg!r} for conformer_fl.main: expected"
+          " --config=..., --workdir=... and --config.FIELD=VALUE (the options"
+          " of tpu_pod.py, such as --dry-run, go before --).")
+
+
+def default_job_name(main_args: Sequence[str]) -> str:
+  """The workdir's last component: central_S for gs://b/cfl/central_S."""
+  workdir = _flag_value(main_args, "workdir") or ""
+  return workdir.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ----------------------------------------------------------------------------
+# Commands.
+
+_GCLOUD_TPUS = ["gcloud", "compute", "tpus"]
+
+
+def create_commands(pod: Pod, accelerator_type: str, runtime_version: str,
+                    spot: bool = False,
+                    best_effort: bool = False) -> list[Command]:
+  """The queued-resource request (--best_effort exists only in gcloud alpha)."""
+  check_accelerator_type(accelerator_type)
+  if not runtime_version:
+    raise LaunchError("--runtime_version must not be empty (e.g."
+                      " tpu-ubuntu2204-base, v2-alpha-tpuv5-lite).")
+  if spot and best_effort:
+    raise LaunchError("Choose one of --spot and --best_effort.")
+  gcloud = (["gcloud", "alpha", "compute", "tpus"] if best_effort
+            else _GCLOUD_TPUS)
+  command = [*gcloud, "queued-resources", "create", pod.name,
+             f"--node-id={pod.node}", f"--accelerator-type={accelerator_type}",
+             f"--runtime-version={runtime_version}", *pod.location_flags()]
+  if spot:
+    command.append("--spot")
+  if best_effort:
+    command.append("--best-effort")
+  return [command]
+
+
+def describe_command(pod: Pod) -> Command:
+  """Prints the queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, ...)."""
+  return [*_GCLOUD_TPUS, "queued-resources", "describe", pod.name,
+          *pod.location_flags(), "--format=value(state.state)"]
+
+
+def ssh_command(pod: Pod, remote: str, worker: str = "all") -> Command:
+  return [*_GCLOUD_TPUS, "tpu-vm", "ssh", pod.node, *pod.location_flags(),
+          f"--worker={check_worker(worker)}", f"--command={remote}"]
+
+
+def default_archive(pod: Pod) -> str:
+  return os.path.join(tempfile.gettempdir(), f"conformer_fl-{pod.name}.tar.gz")
+
+
+def setup_remote_command(python: str = DEFAULT_PYTHON,
+                         corpus_packages: bool = False) -> str:
+  """The shell command each worker runs: unpack, virtualenv, install."""
+  if not _PYTHON.match(python):
+    raise LaunchError(f"Bad --python {python!r}: expected e.g. python3.11.")
+  packages = [f"{python}-venv", *(CORPUS_PACKAGES if corpus_packages else ())]
+  apt = ("sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive"
+         f" apt-get -qq install -y {' '.join(packages)}")
+  steps = [
+      (f"({apt})" if corpus_packages else
+       f"({python} -c 'import ensurepip' 2>/dev/null || ({apt}))"),
+      f"mkdir -p {REMOTE_DIR}",
+      f"cd {REMOTE_DIR}",
+      # A fresh tree, keeping the virtualenv and the logs.
+      f"find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name {LOG_DIR}"
+      " -exec rm -rf {} +",
+      f"tar -xzf ../{REMOTE_ARCHIVE}",
+      f"{python} -m venv .venv",
+      ".venv/bin/pip install -q --upgrade pip",
+      ".venv/bin/pip install -q -e . 'jax[tpu]'",
+      ".venv/bin/python -c 'import jax, conformer_fl; print(\"jax\","
+      " jax.__version__)'",
+  ]
+  return " && ".join(steps)
+
+
+def setup_commands(pod: Pod, ref: str = "HEAD", archive: str | None = None,
+                   python: str = DEFAULT_PYTHON,
+                   corpus_packages: bool = False) -> list[Command]:
+  """git archive of `ref` -> every worker; then each worker's virtualenv."""
+  if not ref:
+    raise LaunchError("--ref must not be empty (e.g. HEAD or a commit).")
+  archive = archive or default_archive(pod)
+  return [
+      ["git", "-C", ROOT, "archive", "--format=tar.gz", f"--output={archive}",
+       ref],
+      [*_GCLOUD_TPUS, "tpu-vm", "scp", archive, f"{pod.node}:{REMOTE_ARCHIVE}",
+       *pod.location_flags(), "--worker=all"],
+      ssh_command(pod, setup_remote_command(python, corpus_packages)),
+  ]
+
+
+def log_file(job: str) -> str:
+  """A worker's log of `job`, relative to REMOTE_DIR."""
+  return f"{LOG_DIR}/{check_job(job)}.worker$CLOUD_TPU_TASK_ID.log"
+
+
+def _main_command(main_args: Sequence[str]) -> str:
+  return shlex.join([".venv/bin/python", "-m", "conformer_fl.main", *main_args])
+
+
+def run_remote_command(runs: Sequence[tuple[str, Sequence[str]]],
+                       tfds_data_dir: str) -> str:
+  """The shell command each worker runs: start `runs` in the background.
+
+  Args:
+    runs: (job name, `conformer_fl.main` arguments) pairs. One run is started
+      with nohup; several run one after another in one background shell (a
+      failed run does not stop the next: each has its own log).
+    tfds_data_dir: exported as TFDS_DATA_DIR.
+  """
+  if not runs:
+    raise LaunchError("Nothing to run.")
+  if not tfds_data_dir:
+    raise LaunchError("--tfds_data_dir must not be empty: TFDS datasets"
+                      " (LibriSpeech) are read from it, e.g. gs://BUCKET/tfds.")
+  jobs = [check_job(job) for job, _ in runs]
+  if len(set(jobs)) != len(jobs):
+    raise LaunchError(f"Job names must differ, got {jobs}.")
+  for _, main_args in runs:
+    check_main_args(main_args)
+  if len(runs) == 1:
+    job, main_args = runs[0]
+    background = f"nohup {_main_command(main_args)} > {log_file(job)} 2>&1"
+    started = job
+  else:
+    queue = "; ".join(f"{_main_command(args)} > {log_file(job)} 2>&1"
+                      for job, args in runs)
+    background = f"nohup sh -c {shlex.quote(queue)} > /dev/null 2>&1"
+    started = f"{len(runs)} runs in sequence ({', '.join(jobs)})"
+  return " && ".join([
+      f"cd {REMOTE_DIR}",
+      f"mkdir -p {LOG_DIR}",
+      f"if pgrep -f '{_RUNNING_PATTERN}' > /dev/null; then echo \"$(hostname):"
+      " a conformer_fl.main job is still running\" >&2; exit 1; fi",
+      f"export TFDS_DATA_DIR={shlex.quote(tfds_data_dir)}",
+      "export CLOUD_TPU_TASK_ID=$(curl -s -H Metadata-Flavor:Google"
+      f" {WORKER_NUMBER_URL})",
+      f"{{ {background} < /dev/null & }}",
+      f"echo \"$(hostname): started {started}\"",
+  ])
+
+
+def run_commands(pod: Pod, runs: Sequence[tuple[str, Sequence[str]]],
+                 tfds_data_dir: str) -> list[Command]:
+  """Starts `runs` (see run_remote_command) on every worker at once."""
+  return [ssh_command(pod, run_remote_command(runs, tfds_data_dir), "all")]
+
+
+def logs_commands(pod: Pod, job: str | None = None, worker: str = "0",
+                  lines: int = 100, follow: bool = False) -> list[Command]:
+  """Tails the log of `job` (None = the newest log) on `worker`."""
+  if lines < 1:
+    raise LaunchError(f"--lines must be >= 1, got {lines}.")
+  if job is None:
+    target = f"\"$(ls -t {REMOTE_DIR}/{LOG_DIR}/*.log | head -n 1)\""
+  else:
+    target = f"{REMOTE_DIR}/{LOG_DIR}/{check_job(job)}.worker*.log"
+  follow_flag = " -f" if follow else ""
+  return [ssh_command(pod, f"tail -v -n {lines}{follow_flag} {target}", worker)]
+
+
+def delete_commands(pod: Pod) -> list[Command]:
+  """Deletes the queued resource; --force deletes its node first."""
+  return [[*_GCLOUD_TPUS, "queued-resources", "delete", pod.name,
+           *pod.location_flags(), "--force", "--quiet"]]
+
+
+# ----------------------------------------------------------------------------
+# Running them.
+
+
+def execute(commands: Sequence[Command], dry_run: bool, out=None,
+            cwd: str | None = None) -> None:
+  """Prints (dry_run) or runs `commands` in `cwd`, up to the first failure.
+
+  Raises:
+    LaunchError: a command exited non-zero or could not be started.
+  """
+  out = out or sys.stdout
+  for command in commands:
+    line = shlex.join(command)
+    if dry_run:
+      print(line, file=out)
+      continue
+    print(f"+ {line}", file=sys.stderr, flush=True)
+    try:
+      code = subprocess.call(command, cwd=cwd)
+    except FileNotFoundError as e:
+      raise LaunchError(f"Cannot run {command[0]!r} ({e}); is it installed and"
+                        " on PATH? (gcloud: the Google Cloud SDK)") from e
+    if code:
+      raise LaunchError(f"Command failed with exit code {code}: {line}")
+
+
+def wait_until_active(pod: Pod, dry_run: bool, timeout_minutes: float = 60.0,
+                      poll_seconds: float = 30.0, out=None) -> None:
+  """Polls the queued resource until ACTIVE.
+
+  Raises:
+    LaunchError: the request FAILED or was SUSPENDED, or the timeout passed.
+  """
+  command = describe_command(pod)
+  if dry_run:
+    execute([command], dry_run=True, out=out)
+    return
+  deadline = time.monotonic() + timeout_minutes * 60
+  while True:
+    try:
+      result = subprocess.run(command, capture_output=True, text=True,
+                              check=False)
+    except FileNotFoundError as e:
+      raise LaunchError(f"Cannot run gcloud ({e}); install the Google Cloud"
+                        " SDK.") from e
+    if result.returncode:
+      raise LaunchError(f"Command failed with exit code {result.returncode}:"
+                        f" {shlex.join(command)}\n{result.stderr.strip()}")
+    state = result.stdout.strip()
+    print(f"{pod.name}: {state}", file=sys.stderr, flush=True)
+    if state == "ACTIVE":
+      return
+    if state in ("FAILED", "SUSPENDED", "SUSPENDING"):
+      raise LaunchError(f"Queued resource {pod.name} is {state}; see `gcloud"
+                        f" compute tpus queued-resources describe {pod.name}"
+                        f" --zone={pod.zone}`.")
+    if time.monotonic() > deadline:
+      raise LaunchError(f"Queued resource {pod.name} is still {state} after"
+                        f" {timeout_minutes} minutes.")
+    time.sleep(poll_seconds)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+  """--a_b, also spelled --a-b (as gcloud spells its flags)."""
+  spellings = [f"--{name}"]
+  if "_" in name:
+    spellings.append(f"--{name.replace('_', '-')}")
+  parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="launch/tpu_pod.py", description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  common = argparse.ArgumentParser(add_help=False)
+  _add(common, "name", required=True, help="Queued-resource name.")
+  _add(common, "zone", required=True, help="e.g. us-central2-b.")
+  _add(common, "project", default=None, help="Default: gcloud's project.")
+  _add(common, "node_id", default=None, help="TPU VM node; default: --name.")
+  _add(common, "dry_run", action="store_true",
+       help="Print the commands instead of running them.")
+  sub = parser.add_subparsers(dest="subcommand", required=True)
+
+  create = sub.add_parser("create", parents=[common],
+                          help="Request the pod (a queued resource).")
+  _add(create, "accelerator_type", required=True, help="e.g. v4-32.")
+  _add(create, "runtime_version", required=True,
+       help="e.g. tpu-ubuntu2204-base (v4), v2-alpha-tpuv5-lite (v5e).")
+  _add(create, "spot", action="store_true")
+  _add(create, "best_effort", action="store_true")
+
+  wait = sub.add_parser("wait", parents=[common],
+                        help="Poll until the queued resource is ACTIVE.")
+  _add(wait, "timeout_minutes", type=float, default=60.0)
+  _add(wait, "poll_seconds", type=float, default=30.0)
+
+  setup = sub.add_parser("setup", parents=[common],
+                         help="Code and virtualenv on every worker.")
+  _add(setup, "ref", default="HEAD", help="The git commit to ship.")
+  _add(setup, "archive", default=None, help="Local path of the tarball.")
+  _add(setup, "python", default=DEFAULT_PYTHON)
+  _add(setup, "corpus_packages", action="store_true",
+       help=f"Also apt-get {' '.join(CORPUS_PACKAGES)} (the local corpus).")
+
+  run = sub.add_parser(
+      "run", parents=[common],
+      help="Start conformer_fl.main on every worker; its arguments after --.")
+  _add(run, "tfds_data_dir", required=True,
+       help="Exported as TFDS_DATA_DIR, e.g. gs://BUCKET/tfds.")
+  _add(run, "job", default=None, help="Log name; default: the workdir's name.")
+  run.add_argument("main_args", nargs=argparse.REMAINDER,
+                   help="-- --config=... --workdir=gs://... [--config.X=V]")
+
+  logs = sub.add_parser("logs", parents=[common], help="Tail a job's log.")
+  _add(logs, "job", default=None, help="Default: the newest log.")
+  _add(logs, "worker", default="0", help="0, 1, ... or all.")
+  _add(logs, "lines", type=int, default=100)
+  _add(logs, "follow", action="store_true")
+
+  sub.add_parser("delete", parents=[common],
+                 help="Delete the queued resource and its node.")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None, out=None) -> None:
+  """Runs (or prints) one subcommand.
+
+  Raises:
+    LaunchError: bad input or a failed command (the console script prints it).
+  """
+  args = build_parser().parse_args(argv)
+  pod = Pod(args.name, args.zone, args.project, args.node_id)
+  if args.subcommand == "create":
+    commands = create_commands(pod, args.accelerator_type, args.runtime_version,
+                               args.spot, args.best_effort)
+  elif args.subcommand == "wait":
+    wait_until_active(pod, args.dry_run, args.timeout_minutes,
+                      args.poll_seconds, out=out)
+    return
+  elif args.subcommand == "setup":
+    commands = setup_commands(pod, args.ref, args.archive, args.python,
+                              args.corpus_packages)
+  elif args.subcommand == "run":
+    main_args = list(args.main_args)
+    if main_args and main_args[0] == "--":
+      main_args = main_args[1:]
+    check_main_args(main_args)
+    job = args.job or default_job_name(main_args)
+    commands = run_commands(pod, [(job, main_args)], args.tfds_data_dir)
+  elif args.subcommand == "logs":
+    commands = logs_commands(pod, args.job, args.worker, args.lines,
+                             args.follow)
+  else:
+    commands = delete_commands(pod)
+  execute(commands, args.dry_run, out=out)
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except LaunchError as error:
+    print(f"tpu_pod.py: error: {error}", file=sys.stderr)
+    sys.exit(1)
