@@ -1,7 +1,8 @@
 r"""Throughput of the compiled federated round against a per-client Python loop.
 
 For each device count (a subprocess each, since XLA_FLAGS must be set before
-jax is imported) this measures, in the same process:
+jax is imported) this measures, in the same process, timing compiled and
+loop in turns so that drift in the machine's load hits both alike:
   compiled  `make_federated_round`: all clients vmapped and sharded over the
             'clients' mesh axis, aggregation and server step in one jit.
   loop      the fedjax-style baseline: a Python loop over clients calling a
@@ -136,14 +137,26 @@ def asr_problem(args, rng_seed: int = 0):
 
 
 def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+  return _interleaved_median_seconds({'run': run}, repeats)['run']
+
+
+def _interleaved_median_seconds(runs: dict[str, Callable[[], Any]],
+                                repeats: int) -> dict[str, float]:
+  """Median wall time of each run, timed in turns (A B A B ...).
+
+  Taking turns exposes every run to the same drift in the machine's load, so
+  their ratio holds even when absolute times do not.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(run())  # compile + warm up
-  times = []
+  for run in runs.values():
+    jax.block_until_ready(run())  # compile + warm up
+  times = {name: [] for name in runs}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+    for name, run in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      times[name].append(time.perf_counter() - start)
+  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def run_worker(args) -> dict[str, Any]:
@@ -183,9 +196,9 @@ def run_worker(args) -> dict[str, Any]:
       mesh)
   sharded_data = mesh_lib.shard_round_data(round_data, mesh)
   copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
-  compiled_seconds = _median_seconds(
-      lambda: round_fn(copy_state(server_state), sharded_data, rng_key)[0],
-      args.repeats)
+
+  def compiled_round():
+    return round_fn(copy_state(server_state), sharded_data, rng_key)[0]
 
   # Baseline: Python loop over clients of a jitted per-client update.
   client_update = jax.jit(
@@ -216,7 +229,9 @@ def run_worker(args) -> dict[str, Any]:
     return server_step(params, opt_state, delta_sum,
                        float(round_data['num_examples'].sum()))
 
-  loop_seconds = _median_seconds(loop_round, args.repeats)
+  seconds = _interleaved_median_seconds(
+      {'compiled': compiled_round, 'loop': loop_round}, args.repeats)
+  compiled_seconds, loop_seconds = seconds['compiled'], seconds['loop']
 
   # FLOPs of one local step (loss + gradient) from XLA's cost analysis.
   one_batch = {key: value[0, 0] for key, value in round_data.items()
@@ -226,6 +241,21 @@ def run_worker(args) -> dict[str, Any]:
                        rng_key).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   step_flops = float(cost.get('flops', float('nan')))
+
+  # What XLA compiled for each side: FLOPs and bytes accessed of one round.
+  # The round is one SPMD program per device (its clients / devices), the
+  # loop C calls of the per-client update.
+  def xla_cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return (float(cost.get('flops', float('nan'))),
+            float(cost.get('bytes accessed', float('nan'))))
+
+  round_xla = xla_cost(round_fn.jitted.lower(copy_state(server_state), sharded_data,
+                                      rng_key).compile())
+  batches0, step_mask0 = client_inputs[0]
+  client_xla = xla_cost(client_update.lower(
+      params, model_state, batches0, step_mask0, rng_key).compile())
 
   n = args.matmul_size
   a = jnp.ones((n, n), jnp.float32)
@@ -253,6 +283,10 @@ def run_worker(args) -> dict[str, Any]:
       'compiled_gflop_per_s': round_flops / compiled_seconds / 1e9,
       'compiled_mfu': round_flops / compiled_seconds / matmul_flops_per_second,
       'loop_mfu': round_flops / loop_seconds / matmul_flops_per_second,
+      'compiled_xla_gflop': num_devices * round_xla[0] / 1e9,
+      'loop_xla_gflop': c * client_xla[0] / 1e9,
+      'compiled_xla_gbytes': num_devices * round_xla[1] / 1e9,
+      'loop_xla_gbytes': c * client_xla[1] / 1e9,
   }
 
 
@@ -305,6 +339,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
         f"{r['compiled_gflop_per_s']:16.2f}",
         f"{r['compiled_mfu']:12.1%}",
         f"{r['loop_mfu']:8.1%}"]))
+  print('XLA cost analysis of one round (all devices; loop = clients x the'
+        ' per-client update):')
+  print('devices | compiled GFLOP | loop GFLOP | compiled GB accessed |'
+        ' loop GB accessed')
+  for r in results:
+    print(f"{r['devices']:7d} | {r['compiled_xla_gflop']:14.2f} |"
+          f" {r['loop_xla_gflop']:10.2f} | {r['compiled_xla_gbytes']:20.2f} |"
+          f" {r['loop_xla_gbytes']:16.2f}")
 
 
 def main(argv=None) -> None:
