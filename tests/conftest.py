@@ -5,6 +5,9 @@ collection time, for every test module.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=4"
@@ -23,6 +26,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Overrides of every tiny central run of the end-to-end tests (train, sweep):
+# the same program shapes, so later runs reuse the session's compiled programs.
+TINY_CENTRAL_OVERRIDES = (
+    "--config.data.tokenizer.vocab_size=48",
+    "--config.data.bucket_seconds=(8.0,)",
+    "--config.central.warmup_steps=2",
+    "--config.central.log_every=2",
+    "--config.central.eval_every=4",
+    "--config.central.checkpoint_every=2",
+)
+
 
 @pytest.fixture(scope="session")
 def tiny_corpus_dir(tmp_path_factory) -> str:
@@ -36,10 +50,6 @@ def tiny_corpus_dir(tmp_path_factory) -> str:
 
 def _run_tiny_experiment(workdir, data_dir) -> str:
   """`configs/experiment.py:scale=tiny` through the entry point; its stdout."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
   command = [sys.executable, "-m", "conformer_fl.main",
              "--config=configs/experiment.py:scale=tiny",
              f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
@@ -50,6 +60,11 @@ def _run_tiny_experiment(workdir, data_dir) -> str:
       f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n"
       f"{result.stderr[-6000:]}")
   return result.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_central_overrides() -> tuple[str, ...]:
+  return TINY_CENTRAL_OVERRIDES
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import json
 import pathlib
 
 from etils import epath
+import jax
 import pytest
 
 from conformer_fl import experiment
@@ -65,3 +66,27 @@ def test_bad_experiment_fields_are_named(field, value, message):
   node[leaf] = value
   with pytest.raises(ValueError, match=message):
     experiment.validate_config(config)
+
+
+def test_rank_target_count_is_checked_before_any_work():
+  config = _config("scale=tiny")  # 2 blocks, block granularity.
+  config.targeting.num_units = 3
+  with pytest.raises(ValueError, match="num_units=3: expected 1 to 2"):
+    experiment.validate_config(config)
+  config.analysis.analysis.granularity = "module"  # 4 droppable per block.
+  experiment.validate_config(config)
+
+
+def test_data_dir_may_change_but_nothing_else(tmp_path):
+  workdir = epath.Path(tmp_path)
+  experiment.check_workdir_config(_config("scale=tiny"), workdir)
+  moved = _config("scale=tiny")
+  moved.data_dir = "/another/machine/tfds"
+  experiment.check_workdir_config(moved, workdir)
+
+
+def test_several_processes_are_refused_before_any_work(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="runs its stages in one process"):
+    experiment.run_experiment(_config("scale=tiny"), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

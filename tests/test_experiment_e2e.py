@@ -33,6 +33,8 @@ def test_stages_run_then_are_reused(experiment):
   assert f"Report: {workdir / 'report.md'}" in first
   assert "pre-training: 6 central steps" in first
   assert "pre-training: done (6 steps), reused" in second
+  assert "pre-training: 6 central steps" not in second
+  assert "federated rounds" not in second and "resetting" not in second
   assert "analysis: done, reused" in second
   for arm in arms_lib.ARMS:
     assert f"adapt {arm} seed 0: done, reused" in second
@@ -68,12 +70,16 @@ def test_client_cost_falls_with_the_sub_model(experiment):
 
 
 def test_final_evaluation_on_held_out_short_utterances(experiment):
-  _, _, _, summary = experiment
+  workdir, _, _, summary = experiment
   # The tiny corpus's test split: 2 speakers x 3 short utterances.
   assert summary["eval"] == {"split": "test", "domains": ["short"]}
   assert summary["pretrained_not_adapted"]["num_examples"] == 6
   for row in summary["arms"]:
-    assert 0.0 <= row["wer"] and np.isfinite(row["loss"])
+    final = json.loads((workdir / "arms" / row["arm"] / "seed_0" /
+                        "final_eval.json").read_text())["value"]
+    assert final["num_examples"] == 6 and final["split"] == "test"
+    assert row["wer"] == final["wer"] and row["loss"] == final["loss"]
+    assert np.isfinite(row["loss"]) and row["loss"] > 0
     assert [r for r, _ in row["dev_wer_by_round"]["0"]][-1] == 2
 
 

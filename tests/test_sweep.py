@@ -217,7 +217,8 @@ def test_bad_launch_flags(args, message):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end_with_analysis(tmp_path, tiny_corpus_dir):
+def test_tiny_sweep_end_to_end_with_analysis(tmp_path, tiny_corpus_dir,
+                                              tiny_central_overrides):
   workdir = tmp_path / "stability"
   command = [
       sys.executable, "launch/sweep.py",
@@ -225,12 +226,7 @@ def test_tiny_sweep_end_to_end_with_analysis(tmp_path, tiny_corpus_dir):
       "steps=2,seeds=2,norms=group_norm,eval_batches=1,analysis_seeds=0",
       f"--workdir={workdir}", "--analysis", "--",
       f"--config.data.data_dir={tiny_corpus_dir}",
-      "--config.data.tokenizer.vocab_size=48",
-      "--config.data.bucket_seconds=(8.0,)",
-      "--config.central.warmup_steps=2",
-      "--config.central.log_every=2",
-      "--config.central.eval_every=4",
-      "--config.central.checkpoint_every=2",
+      *tiny_central_overrides,
   ]
   result = subprocess.run(command, cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=900,

@@ -34,17 +34,13 @@ def _run(args: list[str], *, devices: int = 4, launcher: list[str] | None = None
   return result
 
 
-def _central_args(workdir, data_dir, steps: int) -> list[str]:
+def _central_args(workdir, data_dir, steps: int,
+                  overrides: tuple[str, ...]) -> list[str]:
   return [
       f"--config=configs/central.py:size=tiny,corpus=tiny,domain=all,steps={steps}",
       f"--workdir={workdir}",
       f"--config.data.data_dir={data_dir}",
-      "--config.data.tokenizer.vocab_size=48",
-      "--config.data.bucket_seconds=(8.0,)",
-      "--config.central.warmup_steps=2",
-      "--config.central.log_every=2",
-      "--config.central.eval_every=4",
-      "--config.central.checkpoint_every=2",
+      *overrides,
   ]
 
 
@@ -94,9 +90,9 @@ def _flatten(tree, prefix=""):
 
 
 @pytest.fixture(scope="module")
-def central_run(tmp_path_factory, tiny_corpus_dir):
+def central_run(tmp_path_factory, tiny_corpus_dir, tiny_central_overrides):
   workdir = tmp_path_factory.mktemp("central")
-  _run(_central_args(workdir, tiny_corpus_dir, steps=4))
+  _run(_central_args(workdir, tiny_corpus_dir, 4, tiny_central_overrides))
   return workdir
 
 
@@ -127,10 +123,11 @@ def test_central_run_writes_the_workdir_contract(central_run):
 
 
 def test_central_resume_equals_uninterrupted(tmp_path, tiny_corpus_dir,
-                                             central_run):
+                                             central_run,
+                                             tiny_central_overrides):
   # Interrupted after the step-2 checkpoint, then run again on the workdir.
-  _run(_central_args(tmp_path, tiny_corpus_dir, steps=2))
-  _run(_central_args(tmp_path, tiny_corpus_dir, steps=4))
+  _run(_central_args(tmp_path, tiny_corpus_dir, 2, tiny_central_overrides))
+  _run(_central_args(tmp_path, tiny_corpus_dir, 4, tiny_central_overrides))
   _assert_trees_equal(_params(tmp_path, 4), _params(central_run, 4))
   assert [m["step"] for m in _metrics(tmp_path)] == [2, 4]
 

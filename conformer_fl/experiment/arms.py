@@ -36,8 +36,8 @@ from conformer_fl.federated import submodel as submodel_lib
 ARMS = ("full", "uniform", "targeted", "freeze")
 TARGETING_RULES = ("ambient", "rank")
 TARGETING_METRICS = ("wer", "loss")
-# The layer kinds (`dropout.unit_kinds`) that each module of a block holds.
-_MODULE_KINDS = {"ffn1": "ffn", "ffn2": "ffn", "conv": "conv", "mhsa": "mhsa"}
+# The layer kind (`dropout.unit_kinds`) that each module of a block holds.
+MODULE_KINDS = {"ffn1": "ffn", "ffn2": "ffn", "conv": "conv", "mhsa": "mhsa"}
 
 
 def droppable_units(units: Sequence[str],
@@ -54,7 +54,7 @@ def droppable_units(units: Sequence[str],
     parts = name.split("/")
     if len(parts) < 2 or not parts[1].startswith("block_"):
       continue
-    if len(parts) == 2 or _MODULE_KINDS.get(parts[2]) in kinds:
+    if len(parts) == 2 or MODULE_KINDS.get(parts[2]) in kinds:
       chosen.append(name)
   return chosen
 

@@ -11,11 +11,13 @@ W/summary.json:
                "rule": str, "metric": str, "targeted_units": [str]},
   "arms": [{                                       in config.arms order
     "arm": str, "dropout": {kind, rates, default_rate, unit_kinds, freeze_units},
-    "wer": float, "wer_std": float, "wer_per_seed": [float],   mean over seeds
+    "wer": float, "wer_std": float, "wer_per_seed": [float],   mean, sample sd
     "loss": float,
     "client_params", "params_fraction", "client_flops", "flops_fraction",
     "client_peak_bytes", "peak_bytes_fraction": float,   one client step
     "seconds_per_round": float | null,   mean wall time of rounds 2.., all seeds
+                                         (a resumed run's first round, which
+                                         compiles again, is counted)
     "dev_wer_by_round": {seed: [[round, wer], ...]}}]
 }
 """
@@ -78,7 +80,8 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
     cost = costs[arm]
     arms.append(dict(
         arm=arm, dropout=dropout_config.to_dict(),
-        wer=float(np.mean(wers)), wer_std=float(np.std(wers)),
+        wer=float(np.mean(wers)),
+        wer_std=float(np.std(wers, ddof=1)) if len(wers) > 1 else 0.0,
         wer_per_seed=wers, loss=float(np.mean(losses)),
         client_params=cost["params"], params_fraction=cost["params_fraction"],
         client_flops=cost["flops"], flops_fraction=cost["flops_fraction"],
@@ -191,7 +194,7 @@ def plot_client_cost(summary: Mapping[str, Any],
   width = 0.8 / len(fields)
   fig, ax = plt.subplots(figsize=(6.0, 4.0))
   for i, (key, label) in enumerate(fields):
-    ax.bar(x + (i - 1) * width, [100 * row[key] for row in summary["arms"]],
+    ax.bar(x + (i - (len(fields) - 1) / 2) * width, [100 * row[key] for row in summary["arms"]],
            width, label=label)
   ax.set_xticks(x, names)
   ax.set_ylabel("% of the full model's client step")

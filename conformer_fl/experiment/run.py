@@ -1,0 +1,324 @@
+"""Runs the experiment's stages; see `conformer_fl.experiment`."""
+
+from collections.abc import Callable
+import json
+import os
+import time
+from typing import Any
+
+from etils import epath
+import jax
+import ml_collections
+
+from conformer_fl import checkpointing
+from conformer_fl import evaluation
+from conformer_fl import models
+from conformer_fl import train
+from conformer_fl.data import input_pipeline
+from conformer_fl.experiment import arms as arms_lib
+from conformer_fl.experiment import costs as costs_lib
+from conformer_fl.experiment import summary as summary_lib
+
+CONFIG_FILE = "experiment_config.json"
+
+
+def _is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+class _Progress:
+  """Stage banners on stdout, with the time since the experiment started."""
+
+  def __init__(self, num_stages: int):
+    self._num_stages = num_stages
+    self._start = time.perf_counter()
+
+  def stage(self, index: int, text: str) -> None:
+    if _is_chief():
+      elapsed = time.perf_counter() - self._start
+      print(f"[{index}/{self._num_stages}] {text}  (+{elapsed:.0f} s)",
+            flush=True)
+
+  @property
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._start
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+  return {prefix[:-1]: tree}
+
+
+def check_workdir_config(config: ml_collections.ConfigDict,
+                         workdir: epath.Path) -> None:
+  """Writes W/experiment_config.json, or checks the config against it.
+
+  Fields named `data_dir` are not compared: they say where the corpus is, not
+  what is computed.
+
+  Args:
+    config: the experiment config.
+    workdir: the experiment's workdir W.
+
+  Raises:
+    ValueError: the workdir holds an experiment with a different config.
+  """
+  path = workdir / CONFIG_FILE
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    saved = _flat(json.loads(path.read_text()))
+    now = _flat(current)
+    # Where the corpus is read from may change (another machine, another
+    # $TFDS_DATA_DIR): it does not change what the stages compute.
+    differ = sorted(k for k in set(saved) | set(now)
+                    if not k.endswith("data_dir")
+                    and saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    if differ:
+      raise ValueError(
+          f"{workdir} holds an experiment with another config; fields that"
+          f" differ: {differ}. Use a new workdir (nothing was changed).")
+    return
+  if _is_chief():
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, json.dumps(current, indent=2))
+
+
+def _latest_step(workdir: epath.Path) -> int | None:
+  if not (workdir / "checkpoints").exists():
+    return None
+  store = checkpointing.CheckpointStore(os.fspath(workdir), read_only=True)
+  try:
+    return store.latest_step()
+  finally:
+    store.close()
+
+
+def build_corpus(data_config: ml_collections.ConfigDict) -> None:
+  """Synthesizes the local corpus of `data_config` unless it is built."""
+  if data_config.dataset != "synthetic_speech":
+    return
+  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
+  synthetic_speech.build(data_config.builder_config,
+                         data_config.data_dir or None)
+
+
+def evaluate_checkpoint(
+    workdir: epath.Path, split: str, *, step: int | None = None,
+    data_config: ml_collections.ConfigDict | None = None,
+    domains: tuple[str, ...] | None = None) -> dict[str, float]:
+  """WER and loss of a run's checkpoint on one split, over all its batches.
+
+  Args:
+    workdir: a central or federated run (config.json, tokenizer, checkpoints).
+    split: e.g. 'test'.
+    step: the checkpoint (None = the latest).
+    data_config: where the examples come from (None = the run's own
+      config.data); the run's tokenizer is used either way.
+    domains: eval domains (None = data_config.eval_domains).
+
+  Returns:
+    {'wer', 'loss', 'num_examples', 'step', 'split'}.
+  """
+  run_config = ml_collections.ConfigDict(
+      json.loads((workdir / "config.json").read_text()))
+  data_config = data_config or run_config.data
+  domains = tuple(data_config.eval_domains) if domains is None else domains
+  tokenizer = input_pipeline.get_tokenizer(run_config.data, os.fspath(workdir))
+  model = models.build_model(run_config.model)
+  store = checkpointing.CheckpointStore(os.fspath(workdir), read_only=True)
+  try:
+    step = store.latest_step() if step is None else step
+    variables = store.restore_variables(step)
+  finally:
+    store.close()
+  batches = input_pipeline.get_eval_batches(data_config, tokenizer,
+                                            split=split, domains=domains)
+  metrics, _ = evaluation.evaluate(
+      jax.jit(evaluation.make_eval_step(model)), variables, batches,
+      tokenizer.decode)
+  return {**metrics, "step": step, "split": split}
+
+
+def _cached(path: epath.Path, key: dict[str, Any],
+            compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """compute(), kept in `path` and reused while `key` (a dict) is the same."""
+  key = json.loads(json.dumps(key))
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      saved = {}  # A torn write: compute again.
+    if saved.get("key") == key:
+      return saved["value"]
+  value = compute()
+  if _is_chief():
+    _write_atomically(path, json.dumps({"key": key, "value": value}, indent=2))
+  return value
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  """Writes a temporary file next to `path`, then renames it onto `path`."""
+  tmp = path.parent / f"{path.name}.tmp"
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _adapt_config(config: ml_collections.ConfigDict,
+                  dropout_config: ml_collections.ConfigDict,
+                  seed: int, pretrain_dir: epath.Path
+                  ) -> ml_collections.ConfigDict:
+  run_config = config.adapt.copy_and_resolve_references()
+  with run_config.unlocked():
+    run_config.seed = seed
+    run_config.federated.init_workdir = os.fspath(pretrain_dir)
+    run_config.federated.dropout = dropout_config
+  return run_config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the experiment's own fields before any work.
+
+  Raises:
+    ValueError: naming the bad field.
+  """
+  if not config.arms or set(config.arms) - set(arms_lib.ARMS):
+    raise ValueError(f"config.arms={tuple(config.arms)}: expected some of"
+                     f" {arms_lib.ARMS}.")
+  if not config.seeds:
+    raise ValueError("config.seeds is empty: give at least one federated seed.")
+  if config.targeting.rule not in arms_lib.TARGETING_RULES:
+    raise ValueError(f"config.targeting.rule={config.targeting.rule!r}; expected"
+                     f" one of {arms_lib.TARGETING_RULES}.")
+  if config.targeting.metric not in arms_lib.TARGETING_METRICS:
+    raise ValueError(f"config.targeting.metric={config.targeting.metric!r};"
+                     f" expected one of {arms_lib.TARGETING_METRICS}.")
+  for field in ("targeted_rate", "other_rate"):
+    rate = config.targeting[field]
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"config.targeting.{field}={rate}: must be in [0, 1).")
+  if config.targeting.rule == "rank":
+    granularity = config.analysis.analysis.granularity
+    kinds = set(config.adapt.federated.dropout.unit_kinds)
+    per_block = 1 if granularity == "block" else sum(
+        kind in kinds for kind in arms_lib.MODULE_KINDS.values())
+    most = config.pretrain.model.num_blocks * per_block
+    if not 1 <= config.targeting.num_units <= most:
+      raise ValueError(
+          f"config.targeting.num_units={config.targeting.num_units}: expected 1"
+          f" to {most} ({granularity} units that hold droppable layers).")
+  for stage, mode in (("pretrain", "central"), ("analysis", "analysis"),
+                      ("adapt", "federated")):
+    if config[stage].mode != mode:
+      raise ValueError(f"config.{stage}.mode={config[stage].mode!r}; the"
+                       f" experiment runs it as {mode!r}.")
+
+
+def run_experiment(config: ml_collections.ConfigDict,
+                   workdir: str) -> dict[str, Any]:
+  """Runs every stage (module docstring) and returns the summary."""
+  workdir = epath.Path(workdir)
+  if jax.process_count() > 1:
+    raise ValueError(
+        "The experiment runs its stages in one process (its analysis and"
+        " summary are single-process); on a pod, run configs/central.py,"
+        " configs/analysis.py and configs/federated.py one after another.")
+  validate_config(config)
+  check_workdir_config(config, workdir)
+  progress = _Progress(5)
+  pretrain_dir = workdir / "pretrain"
+
+  progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
+                    f"/{config.pretrain.data.builder_config}")
+  build_corpus(config.pretrain.data)
+
+  steps = config.pretrain.central.num_steps
+  if _latest_step(pretrain_dir) == steps:
+    progress.stage(2, f"pre-training: done ({steps} steps), reused")
+  else:
+    progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
+    train.train_central(config.pretrain, os.fspath(pretrain_dir))
+
+  importance_path = pretrain_dir / "analysis" / "importance.json"
+  done = (importance_path.exists() and
+          json.loads(importance_path.read_text())["trained_step"] == steps)
+  if done:
+    progress.stage(3, "analysis: done, reused")
+  else:
+    progress.stage(3, "analysis: resetting each unit of the pre-trained model")
+    if _is_chief():
+      from conformer_fl import analysis  # pylint: disable=g-import-not-at-top
+      analysis.run_analysis(config.analysis, os.fspath(pretrain_dir))
+  importance = json.loads(importance_path.read_text())
+
+  pretrained = ml_collections.ConfigDict(
+      json.loads((pretrain_dir / "config.json").read_text()))
+  store = checkpointing.CheckpointStore(os.fspath(pretrain_dir), read_only=True)
+  try:
+    params, model_state = train.split_variables(store.restore_variables(steps))
+  finally:
+    store.close()
+  kinds = tuple(config.adapt.federated.dropout.unit_kinds)
+  targets = arms_lib.targeted_units(importance, config.targeting, kinds)
+  if not targets:
+    raise ValueError(
+        f"targeting.rule={config.targeting.rule!r} found no unit to target"
+        f" (ambient: {importance['ambient']}); use targeting.rule='rank' in a"
+        f" new workdir (copy {pretrain_dir} into it to reuse the pre-training).")
+  arm_dropouts = arms_lib.arm_dropout_configs(
+      tuple(config.arms), targets, config.targeting,
+      config.adapt.federated.dropout, params, model_state, pretrained.model)
+
+  rounds = config.adapt.federated.rounds
+  results = {}
+  for arm, dropout_config in arm_dropouts.items():
+    for seed in config.seeds:
+      run_dir = workdir / "arms" / arm / f"seed_{seed}"
+      if _latest_step(run_dir) == rounds:
+        progress.stage(4, f"adapt {arm} seed {seed}: done, reused")
+      else:
+        progress.stage(4, f"adapt {arm} seed {seed}: {rounds} federated rounds"
+                          f" -> {run_dir}")
+        train.train_federated(
+            _adapt_config(config, dropout_config, seed, pretrain_dir),
+            os.fspath(run_dir))
+      split = config.final_eval_split
+      results[(arm, seed)] = _cached(
+          run_dir / "final_eval.json",
+          {"split": split, "round": _latest_step(run_dir)},
+          lambda: evaluate_checkpoint(run_dir, split))
+
+  progress.stage(5, "summary: client cost of each arm, table, figures")
+  adapt_run = ml_collections.ConfigDict(json.loads(
+      (workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}"
+       / "config.json").read_text()))
+
+  def client_costs():
+    tokenizer = input_pipeline.get_tokenizer(adapt_run.data,
+                                             os.fspath(pretrain_dir))
+    batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
+    costs = costs_lib.arm_costs(adapt_run, arm_dropouts, params, model_state,
+                                batch)
+    return {arm: {**cost, "batch_shape": list(batch["audio"].shape)}
+            for arm, cost in costs.items()}
+
+  costs = _cached(workdir / "client_costs.json",
+                  {arm: d.to_dict() for arm, d in arm_dropouts.items()},
+                  client_costs)
+  # The pre-trained model, not adapted, on the adaptation domain.
+  pretrained_eval = _cached(
+      workdir / "pretrained_eval.json",
+      {"split": config.final_eval_split, "step": steps},
+      lambda: evaluate_checkpoint(pretrain_dir, config.final_eval_split,
+                                  step=steps, data_config=adapt_run.data))
+  summary = summary_lib.build_summary(
+      config, workdir, importance, targets, arm_dropouts, costs, results,
+      pretrained_eval)
+  if _is_chief():
+    summary_lib.write_report(summary, workdir)
+    print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",
+          flush=True)
+  return summary
