@@ -360,17 +360,23 @@ def _initial_variables(run: Run) -> dict[str, PyTree]:
   return restored
 
 
-def round_arrays(run: Run, client_datasets, sampler, round_index: int,
-                 mesh) -> dict[str, np.ndarray]:
-  """This process's block of the round's arrays [C / P, K, B, ...]."""
-  f = run.config.federated
+def round_arrays(config: ml_collections.ConfigDict, client_datasets, sampler,
+                 round_index: int,
+                 mesh: jax.sharding.Mesh | None = None
+                 ) -> dict[str, np.ndarray]:
+  """Round `round_index`'s arrays [C, K, B, ...] of a federated run's config.
+
+  With a mesh, only this process's block of clients [C / P, K, B, ...].
+  """
+  f = config.federated
   client_ids = sampler.sample(round_index)
-  first, last = mesh_lib.process_client_range(len(client_ids), mesh)
+  client_range = (None if mesh is None else
+                  mesh_lib.process_client_range(len(client_ids), mesh))
   return clients_lib.make_round_data(
       [client_datasets.examples[c] for c in client_ids], client_ids, round_index,
-      run.config.seed, local_steps=f.local_steps, batch_size=f.client_batch_size,
+      config.seed, local_steps=f.local_steps, batch_size=f.client_batch_size,
       buckets=client_datasets.buckets, local_epochs=f.local_epochs or None,
-      fixed_shape=f.fixed_round_shape, client_range=(first, last))
+      fixed_shape=f.fixed_round_shape, client_range=client_range)
 
 
 def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
@@ -424,7 +430,8 @@ def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
   for round_index in range(start, f.rounds):
     tic = time.perf_counter()
     data = mesh_lib.shard_round_data(
-        round_arrays(run, client_datasets, sampler, round_index, mesh), mesh)
+        round_arrays(run.config, client_datasets, sampler, round_index,
+                     mesh), mesh)
     state, metrics = round_fn(state, data, rng)
     metrics = jax.device_get(metrics)
     done = round_index + 1

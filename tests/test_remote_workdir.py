@@ -185,7 +185,7 @@ def test_plots_write_pngs_to_gs(bucket):
   fig = plt.figure(figsize=(2.0, 1.5))
   out = epath.Path(_WORKDIR) / "analysis"
   out.mkdir(parents=True, exist_ok=True)
-  assert plots._save(fig, out / "blank.png") == (200, 150)  # pylint: disable=protected-access
+  assert plots.save_png(fig, out / "blank.png") == (200, 150)
   assert _png_size(bucket.cat_file(f"{_WORKDIR}/analysis/blank.png")) == (
       200, 150)
 

@@ -33,7 +33,7 @@ SCATTER_SIZE_INCHES = (4.5, 4.0)  # Per panel.
 DEPTH_SIZE_INCHES = (6.0, 4.0)
 
 
-def _save(fig, path: str | os.PathLike[str]) -> tuple[int, int]:
+def save_png(fig, path: str | os.PathLike[str]) -> tuple[int, int]:
   """Writes `fig` as a PNG to `path` (local or `gs://`); its size in pixels."""
   png = io.BytesIO()
   fig.savefig(png, format='png', dpi=DPI)
@@ -70,7 +70,7 @@ def heatmap(values: np.ndarray, unit_names: Sequence[str], taus: Sequence[int],
               color='w')
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def rerandomization_bars(wers: Mapping[str, Sequence[float]],
@@ -100,7 +100,7 @@ def rerandomization_bars(wers: Mapping[str, Sequence[float]],
   ax.set_ylabel('WER')
   ax.legend(fontsize=7)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def movement_scatter(panels: Sequence[tuple[str, Sequence[float | None]]],
@@ -126,7 +126,7 @@ def movement_scatter(panels: Sequence[tuple[str, Sequence[float | None]]],
     ax.set_xlabel(measure)
     ax.set_ylabel('WER increase after reset to tau = 0')
   fig.tight_layout()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def depth_plot(profiles: Mapping[str, Mapping[str, Any]], key: str,
@@ -142,4 +142,4 @@ def depth_plot(profiles: Mapping[str, Mapping[str, Any]], key: str,
   ax.set_ylabel(key.replace('_', ' ') + ' after reset to tau = 0')
   ax.legend(fontsize=6)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_png(fig, path)

@@ -32,16 +32,11 @@ def first_round_step_batch(config: ml_collections.ConfigDict,
                            tokenizer: tokenizer_lib.Tokenizer
                            ) -> dict[str, np.ndarray]:
   """One local step's batch [B, ...] shaped as in round 0 of `config`'s run."""
-  f = config.federated
   datasets = input_pipeline.get_client_datasets(config.data, tokenizer)
   sampler = clients_lib.ClientSampler(datasets.client_ids,
-                                      f.clients_per_round, config.seed)
-  client_ids = sampler.sample(0)
-  data = clients_lib.make_round_data(
-      [datasets.examples[c] for c in client_ids], client_ids, 0, config.seed,
-      local_steps=f.local_steps, batch_size=f.client_batch_size,
-      buckets=datasets.buckets, local_epochs=f.local_epochs or None,
-      fixed_shape=f.fixed_round_shape)
+                                      config.federated.clients_per_round,
+                                      config.seed)
+  data = train.round_arrays(config, datasets, sampler, 0)
   return {key: data[key][0, 0] for key in _STEP_KEYS}
 
 

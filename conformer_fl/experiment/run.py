@@ -14,6 +14,7 @@ from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import models
 from conformer_fl import train
+from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import costs as costs_lib
@@ -123,8 +124,7 @@ def evaluate_checkpoint(
   Returns:
     {'wer', 'loss', 'num_examples', 'step', 'split'}.
   """
-  run_config = ml_collections.ConfigDict(
-      json.loads((workdir / "config.json").read_text()))
+  run_config = importance_lib.load_run_config(workdir)
   data_config = data_config or run_config.data
   domains = tuple(data_config.eval_domains) if domains is None else domains
   tokenizer = input_pipeline.get_tokenizer(run_config.data, os.fspath(workdir))
@@ -242,20 +242,17 @@ def run_experiment(config: ml_collections.ConfigDict,
     progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
     train.train_central(config.pretrain, os.fspath(pretrain_dir))
 
-  importance_path = pretrain_dir / "analysis" / "importance.json"
-  done = (importance_path.exists() and
-          json.loads(importance_path.read_text())["trained_step"] == steps)
-  if done:
+  importance_path = (pretrain_dir / importance_lib.OUTPUT_DIR /
+                     importance_lib.IMPORTANCE_FILE)
+  if (importance_path.exists() and
+      importance_lib.load_importance(pretrain_dir)["trained_step"] == steps):
     progress.stage(3, "analysis: done, reused")
   else:
     progress.stage(3, "analysis: resetting each unit of the pre-trained model")
-    if _is_chief():
-      from conformer_fl import analysis  # pylint: disable=g-import-not-at-top
-      analysis.run_analysis(config.analysis, os.fspath(pretrain_dir))
-  importance = json.loads(importance_path.read_text())
+    importance_lib.run_analysis(config.analysis, os.fspath(pretrain_dir))
+  importance = importance_lib.load_importance(pretrain_dir)
 
-  pretrained = ml_collections.ConfigDict(
-      json.loads((pretrain_dir / "config.json").read_text()))
+  pretrained = importance_lib.load_run_config(pretrain_dir)
   store = checkpointing.CheckpointStore(os.fspath(pretrain_dir), read_only=True)
   try:
     params, model_state = train.split_variables(store.restore_variables(steps))
@@ -292,9 +289,9 @@ def run_experiment(config: ml_collections.ConfigDict,
           lambda: evaluate_checkpoint(run_dir, split))
 
   progress.stage(5, "summary: client cost of each arm, table, figures")
-  adapt_run = ml_collections.ConfigDict(json.loads(
-      (workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}"
-       / "config.json").read_text()))
+  adapt_run = importance_lib.load_run_config(
+      workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}"
+       )
 
   def client_costs():
     tokenizer = input_pipeline.get_tokenizer(adapt_run.data,

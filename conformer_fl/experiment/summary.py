@@ -23,7 +23,6 @@ W/summary.json:
 """
 
 from collections.abc import Mapping, Sequence
-import io
 import json
 import math
 import os
@@ -37,9 +36,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 WER_FIGURE = "wer_by_round.png"
 COST_FIGURE = "client_cost.png"
-DPI = 100
 
 
 def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
@@ -156,14 +156,6 @@ def summary_table(summary: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _save(fig, path: str | os.PathLike[str]) -> None:
-  """Writes `fig` as a PNG to `path` (local or `gs://`) and closes it."""
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=DPI)
-  plt.close(fig)
-  epath.Path(path).write_bytes(png.getvalue())
-
-
 def plot_wer_by_round(summary: Mapping[str, Any],
                       path: str | os.PathLike[str]) -> None:
   """Dev WER of each arm against the round (one line per arm and seed)."""
@@ -181,7 +173,7 @@ def plot_wer_by_round(summary: Mapping[str, Any],
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  _save(fig, path)
+  plots.save_png(fig, path)
 
 
 def plot_client_cost(summary: Mapping[str, Any],
@@ -201,7 +193,7 @@ def plot_client_cost(summary: Mapping[str, Any],
   ax.set_ylim(0, 125)
   ax.legend(loc="upper center", ncol=len(fields))
   fig.tight_layout()
-  _save(fig, path)
+  plots.save_png(fig, path)
 
 
 def _fmt(value: float | None) -> str:
