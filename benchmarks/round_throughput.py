@@ -2,17 +2,28 @@ r"""Throughput of the compiled federated round against a per-client Python loop.
 
 For each device count (a subprocess each, since XLA_FLAGS must be set before
 jax is imported) this measures, in the same process, timing compiled and
-loop in turns so that drift in the machine's load hits both alike:
+loop (and merged) in turns so that drift in the machine's load hits all
+alike:
   compiled  `make_federated_round`: all clients vmapped and sharded over the
             'clients' mesh axis, aggregation and server step in one jit.
   loop      the fedjax-style baseline: a Python loop over clients calling a
             jitted per-client update (K local steps under lax.scan) on one
             device, a jitted weighted accumulation, then a jitted server step.
+  merged    one jitted client update whose batch holds every client's
+            examples ([K, C * B]): the same work with the batching a vmap
+            over clients could at best bring. 'batching ceiling' = loop /
+            merged; near 1x, one client's step already keeps the cores busy
+            and the compiled round can only save dispatch and host trips.
   matmul    a float32 [N, N] x [N, N] matmul, the machine's reference peak
             (XLA:CPU uses every core for one device's matmul, so this is the
             peak of the whole machine, not of one forced host device).
+Both sides use the optimizers of configs/federated.py (client SGD with
+gradient clipping, FedAvg server) and must end at the same server parameters
+(the largest difference is printed).
 Model FLOP utilization = (FLOPs of one local step, from XLA's cost analysis of
 the jitted loss gradient, x client steps) / round time / matmul FLOP/s.
+Also printed: XLA's cost analysis (FLOPs, bytes accessed) of the compiled
+round and of the loop's per-client update, and how long each took to compile.
 
 Usage:
   python benchmarks/round_throughput.py --model=toy
@@ -166,8 +177,10 @@ def run_worker(args) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
+  from conformer_fl import config_lib
   from conformer_fl.federated import mesh as mesh_lib
   from conformer_fl.federated import round as round_lib
+  from conformer_fl.federated import server_optimizers
   # pylint: enable=g-import-not-at-top
 
   num_devices = args.worker_devices
@@ -183,8 +196,13 @@ def run_worker(args) -> dict[str, Any]:
       example_mask=np.ones((c, k, b), np.float32),
       step_mask=np.ones((c, k), np.float32),
       num_examples=np.full((c,), k * b, np.float32))
-  client_optimizer = optax.sgd(0.01)
-  server_optimizer = optax.sgd(1.0)
+  # The optimizers of configs/federated.py: SGD with per-step gradient
+  # clipping on the clients, FedAvg on the server.
+  federated = config_lib.federated_config()
+  client_optimizer = server_optimizers.client_optimizer_from_config(
+      federated.client_optimizer)
+  server_optimizer = server_optimizers.server_optimizer_from_config(
+      federated.server_optimizer)
   rng_key = jax.random.key(0)
 
   # Compiled, sharded round. The state is donated, so each call gets a copy.
@@ -197,8 +215,10 @@ def run_worker(args) -> dict[str, Any]:
   sharded_data = mesh_lib.shard_round_data(round_data, mesh)
   copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
   # Compiled ahead of time, once: the same executable is timed and analysed.
+  start = time.perf_counter()
   round_executable = round_fn.jitted.lower(
       copy_state(server_state), sharded_data, rng_key).compile()
+  compiled_compile_seconds = time.perf_counter() - start
 
   def compiled_round():
     return round_executable(copy_state(server_state), sharded_data, rng_key)[0]
@@ -208,9 +228,11 @@ def run_worker(args) -> dict[str, Any]:
       ({key: value[i] for key, value in round_data.items()
         if key not in round_lib.ROUND_KEYS}, round_data['step_mask'][i])
       for i in range(c)]
+  start = time.perf_counter()
   client_update = jax.jit(
       round_lib.make_client_update(loss_fn, client_optimizer)).lower(
           params, model_state, *client_inputs[0], rng_key).compile()
+  loop_compile_seconds = time.perf_counter() - start
   accumulate = jax.jit(lambda total, delta, w: jax.tree.map(
       lambda t, d: t + w * d, total, delta))
   opt_state = server_optimizer.init(params)
@@ -232,8 +254,35 @@ def run_worker(args) -> dict[str, Any]:
     return server_step(params, opt_state, delta_sum,
                        float(round_data['num_examples'].sum()))
 
+  # The ceiling of what batching clients can save: one client whose batch
+  # holds every client's examples ([K, C * B]), one call, same work. If the
+  # loop is not much slower than this, one client's step is already
+  # throughput-bound and no vmap over clients can beat the loop by much.
+  merged_batches = {
+      key: np.swapaxes(value, 0, 1).reshape((k, c * b) + value.shape[3:])
+      for key, value in round_data.items() if key not in round_lib.ROUND_KEYS}
+  all_steps = np.ones((k,), np.float32)
+  merged_update = jax.jit(
+      round_lib.make_client_update(loss_fn, client_optimizer)).lower(
+          params, model_state, merged_batches, all_steps, rng_key).compile()
+
+  def one_merged_client():
+    return merged_update(params, model_state, merged_batches, all_steps,
+                         rng_key)[0]
+
+  # Both sides must compute the same round: same rngs, same server step.
+  compiled_params = jax.device_get(compiled_round().params)
+  loop_params = jax.device_get(loop_round()[0])
+  max_param_difference = max(
+      float(np.max(np.abs(a - b))) for a, b in zip(
+          jax.tree.leaves(compiled_params), jax.tree.leaves(loop_params)))
+  max_param_change = max(
+      float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(
+          jax.tree.leaves(compiled_params), jax.tree.leaves(params)))
+
   seconds = _interleaved_median_seconds(
-      {'compiled': compiled_round, 'loop': loop_round}, args.repeats)
+      {'compiled': compiled_round, 'loop': loop_round,
+       'merged': one_merged_client}, args.repeats)
   compiled_seconds, loop_seconds = seconds['compiled'], seconds['loop']
 
   # FLOPs of one local step (loss + gradient) from XLA's cost analysis.
@@ -273,11 +322,17 @@ def run_worker(args) -> dict[str, Any]:
       'local_steps': k,
       'batch': b,
       'params': int(param_count),
+      'compiled_compile_s': compiled_compile_seconds,
+      'loop_compile_s': loop_compile_seconds,
       'compiled_round_s': compiled_seconds,
       'loop_round_s': loop_seconds,
       'compiled_client_steps_per_s': client_steps / compiled_seconds,
       'loop_client_steps_per_s': client_steps / loop_seconds,
+      'max_param_difference': max_param_difference,
+      'max_param_change': max_param_change,
       'speedup_vs_loop': loop_seconds / compiled_seconds,
+      'merged_client_s': seconds['merged'],
+      'batching_ceiling': loop_seconds / seconds['merged'],
       'step_gflop': step_flops / 1e9,
       'matmul_gflop_per_s': matmul_flops_per_second / 1e9,
       'compiled_gflop_per_s': round_flops / compiled_seconds / 1e9,
@@ -322,8 +377,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
   first = results[0]
   print(f"model={first['model']} params={first['params']:,}"
         f" clients={first['clients']} local_steps={first['local_steps']}"
-        f" batch={first['batch']} step={first['step_gflop']:.4f} GFLOP")
+        f" batch={first['batch']} step={first['step_gflop']:.4f} GFLOP;"
+        ' largest |compiled - loop| server parameter difference:'
+        f" {max(r['max_param_difference'] for r in results):.2e}")
   header = ('devices', 'compiled steps/s', 'loop steps/s', 'speedup',
+            'batching ceiling',
             'compiled ms', 'loop ms', 'matmul GFLOP/s', 'compiled GFLOP/s',
             'MFU compiled', 'MFU loop')
   print(' | '.join(header))
@@ -333,6 +391,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         f"{r['compiled_client_steps_per_s']:16.1f}",
         f"{r['loop_client_steps_per_s']:12.1f}",
         f"{r['speedup_vs_loop']:6.2f}x",
+        f"{r['batching_ceiling']:15.2f}x",
         f"{1e3 * r['compiled_round_s']:11.1f}",
         f"{1e3 * r['loop_round_s']:7.1f}",
         f"{r['matmul_gflop_per_s']:14.1f}",
@@ -340,13 +399,15 @@ def print_table(results: list[dict[str, Any]]) -> None:
         f"{r['compiled_mfu']:12.1%}",
         f"{r['loop_mfu']:8.1%}"]))
   print('XLA cost analysis of one round (all devices; loop = clients x the'
-        ' per-client update):')
+        ' per-client update) and compile times:')
   print('devices | compiled GFLOP | loop GFLOP | compiled GB accessed |'
-        ' loop GB accessed')
+        ' loop GB accessed | compile s (compiled round) | compile s (loop'
+        ' update)')
   for r in results:
     print(f"{r['devices']:7d} | {r['compiled_xla_gflop']:14.2f} |"
           f" {r['loop_xla_gflop']:10.2f} | {r['compiled_xla_gbytes']:20.2f} |"
-          f" {r['loop_xla_gbytes']:16.2f}")
+          f" {r['loop_xla_gbytes']:16.2f} | {r['compiled_compile_s']:26.1f} |"
+          f" {r['loop_compile_s']:23.1f}")
 
 
 def main(argv=None) -> None:

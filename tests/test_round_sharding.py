@@ -296,6 +296,49 @@ def test_all_clients_nonfinite_leaves_server_unchanged(round_fn, mesh, data):
   assert int(state.round) == 1
 
 
+def compiled_round_size(num_leaves: int, mesh,
+                        clip_update_norm: float | None) -> int:
+  """HLO instructions XLA compiles for a round over a `num_leaves`-leaf model.
+
+  The loss is a sum of the losses of `num_leaves` independent linear models
+  (no leaf reads another's values, unlike a deep model, whose own gradient
+  would add a quadratic term). The round drops non-finite clients and may
+  clip update norms: per-client decisions that read every leaf.
+  """
+  def loss_fn(params, model_state, batch, rng):
+    del rng
+    mask = batch['example_mask']
+    def squared_error(w):  # of one model: no leaf reads another's values
+      error = batch['x'] @ w - batch['y']
+      return jnp.sum(jnp.where(mask > 0, error ** 2, 0.0))
+    total = sum(squared_error(w) for w in params.values())
+    return total / jnp.maximum(jnp.sum(mask), 1.0), model_state
+
+  params = {f'w_{i:03d}': jnp.full((DIM,), 0.01 * i)
+            for i in range(num_leaves)}
+  round_fn = round_lib.make_federated_round(
+      loss_fn, CLIENT_OPTIMIZER, SERVER_OPTIMIZER, mesh,
+      clip_update_norm=clip_update_norm)
+  state = mesh_lib.replicate(
+      round_lib.init_server_state(params, {}, SERVER_OPTIMIZER), mesh)
+  data = mesh_lib.shard_round_data(make_round_data(), mesh)
+  hlo = round_fn.jitted.lower(state, data, rng_key()).compile().as_text()
+  return sum(1 for line in hlo.splitlines() if ' = ' in line)
+
+
+@pytest.mark.parametrize('clip_update_norm', [None, 1.0])
+def test_compiled_round_grows_linearly_with_leaves(clip_update_norm):
+  # A [C] value computed from all L leaves and read by each leaf (an `&`
+  # chain of per-leaf finite flags in a per-leaf select) is fused into every
+  # reader by XLA:CPU: L^2 instructions, and a compile of the 16-block S
+  # round that did not finish. That form gave 6193 -> 36481 instructions
+  # (5.9x) here. A linear size a + b L (a >= 0) grows at most 4x.
+  one_device = mesh_lib.make_client_mesh(1)
+  sizes = {n: compiled_round_size(n, one_device, clip_update_norm)
+           for n in (16, 64)}
+  assert sizes[64] < 4 * sizes[16], sizes
+
+
 def test_clients_not_divisible_over_devices_raise(round_fn, mesh, data):
   six_clients = {key: value[:6] for key, value in data.items()}
   with pytest.raises(ValueError, match=r'clients_per_round=6.*4 devices'):

@@ -212,9 +212,10 @@ def make_federated_round(
   not depend on how clients are spread over devices or processes.
 
   Aggregation: client c gets weight num_examples[c], unless its delta, loss or
-  model_state holds a NaN/Inf: then its weight is 0 and its delta, loss and
-  model_state are zeroed (jnp.where) before any sum. Finite deltas are then
-  clipped to global L2 norm clip_update_norm (if set). The server applies
+  model_state holds a NaN/Inf: then its weight is 0, its loss is left out and
+  the NaN/Inf elements are zeroed (jnp.where) before any sum. A delta is
+  clipped to global L2 norm clip_update_norm (if set) by scaling its weight in
+  the delta sum. The server applies
   server_optimizer to the pseudo-gradient -sum_c w_c delta_c / sum_c w_c and
   model_state becomes the same weighted mean of the clients' model_states. If
   no client is finite, params, model_state and opt_state stay unchanged
@@ -316,18 +317,21 @@ def make_federated_round(
 
     finite = (aggregation.client_all_finite((deltas, model_states))
               & jnp.isfinite(loss_sums))
-    deltas, model_states = aggregation.zero_where_not(
-        finite, (deltas, model_states))
+    # Dropped (weight 0) and clipped clients are handled in the [C] weights
+    # alone; see the aggregation module docstring for why not per leaf.
+    deltas, model_states = aggregation.zero_nonfinite((deltas, model_states))
     num_examples = round_data['num_examples'].astype(jnp.float32)
     weights = jnp.where(finite, num_examples, 0.0)
+    client_norms = aggregation.client_global_norms(deltas)
     if clip_update_norm is None:
-      client_norms = aggregation.client_global_norms(deltas)
+      delta_weights = weights
       was_clipped = jnp.zeros_like(finite)
     else:
-      deltas, client_norms, was_clipped = aggregation.clip_client_norms(
-          deltas, clip_update_norm)
+      scale, was_clipped = aggregation.clip_scales(client_norms,
+                                                   clip_update_norm)
+      delta_weights = weights * scale
     local_sums = {
-        'delta': aggregation.weighted_sum(deltas, weights),
+        'delta': aggregation.weighted_sum(deltas, delta_weights),
         'model_state': aggregation.weighted_sum(model_states, weights),
         'weight': jnp.sum(weights),
         'loss': jnp.sum(jnp.where(finite, loss_sums, 0.0)),
