@@ -228,10 +228,11 @@ def run_worker(args) -> dict[str, Any]:
       ({key: value[i] for key, value in round_data.items()
         if key not in round_lib.ROUND_KEYS}, round_data['step_mask'][i])
       for i in range(c)]
+  jitted_client_update = jax.jit(
+      round_lib.make_client_update(loss_fn, client_optimizer))
   start = time.perf_counter()
-  client_update = jax.jit(
-      round_lib.make_client_update(loss_fn, client_optimizer)).lower(
-          params, model_state, *client_inputs[0], rng_key).compile()
+  client_update = jitted_client_update.lower(
+      params, model_state, *client_inputs[0], rng_key).compile()
   loop_compile_seconds = time.perf_counter() - start
   accumulate = jax.jit(lambda total, delta, w: jax.tree.map(
       lambda t, d: t + w * d, total, delta))
@@ -262,9 +263,8 @@ def run_worker(args) -> dict[str, Any]:
       key: np.swapaxes(value, 0, 1).reshape((k, c * b) + value.shape[3:])
       for key, value in round_data.items() if key not in round_lib.ROUND_KEYS}
   all_steps = np.ones((k,), np.float32)
-  merged_update = jax.jit(
-      round_lib.make_client_update(loss_fn, client_optimizer)).lower(
-          params, model_state, merged_batches, all_steps, rng_key).compile()
+  merged_update = jitted_client_update.lower(
+      params, model_state, merged_batches, all_steps, rng_key).compile()
 
   def one_merged_client():
     return merged_update(params, model_state, merged_batches, all_steps,

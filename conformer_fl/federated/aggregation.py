@@ -49,8 +49,7 @@ def zero_nonfinite(tree: PyTree) -> PyTree:
   pass unchanged. Integer and boolean leaves pass unchanged.
   """
   return jax.tree.map(
-      lambda x: (jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
-                 if jnp.issubdtype(x.dtype, jnp.inexact) else x), tree)
+      lambda x: jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), tree)
 
 
 def client_global_norms(tree: PyTree) -> jax.Array:

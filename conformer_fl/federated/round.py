@@ -213,13 +213,12 @@ def make_federated_round(
 
   Aggregation: client c gets weight num_examples[c], unless its delta, loss or
   model_state holds a NaN/Inf: then its weight is 0, its loss is left out and
-  the NaN/Inf elements are zeroed (jnp.where) before any sum. A delta is
-  clipped to global L2 norm clip_update_norm (if set) by scaling its weight in
-  the delta sum. The server applies
-  server_optimizer to the pseudo-gradient -sum_c w_c delta_c / sum_c w_c and
-  model_state becomes the same weighted mean of the clients' model_states. If
-  no client is finite, params, model_state and opt_state stay unchanged
-  (round still counts up).
+  the NaN/Inf elements are zeroed before any sum. A delta is clipped to
+  global L2 norm clip_update_norm (if set) by scaling its weight in the delta
+  sum. The server applies server_optimizer to the pseudo-gradient
+  -sum_c w_c delta_c / sum_c w_c and model_state becomes the same weighted
+  mean of the clients' model_states. If no client is finite, params,
+  model_state and opt_state stay unchanged (round still counts up).
 
   Metrics (scalars):
     loss                   example-weighted mean client training loss over
