@@ -5,6 +5,7 @@ the training step for central runs and the round for federated runs). The analys
 pass reads them back with `restore(step)`; training resumes from `latest_step()`.
 """
 
+import os
 from typing import Any
 
 from etils import epath
@@ -19,10 +20,15 @@ class CheckpointStore:
   """The checkpoints of one workdir.
 
   Attributes:
-    directory: `<workdir>/checkpoints`.
+    directory: `<workdir>/checkpoints`, absolute: orbax refuses a relative
+      checkpoint path, and a workdir given on the command line often is one
+      (`make demo`'s `runs/demo`). Cloud paths (`gs://...`) pass unchanged.
   """
 
   def __init__(self, workdir: str, *, read_only: bool = False):
+    workdir = str(workdir)
+    if "://" not in workdir:
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
