@@ -24,17 +24,27 @@ The arms (conformer_fl/experiment/arms.py):
   freeze    clients do not train the targeted units at all.
 `targeting.rule`: 'rank' targets the `targeting.num_units` units whose reset to
 their initial value raises `targeting.metric` least; 'ambient' targets the units
-the analysis calls ambient (its WER thresholds: config.analysis). The scales
-here rank by the loss: their short pre-training leaves the long-form WER near
-100%, where the WER cannot tell the units apart and the loss still can.
+the analysis calls ambient (its WER thresholds: config.analysis). The demo
+ranks the droppable modules (ffn1, mhsa, conv, ffn2 of every block; the
+analysis runs at module granularity) by the WER increase; the tiny scale,
+whose 6-step model transcribes nothing, ranks them by the loss increase.
+
+The demo (`make demo`, 42 minutes on 2 CPU cores; the README gives the
+measured time of each stage): the `demo` corpus (long form: 2-6 s sentences of
+a closed-vocabulary grammar; short form: <= 2 s commands), the demo-size
+Conformer (4 blocks x 96, CTC, sentencepiece 128) pre-trained centrally with
+lighter SpecAugment and tight buckets, the analysis on 160 dev utterances,
+four arms x 3 federated seeds, and the final evaluation of every arm and seed
+on all 240 test utterances of 8 held-out speakers, with paired bootstrap
+intervals (W/report.md).
 
 Argument (all optional, `key=value,...`):
-  scale    demo (the `make demo` default: about 15 minutes on 2 CPU cores)
+  scale    demo (the `make demo` default: about 40 minutes on 2 CPU cores)
            | tiny (a minute: the test of the whole pipeline)        (demo)
   norm     conv-module norm: group_norm | batch_norm | layer_norm   (group_norm)
   decoder  ctc | rnnt                                                (ctc)
   seeds    federated seeds (client sampling, dropout draws), '+'-separated;
-           every arm runs once per seed                              (0)
+           every arm runs once per seed       (the scale's: demo 0+1+2, tiny 0)
   rounds   federated rounds per arm (0 = the scale's default)         (0)
   steps    central pre-training steps (0 = the scale's default)       (0)
 """
@@ -43,21 +53,31 @@ import ml_collections
 
 from conformer_fl import config_lib
 
-# Per scale: corpus and model size, pre-training steps, federated rounds,
-# clients per round, local steps, client batch and eval batches.
+# Per scale: corpus and model size; pre-training steps, peak learning rate,
+# warm-up, buckets and tokenizer; analysis granularity, dev batches and
+# re-randomization draws; federated rounds,
+# clients per round, local steps, client batch; eval batches of the runs;
+# targeting (units, metric); the default federated seeds.
 _SCALES = {
-    "demo": dict(corpus="demo", size="demo", steps=400, rounds=30, clients=8,
-                 local_steps=4, batch=4, eval_batches=4, num_units=2,
-                 metric="loss"),
-    "tiny": dict(corpus="tiny", size="tiny", steps=6, rounds=2, clients=4,
-                 local_steps=2, batch=2, eval_batches=1, num_units=1,
-                 metric="loss"),
+    "demo": dict(corpus="demo", size="demo", steps=1200, peak_lr=2e-3,
+                 warmup=200, buckets=(3.0, 4.5, 6.0), tokenizer="char",
+                 granularity="module", analysis_batches=20,
+                 rerandomize_seeds=0, rounds=20,
+                 clients=8, local_steps=4, batch=4, eval_batches=12,
+                 num_units=4, metric="wer", seeds="0+1+2"),
+    "tiny": dict(corpus="tiny", size="tiny", steps=6, peak_lr=2e-3, warmup=2,
+                 buckets=(10.0,), tokenizer="sentencepiece",
+                 granularity="module",
+                 analysis_batches=1, rerandomize_seeds=1, rounds=2, clients=4,
+                 local_steps=2,
+                 batch=2, eval_batches=1, num_units=1, metric="loss",
+                 seeds="0"),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_lib.parse_arg(arg, scale="demo", norm="group_norm", decoder="ctc",
-                           seeds="0", rounds=0, steps=0)
+                           seeds="", rounds=0, steps=0)
   if a.scale not in _SCALES:
     raise ValueError(f"scale={a.scale!r}; expected one of {sorted(_SCALES)}.")
   s = _SCALES[a.scale]
@@ -67,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = "experiment"
   # Federated seeds: every arm runs once per seed.
-  config.seeds = tuple(int(x) for x in a.seeds.split("+"))
+  config.seeds = tuple(int(x) for x in (a.seeds or s["seeds"]).split("+"))
   # The split of the final evaluation of every arm (held-out speakers).
   config.final_eval_split = "test"
 
@@ -76,16 +96,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       size=s["size"], norm=a.norm, decoder=a.decoder, corpus=s["corpus"],
       domain="long", steps=steps, seed=0)
   pretrain.eval_max_batches = s["eval_batches"]
-  pretrain.central.warmup_steps = max(1, min(200, steps // 4))
-  pretrain.central.log_every = max(1, min(20, steps // 10))
-  pretrain.central.eval_every = max(1, steps // 2)
+  pretrain.central.peak_learning_rate = s["peak_lr"]
+  pretrain.central.warmup_steps = s["warmup"]
+  pretrain.central.log_every = max(1, min(50, steps // 10))
+  pretrain.central.eval_every = max(1, steps // 4)
   # The analysis resets units to these checkpoints (tau), 0 included.
-  pretrain.central.checkpoint_every = max(1, steps // 4)
+  pretrain.central.checkpoint_every = max(1, steps // 2)
+  # Buckets that fit the long-form utterances tightly: less padding.
+  pretrain.data.bucket_seconds = s["buckets"]
+  # Characters: a demo-size model learned them several times faster than a
+  # 128-piece sentencepiece vocabulary (dev CER 0.44 against 0.86 after 200
+  # steps), and it can spell the adaptation domain's new words.
+  pretrain.data.tokenizer.kind = s["tokenizer"]
+  # SpecAugment lighter than the LibriSpeech policy of the model's default
+  # (10 time masks, 2 frequency masks of 27 bins): a model trained for
+  # minutes on a few hours of speech learned faster with less masking.
+  pretrain.model.specaug_num_time_masks = 2
+  pretrain.model.specaug_num_freq_masks = 1
+  pretrain.model.specaug_max_freq_mask = 15
   config.pretrain = pretrain
 
-  # (3) Layer importance of the pre-trained model, on its own dev split.
-  analysis = config_lib.analysis_run_config(granularity="block", seeds=1)
-  analysis.analysis.eval_max_batches = s["eval_batches"]
+  # (3) Layer importance of the pre-trained model, on its own dev split:
+  # units at module granularity (ffn1, mhsa, conv, ffn2 of every block), so
+  # that the movement / importance correlation has 4 units per block.
+  analysis = config_lib.analysis_run_config(granularity=s["granularity"],
+                                            seeds=s["rerandomize_seeds"])
+  analysis.analysis.eval_max_batches = s["analysis_batches"]
+  # Reset to the initial value and to the middle checkpoint (resetting to
+  # the trained checkpoint itself would only repeat the baseline).
+  analysis.analysis.taus = f"0,{pretrain.central.checkpoint_every}"
   # One variant at a time: faster than vmapped variants on 2 CPU cores for
   # the demo size (benchmarks/analysis_vectorized.py).
   analysis.analysis.vectorized = a.scale == "tiny"
@@ -95,6 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   adapt = config_lib.federated_run_config(
       size=s["size"], norm=a.norm, decoder=a.decoder, corpus=s["corpus"],
       domain="short", rounds=rounds, seed=0)
+  adapt.model = pretrain.model.copy_and_resolve_references()
+  adapt.data.tokenizer = pretrain.data.tokenizer.copy_and_resolve_references()
   adapt.eval_max_batches = s["eval_batches"]
   f = adapt.federated
   f.clients_per_round = s["clients"]
@@ -104,9 +145,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # holds the short-form utterances (<= 2 s).
   adapt.data.bucket_seconds = (2.0,)
   f.fixed_round_shape = True
-  f.eval_every = max(1, rounds // 4)
+  f.eval_every = max(1, rounds // 2)
   f.checkpoint_every = max(1, rounds // 2)
-  f.unit_granularity = "block"
+  f.unit_granularity = s["granularity"]
   config.adapt = adapt
 
   # The arms, and which units the targeted and freeze arms aim at.

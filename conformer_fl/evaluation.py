@@ -68,6 +68,11 @@ class EvalAccumulator:
     self.num_examples = 0.0
     self.word_errors = 0
     self.reference_words = 0
+    self.char_errors = 0
+    self.reference_chars = 0
+    # Per utterance, in order: word errors and reference words (for intervals).
+    self.utterance_word_errors: list[int] = []
+    self.utterance_words: list[int] = []
     self.examples: list[tuple[str, str]] = []
 
   def add(self, outputs: Mapping[str, Any], batch: Batch) -> None:
@@ -80,18 +85,35 @@ class EvalAccumulator:
     references = ids_to_texts(batch["labels"], batch["label_paddings"], self._decode)
     hypotheses = [h for h, k in zip(hypotheses, keep) if k]
     references = [r for r, k in zip(references, keep) if k]
-    errors, words = wer_lib.wer_counts(references, hypotheses)
-    self.word_errors += errors
-    self.reference_words += words
+    errors, words = wer_lib.utterance_errors(references, hypotheses, "word")
+    char_errors, chars = wer_lib.utterance_errors(references, hypotheses,
+                                                  "char")
+    self.word_errors += int(errors.sum())
+    self.reference_words += int(words.sum())
+    self.char_errors += int(char_errors.sum())
+    self.reference_chars += int(chars.sum())
+    self.utterance_word_errors.extend(int(e) for e in errors)
+    self.utterance_words.extend(int(w) for w in words)
     self.examples.extend(zip(references, hypotheses))
 
   def result(self) -> dict[str, float]:
-    """{'loss': mean loss per example, 'wer': corpus WER, 'num_examples': n}."""
+    """Metrics of the batches added so far.
+
+    Returns:
+      {'loss': mean loss per example, 'wer': corpus WER, 'cer': corpus CER,
+       'wer_low', 'wer_high': 95% bootstrap interval of the WER over the
+       utterances (`wer.bootstrap_rate_interval`), 'num_examples': n}.
+    """
     if self.num_examples == 0:
       raise ValueError("Evaluation saw no examples: is the eval split empty?")
+    low, high = wer_lib.bootstrap_rate_interval(
+        np.asarray(self.utterance_word_errors), np.asarray(self.utterance_words))
     return dict(
         loss=self.loss_sum / self.num_examples,
         wer=self.word_errors / max(self.reference_words, 1),
+        cer=self.char_errors / max(self.reference_chars, 1),
+        wer_low=low,
+        wer_high=high,
         num_examples=self.num_examples,
     )
 

@@ -21,6 +21,7 @@ the result stays finite and JSON-serializable).
 from collections.abc import Sequence
 
 import jiwer
+import numpy as np
 
 from conformer_fl.text import normalize_text
 
@@ -90,3 +91,114 @@ def word_error_rate(
   """
   errors, words = wer_counts(references, hypotheses)
   return errors / max(words, 1)
+
+
+def utterance_errors(references: Sequence[str], hypotheses: Sequence[str],
+                     unit: str = "word") -> tuple[np.ndarray, np.ndarray]:
+  """Per-pair edit errors and reference lengths, in words or characters.
+
+  Args:
+    references: N reference transcripts.
+    hypotheses: N hypotheses, aligned with `references`.
+    unit: 'word' (WER's counts) or 'char' (CER's: the characters of the
+      normalized text, spaces between words included).
+
+  Returns:
+    (errors int64[N], lengths int64[N]); errors.sum() / lengths.sum() is the
+    corpus WER (or CER) of the N pairs.
+  """
+  if unit not in ("word", "char"):
+    raise ValueError(f"unit must be 'word' or 'char', got {unit!r}.")
+  if len(references) != len(hypotheses):
+    raise ValueError(
+        f"Got {len(references)} references but {len(hypotheses)} hypotheses."
+    )
+  errors = np.zeros(len(references), np.int64)
+  lengths = np.zeros(len(references), np.int64)
+  for i, (reference, hypothesis) in enumerate(zip(references, hypotheses)):
+    if unit == "word":
+      errors[i], lengths[i] = wer_counts([reference], [hypothesis])
+      continue
+    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    lengths[i] = len(ref)
+    if not ref or not hyp:
+      errors[i] = len(ref) + len(hyp)
+    else:
+      out = jiwer.process_characters(ref, hyp)
+      errors[i] = out.substitutions + out.deletions + out.insertions
+  return errors, lengths
+
+
+def bootstrap_rate_interval(errors: np.ndarray, lengths: np.ndarray, *,
+                            level: float = 0.95, num_samples: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of a corpus error rate, over utterances.
+
+  Utterances are resampled with replacement (the words of one utterance stay
+  together, since their errors are not independent) and the corpus rate
+  sum(errors) / sum(lengths) is recomputed for each resample.
+
+  Args:
+    errors: int[N] errors of each utterance (`utterance_errors`).
+    lengths: int[N] reference lengths.
+    level: coverage of the interval.
+    num_samples: bootstrap resamples.
+    seed: the resampling seed (the interval is deterministic for a seed).
+
+  Returns:
+    (low, high) of the `level` interval.
+  """
+  errors = np.asarray(errors, np.float64)
+  lengths = np.asarray(lengths, np.float64)
+  rng = np.random.default_rng(seed)
+  index = rng.integers(0, len(errors), size=(num_samples, len(errors)))
+  rates = errors[index].sum(1) / np.maximum(lengths[index].sum(1), 1.0)
+  tail = (1.0 - level) / 2.0
+  low, high = np.quantile(rates, [tail, 1.0 - tail])
+  return float(low), float(high)
+
+
+def paired_bootstrap_difference(
+    errors_a: np.ndarray, errors_b: np.ndarray, lengths: np.ndarray, *,
+    level: float = 0.95, num_samples: int = 2000,
+    seed: int = 0) -> dict[str, float]:
+  """WER(a) - WER(b) with a two-level paired bootstrap interval.
+
+  Both systems are scored on the same N utterances, once per seed (the seeds
+  of a and b paired: seed s of a against seed s of b). Each resample draws S
+  seeds and N utterances with replacement, the same draws for a and b, and
+  takes the difference of the two corpus WERs pooled over the drawn seeds.
+  The interval so covers both the choice of test utterances and the seed.
+
+  Args:
+    errors_a: int[S, N] word errors of system a, per seed and utterance.
+    errors_b: int[S, N] word errors of system b.
+    lengths: int[N] reference words of each utterance.
+    level: coverage of the interval.
+    num_samples: bootstrap resamples.
+    seed: the resampling seed.
+
+  Returns:
+    {'difference': pooled WER(a) - WER(b) over all seeds, 'low', 'high',
+     'level', 'num_seeds', 'num_utterances'}.
+  """
+  errors_a = np.asarray(errors_a, np.float64)
+  errors_b = np.asarray(errors_b, np.float64)
+  lengths = np.asarray(lengths, np.float64)
+  if errors_a.shape != errors_b.shape or errors_a.shape[1:] != lengths.shape:
+    raise ValueError(f"Shapes differ: a {errors_a.shape}, b {errors_b.shape},"
+                     f" lengths {lengths.shape}; expected [S, N], [S, N], [N].")
+  num_seeds, num_utts = errors_a.shape
+  diff = errors_a - errors_b                                        # [S, N]
+  rng = np.random.default_rng(seed)
+  seeds = rng.integers(0, num_seeds, size=(num_samples, num_seeds))
+  utts = rng.integers(0, num_utts, size=(num_samples, num_utts))
+  # Sum of the drawn seeds' differences over the drawn utterances.
+  picked = diff[seeds[:, :, None], utts[:, None, :]].sum(axis=(1, 2))
+  words = lengths[utts].sum(1) * num_seeds
+  samples = picked / np.maximum(words, 1.0)
+  tail = (1.0 - level) / 2.0
+  low, high = np.quantile(samples, [tail, 1.0 - tail])
+  return dict(difference=float(diff.sum() / max(lengths.sum() * num_seeds, 1)),
+              low=float(low), high=float(high), level=level,
+              num_seeds=int(num_seeds), num_utterances=int(num_utts))

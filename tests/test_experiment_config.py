@@ -69,12 +69,16 @@ def test_bad_experiment_fields_are_named(field, value, message):
 
 
 def test_rank_target_count_is_checked_before_any_work():
-  config = _config("scale=tiny")  # 2 blocks, block granularity.
+  config = _config("scale=tiny")  # 2 blocks, module granularity.
+  config.targeting.num_units = 9
+  with pytest.raises(ValueError, match="num_units=9: expected 1 to 8"):
+    experiment.validate_config(config)
+  config.targeting.num_units = 8  # 4 droppable modules per block.
+  experiment.validate_config(config)
+  config.analysis.analysis.granularity = "block"
   config.targeting.num_units = 3
   with pytest.raises(ValueError, match="num_units=3: expected 1 to 2"):
     experiment.validate_config(config)
-  config.analysis.analysis.granularity = "module"  # 4 droppable per block.
-  experiment.validate_config(config)
 
 
 def test_data_dir_may_change_but_nothing_else(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conformer_fl import checkpointing
+from conformer_fl import models
 from conformer_fl.experiment import arms as arms_lib
 
 pytestmark = pytest.mark.slow
@@ -45,9 +46,13 @@ def test_targeted_units_are_the_least_important(experiment):
   workdir, _, _, summary = experiment
   importance = json.loads(
       (workdir / "pretrain" / "analysis" / "importance.json").read_text())
-  blocks = [u for u in importance["units"] if "/block_" in u]
-  # configs/experiment.py:scale=tiny ranks the units by the loss increase.
-  least = min(blocks, key=lambda u: importance["units"][u]["loss_increase"])
+  # configs/experiment.py:scale=tiny ranks the droppable modules (ffn1,
+  # mhsa, conv, ffn2 of every block) by the loss increase.
+  assert importance["granularity"] == "module"
+  modules = arms_lib.droppable_units(list(importance["units"]),
+                                     ("ffn", "conv", "mhsa"))
+  assert len(modules) == 4 * 2  # The tiny model has 2 blocks.
+  least = min(modules, key=lambda u: importance["units"][u]["loss_increase"])
   assert summary["analysis"]["targeted_units"] == [least]
   by_arm = {row["arm"]: row for row in summary["arms"]}
   assert list(by_arm) == list(arms_lib.ARMS)
@@ -83,11 +88,11 @@ def test_final_evaluation_on_held_out_short_utterances(experiment):
     assert [r for r, _ in row["dev_wer_by_round"]["0"]][-1] == 2
 
 
-def test_freeze_arm_leaves_the_targeted_block_at_its_pretrained_value(
+def test_freeze_arm_leaves_the_targeted_unit_at_its_pretrained_value(
     experiment):
   workdir, _, _, summary = experiment
-  (block,) = summary["analysis"]["targeted_units"]
-  name = block.split("/")[1]
+  (unit,) = summary["analysis"]["targeted_units"]
+  path = tuple(unit.split("/"))
   pretrained = checkpointing.CheckpointStore(
       str(workdir / "pretrain"), read_only=True).restore_variables(6)["params"]
 
@@ -103,11 +108,11 @@ def test_freeze_arm_leaves_the_targeted_block_at_its_pretrained_value(
     return out
 
   frozen, full = adapted("freeze"), adapted("full")
-  for a, b in zip(flat(frozen["encoder"][name]),
-                  flat(pretrained["encoder"][name])):
+  unit_of = lambda params: flat(models.get_unit(params, path))
+  for a, b in zip(unit_of(frozen), unit_of(pretrained)):
     np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      flat(full["encoder"][name]), flat(pretrained["encoder"][name])))
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(unit_of(full), unit_of(pretrained)))
 
 
 def test_report_has_the_table_and_figures(experiment):
@@ -120,3 +125,56 @@ def test_report_has_the_table_and_figures(experiment):
     assert f"({figure})" in report
     assert matplotlib.image.imread(workdir / figure).shape[:2] == (400, 600)
   assert (workdir / "pretrain" / "analysis" / "heatmap_wer.png").exists()
+
+
+def test_report_states_the_checks_noise_and_transcripts(experiment):
+  workdir, _, _, summary = experiment
+  report = (workdir / "report.md").read_text()
+  lines = report.splitlines()
+  # The checks come first, each measured.
+  assert lines[0] == "# Federated Dropout targeted by layer importance"
+  checks = [line for line in lines[:8] if line.startswith("- **")]
+  assert len(checks) == 3
+  assert "dev WER <= 0.30" in checks[0] and "utterances" in checks[0]
+  assert "Wall time of each stage" in report
+  assert set(summary["stage_seconds"]) >= {"pretrain", "analysis", "summary"}
+  # Paired differences of every arm against full, on the 6 test utterances.
+  assert set(summary["paired_differences"]) == {"uniform", "targeted",
+                                                "freeze"}
+  for d in summary["paired_differences"].values():
+    assert d["low"] <= d["difference"] <= d["high"]
+    assert (d["num_seeds"], d["num_utterances"]) == (1, 6)
+    assert f"{d['difference']:+.3f}" in report
+  # Transcripts: the references of the test split, each arm's hypothesis.
+  samples = summary["transcripts"]
+  final = json.loads((workdir / "arms" / "targeted" / "seed_0" /
+                      "final_eval.json").read_text())["value"]
+  assert [s["reference"] for s in samples] == final["references"][:6]
+  assert [s["arms"]["targeted"] for s in samples] == final["hypotheses"][:6]
+  assert f"reference: `{samples[0]['reference']}`" in report
+  # The pre-trained model on its own dev domain, with CER and an interval.
+  dev = summary["pretrain"]["dev_eval"]
+  assert dev["wer_low"] <= dev["wer"] <= dev["wer_high"] and 0 <= dev["cer"]
+  curve = summary["pretrain"]["learning_curve"]
+  assert [c["step"] for c in curve] == [1, 2, 3, 4, 5, 6]
+  assert matplotlib.image.imread(workdir / "pretrain_curve.png").ndim == 3
+  # Links in the report are relative to the workdir.
+  assert str(workdir) not in report
+
+
+def _without_timings(summary):
+  """The summary less what the machine's speed decides (seconds)."""
+  summary = dict(summary, stage_seconds=None)
+  summary["arms"] = [dict(row, seconds_per_round=None)
+                     for row in summary["arms"]]
+  summary["pretrain"] = dict(summary["pretrain"], learning_curve=[
+      dict(c, seconds=None) for c in summary["pretrain"]["learning_curve"]])
+  return summary
+
+
+def test_same_command_in_a_new_workdir_gives_the_same_numbers(
+    experiment, tiny_corpus_dir, run_tiny_experiment, tmp_path):
+  _, _, _, summary = experiment
+  run_tiny_experiment(tmp_path, tiny_corpus_dir)
+  again = json.loads((tmp_path / "summary.json").read_text())
+  assert _without_timings(again) == _without_timings(summary)

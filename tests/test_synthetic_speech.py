@@ -206,9 +206,11 @@ def test_missing_packages_are_named_before_any_work(tmp_path, monkeypatch):
 
 
 def test_assign_speakers_is_deterministic_and_respects_counts():
-  demo = synthetic_speech.SyntheticSpeech.builder_configs["demo"]
-  first = synthetic_speech.assign_speakers(demo)
-  assert first == synthetic_speech.assign_speakers(demo)
+  config = synthetic_speech.SyntheticSpeechConfig(
+      name="mixed", num_train_speakers=48, num_dev_speakers=6,
+      num_test_speakers=6, flite_fraction=0.2)
+  first = synthetic_speech.assign_speakers(config)
+  assert first == synthetic_speech.assign_speakers(config)
   assert {s: len(v) for s, v in first.items()} == {"train": 48, "dev": 6, "test": 6}
   assert sum(sp.engine == "flite" for sp in first["train"]) == round(0.2 * 48)
   ids = [sp.speaker_id for v in first.values() for sp in v]
@@ -312,3 +314,32 @@ def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
     tts_engines._read_wav(path.read_bytes())  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="non-empty"):
     tts_engines.synthesize(speakers[0], "")
+
+
+def test_demo_config_holds_out_espeak_timbres_only():
+  demo = synthetic_speech.SyntheticSpeech.builder_configs["demo"]
+  speakers = synthetic_speech.assign_speakers(demo)
+  assert {s: len(v) for s, v in speakers.items()} == {
+      "train": 96, "dev": 8, "test": 8}
+  engines = {s.engine for split in speakers.values() for s in split}
+  assert engines == {"espeak"}
+  timbres = {split: {s.timbre for s in v} for split, v in speakers.items()}
+  assert not timbres["dev"] & timbres["train"]
+  assert not timbres["test"] & timbres["train"]
+  assert not timbres["dev"] & timbres["test"]
+
+
+def test_story_sentences_cover_held_out_words():
+  sentences = text_sources.story_sentences(2000, seed=0, min_words=5,
+                                           max_words=14)
+  assert len(set(sentences)) == 2000 == len(sentences)
+  assert sentences == sorted(sentences)
+  assert all(5 <= len(s.split()) <= 14 for s in sentences)
+  assert all(normalize_text(s) == s for s in sentences)
+  assert sentences == text_sources.story_sentences(2000, 0, 5, 14)
+  pools = synthetic_speech.sentence_pools(TINY, sentences)
+  train_words = {w for s in pools["train"] for w in s.split()}
+  for split in ("dev", "test"):
+    assert not set(pools[split]) & set(pools["train"])
+    held_out_words = {w for s in pools[split] for w in s.split()}
+    assert held_out_words <= train_words

@@ -121,7 +121,9 @@ def summarize(metrics: list[dict[str, float]], variants: list[resets.Variant],
                            analysis.max_rel_wer_increase,
                            analysis.threshold_rule))
   return dict(
-      baseline=dict(wer=base['wer'], loss=base['loss']),
+      baseline=dict(wer=base['wer'], loss=base['loss'], cer=base.get('cer'),
+                    wer_interval=([base['wer_low'], base['wer_high']]
+                                  if 'wer_low' in base else None)),
       num_examples=base['num_examples'],
       units=unit_results,
       ambient=[n for n, u in unit_results.items() if u['ambient']],

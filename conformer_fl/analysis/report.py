@@ -40,7 +40,11 @@ def render_report(results: dict[str, Any]) -> str:
       f"{results['eval']['domains'] or 'all'}), "
       f"{results['eval']['num_examples']:.0f} utterances.",
       '',
-      f"Baseline (no reset): WER {base['wer']:.4f}, loss {base['loss']:.4f}.",
+      f"Baseline (no reset): WER {base['wer']:.4f}"
+      + (f" (95% bootstrap interval over utterances {base['wer_interval'][0]:.4f}"
+         f"-{base['wer_interval'][1]:.4f})" if base.get('wer_interval') else '')
+      + (f", CER {base['cer']:.4f}" if base.get('cer') is not None else '')
+      + f", loss {base['loss']:.4f}.",
       '',
       f"A unit is **ambient** when its WER after the reset to tau = 0 rises by "
       f"at most {t['max_abs_wer_increase']} (absolute) "

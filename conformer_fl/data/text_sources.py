@@ -1,6 +1,6 @@
-"""Text for the synthetic corpus: fortune sentences (long) and spoken commands (short).
+"""Text for the synthetic corpus: long-form sentences and spoken commands (short).
 
-Two sources, both local and deterministic:
+Three sources, all local and deterministic:
 
 * `fortune_sentences`: English sentences from the Debian `fortunes-min` files
   (/usr/share/games/fortunes/{fortunes,literature,riddles}). Entries are separated
@@ -10,7 +10,12 @@ Two sources, both local and deterministic:
   or symbols that are read aloud ('$', '%', '&', ...), no acronyms or Roman numerals
   in capitals (spelled letter by letter), no abbreviations with periods ('Mr.'),
   no single letters other than 'a' and 'I'.
-* `command_phrases`: a seeded grammar of short assistant commands ("set a timer
+* `story_sentences`: a seeded grammar of everyday narrative sentences (8-24
+  words, "on monday my sister drove to the market and bought twelve eggs")
+  over a closed vocabulary of about 250 words. The long-form domain of the
+  built-in corpus configs reads these: every word of a held-out sentence is
+  heard in training, so a small model trained for minutes can transcribe it.
+* `command_phrase`: a seeded grammar of short assistant commands ("set a timer
   for five minutes", "call mom", "turn on the kitchen lights"), numbers spelled
   as words.
 
@@ -190,3 +195,118 @@ def command_phrase(rng: np.random.Generator) -> str:
       lambda: pick(_SINGLE),
   )
   return normalize_text(templates[int(rng.integers(len(templates)))]())
+
+
+# The 'story' grammar of the long-form domain: everyday narrative sentences
+# over a closed vocabulary (a few hundred words), so that the words of the
+# held-out dev and test sentences are all heard in training while the
+# sentences themselves are new. Some words (numbers, days, rooms, cities,
+# people, groceries) are shared with the command grammar above; the commands'
+# own verbs and nouns ("set", "timer", "weather", "volume", ...) are not.
+_PEOPLE = (
+    "my sister", "my brother", "our neighbor", "the old farmer", "the teacher",
+    "a young doctor", "the driver", "my grandmother", "the little boy",
+    "the girl next door", "alice", "bob", "emma", "james", "olivia", "mom",
+    "dad", "the baker", "a tall man", "the children", "my friend", "the nurse",
+)
+_PLACES = (
+    "the market", "the station", "the river", "the library", "the park",
+    "the old church", "the beach", "the hospital", "the school", "the bakery",
+    "the harbor", "the village", "the bridge", "the garden", "the city",
+    "the museum", "the farm", "the hotel",
+) + tuple(f"the {room}" for room in _ROOMS[:6]) + _CITIES
+_ADJECTIVES = ("red", "small", "heavy", "old", "new", "green", "warm", "broken",
+               "wooden", "bright", "empty", "yellow", "quiet", "little", "big",
+               "white", "black", "soft")
+_THINGS = ("box", "basket", "book", "letter", "chair", "bicycle", "coat",
+           "bottle", "blanket", "key", "map", "cup", "clock", "hat", "bag",
+           "picture", "window", "door", "table", "candle", "ladder", "boat")
+_PLURAL_THINGS = tuple(t + ("es" if t.endswith("x") else "s") for t in _THINGS)
+_FOODS = _ITEMS + ("soup", "cake", "potatoes", "fish", "oranges", "carrots",
+                   "sandwiches", "cookies")
+_MOVES = ("walked to", "drove to", "ran to", "went back to", "hurried to",
+          "came home from", "rode a bicycle to", "took the train to",
+          "waited outside", "stayed at")
+_ACTS = ("bought", "found", "carried", "painted", "cleaned", "opened", "sold",
+         "fixed", "lost", "borrowed", "wrapped", "dropped", "moved", "hid")
+_EATS = ("cooked", "ate", "shared", "baked", "packed", "brought")
+_TIMES = ("this morning", "last night", "after dinner", "before lunch",
+          "in the evening", "early in the morning", "late at night",
+          "during the storm", "after school", "at noon") + tuple(
+              f"on {day}" for day in _DAYS[:7])
+_FEELINGS = ("happy", "tired", "hungry", "cold", "surprised", "worried",
+             "quiet", "proud", "angry", "sleepy")
+_LINKS = ("and then", "but", "because", "so", "while", "before", "after")
+
+
+def story_sentence(rng: np.random.Generator, min_words: int = 8,
+                   max_words: int = 24) -> str:
+  """Draws one narrative sentence of the 'story' grammar; normalized text.
+
+  A sentence is one or two clauses (a person going somewhere, doing something
+  to an object, eating, or feeling), joined by a linking word, with an
+  optional time phrase; numbers are spelled as words.
+
+  Args:
+    rng: the generator to draw from.
+    min_words: shortest sentence returned, in words.
+    max_words: longest sentence returned.
+
+  Returns:
+    A sentence of min_words..max_words words.
+  """
+  pick = lambda options: _choice(rng, options)
+
+  def obj() -> str:
+    kind = int(rng.integers(4))
+    if kind == 0:
+      return f"a {pick(_ADJECTIVES)} {pick(_THINGS)}"
+    if kind == 1:
+      return f"the {pick(_ADJECTIVES)} {pick(_THINGS)}"
+    if kind == 2:
+      count = number_to_words(int(rng.integers(2, 100)))
+      return f"{count} {pick(_ADJECTIVES)} {pick(_PLURAL_THINGS)}"
+    return f"{number_to_words(int(rng.integers(2, 13)))} {pick(_FOODS)}"
+
+  def clause(subject: str) -> str:
+    kind = int(rng.integers(5))
+    if kind == 0:
+      return f"{subject} {pick(_MOVES)} {pick(_PLACES)}"
+    if kind == 1:
+      return f"{subject} {pick(_ACTS)} {obj()}"
+    if kind == 2:
+      return f"{subject} {pick(_ACTS)} {obj()} at {pick(_PLACES)}"
+    if kind == 3:
+      return f"{subject} {pick(_EATS)} {pick(_FOODS)} for {pick(_PEOPLE)}"
+    return f"{subject} felt {pick(_FEELINGS)}"
+
+  while True:
+    subject = pick(_PEOPLE)
+    words = clause(subject)
+    if rng.random() < 0.7:
+      other = subject if rng.random() < 0.3 else pick(_PEOPLE)
+      words += f" {pick(_LINKS)} {clause(other)}"
+    if rng.random() < 0.6:
+      time_phrase = pick(_TIMES)
+      words = (f"{time_phrase} {words}" if rng.random() < 0.4
+               else f"{words} {time_phrase}")
+    text = normalize_text(words)
+    if min_words <= len(text.split()) <= max_words:
+      return text
+
+
+def story_sentences(count: int, seed: int, min_words: int = 8,
+                    max_words: int = 24) -> list[str]:
+  """`count` distinct sentences of the 'story' grammar, sorted; seeded.
+
+  Raises:
+    ValueError: the grammar cannot give `count` distinct sentences.
+  """
+  rng = np.random.default_rng([seed, 5])
+  sentences = set()
+  for _ in range(20 * count):
+    sentences.add(story_sentence(rng, min_words, max_words))
+    if len(sentences) == count:
+      return sorted(sentences)
+  raise ValueError(f"The story grammar gave only {len(sentences)} distinct"
+                   f" sentences of {min_words}-{max_words} words, not {count}.")

@@ -14,8 +14,11 @@ a sub-directory of the workdir W:
                 (config.adapt), once per arm (`arms.ARMS`: full, uniform,
                 targeted, freeze) and seed (config.seeds); each arm's run is then
                 evaluated on config.final_eval_split (held-out speakers);
-  5. summary    client cost of each arm (`costs`), the table    W/summary.json
-                and the figures (`summary`)                      W/report.md
+  5. summary    client cost of each arm (`costs`), the pre-     W/summary.json
+                trained model on its own dev split, the table,   W/report.md
+                paired intervals, transcripts and figures
+                (`summary`, `evidence`); the wall time of every
+                stage that ran                                   W/stage_seconds.json
 
 Run again, a finished stage is skipped and an interrupted one resumes from its
 checkpoints, so the same config and seeds give the same WERs and costs (the

@@ -1,6 +1,7 @@
 """Runs the experiment's stages; see `conformer_fl.experiment`."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import json
 import os
 import time
@@ -21,24 +22,59 @@ from conformer_fl.experiment import costs as costs_lib
 from conformer_fl.experiment import summary as summary_lib
 
 CONFIG_FILE = "experiment_config.json"
+# Version of the cached final evaluations (2: with CER, the WER interval and
+# the transcripts); a cache of another version is computed again.
+EVAL_SCHEMA = 2
 
 
 def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
-class _Progress:
-  """Stage banners on stdout, with the time since the experiment started."""
+STAGE_SECONDS_FILE = "stage_seconds.json"
 
-  def __init__(self, num_stages: int):
+
+class _Progress:
+  """Stage banners on stdout and the wall time of every stage that ran.
+
+  `timed(name)` measures a stage; the seconds of stages that ran are kept in
+  W/stage_seconds.json (merged over runs, so a rerun that reuses a stage
+  keeps the time of the run that computed it).
+  """
+
+  def __init__(self, num_stages: int, workdir: epath.Path):
     self._num_stages = num_stages
     self._start = time.perf_counter()
+    self._path = workdir / STAGE_SECONDS_FILE
+    self.seconds = {}
+    if self._path.exists():
+      try:
+        self.seconds = json.loads(self._path.read_text())
+      except json.JSONDecodeError:
+        self.seconds = {}  # A torn write; times of this run only.
 
   def stage(self, index: int, text: str) -> None:
     if _is_chief():
       elapsed = time.perf_counter() - self._start
       print(f"[{index}/{self._num_stages}] {text}  (+{elapsed:.0f} s)",
             flush=True)
+
+  @contextlib.contextmanager
+  def timed(self, name: str, record: bool = True) -> Iterator[None]:
+    """Records the wall seconds of the `with` body as stage `name`.
+
+    Args:
+      name: the stage.
+      record: False leaves the recorded time as it is (a stage that only
+        reads what an earlier run computed).
+    """
+    tic = time.perf_counter()
+    yield
+    if not record:
+      return
+    self.seconds[name] = time.perf_counter() - tic
+    if _is_chief():
+      _write_atomically(self._path, json.dumps(self.seconds, indent=2))
 
   @property
   def elapsed(self) -> float:
@@ -98,6 +134,16 @@ def _latest_step(workdir: epath.Path) -> int | None:
     store.close()
 
 
+def corpus_is_built(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether the local corpus of `data_config` is prepared (True if not local)."""
+  if data_config.dataset != "synthetic_speech":
+    return True
+  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
+  return synthetic_speech.SyntheticSpeech(
+      config=data_config.builder_config,
+      data_dir=data_config.data_dir or None).is_prepared()
+
+
 def build_corpus(data_config: ml_collections.ConfigDict) -> None:
   """Synthesizes the local corpus of `data_config` unless it is built."""
   if data_config.dataset != "synthetic_speech":
@@ -122,7 +168,9 @@ def evaluate_checkpoint(
     domains: eval domains (None = data_config.eval_domains).
 
   Returns:
-    {'wer', 'loss', 'num_examples', 'step', 'split'}.
+    {'wer', 'cer', 'wer_low', 'wer_high', 'loss', 'num_examples', 'step',
+     'split', 'references': [str], 'hypotheses': [str]} (the transcripts in
+    the split's order, for paired comparisons and samples in the report).
   """
   run_config = importance_lib.load_run_config(workdir)
   data_config = data_config or run_config.data
@@ -137,10 +185,12 @@ def evaluate_checkpoint(
     store.close()
   batches = input_pipeline.get_eval_batches(data_config, tokenizer,
                                             split=split, domains=domains)
-  metrics, _ = evaluation.evaluate(
+  metrics, examples = evaluation.evaluate(
       jax.jit(evaluation.make_eval_step(model)), variables, batches,
       tokenizer.decode)
-  return {**metrics, "step": step, "split": split}
+  return {**metrics, "step": step, "split": split,
+          "references": [r for r, _ in examples],
+          "hypotheses": [h for _, h in examples]}
 
 
 def _cached(path: epath.Path, key: dict[str, Any],
@@ -228,19 +278,22 @@ def run_experiment(config: ml_collections.ConfigDict,
         " configs/analysis.py and configs/federated.py one after another.")
   validate_config(config)
   check_workdir_config(config, workdir)
-  progress = _Progress(5)
+  progress = _Progress(5, workdir)
   pretrain_dir = workdir / "pretrain"
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
-  build_corpus(config.pretrain.data)
+  if not corpus_is_built(config.pretrain.data):
+    with progress.timed("corpus"):
+      build_corpus(config.pretrain.data)
 
   steps = config.pretrain.central.num_steps
   if _latest_step(pretrain_dir) == steps:
     progress.stage(2, f"pre-training: done ({steps} steps), reused")
   else:
     progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
-    train.train_central(config.pretrain, os.fspath(pretrain_dir))
+    with progress.timed("pretrain"):
+      train.train_central(config.pretrain, os.fspath(pretrain_dir))
 
   importance_path = (pretrain_dir / importance_lib.OUTPUT_DIR /
                      importance_lib.IMPORTANCE_FILE)
@@ -249,7 +302,8 @@ def run_experiment(config: ml_collections.ConfigDict,
     progress.stage(3, "analysis: done, reused")
   else:
     progress.stage(3, "analysis: resetting each unit of the pre-trained model")
-    importance_lib.run_analysis(config.analysis, os.fspath(pretrain_dir))
+    with progress.timed("analysis"):
+      importance_lib.run_analysis(config.analysis, os.fspath(pretrain_dir))
   importance = importance_lib.load_importance(pretrain_dir)
 
   pretrained = importance_lib.load_run_config(pretrain_dir)
@@ -279,41 +333,53 @@ def run_experiment(config: ml_collections.ConfigDict,
       else:
         progress.stage(4, f"adapt {arm} seed {seed}: {rounds} federated rounds"
                           f" -> {run_dir}")
-        train.train_federated(
-            _adapt_config(config, dropout_config, seed, pretrain_dir),
-            os.fspath(run_dir))
+        with progress.timed(f"adapt/{arm}/seed_{seed}"):
+          train.train_federated(
+              _adapt_config(config, dropout_config, seed, pretrain_dir),
+              os.fspath(run_dir))
       split = config.final_eval_split
       results[(arm, seed)] = _cached(
           run_dir / "final_eval.json",
-          {"split": split, "round": _latest_step(run_dir)},
+          {"split": split, "round": _latest_step(run_dir),
+           "schema": EVAL_SCHEMA},
           lambda: evaluate_checkpoint(run_dir, split))
 
-  progress.stage(5, "summary: client cost of each arm, table, figures")
-  adapt_run = importance_lib.load_run_config(
-      workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}"
-       )
+  progress.stage(5, "summary: client cost of each arm, final evaluations,"
+                    " table, figures")
+  # The final evaluations and costs are cached: a rerun keeps the time of
+  # the run that computed them.
+  with progress.timed("summary",
+                      record=not (workdir / "client_costs.json").exists()):
+    adapt_run = importance_lib.load_run_config(
+        workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}")
 
-  def client_costs():
-    tokenizer = input_pipeline.get_tokenizer(adapt_run.data,
-                                             os.fspath(pretrain_dir))
-    batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
-    costs = costs_lib.arm_costs(adapt_run, arm_dropouts, params, model_state,
-                                batch)
-    return {arm: {**cost, "batch_shape": list(batch["audio"].shape)}
-            for arm, cost in costs.items()}
+    def client_costs():
+      tokenizer = input_pipeline.get_tokenizer(adapt_run.data,
+                                               os.fspath(pretrain_dir))
+      batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
+      costs = costs_lib.arm_costs(adapt_run, arm_dropouts, params, model_state,
+                                  batch)
+      return {arm: {**cost, "batch_shape": list(batch["audio"].shape)}
+              for arm, cost in costs.items()}
 
-  costs = _cached(workdir / "client_costs.json",
-                  {arm: d.to_dict() for arm, d in arm_dropouts.items()},
-                  client_costs)
-  # The pre-trained model, not adapted, on the adaptation domain.
-  pretrained_eval = _cached(
-      workdir / "pretrained_eval.json",
-      {"split": config.final_eval_split, "step": steps},
-      lambda: evaluate_checkpoint(pretrain_dir, config.final_eval_split,
-                                  step=steps, data_config=adapt_run.data))
+    costs = _cached(workdir / "client_costs.json",
+                    {arm: d.to_dict() for arm, d in arm_dropouts.items()},
+                    client_costs)
+    # The pre-trained model, not adapted, on the adaptation domain.
+    pretrained_eval = _cached(
+        workdir / "pretrained_eval.json",
+        {"split": config.final_eval_split, "step": steps,
+         "schema": EVAL_SCHEMA},
+        lambda: evaluate_checkpoint(pretrain_dir, config.final_eval_split,
+                                    step=steps, data_config=adapt_run.data))
+    # The pre-trained model on the dev split of its own domain, every utterance.
+    pretrain_dev_eval = _cached(
+        workdir / "pretrain_dev_eval.json", {"split": "dev", "step": steps,
+                                               "schema": EVAL_SCHEMA},
+        lambda: evaluate_checkpoint(pretrain_dir, "dev", step=steps))
   summary = summary_lib.build_summary(
       config, workdir, importance, targets, arm_dropouts, costs, results,
-      pretrained_eval)
+      pretrained_eval, pretrain_dev_eval, progress.seconds)
   if _is_chief():
     summary_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",

@@ -2,17 +2,34 @@
 
 W/summary.json:
 {
+  "stage_seconds": {stage: float},   wall time of each stage when it ran
+                                     ("corpus", "pretrain", "analysis",
+                                      "adapt/ARM/seed_S", "summary")
+  "paired_differences": {arm: {"difference", "low", "high", "level",
+                               "num_seeds", "num_utterances"}},
+                                     WER(arm) - WER(full), 95% paired
+                                     bootstrap over seeds and utterances
+  "transcripts": [{"reference", "pretrained", "arms": {arm: str}}],
+                                     the first test utterances, seed seeds[0]
   "rounds": int, "seeds": [int], "clients_per_round": int,
   "eval": {"split": str, "domains": [str]},     the final evaluation
   "pretrain": {"steps": int, "eval_wer": float | null,   on its own eval split
-               "eval_domains": [str]},
-  "pretrained_not_adapted": {"wer", "loss", "num_examples"},  on "eval"
-  "analysis": {"baseline_wer", "ambient": [str], "critical": [str],
+               "eval_domains": [str],
+               "dev_eval": {"wer", "cer", "wer_low", "wer_high", "loss",
+                            "num_examples", "step", "split"} | null,
+                                     the whole dev split of its own domain
+               "learning_curve": [{"step", "seconds", "wer", "cer"}]},
+  "pretrained_not_adapted": {"wer", "cer", "wer_low", "wer_high", "loss",
+                             "num_examples"},      on "eval"
+  "analysis": {"baseline_wer", "baseline_wer_interval": [low, high],
+               "granularity": str, "num_examples": float,
+               "thresholds": {...}, "correlations": {...},
+               "ambient": [str], "critical": [str],
                "rule": str, "metric": str, "targeted_units": [str]},
   "arms": [{                                       in config.arms order
     "arm": str, "dropout": {kind, rates, default_rate, unit_kinds, freeze_units},
     "wer": float, "wer_std": float, "wer_per_seed": [float],   mean, sample sd
-    "loss": float,
+    "loss": float, "cer": float,
     "client_params", "params_fraction", "client_flops", "flops_fraction",
     "client_peak_bytes", "peak_bytes_fraction": float,   one client step
     "seconds_per_round": float | null,   mean wall time of rounds 2.., all seeds
@@ -37,9 +54,11 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.experiment import evidence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WER_FIGURE = "wer_by_round.png"
 COST_FIGURE = "client_cost.png"
+CURVE_FIGURE = "pretrain_curve.png"
 
 
 def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
@@ -61,15 +80,34 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
                   importance: Mapping[str, Any], targets: Sequence[str],
                   arm_dropouts: Mapping[str, ml_collections.ConfigDict],
                   costs: Mapping[str, Mapping[str, float]],
-                  results: Mapping[tuple[str, int], Mapping[str, float]],
-                  pretrained_eval: Mapping[str, float]) -> dict[str, Any]:
-  """The summary (module docstring) from the stages' outputs."""
+                  results: Mapping[tuple[str, int], Mapping[str, Any]],
+                  pretrained_eval: Mapping[str, Any],
+                  pretrain_dev_eval: Mapping[str, Any] | None = None,
+                  stage_seconds: Mapping[str, float] | None = None
+                  ) -> dict[str, Any]:
+  """The summary (module docstring) from the stages' outputs.
+
+  Args:
+    config: the experiment config.
+    workdir: the experiment's workdir W.
+    importance: W/pretrain/analysis/importance.json.
+    targets: the targeted units.
+    arm_dropouts: {arm: federated.dropout config}.
+    costs: {arm: client cost}.
+    results: {(arm, seed): final evaluation (`evidence` module docstring)}.
+    pretrained_eval: the pre-trained model's final evaluation on the
+      adaptation domain's eval split.
+    pretrain_dev_eval: the pre-trained model on the dev split of its own
+      domain (None: not measured).
+    stage_seconds: {stage: wall seconds of the run that computed it}.
+  """
   f = config.adapt.federated
-  pretrain_rows = [r for r in read_metrics(workdir / "pretrain")
-                   if "eval/wer" in r]
+  pretrain_metrics = read_metrics(workdir / "pretrain")
+  pretrain_rows = [r for r in pretrain_metrics if "eval/wer" in r]
   arms = []
   for arm, dropout_config in arm_dropouts.items():
     wers = [results[(arm, seed)]["wer"] for seed in config.seeds]
+    cers = [results[(arm, seed)].get("cer") for seed in config.seeds]
     losses = [results[(arm, seed)]["loss"] for seed in config.seeds]
     seconds, by_round = [], {}
     for seed in config.seeds:
@@ -83,24 +121,45 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
         wer=float(np.mean(wers)),
         wer_std=float(np.std(wers, ddof=1)) if len(wers) > 1 else 0.0,
         wer_per_seed=wers, loss=float(np.mean(losses)),
+        cer=float(np.mean(cers)) if None not in cers else None,
         client_params=cost["params"], params_fraction=cost["params_fraction"],
         client_flops=cost["flops"], flops_fraction=cost["flops_fraction"],
         client_peak_bytes=cost["peak_bytes"],
         peak_bytes_fraction=cost["peak_bytes_fraction"],
         seconds_per_round=float(np.mean(seconds)) if seconds else None,
         dev_wer_by_round=by_round))
+  seeds = list(config.seeds)
+  arm_names = [row["arm"] for row in arms]
+  per_utterance = all("references" in r for r in results.values()) and (
+      "references" in pretrained_eval)
   return dict(
-      rounds=f.rounds, seeds=list(config.seeds),
+      stage_seconds=dict(stage_seconds or {}),
+      paired_differences=(evidence.paired_differences(
+          results, arm_names, seeds) if per_utterance else {}),
+      transcripts=(evidence.transcript_samples(
+          pretrained_eval, results, arm_names, seeds[0])
+                   if per_utterance else []),
+      rounds=f.rounds, seeds=seeds,
       clients_per_round=f.clients_per_round,
       eval=dict(split=config.final_eval_split,
                 domains=list(config.adapt.data.eval_domains)),
       pretrain=dict(
           steps=config.pretrain.central.num_steps,
           eval_wer=pretrain_rows[-1]["eval/wer"] if pretrain_rows else None,
-          eval_domains=list(config.pretrain.data.eval_domains)),
-      pretrained_not_adapted={k: pretrained_eval[k]
-                              for k in ("wer", "loss", "num_examples")},
+          eval_domains=list(config.pretrain.data.eval_domains),
+          dev_eval=({k: v for k, v in pretrain_dev_eval.items()
+                     if k not in ("references", "hypotheses")}
+                    if pretrain_dev_eval else None),
+          learning_curve=evidence.learning_curve(pretrain_metrics)),
+      pretrained_not_adapted={k: pretrained_eval.get(k) for k in (
+          "wer", "cer", "wer_low", "wer_high", "loss", "num_examples")},
       analysis=dict(baseline_wer=importance["baseline"]["wer"],
+                    baseline_wer_interval=importance["baseline"].get(
+                        "wer_interval"),
+                    granularity=importance.get("granularity"),
+                    num_examples=importance["eval"]["num_examples"],
+                    thresholds=importance.get("thresholds"),
+                    correlations=importance.get("correlations"),
                     ambient=list(importance["ambient"]),
                     critical=list(importance["critical"]),
                     rule=config.targeting.rule,
@@ -200,14 +259,97 @@ def _fmt(value: float | None) -> str:
   return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _checks_lines(summary: Mapping[str, Any]) -> list[str]:
+  marks = {True: "met", False: "NOT met"}
+  return [f"- **{marks[c['met']]}**: {c['check']}: {c['measured']}."
+          for c in evidence.checks(summary)]
+
+
+def _stage_lines(summary: Mapping[str, Any]) -> list[str]:
+  seconds = summary.get("stage_seconds") or {}
+  if not seconds:
+    return []
+  adapt = sum(v for k, v in seconds.items() if k.startswith("adapt/"))
+  runs = sum(k.startswith("adapt/") for k in seconds)
+  parts = [f"{name} {seconds[name]:.0f} s" for name in
+           ("corpus", "pretrain", "analysis") if name in seconds]
+  if runs:
+    parts.append(f"federated arms {adapt:.0f} s ({runs} runs)")
+  if "summary" in seconds:
+    parts.append(f"costs, final evaluations and summary"
+                 f" {seconds['summary']:.0f} s")
+  total = sum(seconds.values())
+  return [f"Wall time of each stage on this machine (when it ran; a reused"
+          f" stage keeps its first time): {'; '.join(parts)};"
+          f" {total / 60:.1f} min in all.", ""]
+
+
+def _differences_lines(summary: Mapping[str, Any]) -> list[str]:
+  differences = summary.get("paired_differences") or {}
+  if not differences:
+    return []
+  lines = ["| comparison | WER difference | 95% interval | seeds x utterances |",
+           "|---|---|---|---|"]
+  for arm, d in differences.items():
+    lines.append(f"| {arm} - full | {d['difference']:+.3f} |"
+                 f" {d['low']:+.3f} to {d['high']:+.3f} |"
+                 f" {d['num_seeds']} x {d['num_utterances']} |")
+  return ["## Paired differences against the full model", "",
+          "Each arm against the full arm on the same test utterances and the"
+          " same federated seeds: WER pooled over the seeds, interval from a"
+          " paired bootstrap that resamples both the seeds and the utterances"
+          " (`conformer_fl.wer.paired_bootstrap_difference`). An interval"
+          " that holds 0 shows no difference at this sample size.", ""
+          ] + lines + [""]
+
+
+def _transcript_lines(summary: Mapping[str, Any]) -> list[str]:
+  samples = summary.get("transcripts") or []
+  if not samples:
+    return []
+  lines = ["## Transcripts", "",
+           f"The first {len(samples)} utterances of the"
+           f" {summary['eval']['split']} split, federated seed"
+           f" {summary['seeds'][0]}.", ""]
+  for i, sample in enumerate(samples):
+    lines += [f"{i + 1}. reference: `{sample['reference']}`",
+              f"   - pre-trained, not adapted: `{sample['pretrained']}`"]
+    lines += [f"   - {arm}: `{text}`" for arm, text in sample["arms"].items()]
+  return lines + [""]
+
+
+def _learning_curve_lines(summary: Mapping[str, Any]) -> list[str]:
+  curve = summary["pretrain"].get("learning_curve") or []
+  if not curve:
+    return []
+  rows = ["| step | training s | dev WER | dev CER |", "|---|---|---|---|"]
+  rows += [f"| {c['step']} | {c['seconds']:.0f} | {c['wer']:.3f} |"
+           f" {_fmt(c['cer'])} |" for c in curve]
+  return (["## Pre-training", "",
+           f"![Dev WER against step and training time]({CURVE_FIGURE})", ""]
+          + rows + [""])
+
+
 def render_report(summary: Mapping[str, Any]) -> str:
   """report.md: the table, the analysis that chose the targets, the figures."""
   a = summary["analysis"]
   p = summary["pretrain"]
   targets = ", ".join(f"`{u}`" for u in a["targeted_units"]) or "none"
+  interval = a.get("baseline_wer_interval")
+  noise = (f" (95% bootstrap interval {interval[0]:.3f}-{interval[1]:.3f},"
+           f" {a['num_examples']:.0f} utterances)" if interval else "")
+  no_ambient = [] if a["ambient"] else [
+      "", "No unit is ambient at these thresholds: every reset to the"
+      " initial value raises the WER by more than the thresholds allow (the"
+      " per-unit increases are in the full analysis). The targeted and"
+      " freeze arms then take the least important units by the ranking"
+      " instead (`targeting.rule=rank`)."]
   return "\n".join([
       "# Federated Dropout targeted by layer importance",
       "",
+      *_checks_lines(summary),
+      "",
+      *_stage_lines(summary),
       f"Federated adaptation: {summary['rounds']} rounds of"
       f" {summary['clients_per_round']} clients (speakers), seeds"
       f" {summary['seeds']}, from a model pre-trained for {p['steps']} central"
@@ -223,8 +365,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
       "## Which layers were targeted",
       "",
       f"Baseline WER of the pre-trained model in the analysis:"
-      f" {_fmt(a['baseline_wer'])}. Ambient: {a['ambient'] or 'none'};"
+      f" {_fmt(a['baseline_wer'])}{noise}. Ambient: {a['ambient'] or 'none'};"
       f" critical: {a['critical'] or 'none'}.",
+      *no_ambient,
       f"Targeting rule `{a['rule']}`"
       f"{' by ' + a['metric'] if a['rule'] == 'rank' else ''} chose: {targets}.",
       "",
@@ -236,18 +379,65 @@ def render_report(summary: Mapping[str, Any]) -> str:
       "The full analysis: [pretrain/analysis/report.md]"
       "(pretrain/analysis/report.md).",
       "",
+      *_correlation_lines(a),
       "## Adaptation",
       "",
       f"![Dev WER by round]({WER_FIGURE})",
       "",
       f"![Client cost]({COST_FIGURE})",
       "",
+      *_differences_lines(summary),
+      *_learning_curve_lines(summary),
+      *_transcript_lines(summary),
   ])
 
 
+def _correlation_lines(analysis: Mapping[str, Any]) -> list[str]:
+  correlations = analysis.get("correlations") or {}
+  rows = []
+  for measure, by_target in correlations.items():
+    c = by_target.get("wer_increase")
+    if c:
+      rows.append(
+          f"| {measure} | {c['num_units']} |"
+          f" {_fmt(c['spearman']['statistic'])} ({_fmt(c['spearman']['pvalue'])})"
+          f" | {_fmt(c['kendall']['statistic'])} ({_fmt(c['kendall']['pvalue'])})"
+          " |")
+  if not rows:
+    return []
+  return ["Weight movement against importance (WER increase after the reset"
+          f" to the initial value), over the {analysis.get('granularity')}"
+          " units of the analysis:", "",
+          "| movement | units | Spearman (p) | Kendall (p) |",
+          "|---|---|---|---|", *rows, ""]
+
+
+def plot_learning_curve(summary: Mapping[str, Any],
+                        path: str | os.PathLike[str]) -> None:
+  """Pre-training dev WER against step (left) and training seconds (right)."""
+  curve = summary["pretrain"]["learning_curve"]
+  fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.5), sharey=True)
+  for ax, key, label in ((axes[0], "step", "step"),
+                         (axes[1], "seconds", "training seconds")):
+    ax.plot([c[key] for c in curve], [c["wer"] for c in curve], marker="o",
+            label="WER")
+    if all(c["cer"] is not None for c in curve):
+      ax.plot([c[key] for c in curve], [c["cer"] for c in curve], marker="s",
+              label="CER")
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("dev split, own domain")
+  axes[0].legend()
+  fig.suptitle("Central pre-training")
+  fig.tight_layout()
+  plots.save_png(fig, path)
+
+
 def write_report(summary: Mapping[str, Any], workdir: epath.Path) -> None:
-  """Writes summary.json, the two figures and report.md into `workdir`."""
+  """Writes summary.json, the figures and report.md into `workdir`."""
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if summary["pretrain"].get("learning_curve"):
+    plot_learning_curve(summary, str(workdir / CURVE_FIGURE))
   plot_wer_by_round(summary, str(workdir / WER_FIGURE))
   plot_client_cost(summary, str(workdir / COST_FIGURE))
   (workdir / "report.md").write_text(render_report(summary))
