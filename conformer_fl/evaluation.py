@@ -66,13 +66,10 @@ class EvalAccumulator:
     self._decode = decode
     self.loss_sum = 0.0
     self.num_examples = 0.0
-    self.word_errors = 0
-    self.reference_words = 0
-    self.char_errors = 0
-    self.reference_chars = 0
-    # Per utterance, in order: word errors and reference words (for intervals).
-    self.utterance_word_errors: list[int] = []
-    self.utterance_words: list[int] = []
+    # Per utterance, in order: (errors, reference length) in words and in
+    # characters; the corpus rates and the WER interval are computed from them.
+    self._words: list[np.ndarray] = []
+    self._chars: list[np.ndarray] = []
     self.examples: list[tuple[str, str]] = []
 
   def add(self, outputs: Mapping[str, Any], batch: Batch) -> None:
@@ -85,15 +82,10 @@ class EvalAccumulator:
     references = ids_to_texts(batch["labels"], batch["label_paddings"], self._decode)
     hypotheses = [h for h, k in zip(hypotheses, keep) if k]
     references = [r for r, k in zip(references, keep) if k]
-    errors, words = wer_lib.utterance_errors(references, hypotheses, "word")
-    char_errors, chars = wer_lib.utterance_errors(references, hypotheses,
-                                                  "char")
-    self.word_errors += int(errors.sum())
-    self.reference_words += int(words.sum())
-    self.char_errors += int(char_errors.sum())
-    self.reference_chars += int(chars.sum())
-    self.utterance_word_errors.extend(int(e) for e in errors)
-    self.utterance_words.extend(int(w) for w in words)
+    self._words.append(np.stack(
+        wer_lib.utterance_errors(references, hypotheses, "word")))    # [2, n]
+    self._chars.append(np.stack(
+        wer_lib.utterance_errors(references, hypotheses, "char")))    # [2, n]
     self.examples.extend(zip(references, hypotheses))
 
   def result(self) -> dict[str, float]:
@@ -106,12 +98,13 @@ class EvalAccumulator:
     """
     if self.num_examples == 0:
       raise ValueError("Evaluation saw no examples: is the eval split empty?")
-    low, high = wer_lib.bootstrap_rate_interval(
-        np.asarray(self.utterance_word_errors), np.asarray(self.utterance_words))
+    word_errors, words = np.concatenate(self._words, axis=1)
+    char_errors, chars = np.concatenate(self._chars, axis=1).sum(axis=1)
+    low, high = wer_lib.bootstrap_rate_interval(word_errors, words)
     return dict(
         loss=self.loss_sum / self.num_examples,
-        wer=self.word_errors / max(self.reference_words, 1),
-        cer=self.char_errors / max(self.reference_chars, 1),
+        wer=int(word_errors.sum()) / max(int(words.sum()), 1),
+        cer=int(char_errors) / max(int(chars), 1),
         wer_low=low,
         wer_high=high,
         num_examples=self.num_examples,

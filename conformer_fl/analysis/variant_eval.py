@@ -12,8 +12,9 @@ two compiled variants per batch shape (front end shared or batched).
 One at a time (the baseline the vectorized path is measured against): the
 same jitted single-variant eval step, looped over variants.
 
-Both return the same numbers: per variant {'loss', 'wer', 'num_examples'}
-(`evaluation.EvalAccumulator.result`).
+Both return the same numbers: per variant the metrics of
+`evaluation.EvalAccumulator.result` ('loss', 'wer', 'cer', the WER interval,
+'num_examples').
 """
 
 from collections.abc import Callable, Sequence
@@ -156,7 +157,7 @@ def evaluate_vectorized(
       None = one group in index order.
 
   Returns:
-    V dicts {'loss', 'wer', 'num_examples'}.
+    V dicts of `EvalAccumulator.result`.
   """
   _check(num_variants, batches)
   if variants_per_call < 1:

@@ -256,29 +256,23 @@ def story_sentence(rng: np.random.Generator, min_words: int = 8,
     A sentence of min_words..max_words words.
   """
   pick = lambda options: _choice(rng, options)
-
-  def obj() -> str:
-    kind = int(rng.integers(4))
-    if kind == 0:
-      return f"a {pick(_ADJECTIVES)} {pick(_THINGS)}"
-    if kind == 1:
-      return f"the {pick(_ADJECTIVES)} {pick(_THINGS)}"
-    if kind == 2:
-      count = number_to_words(int(rng.integers(2, 100)))
-      return f"{count} {pick(_ADJECTIVES)} {pick(_PLURAL_THINGS)}"
-    return f"{number_to_words(int(rng.integers(2, 13)))} {pick(_FOODS)}"
-
-  def clause(subject: str) -> str:
-    kind = int(rng.integers(5))
-    if kind == 0:
-      return f"{subject} {pick(_MOVES)} {pick(_PLACES)}"
-    if kind == 1:
-      return f"{subject} {pick(_ACTS)} {obj()}"
-    if kind == 2:
-      return f"{subject} {pick(_ACTS)} {obj()} at {pick(_PLACES)}"
-    if kind == 3:
-      return f"{subject} {pick(_EATS)} {pick(_FOODS)} for {pick(_PEOPLE)}"
-    return f"{subject} felt {pick(_FEELINGS)}"
+  number = lambda lo, hi: number_to_words(int(rng.integers(lo, hi + 1)))
+  # As in `command_phrase`: one template drawn, then its own draws.
+  draw = lambda templates: templates[int(rng.integers(len(templates)))]()
+  objects = (
+      lambda: f"a {pick(_ADJECTIVES)} {pick(_THINGS)}",
+      lambda: f"the {pick(_ADJECTIVES)} {pick(_THINGS)}",
+      lambda: f"{number(2, 99)} {pick(_ADJECTIVES)} {pick(_PLURAL_THINGS)}",
+      lambda: f"{number(2, 12)} {pick(_FOODS)}",
+  )
+  predicates = (
+      lambda: f"{pick(_MOVES)} {pick(_PLACES)}",
+      lambda: f"{pick(_ACTS)} {draw(objects)}",
+      lambda: f"{pick(_ACTS)} {draw(objects)} at {pick(_PLACES)}",
+      lambda: f"{pick(_EATS)} {pick(_FOODS)} for {pick(_PEOPLE)}",
+      lambda: f"felt {pick(_FEELINGS)}",
+  )
+  clause = lambda subject: f"{subject} {draw(predicates)}"
 
   while True:
     subject = pick(_PEOPLE)

@@ -46,12 +46,7 @@ class _Progress:
     self._num_stages = num_stages
     self._start = time.perf_counter()
     self._path = workdir / STAGE_SECONDS_FILE
-    self.seconds = {}
-    if self._path.exists():
-      try:
-        self.seconds = json.loads(self._path.read_text())
-      except json.JSONDecodeError:
-        self.seconds = {}  # A torn write; times of this run only.
+    self.seconds = _read_json(self._path)
 
   def stage(self, index: int, text: str) -> None:
     if _is_chief():
@@ -197,17 +192,23 @@ def _cached(path: epath.Path, key: dict[str, Any],
             compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
   """compute(), kept in `path` and reused while `key` (a dict) is the same."""
   key = json.loads(json.dumps(key))
-  if path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      saved = {}  # A torn write: compute again.
-    if saved.get("key") == key:
-      return saved["value"]
+  saved = _read_json(path)
+  if saved.get("key") == key:
+    return saved["value"]
   value = compute()
   if _is_chief():
     _write_atomically(path, json.dumps({"key": key, "value": value}, indent=2))
   return value
+
+
+def _read_json(path: epath.Path) -> dict[str, Any]:
+  """The JSON object in `path`; {} if there is none or it is torn."""
+  if not path.exists():
+    return {}
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:
+    return {}  # A write cut short (the files are written atomically now).
 
 
 def _write_atomically(path: epath.Path, text: str) -> None:

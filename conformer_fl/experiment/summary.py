@@ -130,15 +130,12 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
         dev_wer_by_round=by_round))
   seeds = list(config.seeds)
   arm_names = [row["arm"] for row in arms]
-  per_utterance = all("references" in r for r in results.values()) and (
-      "references" in pretrained_eval)
   return dict(
       stage_seconds=dict(stage_seconds or {}),
-      paired_differences=(evidence.paired_differences(
-          results, arm_names, seeds) if per_utterance else {}),
-      transcripts=(evidence.transcript_samples(
-          pretrained_eval, results, arm_names, seeds[0])
-                   if per_utterance else []),
+      paired_differences=evidence.paired_differences(results, arm_names,
+                                                     seeds),
+      transcripts=evidence.transcript_samples(pretrained_eval, results,
+                                              arm_names, seeds[0]),
       rounds=f.rounds, seeds=seeds,
       clients_per_round=f.clients_per_round,
       eval=dict(split=config.final_eval_split,
