@@ -1,6 +1,6 @@
 # The two commands of the README. Each sets up what it needs and is safe to run twice.
 #   make test   Debian packages, a virtualenv in .venv with the package and its dev
-#               extras, then pytest.
+#               and tpu-plan extras (libtpu: tests/test_tpu_plan.py), then pytest.
 #   make demo   the main job (configs/experiment.py) on the local synthesized
 #               corpus: pre-training, layer importance, four federated arms,
 #               report.md in $(DEMO_WORKDIR). Run again, it reuses what is done.
@@ -31,13 +31,17 @@ debian-packages:
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install -q --upgrade pip
-	$(VENV_PY) -m pip install -q -e '.[dev]'
+	$(VENV_PY) -m pip install -q -e '.[dev,tpu-plan]'
 	touch $(STAMP)
 
 setup: debian-packages $(STAMP)
 
+# Two pytest-xdist workers; tests/conftest.py hands out one module per work
+# unit, the longest first.
+TEST_WORKERS ?= 2
 test: setup
-	$(VENV_PY) -m pytest -q tests
+	$(VENV_PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  --no-loadscope-reorder tests
 
 # Progress goes to the terminal (stage banners and progress bars); the full log
 # to $(DEMO_WORKDIR)/logs. Compiled programs are cached for the next run.

@@ -29,7 +29,12 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "pytest>=8.0",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",
     ],
+    # `launch/tpu_pod.py plan`: compiling for a TPU topology without a TPU
+    # needs libtpu; jax's own `tpu` extra pins the libtpu of the installed
+    # jax. With no TPU present JAX falls back to the CPU (see README).
+    "tpu-plan": ["jax[tpu]"],
 }
 
 setuptools.setup(

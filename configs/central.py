@@ -18,6 +18,14 @@ Argument (all optional, `key=value,...`):
   domain   training domain: long | short | all              (long)
   steps    training steps                                   (1200)
   seed     seed of init, data order, dropout and SpecAugment (0)
+
+Off switches: every optional clip and rate is off at 0, e.g.
+`--config.central.clip_grad_norm=0`, `--config.model.dropout_rate=0`,
+`--config.model.specaug_num_time_masks=0`, `--config.data.max_label_rate=0`
+(config_lib lists them all). With decoder=ctc, utterances that CTC cannot align
+(more labels, plus one per repeated label, than the 25 encoder frames per second
+of audio) are skipped and counted as 'ctc_unalignable'
+(`--config.data.skip_ctc_unalignable=False` keeps them).
 """
 
 import ml_collections

@@ -21,6 +21,14 @@ Argument (all optional, `key=value,...`):
   server   fedavg | fedavgm | fedadam | fedyogi              (fedavg)
   rounds   number of rounds                                  (60)
   seed                                                       (0)
+
+Off switches: every optional clip and rate is off at 0, e.g.
+`--config.federated.client_optimizer.clip_grad_norm=0` (clients' gradient
+clipping), `--config.federated.clip_update_norm=0`, `--config.model.dropout_rate=0`
+(config_lib lists them all). With decoder=ctc, utterances that CTC cannot align
+(more labels, plus one per repeated label, than the 25 encoder frames per second
+of audio) are skipped and counted as 'ctc_unalignable'
+(`--config.data.skip_ctc_unalignable=False` keeps them).
 """
 
 import ml_collections

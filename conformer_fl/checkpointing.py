@@ -2,18 +2,122 @@
 
 A workdir's `checkpoints/` holds one orbax step directory per saved step (the step is
 the training step for central runs and the round for federated runs). The analysis
-pass reads them back with `restore(step)`; training resumes from `latest_step()`.
+pass reads them back with `restore(step)`; training resumes from
+`restore_latest_intact()`.
+
+Integrity. Orbax (through TensorStore's zarr/OCDBT files) keeps no checksum of the
+array data: a flipped byte in a data file restores without an error, as a changed
+value. So `save` refuses a state that is not finite and records a CRC32 of every
+leaf's bytes in the step's orbax custom metadata (`_CHECKPOINT_METADATA`,
+`StepMetadata.custom_metadata`), and `restore` checks the restored state against
+them and for non-finite values, raising `CheckpointError` naming the step and the
+leaf. (Checkpoints saved without checksums are checked for finiteness only.)
+`restore_latest_intact` walks the saved steps from the newest: a step that fails
+to restore (a truncated or missing file: orbax and TensorStore errors) or fails
+the checks is reported in one line and the next older step is tried; the damaged
+steps newer than the one restored are moved to `<workdir>/checkpoints_damaged/`
+(deleted on GCS, where folders cannot be renamed) so that training can save those
+steps again. When no step is intact the run stops with `CheckpointError`.
 """
 
+from collections.abc import Callable
 import os
 from typing import Any
+import zlib
 
+from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from conformer_fl import workdir as workdir_lib
+
 PyTree = Any
+CHECKSUM_KEY = "crc32"
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+class CheckpointError(workdir_lib.RunError):
+  """A checkpoint that does not restore or restores damaged.
+
+  Attributes:
+    step: the step (None: about the whole directory).
+  """
+
+  def __init__(self, message: str, step: int | None = None):
+    super().__init__(message)
+    self.step = step
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+  """'params/encoder/.../kernel' for a jax key path (dict, list, attribute)."""
+  parts = []
+  for key in path:
+    for attribute in ("key", "idx", "name"):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
+  """{leaf name: this process's numpy copy} (a replicated array's full value)."""
+  def local(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return {leaf_name(path): local(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def checksums(leaves: dict[str, np.ndarray]) -> dict[str, str]:
+  """CRC32 (hex) of every leaf's bytes."""
+  return {name: f"{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)):08x}"
+          for name, a in leaves.items()}
+
+
+def nonfinite_problem(leaves: dict[str, np.ndarray]) -> str | None:
+  """'N non-finite values in LEAF (and K more leaves)', or None if all finite."""
+  bad = []
+  for name, a in leaves.items():
+    if np.issubdtype(a.dtype, np.inexact):
+      count = int(a.size - np.count_nonzero(np.isfinite(a)))
+      if count:
+        bad.append((name, count))
+  if not bad:
+    return None
+  (name, count), more = bad[0], len(bad) - 1
+  return (f"{count} non-finite value{'s' * (count > 1)} in {name}"
+          + (f" and {more} more lea{'ves' if more > 1 else 'f'}" if more else ""))
+
+
+def _one_line(error: BaseException, limit: int = 320) -> str:
+  """'Type: first line' of the error's root cause, cut to `limit` characters.
+
+  Orbax wraps TensorStore's error (which names the file and what is wrong
+  with it) in one that names only the array slice: the root cause says more.
+  """
+  seen = {id(error)}
+  while (error.__cause__ or error.__context__) is not None:
+    cause = error.__cause__ or error.__context__
+    if id(cause) in seen:
+      break
+    seen.add(id(cause))
+    error = cause
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process (the same answer everywhere)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class CheckpointStore:
@@ -27,9 +131,10 @@ class CheckpointStore:
 
   def __init__(self, workdir: str, *, read_only: bool = False):
     workdir = str(workdir)
-    if "://" not in workdir:
+    if not workdir_lib.is_remote(workdir):
       workdir = os.path.abspath(workdir)
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.workdir = epath.Path(workdir)
+    self.directory = self.workdir / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
         read_only=read_only,
@@ -54,11 +159,61 @@ class CheckpointStore:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: PyTree) -> None:
-    """Saves `state` (a pytree of arrays) as `step`, synchronously."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Saves `state` (a pytree of arrays) as `step`, synchronously.
+
+    Process 0 checks that the state is finite and records its checksums.
+
+    Raises:
+      ValueError: the state holds a NaN or Inf (nothing is saved).
+    """
+    custom_metadata = None
+    if jax.process_index() == 0:
+      leaves = host_leaves(state)
+      problem = nonfinite_problem(leaves)
+      if problem:
+        raise ValueError(f"Refusing to save step {step} in {self.directory}:"
+                         f" {problem}.")
+      custom_metadata = {CHECKSUM_KEY: checksums(leaves)}
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                       custom_metadata=custom_metadata)
     self._manager.wait_until_finished()
 
-  def restore(self, step: int, like: PyTree | None = None) -> PyTree:
+  def _saved_checksums(self, step: int) -> dict[str, str]:
+    try:
+      custom = self._manager.metadata(step).custom_metadata or {}
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # A missing or torn _CHECKPOINT_METADATA: the data may still be whole.
+      logging.warning("Checkpoint step %d: no readable step metadata (%s).",
+                      step, _one_line(e))
+      return {}
+    return custom.get(CHECKSUM_KEY) or {}
+
+  def verify(self, step: int, state: PyTree) -> None:
+    """Checks a restored `state` of `step` for non-finite values and checksums.
+
+    Raises:
+      CheckpointError: naming the step and the first damaged leaf.
+    """
+    leaves = host_leaves(state)
+    expected = self._saved_checksums(step)
+    if expected:
+      actual = checksums(leaves)
+      wrong = sorted(name for name in expected
+                     if actual.get(name, expected[name]) != expected[name])
+      if wrong:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} is damaged: the bytes"
+            f" of {wrong[0]}" + (f" and {len(wrong) - 1} more leaves" if
+                                 len(wrong) > 1 else "")
+            + " differ from the checksums saved with it", step)
+    problem = nonfinite_problem(leaves)
+    if problem:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} is damaged: {problem}",
+          step)
+
+  def restore(self, step: int, like: PyTree | None = None, *,
+              verify: bool = True) -> PyTree:
     """Restores `step`.
 
     Args:
@@ -67,12 +222,16 @@ class CheckpointStore:
         shardings) to restore into; None restores the saved structure onto this
         process's first device, whatever topology saved it (so a multi-process
         run can read a single-process run's checkpoint and vice versa).
+      verify: check the restored state (`verify`).
 
     Returns:
       The saved pytree.
 
     Raises:
       FileNotFoundError: `step` was never saved.
+      CheckpointError: the step's metadata is missing, or `verify` fails.
+      Exception: orbax's and TensorStore's errors for a step whose files are
+        damaged.
     """
     if step not in self.all_steps():
       raise FileNotFoundError(
@@ -81,12 +240,92 @@ class CheckpointStore:
       )
     if like is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      metadata = self._manager.item_metadata(step)
+      if metadata is None or getattr(metadata, "tree", None) is None:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} is damaged: its"
+            " orbax metadata (default/_METADATA) is missing", step)
       abstract = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-          self._manager.item_metadata(step).tree)
+          metadata.tree)
     else:
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    if verify:
+      self.verify(step, state)
+    return state
+
+  def restore_latest_intact(
+      self, like: PyTree | None = None,
+      report: Callable[[str], None] = logging.warning,
+  ) -> tuple[int | None, PyTree | None]:
+    """The newest step that restores and verifies, and its state.
+
+    Damaged steps are reported (one line each, through `report`) and, once an
+    older step restores, moved out of the checkpoint directory (module
+    docstring). Every process makes the same choice.
+
+    Args:
+      like: as in `restore`.
+      report: called with one line per damaged step.
+
+    Returns:
+      (step, state), or (None, None) when no step was ever saved.
+
+    Raises:
+      CheckpointError: steps were saved but none is intact.
+    """
+    steps = self.all_steps()
+    problems = []
+    for step in reversed(steps):
+      state, problem = None, None
+      try:
+        state = self.restore(step, like)
+      except CheckpointError as e:
+        problem = str(e)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # Orbax and TensorStore raise many types for a damaged file.
+        problem = (f"checkpoint step {step} in {self.directory} does not"
+                   f" restore ({_one_line(e)})")
+      if not _all_processes(problem is None):
+        problem = problem or (f"checkpoint step {step} in {self.directory}"
+                              " does not restore on another process")
+        problems.append(problem)
+        older = [s for s in steps if s < step]
+        report(f"{problem}; " + (f"trying step {older[-1]}" if older else
+                                 "no older step"))
+        continue
+      damaged = [s for s in steps if s > step]
+      if damaged:
+        self._set_aside(damaged)
+        where = ("were deleted" if workdir_lib.is_remote(self.directory) else
+                 f"were moved to {self.workdir / DAMAGED_DIR}")
+        report(f"Resuming from checkpoint step {step}, the newest intact one;"
+               f" the damaged steps {damaged} {where}.")
+      return step, state
+    if not steps:
+      return None, None
+    raise CheckpointError(
+        f"No intact checkpoint in {self.directory}: " + "; ".join(problems)
+        + ". Move the checkpoints away (or use a new workdir) to start again.")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves `steps` to <workdir>/checkpoints_damaged/ (deletes them on GCS)."""
+    if jax.process_index() == 0:
+      for step in steps:
+        source = self.directory / str(step)
+        if workdir_lib.is_remote(self.directory):
+          self._manager.delete(step)
+          continue
+        target_dir = self.workdir / DAMAGED_DIR
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target, copy = target_dir / str(step), 1
+        while target.exists():
+          target, copy = target_dir / f"{step}.{copy}", copy + 1
+        os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoints_set_aside")
+    self._manager.reload()
 
   def restore_variables(self, step: int) -> dict[str, PyTree]:
     """The model variables of `step`, {'params': ..., **model_state}, as numpy."""

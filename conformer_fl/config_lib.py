@@ -2,6 +2,14 @@
 
 Each `configs/NAME.py` composes these into one `ml_collections.ConfigDict` and
 documents the command that runs it. Every field is documented here, where it is made.
+
+Every optional clip and rate is off at 0 (`--config.FIELD=0`):
+central.clip_grad_norm, federated.client_optimizer.clip_grad_norm,
+federated.clip_update_norm, data.max_label_rate, model.dropout_rate,
+model.attention_dropout_rate, SpecAugment (model.specaug_num_freq_masks,
+specaug_num_time_masks, specaug_max_freq_mask, specaug_max_time_mask_ratio) and
+federated.dropout.default_rate. data.skip_ctc_unalignable is a switch (False =
+off).
 """
 
 import os
@@ -111,7 +119,8 @@ def federated_config(server: str = "fedavg",
     fixed_round_shape: pad every round to the longest bucket (one compiled shape)
       instead of the longest bucket the round needs.
     client_optimizer: name ('sgd' | 'adam', state reset every round),
-      learning_rate, clip_grad_norm (None = off).
+      learning_rate, clip_grad_norm (clip each local gradient to this global
+      L2 norm; 0 = off).
     server_optimizer: name ('fedavg' | 'fedavgm' | 'fedadam' | 'fedyogi') and
       learning_rate, with momentum (fedavgm) or b1, b2, eps (fedadam, fedyogi).
     clip_update_norm: clip each client's update to this L2 norm (0 = off).
@@ -176,11 +185,21 @@ def federated_config(server: str = "fedavg",
 
 def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
                 decoder: str) -> ml_collections.ConfigDict:
-  """The fields every training mode has: mode, seed, data, model, eval."""
+  """The fields every training mode has: mode, seed, data, model, eval.
+
+  data.skip_ctc_unalignable is on for CTC: an utterance with more labels (plus
+  one per repeated label) than encoder frames (25 per second of audio:
+  `batching.encoder_frames`, which counts them for the model's default 25 ms /
+  10 ms log-mel frames and 4x subsampling) cannot be aligned, its loss is ~1e5,
+  and it is skipped and counted ('ctc_unalignable'). The tiny and demo corpora
+  lose no utterance to it (read speech has at most ~23 characters per second
+  there). RNN-T can emit several labels per frame and keeps them.
+  """
   config = ml_collections.ConfigDict()
   config.mode = mode
   config.seed = seed
   config.data = data_config_for_corpus(corpus)
+  config.data.skip_ctc_unalignable = decoder == "ctc"
   config.model = model_config(size, conv_norm=norm, decoder=decoder)
   # Evaluate on at most this many eval batches (0 = the whole eval split).
   config.eval_max_batches = 0

@@ -4,12 +4,17 @@ Fields are overridden with `--config.FIELD=VALUE` (e.g. `--config.federated.roun
 Running again on the same workdir resumes from its latest checkpoint. With absl's
 `--log_dir=DIR` the log is written to files in DIR instead of the terminal.
 
+A run that is refused or stops for a reason it can name (`conformer_fl.workdir.RunError`:
+a workdir that is a file, holds another config or is in use; divergence; no intact
+checkpoint) prints one line `error: ...` on stderr and exits with status 1.
+
 Multi-host: on a Cloud TPU pod, `jax.distributed.initialize()` finds the other hosts
 by itself; `launch/local_multiprocess.py` stands in for a pod on one machine by setting
 CONFORMER_FL_COORDINATOR, CONFORMER_FL_NUM_PROCESSES and CONFORMER_FL_PROCESS_ID.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -63,7 +68,16 @@ def main(argv):
       jax.process_index(), jax.process_count(), jax.local_device_count(),
       jax.device_count(), jax.devices(),
   )
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from conformer_fl import workdir  # pylint: disable=g-import-not-at-top
+
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except workdir.RunError as e:
+    # Refused or stopped for a reason the message names (another config, a
+    # locked workdir, divergence, no intact checkpoint): one line, status 1.
+    if flags.FLAGS.log_dir:
+      logging.error("%s", e)
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

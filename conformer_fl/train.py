@@ -11,11 +11,21 @@
 Both write the workdir CONTRACT: `config.json`, `metrics.jsonl` (key `step` or
 `round`), TensorBoard events, `checkpoints/` (orbax; step 0 is the initial state),
 and the tokenizer the run used (`tokenizer.model` for sentencepiece). Both resume by
-themselves from the latest checkpoint of the workdir, and the resumed run ends with
-the same parameters as an uninterrupted one: every random choice is a function of
-(seed, step or round), never of how far this process has run.
+themselves from the latest intact checkpoint of the workdir, and the resumed run ends
+with the same parameters as an uninterrupted one: every random choice is a function
+of (seed, step or round), never of how far this process has run.
+
+Faults (see the README's "When a run fails"): before writing anything a run checks
+that the workdir is a directory and that its config.json allows this config
+(`conformer_fl.workdir.RESUMABLE_FIELDS`), then process 0 takes the workdir lock;
+checkpoints are verified on restore with a fallback to the newest intact step
+(`checkpointing.CheckpointStore.restore_latest_intact`); the logs are trimmed to the
+restored step; and the divergence guard (`conformer_fl.divergence`) stops a run
+whose loss, gradient or state is not finite before anything non-finite is saved.
 """
 
+from collections.abc import Iterator
+import contextlib
 import dataclasses
 import os
 import time
@@ -33,9 +43,11 @@ import optax
 import tqdm
 
 from conformer_fl import checkpointing
+from conformer_fl import divergence
 from conformer_fl import evaluation
 from conformer_fl import metric_logging
 from conformer_fl import models
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
@@ -55,6 +67,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   importance pass over a finished run, `conformer_fl.analysis`) returns its
   results; experiment (pre-training, analysis and federated arms in
   sub-directories, `conformer_fl.experiment`) returns its summary.
+
+  Raises:
+    workdir.RunError: a run refused or stopped for a reason its one-line
+      message names (see `train_central`).
   """
   if config.mode == "central":
     return train_central(config, workdir)
@@ -110,23 +126,70 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
   return tokenizer
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: str, step_key: str,
-           init_workdir: str = "") -> Run:
-  workdir = epath.Path(workdir)
+def _raise_on_every_process(error: Exception | None, what: str) -> None:
+  """Raises `error` (process 0's) here, or on the other processes a stand-in."""
+  failed = error is not None
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  if error is not None:
+    raise error
+  if failed:
+    raise workdir_lib.WorkdirError(f"Process 0 could not {what}; see its log.")
+
+
+def _warn(message: str) -> None:
   if _is_chief():
-    workdir.mkdir(parents=True, exist_ok=True)
-  _sync("workdir")
-  tokenizer = _tokenizer(config, workdir, init_workdir)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    # The decoder's output size is the tokenizer's vocabulary (blank included).
-    config.model.vocab_size = tokenizer.vocab_size
-  model = models.build_model(config.model)
+    workdir_lib.warn(message)
+
+
+@contextlib.contextmanager
+def _open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
+              init_workdir: str = "") -> Iterator[Run]:
+  """The run in `workdir`, its lock held by process 0 until the `with` ends.
+
+  Nothing is written to the workdir until it is known to be a directory whose
+  config.json (if any) differs from `config` in resumable fields only, and the
+  lock is held. A `DivergenceError` or `CheckpointError` raised in the `with`
+  body ends metrics.jsonl with a `stopped` record.
+  """
+  workdir_lib.check_is_directory(workdir)
+  workdir_lib.check_config(workdir, config)
+  lock = workdir_lib.WorkdirLock(workdir)
+  error = None
   if _is_chief():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  return Run(config, workdir, model, tokenizer,
-             checkpointing.CheckpointStore(os.fspath(workdir)),
-             metric_logging.MetricsLogger(os.fspath(workdir), step_key))
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirError as e:
+      error = e
+  _raise_on_every_process(error, f"take the lock of {workdir}")
+  try:
+    workdir = epath.Path(workdir)
+    if _is_chief():
+      workdir.mkdir(parents=True, exist_ok=True)
+    _sync("workdir")
+    tokenizer = _tokenizer(config, workdir, init_workdir)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      # The decoder's output size is the tokenizer's vocabulary (blank included).
+      config.model.vocab_size = tokenizer.vocab_size
+    model = models.build_model(config.model)
+    if _is_chief():
+      workdir_lib.write_atomically(workdir / workdir_lib.CONFIG_FILE,
+                                   config.to_json_best_effort(indent=2))
+    run = Run(config, workdir, model, tokenizer,
+              checkpointing.CheckpointStore(os.fspath(workdir)),
+              metric_logging.MetricsLogger(os.fspath(workdir), step_key))
+    try:
+      yield run
+    except (divergence.DivergenceError, checkpointing.CheckpointError) as e:
+      step = e.step if e.step is not None else (run.store.latest_step() or 0)
+      run.logger.write_stopped(step, str(e))
+      raise
+    finally:
+      run.logger.close()
+      run.store.close()
+  finally:
+    lock.release()
 
 
 def init_variables(model: models.ConformerASR, seed: int) -> dict[str, PyTree]:
@@ -181,12 +244,7 @@ def _local_copy(tree: PyTree) -> PyTree:
 def _evaluate(run: Run, eval_step, variables, batches, step: int) -> dict[str, float]:
   metrics, examples = evaluation.evaluate(
       eval_step, variables, batches, run.tokenizer.decode)
-  if _is_chief():
-    samples = run.workdir / "eval_samples.txt"
-    with samples.open("a") as f:
-      for reference, hypothesis in examples[:3]:
-        f.write(f"{run.logger.step_key} {step}\n  REF: {reference}\n"
-                f"  HYP: {hypothesis}\n")
+  run.logger.write_samples(step, examples[:3])
   return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -240,16 +298,18 @@ def make_central_optimizer(c: ml_collections.ConfigDict,
 
 
 def make_central_train_step(model, optimizer):
-  """`train_step(state, batch, seed_key) -> (state, metrics)`.
+  """`train_step(state, batch, seed_key, guard) -> (state, metrics, guard)`.
 
   state: a plain dict pytree {'params', 'model_state', 'opt_state', 'step'}.
   The step's rng is fold_in(seed_key, step), so a resumed run draws the same
   dropout and masks; seed_key = key(config.seed) is an argument, not a
   constant, so runs that differ only in the seed share the compiled step.
+  guard: `divergence.init_guard()` at first; the step records in it the first
+  step whose loss, gradient, parameters or optimizer state is not finite.
   """
   loss_fn = make_mean_loss_fn(model)
 
-  def train_step(state, batch, seed_key):
+  def train_step(state, batch, seed_key, guard):
     rng = jax.random.fold_in(seed_key, state["step"])
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["model_state"], batch, rng)
@@ -258,14 +318,27 @@ def make_central_train_step(model, optimizer):
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(params=params, model_state=model_state,
                      opt_state=opt_state, step=state["step"] + 1)
-    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads))
+    flags = divergence.nonfinite_flags(loss, grads, (params, model_state),
+                                       opt_state)
+    guard = divergence.update_guard(guard, new_state["step"], flags, loss)
+    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads)), guard
 
   return train_step
 
 
 def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
-  """Central training of `config.central.num_steps` steps (module docstring)."""
-  run = _setup(config, workdir, "step")
+  """Central training of `config.central.num_steps` steps (module docstring).
+
+  Raises:
+    workdir.RunError: the workdir refuses the run (a file, another config, a
+      lock); no intact checkpoint (`checkpointing.CheckpointError`); the
+      training diverged (`divergence.DivergenceError`).
+  """
+  with _open_run(config, workdir, "step") as run:
+    return _train_central(run)
+
+
+def _train_central(run: Run) -> PyTree:
   c = run.config.central
   # The one-axis device mesh of federated rounds; here examples are sharded
   # over it the way clients are in a round.
@@ -282,18 +355,23 @@ def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
   state = dict(params=params, model_state=model_state,
                opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
   state = mesh_lib.replicate(state, mesh)
-  start = run.store.latest_step()
+  start, restored = run.store.restore_latest_intact(like=state, report=_warn)
   if start is None:
     start = 0
     run.store.save(0, state)
   else:
     logging.info("Resuming from step %d.", start)
-    state = run.store.restore(start, like=state)
+    state = restored
   run.logger.drop_after(start)
+  last_saved = start
 
-  train_step = jax.jit(make_central_train_step(run.model, optimizer),
-                       in_shardings=(replicated, by_example, replicated),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  # Multi-process: compiled, then a barrier, before its first collective.
+  train_step = mesh_lib.barrier_after_compile(jax.jit(
+      make_central_train_step(run.model, optimizer),
+      in_shardings=(replicated, by_example, replicated, replicated),
+      out_shardings=(replicated, replicated, replicated),
+      donate_argnums=(0, 3)), "central_step")
+  guard = mesh_lib.replicate(divergence.init_guard(), mesh)
   seed_key = jax.device_put(jax.random.key(run.config.seed), replicated)
   eval_step = jax.jit(evaluation.make_eval_step(run.model))
   eval_batches = _eval_batches(run, None)
@@ -303,33 +381,41 @@ def train_central(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
   progress = tqdm.tqdm(total=c.num_steps, initial=start, desc="central",
                        disable=not _is_chief(), dynamic_ncols=True)
   tic, logged_step = time.perf_counter(), start
-  for step in range(start + 1, c.num_steps + 1):
-    batch = next(batches)
-    # Every process reads the global batch and places its own rows.
-    first, last = mesh_lib.process_client_range(batch["audio"].shape[0], mesh)
-    batch = {k: v[first:last] for k, v in batch.items()}
-    state, metrics = train_step(state, mesh_lib.shard_round_data(batch, mesh),
-                                seed_key)
-    progress.update(1)
-    log = step % c.log_every == 0 or step == c.num_steps
-    evaluate = step % c.eval_every == 0 or step == c.num_steps
-    if log or evaluate:
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - tic
-      metrics["steps_per_second"] = (step - logged_step) / elapsed
-      tic, logged_step = time.perf_counter(), step
-      progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-      if evaluate:
-        variables = {"params": _local_copy(state["params"]),
-                     **_local_copy(state["model_state"])}
-        metrics.update(_evaluate(run, eval_step, variables, eval_batches, step))
-        logging.info("step %d: %s", step, metrics)
-        tic = time.perf_counter()  # Evaluation time is not training time.
-      run.logger.write(step, metrics)
-    if step % c.checkpoint_every == 0 or step == c.num_steps:
-      run.store.save(step, state)
-  progress.close()
-  run.logger.close()
+  try:
+    for step in range(start + 1, c.num_steps + 1):
+      batch = next(batches)
+      # Every process reads the global batch and places its own rows.
+      first, last = mesh_lib.process_client_range(batch["audio"].shape[0], mesh)
+      batch = {k: v[first:last] for k, v in batch.items()}
+      state, metrics, guard = train_step(
+          state, mesh_lib.shard_round_data(batch, mesh), seed_key, guard)
+      progress.update(1)
+      log = step % c.log_every == 0 or step == c.num_steps
+      evaluate = step % c.eval_every == 0 or step == c.num_steps
+      save = step % c.checkpoint_every == 0 or step == c.num_steps
+      if log or evaluate or save:
+        # The guard is read with the metrics (no host sync of its own) and
+        # before every save: nothing non-finite is evaluated, logged or saved.
+        metrics, guard_now = jax.device_get((metrics, guard))
+        divergence.check_guard(guard_now, last_saved)
+      if log or evaluate:
+        elapsed = time.perf_counter() - tic
+        metrics["steps_per_second"] = (step - logged_step) / elapsed
+        tic, logged_step = time.perf_counter(), step
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if evaluate:
+          variables = {"params": _local_copy(state["params"]),
+                       **_local_copy(state["model_state"])}
+          metrics.update(_evaluate(run, eval_step, variables, eval_batches,
+                                   step))
+          logging.info("step %d: %s", step, metrics)
+          tic = time.perf_counter()  # Evaluation time is not training time.
+        run.logger.write(step, metrics)
+      if save:
+        run.store.save(step, state)
+        last_saved = step
+  finally:
+    progress.close()
   return _local_copy(state["params"])
 
 
@@ -380,9 +466,17 @@ def round_arrays(config: ml_collections.ConfigDict, client_datasets, sampler,
 
 
 def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
-  """Federated training of `config.federated.rounds` rounds (module docstring)."""
-  f = config.federated
-  run = _setup(config, workdir, "round", init_workdir=f.init_workdir)
+  """Federated training of `config.federated.rounds` rounds (module docstring).
+
+  Raises:
+    workdir.RunError: as `train_central`.
+  """
+  with _open_run(config, workdir, "round",
+                 init_workdir=config.federated.init_workdir) as run:
+    return _train_federated(run)
+
+
+def _train_federated(run: Run) -> PyTree:
   f = run.config.federated
   mesh = mesh_lib.make_client_mesh()
   mesh_lib.check_clients_divisible(f.clients_per_round, mesh)
@@ -403,15 +497,17 @@ def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
 
   state = mesh_lib.replicate(
       round_lib.init_server_state(params, model_state, server_optimizer), mesh)
-  start = run.store.latest_step()
+  start, restored = run.store.restore_latest_intact(
+      like=flax.serialization.to_state_dict(state), report=_warn)
   if start is None:
     start = 0
     run.store.save(0, flax.serialization.to_state_dict(state))
   else:
     logging.info("Resuming from round %d.", start)
-    state = flax.serialization.from_state_dict(state, run.store.restore(
-        start, like=flax.serialization.to_state_dict(state)))
+    state = flax.serialization.from_state_dict(state, restored)
   run.logger.drop_after(start)
+  last_saved = start
+  state_is_finite = jax.jit(divergence.all_finite)
 
   client_datasets = input_pipeline.get_client_datasets(run.config.data,
                                                        run.tokenizer)
@@ -427,28 +523,39 @@ def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
 
   progress = tqdm.tqdm(total=f.rounds, initial=start, desc="federated",
                        disable=not _is_chief(), dynamic_ncols=True)
-  for round_index in range(start, f.rounds):
-    tic = time.perf_counter()
-    data = mesh_lib.shard_round_data(
-        round_arrays(run.config, client_datasets, sampler, round_index,
-                     mesh), mesh)
-    state, metrics = round_fn(state, data, rng)
-    metrics = jax.device_get(metrics)
-    done = round_index + 1
-    metrics["clients_per_second"] = f.clients_per_round / (time.perf_counter() - tic)
-    progress.update(1)
-    progress.set_postfix(loss=f"{metrics['loss']:.3f}",
-                         clients_s=f"{metrics['clients_per_second']:.2f}")
-    if done % f.eval_every == 0 or done == f.rounds:
-      variables = {"params": _local_copy(state.params),
-                   **_local_copy(state.model_state)}
-      metrics.update(_evaluate(run, eval_step, variables, eval_batches, done))
-      logging.info("round %d: %s", done, {k: v for k, v in metrics.items()
-                                          if not k.startswith("update_norm/")})
-    if done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics:
-      run.logger.write(done, metrics)
-    if done % f.checkpoint_every == 0 or done == f.rounds:
-      run.store.save(done, flax.serialization.to_state_dict(state))
-  progress.close()
-  run.logger.close()
+  try:
+    for round_index in range(start, f.rounds):
+      tic = time.perf_counter()
+      data = mesh_lib.shard_round_data(
+          round_arrays(run.config, client_datasets, sampler, round_index,
+                       mesh), mesh)
+      state, metrics = round_fn(state, data, rng)
+      # The round's metrics are read every round anyway: the guard costs no
+      # extra host sync.
+      metrics, finite = jax.device_get((metrics, state_is_finite(
+          (state.params, state.model_state, state.opt_state))))
+      done = round_index + 1
+      metrics["clients_per_second"] = (
+          f.clients_per_round / (time.perf_counter() - tic))
+      progress.update(1)
+      progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                           clients_s=f"{metrics['clients_per_second']:.2f}")
+      try:
+        divergence.check_round(done, metrics, bool(finite), last_saved)
+      except divergence.DivergenceError:
+        run.logger.write(done, metrics)  # The round that stopped the run.
+        raise
+      if done % f.eval_every == 0 or done == f.rounds:
+        variables = {"params": _local_copy(state.params),
+                     **_local_copy(state.model_state)}
+        metrics.update(_evaluate(run, eval_step, variables, eval_batches, done))
+        logging.info("round %d: %s", done, {k: v for k, v in metrics.items()
+                                            if not k.startswith("update_norm/")})
+      if done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics:
+        run.logger.write(done, metrics)
+      if done % f.checkpoint_every == 0 or done == f.rounds:
+        run.store.save(done, flax.serialization.to_state_dict(state))
+        last_saved = done
+  finally:
+    progress.close()
   return _local_copy(state.params)

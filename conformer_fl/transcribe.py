@@ -271,7 +271,10 @@ def _restore_variables(workdir: epath.Path,
     elif step not in steps:
       raise TranscribeError(f"{workdir}: no checkpoint for step {step}; saved"
                             f" steps: {steps}")
-    return step, store.restore_variables(step)
+    try:
+      return step, store.restore_variables(step)
+    except checkpointing.CheckpointError as e:  # Damaged: named, one line.
+      raise TranscribeError(f"{workdir}: {e}") from e
   finally:
     store.close()
 

@@ -11,9 +11,20 @@ devices exactly as it spans the hosts of a TPU pod.
 Everything after `--` goes to `python -m conformer_fl.main`. The launcher waits for
 every process, prefixes their output with the process index, and exits non-zero if
 any process fails (the others are then stopped).
+
+`--process_env=INDEX:NAME=VALUE` (repeatable) sets an environment variable of one
+process only, e.g. a compilation cache of its own:
+
+  python launch/local_multiprocess.py \
+      --process_env=1:JAX_COMPILATION_CACHE_DIR=/tmp/cache_p1 -- ...
+
+Processes may reach a compiled program far apart (one compiles it, another reads
+it from the cache): each waits for the others after compiling, see
+`conformer_fl/federated/mesh.py` (`barrier_after_compile`).
 """
 
 import argparse
+from collections.abc import Mapping
 import os
 import socket
 import subprocess
@@ -33,17 +44,41 @@ def _relay(prefix: str, stream, out) -> None:
     out.flush()
 
 
+def parse_process_env(items: list[str],
+                      num_processes: int) -> dict[int, dict[str, str]]:
+  """{process index: {name: value}} of `--process_env=INDEX:NAME=VALUE` items.
+
+  Raises:
+    ValueError: an item that is not INDEX:NAME=VALUE with 0 <= INDEX < N.
+  """
+  env: dict[int, dict[str, str]] = {}
+  for item in items:
+    index, _, assignment = item.partition(":")
+    name, equals, value = assignment.partition("=")
+    if (not index.isdigit() or int(index) >= num_processes or not equals
+        or not name):
+      raise ValueError(
+          f"Bad --process_env {item!r}: expected INDEX:NAME=VALUE with INDEX"
+          f" in [0, {num_processes}).")
+    env.setdefault(int(index), {})[name] = value
+  return env
+
+
 def launch(
-    main_args: list[str], num_processes: int, devices_per_process: int
+    main_args: list[str], num_processes: int, devices_per_process: int,
+    process_env: Mapping[int, Mapping[str, str]] | None = None,
 ) -> int:
   """Starts the processes, waits for them and returns the first non-zero exit code."""
   port = _free_port()
   procs = []
   for index in range(num_processes):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices_per_process}"
-    )
+    env.update((process_env or {}).get(index, {}))
+    # Other XLA flags of the caller's (or this process's) environment are kept.
+    flags = [flag for flag in env.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(
+        [*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["CONFORMER_FL_COORDINATOR"] = f"127.0.0.1:{port}"
     env["CONFORMER_FL_NUM_PROCESSES"] = str(num_processes)
@@ -76,12 +111,20 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=2)
+  parser.add_argument("--process_env", action="append", default=[],
+                      metavar="INDEX:NAME=VALUE",
+                      help="an environment variable of process INDEX only")
   args, main_args = parser.parse_known_args()
   if main_args and main_args[0] == "--":
     main_args = main_args[1:]
   if args.num_processes < 1 or args.devices_per_process < 1:
     parser.error("--num_processes and --devices_per_process must be positive")
-  sys.exit(launch(main_args, args.num_processes, args.devices_per_process))
+  try:
+    process_env = parse_process_env(args.process_env, args.num_processes)
+  except ValueError as e:
+    parser.error(str(e))
+  sys.exit(launch(main_args, args.num_processes, args.devices_per_process,
+                  process_env))
 
 
 if __name__ == "__main__":

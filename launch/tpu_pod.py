@@ -17,9 +17,20 @@ $TFDS_DATA_DIR, usually a gs:// folder too.
   python launch/tpu_pod.py logs $P --job=central_S [--worker=all] [--follow]
   python launch/tpu_pod.py delete $P          # the queued resource and its node
 
-Every subcommand takes --dry-run: it prints the exact commands, one per line
-(shell-quoted), instead of running them. Otherwise they run one after another
-and the first failure stops the script with the failing command.
+Before renting the pod, `plan` compiles the run's step for the pod's TPU
+topology on this machine (no pod, no gcloud: `pip install -e '.[tpu-plan]'`
+brings libtpu) and prints HBM per chip, the most clients (or examples, or
+variants) per chip that fit and the compiled FLOPs; it exits 1, naming the
+config field, when the config does not divide over the chips or does not fit
+(`conformer_fl/pod_plan.py`). It takes the flags of `run` (the pod's are
+optional and unused) and --topology:
+
+  python launch/tpu_pod.py plan --topology=v5e:2x2 -- \
+      --config=configs/federated.py:size=S,corpus=librispeech
+
+Every subcommand but `plan` takes --dry-run: it prints the exact commands, one
+per line (shell-quoted), instead of running them. Otherwise they run one after
+another and the first failure stops the script with the failing command.
 
 On each worker: `setup` ships the committed tree (`git archive` of --ref,
 default HEAD: commit or stash what you want to run) to ~/conformer_fl and
@@ -338,6 +349,46 @@ def delete_commands(pod: Pod) -> list[Command]:
            *pod.location_flags(), "--force", "--quiet"]]
 
 
+def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
+             max_compiles: int = 4, out=None) -> None:
+  """Prints the plan of `conformer_fl.main main_args` on `topology`.
+
+  Compiles on this machine's CPU (JAX_PLATFORMS=cpu unless set): see
+  `conformer_fl.pod_plan`.
+
+  Raises:
+    LaunchError: the package or libtpu is missing, or the config does not
+      divide over the chips or fit (the message names the config field).
+  """
+  main_args = list(main_args)
+  if main_args and main_args[0] == "--":
+    main_args = main_args[1:]
+  for arg in main_args:
+    if not arg.startswith(("--config=", "--workdir=", "--config.")):
+      raise LaunchError(
+          f"Unexpected argument {arg!r} for conformer_fl.main: expected"
+          " --config=..., --workdir=... and --config.FIELD=VALUE (the options"
+          " of tpu_pod.py, such as --topology, go before --).")
+  if max_compiles < 1:
+    raise LaunchError(f"--max_compiles must be >= 1, got {max_compiles}.")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # Run from a checkout without installing.
+  try:
+    from conformer_fl import pod_plan  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise LaunchError(
+        f"`plan` needs the conformer_fl package and its dependencies ({e}):"
+        " pip install -e '.[tpu-plan]'.") from e
+  try:
+    plan = pod_plan.plan(
+        main_args, topology, search=search, max_compiles=max_compiles,
+        log=lambda line: print(f"plan: {line}", file=sys.stderr, flush=True))
+  except pod_plan.PlanError as e:
+    raise LaunchError(str(e)) from e
+  print(pod_plan.format_plan(plan), file=out or sys.stdout, flush=True)
+
+
 # ----------------------------------------------------------------------------
 # Running them.
 
@@ -456,6 +507,22 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("main_args", nargs=argparse.REMAINDER,
                    help="-- --config=... --workdir=gs://... [--config.X=V]")
 
+  plan = sub.add_parser(
+      "plan", help="Compile the run's step for a TPU topology here: HBM per"
+      " chip, max clients per chip, FLOPs; no pod needed.")
+  for name in ("name", "zone", "project", "node_id", "tfds_data_dir", "job"):
+    _add(plan, name, default=None, help="As for run; unused by the plan.")
+  _add(plan, "dry_run", action="store_true", help="Unused by the plan.")
+  _add(plan, "topology", required=True,
+       help="TPU topology, e.g. v5e:2x2 (v5litepod-4), v5e:4x4, v4:2x2x1"
+       " (v4-8), v4:2x2x2, v5p:2x2x1, v6e:2x2; or cpu (this machine).")
+  _add(plan, "no_search", action="store_true",
+       help="Compile the config's own count only (no max-per-chip search).")
+  _add(plan, "max_compiles", type=int, default=4,
+       help="At most this many compilations in the search.")
+  plan.add_argument("main_args", nargs=argparse.REMAINDER,
+                    help="-- --config=... [--workdir=...] [--config.X=V]")
+
   logs = sub.add_parser("logs", parents=[common], help="Tail a job's log.")
   _add(logs, "job", default=None, help="Default: the newest log.")
   _add(logs, "worker", default="0", help="0, 1, ... or all.")
@@ -474,6 +541,10 @@ def main(argv: Sequence[str] | None = None, out=None) -> None:
     LaunchError: bad input or a failed command (the console script prints it).
   """
   args = build_parser().parse_args(argv)
+  if args.subcommand == "plan":
+    plan_run(args.main_args, args.topology, search=not args.no_search,
+             max_compiles=args.max_compiles, out=out)
+    return
   pod = Pod(args.name, args.zone, args.project, args.node_id)
   if args.subcommand == "create":
     commands = create_commands(pod, args.accelerator_type, args.runtime_version,

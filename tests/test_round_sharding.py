@@ -22,6 +22,8 @@ from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import server_optimizers
 
+import xla_env  # tests/xla_env.py
+
 NUM_CLIENTS, LOCAL_STEPS, BATCH, DIM = 8, 3, 4, 5
 KEEP_PROB = 0.8
 STATS_MOMENTUM = 0.9
@@ -288,6 +290,7 @@ def test_all_clients_nonfinite_leaves_server_unchanged(round_fn, mesh, data):
   poisoned = dict(data, y=np.full_like(data['y'], np.nan))
   state, metrics = run(round_fn, mesh, poisoned)
   assert metrics['num_nonfinite_clients'] == NUM_CLIENTS
+  assert np.isnan(metrics['loss'])  # No client's loss: not 0.
   assert metrics['server_update_norm'] == 0.0
   assert_params_close(state.params, initial_params(), atol=0)
   assert_params_close(state.model_state, initial_model_state(), atol=0)
@@ -379,8 +382,7 @@ def test_two_processes_match_one_process(reference):
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = xla_env.subprocess_env(2, JAX_PLATFORMS='cpu')
   env['PYTHONPATH'] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
        env.get('PYTHONPATH', '')])

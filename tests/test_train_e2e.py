@@ -18,13 +18,14 @@ import pytest
 
 from conformer_fl import checkpointing
 
+import xla_env  # tests/xla_env.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], *, devices: int = 4, launcher: list[str] | None = None):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = xla_env.subprocess_env(devices)
   command = [sys.executable, *(launcher or ["-m", "conformer_fl.main"]), *args]
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900, check=False)
@@ -159,10 +160,82 @@ def test_federated_resume_equals_uninterrupted(tmp_path, tiny_corpus_dir,
   _assert_trees_equal(_params(tmp_path, 2), _params(federated_run, 2))
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_corpus_dir, central_run,
-                                         federated_run):
-  _run(_federated_args(tmp_path, tiny_corpus_dir, central_run, rounds=1),
-       launcher=["launch/local_multiprocess.py", "--num_processes=2",
-                 "--devices_per_process=2", "--"])
+_TWO_PROCESSES = ["launch/local_multiprocess.py", "--num_processes=2",
+                  "--devices_per_process=2"]
+
+# Put on process 1's PYTHONPATH as sitecustomize.py: it compiles the federated
+# round DELAY seconds slower (a slower host), more than gloo's fixed 30 s.
+_SLOW_ROUND_COMPILE = """
+import sys
+import time
+
+from jax._src import compiler
+
+DELAY = 35
+_compile = compiler.compile_or_get_cached
+
+
+def _slow_compile(backend, computation, *args, **kwargs):
+  name = str(computation.operation.attributes["sym_name"]).strip('"')
+  if "run_round" in name:
+    print(f"slow host: compiling {name} {DELAY} s slower", file=sys.stderr,
+          flush=True)
+    time.sleep(DELAY)
+  return _compile(backend, computation, *args, **kwargs)
+
+
+compiler.compile_or_get_cached = _slow_compile
+"""
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_corpus_dir, central_run):
+  """Round 1 as 2 processes x 2 devices; process 0 fills the compilation cache."""
+  workdir = tmp_path_factory.mktemp("two_processes")
+  _run(_federated_args(workdir, tiny_corpus_dir, central_run, rounds=1),
+       launcher=[*_TWO_PROCESSES, "--"])
+  return workdir
+
+
+def test_two_processes_match_one_process(two_process_run, federated_run):
   # Same clients, rngs and sums; only the all-reduce runs over two processes.
-  _assert_trees_equal(_params(tmp_path, 1), _params(federated_run, 1), atol=1e-5)
+  _assert_trees_equal(_params(two_process_run, 1), _params(federated_run, 1),
+                      atol=1e-5)
+
+
+def test_two_processes_with_a_warm_cache_on_one_and_a_slow_compile(
+    tmp_path, tiny_corpus_dir, central_run, federated_run, two_process_run):
+  """Processes that reach the round far apart still run it, to the same result.
+
+  The session's compilation cache holds what `two_process_run`'s process 0
+  compiled. JAX writes that cache from process 0 only, under keys of its own:
+  here process 0 reads every program from it, process 1 compiles every one, and
+  the round 35 s slower on top. Without a barrier after compilation, process 0
+  reached the round's first collective alone and gloo gave up after 30 s
+  (`Gloo context initialization failed: DEADLINE_EXCEEDED`).
+  """
+  del two_process_run  # It warmed the cache of process 0.
+  hook = tmp_path / "slow_host"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_SLOW_ROUND_COMPILE)
+  workdir = tmp_path / "run"
+  log = "JAX_DEBUG_LOG_MODULES=jax._src.compiler"
+  result = _run(
+      _federated_args(workdir, tiny_corpus_dir, central_run, rounds=1),
+      launcher=[*_TWO_PROCESSES, f"--process_env=0:{log}",
+                f"--process_env=1:{log}",
+                f"--process_env=1:PYTHONPATH={hook}{os.pathsep}"
+                f"{os.environ.get('PYTHONPATH', '')}", "--"])
+  lines = (result.stdout + result.stderr).splitlines()
+
+  def logged(process: int, text: str) -> bool:
+    return any(line.startswith(f"[p{process}] ") and text in line
+               for line in lines)
+
+  round_hit = "Persistent compilation cache hit for 'jit_run_round'"
+  round_miss = "PERSISTENT COMPILATION CACHE MISS for 'jit_run_round'"
+  assert logged(0, round_hit) and not logged(0, round_miss)
+  assert logged(1, round_miss) and not logged(1, round_hit)
+  assert logged(1, "slow host: compiling jit_run_round 35 s slower")
+  assert logged(0, "Compiled federated_round; waiting up to")
+  _assert_trees_equal(_params(workdir, 1), _params(federated_run, 1), atol=1e-5)

@@ -34,6 +34,8 @@ from conformer_fl import transcribe
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
 
+import xla_env  # tests/xla_env.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LATEST_STEP = 3
 NUM_UTTERANCES = 3
@@ -128,9 +130,7 @@ def wavs(run, tmp_path_factory):
 
 
 def _cli(workdir, files: list[str], *flags: str):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env = xla_env.subprocess_env(1, TF_CPP_MIN_LOG_LEVEL="2")
   command = [sys.executable, "-m", "conformer_fl.transcribe",
              f"--workdir={workdir}", *flags, *files]
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True,

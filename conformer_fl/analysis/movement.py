@@ -16,7 +16,6 @@ standard.
 """
 
 from collections.abc import Mapping, Sequence
-import json
 import math
 import os
 from typing import Any
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 from scipy import stats
 
+from conformer_fl import metric_logging
 from conformer_fl import models
 
 PyTree = Any
@@ -74,16 +74,13 @@ def read_update_norm_sums(metrics_path: str | os.PathLike[str],
   if not metrics_path.exists():
     return None
   per_round: dict[int, dict[str, float]] = {}
-  with metrics_path.open() as f:
-    for line in f:
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      norms = {k[len(UPDATE_NORM_PREFIX):]: float(v) for k, v in record.items()
-               if k.startswith(UPDATE_NORM_PREFIX)}
-      round_index = record.get('round', record.get('step'))
-      if norms and round_index is not None and round_index <= last_round:
-        per_round[int(round_index)] = norms  # A resumed run's rewrite wins.
+  # A torn last line (a run killed while writing it) is skipped.
+  for record in metric_logging.read_records(metrics_path):
+    norms = {k[len(UPDATE_NORM_PREFIX):]: float(v) for k, v in record.items()
+             if k.startswith(UPDATE_NORM_PREFIX)}
+    round_index = record.get('round', record.get('step'))
+    if norms and round_index is not None and round_index <= last_round:
+      per_round[int(round_index)] = norms  # A resumed run's rewrite wins.
   if not per_round:
     return None
   sums = {}

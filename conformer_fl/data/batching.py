@@ -5,7 +5,14 @@ Steps:
    its transcript and assigns it the smallest bucket that fits both its audio and
    its labels. Bad examples return None and are counted by reason in a
    `SkipCounter` (logged with absl), never raised: a corrupt utterance must not stop
-   a training run. Reasons: see `SKIP_REASONS`.
+   a training run. Reasons: see `SKIP_REASONS`. A transcript or speaker id
+   whose bytes are not UTF-8, or that is missing (None), is such an example too:
+   the corpus loaders pass those fields through undecoded (`decode_text`).
+   CTC alignment (`skip_ctc_unalignable`): CTC emits one label per encoder
+   frame and needs a blank frame between two equal consecutive labels, so an
+   utterance with more labels plus repeats than encoder frames
+   (`ctc_frames_needed` > `encoder_frames`) cannot be aligned at all; its loss
+   is ~1e5 (optax's log(0)) and it would swamp a batch's gradient.
 2. `bucket_by_length` groups prepared examples of one bucket into batches, shuffling
    within buckets with a seeded buffer (deterministic given the input order and
    the seed); `eval_batches` groups every example exactly once, in input order per
@@ -46,19 +53,30 @@ INT16_SCALE = 32768.0
 Example = dict[str, Any]
 Batch = dict[str, np.ndarray]
 
+# The encoder's time axis (conformer_fl/models): log-mel frames of 25 ms (400
+# samples) every 10 ms (160 samples), then 4x convolutional subsampling
+# (models.conformer.ConvSubsampling): 25 encoder frames per second of audio.
+FRAME_LENGTH_SAMPLES = 400
+FRAME_STEP_SAMPLES = 160
+TIME_SUBSAMPLING = 4
+
 SKIP_REASONS = (
     "bad_audio_dtype",     # audio missing, not 1-D, or neither int16 nor float
     "empty_audio",         # zero samples
     "silent_audio",        # every sample is exactly zero
     "nonfinite_audio",     # NaN or inf samples (float audio)
     "audio_out_of_range",  # float audio outside [-1, 1]
+    "missing_transcript",  # the transcript is None or not text
+    "undecodable_transcript",  # transcript bytes that are not UTF-8
     "empty_transcript",    # nothing left after normalization / tokenization
     "untokenizable_transcript",  # the tokenizer rejected the text
+    "missing_speaker_id",  # (federated clients only) speaker id None or empty
+    "undecodable_speaker_id",  # (clients only) speaker id bytes not UTF-8
     "audio_too_long",      # longer than the longest bucket
     "labels_too_long",     # more labels than the label length of any bucket
                            # long enough for the audio
     "labels_too_dense",    # more labels per second of audio than max_label_rate
-                           # (e.g. more labels than CTC has encoder frames)
+    "ctc_unalignable",     # more labels (+ repeats) than encoder frames
 )
 
 
@@ -158,9 +176,47 @@ def make_buckets(
   return Buckets(audio_lengths, tuple(int(u) for u in label_lengths))
 
 
+def encoder_frames(num_samples: int) -> int:
+  """Valid encoder frames of an utterance of `num_samples` 16 kHz samples.
+
+  ceil(T / 4) of the T = 1 + (S - 400) // 160 log-mel frames (0 when S < 400),
+  as the model's `logit_paddings` count them (tests/test_bad_data.py checks
+  this against the model).
+  """
+  if num_samples < FRAME_LENGTH_SAMPLES:
+    return 0
+  frames = 1 + (num_samples - FRAME_LENGTH_SAMPLES) // FRAME_STEP_SAMPLES
+  return -(-frames // TIME_SUBSAMPLING)
+
+
+def ctc_frames_needed(labels: np.ndarray) -> int:
+  """Frames CTC needs for `labels` [U]: one per label, plus one blank between
+  each two equal consecutive labels."""
+  labels = np.asarray(labels)
+  return int(labels.size + np.count_nonzero(labels[1:] == labels[:-1]))
+
+
+def decode_text(value: Any) -> Any:
+  """A text field as str when it is text, else the value unchanged.
+
+  str stays str; bytes (or a 0-d array of them) that are UTF-8 become str;
+  bytes that are not, None and other types are returned as they are, so that
+  `prepare_example` can skip them by name (`undecodable_*`, `missing_*`).
+  """
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bytes):
+    try:
+      return value.decode("utf-8")
+    except UnicodeDecodeError:
+      return value
+  return value
+
+
 def prepare_example(
     example: Example, tokenizer: Any, buckets: Buckets, skips: SkipCounter,
-    max_label_rate: float = 0.0,
+    max_label_rate: float = 0.0, *, skip_ctc_unalignable: bool = False,
+    require_speaker_id: bool = False,
 ) -> Example | None:
   """Validates and tokenizes one common example; None (and counted) if bad.
 
@@ -171,9 +227,12 @@ def prepare_example(
     buckets: the static shapes.
     skips: receives the reason of a skip.
     max_label_rate: skip examples with more than this many labels per second of
-      audio; 0 = no limit. CTC after 4x subsampling of 10 ms frames has 25
-      encoder frames per second and needs a frame per label (plus blanks
-      between repeats), so about 20 is a safe limit for a character CTC model.
+      audio; 0 = no limit.
+    skip_ctc_unalignable: skip examples that CTC cannot align, whose labels
+      plus repeats outnumber the encoder frames (`ctc_frames_needed` >
+      `encoder_frames`).
+    require_speaker_id: skip examples without a usable speaker id (None, empty
+      or not UTF-8); federated clients are speakers.
 
   Returns:
     {'audio': [N] int16 or float32, 'labels': int32 [U], 'bucket': int,
@@ -206,7 +265,29 @@ def prepare_example(
   if not np.any(audio):
     skips.skip("silent_audio", example_id)
     return None
-  text = text_lib.normalize_text(_as_str(example.get("text", "")))
+  text = decode_text(example.get("text"))
+  if isinstance(text, bytes):
+    skips.skip("undecodable_transcript", example_id,
+               f"{len(text)} bytes that are not UTF-8")
+    return None
+  if not isinstance(text, str):
+    skips.skip("missing_transcript", example_id,
+               f"transcript is {type(text).__name__}")
+    return None
+  speaker_id = decode_text(example.get("speaker_id", ""))
+  if isinstance(speaker_id, (int, np.integer)) and not isinstance(
+      speaker_id, bool):
+    speaker_id = str(speaker_id)  # LibriSpeech's speaker ids are integers.
+  if require_speaker_id:
+    if isinstance(speaker_id, bytes):
+      skips.skip("undecodable_speaker_id", example_id,
+                 f"{len(speaker_id)} bytes that are not UTF-8")
+      return None
+    if not isinstance(speaker_id, str) or not speaker_id.strip():
+      skips.skip("missing_speaker_id", example_id,
+                 f"speaker id {speaker_id!r}")
+      return None
+  text = text_lib.normalize_text(text)
   if not text:
     skips.skip("empty_transcript", example_id)
     return None
@@ -222,6 +303,13 @@ def prepare_example(
     skips.skip("labels_too_dense", example_id,
                f"{labels.size} labels in {audio.size / SAMPLE_RATE:.2f} s")
     return None
+  if skip_ctc_unalignable:
+    needed, frames = ctc_frames_needed(labels), encoder_frames(audio.size)
+    if needed > frames:
+      skips.skip("ctc_unalignable", example_id,
+                 f"{labels.size} labels need {needed} frames, the"
+                 f" {audio.size / SAMPLE_RATE:.2f} s of audio give {frames}")
+      return None
   bucket = buckets.find(audio.size, labels.size)
   if bucket is None:
     if audio.size > buckets.audio_lengths[-1]:
@@ -237,7 +325,7 @@ def prepare_example(
       "labels": labels,
       "bucket": bucket,
       "id": example_id,
-      "speaker_id": _as_str(example.get("speaker_id", "")),
+      "speaker_id": speaker_id if isinstance(speaker_id, str) else "",
       "domain": _as_str(example.get("domain", "")),
       "duration": float(audio.size) / SAMPLE_RATE,
   }
@@ -245,11 +333,15 @@ def prepare_example(
 
 def prepare_examples(
     examples: Iterable[Example], tokenizer: Any, buckets: Buckets,
-    skips: SkipCounter, max_label_rate: float = 0.0,
+    skips: SkipCounter, max_label_rate: float = 0.0, *,
+    skip_ctc_unalignable: bool = False, require_speaker_id: bool = False,
 ) -> Iterator[Example]:
   """`prepare_example` over a stream, dropping (and counting) bad examples."""
   for example in examples:
-    prepared = prepare_example(example, tokenizer, buckets, skips, max_label_rate)
+    prepared = prepare_example(
+        example, tokenizer, buckets, skips, max_label_rate,
+        skip_ctc_unalignable=skip_ctc_unalignable,
+        require_speaker_id=require_speaker_id)
     if prepared is not None:
       yield prepared
 
@@ -400,8 +492,11 @@ def _take_random(buffer: list[Example], count: int,
 
 
 def _as_str(value: Any) -> str:
+  """An id or domain as str, for logs: bytes that are not UTF-8 escaped."""
+  if value is None:
+    return ""
   if isinstance(value, bytes):
-    return value.decode("utf-8")
+    return value.decode("utf-8", errors="backslashreplace")
   if isinstance(value, np.ndarray) and value.ndim == 0:
     return _as_str(value.item())
   return str(value)

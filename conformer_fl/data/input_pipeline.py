@@ -7,6 +7,9 @@ The common example dict (one utterance), produced for every corpus:
   'domain'     str        'long' or 'short'
   'duration'   float      seconds
   'id'         str        utterance id
+A transcript or speaker id that is not text (None) or whose bytes are not UTF-8
+is passed on as it is (`batching.decode_text`): `batching.prepare_example`
+skips such an example and counts it by reason, never raises.
 
 Corpora (`load_split`):
   'librispeech'      TFDS LibriSpeech, mapped by `librispeech.py`.
@@ -71,9 +74,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # ~16-24 for characters, far fewer for large SentencePiece vocabularies (RNN-T
   # memory grows with U; CTC after 4x subsampling has 25 frames per second).
   c.labels_per_second = 24.0
-  # Skip utterances with more labels per second of audio than this (0 = off);
-  # ~20 for character CTC (see batching.prepare_example).
+  # Skip utterances with more labels per second of audio than this (0 = off).
   c.max_label_rate = 0.0
+  # Skip utterances that CTC cannot align: more labels (plus one per repeated
+  # label) than encoder frames (25 per second; batching.encoder_frames). Off
+  # here (the stand-in corpora of the tests are far shorter than speech); the
+  # run configs turn it on for CTC models (config_lib._run_config).
+  c.skip_ctc_unalignable = False
   # Central training.
   c.batch_size = 8
   c.eval_batch_size = 8
@@ -155,6 +162,16 @@ def librispeech_options_from_config(
       short_max_seconds=config.short_max_seconds)
 
 
+def prepare_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `batching.prepare_example` checks a data config asks for.
+
+  A config saved before a field existed (an older workdir's config.json) gets
+  that field's check off.
+  """
+  return dict(max_label_rate=config.get("max_label_rate", 0.0),
+              skip_ctc_unalignable=config.get("skip_ctc_unalignable", False))
+
+
 def buckets_from_config(config: ml_collections.ConfigDict) -> batching.Buckets:
   return batching.make_buckets(
       config.bucket_seconds, tuple(config.label_lengths) or None,
@@ -175,7 +192,8 @@ def max_labels_per_second(
   rate = 0.0
   for example in examples:
     duration = example["audio"].shape[0] / batching.SAMPLE_RATE
-    if duration >= min_seconds and example["text"]:
+    if (duration >= min_seconds and isinstance(example["text"], str)
+        and example["text"]):
       rate = max(rate, len(tokenizer.encode(example["text"])) / duration)
   return rate
 
@@ -185,7 +203,10 @@ def get_tokenizer(config: ml_collections.ConfigDict,
   """The config's tokenizer: loaded from `save_dir/tokenizer.model` if saved,
   else trained on the transcripts of the whole train split (all domains: text
   only, so the short domain has no unknown words) and saved there."""
-  transcripts = (e["text"] for e in load_split_from_config(config, config.train_split))
+  # Transcripts that are None or not UTF-8 are left out (batching skips them).
+  transcripts = (e["text"] for e in load_split_from_config(config,
+                                                           config.train_split)
+                 if isinstance(e["text"], str))
   return tokenizer_lib.build_tokenizer(config.tokenizer, transcripts, save_dir)
 
 
@@ -217,7 +238,7 @@ def get_eval_batches(
   buckets = buckets_from_config(config)
   examples = load_split_from_config(config, split, domains=domains)
   prepared = batching.prepare_examples(examples, tokenizer, buckets, skips,
-                                       config.max_label_rate)
+                                       **prepare_options(config))
   yield from batching.eval_batches(prepared, buckets, config.eval_batch_size)
   skips.log_summary()
 
@@ -257,7 +278,7 @@ def get_train_batches(
   if config.cache_train_in_memory:
     cached = list(batching.prepare_examples(
         load_split_from_config(config, config.train_split, domains=domains),
-        tokenizer, buckets, skips, config.max_label_rate))
+        tokenizer, buckets, skips, **prepare_options(config)))
     skips.log_summary()
     logging.info("Cached %d training examples in memory.", len(cached))
 
@@ -270,7 +291,7 @@ def get_train_batches(
           config, config.train_split, domains=domains, shuffle_files=True,
           seed=seed * 100003 + epoch)
       return batching.prepare_examples(examples, tokenizer, buckets, skips,
-                                       config.max_label_rate)
+                                       **prepare_options(config))
 
   def groups() -> Iterator[tuple[int, list[Example]]]:
     for epoch in itertools.count():
@@ -330,7 +351,7 @@ def get_client_datasets(
   buckets = buckets_from_config(config)
   prepared = batching.prepare_examples(
       load_split_from_config(config, split, domains=domains), tokenizer, buckets,
-      skips, config.max_label_rate)
+      skips, **prepare_options(config), require_speaker_id=True)
   examples = clients_lib.partition_by_speaker(prepared)
   skips.log_summary()
   if not examples:
@@ -415,10 +436,11 @@ def _load_common_schema(
   domain_names = info.features["domain"].names
   ds = ds.prefetch(tf.data.AUTOTUNE)
   for raw in tfds.as_numpy(ds):
+    text = batching.decode_text(raw["text"])
     yield {
         "audio": raw["audio"],
-        "text": text_lib.normalize_text(raw["text"].decode("utf-8")),
-        "speaker_id": _as_str(raw["speaker_id"]),
+        "text": text_lib.normalize_text(text) if isinstance(text, str) else text,
+        "speaker_id": batching.decode_text(raw["speaker_id"]),
         "domain": domain_names[int(raw["domain"])],
         "duration": float(raw["duration"]),
         "id": _as_str(raw["id"]),
@@ -426,4 +448,7 @@ def _load_common_schema(
 
 
 def _as_str(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  """An utterance id as str (bytes that are not UTF-8 escaped, for logs)."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="backslashreplace")
+  return str(value)

@@ -6,8 +6,10 @@ features of the TFDS LibriSpeech builder:
                both keys are accepted)
   'text'       upper-case transcript
   'speaker_id' int64, 'chapter_id' int64, 'id' string ('SPK-CHAPTER-UTT').
-TFDS must have prepared the data in `data_dir` (TPU users have it; nothing can be
-downloaded on the local machine).
+TFDS must have prepared the data in `data_dir` beforehand: it is never downloaded
+implicitly (`download=False`; its TFDS builder downloads the archives and
+needs Apache Beam). Reading an unprepared one raises `LibriSpeechNotPrepared`,
+whose message names the folder searched and the command that prepares it.
 
 Each becomes the common example dict shared with the synthetic corpus:
   {'audio': int16 [N], 'text': normalized str, 'speaker_id': str, 'domain': str,
@@ -33,6 +35,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conformer_fl import text as text_lib
+from conformer_fl import workdir as workdir_lib
+from conformer_fl.data import batching
 
 SAMPLE_RATE = 16000
 FULL_TRAIN_SPLIT = "train_clean100+train_clean360+train_other500"
@@ -42,6 +46,27 @@ DEFAULT_SPLIT_MAP = {
     "test": "test_clean",
 }
 DOMAIN_MODES = ("long", "by_duration")
+
+
+class LibriSpeechNotPrepared(workdir_lib.RunError, FileNotFoundError):
+  """The TFDS 'librispeech' dataset is not prepared in the data directory.
+
+  A `RunError`: the entry point prints its one-line message and exits 1.
+  """
+
+
+def not_prepared_message(data_dir: str | None) -> str:
+  """One line: what is missing, where it was looked for, how to prepare it."""
+  builder = tfds.builder("librispeech", data_dir=data_dir)
+  root = data_dir or "the TFDS default ($TFDS_DATA_DIR, else ~/tensorflow_datasets)"
+  return (
+      f"LibriSpeech is not prepared in {root}: expected the TFDS dataset"
+      f" 'librispeech' {builder.version} in {builder.data_dir}. It is never"
+      " downloaded implicitly; prepare it once (its TFDS builder downloads"
+      " the archives and needs Apache Beam) with"
+      " `tfds build librispeech --data_dir=DIR`, then set"
+      " $TFDS_DATA_DIR (configs/central.py:corpus=librispeech reads it) or"
+      " --config.data.data_dir to DIR.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +102,11 @@ def to_common_example(raw: Mapping[str, Any],
   audio = raw["speech"] if "speech" in raw else raw["audio"]
   audio = np.asarray(audio)
   duration = float(audio.shape[0]) / SAMPLE_RATE if audio.ndim else 0.0
+  # A transcript that is not UTF-8 is passed on as bytes: batching skips it.
+  text = batching.decode_text(raw["text"])
   return {
       "audio": audio,
-      "text": text_lib.normalize_text(_as_str(raw["text"])),
+      "text": text_lib.normalize_text(text) if isinstance(text, str) else text,
       "speaker_id": str(int(raw["speaker_id"])),
       "domain": domain_of(duration, options),
       "duration": duration,
@@ -106,19 +133,32 @@ def load_librispeech(
 
   Yields:
     Common example dicts, in the dataset's (or the seeded shuffled) order.
+
+  Raises:
+    LibriSpeechNotPrepared: `data_dir` holds no prepared 'librispeech' (raised
+      when the first example is asked for; nothing is downloaded).
   """
   options = options or LibriSpeechOptions()
-  ds = tfds.load(
-      "librispeech",
-      split=tfds_split(split, options),
-      data_dir=data_dir,
-      shuffle_files=shuffle_files,
-      read_config=tfds.ReadConfig(shuffle_seed=seed),
-  )
+  try:
+    ds = tfds.load(
+        "librispeech",
+        split=tfds_split(split, options),
+        data_dir=data_dir,
+        download=False,
+        shuffle_files=shuffle_files,
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+  except AssertionError as e:  # TFDS: "could not find data in ..."
+    if tfds.builder("librispeech", data_dir=data_dir).is_prepared():
+      raise
+    raise LibriSpeechNotPrepared(not_prepared_message(data_dir)) from None
   ds = ds.prefetch(tf.data.AUTOTUNE)
   for raw in tfds.as_numpy(ds):
     yield to_common_example(raw, options)
 
 
 def _as_str(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  """An utterance id as str (bytes that are not UTF-8 escaped, for logs)."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="backslashreplace")
+  return str(value)

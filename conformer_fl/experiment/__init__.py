@@ -23,8 +23,11 @@ a sub-directory of the workdir W:
 Run again, a finished stage is skipped and an interrupted one resumes from its
 checkpoints, so the same config and seeds give the same WERs and costs (the
 measured seconds per round vary with the machine's load). A workdir holds
-one experiment: if W/experiment_config.json differs from the config, the run
-stops and names the fields that differ.
+one experiment: if W/experiment_config.json differs from the config in any
+field but `workdir.EXPERIMENT_RESUMABLE_FIELDS` (the corpus's data_dir), the
+run stops before writing anything, naming each field with both values (the
+rule of every mode, `conformer_fl.workdir.check_config`). The run holds
+W/.lock (`conformer_fl.workdir.WorkdirLock`) while it lasts.
 """
 
 from conformer_fl.experiment.run import check_workdir_config

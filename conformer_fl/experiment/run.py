@@ -15,6 +15,7 @@ from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import models
 from conformer_fl import train
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
@@ -76,47 +77,32 @@ class _Progress:
     return time.perf_counter() - self._start
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    flat = {}
-    for key, value in tree.items():
-      flat.update(_flat(value, f"{prefix}{key}."))
-    return flat
-  return {prefix[:-1]: tree}
-
-
 def check_workdir_config(config: ml_collections.ConfigDict,
                          workdir: epath.Path) -> None:
   """Writes W/experiment_config.json, or checks the config against it.
 
-  Fields named `data_dir` are not compared: they say where the corpus is, not
-  what is computed.
+  The rule of every mode (`conformer_fl.workdir.check_config`) with the
+  experiment's list of resumable fields,
+  `workdir.EXPERIMENT_RESUMABLE_FIELDS`: only the fields named `data_dir`,
+  which say where the corpus is, not what is computed.
 
   Args:
     config: the experiment config.
     workdir: the experiment's workdir W.
 
   Raises:
-    ValueError: the workdir holds an experiment with a different config.
+    workdir.ConfigChangedError: (a ValueError) the workdir holds an
+      experiment with a different config, naming each field and both values.
   """
-  path = workdir / CONFIG_FILE
-  current = json.loads(config.to_json_best_effort())
-  if path.exists():
-    saved = _flat(json.loads(path.read_text()))
-    now = _flat(current)
-    # Where the corpus is read from may change (another machine, another
-    # $TFDS_DATA_DIR): it does not change what the stages compute.
-    differ = sorted(k for k in set(saved) | set(now)
-                    if not k.endswith("data_dir")
-                    and saved.get(k, "<absent>") != now.get(k, "<absent>"))
-    if differ:
-      raise ValueError(
-          f"{workdir} holds an experiment with another config; fields that"
-          f" differ: {differ}. Use a new workdir (nothing was changed).")
+  workdir_lib.check_is_directory(workdir)
+  if workdir_lib.check_config(
+      workdir, config, config_file=CONFIG_FILE,
+      resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=()):
     return
   if _is_chief():
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(current, indent=2))
+    _write_atomically(workdir / CONFIG_FILE, json.dumps(
+        workdir_lib.config_as_json(config), indent=2))
 
 
 def _latest_step(workdir: epath.Path) -> int | None:
@@ -278,7 +264,20 @@ def run_experiment(config: ml_collections.ConfigDict,
         " summary are single-process); on a pod, run configs/central.py,"
         " configs/analysis.py and configs/federated.py one after another.")
   validate_config(config)
-  check_workdir_config(config, workdir)
+  workdir_lib.check_is_directory(workdir)
+  # Checked before the lock, whose file would be the first write.
+  known = workdir_lib.check_config(
+      workdir, config, config_file=CONFIG_FILE,
+      resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=())
+  with workdir_lib.WorkdirLock(workdir):
+    if not known:
+      check_workdir_config(config, workdir)  # Writes experiment_config.json.
+    return _run_stages(config, workdir)
+
+
+def _run_stages(config: ml_collections.ConfigDict,
+                workdir: epath.Path) -> dict[str, Any]:
+  """The stages of `run_experiment`, its workdir checked and locked."""
   progress = _Progress(5, workdir)
   pretrain_dir = workdir / "pretrain"
 

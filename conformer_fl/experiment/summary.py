@@ -53,6 +53,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.experiment import evidence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -62,11 +63,9 @@ CURVE_FIGURE = "pretrain_curve.png"
 
 
 def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
-  """The rows of a run's metrics.jsonl, in order."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  """The metric rows of a run's metrics.jsonl, in order (no torn or stop lines)."""
+  return [row for row in metric_logging.read_records(workdir / "metrics.jsonl")
+          if metric_logging.STOPPED_KEY not in row]
 
 
 def _round_seconds(rows: Sequence[Mapping[str, Any]],

@@ -11,11 +11,26 @@ owns a contiguous block of clients, `p*C/P .. (p+1)*C/P - 1` (when every
 process has the same number of devices), and must load exactly those clients,
 in order. `process_client_range` computes that range from the mesh;
 `shard_round_data` assembles the global array from each process's block.
+
+Start-up skew: processes reach the first run of a compiled program far apart
+when one compiles it and another reads it from the persistent compilation
+cache (only process 0 writes that cache, under keys of its own, so a warm
+cache is warm for process 0 alone), or when hosts compile at different speeds.
+The first cross-process collective of a program then waits for the late
+process, and with gloo (CPU) collectives that wait is bounded by a fixed 30 s
+(`Gloo context initialization failed: DEADLINE_EXCEEDED`). `barrier_after_compile`
+removes the skew: every process compiles each new signature ahead of time and
+then waits at a barrier of the distributed runtime (`jax.distributed`'s
+coordination service, no collective), whose timeout is
+`COMPILE_BARRIER_TIMEOUT_ENV` (default `DEFAULT_COMPILE_BARRIER_TIMEOUT_S`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import itertools
+import os
 from typing import Any
 
+from absl import logging
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -26,19 +41,32 @@ PyTree = Any
 
 CLIENTS_AXIS = 'clients'
 
+# Seconds a process waits for the others to finish compiling a program
+# (`barrier_after_compile`); the environment variable overrides the default.
+COMPILE_BARRIER_TIMEOUT_ENV = 'CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S'
+DEFAULT_COMPILE_BARRIER_TIMEOUT_S = 3600
+# Numbers the barriers of this process: every process compiles the same
+# programs in the same order, so the n-th barrier has the same id everywhere.
+_BARRIER_NUMBERS = itertools.count(1)
 
-def make_client_mesh(num_devices: int | None = None) -> Mesh:
+
+def make_client_mesh(num_devices: int | None = None,
+                     devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Returns a 1-D mesh with axis 'clients' over all devices of all processes.
 
   Args:
     num_devices: use only the first `num_devices` devices (single-process
       only; for benchmarks and tests). None = all devices.
+    devices: the devices to lay out; None = `jax.devices()`. A TPU
+      topology's compile-only devices (`conformer_fl.pod_plan`) give the mesh
+      of a pod slice on a machine without one.
 
   Raises:
     ValueError: if `num_devices` is out of range, or is set to fewer than all
       devices while several processes run (every process must take part).
   """
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
       raise ValueError(
@@ -198,3 +226,75 @@ def describe_mesh(mesh: Mesh) -> Sequence[str]:
     ids = [d.id for d in mesh.devices.flat if d.process_index == p]
     lines.append(f'  process {p}: devices {ids}')
   return lines
+
+
+def compile_barrier_timeout_s() -> int:
+  """The barrier timeout: $CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S or the default.
+
+  Raises:
+    ValueError: the variable is set but is not a positive number of seconds.
+  """
+  value = os.environ.get(COMPILE_BARRIER_TIMEOUT_ENV, '').strip()
+  if not value:
+    return DEFAULT_COMPILE_BARRIER_TIMEOUT_S
+  try:
+    seconds = int(value)
+  except ValueError:
+    seconds = 0
+  if seconds <= 0:
+    raise ValueError(f'{COMPILE_BARRIER_TIMEOUT_ENV}={value!r} must be a'
+                     ' positive whole number of seconds.')
+  return seconds
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+  """What decides the compiled program: tree, shapes, dtypes, shardings."""
+  leaves, treedef = jax.tree.flatten(args)
+  return (treedef, tuple(
+      (type(x).__name__, np.shape(x), str(getattr(x, 'dtype', type(x))),
+       getattr(x, 'sharding', None) if isinstance(x, jax.Array) else None,
+       bool(getattr(x, 'weak_type', False)))
+      for x in leaves))
+
+
+def barrier_after_compile(jitted: Any, name: str) -> Callable[..., Any]:
+  """`jitted` (a `jax.jit` function), run by every process at the same time.
+
+  Multi-process: the first call with a new signature (tree structure, shapes,
+  dtypes, shardings of the arguments) compiles `jitted` ahead of time
+  (`lower(...).compile()`), waits until every process has compiled it too
+  (a barrier of the distributed runtime, timeout `compile_barrier_timeout_s()`),
+  then runs the compiled program; later calls with that signature run it at
+  once. Every process must make the same calls in the same order, as SPMD
+  programs do. Single process: `jitted` itself is called.
+
+  Args:
+    jitted: a `jax.jit`-wrapped function called with positional arguments.
+    name: names the barriers (`<name>/compiled/<n>`, n counting every
+      barrier of the process).
+
+  Returns:
+    A function with the arguments and results of `jitted`.
+  """
+  compiled: dict[tuple[Any, ...], Any] = {}
+
+  def call(*args):
+    if jax.process_count() == 1:
+      return jitted(*args)
+    key = _signature(args)
+    executable = compiled.get(key)
+    if executable is None:
+      executable = jitted.lower(*args).compile()
+      compiled[key] = executable
+      timeout_s = compile_barrier_timeout_s()
+      barrier = f'{name}/compiled/{next(_BARRIER_NUMBERS)}'
+      logging.info('Compiled %s; waiting up to %d s for the other processes'
+                   ' to compile it (barrier %s; $%s sets the limit).', name,
+                   timeout_s, barrier, COMPILE_BARRIER_TIMEOUT_ENV)
+      # Imported here: orbax is only needed by multi-process runs.
+      from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+      multihost.get_barrier_sync_fn()(key=barrier, timeout_ms=timeout_s * 1000)
+    return executable(*args)
+
+  call.jitted = jitted
+  return call

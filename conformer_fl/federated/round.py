@@ -25,7 +25,7 @@ single-client function either way; no Python loop runs over clients, devices
 or local steps. (A future clients x model 2-D mesh would put the model axis in
 shard_map's `axis_names` complement and leave it to the compiler.)
 
-Round data (CONTRACT, see the team brief): a dict of arrays with leading axes
+Round data (what data/input_pipeline.py makes for every round): a dict of arrays with leading axes
 [C, K] = clients, local steps:
   batch keys ('audio', 'labels', ... anything the loss_fn reads): [C, K, B, ...]
   'example_mask': float32 [C, K, B]  1 = real example (passed to loss_fn)
@@ -206,6 +206,10 @@ def make_federated_round(
   server_state afterwards). Round data must be sharded with
   `mesh.shard_round_data` (multi-process) or may be host arrays
   (single-process); server state should be placed with `mesh.replicate`.
+  With several processes each new round shape is compiled ahead of time and
+  the processes wait for each other before running it
+  (`mesh.barrier_after_compile`), so a process that read the round from the
+  compilation cache does not time out in the first collective.
 
   Per-client rng: fold_in(fold_in(rng, server_state.round), c) for the global
   client index c in [0, C); step k adds fold_in(., k). Results therefore do
@@ -222,7 +226,9 @@ def make_federated_round(
 
   Metrics (scalars):
     loss                   example-weighted mean client training loss over
-                           the active local steps of the finite clients.
+                           the active local steps of the finite clients;
+                           NaN when no client is finite (or none has an
+                           example).
     num_examples           sum of num_examples over all clients.
     num_aggregated_examples  sum of the weights of the finite clients.
     num_clients, num_nonfinite_clients, num_clipped_clients  int32.
@@ -386,7 +392,10 @@ def make_federated_round(
 
     server_update = jax.tree.map(jnp.subtract, new_params, server_state.params)
     metrics = {
-        'loss': sums['loss'] / jnp.maximum(sums['num_seen'], 1.0),
+        # NaN when no client is finite: such a round has no training loss.
+        'loss': jnp.where(sums['num_seen'] > 0,
+                          sums['loss'] / jnp.maximum(sums['num_seen'], 1.0),
+                          jnp.nan),
         'num_examples': sums['num_examples'],
         'num_aggregated_examples': total_weight,
         'num_clients': jnp.asarray(num_clients, jnp.int32),
@@ -414,11 +423,15 @@ def make_federated_round(
       out_shardings=(replicated, replicated),
       donate_argnums=(0,))
 
+  # Multi-process: every process compiles a new round shape, then all wait
+  # for each other before its first collective (mesh.barrier_after_compile).
+  synced_round = mesh_lib.barrier_after_compile(jitted_round, 'federated_round')
+
   def round_fn(server_state: ServerState, round_data: dict[str, jax.Array],
                rng: PRNGKey) -> tuple[ServerState, Metrics]:
     # Checked before jit, whose own sharding check gives a less clear error.
     _check_round_data(round_data, mesh)
-    return jitted_round(server_state, round_data, rng)
+    return synced_round(server_state, round_data, rng)
 
   round_fn.jitted = jitted_round  # for .lower(...).compile() (HLO, cost).
   return round_fn

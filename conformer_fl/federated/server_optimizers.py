@@ -73,14 +73,14 @@ def make_client_optimizer(
   Args:
     name: 'sgd' or 'adam'.
     learning_rate: client learning rate.
-    clip_grad_norm: if set, gradients are clipped to this global L2 norm
-      before the optimizer.
+    clip_grad_norm: gradients are clipped to this global L2 norm before the
+      optimizer; 0 or None = no clipping (the chain is the optimizer alone).
     b1: Adam first-moment decay.
     b2: Adam second-moment decay.
     eps: Adam epsilon.
 
   Raises:
-    ValueError: for an unknown name or a non-positive clip_grad_norm.
+    ValueError: for an unknown name or a negative clip_grad_norm.
   """
   if name == 'sgd':
     optimizer = optax.sgd(learning_rate)
@@ -90,10 +90,11 @@ def make_client_optimizer(
     raise ValueError(
         f'Unknown client optimizer {name!r}; expected one of'
         f' {CLIENT_OPTIMIZERS}.')
-  if clip_grad_norm is None:
+  if clip_grad_norm is None or clip_grad_norm == 0:
     return optimizer
-  if clip_grad_norm <= 0:
-    raise ValueError(f'clip_grad_norm={clip_grad_norm} must be > 0 or None.')
+  if clip_grad_norm < 0:
+    raise ValueError(f'clip_grad_norm={clip_grad_norm} must be >= 0 (0 = no'
+                     ' clipping).')
   return optax.chain(optax.clip_by_global_norm(clip_grad_norm), optimizer)
 
 

@@ -161,7 +161,8 @@ class DepthwiseConv1D(nn.Module):
   1), so both implementations read the same parameters:
     * 'shift_add': sum over the K taps of the zero-padded input shifted by the
       tap, times that tap's per-channel weight. Elementwise work only: fast on
-      XLA:CPU, also under vmap over parameter sets (see DESIGN.md).
+      XLA:CPU, also under vmap over parameter sets
+      (benchmarks/model_step.py measures it).
     * 'conv': lax.conv_general_dilated with feature_group_count = D, what
       nn.Conv(feature_group_count=D) runs. Slow on XLA:CPU; kept to compare.
   Padding is 'SAME': (K - 1) // 2 zeros before and K // 2 after, as nn.Conv.

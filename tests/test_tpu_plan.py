@@ -1,0 +1,198 @@
+"""launch/tpu_pod.py plan (conformer_fl/pod_plan.py): a TPU run planned here.
+
+The TPU compiles need libtpu (`pip install -e '.[tpu-plan]'`, which `make test`
+installs). Every config is the tiny model on 1-second buckets, one local step
+of one utterance: compiling the Conformer for a TPU takes about a minute on
+two cores, most of it on the front end (framing and FFT); the search for the
+most that fits is tested on a cheap step of its own.
+"""
+
+import importlib.util
+import io
+import pathlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conformer_fl import pod_plan
+from conformer_fl import train
+from conformer_fl.federated import mesh as mesh_lib
+from conformer_fl.federated import round as round_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import tpu_pod  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TOPOLOGY = "v5e:2x2"
+SMALL = ("--config.data.bucket_seconds=(1.0,)",
+         "--config.federated.local_steps=1",
+         "--config.federated.client_batch_size=1")
+TINY = ("--config=configs/federated.py:size=tiny", *SMALL)
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is missing: pip install -e '.[tpu-plan]'")
+
+
+def _plan(*args: str) -> str:
+  out = io.StringIO()
+  tpu_pod.main(["plan", f"--topology={TOPOLOGY}", *args], out=out)
+  return out.getvalue()
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_round_compiles_for_v5e_and_fits():
+  """One compile (about a minute here); the search is tested on a cheaper
+  step below: a second compile, at a thousand tiny clients per chip, took
+  7 minutes here (README: at least 1030 clients per chip fit)."""
+  plan = _plan("--no_search", "--", *TINY,
+               "--config.federated.clients_per_round=8")
+  assert "federated round on v5e:2x2: 4 chips (TPU v5 lite), 1 host(s)" in plan
+  assert "config.federated.clients_per_round=8: 2 clients per chip" in plan
+  used, capacity, free = map(float, re.search(
+      r"HBM per chip: ([0-9.]+) GiB used of ([0-9.]+) GiB, ([0-9.]+) GiB free",
+      plan).groups())
+  assert capacity == 16.0
+  assert 0.0 < used < 1.0 and free > 15.0, plan
+  round_flops, counted = map(float, re.search(
+      r"compiled FLOPs per round: (\S+) \((\S+) counted per chip\)",
+      plan).groups())
+  step_flops = float(re.search(r"compiled FLOPs per client step: (\S+)",
+                               plan).group(1))
+  assert counted > 1e7
+  # 1 local step x 4 chips; 2 clients per chip.
+  assert round_flops == pytest.approx(4 * counted, rel=1e-3)
+  assert step_flops == pytest.approx(counted / 2, rel=1e-3)
+  assert "max clients per chip" not in plan
+  assert re.search(r"compiles: 2/chip fits 0\.\d\d GiB \d+ s$", plan), plan
+
+
+@needs_libtpu
+@pytest.mark.parametrize("config, field", [
+    ("configs/federated.py:size=tiny", "federated.clients_per_round=6"),
+    ("configs/central.py:size=tiny", "data.batch_size=6"),
+])
+def test_a_count_that_does_not_divide_over_the_chips_is_refused(config, field):
+  with pytest.raises(tpu_pod.LaunchError) as error:
+    _plan("--", f"--config={config}", SMALL[0], f"--config.{field}")
+  message = str(error.value)
+  assert message.startswith(
+      f"config.{field} does not divide over the 4 chips of v5e:2x2"), message
+
+
+@needs_libtpu
+def test_too_many_clients_are_refused_naming_the_field():
+  # 2**20 clients per chip: their audio and its paddings alone are 125 GiB
+  # per chip, so the plan refuses them without compiling.
+  with pytest.raises(tpu_pod.LaunchError) as error:
+    _plan("--no_search", "--", *TINY,
+          f"--config.federated.clients_per_round={4 * 2**20}")
+  message = str(error.value)
+  assert message.startswith(
+      "config.federated.clients_per_round=4194304 (1048576 clients per chip)"
+      " does not fit the TPU v5 lite chip of v5e:2x2"), message
+  assert ("the federated round's inputs alone take 125.20 GiB per chip (not"
+          " compiled), the chip has 16.00 GiB") in message, message
+  assert message.endswith("Lower config.federated.clients_per_round (search"
+                          " the most that fits without --no_search).")
+
+
+@needs_libtpu
+def test_a_client_batch_too_large_for_one_client_names_the_batch_field():
+  # One client's 2**18 one-second utterances: 31 GiB of audio and paddings.
+  with pytest.raises(tpu_pod.LaunchError) as error:
+    _plan("--", *TINY, "--config.federated.clients_per_round=4",
+          f"--config.federated.client_batch_size={2**18}")
+  message = str(error.value)
+  assert "Not even 1 of the clients per chip fits: lower" in message, message
+  assert "config.federated.client_batch_size" in message
+
+
+def test_bad_plan_arguments_are_refused():
+  with pytest.raises(tpu_pod.LaunchError, match="--topology, go before --"):
+    _plan("--", *TINY, "--topology=v4:2x2x1")
+  with pytest.raises(pod_plan.PlanError, match="needs --config"):
+    pod_plan.parse_main_args([])
+
+
+class _Stop(Exception):
+  """Raised by the captured round instead of running it."""
+
+
+def test_the_plans_round_is_the_runs_round(tiny_corpus_dir, tmp_path,
+                                           monkeypatch):
+  """The lowered round of the plan (on this machine's 4 CPU devices) is the
+  lowered round that `train.train_federated` calls, text for text."""
+  args = ["--config=configs/federated.py:size=tiny,corpus=tiny",
+          f"--config.data.data_dir={tiny_corpus_dir}",
+          "--config.data.tokenizer.vocab_size=48",
+          "--config.federated.fixed_round_shape=True",
+          "--config.federated.clients_per_round=4", *SMALL[1:]]
+  captured = {}
+  make_round = round_lib.make_federated_round
+
+  def capturing_make_round(*a, **k):
+    round_fn = make_round(*a, **k)
+
+    def first_round(state, data, rng):
+      captured["text"] = round_fn.jitted.lower(state, data, rng).as_text()
+      raise _Stop()
+
+    return first_round
+
+  monkeypatch.setattr(round_lib, "make_federated_round", capturing_make_round)
+  config, _ = pod_plan.parse_main_args(args)
+  with pytest.raises(_Stop):
+    train.train_federated(config, str(tmp_path / "run"))
+  monkeypatch.undo()
+
+  target = pod_plan.get_target("cpu")
+  assert target.num_chips == jax.device_count() == 4
+  config, _ = pod_plan.parse_main_args(args)
+  step = pod_plan.make_step(config, None, target)
+  planned = step.lower(step.per_chip(step.requested)).as_text()
+  assert "stablehlo" in planned and len(planned) > 10000
+  assert planned == captured["text"]
+
+
+def _rows_step(target: pod_plan.Target, requested: int) -> pod_plan.Step:
+  """A step whose HBM grows by 128 MiB per row on each chip: a sharded
+  [rows, 2**24] float32 input (64 MiB a row) and an output of its size."""
+  mesh = mesh_lib.make_client_mesh(devices=target.devices)
+  sharding = mesh_lib.client_sharding(mesh)
+  jitted = jax.jit(lambda x: jnp.sin(x) * 2.0, in_shardings=sharding,
+                   out_shardings=sharding)
+  return pod_plan.Step(
+      "rows step", "test.rows", "rows", requested, target.num_chips, jitted,
+      lambda n: (jax.ShapeDtypeStruct((n * target.num_chips, 2**24),
+                                      jnp.float32, sharding=sharding),))
+
+
+@needs_libtpu
+def test_a_step_the_compiler_cannot_fit_is_refused_with_the_exact_most():
+  target = pod_plan.get_target(TOPOLOGY)
+  # 200 rows a chip: the input (12.5 GiB) fits the chip, input and output
+  # (25 GiB) do not; the compiler refuses it.
+  step = _rows_step(target, 4 * 200)
+  with pytest.raises(pod_plan.PlanError) as error:
+    pod_plan.plan_step(step, target, max_compiles=10)
+  message = str(error.value)
+  assert message.startswith(
+      "config.test.rows=800 (200 rows per chip) does not fit the TPU v5 lite"
+      " chip of v5e:2x2: the rows step needs"), message
+  assert "(compiler: RESOURCE_EXHAUSTED" in message, message
+  most = int(re.search(r"The most that fits is (\d+) rows per chip:"
+                       r" --config\.test\.rows=(\d+)\.$", message).group(1))
+  # 128 MiB a row, rows padded to the TPU's tiles of 8: 120 rows take 15 GiB,
+  # 121 take 16 GiB, over the compiler's 15.75 GiB.
+  assert most == 120, message
+  fits = pod_plan.compile_probe(step, most, target.hbm_bytes)
+  code = fits.memory["generated_code_size_in_bytes"]
+  assert fits.fits and fits.hbm_bytes == 15 * 2**30 + code, fits
+  over = pod_plan.compile_probe(step, most + 1, target.hbm_bytes)
+  assert not over.fits and over.compiled, over
+  assert over.available_bytes == int(15.75 * 2**30), over
