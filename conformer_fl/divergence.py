@@ -54,12 +54,16 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
-def nonfinite_flags(loss: jax.Array, grads: PyTree, params: PyTree,
+def nonfinite_flags(loss: jax.Array, grad_norm: jax.Array, params: PyTree,
                     opt_state: PyTree) -> jax.Array:
-  """int32 []: the OR of the flags (LOSS, GRADIENT, ...) of non-finite parts."""
+  """int32 []: the OR of the flags (LOSS, GRADIENT, ...) of non-finite parts.
+
+  grad_norm: the gradient's global norm [], which the step computes anyway;
+  it is finite exactly when every gradient entry is (short of overflow).
+  """
   flags = jnp.zeros((), jnp.int32)
   for flag, finite in ((LOSS, jnp.isfinite(loss)),
-                       (GRADIENT, all_finite(grads)),
+                       (GRADIENT, jnp.isfinite(grad_norm)),
                        (PARAMETERS, all_finite(params)),
                        (OPTIMIZER_STATE, all_finite(opt_state))):
     flags = flags | jnp.where(finite, 0, flag).astype(jnp.int32)

@@ -60,10 +60,8 @@ from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
-from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
-from conformer_fl.federated import server_optimizers
 
 PyTree = Any
 GIB = 2**30
@@ -322,18 +320,9 @@ def federated_round_step(config: ml_collections.ConfigDict,
   f = config.federated
   params, model_state = train.split_variables(
       abstract_variables(model, config.seed))
-  server_optimizer = server_optimizers.server_optimizer_from_config(
-      f.server_optimizer)
-  client_optimizer = server_optimizers.client_optimizer_from_config(
-      f.client_optimizer)
-  units = models.list_units(params, granularity=f.unit_granularity)
-  submodel = federated_dropout.dropout_spec_from_config(
-      f.dropout, params, model_state, config.model)
   mesh = mesh_lib.make_client_mesh(devices=target.devices)
-  round_fn = round_lib.make_federated_round(
-      train.make_mean_loss_fn(model), client_optimizer, server_optimizer, mesh,
-      clip_update_norm=f.clip_update_norm or None, unit_paths=units,
-      submodel=submodel)
+  round_fn, server_optimizer = train.make_round_from_config(
+      config, model, params, model_state, mesh)
   replicated = mesh_lib.replicated_sharding(mesh)
   state = _placed(jax.eval_shape(functools.partial(
       round_lib.init_server_state, server_optimizer=server_optimizer),
@@ -362,11 +351,7 @@ def central_step(config: ml_collections.ConfigDict, model: models.ConformerASR,
   state = _placed(jax.eval_shape(lambda p, s: dict(
       params=p, model_state=s, opt_state=optimizer.init(p),
       step=jnp.zeros((), jnp.int32)), params, model_state), replicated)
-  train_step = jax.jit(train.make_central_train_step(model, optimizer),
-                       in_shardings=(replicated, by_example, replicated,
-                                     replicated),
-                       out_shardings=(replicated, replicated, replicated),
-                       donate_argnums=(0, 3))
+  train_step = train.jit_central_train_step(model, optimizer, mesh)
   seed_key = _abstract_key(config.seed, replicated)
   guard = _placed(jax.eval_shape(divergence.init_guard), replicated)
 

@@ -318,10 +318,11 @@ def make_central_train_step(model, optimizer):
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(params=params, model_state=model_state,
                      opt_state=opt_state, step=state["step"] + 1)
-    flags = divergence.nonfinite_flags(loss, grads, (params, model_state),
+    grad_norm = optax.global_norm(grads)
+    flags = divergence.nonfinite_flags(loss, grad_norm, (params, model_state),
                                        opt_state)
     guard = divergence.update_guard(guard, new_state["step"], flags, loss)
-    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads)), guard
+    return new_state, dict(loss=loss, grad_norm=grad_norm), guard
 
   return train_step
 
@@ -344,7 +345,6 @@ def _train_central(run: Run) -> PyTree:
   # over it the way clients are in a round.
   mesh = mesh_lib.make_client_mesh()
   replicated = mesh_lib.replicated_sharding(mesh)
-  by_example = mesh_lib.client_sharding(mesh)
   if run.config.data.batch_size % jax.device_count():
     raise ValueError(
         f"data.batch_size={run.config.data.batch_size} must divide over the"
@@ -366,11 +366,8 @@ def _train_central(run: Run) -> PyTree:
   last_saved = start
 
   # Multi-process: compiled, then a barrier, before its first collective.
-  train_step = mesh_lib.barrier_after_compile(jax.jit(
-      make_central_train_step(run.model, optimizer),
-      in_shardings=(replicated, by_example, replicated, replicated),
-      out_shardings=(replicated, replicated, replicated),
-      donate_argnums=(0, 3)), "central_step")
+  train_step = mesh_lib.barrier_after_compile(
+      jit_central_train_step(run.model, optimizer, mesh), "central_step")
   guard = mesh_lib.replicate(divergence.init_guard(), mesh)
   seed_key = jax.device_put(jax.random.key(run.config.seed), replicated)
   eval_step = jax.jit(evaluation.make_eval_step(run.model))
@@ -476,12 +473,35 @@ def train_federated(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
     return _train_federated(run)
 
 
-def _train_federated(run: Run) -> PyTree:
-  f = run.config.federated
-  mesh = mesh_lib.make_client_mesh()
-  mesh_lib.check_clients_divisible(f.clients_per_round, mesh)
+def jit_central_train_step(model: models.ConformerASR,
+                           optimizer: optax.GradientTransformation,
+                           mesh: jax.sharding.Mesh) -> Any:
+  """`make_central_train_step` jitted over `mesh`: batch split over devices.
 
-  params, model_state = split_variables(_initial_variables(run))
+  Arguments (state, batch, seed key, divergence guard): state and guard
+  donated; state, key and guard replicated. `launch/tpu_pod.py plan` compiles
+  this same function.
+  """
+  replicated = mesh_lib.replicated_sharding(mesh)
+  by_example = mesh_lib.client_sharding(mesh)
+  return jax.jit(make_central_train_step(model, optimizer),
+                 in_shardings=(replicated, by_example, replicated, replicated),
+                 out_shardings=(replicated, replicated, replicated),
+                 donate_argnums=(0, 3))
+
+
+def make_round_from_config(
+    config: ml_collections.ConfigDict, model: models.ConformerASR,
+    params: PyTree, model_state: PyTree, mesh: jax.sharding.Mesh,
+) -> tuple[Any, optax.GradientTransformation]:
+  """round_fn (`round_lib.make_federated_round`) of a run's config, and its
+  server optimizer.
+
+  `params` and `model_state` may be abstract (jax.ShapeDtypeStruct): only
+  their structure and shapes are read. `launch/tpu_pod.py plan` builds the
+  round through this function too, so what it compiles is what a run runs.
+  """
+  f = config.federated
   server_optimizer = server_optimizers.server_optimizer_from_config(
       f.server_optimizer)
   client_optimizer = server_optimizers.client_optimizer_from_config(
@@ -489,11 +509,22 @@ def _train_federated(run: Run) -> PyTree:
   units = models.list_units(params, granularity=f.unit_granularity)
   # Federated Dropout and frozen units; None trains the full model.
   submodel = federated_dropout.dropout_spec_from_config(
-      f.dropout, params, model_state, run.config.model)
+      f.dropout, params, model_state, config.model)
   round_fn = round_lib.make_federated_round(
-      make_mean_loss_fn(run.model), client_optimizer, server_optimizer, mesh,
+      make_mean_loss_fn(model), client_optimizer, server_optimizer, mesh,
       clip_update_norm=f.clip_update_norm or None, unit_paths=units,
       submodel=submodel)
+  return round_fn, server_optimizer
+
+
+def _train_federated(run: Run) -> PyTree:
+  f = run.config.federated
+  mesh = mesh_lib.make_client_mesh()
+  mesh_lib.check_clients_divisible(f.clients_per_round, mesh)
+
+  params, model_state = split_variables(_initial_variables(run))
+  round_fn, server_optimizer = make_round_from_config(
+      run.config, run.model, params, model_state, mesh)
 
   state = mesh_lib.replicate(
       round_lib.init_server_state(params, model_state, server_optimizer), mesh)

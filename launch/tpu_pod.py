@@ -174,12 +174,17 @@ def check_main_args(main_args: Sequence[str]) -> None:
   if not workdir:
     raise LaunchError("The run needs --workdir=gs://BUCKET/PATH (after --).")
   check_gcs_workdir(workdir)
+  check_main_flags(main_args, example_option="--dry-run")
+
+
+def check_main_flags(main_args: Sequence[str], example_option: str) -> None:
+  """Refuses anything after -- that is not a flag of conformer_fl.main."""
   for arg in main_args:
     if not arg.startswith(("--config=", "--workdir=", "--config.")):
       raise LaunchError(
           f"Unexpected argument {arg!r} for conformer_fl.main: expected"
           " --config=..., --workdir=... and --config.FIELD=VALUE (the options"
-          " of tpu_pod.py, such as --dry-run, go before --).")
+          f" of tpu_pod.py, such as {example_option}, go before --).")
 
 
 def default_job_name(main_args: Sequence[str]) -> str:
@@ -363,12 +368,7 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
   main_args = list(main_args)
   if main_args and main_args[0] == "--":
     main_args = main_args[1:]
-  for arg in main_args:
-    if not arg.startswith(("--config=", "--workdir=", "--config.")):
-      raise LaunchError(
-          f"Unexpected argument {arg!r} for conformer_fl.main: expected"
-          " --config=..., --workdir=... and --config.FIELD=VALUE (the options"
-          " of tpu_pod.py, such as --topology, go before --).")
+  check_main_flags(main_args, example_option="--topology")
   if max_compiles < 1:
     raise LaunchError(f"--max_compiles must be >= 1, got {max_compiles}.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

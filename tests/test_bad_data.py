@@ -34,6 +34,7 @@ from conformer_fl import train
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import librispeech
+from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import server_optimizers
@@ -66,15 +67,8 @@ class CflBadBytesStandIn(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "audio": tfds.features.Audio(shape=(None,), dtype=np.int16,
-                                     sample_rate=16000),
-        "text": tfds.features.Text(),
-        "speaker_id": tfds.features.Text(),
-        "domain": tfds.features.ClassLabel(names=["long", "short"]),
-        "duration": tfds.features.Scalar(dtype=np.float32),
-        "id": tfds.features.Text(),
-    }))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=synthetic_speech.features())
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from conformer_fl.data import batching
 from conformer_fl.data import clients
 from conformer_fl.data import input_pipeline
+from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 
 _CHAR = tokenizer_lib.CharTokenizer()
@@ -215,15 +216,8 @@ class CflClientsStandIn(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "audio": tfds.features.Audio(shape=(None,), dtype=np.int16,
-                                     sample_rate=16000),
-        "text": tfds.features.Text(),
-        "speaker_id": tfds.features.Text(),
-        "domain": tfds.features.ClassLabel(names=["long", "short"]),
-        "duration": tfds.features.Scalar(dtype=np.float32),
-        "id": tfds.features.Text(),
-    }))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=synthetic_speech.features())
 
   def _split_generators(self, dl_manager):
     del dl_manager

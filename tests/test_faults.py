@@ -10,7 +10,6 @@ workdir changed where nothing should have.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ from conformer_fl import checkpointing
 from conformer_fl import config_lib
 from conformer_fl import divergence
 from conformer_fl import metric_logging
+from conformer_fl import sweep
 from conformer_fl import workdir as workdir_lib
 
 import xla_env  # tests/xla_env.py
@@ -107,11 +107,8 @@ def _dead_pid() -> int:
 
 
 def _experiment_config(arg: str = "scale=tiny"):
-  spec = importlib.util.spec_from_file_location(
-      "experiment_config", ROOT / "configs" / "experiment.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return sweep.load_config_file(f"configs/experiment.py:{arg}",
+                                root=str(ROOT))
 
 
 # ----------------------------------------------------------------------------
@@ -368,15 +365,15 @@ def test_a_nonfinite_checkpoint_is_damaged_and_none_intact_stops(tmp_path):
 
 def test_the_guard_keeps_the_first_nonfinite_step():
   guard = divergence.init_guard()
-  finite = divergence.nonfinite_flags(jnp.float32(2.0), {"g": jnp.ones(3)},
+  finite = divergence.nonfinite_flags(jnp.float32(2.0), jnp.float32(1.7),
                                       {"p": jnp.ones(3)}, {"m": jnp.ones(3)})
   guard = divergence.update_guard(guard, jnp.int32(1), finite, jnp.float32(2.0))
   divergence.check_guard(jax.device_get(guard), 0)  # Nothing to report.
   flags = divergence.nonfinite_flags(
-      jnp.float32(5.0), {"g": jnp.ones(3)}, {"p": jnp.array([1.0, jnp.nan])},
+      jnp.float32(5.0), jnp.float32(1.7), {"p": jnp.array([1.0, jnp.nan])},
       {"m": jnp.array([jnp.inf])})
   guard = divergence.update_guard(guard, jnp.int32(2), flags, jnp.float32(5.0))
-  later = divergence.nonfinite_flags(jnp.float32(jnp.nan), {"g": jnp.ones(3)},
+  later = divergence.nonfinite_flags(jnp.float32(jnp.nan), jnp.float32(1.7),
                                      {}, {})
   guard = divergence.update_guard(guard, jnp.int32(3), later, jnp.float32(jnp.nan))
   with pytest.raises(divergence.DivergenceError,

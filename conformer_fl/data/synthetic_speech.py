@@ -394,6 +394,22 @@ class Int16Audio(tfds.features.Audio):
     return tfds.features.Tensor.encode_example(self, audio)
 
 
+def features() -> tfds.features.FeaturesDict:
+  """The corpus's example schema (also LibriSpeech's fields that the pipeline reads).
+
+  audio int16 [N] at 16 kHz, text, speaker_id, domain ('long' | 'short'),
+  duration in seconds, id. Test stand-in datasets use it too.
+  """
+  return tfds.features.FeaturesDict({
+      "audio": Int16Audio(sample_rate=tts_engines.SAMPLE_RATE),
+      "text": tfds.features.Text(),
+      "speaker_id": tfds.features.Text(),
+      "domain": tfds.features.ClassLabel(names=list(DOMAINS)),
+      "duration": tfds.features.Scalar(dtype=np.float32),
+      "id": tfds.features.Text(),
+  })
+
+
 class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
                       # Under `python -m`, this file is also importable as
                       # conformer_fl.data.synthetic_speech: register only that copy.
@@ -416,14 +432,7 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split("\n\n")[1],
-        features=tfds.features.FeaturesDict({
-            "audio": Int16Audio(sample_rate=tts_engines.SAMPLE_RATE),
-            "text": tfds.features.Text(),
-            "speaker_id": tfds.features.Text(),
-            "domain": tfds.features.ClassLabel(names=list(DOMAINS)),
-            "duration": tfds.features.Scalar(dtype=np.float32),
-            "id": tfds.features.Text(),
-        }),
+        features=features(),
         supervised_keys=("audio", "text"),
         homepage="https://github.com/espeak-ng/espeak-ng",
     )
