@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "dev": [
+        "filelock>=3.12",
         "ipykernel>=6.29",
         "nbclient>=0.10",
         "nbformat>=5.10",

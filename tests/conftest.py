@@ -25,17 +25,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiled programs are cached on disk for the whole test session, so the
-# subprocesses of the end-to-end tests reuse what an earlier one compiled.
-# Under pytest-xdist (`make test` runs two workers) the controller has set the
-# directory before the workers start; each worker gets a folder of its own,
-# since JAX writes cache entries without a lock.
+# subprocesses of the end-to-end tests reuse what an earlier one compiled. Under
+# pytest-xdist (`make test` runs two workers) the controller has set the
+# directory before the workers start, so both workers share it: what one
+# compiles, the other reuses. A size limit turns on JAX's locked cache
+# (jax._src.lru_cache takes a file lock, from the `filelock` package, around
+# every read and write), so concurrent processes never see a half-written entry.
 _CACHE_DIR = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"conformer_fl_jax_cache_{os.getpid()}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
-if os.environ.get("PYTEST_XDIST_WORKER"):
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-      os.environ["JAX_COMPILATION_CACHE_DIR"],
-      os.environ["PYTEST_XDIST_WORKER"])
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -62,40 +61,9 @@ def tiny_corpus_dir(tmp_path_factory) -> str:
   return data_dir
 
 
-def _run_tiny_experiment(workdir, data_dir) -> str:
-  """`configs/experiment.py:scale=tiny` through the entry point; its stdout."""
-  command = [sys.executable, "-m", "conformer_fl.main",
-             "--config=configs/experiment.py:scale=tiny",
-             f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
-  result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
-                          env=dict(os.environ), capture_output=True, text=True,
-                          timeout=900, check=False)
-  assert result.returncode == 0, (
-      f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n"
-      f"{result.stderr[-6000:]}")
-  return result.stdout
-
-
 @pytest.fixture(scope="session")
 def tiny_central_overrides() -> tuple[str, ...]:
   return TINY_CENTRAL_OVERRIDES
-
-
-@pytest.fixture(scope="session")
-def run_tiny_experiment():
-  """`run(workdir, data_dir) -> stdout`: the tiny experiment's entry point."""
-  return _run_tiny_experiment
-
-
-@pytest.fixture(scope="session")
-def tiny_experiment(tiny_corpus_dir, tmp_path_factory):
-  """(workdir, stdout) of `make demo`'s pipeline at tiny scale, run once.
-
-  tests/test_experiment_e2e.py checks it; the targeted-dropout notebook runs
-  the same config on the same workdir and must reuse every stage.
-  """
-  workdir = tmp_path_factory.mktemp("tiny_experiment")
-  return workdir, _run_tiny_experiment(workdir, tiny_corpus_dir)
 
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist

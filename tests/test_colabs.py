@@ -8,28 +8,21 @@ session's prebuilt tiny corpus and a temporary workdir through its parameter
 environment variables. Its model, data and analysis settings are those of
 tests/test_analysis_known_answer.py, so in a full run, after that test, the
 kernel finds most of its compiled programs in the session's cache (measured:
-35 s instead of 98 s on the loaded 2-core machine).
+35 s instead of 98 s on the loaded 2-core machine). Notebook 3 reuses the tiny
+experiment's workdir, so its test lives beside the experiment's, in
+tests/test_experiment_e2e.py.
 """
 
-import base64
 import json
-import os
-import pathlib
 import re
-import sys
 
 from IPython.core import inputtransformer2
-from jupyter_client import kernelspec
-from jupyter_client import manager
-import nbclient
 import nbformat
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLABS = ROOT / "colabs"
-NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
-KERNEL_NAME = "conformer_fl_test"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+import notebooks  # tests/notebooks.py
+
+NOTEBOOKS = sorted(notebooks.COLABS.glob("*.ipynb"))
 
 
 def test_the_notebooks_run_here_exist():
@@ -67,66 +60,11 @@ def test_notebook_imports_and_never_redefines(path):
     assert "def get_config" not in source and "nn.Module" not in source
 
 
-def _kernel_manager(kernel_dir: pathlib.Path) -> manager.KernelManager:
-  """A manager of ipykernels run by this very interpreter (sys.executable)."""
-  spec_dir = kernel_dir / KERNEL_NAME
-  spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-               "{connection_file}"],
-      "display_name": "conformer_fl test kernel",
-      "language": "python",
-  }))
-  specs = kernelspec.KernelSpecManager(kernel_dirs=[str(kernel_dir)],
-                                       ensure_native_kernel=False)
-  return manager.KernelManager(kernel_name=KERNEL_NAME,
-                               kernel_spec_manager=specs)
-
-
-def _execute(path: pathlib.Path, tmp_path: pathlib.Path,
-             **env: str) -> nbformat.NotebookNode:
-  """Runs every cell of the notebook in colabs/; returns it with its outputs."""
-  nb = nbformat.read(path, as_version=4)
-  client = nbclient.NotebookClient(
-      nb, km=_kernel_manager(tmp_path / "kernels"), timeout=600,
-      resources={"metadata": {"path": str(COLABS)}})
-  # Figures inline, as in Jupyter and Colab, whatever this process uses.
-  client.execute(env={**os.environ, **env,
-                      "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
-  return nb
-
-
-def _text(cell) -> str:
-  """A code cell's stream and plain-text outputs, joined."""
-  parts = []
-  for output in cell.outputs:
-    if output.output_type == "stream" and output.name == "stdout":
-      parts.append(output.text)
-    elif output.output_type in ("execute_result", "display_data"):
-      parts.append(output.data.get("text/plain", ""))
-  return "".join(parts)
-
-
-def _pngs(nb) -> list[bytes]:
-  """The PNG images the notebook displayed, in order."""
-  return [base64.b64decode(output.data["image/png"])
-          for cell in nb.cells if cell.cell_type == "code"
-          for output in cell.outputs
-          if output.output_type in ("display_data", "execute_result")
-          and "image/png" in output.data]
-
-
-def _cell_printing(nb, marker: str):
-  """The one code cell whose output contains `marker`."""
-  cells = [c for c in nb.cells if c.cell_type == "code" and marker in _text(c)]
-  assert len(cells) == 1, f"{len(cells)} cells print {marker!r}"
-  return cells[0]
-
-
 @pytest.mark.slow
 def test_01_conformer_model_runs(tmp_path):
-  nb = _execute(COLABS / "01_conformer_model.ipynb", tmp_path)
-  text = "".join(_text(c) for c in nb.cells if c.cell_type == "code")
+  nb = notebooks.execute(notebooks.COLABS / "01_conformer_model.ipynb",
+                         tmp_path)
+  text = notebooks.all_text(nb)
   # Log-mel: 98 frames of 80 bins; 58 valid frames in the 0.6 s utterance.
   assert "features (2, 98, 80) frame paddings (2, 98)" in text
   assert "valid frames per utterance: [98. 58.]" in text
@@ -140,7 +78,7 @@ def test_01_conformer_model_runs(tmp_path):
   difference = re.search(r"with noise in the padding: (\S+)", text).group(1)
   assert float(difference) == 0.0
   # Parameter counts of RNN-T models, from shapes only.
-  counts = _text(_cell_printing(nb, "blocks x width"))
+  counts = notebooks.text(notebooks.cell_printing(nb, "blocks x width"))
   expected = {
       "tiny": ("2 x 32", 2, 32, "94,208", ""),
       "demo": ("4 x 96", 4, 256, "1,396,992", ""),
@@ -158,18 +96,18 @@ def test_01_conformer_model_runs(tmp_path):
   assert "  encoder/block_01/final_norm" in text
   assert "S (RNN-T), block granularity: 18 units, 10,336,512 parameters" in text
   # The log-mel figure.
-  assert [png[:8] for png in _pngs(nb)] == [PNG_MAGIC]
+  assert [png[:8] for png in notebooks.pngs(nb)] == [notebooks.PNG_MAGIC]
 
 
 @pytest.mark.slow
 def test_02_layer_importance_runs(tmp_path, tiny_corpus_dir):
   workdir = tmp_path / "run"
-  nb = _execute(COLABS / "02_layer_importance.ipynb", tmp_path,
-                CONFORMER_FL_WORKDIR=str(workdir),
-                CONFORMER_FL_DATA_DIR=tiny_corpus_dir,
-                CONFORMER_FL_STEPS="4")
-  text = "".join(_text(c) for c in nb.cells if c.cell_type == "code")
-  assert f"WORKDIR={workdir}" in text and f"REPO={ROOT}" in text
+  nb = notebooks.execute(notebooks.COLABS / "02_layer_importance.ipynb",
+                         tmp_path, CONFORMER_FL_WORKDIR=str(workdir),
+                         CONFORMER_FL_DATA_DIR=tiny_corpus_dir,
+                         CONFORMER_FL_STEPS="4")
+  text = notebooks.all_text(nb)
+  assert f"WORKDIR={workdir}" in text and f"REPO={notebooks.ROOT}" in text
   metrics = [json.loads(line) for line in
              (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics] == [2, 4]
@@ -191,38 +129,8 @@ def test_02_layer_importance_runs(tmp_path, tiny_corpus_dir):
   assert "encoder/block_00/ffn2: ambient=True, loss increase=0.0" in text
 
   # The two heatmaps are shown, and they are the PNGs the pass wrote.
-  pngs = _pngs(nb)
-  assert len(pngs) == 2 and all(png[:8] == PNG_MAGIC for png in pngs)
+  pngs = notebooks.pngs(nb)
+  assert len(pngs) == 2
+  assert all(png[:8] == notebooks.PNG_MAGIC for png in pngs)
   assert pngs == [(workdir / "analysis" / name).read_bytes()
                   for name in ("heatmap_wer.png", "heatmap_loss.png")]
-
-
-@pytest.mark.slow
-def test_03_targeted_federated_dropout_runs(tmp_path, tiny_corpus_dir,
-                                            tiny_experiment):
-  # The session's tiny experiment (tests/test_experiment_e2e.py) already ran
-  # this config on this workdir: the notebook must reuse every stage and show
-  # that run's table.
-  workdir, _ = tiny_experiment
-  nb = _execute(COLABS / "03_targeted_federated_dropout.ipynb", tmp_path,
-                CONFORMER_FL_WORKDIR=str(workdir),
-                CONFORMER_FL_DATA_DIR=tiny_corpus_dir)
-  text = "".join(_text(c) for c in nb.cells if c.cell_type == "code")
-  summary = json.loads((workdir / "summary.json").read_text())
-  assert "pre-training: done (6 steps), reused" in text
-  assert "analysis: done, reused" in text
-  for arm in ("full", "uniform", "targeted", "freeze"):
-    assert f"adapt {arm} seed 0: done, reused" in text
-  assert f"targeted: {summary['analysis']['targeted_units']}" in text
-  table = _cell_printing(nb, "of the parameters")
-  markdown = [o.data["text/markdown"] for o in table.outputs
-              if o.output_type == "display_data" and "text/markdown" in o.data]
-  assert len(markdown) == 1 and "| arm | client model |" in markdown[0]
-  for row in summary["arms"]:
-    assert (f"{row['arm']:>9}: {row['params_fraction']:.1%} of the parameters,"
-            f" {row['flops_fraction']:.1%} of the FLOPs, WER {row['wer']:.3f}"
-            ) in text
-    assert f"| {row['arm']} |" in markdown[0]
-  # The heatmap, the WER-by-round and the client-cost figures.
-  pngs = _pngs(nb)
-  assert len(pngs) == 3 and all(png[:8] == PNG_MAGIC for png in pngs)

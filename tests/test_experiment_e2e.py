@@ -2,10 +2,17 @@
 
 `configs/experiment.py:scale=tiny` runs every stage (corpus, pre-training,
 analysis, four federated arms, client costs, report) on the tiny corpus in a
-subprocess; a second run must reuse all of it and give the same summary.
+subprocess; a second run must reuse all of it and give the same summary, and
+so must notebook 3 (colabs/03_targeted_federated_dropout.ipynb), which runs the
+same config on the same workdir; the same command in a new workdir must give
+the same numbers.
 """
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -15,13 +22,35 @@ from conformer_fl import checkpointing
 from conformer_fl import models
 from conformer_fl.experiment import arms as arms_lib
 
+import notebooks  # tests/notebooks.py
+
 pytestmark = pytest.mark.slow
 
 
+def run_tiny_experiment(workdir, data_dir) -> str:
+  """`configs/experiment.py:scale=tiny` through the entry point; its stdout."""
+  command = [sys.executable, "-m", "conformer_fl.main",
+             "--config=configs/experiment.py:scale=tiny",
+             f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
+  result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
+                          env=dict(os.environ), capture_output=True, text=True,
+                          timeout=900, check=False)
+  assert result.returncode == 0, (
+      f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n"
+      f"{result.stderr[-6000:]}")
+  return result.stdout
+
+
 @pytest.fixture(scope="module")
-def experiment(tiny_experiment, tiny_corpus_dir, run_tiny_experiment):
-  """The session's tiny experiment, then a second run on the same workdir."""
-  workdir, first = tiny_experiment
+def experiment(tiny_corpus_dir, tmp_path_factory):
+  """The tiny experiment, run once and then again on the same workdir.
+
+  Returns:
+    (workdir, stdout of the first run, stdout of the second, summary.json of
+    the first).
+  """
+  workdir = tmp_path_factory.mktemp("tiny_experiment")
+  first = run_tiny_experiment(workdir, tiny_corpus_dir)
   summary = json.loads((workdir / "summary.json").read_text())
   second = run_tiny_experiment(workdir, tiny_corpus_dir)
   return workdir, first, second, summary
@@ -173,8 +202,35 @@ def _without_timings(summary):
 
 
 def test_same_command_in_a_new_workdir_gives_the_same_numbers(
-    experiment, tiny_corpus_dir, run_tiny_experiment, tmp_path):
+    experiment, tiny_corpus_dir, tmp_path):
   _, _, _, summary = experiment
   run_tiny_experiment(tmp_path, tiny_corpus_dir)
   again = json.loads((tmp_path / "summary.json").read_text())
   assert _without_timings(again) == _without_timings(summary)
+
+
+def test_notebook_3_reuses_the_run_and_shows_its_table(
+    experiment, tiny_corpus_dir, tmp_path):
+  workdir, _, _, summary = experiment
+  nb = notebooks.execute(
+      notebooks.COLABS / "03_targeted_federated_dropout.ipynb", tmp_path,
+      CONFORMER_FL_WORKDIR=str(workdir), CONFORMER_FL_DATA_DIR=tiny_corpus_dir)
+  text = notebooks.all_text(nb)
+  assert "pre-training: done (6 steps), reused" in text
+  assert "analysis: done, reused" in text
+  for arm in arms_lib.ARMS:
+    assert f"adapt {arm} seed 0: done, reused" in text
+  assert f"targeted: {summary['analysis']['targeted_units']}" in text
+  table = notebooks.cell_printing(nb, "of the parameters")
+  markdown = [o.data["text/markdown"] for o in table.outputs
+              if o.output_type == "display_data" and "text/markdown" in o.data]
+  assert len(markdown) == 1 and "| arm | client model |" in markdown[0]
+  for row in summary["arms"]:
+    assert (f"{row['arm']:>9}: {row['params_fraction']:.1%} of the parameters,"
+            f" {row['flops_fraction']:.1%} of the FLOPs, WER {row['wer']:.3f}"
+            ) in text
+    assert f"| {row['arm']} |" in markdown[0]
+  # The heatmap, the WER-by-round and the client-cost figures.
+  pngs = notebooks.pngs(nb)
+  assert len(pngs) == 3
+  assert all(png[:8] == notebooks.PNG_MAGIC for png in pngs)
