@@ -451,3 +451,48 @@ def test_rate_zero_round_bit_for_bit_equal_to_plain_round():
     np.testing.assert_array_equal(kept_all[name], plain[name])
   assert float(metrics['loss']) == float(plain_metrics['loss'])
   assert not np.array_equal(plain['w'], toy_params()['w'])
+
+
+def toy_loss_with_stats(params, model_state, batch, rng):
+  """toy_loss; model_state {'stats': {'s': [units]}}: a running mean of the
+  hidden units over the real examples, s' = 0.5 s + 0.5 mean(x @ w)."""
+  loss, _ = toy_loss(params, model_state, batch, rng)
+  mask = batch['example_mask']
+  hidden = batch['x'] @ params['w']  # [B, units]
+  batch_mean = jnp.sum(hidden * mask[:, None], axis=0) / jnp.sum(mask)
+  return loss, {'stats': {'s': 0.5 * model_state['stats']['s'] +
+                          0.5 * batch_mean}}
+
+
+def test_running_statistics_averaged_over_clients_that_kept_them():
+  """A dropped unit's running statistic (batch norm's, in the Conformer's
+  conv module) is averaged over the clients that kept the unit, as its
+  parameters are; one no client kept keeps the server's value."""
+  seed, kept0, kept1 = _overlapping_seed()
+  data = toy_round_data(local_steps=1)
+  spec = submodel_lib.SubmodelSpec(layers=(dataclasses.replace(
+      TOY_SPEC.layers[0],
+      state_leaves=(submodel_lib.GatheredLeaf(('stats', 's'), 0),)),))
+  stats = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
+  mesh = mesh_lib.make_client_mesh(1)
+  server_optimizer = optax.sgd(1.0)
+  round_fn = round_lib.make_federated_round(
+      toy_loss_with_stats, optax.sgd(CLIENT_LR), server_optimizer, mesh,
+      submodel=spec)
+  state = round_lib.init_server_state(
+      toy_params(), {'stats': {'s': stats}}, server_optimizer)
+  state, _ = round_fn(state, data, jax.random.key(seed))
+  params, weights = toy_params(), data['num_examples']  # [3, 2]
+  total, count = np.zeros(HIDDEN), np.zeros(HIDDEN)
+  for c, kept in enumerate((kept0, kept1)):
+    mask = data['example_mask'][c, 0]
+    hidden = data['x'][c, 0] @ params['w'][:, kept]
+    client_stats = 0.5 * stats[kept] + 0.5 * (mask @ hidden) / mask.sum()
+    total[kept] += weights[c] * client_stats
+    count[kept] += weights[c]
+  expected = np.where(count > 0, total / np.where(count > 0, count, 1), stats)
+  np.testing.assert_allclose(state.model_state['stats']['s'], expected,
+                             rtol=1e-5, atol=1e-6)
+  untrained = np.flatnonzero(count == 0)
+  assert len(untrained) == 1
+  assert state.model_state['stats']['s'][untrained[0]] == stats[untrained[0]]
