@@ -123,9 +123,19 @@ def _subtree(params: PyTree, path: Sequence[str] | str, name: str) -> PyTree:
 # ----------------------------------------------------------------------------
 
 
-def aggregate(outputs: Any, units: Any, weights: jax.Array,
-              num_examples: jax.Array, clip_update_norm: float | None
-              ) -> dict[str, Any]:
+def select(predicate: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Leafwise `new if predicate else old` (predicate: bool [])."""
+  return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), new, old)
+
+
+def check_clip_update_norm(clip_update_norm: float | None) -> None:
+  if clip_update_norm is not None and clip_update_norm <= 0:
+    raise ValueError(
+        f'clip_update_norm={clip_update_norm} must be > 0 or None.')
+
+
+def aggregate(outputs: Any, weights: jax.Array, num_examples: jax.Array,
+              clip_update_norm: float | None) -> dict[str, Any]:
   """Sums over the leading client axis [C] of the clients' outputs.
 
   A client whose delta, model_state or loss_sum holds a NaN/Inf gets weight
@@ -134,9 +144,8 @@ def aggregate(outputs: Any, units: Any, weights: jax.Array,
   reach the leaves only through [C] weights (module docstring).
 
   Args:
-    outputs: round.ClientOutput with [C, ...] leaves.
-    units: pytree of per-client [C, ...] unit indicators (Federated Dropout),
-      summed with the weights; {} for none.
+    outputs: round.ClientOutput with [C, ...] leaves; its per-client unit
+      indicators (Federated Dropout) are summed with the weights.
     weights, num_examples: float32 [C] aggregation weights, examples trained.
     clip_update_norm: the bound, or None.
 
@@ -156,7 +165,7 @@ def aggregate(outputs: Any, units: Any, weights: jax.Array,
   return {
       'delta': weighted_sum(deltas, weights * scale),
       'model_state': weighted_sum(model_states, weights),
-      'unit_weights': weighted_sum(units, weights),
+      'unit_weights': weighted_sum(outputs.units, weights),
       'weight': jnp.sum(weights),
       'num_clients': jnp.asarray(weights.shape[0], jnp.int32),
       'loss': jnp.sum(jnp.where(finite, outputs.loss_sum, 0.0)),
@@ -166,6 +175,29 @@ def aggregate(outputs: Any, units: Any, weights: jax.Array,
       'num_nonfinite': jnp.sum(~finite).astype(jnp.int32),
       'num_clipped': jnp.sum(was_clipped & finite).astype(jnp.int32),
       'weighted_norm': jnp.sum(weights * norms),
+  }
+
+
+def round_metrics(sums: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The round's scalar metrics from the all-client sums of `aggregate`.
+
+  loss: example-weighted mean training loss over the active local steps of
+  the finite clients (NaN if none); num_examples: examples trained by all
+  clients; num_aggregated_examples: by the finite ones; num_clients,
+  num_nonfinite_clients, num_clipped_clients: int32;
+  mean_client_update_norm: weighted mean (finite clients) of the delta
+  norms before clipping.
+  """
+  safe_weight = jnp.where(sums['weight'] > 0, sums['weight'], 1.0)
+  return {
+      'loss': jnp.where(sums['num_seen'] > 0, sums['loss'] /
+                        jnp.maximum(sums['num_seen'], 1.0), jnp.nan),
+      'num_examples': sums['num_examples'],
+      'num_aggregated_examples': sums['num_aggregated'],
+      'num_clients': sums['num_clients'],
+      'num_nonfinite_clients': sums['num_nonfinite'],
+      'num_clipped_clients': sums['num_clipped'],
+      'mean_client_update_norm': sums['weighted_norm'] / safe_weight,
   }
 
 

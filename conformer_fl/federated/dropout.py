@@ -63,7 +63,8 @@ def droppable_layers(
   the declarations (the model's computation order within a block).
 
   Raises:
-    ValueError: a module whose matched leaves disagree on its unit count.
+    ValueError: a module with no declared leaf, or whose leaves disagree on
+      its unit count.
   """
   shapes = {path: value.shape
             for path, value in traverse_util.flatten_dict(params).items()}
@@ -101,8 +102,8 @@ def droppable_layers(
     counts = {shapes[leaf.path][leaf.axis] // leaf.copies
               for leaf in param_leaves}
     if len(counts) != 1:
-      raise ValueError(f'{_joined(module)}: its droppable leaves disagree on'
-                       f' the unit count ({sorted(counts)}).')
+      raise ValueError(f'{_joined(module)}: its declared leaves match no leaf'
+                       f' or disagree on the unit count ({sorted(counts)}).')
     layers[_joined(module)] = (declaration, counts.pop(), param_leaves,
                                state_leaves)
   return layers

@@ -155,7 +155,8 @@ def replace_paths(tree: Mapping[str, Any],
     return tree
   flat = _flat(tree)
   for path, value in values.items():
-    under = [key for key in flat if _under(key, path)]
+    under = [path] if path in flat else [key for key in flat
+                                         if _under(key, path)]
     if not under:
       raise KeyError(f"replace_paths: no entry '{'/'.join(path)}'.")
     for key in under:
@@ -343,9 +344,9 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
 
   Returns:
     fn(server_params, server_model_state, batches, step_mask, client_rng) ->
-    (ClientOutput with full-shape delta (zero at dropped and frozen units)
-    and model_state (zero at the dropped units of state leaves),
-    {layer name: float32 [n] kept indicator}). The kept units are drawn from
+    ClientOutput with full-shape delta (zero at dropped and frozen units),
+    model_state (zero at the dropped units of state leaves) and units
+    {layer name: float32 [n] kept indicator}. The kept units are drawn from
     fold_in(client_rng, DROPOUT_RNG_TAG); the frozen subtrees are constants
     (stop_gradient) of the loss.
   """
@@ -368,8 +369,8 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
     model_state = scatter_to_full(
         spec, output.model_state,
         jax.tree.map(jnp.zeros_like, server_model_state), kept, 'model_state')
-    return (output._replace(delta=delta, model_state=model_state),
-            kept_indicator(spec, kept))
+    return output._replace(delta=delta, model_state=model_state,
+                           units=kept_indicator(spec, kept))
 
   return dropout_client_update
 
