@@ -1,8 +1,10 @@
 """Aggregation of client results over the leading clients axis [C, ...].
 
 Pure functions on pytrees whose leaves carry a leading clients axis. The round
-applies them to the clients of one device (inside shard_map) and then psums
-the per-device weighted sums over the mesh 'clients' axis.
+(round.py) calls `aggregate` on the clients of one device (inside shard_map),
+psums its weighted sums over the mesh 'clients' axis, and turns them into the
+server's means (`weighted_mean`, or Federated Dropout's in submodel.py) and
+metrics (`round_metrics`).
 
 Per-client decisions that depend on every leaf (drop a non-finite client,
 clip a client's norm) reach the leaves only through the [C] weights of
