@@ -58,7 +58,7 @@ def main() -> None:
     for rate in (float(r) for r in args.rates.split(",")):
       spec = dropout.make_dropout_spec(
           params, model_state, default_rate=rate,
-          conv_norm_groups=config.conv_norm_groups)
+          droppable=models.droppable_modules_from_config(config))
       cost = dropout.client_cost(loss_fn, optax.adam(1e-3), spec, params,
                                  model_state, batch, jax.random.key(1))
       print(f"| {size} | {rate:g} | {cost['params']:,.0f} |"

@@ -34,6 +34,7 @@ conformer_fl.models and feed it random audio and labels.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -229,7 +230,8 @@ def run_worker(args) -> dict[str, Any]:
         if key not in round_lib.ROUND_KEYS}, round_data['step_mask'][i])
       for i in range(c)]
   jitted_client_update = jax.jit(
-      round_lib.make_client_update(loss_fn, client_optimizer))
+      functools.partial(round_lib.client_update, loss_fn=loss_fn,
+                        client_optimizer=client_optimizer))
   start = time.perf_counter()
   client_update = jitted_client_update.lower(
       params, model_state, *client_inputs[0], rng_key).compile()
@@ -249,8 +251,8 @@ def run_worker(args) -> dict[str, Any]:
     delta_sum = jax.tree.map(jnp.zeros_like, params)
     round_rng = jax.random.fold_in(rng_key, 0)
     for i, (batches, step_mask) in enumerate(client_inputs):
-      delta, _, _, _ = client_update(params, model_state, batches, step_mask,
-                                     jax.random.fold_in(round_rng, i))
+      delta, *_ = client_update(params, model_state, batches, step_mask,
+                                jax.random.fold_in(round_rng, i))
       delta_sum = accumulate(delta_sum, delta, round_data['num_examples'][i])
     return server_step(params, opt_state, delta_sum,
                        float(round_data['num_examples'].sum()))

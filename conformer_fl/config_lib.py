@@ -124,6 +124,16 @@ def federated_config(server: str = "fedavg",
     server_optimizer: name ('fedavg' | 'fedavgm' | 'fedadam' | 'fedyogi') and
       learning_rate, with momentum (fedavgm) or b1, b2, eps (fedadam, fedyogi).
     clip_update_norm: clip each client's update to this L2 norm (0 = off).
+    aggregation_weight: each client's weight in the server's mean update
+      (conformer_fl/federated/round_data.py): 'examples_trained' (the
+      examples it trained on this round, repeats counted), 'client_size'
+      (its own examples, each once: McMahan et al.'s n_k) or 'uniform' (1
+      per client with data). Default 'examples_trained': the weighting every
+      run so far used, so that their results and resumed runs reproduce; with
+      local_epochs = E > 0 (and no cap by K) it equals E * client_size, the
+      McMahan weighting. With local_epochs = 0 every client with data trains
+      K*B examples and weighs the same (then it is 'uniform'); choose
+      'client_size' to weigh by data there.
     init_workdir: start from this (central) run's checkpoint; its tokenizer is
       reused. '' = random initialization.
     init_step: which checkpoint of init_workdir (-1 = the latest).
@@ -163,6 +173,7 @@ def federated_config(server: str = "fedavg",
       client_optimizer=dict(name="sgd", learning_rate=0.05, clip_grad_norm=5.0),
       server_optimizer=server_optimizer,
       clip_update_norm=0.0,
+      aggregation_weight="examples_trained",
       init_workdir="",
       init_step=-1,
       unit_granularity="module",

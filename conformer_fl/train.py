@@ -509,11 +509,12 @@ def make_round_from_config(
   units = models.list_units(params, granularity=f.unit_granularity)
   # Federated Dropout and frozen units; None trains the full model.
   submodel = federated_dropout.dropout_spec_from_config(
-      f.dropout, params, model_state, config.model)
+      f.dropout, params, model_state,
+      models.droppable_modules_from_config(config.model))
   round_fn = round_lib.make_federated_round(
       make_mean_loss_fn(model), client_optimizer, server_optimizer, mesh,
       clip_update_norm=f.clip_update_norm or None, unit_paths=units,
-      submodel=submodel)
+      submodel=submodel, aggregation_weight=f.aggregation_weight)
   return round_fn, server_optimizer
 
 

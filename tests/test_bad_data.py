@@ -385,7 +385,8 @@ def test_zero_turns_the_client_clip_off():
       jax.random.key(0), audio, audio, labels, jnp.zeros(labels.shape),
       train=False))["params"]
   assert federated_dropout.dropout_spec_from_config(
-      config.federated.dropout, params, {}, model_config) is None
+      config.federated.dropout, params, {},
+      models.droppable_modules_from_config(model_config)) is None
 
 
 def test_zero_turns_central_clip_dropout_and_specaugment_off():

@@ -255,3 +255,18 @@ def test_client_datasets_from_tfds_and_round(tmp_path):
   assert data["audio"].shape[:3] == (2, 2, 2)
   everything = input_pipeline.get_client_datasets(config, _CHAR, domains=())
   assert everything.sizes() == {"s1": 2, "s2": 3, "s3": 3, "s4": 1}
+
+
+def test_round_data_client_size_counts_own_examples_once(three_clients):
+  # K*B = 8 example slots: a (6 examples) and b (1) repeat theirs to fill
+  # them, so both train 8; client_size counts each example once.
+  examples, ids = three_clients
+  data = clients.make_round_data(examples, ids, round_index=0, seed=0,
+                                 local_steps=2, batch_size=4, buckets=_BUCKETS)
+  np.testing.assert_array_equal(data["num_examples"], [8, 8, 0])
+  np.testing.assert_array_equal(data["client_size"], [6, 1, 0])
+  assert data["client_size"].dtype == np.float32
+  first = clients.make_round_data(examples, ids, round_index=0, seed=0,
+                                  local_steps=2, batch_size=4,
+                                  buckets=_BUCKETS, client_range=(1, 3))
+  np.testing.assert_array_equal(first["client_size"], [1, 0])

@@ -103,7 +103,9 @@ def test_arms_from_importance(model):
   configs = arms.arm_dropout_configs(arms.ARMS, targets, _targeting(), base,
                                      params, model_state, config)
   assert list(configs) == list(arms.ARMS)
-  specs = {arm: dropout.dropout_spec_from_config(c, params, model_state, config)
+  droppable = models.droppable_modules_from_config(config)
+  specs = {arm: dropout.dropout_spec_from_config(c, params, model_state,
+                                                 droppable)
            for arm, c in configs.items()}
 
   assert specs["full"] is None
@@ -137,7 +139,8 @@ def test_arms_from_importance(model):
   step = arms.client_param_count(dropout.dropout_spec_from_config(
       ml_collections.ConfigDict(dict(
           kind="uniform", rates={}, default_rate=0.01, unit_kinds=KINDS,
-          freeze_units=())), params, model_state, config), params)
+          freeze_units=())), params, model_state,
+      models.droppable_modules_from_config(config)), params)
   assert abs(counts["uniform"] - counts["targeted"]) <= full - step
   rate = configs["uniform"].default_rate
   assert 0.2 <= rate <= 0.3  # Half the blocks at 0.5 ~ all blocks at 0.25.

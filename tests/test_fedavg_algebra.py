@@ -67,15 +67,17 @@ def initial_state(server_optimizer, mesh):
 
 
 def run_rounds(server_optimizer, mesh, local_steps, num_rounds=1,
-               client_optimizer=None, clip_update_norm=None):
+               client_optimizer=None, clip_update_norm=None,
+               aggregation_weight='examples_trained', data=None):
   client_optimizer = client_optimizer or optax.sgd(CLIENT_LR)
   round_fn = round_lib.make_federated_round(
       quadratic_loss, client_optimizer, server_optimizer, mesh,
-      clip_update_norm=clip_update_norm, unit_paths=UNIT_PATHS)
+      clip_update_norm=clip_update_norm, unit_paths=UNIT_PATHS,
+      aggregation_weight=aggregation_weight)
   state = initial_state(server_optimizer, mesh)
   all_metrics = []
   for _ in range(num_rounds):
-    state, metrics = round_fn(state, round_data(local_steps),
+    state, metrics = round_fn(state, data or round_data(local_steps),
                               jax.random.key(0))
     all_metrics.append(jax.device_get(metrics))
   return jax.device_get(state), all_metrics
@@ -185,6 +187,60 @@ def test_update_norm_clipping(mesh):
   # Weighted mean of the norms before clipping: (2*sqrt(2) + sqrt(10)) / 3.
   np.testing.assert_allclose(metrics['mean_client_update_norm'],
                              (2 * np.sqrt(2) + np.sqrt(10)) / 3, rtol=1e-6)
+
+
+# K = 2: delta_A = [1.5, 1] (4 examples trained), delta_B = [2.5, 0.5] (2);
+# the clients own 3 and 7 utterances ('client_size', each counted once).
+@pytest.mark.parametrize('aggregation_weight, mean_delta', [
+    # (4*[1.5, 1] + 2*[2.5, 0.5]) / 6.
+    ('examples_trained', [11 / 6, 5 / 6]),
+    # (3*[1.5, 1] + 7*[2.5, 0.5]) / 10 = [22/10, 6.5/10].
+    ('client_size', [2.2, 0.65]),
+    # ([1.5, 1] + [2.5, 0.5]) / 2.
+    ('uniform', [2.0, 0.75]),
+])
+def test_aggregation_weights(mesh, aggregation_weight, mean_delta):
+  data = dict(round_data(2), client_size=np.array([3.0, 7.0], np.float32))
+  state, [metrics] = run_rounds(
+      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
+      aggregation_weight=aggregation_weight, data=data)
+  np.testing.assert_allclose(state.params['mean']['w'], W0 + mean_delta,
+                             rtol=1e-6)
+  # The weights change the mean update only: the loss stays example-weighted
+  # (43/6, test_fedavg_two_local_steps) and the counts count examples.
+  np.testing.assert_allclose(metrics['loss'], 43 / 6, rtol=1e-6)
+  assert metrics['num_examples'] == metrics['num_aggregated_examples'] == 6.0
+  # Mean of the clients' update norms under the same weights.
+  norms = np.array([np.hypot(1.5, 1.0), np.hypot(2.5, 0.5)])
+  weights = {'examples_trained': [4, 2], 'client_size': [3, 7],
+             'uniform': [1, 1]}[aggregation_weight]
+  np.testing.assert_allclose(metrics['mean_client_update_norm'],
+                             np.dot(weights, norms) / np.sum(weights),
+                             rtol=1e-6)
+
+
+def test_uniform_weight_skips_a_client_without_data(mesh):
+  # Client B has no example (masks 0): weight 0, not 1; the mean is A's
+  # delta [1.5, 1] alone.
+  data = round_data(2)
+  data['example_mask'] = data['example_mask'] * np.array([1, 0])[:, None, None]
+  data['step_mask'] = np.array([[1, 1], [0, 0]], np.float32)
+  data['num_examples'] = data['example_mask'].sum(axis=(1, 2))
+  state, [metrics] = run_rounds(
+      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
+      aggregation_weight='uniform', data=data)
+  np.testing.assert_allclose(state.params['mean']['w'], W0 + [1.5, 1.0],
+                             rtol=1e-6)
+  assert metrics['num_aggregated_examples'] == 4.0
+
+
+def test_aggregation_weight_errors(mesh):
+  with pytest.raises(ValueError, match="'client_size'"):
+    run_rounds(server_optimizers.make_server_optimizer('fedavg'), mesh,
+               local_steps=1, aggregation_weight='client_size')
+  with pytest.raises(ValueError, match="'by_loss'"):
+    run_rounds(server_optimizers.make_server_optimizer('fedavg'), mesh,
+               local_steps=1, aggregation_weight='by_loss')
 
 
 @pytest.mark.parametrize('name', ['fedavg', 'fedavgm', 'fedadam', 'fedyogi'])

@@ -24,6 +24,9 @@ from conformer_fl.train import make_mean_loss_fn
 
 BATCH, SAMPLES, LABELS = 2, 3200, 2
 D_MODEL, GROUPS = 32, 2
+# The models' declarations of their droppable modules (group norm, other).
+GROUPED = models.droppable_modules(conv_norm_groups=GROUPS)
+UNGROUPED = models.droppable_modules()
 
 
 def _model_and_variables():
@@ -95,7 +98,7 @@ def test_gather_scatter_round_trip(group_norm_model):
   _, variables, _ = group_norm_model
   params = variables['params']
   spec = dropout.make_dropout_spec(params, default_rate=0.5,
-                                   conv_norm_groups=GROUPS)
+                                   droppable=GROUPED)
   kinds = {layer.name.split('/')[-1]: layer for layer in spec.layers}
   assert (kinds['ffn1'].num_kept, kinds['conv'].num_kept,
           kinds['mhsa'].num_kept) == (64, 16, 1)
@@ -145,7 +148,7 @@ def test_group_norm_channels_dropped_within_groups(group_norm_model):
   _, variables, _ = group_norm_model
   spec = dropout.make_dropout_spec(variables['params'], default_rate=0.25,
                                    unit_kinds=('conv',),
-                                   conv_norm_groups=GROUPS)
+                                   droppable=GROUPED)
   (layer,) = spec.layers
   assert (layer.num_kept, layer.num_groups) == (24, GROUPS)
   kept = np.asarray(submodel_lib.sample_kept_indices(
@@ -165,7 +168,8 @@ def test_sub_model_equals_full_model_with_dropped_units_zeroed(
   """
   model, variables, batch = batch_norm_model
   params, state = variables['params'], _state(variables)
-  spec = dropout.make_dropout_spec(params, state, default_rate=0.5)
+  spec = dropout.make_dropout_spec(params, state, droppable=UNGROUPED,
+                                   default_rate=0.5)
   kept = submodel_lib.sample_kept_indices(spec, jax.random.key(7))
   sub_variables = {
       'params': submodel_lib.gather_submodel(spec, params, kept),
@@ -194,7 +198,7 @@ def test_sub_model_equals_full_model_with_dropped_units_zeroed(
 def test_kept_indices_deterministic_and_layout_independent(group_norm_model):
   _, variables, _ = group_norm_model
   spec = dropout.make_dropout_spec(variables['params'], default_rate=0.5,
-                                   conv_norm_groups=GROUPS)
+                                   droppable=GROUPED)
   rngs = jax.random.split(jax.random.key(11), 3)
   sample = jax.jit(lambda r: submodel_lib.sample_kept_indices(spec, r))
   vmapped = jax.jit(jax.vmap(sample))(rngs)
@@ -224,7 +228,7 @@ def test_client_flops_fall_with_kept_fraction(group_norm_model):
   for rate in (0.0, 0.5):
     spec = dropout.make_dropout_spec(params, default_rate=rate,
                                      unit_kinds=('ffn', 'conv'),
-                                     conv_norm_groups=GROUPS)
+                                     droppable=GROUPED)
     costs[rate] = dropout.client_step_cost(
         make_mean_loss_fn(model), optax.sgd(0.1), spec, params, {}, batch,
         jax.random.key(0))
@@ -261,19 +265,21 @@ def test_spec_from_config_and_rates(group_norm_model):
                                          conv_norm='group_norm',
                                          conv_norm_groups=GROUPS)
   for config in (_dropout_config(), _dropout_config(kind='uniform')):
-    assert dropout.dropout_spec_from_config(config, params, {},
-                                            model_config) is None
+    assert dropout.dropout_spec_from_config(
+        config, params, {},
+        models.droppable_modules_from_config(model_config)) is None
   spec = dropout.dropout_spec_from_config(
       _dropout_config(kind='targeted', default_rate=0.5,
                       rates={'encoder/block_00': 0.25,
                              'encoder/block_00/ffn2': 0.0}),
-      params, {}, model_config)
+      params, {}, models.droppable_modules_from_config(model_config))
   kept = {layer.name: layer.num_kept for layer in spec.layers}
   assert kept == {'encoder/block_00/ffn1': 96, 'encoder/block_00/conv': 24}
   with pytest.raises(ValueError, match='no unit'):
-    dropout.make_dropout_spec(params, rates={'encoder/block_07': 0.5})
+    dropout.make_dropout_spec(params, droppable=GROUPED,
+                              rates={'encoder/block_07': 0.5})
   with pytest.raises(ValueError, match=r'\[0, 1\)'):
-    dropout.make_dropout_spec(params, default_rate=1.0)
+    dropout.make_dropout_spec(params, droppable=GROUPED, default_rate=1.0)
 
 
 def test_rates_from_importance(group_norm_model):
@@ -284,7 +290,7 @@ def test_rates_from_importance(group_norm_model):
   assert rates == {'encoder/block_00/ffn1': 0.5, 'encoder/block_00/conv': 0.5,
                    'encoder/block_00/mhsa': 0.0}
   spec = dropout.make_dropout_spec(group_norm_model[1]['params'], rates=rates,
-                                   default_rate=0.25, conv_norm_groups=GROUPS)
+                                   default_rate=0.25, droppable=GROUPED)
   assert {l.name: l.num_kept for l in spec.layers} == {
       'encoder/block_00/ffn1': 64, 'encoder/block_00/conv': 16,
       'encoder/block_00/ffn2': 96}
@@ -445,3 +451,48 @@ def test_rate_zero_round_bit_for_bit_equal_to_plain_round():
     np.testing.assert_array_equal(kept_all[name], plain[name])
   assert float(metrics['loss']) == float(plain_metrics['loss'])
   assert not np.array_equal(plain['w'], toy_params()['w'])
+
+
+def toy_loss_with_stats(params, model_state, batch, rng):
+  """toy_loss; model_state {'stats': {'s': [units]}}: a running mean of the
+  hidden units over the real examples, s' = 0.5 s + 0.5 mean(x @ w)."""
+  loss, _ = toy_loss(params, model_state, batch, rng)
+  mask = batch['example_mask']
+  hidden = batch['x'] @ params['w']  # [B, units]
+  batch_mean = jnp.sum(hidden * mask[:, None], axis=0) / jnp.sum(mask)
+  return loss, {'stats': {'s': 0.5 * model_state['stats']['s'] +
+                          0.5 * batch_mean}}
+
+
+def test_running_statistics_averaged_over_clients_that_kept_them():
+  """A dropped unit's running statistic (batch norm's, in the Conformer's
+  conv module) is averaged over the clients that kept the unit, as its
+  parameters are; one no client kept keeps the server's value."""
+  seed, kept0, kept1 = _overlapping_seed()
+  data = toy_round_data(local_steps=1)
+  spec = submodel_lib.SubmodelSpec(layers=(dataclasses.replace(
+      TOY_SPEC.layers[0],
+      state_leaves=(submodel_lib.GatheredLeaf(('stats', 's'), 0),)),))
+  stats = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
+  mesh = mesh_lib.make_client_mesh(1)
+  server_optimizer = optax.sgd(1.0)
+  round_fn = round_lib.make_federated_round(
+      toy_loss_with_stats, optax.sgd(CLIENT_LR), server_optimizer, mesh,
+      submodel=spec)
+  state = round_lib.init_server_state(
+      toy_params(), {'stats': {'s': stats}}, server_optimizer)
+  state, _ = round_fn(state, data, jax.random.key(seed))
+  params, weights = toy_params(), data['num_examples']  # [3, 2]
+  total, count = np.zeros(HIDDEN), np.zeros(HIDDEN)
+  for c, kept in enumerate((kept0, kept1)):
+    mask = data['example_mask'][c, 0]
+    hidden = data['x'][c, 0] @ params['w'][:, kept]
+    client_stats = 0.5 * stats[kept] + 0.5 * (mask @ hidden) / mask.sum()
+    total[kept] += weights[c] * client_stats
+    count[kept] += weights[c]
+  expected = np.where(count > 0, total / np.where(count > 0, count, 1), stats)
+  np.testing.assert_allclose(state.model_state['stats']['s'], expected,
+                             rtol=1e-5, atol=1e-6)
+  untrained = np.flatnonzero(count == 0)
+  assert len(untrained) == 1
+  assert state.model_state['stats']['s'][untrained[0]] == stats[untrained[0]]

@@ -17,8 +17,12 @@ A round's data is a dict of dense numpy arrays with static shapes, leading axes
   'example_mask'   float32 [C, K, B]      1.0 = real example
   'step_mask'      float32 [C, K]         1.0 = the step has a real example
   'num_examples'   float32 [C]            sum of example_mask over [K, B]: the
-                                          aggregation weight (examples the client
-                                          trained on this round, repeats counted)
+                                          examples the client trained on this
+                                          round, repeats counted
+  'client_size'    float32 [C]            the client's own examples, each
+                                          counted once
+(`conformer_fl/federated/round_data.py` turns the last two into aggregation
+weights, by config.federated.aggregation_weight.)
 Shapes: every client of a round shares one bucket, so that the clients can be
 vmapped together: S and U are those of the largest bucket that any example chosen
 this round needs (at most the largest bucket), or of the largest bucket always
@@ -193,6 +197,8 @@ def make_round_data(
           {key: array[row, k] for key, array in data.items()})
   data["step_mask"] = (data["example_mask"].max(axis=-1) > 0).astype(np.float32)
   data["num_examples"] = data["example_mask"].sum(axis=(1, 2))
+  data["client_size"] = np.array(
+      [len(client_examples[c]) for c in range(first, last)], np.float32)
   return data
 
 

@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from conformer_fl import models
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import submodel as submodel_lib
 
@@ -134,7 +135,8 @@ def matching_uniform_rate(target_count: int, params: Any, model_state: Any,
   def count(rate: float) -> int:
     spec = federated_dropout.dropout_spec_from_config(
         _dropout("uniform", default_rate=rate, unit_kinds=unit_kinds),
-        params, model_state, model_config)
+        params, model_state,
+        models.droppable_modules_from_config(model_config))
     return client_param_count(spec, params)
 
   low, high = 0, len(rates) - 1  # First rate whose count <= target_count.
@@ -182,7 +184,8 @@ def arm_dropout_configs(
              "freeze": _dropout(unit_kinds=kinds, freeze_units=targets)}
   if "uniform" in arms:
     spec = federated_dropout.dropout_spec_from_config(
-        targeted, params, model_state, model_config)
+        targeted, params, model_state,
+        models.droppable_modules_from_config(model_config))
     rate = matching_uniform_rate(client_param_count(spec, params), params,
                                  model_state, model_config, kinds)
     configs["uniform"] = _dropout("uniform", default_rate=rate,

@@ -71,7 +71,8 @@ def arm_costs(config: ml_collections.ConfigDict,
   report = {}
   for arm, dropout_config in arm_dropouts.items():
     spec = federated_dropout.dropout_spec_from_config(
-        dropout_config, params, model_state, config.model)
+        dropout_config, params, model_state,
+        models.droppable_modules_from_config(config.model))
     arm_cost = full if spec is None else cost(spec)
     report[arm] = dict(arm_cost)
     for key, value in arm_cost.items():

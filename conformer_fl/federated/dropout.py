@@ -1,103 +1,112 @@
-"""Federated Dropout for the Conformer: which units each client drops.
+"""Federated Dropout specs: which units each client drops, from the config.
 
 Caldas et al. (arXiv 1812.07210) and Guliani et al. (arXiv 2110.03634): every
 client of a round trains a sub-model that keeps a random subset of the units
-of some layers, with a rate per layer. Here the droppable units of a block's
-modules (unit names from `conformer_fl.models.list_units(params, 'module')`):
-
-  kind 'ffn'  (ffn1, ffn2): the ffn_mult*D hidden units: columns of
-              dense_in/kernel [D, F] and dense_in/bias [F], rows of
-              dense_out/kernel [F, D].
-  kind 'conv' (conv): the C = D inner channels after the GLU: columns i and
-              C+i of pointwise_in/kernel [D, 2C] and bias [2C] (the GLU's two
-              halves), depthwise/kernel [K, 1, C], every conv_norm leaf [C]
-              (and batch-norm running statistics), rows of
-              pointwise_out/kernel [C, D].
-  kind 'mhsa' (mhsa): the H heads (each of width Dh = D/H, unchanged):
-              query/key/value/pos_proj kernels [D, H, Dh] (axis 1), their
-              biases and content_bias/position_bias [H, Dh] (axis 0),
-              output/kernel [H, Dh, D] (axis 0).
-The layer norms, output biases and everything outside these are kept whole.
-The model (conformer.py) reads FFN width, channel count and head count from
-the kernels it is given, so the sub-model runs with the same loss_fn.
+of some layers, with a rate per layer. Which modules can drop units, which
+of their leaves carry the units and along which axis is the model's
+declaration, handed in as data (`droppable`: a sequence of records with
+fields kind, module, leaves, groups; the Conformer's is
+models/units.py:droppable_modules); this module knows no layer
+name. The round side (gather, scatter, count-normalized mean) is
+conformer_fl/federated/submodel.py.
 
 Keep count of a layer of n units at rate r: round((1 - r) * n), at least one
 unit (one per group), the same for every client so that clients vmap; a rate
 that keeps all n leaves the layer whole (not gathered).
 
-Group norm: the conv channels are split into G groups of C/G consecutive
-channels; dropping whole channels at random would mix channels of different
-groups in a reshaped sub-model group. We keep k/G channels inside every group
-(k = G * round((1 - r) * C / G)), group-major, so each sub-model group holds a
-subset of one full-model group, and its statistics are those of that subset.
+Groups (e.g. a group norm over the conv channels): dropping whole units at
+random would mix units of different groups in a reshaped sub-model group. A
+layer of G groups keeps k/G units inside every group
+(k = G * round((1 - r) * n / G)), group-major, so each sub-model group holds
+a subset of one full-model group.
 
 Frozen units (`freeze_units`, any unit name or prefix): not trained by the
 clients at all (outside the client optimizer, zero delta, no server update).
 """
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from flax import traverse_util
 import jax
 import ml_collections
 import optax
 
+from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
-from conformer_fl.models import units as units_lib
 
 PyTree = Any
 Path = tuple[str, ...]
+# A model's declaration of one droppable module kind (duck-typed, e.g.
+# models/units.py:DroppableModule): .kind (str), .module (regex
+# of the module's '/'-path), .leaves ((regex, axis, copies), ...), .groups.
+Droppable = Any
 
-UNIT_KINDS = ('ffn', 'conv', 'mhsa')
 DROPOUT_KINDS = ('none', 'uniform', 'targeted')
-_MODULE_KIND = {'ffn1': 'ffn', 'ffn2': 'ffn', 'conv': 'conv', 'mhsa': 'mhsa'}
-_HEAD_LEAVES = (('query', 'kernel', 1), ('query', 'bias', 0),
-                ('key', 'kernel', 1), ('key', 'bias', 0),
-                ('value', 'kernel', 1), ('value', 'bias', 0),
-                ('pos_proj', 'kernel', 1), ('content_bias', None, 0),
-                ('position_bias', None, 0), ('output', 'kernel', 0))
 
 
-def _leaf_paths(tree: Mapping[str, Any], prefix: Path) -> list[Path]:
-  """Paths of every leaf under `tree`, prefixed."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [prefix + tuple(key.key for key in key_path) for key_path, _ in flat]
+def _joined(path: Path) -> str:
+  return '/'.join(path)
 
 
-def _layer_leaves(kind: str, path: Path, unit_params: Mapping[str, Any],
-                  model_state: Mapping[str, Any] | None):
-  """(num_units, param leaves, state leaves) of one droppable module."""
-  leaf = submodel_lib.GatheredLeaf
-  if kind == 'ffn':
-    num_units = unit_params['dense_in']['kernel'].shape[-1]
-    return num_units, (leaf(path + ('dense_in', 'kernel'), 1),
-                       leaf(path + ('dense_in', 'bias'), 0),
-                       leaf(path + ('dense_out', 'kernel'), 0)), ()
-  if kind == 'conv':
-    num_units = unit_params['pointwise_in']['kernel'].shape[-1] // 2
-    params = [leaf(path + ('pointwise_in', 'kernel'), 1, copies=2),
-              leaf(path + ('pointwise_in', 'bias'), 0, copies=2),
-              leaf(path + ('depthwise', 'kernel'), 2),
-              leaf(path + ('pointwise_out', 'kernel'), 0)]
-    params += [leaf(p, -1) for p in _leaf_paths(unit_params['conv_norm'],
-                                                path + ('conv_norm',))]
-    states = []
-    for collection, tree in (model_state or {}).items():
-      try:
-        norm_state = submodel_lib.get_path(tree, path + ('conv_norm',))
-      except KeyError:
-        continue
-      states += [leaf(p, -1) for p in _leaf_paths(
-          norm_state, (collection,) + path + ('conv_norm',))]
-    return num_units, tuple(params), tuple(states)
-  if kind == 'mhsa':
-    num_units = unit_params['query']['kernel'].shape[1]
-    params = tuple(
-        leaf(path + ((name,) if sub is None else (name, sub)), axis)
-        for name, sub, axis in _HEAD_LEAVES)
-    return num_units, params, ()
-  raise ValueError(f'Unknown unit kind {kind!r}; expected one of {UNIT_KINDS}.')
+def droppable_layers(
+    params: Mapping[str, Any], model_state: Mapping[str, Any] | None,
+    droppable: Sequence[Droppable],
+) -> dict[str, tuple[Droppable, int, tuple[submodel_lib.GatheredLeaf, ...],
+                     tuple[submodel_lib.GatheredLeaf, ...]]]:
+  """{module name: (declaration, n units, param leaves, state leaves)}.
+
+  Modules are the params subtrees whose '/'-path fully matches a
+  declaration's `module`, ordered by their parent path, then by the order of
+  the declarations (the model's computation order within a block).
+
+  Raises:
+    ValueError: a module with no declared leaf, or whose leaves disagree on
+      its unit count.
+  """
+  shapes = {path: value.shape
+            for path, value in traverse_util.flatten_dict(params).items()}
+  param_paths = list(shapes)
+  state_paths = {collection: submodel_lib.leaf_paths(tree)
+                 for collection, tree in (model_state or {}).items()
+                 if isinstance(tree, Mapping)}
+  found = {}
+  for rank, declaration in enumerate(droppable):
+    pattern = re.compile(declaration.module)
+    for path in param_paths:
+      for depth in range(1, len(path)):
+        if pattern.fullmatch(_joined(path[:depth])):
+          found.setdefault(path[:depth], (rank, declaration))
+  layers = {}
+  for module in sorted(found, key=lambda m: (m[:-1], found[m][0], m)):
+    declaration = found[module][1]
+
+    def matching(paths, prefix=(), module=module, declaration=declaration):
+      leaves = []
+      for path in paths:
+        if path[:len(module)] != module:
+          continue
+        below = _joined(path[len(module):])
+        for leaf_pattern, axis, copies in declaration.leaves:
+          if re.fullmatch(leaf_pattern, below):
+            leaves.append(submodel_lib.GatheredLeaf(prefix + path, axis,
+                                                    copies))
+            break
+      return tuple(leaves)
+
+    param_leaves = matching(param_paths)
+    state_leaves = sum((matching(paths, (collection,))
+                        for collection, paths in state_paths.items()), ())
+    counts = {shapes[leaf.path][leaf.axis] // leaf.copies
+              for leaf in param_leaves}
+    if len(counts) != 1:
+      raise ValueError(f'{_joined(module)}: its declared leaves match no leaf'
+                       f' or disagree on the unit count ({sorted(counts)}).')
+    layers[_joined(module)] = (declaration, counts.pop(), param_leaves,
+                               state_leaves)
+  return layers
 
 
 def _rate_for(name: str, rates: Mapping[str, float], default_rate: float):
@@ -115,71 +124,81 @@ def _check_rate(where: str, rate: float) -> None:
     raise ValueError(f'Dropout rate {rate!r} of {where} must lie in [0, 1).')
 
 
+def _names_subtree(params: Mapping[str, Any], name: str) -> bool:
+  keys = tuple(name.rstrip('/').split('/'))
+  return any(path[:len(keys)] == keys
+             for path in submodel_lib.leaf_paths(params))
+
+
 def layer_rates(params: Mapping[str, Any], rates: Mapping[str, float],
-                default_rate: float = 0.0,
-                unit_kinds: Sequence[str] = UNIT_KINDS) -> dict[str, float]:
-  """{droppable module unit name: rate} (keys of rates may be prefixes).
+                droppable: Sequence[Droppable], default_rate: float = 0.0,
+                unit_kinds: Sequence[str] | None = None) -> dict[str, float]:
+  """{droppable module name: rate} (keys of rates may be prefixes).
+
+  Args:
+    params: full model params.
+    rates: {module name or prefix: rate in [0, 1)}.
+    droppable: the model's declaration (module docstring).
+    default_rate: rate of the modules no key matches.
+    unit_kinds: the declared kinds to drop (None = all).
 
   Raises:
-    ValueError: a rate outside [0, 1), an unknown unit kind, or a key of
-      `rates` that matches no unit.
+    ValueError: a rate outside [0, 1), an undeclared unit kind, or a key of
+      `rates` that names no subtree of params ('no unit').
   """
-  unknown_kinds = sorted(set(unit_kinds) - set(UNIT_KINDS))
+  kinds = tuple(dict.fromkeys(d.kind for d in droppable))
+  unknown_kinds = sorted(set(unit_kinds or ()) - set(kinds))
   if unknown_kinds:
     raise ValueError(f'Unknown dropout unit kind(s) {unknown_kinds}; '
-                     f'expected some of {UNIT_KINDS}.')
+                     f'expected some of {kinds}.')
   _check_rate('default_rate', default_rate)
-  names = list(units_lib.list_units(params, 'module'))
   for key, rate in rates.items():
     _check_rate(repr(key), rate)
-    if not any(n == key or n.startswith(key.rstrip('/') + '/') for n in names):
+    if not _names_subtree(params, key):
       raise ValueError(f'Dropout rate for {key!r}, which is no unit (nor '
-                       f'prefix of one); units: {names}.')
-  droppable = {}
-  for name, path in units_lib.list_units(params, 'module').items():
-    kind = _MODULE_KIND.get(path[-1])
-    if kind in unit_kinds and path[1].startswith('block_'):
-      droppable[name] = _rate_for(name, rates, default_rate)
-  return droppable
+                       f'prefix of one) of the params.')
+  return {name: _rate_for(name, rates, default_rate)
+          for name, (declaration, *_) in droppable_layers(
+              params, None, droppable).items()
+          if unit_kinds is None or declaration.kind in unit_kinds}
 
 
 def make_dropout_spec(
     params: Mapping[str, Any],
     model_state: Mapping[str, Any] | None = None,
     *,
+    droppable: Sequence[Droppable],
     rates: Mapping[str, float] | None = None,
     default_rate: float = 0.0,
-    unit_kinds: Sequence[str] = UNIT_KINDS,
+    unit_kinds: Sequence[str] | None = None,
     freeze_units: Sequence[str] = (),
-    conv_norm_groups: int = 1,
 ) -> submodel_lib.SubmodelSpec:
-  """The SubmodelSpec of a Conformer's params for per-layer dropout rates.
+  """The SubmodelSpec of a model's params for per-layer dropout rates.
 
   Args:
-    params: full model params (ConformerASR).
+    params: full model params.
     model_state: full model state (e.g. {'batch_stats': ...}) or None.
-    rates: {unit name or prefix, e.g. 'encoder/block_03/ffn1' or
+    droppable: the model's declaration of its droppable modules (module
+      docstring), e.g. models.droppable_modules(conv_norm_groups).
+    rates: {module name or prefix, e.g. 'encoder/block_03/ffn1' or
       'encoder/block_03': rate in [0, 1)}; the longest matching key wins.
-    default_rate: rate of the droppable units no key matches.
-    unit_kinds: which kinds are dropped: some of 'ffn', 'conv', 'mhsa'.
+    default_rate: rate of the droppable modules no key matches.
+    unit_kinds: which declared kinds are dropped (None = all).
     freeze_units: unit names (or prefixes, e.g. 'encoder/block_00') that the
       clients do not train.
-    conv_norm_groups: G of the conv module's group norm (1 for other norms).
 
   Returns:
     The spec (layers with keep count n left out; empty at rate 0).
   """
   layers = []
-  for name, rate in layer_rates(params, rates or {}, default_rate,
+  found = droppable_layers(params, model_state, droppable)
+  for name, rate in layer_rates(params, rates or {}, droppable, default_rate,
                                 unit_kinds).items():
-    path = tuple(name.split('/'))
-    kind = _MODULE_KIND[path[-1]]
-    num_units, param_leaves, state_leaves = _layer_leaves(
-        kind, path, submodel_lib.get_path(params, path), model_state)
-    groups = conv_norm_groups if kind == 'conv' else 1
+    declaration, num_units, param_leaves, state_leaves = found[name]
+    groups = declaration.groups
     if num_units % groups:
-      raise ValueError(f'{name}: conv_norm_groups={groups} does not divide '
-                       f'its {num_units} channels.')
+      raise ValueError(f'{name}: {groups} groups do not divide its'
+                       f' {num_units} units.')
     per_group = max(1, round((1.0 - rate) * num_units / groups))
     if per_group * groups == num_units:
       continue
@@ -188,10 +207,8 @@ def make_dropout_spec(
         num_groups=groups, param_leaves=param_leaves,
         state_leaves=state_leaves))
   frozen = []
-  all_paths = {'/'.join(p): p for p in _leaf_paths(params, ())}
   for unit in freeze_units:
-    if not any(n == unit or n.startswith(unit.rstrip('/') + '/')
-               for n in all_paths):
+    if not _names_subtree(params, unit):
       raise ValueError(f'freeze_units: {unit!r} names no parameter subtree.')
     frozen.append(tuple(unit.rstrip('/').split('/')))
   return submodel_lib.SubmodelSpec(layers=tuple(layers),
@@ -202,9 +219,13 @@ def dropout_spec_from_config(
     dropout_config: ml_collections.ConfigDict,
     params: Mapping[str, Any],
     model_state: Mapping[str, Any] | None,
-    model_config: ml_collections.ConfigDict,
+    droppable: Sequence[Droppable],
 ) -> submodel_lib.SubmodelSpec | None:
-  """The spec of `config.federated.dropout` (see config_lib); None when off."""
+  """The spec of `config.federated.dropout` (see config_lib); None when off.
+
+  `droppable`: the model's declaration, e.g.
+  models.droppable_modules_from_config(config.model).
+  """
   kind = dropout_config.kind
   if kind not in DROPOUT_KINDS:
     raise ValueError(f'federated.dropout.kind={kind!r}; expected one of '
@@ -214,13 +235,10 @@ def dropout_spec_from_config(
   if kind == 'uniform' and rates:
     raise ValueError('federated.dropout.kind=uniform takes default_rate only;'
                      ' use kind=targeted with rates.')
-  groups = (model_config.conv_norm_groups
-            if model_config.conv_norm == 'group_norm' else 1)
   spec = make_dropout_spec(
-      params, model_state, rates=rates, default_rate=default_rate,
-      unit_kinds=tuple(dropout_config.unit_kinds),
-      freeze_units=tuple(dropout_config.freeze_units),
-      conv_norm_groups=groups)
+      params, model_state, droppable=droppable, rates=rates,
+      default_rate=default_rate, unit_kinds=tuple(dropout_config.unit_kinds),
+      freeze_units=tuple(dropout_config.freeze_units))
   return None if spec.is_identity else spec
 
 
@@ -273,25 +291,22 @@ def client_step_cost(
 ) -> dict[str, float]:
   """{'params', 'flops', 'peak_bytes'} of one local step of a sub-model.
 
+  The step is the round's (`round.local_step`: loss, gradient of the
+  trainable params, client optimizer update) on the sub-model of the leading
+  kept units (`submodel.client_submodel`), frozen subtrees as arguments.
   params: number of parameters the client optimizes; flops: XLA cost
-  analysis of the compiled step (loss, gradient, optimizer update); peak_bytes:
-  arguments + outputs + temporaries - aliased, from its memory analysis.
-  Arguments as in client_cost.
+  analysis of the compiled step; peak_bytes: arguments + outputs +
+  temporaries - aliased, from its memory analysis. Arguments as in
+  client_cost.
   """
-  kept = submodel_lib.all_kept_indices(spec)
-  sub_params = submodel_lib.gather_submodel(spec, params, kept)
-  sub_state = submodel_lib.gather_submodel(spec, model_state, kept,
-                                           'model_state')
-  trainable, frozen = submodel_lib.split_frozen(spec, sub_params)
+  trainable, frozen, sub_state = submodel_lib.client_submodel(
+      spec, params, model_state, submodel_lib.all_kept_indices(spec))
 
   def step(trainable, frozen, opt_state, model_state, batch, rng):
-    def trainable_loss(trainable):
-      return loss_fn(submodel_lib.merge_frozen(spec, trainable, frozen),
-                     model_state, batch, rng)
-    (loss, new_state), grads = jax.value_and_grad(
-        trainable_loss, has_aux=True)(trainable)
-    updates, opt_state = client_optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, new_state, loss
+    return round_lib.local_step(
+        trainable, opt_state, model_state, batch, rng,
+        loss_fn=submodel_lib.with_frozen(spec, loss_fn, frozen),
+        client_optimizer=client_optimizer)
 
   compiled = jax.jit(step).lower(
       trainable, frozen, client_optimizer.init(trainable), sub_state, batch,

@@ -1,11 +1,23 @@
-"""Sub-models of federated dropout: extract (gather) and scatter back.
+"""Federated Dropout, model-agnostic: sub-models, the client wrapper, the mean.
 
-Model-agnostic: a `SubmodelSpec` names, for each dropped layer, the leaves of
-the parameter (and model-state) tree that carry that layer's units and the
-axis they sit on. A client's sub-model is made by `jnp.take` of its kept unit
-indices along those axes, so it has genuinely smaller arrays (fewer FLOPs and
-less memory); its update is scattered back into zeros of the full shape.
-`conformer_fl/federated/dropout.py` builds the spec of a Conformer.
+A `SubmodelSpec` names, for each dropped layer, the leaves of the parameter
+(and model-state) tree that carry that layer's units and the axis they sit
+on (conformer_fl/federated/dropout.py builds it from the model's declaration,
+models/units.py:droppable_modules). A client's sub-model is made
+by `jnp.take` of its kept unit indices along those axes, so it has genuinely
+smaller arrays (fewer FLOPs and less memory); its update is scattered back
+into zeros of the full shape.
+
+Round pieces (conformer_fl/federated/round.py calls them when given a spec):
+  `wrap_client_update`: the round's client update run on the client's
+    sub-model; returns full-shape outputs plus the client's kept-unit
+    indicators {layer: float32 [n]}, which the round weighs like a delta.
+  `make_average`: the server-side mean. Each element of a dropped layer, of
+    the params and of the model state (e.g. batch-norm running statistics),
+    is averaged over the finite clients that kept it,
+    sum_c w_c kept_c x_c / sum_c w_c kept_c; a parameter no client trained
+    (and every frozen one) gets a zero pseudo-gradient and a zero server
+    update, a running statistic no client kept keeps the server's value.
 
 Shapes of one dropped layer with n units of which k are kept:
   kept indices: int32 [k], ascending within each of the layer's G groups and
@@ -17,16 +29,17 @@ Shapes of one dropped layer with n units of which k are kept:
 Frozen units (`frozen_paths`): subtrees the clients do not train. They are
 split off the trainable tree (their place holds None, an empty pytree), given
 to the loss as constants, and get a zero delta and no server update.
+
+Paths are tuples of dict keys, as `flax.traverse_util.flatten_dict` makes.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
-
-from conformer_fl.models.units import get_unit as get_path
 
 Path = tuple[str, ...]
 PyTree = Any
@@ -103,25 +116,58 @@ class SubmodelSpec:
 
 
 # ----------------------------------------------------------------------------
-# Nested-dict helpers.
+# Paths (flax.traverse_util).
 # ----------------------------------------------------------------------------
 
 
-def replace_paths(tree: Mapping[str, Any], values: Mapping[Path, Any]) -> dict:
-  """A copy of `tree` with the entry at each path replaced (pure)."""
+def _flat(tree: Mapping[str, Any]) -> dict[Path, Any]:
+  return traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+
+
+def _under(key: Path, path: Path) -> bool:
+  return key[:len(path)] == path
+
+
+def get_path(tree: Mapping[str, Any], path: Path) -> PyTree:
+  """The leaf or subtree of nested dicts `tree` at `path`.
+
+  Raises:
+    KeyError: no leaf at or under `path`.
+  """
+  flat = _flat(tree)
+  if path in flat:
+    return flat[path]
+  sub = {key[len(path):]: value for key, value in flat.items()
+         if _under(key, path)}
+  if not sub:
+    raise KeyError(f"No entry '{'/'.join(path)}' in the tree.")
+  return traverse_util.unflatten_dict(sub)
+
+
+def replace_paths(tree: Mapping[str, Any],
+                  values: Mapping[Path, Any]) -> PyTree:
+  """A copy of `tree` with the leaf or subtree at each path replaced (pure).
+
+  Raises:
+    KeyError: a path with no leaf at or under it.
+  """
   if not values:
     return tree
-  if () in values:
-    return values[()]
-  by_head: dict[str, dict[Path, Any]] = {}
+  flat = _flat(tree)
   for path, value in values.items():
-    by_head.setdefault(path[0], {})[path[1:]] = value
-  updated = dict(tree)
-  for head, rest in by_head.items():
-    if head not in tree:
-      raise KeyError(f'replace_paths: no key {head!r} in {sorted(tree)}.')
-    updated[head] = replace_paths(tree[head], rest)
-  return updated
+    under = [path] if path in flat else [key for key in flat
+                                         if _under(key, path)]
+    if not under:
+      raise KeyError(f"replace_paths: no entry '{'/'.join(path)}'.")
+    for key in under:
+      del flat[key]
+    flat[path] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def leaf_paths(tree: Mapping[str, Any]) -> list[Path]:
+  """The paths of every leaf of nested dicts `tree`."""
+  return list(traverse_util.flatten_dict(tree))
 
 
 # ----------------------------------------------------------------------------
@@ -199,12 +245,13 @@ def gather_submodel(spec: SubmodelSpec, tree: PyTree, kept: KeptIndices,
   Returns:
     The tree with [.., n*copies, ..] leaves replaced by [.., k*copies, ..].
   """
+  flat = _flat(tree)
   values = {}
   for layer in spec.layers:
     for leaf in _leaves(layer, which):
-      full = get_path(tree, leaf.path)
       values[leaf.path] = jnp.take(
-          full, _leaf_indices(layer, leaf, kept[layer.name]), axis=leaf.axis)
+          flat[leaf.path], _leaf_indices(layer, leaf, kept[layer.name]),
+          axis=leaf.axis)
   return replace_paths(tree, values)
 
 
@@ -213,15 +260,16 @@ def scatter_to_full(spec: SubmodelSpec, sub_tree: PyTree, fill: PyTree,
   """Writes a sub-model tree back into `fill` (a full-shape tree).
 
   Kept positions get the sub-model's values, the others keep `fill`'s (zeros
-  for deltas, the server's values for model_state). Leaves outside dropped
-  layers are taken from sub_tree as they are.
+  for deltas and model-state sums). Leaves outside dropped layers are taken
+  from sub_tree as they are.
   """
+  full_flat, sub_flat = _flat(fill), _flat(sub_tree)
   values = {}
   for layer in spec.layers:
     for leaf in _leaves(layer, which):
       indices = _leaf_indices(layer, leaf, kept[layer.name])
-      full = jnp.moveaxis(get_path(fill, leaf.path), leaf.axis, 0)
-      sub = jnp.moveaxis(get_path(sub_tree, leaf.path), leaf.axis, 0)
+      full = jnp.moveaxis(full_flat[leaf.path], leaf.axis, 0)
+      sub = jnp.moveaxis(sub_flat[leaf.path], leaf.axis, 0)
       values[leaf.path] = jnp.moveaxis(
           full.at[indices].set(sub.astype(full.dtype)), 0, leaf.axis)
   return replace_paths(sub_tree, values)
@@ -248,6 +296,86 @@ def merge_frozen(spec: SubmodelSpec, trainable: PyTree,
 
 
 # ----------------------------------------------------------------------------
+# Client side: the sub-model and the wrapped client update.
+# ----------------------------------------------------------------------------
+
+
+def client_submodel(
+    spec: SubmodelSpec, params: PyTree, model_state: PyTree,
+    kept: KeptIndices) -> tuple[PyTree, tuple[PyTree, ...], PyTree]:
+  """A client's sub-model: (trainable params, frozen subtrees, model_state).
+
+  Args:
+    spec: the sub-model spec.
+    params, model_state: full server values.
+    kept: the client's kept indices.
+
+  Returns:
+    Trainable params (gathered; None at the frozen paths), the frozen
+    subtrees (gathered), the gathered model_state.
+  """
+  trainable, frozen = split_frozen(spec, gather_submodel(spec, params, kept))
+  return trainable, frozen, gather_submodel(spec, model_state, kept,
+                                            'model_state')
+
+
+def with_frozen(spec: SubmodelSpec, loss_fn: Callable[..., Any],
+                frozen: Sequence[PyTree]) -> Callable[..., Any]:
+  """loss_fn of (trainable, model_state, batch, rng): frozen merged back in."""
+
+  def trainable_loss(trainable, model_state, batch, rng):
+    return loss_fn(merge_frozen(spec, trainable, frozen), model_state, batch,
+                   rng)
+
+  return trainable_loss
+
+
+def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
+                       loss_fn: Callable[..., Any],
+                       client_optimizer: Any) -> Callable[..., Any]:
+  """The round's client update of ONE client, run on its random sub-model.
+
+  Args:
+    client_update: round.client_update(server_params, server_model_state,
+      batches, step_mask, client_rng, *, loss_fn, client_optimizer) ->
+      ClientOutput (delta, model_state, loss_sum, num_examples_seen).
+    spec: the sub-model spec.
+    loss_fn, client_optimizer: those of the round.
+
+  Returns:
+    fn(server_params, server_model_state, batches, step_mask, client_rng) ->
+    ClientOutput with full-shape delta (zero at dropped and frozen units),
+    model_state (zero at the dropped units of state leaves) and units
+    {layer name: float32 [n] kept indicator}. The kept units are drawn from
+    fold_in(client_rng, DROPOUT_RNG_TAG); the frozen subtrees are constants
+    (stop_gradient) of the loss.
+  """
+
+  def dropout_client_update(server_params, server_model_state, batches,
+                            step_mask, client_rng):
+    kept = sample_kept_indices(
+        spec, jax.random.fold_in(client_rng, DROPOUT_RNG_TAG))
+    trainable, frozen, sub_state = client_submodel(
+        spec, server_params, server_model_state, kept)
+    frozen = jax.lax.stop_gradient(frozen)
+    output = client_update(trainable, sub_state, batches, step_mask,
+                           client_rng, loss_fn=with_frozen(spec, loss_fn,
+                                                           frozen),
+                           client_optimizer=client_optimizer)
+    zeros = jax.tree.map(jnp.zeros_like, server_params)
+    delta = merge_frozen(spec, output.delta,
+                         jax.tree.map(jnp.zeros_like, frozen))
+    delta = scatter_to_full(spec, delta, zeros, kept)
+    model_state = scatter_to_full(
+        spec, output.model_state,
+        jax.tree.map(jnp.zeros_like, server_model_state), kept, 'model_state')
+    return output._replace(delta=delta, model_state=model_state,
+                           units=kept_indicator(spec, kept))
+
+  return dropout_client_update
+
+
+# ----------------------------------------------------------------------------
 # Server side: count-normalized mean.
 # ----------------------------------------------------------------------------
 
@@ -263,42 +391,50 @@ def _broadcast_units(values: jax.Array, leaf: GatheredLeaf,
 
 
 def trained_weights(spec: SubmodelSpec, params: PyTree,
-                    unit_weights: Mapping[str, jax.Array]) -> dict[Path, Any]:
+                    unit_weights: Mapping[str, jax.Array],
+                    which: str = 'params') -> dict[Path, Any]:
   """{leaf path: sum_c w_c kept_c broadcast to the leaf} for partial leaves.
 
   Covers the leaves of dropped layers (unit_weights[name] float32 [n] =
-  sum_c w_c * kept_indicator_c) and every leaf under a frozen path (0).
-  Leaves absent from the result were trained by every finite client.
+  sum_c w_c * kept_indicator_c) and, for which='params', every leaf under a
+  frozen path (0). Leaves absent from the result were trained by every
+  finite client. `params` is the full params (or model_state) tree.
   """
+  flat = _flat(params)
   weights = {}
   for layer in spec.layers:
-    for leaf in layer.param_leaves:
-      shape = get_path(params, leaf.path).shape
+    for leaf in _leaves(layer, which):
       weights[leaf.path] = _broadcast_units(unit_weights[layer.name], leaf,
-                                            shape)
-  for frozen_path in spec.frozen_paths:
-    flat = jax.tree_util.tree_flatten_with_path(get_path(params, frozen_path))
-    for key_path, leaf_value in flat[0]:
-      path = frozen_path + tuple(k.key for k in key_path)
-      weights[path] = jnp.zeros(leaf_value.shape, jnp.float32)
+                                            flat[leaf.path].shape)
+  if which == 'params':
+    for path, value in flat.items():
+      if any(_under(path, frozen) for frozen in spec.frozen_paths):
+        weights[path] = jnp.zeros(value.shape, jnp.float32)
   return weights
 
 
-def count_normalized_mean(delta_sum: PyTree, plain_mean: PyTree,
-                          weights: Mapping[Path, jax.Array]) -> PyTree:
-  """sum_c w_c kept_c delta_c / sum_c w_c kept_c, 0 where no client trained.
+def count_normalized_mean(total_sum: PyTree, plain_mean: PyTree,
+                          weights: Mapping[Path, jax.Array],
+                          untrained: PyTree | None = None) -> PyTree:
+  """sum_c w_c kept_c x_c / sum_c w_c kept_c at the leaves of `weights`.
 
   Args:
-    delta_sum: sum_c w_c delta_c (deltas zero at untrained positions).
-    plain_mean: delta_sum / sum_c w_c (kept for leaves every client trained,
+    total_sum: sum_c w_c x_c (x zero where the client did not keep a unit).
+    plain_mean: total_sum / sum_c w_c (kept for leaves every client trained,
       so that a spec without dropped layers reproduces the plain round).
     weights: trained_weights(...).
+    untrained: values where no client kept the element (the server's model
+      state); None = 0.
   """
+  flat_sum = _flat(total_sum)
+  flat_untrained = None if untrained is None else _flat(untrained)
   values = {}
   for path, weight in weights.items():
-    total = get_path(delta_sum, path)
+    total = flat_sum[path]
     safe = jnp.where(weight > 0, weight, 1.0).astype(total.dtype)
-    values[path] = jnp.where(weight > 0, total / safe, 0.0).astype(total.dtype)
+    fallback = 0.0 if flat_untrained is None else flat_untrained[path]
+    values[path] = jnp.where(weight > 0, total / safe,
+                             fallback).astype(total.dtype)
   return replace_paths(plain_mean, values)
 
 
@@ -308,6 +444,47 @@ def zero_untrained(updates: PyTree,
 
   (A server optimizer with momentum would otherwise keep moving them.)
   """
-  values = {path: jnp.where(weight > 0, get_path(updates, path), 0.0)
+  flat = _flat(updates)
+  values = {path: jnp.where(weight > 0, flat[path], 0.0)
             for path, weight in weights.items()}
   return replace_paths(updates, values)
+
+
+def make_average(spec: SubmodelSpec,
+                 plain_average: Callable[..., Any]) -> Callable[..., Any]:
+  """The round's server-side mean for the clients' sub-models.
+
+  Args:
+    spec: the sub-model spec.
+    plain_average: aggregation.weighted_mean(sums, params, model_state) ->
+      Averages(delta, model_state, mask_updates, metrics).
+
+  Returns:
+    average(sums, params, model_state) -> Averages whose delta and
+    model_state are count-normalized (module docstring), whose mask_updates
+    zeroes the server update of elements no client trained, and whose
+    metrics add 'submodel_kept_fraction/<layer>' (weighted mean kept
+    fraction). sums['unit_weights'] = {layer: sum_c w_c kept_c} [n].
+  """
+
+  def average(sums, params, model_state):
+    plain = plain_average(sums, params, model_state)
+    unit_weights = sums['unit_weights']
+    trained = trained_weights(spec, params, unit_weights)
+    kept_state = trained_weights(spec, model_state, unit_weights,
+                                 'model_state')
+    safe_weight = jnp.where(sums['weight'] > 0, sums['weight'], 1.0)
+    metrics = {
+        f'submodel_kept_fraction/{layer.name}':
+            jnp.sum(unit_weights[layer.name]) / (safe_weight *
+                                                 layer.num_units)
+        for layer in spec.layers}
+    return plain._replace(
+        delta=count_normalized_mean(sums['delta'], plain.delta, trained),
+        model_state=count_normalized_mean(sums['model_state'],
+                                          plain.model_state, kept_state,
+                                          model_state),
+        mask_updates=lambda updates: zero_untrained(updates, trained),
+        metrics={**plain.metrics, **metrics})
+
+  return average

@@ -9,6 +9,8 @@ from conformer_fl.models.frontend import spec_augment
 from conformer_fl.models.rnnt import rnnt_loss
 from conformer_fl.models.sizes import build_model
 from conformer_fl.models.sizes import get_model_config
+from conformer_fl.models.units import droppable_modules
+from conformer_fl.models.units import droppable_modules_from_config
 from conformer_fl.models.units import get_unit
 from conformer_fl.models.units import list_units
 from conformer_fl.models.units import set_unit
@@ -17,6 +19,8 @@ __all__ = [
     'ConformerASR',
     'build_model',
     'ctc_loss',
+    'droppable_modules',
+    'droppable_modules_from_config',
     'get_model_config',
     'get_unit',
     'greedy_decode',

@@ -16,8 +16,14 @@ Granularities (every parameter belongs to exactly one unit at each):
             sub-module in the paper's figure, and keeping it separate keeps
             every unit a single subtree.
 Any other top-level subtree (none today) would be a unit of its own.
+
+Droppable modules (`droppable_modules`): the Conformer's declaration, as data,
+of which module units Federated Dropout may thin, which leaves carry their
+units and along which axis (conformer_fl/federated/dropout.py reads it and
+knows no layer name).
 """
 
+import dataclasses
 from typing import Any, Mapping
 
 Path = tuple[str, ...]
@@ -95,3 +101,75 @@ def set_unit(tree: Mapping[str, Any], path: Path, value: PyTree) -> dict:
   updated = dict(tree)
   updated[head] = set_unit(tree[head], rest, value) if rest else value
   return updated
+
+
+# ----------------------------------------------------------------------------
+# Droppable modules (Federated Dropout), declared by the model.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DroppableModule:
+  """One kind of module unit whose units a client may drop.
+
+  Attributes:
+    kind: the kind's name ('ffn', 'conv', 'mhsa'), as config lists them.
+    module: regular expression that fully matches the '/'-joined path of every
+      module of this kind in the params (the ffn1 of every block, say).
+    leaves: (pattern, axis, copies) triples: every leaf of the module whose
+      '/'-joined path below the module fully matches `pattern` (in params and
+      in each model_state collection) carries the n units along `axis`,
+      `copies` consecutive blocks of n (2 for a GLU input: unit i owns
+      entries i and n + i). A module has n = shape[axis] / copies units;
+      leaves that match no pattern are kept whole.
+    groups: G; units are kept k/G per group of n/G consecutive units (the
+      conv module's group norm), 1 elsewhere.
+  """
+  kind: str
+  module: str
+  leaves: tuple[tuple[str, int, int], ...]
+  groups: int = 1
+
+
+def droppable_modules(conv_norm_groups: int = 1
+                      ) -> tuple[DroppableModule, ...]:
+  """The Conformer's droppable modules, in the order a block computes them.
+
+  ffn1/ffn2: the ffn_mult*D hidden units, columns of dense_in/kernel [D, F]
+    and dense_in/bias [F], rows of dense_out/kernel [F, D].
+  conv: the C = D inner channels after the GLU, columns i and C+i of
+    pointwise_in/kernel [D, 2C] and bias [2C], depthwise/kernel [K, 1, C],
+    every conv_norm leaf [C] (params and batch-norm running statistics), rows
+    of pointwise_out/kernel [C, D].
+  mhsa: the H heads (of width D/H, unchanged): query/key/value/pos_proj
+    kernels [D, H, Dh] (axis 1), their biases and content_bias/position_bias
+    [H, Dh] (axis 0), output/kernel [H, Dh, D] (axis 0).
+  The layer norms, output biases and everything else are kept whole; the
+  modules of models/conformer.py read their widths from the kernels given.
+
+  Args:
+    conv_norm_groups: G of the conv module's group norm (1 for other norms).
+  """
+  block = r'encoder/block_\d+/'
+  ffn_leaves = (('dense_in/kernel', 1, 1), ('dense_in/bias', 0, 1),
+                ('dense_out/kernel', 0, 1))
+  mhsa_leaves = (('(query|key|value|pos_proj)/kernel', 1, 1),
+                 ('(query|key|value)/bias', 0, 1),
+                 ('content_bias|position_bias', 0, 1),
+                 ('output/kernel', 0, 1))
+  conv_leaves = (('pointwise_in/kernel', 1, 2), ('pointwise_in/bias', 0, 2),
+                 ('depthwise/kernel', 2, 1), ('pointwise_out/kernel', 0, 1),
+                 ('conv_norm/.+', -1, 1))
+  return (DroppableModule('ffn', block + 'ffn1', ffn_leaves),
+          DroppableModule('mhsa', block + 'mhsa', mhsa_leaves),
+          DroppableModule('conv', block + 'conv', conv_leaves,
+                          conv_norm_groups),
+          DroppableModule('ffn', block + 'ffn2', ffn_leaves))
+
+
+def droppable_modules_from_config(
+    model_config: Any) -> tuple[DroppableModule, ...]:
+  """`droppable_modules` of a model config (its conv norm's group count)."""
+  groups = (model_config.conv_norm_groups
+            if model_config.conv_norm == 'group_norm' else 1)
+  return droppable_modules(groups)
