@@ -123,6 +123,11 @@ def federated_config(server: str = "fedavg",
       L2 norm; 0 = off).
     server_optimizer: name ('fedavg' | 'fedavgm' | 'fedadam' | 'fedyogi') and
       learning_rate, with momentum (fedavgm) or b1, b2, eps (fedadam, fedyogi).
+      Unset (None) fields take the defaults of the name
+      (`optimizers.SERVER_DEFAULTS`: fedavg lr 1.0; fedavgm lr 1.0, momentum
+      0.9; fedadam and fedyogi lr 1e-2, b1 0.9, b2 0.99, eps 1e-3), so
+      `--config.federated.server_optimizer.name=fedadam` alone runs FedAdam
+      with its own learning rate; a field that is set wins.
     clip_update_norm: clip each client's update to this L2 norm (0 = off).
     init_workdir: start from this (central) run's checkpoint; its tokenizer is
       reused. '' = random initialization.
@@ -148,11 +153,11 @@ def federated_config(server: str = "fedavg",
       A layer keeps round((1 - rate) * n) of its n units (>= 1), the same
       count for every client; which ones is drawn per client and round.
   """
-  server_optimizer = dict(name=server, learning_rate=1.0)
-  if server == "fedavgm":
-    server_optimizer.update(learning_rate=1.0, momentum=0.9)
-  elif server in ("fedadam", "fedyogi"):
-    server_optimizer.update(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3)
+  # Every field of every server optimizer, unset: `optimizers` fills them in
+  # from `server`'s (or an overriding name's) defaults.
+  server_optimizer = dict(
+      name=server, **{field: config_dict.placeholder(float) for field in (
+          "learning_rate", "momentum", "b1", "b2", "eps")})
   return ml_collections.ConfigDict(dict(
       rounds=rounds,
       clients_per_round=8,
