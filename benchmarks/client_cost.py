@@ -17,7 +17,6 @@ import optax
 
 from conformer_fl import config_lib
 from conformer_fl import models
-from conformer_fl import train
 from conformer_fl.federated import dropout
 
 
@@ -53,8 +52,9 @@ def main() -> None:
     model = models.build_model(config)
     batch = random_batch(config.vocab_size, args.batch, args.seconds,
                          args.labels)
-    params, model_state = train.split_variables(train.init_variables(model, 0))
-    loss_fn = train.make_mean_loss_fn(model)
+    params, model_state = models.split_variables(
+        models.init_variables(model, 0))
+    loss_fn = models.make_mean_loss_fn(model)
     for rate in (float(r) for r in args.rates.split(",")):
       spec = dropout.make_dropout_spec(
           params, model_state, default_rate=rate,

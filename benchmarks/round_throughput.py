@@ -179,9 +179,9 @@ def run_worker(args) -> dict[str, Any]:
   import optax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
   from conformer_fl import config_lib
+  from conformer_fl import optimizers
   from conformer_fl.federated import mesh as mesh_lib
   from conformer_fl.federated import round as round_lib
-  from conformer_fl.federated import server_optimizers
   # pylint: enable=g-import-not-at-top
 
   num_devices = args.worker_devices
@@ -200,9 +200,9 @@ def run_worker(args) -> dict[str, Any]:
   # The optimizers of configs/federated.py: SGD with per-step gradient
   # clipping on the clients, FedAvg on the server.
   federated = config_lib.federated_config()
-  client_optimizer = server_optimizers.client_optimizer_from_config(
+  client_optimizer = optimizers.client_optimizer_from_config(
       federated.client_optimizer)
-  server_optimizer = server_optimizers.server_optimizer_from_config(
+  server_optimizer = optimizers.server_optimizer_from_config(
       federated.server_optimizer)
   rng_key = jax.random.key(0)
 

@@ -115,6 +115,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   pretrain.model.specaug_num_time_masks = 2
   pretrain.model.specaug_num_freq_masks = 1
   pretrain.model.specaug_max_freq_mask = 15
+  # The demo pre-trains on one device: on this 2-core machine a step split
+  # over 4 XLA CPU devices took twice as long (1.3 s against 0.65 s, measured
+  # side by side). The federated rounds keep every device (4 clients on 4
+  # devices: 2.5 clients/s against 1.9 on one).
+  pretrain.central.num_devices = 1 if a.scale == "demo" else 0
   config.pretrain = pretrain
 
   # (3) Layer importance of the pre-trained model, on its own dev split:

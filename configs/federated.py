@@ -22,6 +22,11 @@ Argument (all optional, `key=value,...`):
   rounds   number of rounds                                  (60)
   seed                                                       (0)
 
+The server optimizer also switches by one flag,
+`--config.federated.server_optimizer.name=fedadam`: its unset fields take the
+name's defaults (conformer_fl/optimizers.py, SERVER_DEFAULTS); a field set by
+another flag, e.g. `--config.federated.server_optimizer.learning_rate=0.03`, wins.
+
 Off switches: every optional clip and rate is off at 0, e.g.
 `--config.federated.client_optimizer.clip_grad_norm=0` (clients' gradient
 clipping), `--config.federated.clip_update_norm=0`, `--config.model.dropout_rate=0`

@@ -7,6 +7,7 @@ Transcripts are detokenized and scored on the host with `conformer_fl.wer`.
 """
 
 from collections.abc import Callable, Iterable, Mapping
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +48,18 @@ def make_eval_step(model: nn.Module) -> Callable[[Variables, Batch], EvalOutput]
     )
 
   return eval_step
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_eval_step(model: nn.Module) -> Callable[[Variables, Batch],
+                                                   EvalOutput]:
+  """`jax.jit(make_eval_step(model))`, one per model (modules hash by fields).
+
+  Every run and evaluation of a process with an equal model shares it, so a
+  batch shape compiles once per process (the experiment evaluates 12 runs
+  and 2 checkpoints of one model).
+  """
+  return jax.jit(make_eval_step(model))
 
 
 def ids_to_texts(

@@ -11,14 +11,26 @@ checkpoint) prints one line `error: ...` on stderr and exits with status 1.
 Multi-host: on a Cloud TPU pod, `jax.distributed.initialize()` finds the other hosts
 by itself; `launch/local_multiprocess.py` stands in for a pod on one machine by setting
 CONFORMER_FL_COORDINATOR, CONFORMER_FL_NUM_PROCESSES and CONFORMER_FL_PROCESS_ID.
+
+`run(config, workdir)` runs `config.mode` (one of MODES); notebooks and tests
+call it directly:
+  central     `train.train_central` (conformer_fl/train.py)
+  federated   `train.train_federated`
+  analysis    the layer-importance pass over a finished run
+              (`conformer_fl.analysis.run_analysis`)
+  experiment  pre-training, analysis and federated arms in sub-directories
+              (`conformer_fl.experiment.run_experiment`), whose training stages
+              run the two loops of train.py.
 """
 
 import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +39,40 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+MODES = ("central", "federated", "analysis", "experiment")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Runs `config.mode` in `workdir` (module docstring).
+
+  Returns:
+    central / federated: the final params (host numpy); analysis: its
+    results; experiment: its summary.
+
+  Raises:
+    workdir.RunError: a run refused or stopped for a reason its one-line
+      message names (see `train.train_central`).
+    ValueError: an unknown mode.
+  """
+  # pylint: disable=g-import-not-at-top
+  # Imported here, each mode only what it runs: jax must not start before
+  # `_initialize_distributed`.
+  from conformer_fl import train
+  if config.mode == "central":
+    return train.train_central(config, workdir)
+  if config.mode == "federated":
+    return train.train_federated(config, workdir)
+  if config.mode == "analysis":
+    from conformer_fl import analysis
+    return analysis.run_analysis(config, workdir)
+  if config.mode == "experiment":
+    from conformer_fl import experiment
+    return experiment.run_experiment(
+        config, workdir, train_central=train.train_central,
+        train_federated=train.train_federated)
+  # pylint: enable=g-import-not-at-top
+  raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
 
 
 def _initialize_distributed() -> None:
@@ -61,7 +107,6 @@ def main(argv):
   # TensorFlow only reads data here: keep it off accelerators.
   tf.config.set_visible_devices([], "GPU")
   tf.config.set_visible_devices([], "TPU")
-  from conformer_fl import train  # pylint: disable=g-import-not-at-top
 
   logging.info(
       "JAX process %d of %d; %d local devices, %d in all: %s",
@@ -71,7 +116,7 @@ def main(argv):
   from conformer_fl import workdir  # pylint: disable=g-import-not-at-top
 
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
   except workdir.RunError as e:
     # Refused or stopped for a reason the message names (another config, a
     # locked workdir, divergence, no intact checkpoint): one line, status 1.

@@ -3,7 +3,7 @@ r"""Plans a run for a TPU pod slice on a machine without one: HBM and FLOPs.
 `launch/tpu_pod.py plan --topology=v5e:2x2 -- --config=... [--config.X=V]`
 reads the config exactly as `python -m conformer_fl.main` does, builds the
 run's step with the run's own functions (the federated round of
-`conformer_fl.federated.round`, the central step of `conformer_fl.train`, the
+`conformer_fl.federated.round`, the central step of `conformer_fl.steps`, the
 analysis pass's vmapped evaluation of `conformer_fl.analysis.variant_eval`),
 lowers it with `jax.ShapeDtypeStruct`s placed on a mesh of the topology's
 compile-only devices (`jax.experimental.topologies`, which needs the `libtpu`
@@ -26,7 +26,7 @@ over the chips or does not fit.
 
 Shapes: the longest bucket of `config.data.bucket_seconds` (the largest round
 or batch the run can meet), the vocabulary of the config's tokenizer (as
-`conformer_fl.train` sets it from the tokenizer), random-init parameters (a
+`conformer_fl.run_setup` sets it from the tokenizer), random-init parameters (a
 checkpoint has the same shapes).
 
 Run it with JAX on the CPU (`JAX_PLATFORMS=cpu`, which `plan` sets when
@@ -53,7 +53,8 @@ from ml_collections import config_flags
 
 from conformer_fl import divergence
 from conformer_fl import models
-from conformer_fl import train
+from conformer_fl import optimizers
+from conformer_fl import steps
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import batching
@@ -207,7 +208,8 @@ def tokenizer_vocab_size(data_config: ml_collections.ConfigDict) -> int:
 
 def resolve_config(config: ml_collections.ConfigDict
                    ) -> ml_collections.ConfigDict:
-  """The config as `train._setup` resolves it: vocab_size from the tokenizer."""
+  """The config as `run_setup.open_run` resolves it: vocab_size from the
+  tokenizer."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.vocab_size = tokenizer_vocab_size(config.data)
@@ -226,8 +228,8 @@ def _placed(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
 
 
 def abstract_variables(model: models.ConformerASR, seed: int) -> PyTree:
-  """Shapes of `train.init_variables(model, seed)` (nothing is computed)."""
-  return jax.eval_shape(functools.partial(train.init_variables, model, seed))
+  """Shapes of `models.init_variables(model, seed)` (nothing is computed)."""
+  return jax.eval_shape(functools.partial(models.init_variables, model, seed))
 
 
 def _longest_bucket(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -238,7 +240,7 @@ def _longest_bucket(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def abstract_round_data(config: ml_collections.ConfigDict, num_clients: int,
                         sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """Round data [C, K, B, ...] of the longest bucket, as `train` makes it.
+  """Round data [C, K, B, ...] of the longest bucket (`steps.round_arrays`).
 
   The keys, dtypes and trailing axes come from `clients.make_round_data`
   itself, run for one client without examples, one step of one utterance;
@@ -318,10 +320,10 @@ def federated_round_step(config: ml_collections.ConfigDict,
                          model: models.ConformerASR, target: Target) -> Step:
   """The round of `train.train_federated`, built as it builds it."""
   f = config.federated
-  params, model_state = train.split_variables(
+  params, model_state = models.split_variables(
       abstract_variables(model, config.seed))
   mesh = mesh_lib.make_client_mesh(devices=target.devices)
-  round_fn, server_optimizer = train.make_round_from_config(
+  round_fn, server_optimizer = steps.make_round_from_config(
       config, model, params, model_state, mesh)
   replicated = mesh_lib.replicated_sharding(mesh)
   state = _placed(jax.eval_shape(functools.partial(
@@ -342,16 +344,16 @@ def federated_round_step(config: ml_collections.ConfigDict,
 def central_step(config: ml_collections.ConfigDict, model: models.ConformerASR,
                  target: Target) -> Step:
   """The step of `train.train_central`, jitted as it jits it."""
-  params, model_state = train.split_variables(
+  params, model_state = models.split_variables(
       abstract_variables(model, config.seed))
-  optimizer = train.make_central_optimizer(config.central, params)
+  optimizer = optimizers.make_central_optimizer(config.central, params)
   mesh = mesh_lib.make_client_mesh(devices=target.devices)
   replicated = mesh_lib.replicated_sharding(mesh)
   by_example = mesh_lib.client_sharding(mesh)
   state = _placed(jax.eval_shape(lambda p, s: dict(
       params=p, model_state=s, opt_state=optimizer.init(p),
       step=jnp.zeros((), jnp.int32)), params, model_state), replicated)
-  train_step = train.jit_central_train_step(model, optimizer, mesh)
+  train_step = steps.jit_central_train_step(model, optimizer, mesh)
   seed_key = _abstract_key(config.seed, replicated)
   guard = _placed(jax.eval_shape(divergence.init_guard), replicated)
 

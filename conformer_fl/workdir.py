@@ -66,6 +66,9 @@ RESUMABLE_FIELDS = (
     "federated.log_every",
     "federated.eval_every",
     "federated.checkpoint_every",
+    # How many devices a central step is split over (same model and data;
+    # only the order of the gradient sums changes).
+    "central.num_devices",
     # Where the corpus and the pre-trained run are (another machine or
     # $TFDS_DATA_DIR; init_workdir is read for round 0 only, which the
     # workdir's own checkpoints already hold).

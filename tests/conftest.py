@@ -5,9 +5,6 @@ collection time, for every test module.
 """
 
 import os
-import pathlib
-import subprocess
-import sys
 
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=4"

@@ -2,7 +2,7 @@
 
 A tiny (one-block) batch-norm Conformer is trained centrally for a few steps
 with one unit frozen (`config.central.frozen_units`), then the analysis pass
-runs through `train.train_and_evaluate` (config.mode 'analysis') on its
+runs through `main.run` (config.mode 'analysis') on its
 workdir.
 """
 
@@ -17,8 +17,8 @@ import pytest
 
 from conformer_fl import checkpointing
 from conformer_fl import evaluation
+from conformer_fl import main
 from conformer_fl import models
-from conformer_fl import train
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import resets
@@ -72,7 +72,7 @@ def workdir(tiny_corpus_dir, tmp_path_factory):
   config.central.checkpoint_every = 2
   config.central.frozen_units = (FROZEN,)
   workdir = str(tmp_path_factory.mktemp('analysis_run'))
-  train.train_and_evaluate(config, workdir)
+  main.run(config, workdir)
   return workdir
 
 
@@ -81,7 +81,7 @@ def results(workdir):
   # 1 + 7 units x (3 taus + 1 seed) variants, 4 per call: the 4 front-end
   # resets in one chunk, the others in 7 chunks sharing the front end.
   config = analysis_config.get_config('granularity=module,seeds=1,variants=4')
-  return train.train_and_evaluate(config, workdir)
+  return main.run(config, workdir)
 
 
 @pytest.fixture(scope='module')

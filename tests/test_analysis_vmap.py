@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from conformer_fl import models
-from conformer_fl import train
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import resets
 from conformer_fl.analysis import variant_eval
@@ -66,7 +65,7 @@ def _decode(ids):
 
 
 def test_fresh_initializations_equal_init_variables(model, inits):
-  expected = train.init_variables(model, 1)
+  expected = models.init_variables(model, 1)
   jax.tree.map(np.testing.assert_array_equal, expected, inits[1])
 
 

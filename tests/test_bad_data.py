@@ -30,14 +30,13 @@ import tensorflow_datasets as tfds
 
 from conformer_fl import config_lib
 from conformer_fl import models
-from conformer_fl import train
+from conformer_fl import optimizers
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import librispeech
 from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
-from conformer_fl.federated import server_optimizers
 from conformer_fl.models import frontend
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -363,19 +362,19 @@ def test_zero_turns_the_client_clip_off():
   assert c.clip_grad_norm == 0.0 and config.federated.clip_update_norm == 0.0
   params = {"w": jnp.zeros((3,))}
   grads = [{"w": jnp.array([300.0, -400.0, 0.0])}]
-  off = server_optimizers.client_optimizer_from_config(c)
+  off = optimizers.client_optimizer_from_config(c)
   plain = optax.sgd(c.learning_rate)
   np.testing.assert_array_equal(_updates(off, grads, params)[0]["w"],
                                 _updates(plain, grads, params)[0]["w"])
   # The default (5.0) clips the same gradient (norm 500) to norm 5.
-  clipped = server_optimizers.client_optimizer_from_config(
+  clipped = optimizers.client_optimizer_from_config(
       _parse("configs/federated.py:size=tiny").federated.client_optimizer)
   np.testing.assert_allclose(
       optax.global_norm(_updates(clipped, grads, params)[0]),
       5.0 * c.learning_rate, rtol=1e-6)
   with pytest.raises(ValueError, match=r"clip_grad_norm=-1.0 must be >= 0"):
-    server_optimizers.make_client_optimizer("sgd", learning_rate=0.1,
-                                            clip_grad_norm=-1.0)
+    optimizers.make_client_optimizer("sgd", learning_rate=0.1,
+                                     clip_grad_norm=-1.0)
   model_config = config_lib.model_config("tiny", conv_norm="group_norm",
                                          decoder="ctc")
   model = models.build_model(model_config)
@@ -402,12 +401,12 @@ def test_zero_turns_central_clip_dropout_and_specaugment_off():
   grads = [{"w": jnp.array([300.0, -400.0, 0.0])},
            {"w": jnp.array([-3.0, 4.0, 0.0])}]
   c = config.central
-  plain = optax.adam(train.learning_rate_schedule(c.peak_learning_rate,
-                                                  c.warmup_steps),
+  plain = optax.adam(optimizers.learning_rate_schedule(c.peak_learning_rate,
+                                                       c.warmup_steps),
                      b1=c.b1, b2=c.b2, eps=c.eps)
-  off = _updates(train.make_central_optimizer(c, params), grads, params)
+  off = _updates(optimizers.make_central_optimizer(c, params), grads, params)
   np.testing.assert_array_equal(off[1]["w"], _updates(plain, grads, params)[1]["w"])
-  clipped = _updates(train.make_central_optimizer(default.central, params),
+  clipped = _updates(optimizers.make_central_optimizer(default.central, params),
                      grads, params)
   assert np.all(np.sign(clipped[1]["w"][:2]) == -np.sign(off[1]["w"][:2]))
   # The model: with dropout and SpecAugment off, a training step draws no

@@ -120,7 +120,7 @@ def test_resumable_fields_are_one_documented_list():
       "central.num_steps", "federated.rounds",
       "central.log_every", "central.eval_every", "central.checkpoint_every",
       "federated.log_every", "federated.eval_every",
-      "federated.checkpoint_every",
+      "federated.checkpoint_every", "central.num_devices",
       "data.data_dir", "federated.init_workdir",
       "eval_max_batches", "data.eval_batch_size", "data.prefetch_batches")
   readme = (ROOT / "README.md").read_text()

@@ -21,9 +21,9 @@ import numpy as np
 import optax
 import pytest
 
+from conformer_fl import optimizers
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
-from conformer_fl.federated import server_optimizers
 
 CLIENT_LR = 0.5
 W0 = np.array([0.0, 1.0], np.float32)
@@ -90,7 +90,7 @@ def test_fedavg_one_local_step(mesh):
   # loss at w0: A: 0.5*mean(1 + 25) = 6.5; B: 0.5*40 = 20;
   # example-weighted: (2*6.5 + 20) / 3 = 11.
   state, [metrics] = run_rounds(
-      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1)
+      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1)
   np.testing.assert_allclose(state.params['mean']['w'], [5 / 3, 4 / 3],
                              rtol=1e-6)
   np.testing.assert_array_equal(state.params['unused']['z'], [1.0])
@@ -116,7 +116,7 @@ def test_fedavg_two_local_steps(mesh):
   # (2 ex); B step 0 = 20 (1 ex); B step 1 at [3, 0]: 0.5*(1 + 9) = 5 (1 ex);
   # example-weighted: (13 + 5 + 20 + 5) / 6 = 43/6.
   state, [metrics] = run_rounds(
-      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2)
+      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2)
   np.testing.assert_allclose(state.params['mean']['w'], [11 / 6, 11 / 6],
                              rtol=1e-6)
   np.testing.assert_allclose(metrics['loss'], 43 / 6, rtol=1e-6)
@@ -128,7 +128,7 @@ def test_fedadam_one_step_matches_optax_adam_on_negated_mean_delta(mesh):
   # applied by hand to the pseudo-gradient -d. Its first step is, by hand,
   # w1 = w0 + lr * d / (|d| + eps) (bias-corrected moments are d and d^2).
   lr, b1, b2, eps = 0.1, 0.9, 0.99, 1e-3
-  server_optimizer = server_optimizers.make_server_optimizer(
+  server_optimizer = optimizers.make_server_optimizer(
       'fedadam', learning_rate=lr, b1=b1, b2=b2, eps=eps)
   state, _ = run_rounds(server_optimizer, mesh, local_steps=1)
 
@@ -151,7 +151,7 @@ def test_fedavgm_two_rounds_by_hand(mesh):
   # round 2: d2 = 0.5*([10/3, 5/3] - w1) = [5/6, 1/6];
   #          w2 = w1 + d2 + 0.9*d1 = [4, 1.8]   (plain FedAvg: [2.5, 1.5]).
   state, metrics = run_rounds(
-      server_optimizers.make_server_optimizer(
+      optimizers.make_server_optimizer(
           'fedavgm', learning_rate=1.0, momentum=0.9),
       mesh, local_steps=1, num_rounds=2)
   np.testing.assert_allclose(state.params['mean']['w'], [4.0, 1.8], rtol=1e-6)
@@ -167,8 +167,8 @@ def test_client_adam_first_step_moves_lr_times_sign(mesh):
   #             B: [-6, 2]  -> delta_B = [0.1, -0.1].
   # mean delta = (2*[0.1, 0.1] + [0.1, -0.1]) / 3 = [0.1, 0.1/3].
   state, _ = run_rounds(
-      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1,
-      client_optimizer=server_optimizers.make_client_optimizer(
+      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1,
+      client_optimizer=optimizers.make_client_optimizer(
           'adam', learning_rate=0.1))
   np.testing.assert_allclose(state.params['mean']['w'],
                              W0 + [0.1, 0.1 / 3], rtol=1e-5)
@@ -178,7 +178,7 @@ def test_update_norm_clipping(mesh):
   # K = 1, clip 2: |delta_A| = sqrt(2) stays; |delta_B| = sqrt(10) -> scaled
   # to 2*[3, -1]/sqrt(10). mean = (2*[1, 1] + 2*[3, -1]/sqrt(10)) / 3.
   state, [metrics] = run_rounds(
-      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1,
+      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1,
       clip_update_norm=2.0)
   clipped_b = 2.0 * np.array([3.0, -1.0]) / np.sqrt(10.0)
   expected = W0 + (2 * np.array([1.0, 1.0]) + clipped_b) / 3
@@ -202,7 +202,7 @@ def test_update_norm_clipping(mesh):
 def test_aggregation_weights(mesh, aggregation_weight, mean_delta):
   data = dict(round_data(2), client_size=np.array([3.0, 7.0], np.float32))
   state, [metrics] = run_rounds(
-      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
+      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
       aggregation_weight=aggregation_weight, data=data)
   np.testing.assert_allclose(state.params['mean']['w'], W0 + mean_delta,
                              rtol=1e-6)
@@ -227,7 +227,7 @@ def test_uniform_weight_skips_a_client_without_data(mesh):
   data['step_mask'] = np.array([[1, 1], [0, 0]], np.float32)
   data['num_examples'] = data['example_mask'].sum(axis=(1, 2))
   state, [metrics] = run_rounds(
-      server_optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
+      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
       aggregation_weight='uniform', data=data)
   np.testing.assert_allclose(state.params['mean']['w'], W0 + [1.5, 1.0],
                              rtol=1e-6)
@@ -236,16 +236,16 @@ def test_uniform_weight_skips_a_client_without_data(mesh):
 
 def test_aggregation_weight_errors(mesh):
   with pytest.raises(ValueError, match="'client_size'"):
-    run_rounds(server_optimizers.make_server_optimizer('fedavg'), mesh,
+    run_rounds(optimizers.make_server_optimizer('fedavg'), mesh,
                local_steps=1, aggregation_weight='client_size')
   with pytest.raises(ValueError, match="'by_loss'"):
-    run_rounds(server_optimizers.make_server_optimizer('fedavg'), mesh,
+    run_rounds(optimizers.make_server_optimizer('fedavg'), mesh,
                local_steps=1, aggregation_weight='by_loss')
 
 
 @pytest.mark.parametrize('name', ['fedavg', 'fedavgm', 'fedadam', 'fedyogi'])
 def test_server_optimizer_from_config(name):
-  optimizer = server_optimizers.server_optimizer_from_config(
+  optimizer = optimizers.server_optimizer_from_config(
       {'name': name, 'learning_rate': 1.0})
   params = {'w': jnp.zeros(2)}
   updates, _ = optimizer.update({'w': -jnp.ones(2)}, optimizer.init(params),
@@ -256,9 +256,9 @@ def test_server_optimizer_from_config(name):
 
 def test_bad_optimizer_names_raise():
   with pytest.raises(ValueError, match="'fedsgd'"):
-    server_optimizers.make_server_optimizer('fedsgd')
+    optimizers.make_server_optimizer('fedsgd')
   with pytest.raises(ValueError, match="'rmsprop'"):
-    server_optimizers.make_client_optimizer('rmsprop', learning_rate=0.1)
+    optimizers.make_client_optimizer('rmsprop', learning_rate=0.1)
   with pytest.raises(ValueError, match='bogus'):
-    server_optimizers.server_optimizer_from_config(
+    optimizers.server_optimizer_from_config(
         {'name': 'fedavg', 'bogus': 1})

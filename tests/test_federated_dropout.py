@@ -20,7 +20,7 @@ from conformer_fl.federated import dropout
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
-from conformer_fl.train import make_mean_loss_fn
+from conformer_fl.models.losses import make_mean_loss_fn
 
 BATCH, SAMPLES, LABELS = 2, 3200, 2
 D_MODEL, GROUPS = 32, 2

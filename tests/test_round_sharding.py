@@ -18,9 +18,9 @@ import numpy as np
 import optax
 import pytest
 
+from conformer_fl import optimizers
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
-from conformer_fl.federated import server_optimizers
 
 import xla_env  # tests/xla_env.py
 
@@ -81,7 +81,7 @@ def initial_model_state():
 
 
 CLIENT_OPTIMIZER = optax.adam(0.05)
-SERVER_OPTIMIZER = server_optimizers.make_server_optimizer(
+SERVER_OPTIMIZER = optimizers.make_server_optimizer(
     'fedadam', learning_rate=0.1)
 RNG_SEED = 42  # A key made at import would start the backend before the
 # multi-process worker calls jax.distributed.initialize.
@@ -254,7 +254,7 @@ def test_weights_follow_example_counts(round_fn, mesh, data, reference):
   clients = reference[3]
   one_hot = dict(data, num_examples=np.eye(NUM_CLIENTS, dtype=np.float32)[2]
                  * data['num_examples'][2])
-  fedavg = server_optimizers.make_server_optimizer('fedavg')
+  fedavg = optimizers.make_server_optimizer('fedavg')
   fedavg_round = round_lib.make_federated_round(toy_loss, CLIENT_OPTIMIZER,
                                                 fedavg, mesh)
   state = mesh_lib.replicate(round_lib.init_server_state(

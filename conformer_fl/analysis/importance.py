@@ -149,7 +149,7 @@ def movement_correlations(unit_results: Mapping[str, Any]) -> dict[str, Any]:
 
 def fresh_initializations(model: models.ConformerASR,
                           seeds: list[int]) -> dict[int, dict[str, Any]]:
-  """{seed: host variables of `train.init_variables(model, seed)`}.
+  """{seed: host variables of `models.init_variables(model, seed)`}.
 
   The init function is vmapped over the seeds, so it compiles once (calling
   `init_variables` per seed would compile once per seed). Same values: the

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -43,13 +44,9 @@ class Variant:
 
 
 def has_path(tree: PyTree, path: Path) -> bool:
-  """Whether `tree` (nested mappings) holds a subtree at `path`."""
-  node = tree
-  for key in path:
-    if not isinstance(node, Mapping) or key not in node:
-      return False
-    node = node[key]
-  return True
+  """Whether `tree` (nested dicts) holds a subtree or leaf at `path`."""
+  return any(key[:len(path)] == path for key in traverse_util.flatten_dict(
+      tree, keep_empty_nodes=True))
 
 
 def reset_unit(variables: Variables, source: Variables, path: Path) -> Variables:

@@ -20,6 +20,7 @@ Both return the same numbers: per variant the metrics of
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 
@@ -46,21 +47,18 @@ SHAREABLE_PATHS = (('encoder', 'subsampling'),)
 
 
 def _without(tree: Any, path: tuple[str, ...]) -> Any:
-  """A copy of nested mappings `tree` without the subtree at `path`."""
-  copy = dict(tree)
-  if len(path) == 1:
-    del copy[path[0]]
-  else:
-    copy[path[0]] = _without(tree[path[0]], path[1:])
-  return copy
+  """A copy of nested dicts `tree` without the subtree at `path`."""
+  return traverse_util.unflatten_dict({
+      key: value for key, value in traverse_util.flatten_dict(
+          tree, keep_empty_nodes=True).items() if key[:len(path)] != path})
 
 
 def _with(tree: Any, path: tuple[str, ...], value: Any) -> Any:
-  """A copy of nested mappings `tree` with `value` inserted at `path`."""
-  copy = dict(tree)
-  copy[path[0]] = value if len(path) == 1 else _with(tree[path[0]], path[1:],
-                                                     value)
-  return copy
+  """A copy of nested dicts `tree` with `value` (a subtree) put at `path`."""
+  flat = {key: leaf for key, leaf in traverse_util.flatten_dict(
+      tree, keep_empty_nodes=True).items() if key[:len(path)] != path}
+  flat[path] = value
+  return traverse_util.unflatten_dict(flat)
 
 
 def make_vectorized_eval_fn(model: nn.Module) -> EvalFn:

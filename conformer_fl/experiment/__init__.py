@@ -1,6 +1,6 @@
 r"""The study end to end: pre-train, find the ambient layers, adapt with dropout.
 
-`run_experiment(config, workdir)` (mode 'experiment', configs/experiment.py;
+`run_experiment(config, workdir, ...)` (mode 'experiment', configs/experiment.py;
 `make demo` runs it) chains the paper's stages, each a run of its own mode in
 a sub-directory of the workdir W:
 
@@ -19,6 +19,10 @@ a sub-directory of the workdir W:
                 paired intervals, transcripts and figures
                 (`summary`, `evidence`); the wall time of every
                 stage that ran                                   W/stage_seconds.json
+
+The training stages run the loops `run_experiment` is given
+(`conformer_fl/main.py` passes `train.train_central` and `train.train_federated`),
+so this package does not import conformer_fl/train.py.
 
 Run again, a finished stage is skipped and an interrupted one resumes from its
 checkpoints, so the same config and seeds give the same WERs and costs (the

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 
 from conformer_fl import models
-from conformer_fl import train
+from conformer_fl import optimizers
+from conformer_fl import steps
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
-from conformer_fl.federated import server_optimizers
 from conformer_fl.federated import submodel as submodel_lib
 
 # Keys of a round's arrays that a local step's loss reads.
@@ -36,7 +36,7 @@ def first_round_step_batch(config: ml_collections.ConfigDict,
   sampler = clients_lib.ClientSampler(datasets.client_ids,
                                       config.federated.clients_per_round,
                                       config.seed)
-  data = train.round_arrays(config, datasets, sampler, 0)
+  data = steps.round_arrays(config, datasets, sampler, 0)
   return {key: data[key][0, 0] for key in _STEP_KEYS}
 
 
@@ -57,8 +57,8 @@ def arm_costs(config: ml_collections.ConfigDict,
            'flops_fraction', 'peak_bytes_fraction'}}.
   """
   model = models.build_model(config.model)
-  loss_fn = train.make_mean_loss_fn(model)
-  client_optimizer = server_optimizers.client_optimizer_from_config(
+  loss_fn = models.make_mean_loss_fn(model)
+  client_optimizer = optimizers.client_optimizer_from_config(
       config.federated.client_optimizer)
   rng = jax.random.key(0)
 

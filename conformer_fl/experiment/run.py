@@ -14,7 +14,6 @@ import ml_collections
 from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import models
-from conformer_fl import train
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.data import input_pipeline
@@ -23,6 +22,8 @@ from conformer_fl.experiment import costs as costs_lib
 from conformer_fl.experiment import summary as summary_lib
 
 CONFIG_FILE = "experiment_config.json"
+# A training loop of conformer_fl/train.py: (run config, workdir) -> params.
+TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 # Version of the cached final evaluations (2: with CER, the WER interval and
 # the transcripts); a cache of another version is computed again.
 EVAL_SCHEMA = 2
@@ -167,7 +168,7 @@ def evaluate_checkpoint(
   batches = input_pipeline.get_eval_batches(data_config, tokenizer,
                                             split=split, domains=domains)
   metrics, examples = evaluation.evaluate(
-      jax.jit(evaluation.make_eval_step(model)), variables, batches,
+      evaluation.jitted_eval_step(model), variables, batches,
       tokenizer.decode)
   return {**metrics, "step": step, "split": split,
           "references": [r for r, _ in examples],
@@ -254,9 +255,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f" experiment runs it as {mode!r}.")
 
 
-def run_experiment(config: ml_collections.ConfigDict,
-                   workdir: str) -> dict[str, Any]:
-  """Runs every stage (module docstring) and returns the summary."""
+def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
+                   train_central: TrainFn,
+                   train_federated: TrainFn) -> dict[str, Any]:
+  """Runs every stage (module docstring) and returns the summary.
+
+  Args:
+    config: the experiment config (configs/experiment.py).
+    workdir: the experiment's directory W.
+    train_central: the central loop that pre-trains (`train.train_central`;
+      `conformer_fl/main.py` passes it).
+    train_federated: the federated loop of every arm and seed
+      (`train.train_federated`).
+  """
   workdir = epath.Path(workdir)
   if jax.process_count() > 1:
     raise ValueError(
@@ -272,11 +283,12 @@ def run_experiment(config: ml_collections.ConfigDict,
   with workdir_lib.WorkdirLock(workdir):
     if not known:
       check_workdir_config(config, workdir)  # Writes experiment_config.json.
-    return _run_stages(config, workdir)
+    return _run_stages(config, workdir, train_central, train_federated)
 
 
-def _run_stages(config: ml_collections.ConfigDict,
-                workdir: epath.Path) -> dict[str, Any]:
+def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
+                train_central: TrainFn,
+                train_federated: TrainFn) -> dict[str, Any]:
   """The stages of `run_experiment`, its workdir checked and locked."""
   progress = _Progress(5, workdir)
   pretrain_dir = workdir / "pretrain"
@@ -293,7 +305,7 @@ def _run_stages(config: ml_collections.ConfigDict,
   else:
     progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
     with progress.timed("pretrain"):
-      train.train_central(config.pretrain, os.fspath(pretrain_dir))
+      train_central(config.pretrain, os.fspath(pretrain_dir))
 
   importance_path = (pretrain_dir / importance_lib.OUTPUT_DIR /
                      importance_lib.IMPORTANCE_FILE)
@@ -309,7 +321,8 @@ def _run_stages(config: ml_collections.ConfigDict,
   pretrained = importance_lib.load_run_config(pretrain_dir)
   store = checkpointing.CheckpointStore(os.fspath(pretrain_dir), read_only=True)
   try:
-    params, model_state = train.split_variables(store.restore_variables(steps))
+    params, model_state = models.split_variables(
+        store.restore_variables(steps))
   finally:
     store.close()
   kinds = tuple(config.adapt.federated.dropout.unit_kinds)
@@ -334,7 +347,7 @@ def _run_stages(config: ml_collections.ConfigDict,
         progress.stage(4, f"adapt {arm} seed {seed}: {rounds} federated rounds"
                           f" -> {run_dir}")
         with progress.timed(f"adapt/{arm}/seed_{seed}"):
-          train.train_federated(
+          train_federated(
               _adapt_config(config, dropout_config, seed, pretrain_dir),
               os.fspath(run_dir))
       split = config.final_eval_split

@@ -1,4 +1,4 @@
-"""Conformer ASR: front end, encoder, decoders, losses, decoding, units."""
+"""Conformer ASR: front end, encoder, decoders, losses, decoding, units, init."""
 
 from conformer_fl.models.asr import ConformerASR
 from conformer_fl.models.asr import greedy_decode
@@ -6,6 +6,7 @@ from conformer_fl.models.asr import per_example_loss
 from conformer_fl.models.decoding import ctc_loss
 from conformer_fl.models.frontend import log_mel
 from conformer_fl.models.frontend import spec_augment
+from conformer_fl.models.losses import make_mean_loss_fn
 from conformer_fl.models.rnnt import rnnt_loss
 from conformer_fl.models.sizes import build_model
 from conformer_fl.models.sizes import get_model_config
@@ -14,6 +15,8 @@ from conformer_fl.models.units import droppable_modules_from_config
 from conformer_fl.models.units import get_unit
 from conformer_fl.models.units import list_units
 from conformer_fl.models.units import set_unit
+from conformer_fl.models.variables import init_variables
+from conformer_fl.models.variables import split_variables
 
 __all__ = [
     'ConformerASR',
@@ -24,10 +27,13 @@ __all__ = [
     'get_model_config',
     'get_unit',
     'greedy_decode',
+    'init_variables',
     'list_units',
     'log_mel',
+    'make_mean_loss_fn',
     'per_example_loss',
     'rnnt_loss',
     'set_unit',
     'spec_augment',
+    'split_variables',
 ]
