@@ -29,17 +29,18 @@ ranks the droppable modules (ffn1, mhsa, conv, ffn2 of every block; the
 analysis runs at module granularity) by the WER increase; the tiny scale,
 whose 6-step model transcribes nothing, ranks them by the loss increase.
 
-The demo (`make demo`, 42 minutes on 2 CPU cores; the README gives the
+The demo (`make demo`, 25 minutes on 2 CPU cores; the README gives the
 measured time of each stage): the `demo` corpus (long form: 2-6 s sentences of
 a closed-vocabulary grammar; short form: <= 2 s commands), the demo-size
-Conformer (4 blocks x 96, CTC, sentencepiece 128) pre-trained centrally with
-lighter SpecAugment and tight buckets, the analysis on 160 dev utterances,
-four arms x 3 federated seeds, and the final evaluation of every arm and seed
-on all 240 test utterances of 8 held-out speakers, with paired bootstrap
-intervals (W/report.md).
+Conformer (4 blocks x 96, CTC over characters) pre-trained centrally on one
+device with lighter SpecAugment and tight buckets, the analysis on 160 dev
+utterances, four arms x 3 federated seeds (20 rounds of 4 clients x 8 local
+steps), and the final evaluation of every arm and seed on all 240 test
+utterances of 8 held-out speakers, with paired bootstrap intervals
+(W/report.md).
 
 Argument (all optional, `key=value,...`):
-  scale    demo (the `make demo` default: about 40 minutes on 2 CPU cores)
+  scale    demo (the `make demo` default: about 25 minutes on 2 CPU cores)
            | tiny (a minute: the test of the whole pipeline)        (demo)
   norm     conv-module norm: group_norm | batch_norm | layer_norm   (group_norm)
   decoder  ctc | rnnt                                                (ctc)
