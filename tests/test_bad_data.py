@@ -19,10 +19,8 @@ import pathlib
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 import pytest
@@ -38,6 +36,8 @@ from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.models import frontend
+
+import entry_point  # tests/entry_point.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CHAR = tokenizer_lib.CharTokenizer()
@@ -318,14 +318,7 @@ def test_entry_point_names_missing_librispeech_in_one_line(tmp_path):
 
 
 def _parse(config: str, *overrides: str):
-  """The config that `python -m conformer_fl.main` would run."""
-  argv = ["main", f"--config={ROOT / config}", *overrides]
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "",
-                                           flag_values=flag_values,
-                                           lock_config=True, sys_argv=argv)
-  flag_values(argv)
-  return holder.value
+  return entry_point.parse_config(str(ROOT / config), *overrides)
 
 
 _CENTRAL_OFF = (

@@ -7,28 +7,21 @@ optimizer as building the config for NAME; a field set on the command line wins.
 
 import pathlib
 
-from absl import flags
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 import pytest
 
 from conformer_fl import optimizers
 
+import entry_point  # tests/entry_point.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FEDERATED = ROOT / "configs" / "federated.py"
 
 
 def _parse(config: str, *overrides: str):
-  """The config that `python -m conformer_fl.main` would run."""
-  argv = ["main", f"--config={config}", *overrides]
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "",
-                                           flag_values=flag_values,
-                                           lock_config=True, sys_argv=argv)
-  flag_values(argv)
-  return holder.value
+  return entry_point.parse_config(config, *overrides)
 
 
 def _updates(optimizer: optax.GradientTransformation) -> list[np.ndarray]:
