@@ -195,3 +195,8 @@ def test_figures_are_pngs_of_the_expected_size(workdir, results):
     assert _png_size(os.path.join(out, figure['file'])) == size
     assert f"]({figure['file']})" in report_text
   assert FROZEN in report_text
+  # The title names the run's folder, not where it lies on this machine.
+  assert report_text.splitlines()[0] == (
+      f"# Layer importance of the run `{os.path.basename(workdir)}` (the"
+      " folder above this report's)")
+  assert str(workdir) not in report_text

@@ -1,5 +1,6 @@
 """analysis/report.md: the importance results as tables, with the figures."""
 
+import posixpath
 from typing import Any
 
 
@@ -29,8 +30,12 @@ def render_report(results: dict[str, Any]) -> str:
   """Markdown of an importance.json dict; figures linked by file name."""
   t = results['thresholds']
   base = results['baseline']
+  # The run's folder name, not its absolute path: the report sits in
+  # <run>/analysis/ and stays readable when the workdir is moved or shared.
+  run_name = posixpath.basename(posixpath.normpath(str(results['workdir'])))
   lines = [
-      f"# Layer importance of `{results['workdir']}`",
+      f"# Layer importance of the run `{run_name}` (the folder above this"
+      " report's)",
       '',
       f"Trained checkpoint: {results['step_key']} {results['trained_step']}; "
       f"units at granularity `{results['granularity']}`; re-initialization "
