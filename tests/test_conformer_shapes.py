@@ -6,6 +6,7 @@ count derived by hand from the architecture, and against the paper's 10.3M /
 30.7M / 118.8M (RNN-T, vocab 1024, embed and joint width 320: see sizes.py).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -149,3 +150,35 @@ def test_bad_config_names_the_problem(size, overrides, message):
   with pytest.raises(ValueError, match=None) as error:
     models.get_model_config(size, **overrides)
   assert message in str(error.value)
+
+
+def test_one_encoder_config_is_passed_down_and_the_model_hashes():
+  """Each encoder field is declared once, in models.ConformerConfig."""
+  config = models.get_model_config('tiny', decoder='ctc', num_blocks=3,
+                                   conv_norm='group_norm', conv_norm_groups=4)
+  encoder_fields = [f.name for f in dataclasses.fields(models.ConformerConfig)]
+  other_fields = [f.name for f in dataclasses.fields(models.ConformerASR)
+                  if f.name not in ('parent', 'name', 'encoder_config')]
+  assert not set(encoder_fields) & set(other_fields)
+  assert set(config.keys()) == set(encoder_fields + other_fields)
+  model = models.build_model(config)
+  assert model.encoder_config == models.ConformerConfig(
+      num_blocks=3, model_dim=32, num_heads=2, conv_kernel_size=8,
+      conv_norm='group_norm', conv_norm_groups=4)
+  assert (model.decoder, model.vocab_size) == ('ctc', 32)
+  # Hashable and equal by value: evaluation.jitted_eval_step is an lru_cache
+  # keyed by the model.
+  assert hash(model) == hash(models.build_model(config))
+  assert model == models.build_model(config)
+  assert model != models.build_model(models.get_model_config(
+      'tiny', decoder='ctc', num_blocks=2, conv_norm='group_norm',
+      conv_norm_groups=4))
+  # The encoder receives that very config; the tree keeps its names.
+  shapes = _init_shapes(config, _batch(config.vocab_size))['params']
+  assert model.bind({'params': shapes}).encoder.config == model.encoder_config
+  assert sorted(shapes) == ['decoder', 'encoder']
+  assert sorted(shapes['encoder']) == ['block_00', 'block_01', 'block_02',
+                                       'subsampling']
+  assert sorted(shapes['encoder']['block_02']) == [
+      'conv', 'ffn1', 'ffn2', 'final_norm', 'mhsa']
+  assert _count(shapes) == _hand_count(config)

@@ -45,20 +45,17 @@ def normalize_per_utterance(features: Array, paddings: Array,
 
 
 class ConformerASR(nn.Module):
-  """The whole ASR model; its fields are exactly the model config fields.
+  """The whole ASR model.
+
+  The flat model config (conformer_fl/models/sizes.py, `build_model`) has one
+  field per attribute of `encoder_config` and one per other attribute here.
 
   Attributes:
-    num_blocks: Conformer blocks in the encoder.
-    model_dim: Encoder width D.
-    num_heads: Attention heads.
-    ffn_mult: Feed-forward hidden width multiplier.
-    conv_kernel_size: Depthwise conv kernel size.
-    conv_norm: 'batch_norm' | 'group_norm' | 'layer_norm' in the conv module.
-    conv_norm_groups: Groups of 'group_norm'.
-    batch_norm_momentum: Running-average momentum of 'batch_norm'.
-    depthwise_impl: 'shift_add' (fast on CPU) | 'conv' (feature_group_count).
-    dropout_rate: Residual-branch dropout.
-    attention_dropout_rate: Dropout on attention probabilities.
+    encoder_config: The encoder's hyperparameters
+      (`conformer.ConformerConfig`: num_blocks, model_dim, num_heads,
+      ffn_mult, conv_kernel_size, conv_norm, conv_norm_groups,
+      batch_norm_momentum, depthwise_impl, dropout_rate,
+      attention_dropout_rate), passed down to the encoder and its blocks.
     decoder: 'ctc' | 'rnnt'.
     vocab_size: Output vocabulary including the blank (id 0).
     embed_dim: RNN-T label embedding width.
@@ -76,17 +73,7 @@ class ConformerASR(nn.Module):
     specaug_num_time_masks: SpecAugment time masks (0 disables).
     specaug_max_time_mask_ratio: Widest time mask as a fraction of length.
   """
-  num_blocks: int = 2
-  model_dim: int = 32
-  num_heads: int = 2
-  ffn_mult: int = 4
-  conv_kernel_size: int = 32
-  conv_norm: conformer.ConvNorm = 'batch_norm'
-  conv_norm_groups: int = 1
-  batch_norm_momentum: float = 0.99
-  depthwise_impl: conformer.DepthwiseImpl = 'shift_add'
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.0
+  encoder_config: conformer.ConformerConfig = conformer.ConformerConfig()
   decoder: str = 'rnnt'
   vocab_size: int = 32
   embed_dim: int = 32
@@ -104,14 +91,7 @@ class ConformerASR(nn.Module):
   specaug_max_time_mask_ratio: float = 0.05
 
   def setup(self):
-    self.encoder = conformer.ConformerEncoder(
-        num_blocks=self.num_blocks, model_dim=self.model_dim,
-        num_heads=self.num_heads, ffn_mult=self.ffn_mult,
-        conv_kernel_size=self.conv_kernel_size, conv_norm=self.conv_norm,
-        conv_norm_groups=self.conv_norm_groups,
-        batch_norm_momentum=self.batch_norm_momentum,
-        depthwise_impl=self.depthwise_impl, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate)
+    self.encoder = conformer.ConformerEncoder(config=self.encoder_config)
     if self.decoder == 'ctc':
       self.decoder_net = decoders.CTCHead(self.vocab_size, name='decoder')
     elif self.decoder == 'rnnt':
