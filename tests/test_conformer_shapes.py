@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from conformer_fl import models
+from conformer_fl.models import decoders
+from conformer_fl.models import decoding
 
 SAMPLES = 8000  # 0.5 s: 48 log-mel frames, 12 encoder frames.
 LABELS = 5
@@ -182,3 +184,35 @@ def test_one_encoder_config_is_passed_down_and_the_model_hashes():
   assert sorted(shapes['encoder']['block_02']) == [
       'conv', 'ffn1', 'ffn2', 'final_norm', 'mhsa']
   assert _count(shapes) == _hand_count(config)
+
+
+@pytest.mark.parametrize('decoder', ['ctc', 'rnnt'])
+def test_one_decoder_interface(tiny_outputs, decoder):
+  """The model picks its decoder once; loss and decode go through it."""
+  config, variables, outputs = tiny_outputs[decoder]
+  model = models.build_model(config)
+  net = model.make_decoder()
+  assert type(net) is {'ctc': decoders.CTCHead,
+                       'rnnt': decoders.RNNTDecoder}[decoder]
+  batch = _batch(config.vocab_size)
+  labels = (batch['labels'], batch['label_paddings'])
+  reference = (models.ctc_loss if decoder == 'ctc' else models.rnnt_loss)(
+      outputs['logits'], outputs['logit_paddings'], *labels)
+  np.testing.assert_array_equal(
+      net.loss(outputs['logits'], outputs['logit_paddings'], *labels),
+      reference)
+  loss, state = jax.jit(lambda v: models.per_example_loss(
+      model, v, batch, train=False, rng=None))(variables)
+  assert loss.shape == (2,) and state == {}
+  np.testing.assert_allclose(loss, reference, rtol=1e-5)
+  ids, paddings = jax.jit(lambda v: models.greedy_decode(model, v, batch))(
+      variables)
+  if decoder == 'ctc':
+    expected = decoding.ctc_greedy_decode(outputs['logits'],
+                                          outputs['logit_paddings'])
+    np.testing.assert_array_equal(ids, expected[0])
+    np.testing.assert_array_equal(paddings, expected[1])
+  else:
+    assert ids.shape == paddings.shape == (2, 12 * config.max_symbols_per_step)
+  with pytest.raises(ValueError, match="decoder must be 'ctc' or 'rnnt'"):
+    models.ConformerASR(decoder='las').make_decoder()
