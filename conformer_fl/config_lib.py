@@ -150,16 +150,27 @@ def federated_config(server: str = "fedavg",
       units of the targeted layers, gathered into smaller weight matrices.
       kind: 'none' (full model) | 'uniform' (default_rate on every targeted
         layer) | 'targeted' (per-unit rates, default_rate elsewhere).
-      rates: {unit name or prefix: rate in [0, 1)}, e.g.
-        {'encoder/block_03/ffn1': 0.5, 'encoder/block_05': 0.25}; the
-        longest matching key wins (kind='targeted' only). Build it from
-        analysis/importance.json with dropout.rates_from_importance.
-      default_rate: rate of the targeted layers that no key of rates names.
+      rates: {unit pattern: rate in [0, 1)} (kind='targeted' only). A
+        pattern (conformer_fl/unit_patterns.py) is an fnmatch glob over
+        unit names that also selects everything below a name it matches:
+        an exact name 'encoder/block_03/ffn1', a block 'encoder/block_05',
+        '*/conv' (every conv module), 'encoder/block_0[01]/*'; e.g.
+        --config.federated.dropout.rates='{"*/conv": 0.5}'. A pattern that
+        matches no unit is an error. Where several patterns select a
+        layer, the most specific wins: the one selecting the fewest
+        droppable layers ('encoder/block_03/ffn1' over 'encoder/block_03'
+        over '*/ffn1' with 8 blocks); equally specific ones with different
+        rates are an error. Build it from analysis/importance.json with
+        dropout.rates_from_importance.
+      default_rate: rate of the targeted layers that no pattern selects.
       unit_kinds: the layers targeted, some of 'ffn' (the ffn_mult*D hidden
         units of ffn1/ffn2), 'conv' (conv-module channels, kept within each
         group-norm group), 'mhsa' (attention heads).
-      freeze_units: unit names (or prefixes) the clients do not train at all
-        (any kind; applies with every `kind`, also 'none').
+      freeze_units: patterns like the keys of rates, matched against every
+        subtree of the params (a unit or anything inside one), e.g.
+        ("encoder/block_00", "*/conv"): the topmost subtrees they select are
+        not trained by the clients at all (any kind; applies with every
+        `kind`, also 'none'); a pattern that matches nothing is an error.
       A layer keeps round((1 - rate) * n) of its n units (>= 1), the same
       count for every client; which ones is drawn per client and round.
   """
@@ -233,8 +244,13 @@ def central_run_config(size: str = "demo", norm: str = "group_norm",
     num_steps; peak_learning_rate, warmup_steps (linear warm-up, then
     inverse-square-root decay); b1, b2, eps (Adam); clip_grad_norm (0 = off);
     log_every, eval_every, checkpoint_every (steps; step 0 is always saved);
-    frozen_units: units (`models.list_units` names, module granularity) whose
-    weights stay at their initial value, e.g. ("encoder/block_01/conv",);
+    frozen_units: unit patterns (conformer_fl/unit_patterns.py: fnmatch
+    globs over the `models.list_units` names at module granularity; a
+    pattern also selects the units below a name it matches) whose weights
+    stay at their initial value, e.g. ("encoder/block_01/conv",),
+    ("encoder/block_00",) (its five modules) or, on the command line,
+    --config.central.frozen_units='("encoder/block_0[01]/*",)'; a pattern
+    that matches no unit is an error naming the field and the units;
     num_devices: the batch is split over the first num_devices devices (0 =
     every device of every process; k > 0 needs one process). On a CPU,
     XLA's virtual devices (--xla_force_host_platform_device_count) share the

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from conformer_fl import unit_patterns
 from conformer_fl.models import units as units_lib
 
 PyTree = Any
@@ -76,27 +77,28 @@ def learning_rate_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
 def freeze_units(optimizer: optax.GradientTransformation, params: PyTree,
                  frozen: tuple[str, ...],
                  granularity: str = 'module') -> optax.GradientTransformation:
-  """`optimizer` on every unit but `frozen` (unit names), which never change.
+  """`optimizer` on every unit but the `frozen` ones, which never change.
 
   Args:
     optimizer: the optimizer of the trained units.
     params: the model's params (arrays or jax.ShapeDtypeStruct; only the
       structure is read).
-    frozen: `models.list_units` names at `granularity`.
+    frozen: patterns over the `models.list_units` names at `granularity`
+      (conformer_fl/unit_patterns.py: an exact name, a block
+      'encoder/block_00' or a glob such as 'encoder/block_0[01]/*').
     granularity: 'block' or 'module'.
 
   Raises:
-    ValueError: a name that is not a unit of the model.
+    ValueError: a pattern that matches no unit of the model (the message
+      names `central.frozen_units`, the pattern and the units).
   """
   if not frozen:
     return optimizer
   units = units_lib.list_units(params, granularity=granularity)
-  unknown = sorted(set(frozen) - set(units))
-  if unknown:
-    raise ValueError(f'Unknown units to freeze {unknown}; the model\'s units at'
-                     f' granularity {granularity!r} are {list(units)}')
+  selected = unit_patterns.select_units(frozen, list(units),
+                                        field='central.frozen_units')
   labels = jax.tree.map(lambda _: 'train', params)
-  for name in frozen:
+  for name in selected:
     labels = units_lib.set_unit(labels, units[name], jax.tree.map(
         lambda _: 'frozen', units_lib.get_unit(labels, units[name])))
   return optax.multi_transform(

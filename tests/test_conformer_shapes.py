@@ -6,6 +6,7 @@ count derived by hand from the architecture, and against the paper's 10.3M /
 30.7M / 118.8M (RNN-T, vocab 1024, embed and joint width 320: see sizes.py).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 
 from conformer_fl import models
+from conformer_fl.models import decoders
+from conformer_fl.models import decoding
 
 SAMPLES = 8000  # 0.5 s: 48 log-mel frames, 12 encoder frames.
 LABELS = 5
@@ -149,3 +152,67 @@ def test_bad_config_names_the_problem(size, overrides, message):
   with pytest.raises(ValueError, match=None) as error:
     models.get_model_config(size, **overrides)
   assert message in str(error.value)
+
+
+def test_one_encoder_config_is_passed_down_and_the_model_hashes():
+  """Each encoder field is declared once, in models.ConformerConfig."""
+  config = models.get_model_config('tiny', decoder='ctc', num_blocks=3,
+                                   conv_norm='group_norm', conv_norm_groups=4)
+  encoder_fields = [f.name for f in dataclasses.fields(models.ConformerConfig)]
+  other_fields = [f.name for f in dataclasses.fields(models.ConformerASR)
+                  if f.name not in ('parent', 'name', 'encoder_config')]
+  assert not set(encoder_fields) & set(other_fields)
+  assert set(config.keys()) == set(encoder_fields + other_fields)
+  model = models.build_model(config)
+  assert model.encoder_config == models.ConformerConfig(
+      num_blocks=3, model_dim=32, num_heads=2, conv_kernel_size=8,
+      conv_norm='group_norm', conv_norm_groups=4)
+  assert (model.decoder, model.vocab_size) == ('ctc', 32)
+  # Hashable and equal by value: evaluation.jitted_eval_step is an lru_cache
+  # keyed by the model.
+  assert hash(model) == hash(models.build_model(config))
+  assert model == models.build_model(config)
+  assert model != models.build_model(models.get_model_config(
+      'tiny', decoder='ctc', num_blocks=2, conv_norm='group_norm',
+      conv_norm_groups=4))
+  # The encoder receives that very config; the tree keeps its names.
+  shapes = _init_shapes(config, _batch(config.vocab_size))['params']
+  assert model.bind({'params': shapes}).encoder.config == model.encoder_config
+  assert sorted(shapes) == ['decoder', 'encoder']
+  assert sorted(shapes['encoder']) == ['block_00', 'block_01', 'block_02',
+                                       'subsampling']
+  assert sorted(shapes['encoder']['block_02']) == [
+      'conv', 'ffn1', 'ffn2', 'final_norm', 'mhsa']
+  assert _count(shapes) == _hand_count(config)
+
+
+@pytest.mark.parametrize('decoder', ['ctc', 'rnnt'])
+def test_one_decoder_interface(tiny_outputs, decoder):
+  """The model picks its decoder once; loss and decode go through it."""
+  config, variables, outputs = tiny_outputs[decoder]
+  model = models.build_model(config)
+  net = model.make_decoder()
+  assert type(net) is {'ctc': decoders.CTCHead,
+                       'rnnt': decoders.RNNTDecoder}[decoder]
+  batch = _batch(config.vocab_size)
+  labels = (batch['labels'], batch['label_paddings'])
+  reference = (models.ctc_loss if decoder == 'ctc' else models.rnnt_loss)(
+      outputs['logits'], outputs['logit_paddings'], *labels)
+  np.testing.assert_array_equal(
+      net.loss(outputs['logits'], outputs['logit_paddings'], *labels),
+      reference)
+  loss, state = jax.jit(lambda v: models.per_example_loss(
+      model, v, batch, train=False, rng=None))(variables)
+  assert loss.shape == (2,) and state == {}
+  np.testing.assert_allclose(loss, reference, rtol=1e-5)
+  ids, paddings = jax.jit(lambda v: models.greedy_decode(model, v, batch))(
+      variables)
+  if decoder == 'ctc':
+    expected = decoding.ctc_greedy_decode(outputs['logits'],
+                                          outputs['logit_paddings'])
+    np.testing.assert_array_equal(ids, expected[0])
+    np.testing.assert_array_equal(paddings, expected[1])
+  else:
+    assert ids.shape == paddings.shape == (2, 12 * config.max_symbols_per_step)
+  with pytest.raises(ValueError, match="decoder must be 'ctc' or 'rnnt'"):
+    models.ConformerASR(decoder='las').make_decoder()

@@ -282,6 +282,42 @@ def test_spec_from_config_and_rates(group_norm_model):
     dropout.make_dropout_spec(params, droppable=GROUPED, default_rate=1.0)
 
 
+def test_rates_and_frozen_units_by_pattern(group_norm_model):
+  """Rate keys and freeze_units are patterns; the most specific rate wins."""
+  params = group_norm_model[1]['params']
+  rates = {'*/conv': 0.5, 'encoder/block_00/*': 0.25}
+  for ordered in (rates, dict(reversed(rates.items()))):
+    spec = dropout.dropout_spec_from_config(
+        _dropout_config(kind='targeted', rates=ordered), params, {}, GROUPED)
+    # conv: '*/conv' selects 1 droppable module, 'encoder/block_00/*' 4.
+    # mhsa: 2 heads at rate 0.25 keep round(1.5) = 2, so it stays whole.
+    assert {l.name: l.num_kept for l in spec.layers} == {
+        'encoder/block_00/ffn1': 96, 'encoder/block_00/conv': 16,
+        'encoder/block_00/ffn2': 96}
+  with pytest.raises(ValueError, match=(
+      r"federated.dropout.rates: pattern '\*/attention' matches no unit; "
+      r"the units are \[.*'encoder/block_00'")):
+    dropout.make_dropout_spec(params, droppable=GROUPED,
+                              rates={'*/attention': 0.5})
+  with pytest.raises(ValueError, match=r'different values \[0.5, 0.25\]'):
+    dropout.make_dropout_spec(params, droppable=GROUPED,
+                              rates={'*/conv': 0.5, 'encoder/*/conv': 0.25})
+  spec = dropout.make_dropout_spec(params, droppable=GROUPED,
+                                   freeze_units=('*/conv', '*/mhsa'))
+  assert not spec.layers
+  assert set(spec.frozen_paths) == {('encoder', 'block_00', 'conv'),
+                                    ('encoder', 'block_00', 'mhsa')}
+  # The topmost selected subtree: the block holds its conv module.
+  spec = dropout.make_dropout_spec(
+      params, droppable=GROUPED, freeze_units=('*/conv', 'encoder/block_0?'))
+  assert spec.frozen_paths == (('encoder', 'block_00'),)
+  with pytest.raises(ValueError, match=(
+      r"federated.dropout.freeze_units: pattern 'encoder/block_01' matches"
+      r" no unit")):
+    dropout.make_dropout_spec(params, droppable=GROUPED,
+                              freeze_units=('encoder/block_01',))
+
+
 def test_rates_from_importance(group_norm_model):
   importance = {'ambient': ['encoder/block_00/ffn1', 'encoder/block_00/conv'],
                 'critical': ['encoder/block_00/mhsa'], 'scores': {}}
@@ -437,6 +473,16 @@ def test_frozen_units_not_trained():
       {k: data[k][0, 0] for k in ('x', 'y', 'example_mask')},
       jax.random.key(0))
   assert cost['params'] == IN * 2 + 1
+
+
+def test_frozen_by_pattern_stays_bit_equal_over_a_round():
+  """freeze_units=('[v]',) selects the toy's leaf v, which the round keeps."""
+  spec = dataclasses.replace(TOY_SPEC, frozen_paths=dropout.make_dropout_spec(
+      toy_params(), droppable=(), freeze_units=('[v]',)).frozen_paths)
+  assert spec.frozen_paths == (('v',),)
+  new_params, _ = run_toy_round(spec, toy_round_data(local_steps=2), 0)
+  np.testing.assert_array_equal(new_params['v'], toy_params()['v'])
+  assert not np.array_equal(new_params['w'], toy_params()['w'])
 
 
 def test_rate_zero_round_bit_for_bit_equal_to_plain_round():

@@ -49,9 +49,9 @@ def _random_variables(init_fn, seed: int = 0):
 def _encoder(norm: str) -> conformer.ConformerEncoder:
   # One block suffices: blocks are alike and each block's output at padded
   # frames is checked to be exactly zero, so nothing can leak further.
-  return conformer.ConformerEncoder(
+  return conformer.ConformerEncoder(conformer.ConformerConfig(
       num_blocks=1, model_dim=32, num_heads=2, conv_kernel_size=8,
-      conv_norm=norm, conv_norm_groups=4, dropout_rate=0.0)
+      conv_norm=norm, conv_norm_groups=4, dropout_rate=0.0))
 
 
 @pytest.fixture(scope='module')

@@ -20,8 +20,16 @@ layer of G groups keeps k/G units inside every group
 (k = G * round((1 - r) * n / G)), group-major, so each sub-model group holds
 a subset of one full-model group.
 
-Frozen units (`freeze_units`, any unit name or prefix): not trained by the
-clients at all (outside the client optimizer, zero delta, no server update).
+Which layers get which rate, and which subtrees are frozen, is selected by
+patterns over '/'-joined names (conformer_fl/unit_patterns.py: an exact name,
+a prefix such as a block 'encoder/block_03', or a glob such as '*/conv'):
+  rates: {pattern: rate}; a pattern must match some subtree of the params
+    (a unit, e.g. 'decoder', or anything inside one); the droppable modules
+    it selects take its rate, the most specific pattern (the one selecting
+    the fewest droppable modules) winning where several select a module.
+  freeze_units: patterns over the subtrees of the params; the topmost
+    selected subtrees are not trained by the clients at all (outside the
+    client optimizer, zero delta, no server update).
 """
 
 import math
@@ -34,6 +42,7 @@ import jax
 import ml_collections
 import optax
 
+from conformer_fl import unit_patterns
 from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
 
@@ -109,43 +118,54 @@ def droppable_layers(
   return layers
 
 
-def _rate_for(name: str, rates: Mapping[str, float], default_rate: float):
-  """The rate of the longest key of `rates` equal to or a '/'-prefix of name."""
-  best = None
-  for key in rates:
-    if name == key or name.startswith(key.rstrip('/') + '/'):
-      if best is None or len(key) > len(best):
-        best = key
-  return default_rate if best is None else rates[best]
-
-
 def _check_rate(where: str, rate: float) -> None:
   if not 0.0 <= rate < 1.0:
     raise ValueError(f'Dropout rate {rate!r} of {where} must lie in [0, 1).')
 
 
-def _names_subtree(params: Mapping[str, Any], name: str) -> bool:
-  keys = tuple(name.rstrip('/').split('/'))
-  return any(path[:len(keys)] == keys
-             for path in submodel_lib.leaf_paths(params))
+def subtree_names(params: Mapping[str, Any]) -> list[str]:
+  """'/'-joined paths of every subtree of `params` (inner nodes and leaves).
+
+  In tree order, each parent before its children: ['decoder',
+  'decoder/dense', 'decoder/dense/kernel', ...].
+  """
+  names = {}
+  for path in submodel_lib.leaf_paths(params):
+    for depth in range(1, len(path) + 1):
+      names.setdefault(_joined(path[:depth]), None)
+  return list(names)
+
+
+def _topmost(names: Sequence[str]) -> list[str]:
+  """The names none of whose '/'-prefixes is among `names`, in order."""
+  chosen = set(names)
+  return [name for name in names
+          if not any('/'.join(name.split('/')[:depth]) in chosen
+                     for depth in range(1, name.count('/') + 1))]
 
 
 def layer_rates(params: Mapping[str, Any], rates: Mapping[str, float],
                 droppable: Sequence[Droppable], default_rate: float = 0.0,
                 unit_kinds: Sequence[str] | None = None) -> dict[str, float]:
-  """{droppable module name: rate} (keys of rates may be prefixes).
+  """{droppable module name: rate} (keys of rates are patterns).
 
   Args:
     params: full model params.
-    rates: {module name or prefix: rate in [0, 1)}.
+    rates: {pattern: rate in [0, 1)}, patterns as in
+      conformer_fl/unit_patterns.py, e.g. {'*/conv': 0.5,
+      'encoder/block_03': 0.25}; where several select a module, the one
+      selecting the fewest droppable modules wins.
     droppable: the model's declaration (module docstring).
-    default_rate: rate of the modules no key matches.
+    default_rate: rate of the modules no pattern selects.
     unit_kinds: the declared kinds to drop (None = all).
 
   Raises:
-    ValueError: a rate outside [0, 1), an undeclared unit kind, or a key of
-      `rates` that names no subtree of params ('no unit').
+    ValueError: a rate outside [0, 1), an undeclared unit kind, a pattern of
+      `rates` that matches no subtree of params ('matches no unit', naming
+      `federated.dropout.rates`), or two equally specific patterns giving one
+      module different rates.
   """
+  field = 'federated.dropout.rates'
   kinds = tuple(dict.fromkeys(d.kind for d in droppable))
   unknown_kinds = sorted(set(unit_kinds or ()) - set(kinds))
   if unknown_kinds:
@@ -154,12 +174,11 @@ def layer_rates(params: Mapping[str, Any], rates: Mapping[str, float],
   _check_rate('default_rate', default_rate)
   for key, rate in rates.items():
     _check_rate(repr(key), rate)
-    if not _names_subtree(params, key):
-      raise ValueError(f'Dropout rate for {key!r}, which is no unit (nor '
-                       f'prefix of one) of the params.')
-  return {name: _rate_for(name, rates, default_rate)
-          for name, (declaration, *_) in droppable_layers(
-              params, None, droppable).items()
+  unit_patterns.match_units(rates, subtree_names(params), field=field)
+  layers = droppable_layers(params, None, droppable)
+  assigned = unit_patterns.assign_to_units(rates, list(layers), field=field)
+  return {name: assigned.get(name, default_rate)
+          for name, (declaration, *_) in layers.items()
           if unit_kinds is None or declaration.kind in unit_kinds}
 
 
@@ -180,12 +199,18 @@ def make_dropout_spec(
     model_state: full model state (e.g. {'batch_stats': ...}) or None.
     droppable: the model's declaration of its droppable modules (module
       docstring), e.g. models.droppable_modules(conv_norm_groups).
-    rates: {module name or prefix, e.g. 'encoder/block_03/ffn1' or
-      'encoder/block_03': rate in [0, 1)}; the longest matching key wins.
+    rates: {pattern: rate in [0, 1)} (`layer_rates`), e.g.
+      {'encoder/block_03/ffn1': 0.5, 'encoder/block_03': 0.25, '*/conv':
+      0.5}; the most specific pattern wins.
     default_rate: rate of the droppable modules no key matches.
     unit_kinds: which declared kinds are dropped (None = all).
-    freeze_units: unit names (or prefixes, e.g. 'encoder/block_00') that the
-      clients do not train.
+    freeze_units: patterns (conformer_fl/unit_patterns.py) over the subtrees
+      of params, e.g. ('encoder/block_00', '*/conv'); the topmost subtrees
+      they select are not trained by the clients.
+
+  Raises:
+    ValueError: as `layer_rates`, or a freeze_units pattern that matches no
+      subtree (naming `federated.dropout.freeze_units`).
 
   Returns:
     The spec (layers with keep count n left out; empty at rate 0).
@@ -206,13 +231,13 @@ def make_dropout_spec(
         name=name, num_units=num_units, num_kept=per_group * groups,
         num_groups=groups, param_leaves=param_leaves,
         state_leaves=state_leaves))
-  frozen = []
-  for unit in freeze_units:
-    if not _names_subtree(params, unit):
-      raise ValueError(f'freeze_units: {unit!r} names no parameter subtree.')
-    frozen.append(tuple(unit.rstrip('/').split('/')))
+  frozen = _topmost(unit_patterns.select_units(
+      freeze_units, subtree_names(params) if freeze_units else [],
+      field='federated.dropout.freeze_units'))
   return submodel_lib.SubmodelSpec(layers=tuple(layers),
-                                   frozen_paths=tuple(frozen))
+                                   frozen_paths=tuple(
+                                       tuple(name.split('/'))
+                                       for name in frozen))
 
 
 def dropout_spec_from_config(

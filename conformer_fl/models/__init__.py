@@ -3,6 +3,7 @@
 from conformer_fl.models.asr import ConformerASR
 from conformer_fl.models.asr import greedy_decode
 from conformer_fl.models.asr import per_example_loss
+from conformer_fl.models.conformer import ConformerConfig
 from conformer_fl.models.decoding import ctc_loss
 from conformer_fl.models.frontend import log_mel
 from conformer_fl.models.frontend import spec_augment
@@ -20,6 +21,7 @@ from conformer_fl.models.variables import split_variables
 
 __all__ = [
     'ConformerASR',
+    'ConformerConfig',
     'build_model',
     'ctc_loss',
     'droppable_modules',

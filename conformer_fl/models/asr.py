@@ -17,16 +17,14 @@ import jax.numpy as jnp
 
 from conformer_fl.models import conformer
 from conformer_fl.models import decoders
-from conformer_fl.models import decoding
 from conformer_fl.models import frontend
-from conformer_fl.models import rnnt
 
 Array = jax.Array
 Batch = dict[str, Any]
 Variables = Any
 PRNGKey = jax.Array
 
-BLANK_ID = 0
+BLANK_ID = decoders.BLANK_ID
 
 
 def normalize_per_utterance(features: Array, paddings: Array,
@@ -45,20 +43,17 @@ def normalize_per_utterance(features: Array, paddings: Array,
 
 
 class ConformerASR(nn.Module):
-  """The whole ASR model; its fields are exactly the model config fields.
+  """The whole ASR model.
+
+  The flat model config (conformer_fl/models/sizes.py, `build_model`) has one
+  field per attribute of `encoder_config` and one per other attribute here.
 
   Attributes:
-    num_blocks: Conformer blocks in the encoder.
-    model_dim: Encoder width D.
-    num_heads: Attention heads.
-    ffn_mult: Feed-forward hidden width multiplier.
-    conv_kernel_size: Depthwise conv kernel size.
-    conv_norm: 'batch_norm' | 'group_norm' | 'layer_norm' in the conv module.
-    conv_norm_groups: Groups of 'group_norm'.
-    batch_norm_momentum: Running-average momentum of 'batch_norm'.
-    depthwise_impl: 'shift_add' (fast on CPU) | 'conv' (feature_group_count).
-    dropout_rate: Residual-branch dropout.
-    attention_dropout_rate: Dropout on attention probabilities.
+    encoder_config: The encoder's hyperparameters
+      (`conformer.ConformerConfig`: num_blocks, model_dim, num_heads,
+      ffn_mult, conv_kernel_size, conv_norm, conv_norm_groups,
+      batch_norm_momentum, depthwise_impl, dropout_rate,
+      attention_dropout_rate), passed down to the encoder and its blocks.
     decoder: 'ctc' | 'rnnt'.
     vocab_size: Output vocabulary including the blank (id 0).
     embed_dim: RNN-T label embedding width.
@@ -76,17 +71,7 @@ class ConformerASR(nn.Module):
     specaug_num_time_masks: SpecAugment time masks (0 disables).
     specaug_max_time_mask_ratio: Widest time mask as a fraction of length.
   """
-  num_blocks: int = 2
-  model_dim: int = 32
-  num_heads: int = 2
-  ffn_mult: int = 4
-  conv_kernel_size: int = 32
-  conv_norm: conformer.ConvNorm = 'batch_norm'
-  conv_norm_groups: int = 1
-  batch_norm_momentum: float = 0.99
-  depthwise_impl: conformer.DepthwiseImpl = 'shift_add'
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.0
+  encoder_config: conformer.ConformerConfig = conformer.ConformerConfig()
   decoder: str = 'rnnt'
   vocab_size: int = 32
   embed_dim: int = 32
@@ -104,23 +89,29 @@ class ConformerASR(nn.Module):
   specaug_max_time_mask_ratio: float = 0.05
 
   def setup(self):
-    self.encoder = conformer.ConformerEncoder(
-        num_blocks=self.num_blocks, model_dim=self.model_dim,
-        num_heads=self.num_heads, ffn_mult=self.ffn_mult,
-        conv_kernel_size=self.conv_kernel_size, conv_norm=self.conv_norm,
-        conv_norm_groups=self.conv_norm_groups,
-        batch_norm_momentum=self.batch_norm_momentum,
-        depthwise_impl=self.depthwise_impl, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate)
+    self.encoder = conformer.ConformerEncoder(config=self.encoder_config)
+    self.decoder_net = self.make_decoder()
+
+  @nn.nowrap
+  def make_decoder(self) -> decoders.Decoder:
+    """The decoder module named by `decoder`, its parameter subtree 'decoder'.
+
+    The only place that asks which decoder the model has: `setup` builds the
+    model's decoder with it, and `per_example_loss` / `greedy_decode` call
+    the `loss` / `decode` of an unbound copy (models/decoders.py, `Decoder`).
+
+    Raises:
+      ValueError: an unknown decoder.
+    """
     if self.decoder == 'ctc':
-      self.decoder_net = decoders.CTCHead(self.vocab_size, name='decoder')
-    elif self.decoder == 'rnnt':
-      self.decoder_net = decoders.RNNTDecoder(
+      return decoders.CTCHead(self.vocab_size, name='decoder')
+    if self.decoder == 'rnnt':
+      return decoders.RNNTDecoder(
           vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-          lstm_dim=self.lstm_dim, joint_dim=self.joint_dim, name='decoder')
-    else:
-      raise ValueError(f"decoder must be 'ctc' or 'rnnt', got "
-                       f'{self.decoder!r}.')
+          lstm_dim=self.lstm_dim, joint_dim=self.joint_dim,
+          max_symbols_per_step=self.max_symbols_per_step, name='decoder')
+    raise ValueError(f"decoder must be 'ctc' or 'rnnt', got "
+                     f'{self.decoder!r}.')
 
   def features(self, audio: Array, audio_paddings: Array, *,
                train: bool) -> tuple[Array, Array]:
@@ -168,18 +159,17 @@ class ConformerASR(nn.Module):
     """
     del label_paddings  # The decoders read padded labels (id 0) harmlessly.
     encoded, paddings = self.encode(audio, audio_paddings, train=train)
-    if self.decoder == 'ctc':
-      logits = self.decoder_net(encoded)
-    else:
-      logits = self.decoder_net(encoded, labels)
+    logits = self.decoder_net(encoded, labels)
     return {'logits': logits, 'logit_paddings': paddings, 'encoded': encoded}
 
-  # Single steps of the RNN-T decoder, for greedy decoding through apply().
-  def rnnt_predict_step(self, carry, tokens):
-    return self.decoder_net.predict_step(carry, tokens)
+  def run_decoder(self, method_name: str, *args: Any) -> Any:
+    """The decoder's method `method_name` on `args`, for decoding via apply().
 
-  def rnnt_joint(self, encoded, predicted):
-    return self.decoder_net.joint(encoded, predicted)
+    E.g. model.apply(variables, 'joint', encoded [B, D], predicted [B, P],
+    method=ConformerASR.run_decoder) -> logits [B, V]: one step of greedy
+    decoding.
+    """
+    return getattr(self.decoder_net, method_name)(*args)
 
 
 def _model_inputs(batch: Batch) -> tuple[Array, Array, Array, Array]:
@@ -219,20 +209,15 @@ def per_example_loss(model: ConformerASR, variables: Variables, batch: Batch,
   if update_stats:
     outputs, new_state = outputs
     new_state = {'batch_stats': new_state['batch_stats']}
-  if model.decoder == 'ctc':
-    loss = decoding.ctc_loss(outputs['logits'], outputs['logit_paddings'],
-                             batch['labels'], batch['label_paddings'],
-                             blank_id=BLANK_ID)
-  else:
-    loss = rnnt.rnnt_loss(outputs['logits'],
+  loss = model.make_decoder().loss(outputs['logits'],
                                    outputs['logit_paddings'], batch['labels'],
-                                   batch['label_paddings'], blank_id=BLANK_ID)
+                                   batch['label_paddings'])
   return loss, new_state
 
 
 def greedy_decode(model: ConformerASR, variables: Variables,
                   batch: Batch) -> tuple[Array, Array]:
-  """Greedy transcripts in evaluation mode.
+  """Greedy transcripts in evaluation mode: the decoder's `decode`.
 
   CTC: best path, repeats merged, blanks removed, ids [B, T'].
   RNN-T: `decoders.rnnt_greedy_decode`, ids [B, T' * max_symbols_per_step].
@@ -240,20 +225,9 @@ def greedy_decode(model: ConformerASR, variables: Variables,
   Returns:
     (ids int32 [B, L], paddings float32 [B, L]) left-aligned; 0 = padding.
   """
-  if model.decoder == 'ctc':
-    outputs = model.apply(variables, *_model_inputs(batch), train=False)
-    return decoding.ctc_greedy_decode(outputs['logits'],
-                                      outputs['logit_paddings'],
-                                      blank_id=BLANK_ID)
   encoded, paddings = model.apply(variables, batch['audio'],
                                   batch['audio_paddings'], train=False,
                                   method=ConformerASR.encode)
-  batch_size = encoded.shape[0]
-  zeros = jnp.zeros((batch_size, model.lstm_dim), jnp.float32)
-  predict_step = lambda carry, tokens: model.apply(
-      variables, carry, tokens, method=ConformerASR.rnnt_predict_step)
-  joint = lambda enc, pred: model.apply(variables, enc, pred,
-                                        method=ConformerASR.rnnt_joint)
-  return decoders.rnnt_greedy_decode(
-      predict_step, joint, (zeros, zeros), encoded, paddings,
-      model.max_symbols_per_step, blank_id=BLANK_ID)
+  run = lambda method_name, *args: model.apply(
+      variables, method_name, *args, method=ConformerASR.run_decoder)
+  return model.make_decoder().decode(run, encoded, paddings)

@@ -15,6 +15,10 @@ Conventions shared by every module here:
     zeros at padded frames, (3) conv-module norm statistics are taken over
     valid frames only, and (4) each block zeroes its output at padded frames.
 
+Hyperparameters: one frozen `ConformerConfig` declares them all; the encoder
+hands the same instance to every block (and `models.ConformerASR` holds it as
+`encoder_config`), so each is declared once.
+
 The encoder's parameter tree is
   {'subsampling': {...}, 'block_00': {'ffn1', 'mhsa', 'conv', 'ffn2',
    'final_norm'}, 'block_01': ..., ...}
@@ -22,6 +26,7 @@ and these names are the layer names used by the analysis and by federated
 dropout (see `units.py`); do not rename them.
 """
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -378,16 +383,32 @@ class ConvolutionModule(nn.Module):
 # ----------------------------------------------------------------------------
 
 
-class ConformerBlock(nn.Module):
-  """x + FFN/2, + MHSA, + Conv, + FFN/2, LayerNorm; zero at padded frames.
+@dataclasses.dataclass(frozen=True)
+class ConformerConfig:
+  """The Conformer encoder's hyperparameters, each declared here only.
 
-  Sub-module names ('ffn1', 'mhsa', 'conv', 'ffn2', 'final_norm') are unit
-  names (see units.py).
+  `ConformerEncoder` and each of its `ConformerBlock`s hold one instance as
+  `config`; the flat model config (conformer_fl/models/sizes.py) has one field
+  per attribute here, plus those of the front end and decoder
+  (`models.ConformerASR`). Frozen (and of hashable values), so that the
+  modules holding it stay hashable. The defaults are the tiny model's widths.
 
-  Attributes: see ConformerEncoder.
+  Attributes:
+    num_blocks: Number of Conformer blocks.
+    model_dim: D, width of the encoder.
+    num_heads: Attention heads H (head width D / H).
+    ffn_mult: Feed-forward hidden width multiplier (hidden width ffn_mult*D).
+    conv_kernel_size: Depthwise kernel size K.
+    conv_norm: 'batch_norm' | 'group_norm' | 'layer_norm' in the conv module.
+    conv_norm_groups: Groups of 'group_norm'.
+    batch_norm_momentum: Running-average momentum of 'batch_norm'.
+    depthwise_impl: 'shift_add' (fast on CPU) | 'conv' (feature_group_count).
+    dropout_rate: Residual-branch dropout (and subsampling output dropout).
+    attention_dropout_rate: Dropout on attention probabilities.
   """
-  model_dim: int
-  num_heads: int
+  num_blocks: int = 2
+  model_dim: int = 32
+  num_heads: int = 2
   ffn_mult: int = 4
   conv_kernel_size: int = 32
   conv_norm: ConvNorm = 'batch_norm'
@@ -397,22 +418,35 @@ class ConformerBlock(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
 
+
+class ConformerBlock(nn.Module):
+  """x + FFN/2, + MHSA, + Conv, + FFN/2, LayerNorm; zero at padded frames.
+
+  Sub-module names ('ffn1', 'mhsa', 'conv', 'ffn2', 'final_norm') are unit
+  names (see units.py).
+
+  Attributes:
+    config: the encoder's hyperparameters (num_blocks is not read here).
+  """
+  config: ConformerConfig
+
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
-    ffn = lambda name: FeedForwardModule(self.model_dim, self.ffn_mult,
-                                         self.dropout_rate, name=name)
+    c = self.config
+    ffn = lambda name: FeedForwardModule(c.model_dim, c.ffn_mult,
+                                         c.dropout_rate, name=name)
     y, _ = ffn('ffn1')(x, paddings, train=train)
     x = x + 0.5 * y
     y, _ = RelativeSelfAttention(
-        self.model_dim, self.num_heads, self.attention_dropout_rate,
-        self.dropout_rate, name='mhsa')(x, paddings, train=train)
+        c.model_dim, c.num_heads, c.attention_dropout_rate,
+        c.dropout_rate, name='mhsa')(x, paddings, train=train)
     x = x + y
     y, _ = ConvolutionModule(
-        self.model_dim, self.conv_kernel_size, self.conv_norm,
-        self.conv_norm_groups, self.batch_norm_momentum, self.depthwise_impl,
-        self.dropout_rate, name='conv')(x, paddings, train=train)
+        c.model_dim, c.conv_kernel_size, c.conv_norm, c.conv_norm_groups,
+        c.batch_norm_momentum, c.depthwise_impl, c.dropout_rate,
+        name='conv')(x, paddings, train=train)
     x = x + y
     y, _ = ffn('ffn2')(x, paddings, train=train)
     x = x + 0.5 * y
@@ -494,44 +528,20 @@ class ConformerEncoder(nn.Module):
   analysis and federated dropout address by name.
 
   Attributes:
-    num_blocks: Number of Conformer blocks.
-    model_dim: D, width of the encoder.
-    num_heads: Attention heads.
-    ffn_mult: Feed-forward hidden width multiplier.
-    conv_kernel_size: Depthwise kernel size.
-    conv_norm: 'batch_norm' | 'group_norm' | 'layer_norm' in the conv module.
-    conv_norm_groups: Groups of 'group_norm'.
-    batch_norm_momentum: Running-average momentum of 'batch_norm'.
-    depthwise_impl: 'shift_add' | 'conv'.
-    dropout_rate: Residual-branch dropout (and subsampling output dropout).
-    attention_dropout_rate: Dropout on attention probabilities.
+    config: the encoder's hyperparameters (`ConformerConfig`), handed to
+      every block as is.
   """
-  num_blocks: int
-  model_dim: int
-  num_heads: int
-  ffn_mult: int = 4
-  conv_kernel_size: int = 32
-  conv_norm: ConvNorm = 'batch_norm'
-  conv_norm_groups: int = 1
-  batch_norm_momentum: float = 0.99
-  depthwise_impl: DepthwiseImpl = 'shift_add'
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.0
+  config: ConformerConfig
 
   @nn.compact
   def __call__(self, features: Array, paddings: Array, *,
                train: bool) -> tuple[Array, Array]:
     """[B, T, F], [B, T] -> ([B, T', D], [B, T']) with T' = ceil(T / 4)."""
-    x, paddings = ConvSubsampling(self.model_dim, self.dropout_rate,
+    x, paddings = ConvSubsampling(self.config.model_dim,
+                                  self.config.dropout_rate,
                                   name='subsampling')(
                                       features, paddings, train=train)
-    for index in range(self.num_blocks):
-      x, paddings = ConformerBlock(
-          model_dim=self.model_dim, num_heads=self.num_heads,
-          ffn_mult=self.ffn_mult, conv_kernel_size=self.conv_kernel_size,
-          conv_norm=self.conv_norm, conv_norm_groups=self.conv_norm_groups,
-          batch_norm_momentum=self.batch_norm_momentum,
-          depthwise_impl=self.depthwise_impl, dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          name=f'block_{index:02d}')(x, paddings, train=train)
+    for index in range(self.config.num_blocks):
+      x, paddings = ConformerBlock(self.config, name=f'block_{index:02d}')(
+          x, paddings, train=train)
     return x, paddings

@@ -8,16 +8,50 @@
 * `rnnt_greedy_decode`: a pure function over step functions, so that the
   search is one `jax.lax.scan` over frames and can be tested with a
   hand-made joint network.
+
+Both decoders have one interface (`Decoder`), so that models/asr.py chooses
+the decoder once, when it builds it, and never asks which one it has:
+  __call__(encoded [B, T, D], labels [B, U]) -> logits (training forward);
+  loss(logits, logit_paddings [B, T], labels [B, U], label_paddings [B, U])
+    -> float32 [B], the negative log-likelihood of each transcript;
+  decode(run, encoded [B, T, D], paddings [B, T]) -> (ids [B, L],
+    id_paddings [B, L]), greedy, left-aligned, 0 (the blank) = padding.
+`loss` and `decode` read no variables (`nn.nowrap`), so they run on the
+unbound module; `decode` reaches the bound decoder's variables through
+`run(method_name, *args)`, which applies one of its methods (the model's
+`apply`), step by step for RNN-T.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from conformer_fl.models import decoding
+from conformer_fl.models import rnnt
+
 Array = jax.Array
 LSTMCarry = tuple[Array, Array]
+# run(method_name, *args): a method of the bound decoder, applied.
+RunMethod = Callable[..., Any]
+
+BLANK_ID = 0
+
+
+class Decoder(Protocol):
+  """The interface of `CTCHead` and `RNNTDecoder` (module docstring)."""
+
+  def __call__(self, encoded: Array, labels: Array) -> Array:
+    ...
+
+  def loss(self, logits: Array, logit_paddings: Array, labels: Array,
+           label_paddings: Array) -> Array:
+    ...
+
+  def decode(self, run: RunMethod, encoded: Array,
+             paddings: Array) -> tuple[Array, Array]:
+    ...
 
 
 class CTCHead(nn.Module):
@@ -29,9 +63,28 @@ class CTCHead(nn.Module):
   vocab_size: int
 
   @nn.compact
-  def __call__(self, encoded: Array) -> Array:
-    """[B, T, D] -> logits [B, T, V]."""
+  def __call__(self, encoded: Array, labels: Array | None = None) -> Array:
+    """[B, T, D] -> logits [B, T, V]; the labels are not read."""
+    del labels  # CTC's logits do not depend on the transcript.
     return nn.Dense(self.vocab_size, name='logits')(encoded)
+
+  @nn.nowrap
+  def loss(self, logits: Array, logit_paddings: Array, labels: Array,
+           label_paddings: Array) -> Array:
+    """CTC loss: [B, T, V], [B, T], int32 [B, U], [B, U] -> float32 [B]."""
+    return decoding.ctc_loss(logits, logit_paddings, labels, label_paddings,
+                             blank_id=BLANK_ID)
+
+  @nn.nowrap
+  def decode(self, run: RunMethod, encoded: Array,
+             paddings: Array) -> tuple[Array, Array]:
+    """Best path: [B, T, D], [B, T] -> (ids int32 [B, T], paddings [B, T]).
+
+    `decoding.ctc_greedy_decode` of the logits: repeats merged, blanks
+    removed.
+    """
+    return decoding.ctc_greedy_decode(run('__call__', encoded), paddings,
+                                      blank_id=BLANK_ID)
 
 
 def _lstm_step(cell: nn.OptimizedLSTMCell, carry: LSTMCarry,
@@ -53,11 +106,13 @@ class RNNTDecoder(nn.Module):
     embed_dim: Width of the label embedding.
     lstm_dim: Width of the one-layer LSTM (320 for S, 640 for M and L).
     joint_dim: Width of the joint network's hidden layer.
+    max_symbols_per_step: Greedy decoding: most tokens emitted per frame.
   """
   vocab_size: int
   embed_dim: int
   lstm_dim: int
   joint_dim: int
+  max_symbols_per_step: int = 4
 
   def setup(self):
     self.embedding = nn.Embed(self.vocab_size, self.embed_dim)
@@ -117,6 +172,31 @@ class RNNTDecoder(nn.Module):
     """[B, T, D], int32 [B, U] -> logits [B, T, U + 1, V]."""
     predicted = self.predict(labels)  # [B, U + 1, P]
     return self.joint(encoded[:, :, None, :], predicted[:, None, :, :])
+
+  @nn.nowrap
+  def loss(self, logits: Array, logit_paddings: Array, labels: Array,
+           label_paddings: Array) -> Array:
+    """RNN-T loss (models/rnnt.py).
+
+    [B, T, U + 1, V], [B, T], int32 [B, U], [B, U] -> float32 [B].
+    """
+    return rnnt.rnnt_loss(logits, logit_paddings, labels, label_paddings,
+                          blank_id=BLANK_ID)
+
+  @nn.nowrap
+  def decode(self, run: RunMethod, encoded: Array,
+             paddings: Array) -> tuple[Array, Array]:
+    """Greedy RNN-T search (`rnnt_greedy_decode`).
+
+    [B, T, D], [B, T] -> (ids int32 [B, L], paddings [B, L]) with
+    L = T * max_symbols_per_step; each prediction and joint step is one
+    `run` of `predict_step` / `joint`.
+    """
+    return rnnt_greedy_decode(
+        lambda carry, tokens: run('predict_step', carry, tokens),
+        lambda encoded, predicted: run('joint', encoded, predicted),
+        run('initial_carry', encoded.shape[0]), encoded, paddings,
+        self.max_symbols_per_step, blank_id=BLANK_ID)
 
 
 def rnnt_greedy_decode(

@@ -1,8 +1,10 @@
 """Named model sizes and the config -> model factory.
 
-A model config is a flat `ml_collections.ConfigDict` whose fields are exactly
-the fields of `ConformerASR` (asr.py), so `build_model(config)` is
-`ConformerASR(**config)` after validation.
+A model config is a flat `ml_collections.ConfigDict` with one field per
+attribute of the encoder's `ConformerConfig` (conformer.py) and one per other
+attribute of `ConformerASR` (asr.py: front end, decoder); `build_model(config)`
+is, after validation, `ConformerASR(encoder_config=ConformerConfig(**encoder
+fields), **other fields)`.
 
 Sizes (encoder blocks x width, heads, LSTM width; depthwise kernel 32):
   S: 16 x 144, 4 heads, LSTM 320   (paper: 10.3M parameters with RNN-T)
@@ -58,13 +60,21 @@ DECODERS = ('ctc', 'rnnt')
 FEATURE_NORMALIZATIONS = ('utterance', 'none')
 
 
+# The flat config's fields that make up ConformerASR.encoder_config.
+ENCODER_FIELDS = tuple(
+    field.name for field in dataclasses.fields(conformer.ConformerConfig))
+# ConformerASR attributes that are no config fields.
+_NOT_FIELDS = ('parent', 'name', 'encoder_config')
+
+
 def _defaults() -> dict[str, Any]:
-  """Every ConformerASR field with its default value."""
-  return {
-      field.name: field.default
-      for field in dataclasses.fields(asr.ConformerASR)
-      if field.name not in ('parent', 'name')
-  }
+  """Every model config field with its default value, encoder fields first."""
+  defaults = {field.name: field.default
+              for field in dataclasses.fields(conformer.ConformerConfig)}
+  defaults.update({field.name: field.default
+                   for field in dataclasses.fields(asr.ConformerASR)
+                   if field.name not in _NOT_FIELDS})
+  return defaults
 
 
 def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -72,11 +82,11 @@ def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
 
   Args:
     size: One of 'S', 'M', 'L', 'demo', 'tiny'.
-    **overrides: Any ConformerASR field, e.g. decoder='ctc',
+    **overrides: Any model config field, e.g. decoder='ctc',
       conv_norm='group_norm'.
 
   Returns:
-    A validated, flat ConfigDict (fields = ConformerASR fields).
+    A validated, flat ConfigDict (module docstring).
 
   Raises:
     ValueError: unknown size, unknown field or invalid value (names it).
@@ -139,6 +149,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict) -> asr.ConformerASR:
-  """ConformerASR with the fields of a (validated) model config."""
+  """ConformerASR of a (validated) flat model config (module docstring)."""
   validate_config(config)
-  return asr.ConformerASR(**{field: config[field] for field in config.keys()})
+  encoder_config = conformer.ConformerConfig(
+      **{field: config[field] for field in ENCODER_FIELDS})
+  return asr.ConformerASR(
+      encoder_config=encoder_config,
+      **{field: config[field] for field in config.keys()
+         if field not in ENCODER_FIELDS})
