@@ -1,9 +1,7 @@
 """Layer units: names are parameter-tree paths and partition the parameters."""
 
-from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 import pytest
@@ -14,6 +12,8 @@ from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl import steps
 from conformer_fl import unit_patterns
+
+import entry_point  # tests/entry_point.py
 
 SUBMODULES = ('ffn1', 'mhsa', 'conv', 'ffn2', 'final_norm')
 
@@ -36,17 +36,6 @@ def _params(decoder: str, num_blocks: int = 3):
 @pytest.fixture(scope='module', params=['ctc', 'rnnt'])
 def params(request):
   return _params(request.param)
-
-
-def _parse(config: str, *overrides: str):
-  """The config that `python -m conformer_fl.main` would run."""
-  argv = ['main', f'--config={config}', *overrides]
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, '',
-                                           flag_values=flag_values,
-                                           lock_config=True, sys_argv=argv)
-  flag_values(argv)
-  return holder.value
 
 
 def _leaf_paths(tree) -> list[tuple[str, ...]]:
@@ -189,12 +178,14 @@ def test_bad_unit_patterns_are_refused_with_the_names(params):
 
 
 def test_unit_patterns_take_one_config_line():
-  config = _parse('configs/central.py:size=tiny,corpus=tiny',
-                  '--config.central.frozen_units=("encoder/block_0[01]/*",)')
+  config = entry_point.parse_config(
+      'configs/central.py:size=tiny,corpus=tiny',
+      '--config.central.frozen_units=("encoder/block_0[01]/*",)')
   assert tuple(config.central.frozen_units) == ('encoder/block_0[01]/*',)
-  config = _parse('configs/federated.py:size=tiny,corpus=tiny',
-                  '--config.federated.dropout.kind=targeted',
-                  '--config.federated.dropout.rates={"*/conv": 0.5}')
+  config = entry_point.parse_config(
+      'configs/federated.py:size=tiny,corpus=tiny',
+      '--config.federated.dropout.kind=targeted',
+      '--config.federated.dropout.rates={"*/conv": 0.5}')
   assert dict(config.federated.dropout.rates) == {'*/conv': 0.5}
 
 
