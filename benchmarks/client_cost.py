@@ -59,8 +59,11 @@ def main() -> None:
       spec = dropout.make_dropout_spec(
           params, model_state, default_rate=rate,
           droppable=models.droppable_modules_from_config(config))
+      submodel_loss_fn = models.make_mean_loss_fn(
+          models.build_model(config, kept_units=spec.kept_units))
       cost = dropout.client_cost(loss_fn, optax.adam(1e-3), spec, params,
-                                 model_state, batch, jax.random.key(1))
+                                 model_state, batch, jax.random.key(1),
+                                 submodel_loss_fn=submodel_loss_fn)
       print(f"| {size} | {rate:g} | {cost['params']:,.0f} |"
             f" {100 * cost['params_fraction']:.1f} |"
             f" {cost['flops'] / 1e9:.3f} |"

@@ -12,8 +12,9 @@ configs/central.py config); (3) the layer-importance analysis of the pre-trained
 model (`analysis`, a configs/analysis.py config); (4) federated adaptation to the
 withheld short-form domain, one client per speaker, once per arm and seed
 (`adapt`, a configs/federated.py config, with `federated.dropout` set per arm);
-(5) the client cost of each arm and W/report.md. Any field can be overridden,
-e.g. `--config.adapt.federated.rounds=40` or `--config.targeting.rule=ambient`.
+(5) scale=study only: the stability runs (below); (6) the client cost of each
+arm and W/report.md. Any field can be overridden, e.g.
+`--config.adapt.federated.rounds=40` or `--config.targeting.rule=ambient`.
 
 The arms (conformer_fl/experiment/arms.py):
   full      the whole model on every client;
@@ -39,8 +40,27 @@ steps), and the final evaluation of every arm and seed on all 240 test
 utterances of 8 held-out speakers, with paired bootstrap intervals
 (W/report.md).
 
+The study (claims 2 and 3; the README gives its measured time and table):
+
+  python -m conformer_fl.main --config=configs/experiment.py:scale=study \
+      --workdir=runs/demo
+
+is the demo (every field the same, so it reuses a finished `make demo` in the
+same workdir) plus `stability.runs`: the demo model pre-trained over seeds
+0, 1, 2 x {group norm, batch norm} and the 6-block `demo_deep` (group norm,
+seed 0), each in W/stability/NAME with the demo's pre-training and analysis
+config (the analysis resets to the initial value only,
+`stability.analysis_taus`: what the comparison reads). Every pair of runs
+that differs in one thing (the seed, the norm or the size) is compared:
+Jaccard overlap of the ambient sets beside its chance level, Spearman
+correlation of the units' WER increase, units of different depths matched
+by relative depth (conformer_fl/experiment/stability_runs.py). The run
+`pretrain` is (demo, group norm, seed 0). `stability.runs` is a dict of
+central run configs, one per run, named SIZE_NORM_seedS.
+
 Argument (all optional, `key=value,...`):
   scale    demo (the `make demo` default: about 25 minutes on 2 CPU cores)
+           | study (the demo plus the stability runs)
            | tiny (a minute: the test of the whole pipeline)        (demo)
   norm     conv-module norm: group_norm | batch_norm | layer_norm   (group_norm)
   decoder  ctc | rnnt                                                (ctc)
@@ -48,7 +68,15 @@ Argument (all optional, `key=value,...`):
            every arm runs once per seed       (the scale's: demo 0+1+2, tiny 0)
   rounds   federated rounds per arm (0 = the scale's default)         (0)
   steps    central pre-training steps (0 = the scale's default)       (0)
+  stability_seeds  pre-training seeds of the stability runs, '+'-separated
+                   (the scale's: study 0+1+2, otherwise none: no stage 5)
+  stability_norms  their conv norms, '+'-separated (study: group_norm+batch_norm;
+                   empty: `norm`)
+  stability_sizes  extra sizes, each pre-trained once at (norm, seed 0)
+                   (study: demo_deep)
 """
+
+from typing import Any
 
 import ml_collections
 
@@ -66,37 +94,30 @@ _SCALES = {
                  rerandomize_seeds=0, rounds=20,
                  clients=4, local_steps=8, batch=4, client_lr=0.2,
                  eval_batches=12,
-                 num_units=4, metric="wer", seeds="0+1+2"),
+                 num_units=4, metric="wer", seeds="0+1+2", pretrain_devices=1,
+                 stability_seeds="", stability_norms="", stability_sizes=""),
     "tiny": dict(corpus="tiny", size="tiny", steps=6, peak_lr=2e-3, warmup=2,
                  buckets=(10.0,), tokenizer="sentencepiece",
                  granularity="module",
                  analysis_batches=1, rerandomize_seeds=1, rounds=2, clients=4,
                  local_steps=2, batch=2, client_lr=0.05, eval_batches=1,
                  num_units=1, metric="loss",
-                 seeds="0"),
+                 seeds="0", pretrain_devices=0,
+                 stability_seeds="", stability_norms="", stability_sizes=""),
 }
+# The study: the demo, then pre-training over 3 seeds x {group norm, batch
+# norm} and one larger size, each analysed (claims 2 and 3).
+_SCALES["study"] = dict(_SCALES["demo"], stability_seeds="0+1+2",
+                        stability_norms="group_norm+batch_norm",
+                        stability_sizes="demo_deep")
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_lib.parse_arg(arg, scale="demo", norm="group_norm", decoder="ctc",
-                           seeds="", rounds=0, steps=0)
-  if a.scale not in _SCALES:
-    raise ValueError(f"scale={a.scale!r}; expected one of {sorted(_SCALES)}.")
-  s = _SCALES[a.scale]
-  steps = a.steps or s["steps"]
-  rounds = a.rounds or s["rounds"]
-
-  config = ml_collections.ConfigDict()
-  config.mode = "experiment"
-  # Federated seeds: every arm runs once per seed.
-  config.seeds = tuple(int(x) for x in (a.seeds or s["seeds"]).split("+"))
-  # The split of the final evaluation of every arm (held-out speakers).
-  config.final_eval_split = "test"
-
-  # (2) Central pre-training on the long-form domain.
+def _pretrain_config(s: dict[str, Any], size: str, norm: str, decoder: str,
+                     seed: int, steps: int) -> ml_collections.ConfigDict:
+  """Central pre-training of one model on the long-form domain."""
   pretrain = config_lib.central_run_config(
-      size=s["size"], norm=a.norm, decoder=a.decoder, corpus=s["corpus"],
-      domain="long", steps=steps, seed=0)
+      size=size, norm=norm, decoder=decoder, corpus=s["corpus"],
+      domain="long", steps=steps, seed=seed)
   pretrain.eval_max_batches = s["eval_batches"]
   pretrain.central.peak_learning_rate = s["peak_lr"]
   pretrain.central.warmup_steps = s["warmup"]
@@ -120,8 +141,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # over 4 XLA CPU devices took twice as long (1.3 s against 0.65 s, measured
   # side by side). The federated rounds keep every device (4 clients on 4
   # devices: 2.5 clients/s against 1.9 on one).
-  pretrain.central.num_devices = 1 if a.scale == "demo" else 0
-  config.pretrain = pretrain
+  pretrain.central.num_devices = s["pretrain_devices"]
+  return pretrain
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = config_lib.parse_arg(arg, scale="demo", norm="group_norm", decoder="ctc",
+                           seeds="", rounds=0, steps=0, stability_seeds="",
+                           stability_norms="", stability_sizes="")
+  if a.scale not in _SCALES:
+    raise ValueError(f"scale={a.scale!r}; expected one of {sorted(_SCALES)}.")
+  s = _SCALES[a.scale]
+  steps = a.steps or s["steps"]
+  rounds = a.rounds or s["rounds"]
+
+  config = ml_collections.ConfigDict()
+  config.mode = "experiment"
+  # Federated seeds: every arm runs once per seed.
+  config.seeds = tuple(int(x) for x in (a.seeds or s["seeds"]).split("+"))
+  # The split of the final evaluation of every arm (held-out speakers).
+  config.final_eval_split = "test"
+
+  # (2) Central pre-training on the long-form domain.
+  config.pretrain = _pretrain_config(s, s["size"], a.norm, a.decoder, seed=0,
+                                     steps=steps)
+  pretrain = config.pretrain
 
   # (3) Layer importance of the pre-trained model, on its own dev split:
   # units at module granularity (ffn1, mhsa, conv, ffn2 of every block), so
@@ -171,8 +215,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       other_rate=0.0,               # dropout rate of every other unit
   ))
 
+  # (6) Claims 2 and 3 (scale=study): more pre-training runs, each analysed,
+  # compared with each other and with `pretrain`.
+  config.stability = ml_collections.ConfigDict()
+  config.stability.runs = ml_collections.ConfigDict({
+      name: _pretrain_config(s, size, norm, a.decoder, seed, steps)
+      for name, (size, norm, seed) in _stability_points(a, s).items()})
+  # The comparison reads the reset to the initial value (tau = 0) only.
+  config.stability.analysis_taus = "0"
+
   # Every stage reads the same corpus.
   config.data_dir = config_lib.DEFAULT_DATA_DIR
-  for stage in (config.pretrain, config.adapt):
+  for stage in (config.pretrain, config.adapt, *config.stability.runs.values()):
     stage.data.data_dir = config.get_ref("data_dir")
   return config
+
+
+def _split(value: str) -> tuple[str, ...]:
+  return tuple(v for v in value.split("+") if v)
+
+
+def _stability_points(a: ml_collections.ConfigDict, s: dict[str, Any]
+                      ) -> dict[str, tuple[str, str, int]]:
+  """{run name: (size, norm, seed)} of the stability runs, `pretrain` left out.
+
+  The grid seeds x norms at the scale's size, then each extra size at
+  (norm, seed 0).
+  """
+  seeds = [int(x) for x in _split(a.stability_seeds or s["stability_seeds"])]
+  norms = _split(a.stability_norms or s["stability_norms"]) or (a.norm,)
+  sizes = _split(a.stability_sizes or s["stability_sizes"])
+  points = [(s["size"], norm, seed) for norm in norms for seed in seeds]
+  points += [(size, a.norm, 0) for size in sizes]
+  main = (s["size"], a.norm, 0)
+  return {f"{size}_{norm}_seed{seed}": (size, norm, seed)
+          for size, norm, seed in points if (size, norm, seed) != main}

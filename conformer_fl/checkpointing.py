@@ -335,3 +335,14 @@ class CheckpointStore:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def latest_saved_step(workdir: str | os.PathLike[str]) -> int | None:
+  """The last checkpointed step of the run in `workdir`; None if it has none."""
+  if not (epath.Path(workdir) / "checkpoints").exists():
+    return None
+  store = CheckpointStore(os.fspath(workdir), read_only=True)
+  try:
+    return store.latest_step()
+  finally:
+    store.close()

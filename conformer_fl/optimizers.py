@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from conformer_fl import tree_paths
 from conformer_fl import unit_patterns
 from conformer_fl.models import units as units_lib
 
@@ -99,8 +100,8 @@ def freeze_units(optimizer: optax.GradientTransformation, params: PyTree,
                                         field='central.frozen_units')
   labels = jax.tree.map(lambda _: 'train', params)
   for name in selected:
-    labels = units_lib.set_unit(labels, units[name], jax.tree.map(
-        lambda _: 'frozen', units_lib.get_unit(labels, units[name])))
+    labels = tree_paths.replace(labels, units[name], jax.tree.map(
+        lambda _: 'frozen', tree_paths.get(labels, units[name])))
   return optax.multi_transform(
       {'train': optimizer, 'frozen': optax.set_to_zero()}, labels)
 

@@ -108,10 +108,13 @@ def make_round_from_config(
   submodel = federated_dropout.dropout_spec_from_config(
       f.dropout, params, model_state,
       models.droppable_modules_from_config(config.model))
+  submodel_loss_fn = None if submodel is None else models.make_mean_loss_fn(
+      models.build_model(config.model, kept_units=submodel.kept_units))
   round_fn = round_lib.make_federated_round(
       models.make_mean_loss_fn(model), client_optimizer, server_optimizer,
       mesh, clip_update_norm=f.clip_update_norm or None, unit_paths=units,
-      submodel=submodel, aggregation_weight=f.aggregation_weight)
+      submodel=submodel, submodel_loss_fn=submodel_loss_fn,
+      aggregation_weight=f.aggregation_weight)
   return round_fn, server_optimizer
 
 

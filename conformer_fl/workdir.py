@@ -86,8 +86,10 @@ RESUMABLE_FIELDS = (
 DERIVED_FIELDS = ("model.vocab_size",)
 
 # The experiment reuses a finished stage by its step count and compares the
-# arms of one config in its report, so only where the corpus is may change.
-EXPERIMENT_RESUMABLE_FIELDS = ("data_dir", "*.data_dir")
+# arms of one config in its report, so only where the corpus is may change,
+# and the stability runs: a workdir of `make demo` grows into the study's
+# (scale=study adds runs under W/stability and changes no other stage).
+EXPERIMENT_RESUMABLE_FIELDS = ("data_dir", "*.data_dir", "stability.*")
 
 
 class RunError(Exception):

@@ -64,25 +64,61 @@ def _result(units, ambient, num_blocks):
                      for u, w in units.items()})
 
 
-def test_compare_runs_over_shared_units():
+def test_compare_runs_of_one_depth_pairs_units_by_name():
+  a = _result({'encoder/block_00': 0.0, 'encoder/block_01': 0.5,
+               'decoder': 0.9}, ['encoder/block_00'], 2)
+  b = _result({'encoder/block_00': 0.01, 'encoder/block_01': 0.3,
+               'decoder': 0.2}, ['encoder/block_00', 'decoder'], 2)
+  (pair,) = stability.compare_runs([a, b], ['a', 'b'])['pairs']
+  assert pair['matching'] == 'name' and pair['num_common_units'] == 3
+  # Ambient {block_00} vs {block_00, decoder}: 1 / 2.
+  assert pair['jaccard_ambient'] == pytest.approx(0.5)
+  # Two random sets of 1 and 2 of 3 units: they meet with probability 2/3,
+  # and then overlap 1/2.
+  assert pair['chance_jaccard_ambient'] == pytest.approx(1 / 3)
+  assert pair['wer_increase']['spearman']['statistic'] == pytest.approx(
+      stats.spearmanr([0, .5, .9], [.01, .3, .2]).statistic)
+
+
+def test_compare_runs_of_two_depths_pairs_units_by_relative_depth():
   a = _result({'encoder/block_00': 0.0, 'encoder/block_01': 0.5,
                'encoder/block_02': 0.1, 'decoder': 0.9},
               ['encoder/block_00', 'encoder/block_02'], 3)
   b = _result({'encoder/block_00': 0.01, 'encoder/block_01': 0.3,
                'decoder': 0.2}, ['encoder/block_00', 'decoder'], 2)
+  # Block centres: a at 1/6, 1/2, 5/6; b at 1/4, 3/4. a's block_01 is as
+  # near to both and takes the shallower.
+  assert stability.matched_units(a, b) == [
+      ('encoder/block_00', 'encoder/block_00'),
+      ('encoder/block_01', 'encoder/block_00'),
+      ('encoder/block_02', 'encoder/block_01'), ('decoder', 'decoder')]
+  assert stability.matched_units(b, a) == [
+      (v, u) for u, v in stability.matched_units(a, b)]
   comparison = stability.compare_runs([a, b], ['a', 'b'])
   (pair,) = comparison['pairs']
-  assert pair['num_common_units'] == 3
-  # Shared units: block_00, block_01, decoder. Ambient: {block_00} vs
-  # {block_00, decoder}: 1 / 2 (block_02 is not shared).
-  assert pair['jaccard_ambient'] == pytest.approx(0.5)
-  # Importance order over shared units: a = (0, .5, .9), b = (.01, .3, .2).
+  assert pair['matching'] == 'relative_depth'
+  assert pair['num_common_units'] == 4
+  # Ambient pairs: a's side {0, 2}, b's side {0, 1, 3}: overlap 1 / 4.
+  assert pair['jaccard_ambient'] == pytest.approx(0.25)
   assert pair['wer_increase']['spearman']['statistic'] == pytest.approx(
-      stats.spearmanr([0, .5, .9], [.01, .3, .2]).statistic)
+      stats.spearmanr([0, .5, .1, .9], [.01, .01, .3, .2]).statistic)
   depth_a = comparison['depth']['a']
   assert [p['relative_depth'] for p in depth_a['points']] == [0, 1 / 3, 2 / 3]
   assert depth_a['wer_increase_vs_depth']['spearman']['statistic'] == (
       pytest.approx(0.5))
+
+
+def test_chance_jaccard_by_hand():
+  # Two random units of 4 are the same one with probability 1/4.
+  assert stability.chance_jaccard(4, 1, 1) == pytest.approx(0.25)
+  # 2 and 3 of 4 share 1 (probability 1/2, overlap 1/4) or 2 (1/2, 2/3).
+  assert stability.chance_jaccard(4, 2, 3) == pytest.approx(
+      0.5 * 0.25 + 0.5 * 2 / 3)
+  assert stability.chance_jaccard(5, 0, 0) == 1.0
+  assert stability.chance_jaccard(5, 0, 2) == 0.0
+  assert stability.chance_jaccard(3, 3, 3) == 1.0
+  with pytest.raises(ValueError, match='Subset sizes'):
+    stability.chance_jaccard(3, 4, 1)
 
 
 def test_unit_movement_by_hand():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conformer_fl import models
+from conformer_fl import tree_paths
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import resets
 from conformer_fl.analysis import variant_eval
@@ -76,8 +77,8 @@ def test_reset_unit_replaces_params_and_batch_stats_of_that_unit_only(inits):
   reset = resets.reset_unit(trained, source, path)
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal,
-                 models.get_unit(reset[collection], path),
-                 models.get_unit(source[collection], path))
+                 tree_paths.get(reset[collection], path),
+                 tree_paths.get(source[collection], path))
   # Untouched subtrees are shared, not copied.
   assert reset['params']['decoder'] is trained['params']['decoder']
   assert (reset['params']['encoder']['block_00']['mhsa'] is
@@ -87,8 +88,8 @@ def test_reset_unit_replaces_params_and_batch_stats_of_that_unit_only(inits):
   ffn = resets.reset_unit(trained, source, ffn_path)
   assert ffn['batch_stats'] is trained['batch_stats']
   jax.tree.map(np.testing.assert_array_equal,
-               models.get_unit(ffn['params'], ffn_path),
-               models.get_unit(source['params'], ffn_path))
+               tree_paths.get(ffn['params'], ffn_path),
+               tree_paths.get(source['params'], ffn_path))
   with pytest.raises(KeyError, match='encoder/block_09'):
     resets.reset_unit(trained, source, ('encoder', 'block_09'))
 

@@ -158,7 +158,10 @@ def test_one_encoder_config_is_passed_down_and_the_model_hashes():
   """Each encoder field is declared once, in models.ConformerConfig."""
   config = models.get_model_config('tiny', decoder='ctc', num_blocks=3,
                                    conv_norm='group_norm', conv_norm_groups=4)
-  encoder_fields = [f.name for f in dataclasses.fields(models.ConformerConfig)]
+  # kept_units, a sub-model's widths, is build_model's argument, not a field
+  # of the flat config (which describes the full model).
+  encoder_fields = [f.name for f in dataclasses.fields(models.ConformerConfig)
+                    if f.name != 'kept_units']
   other_fields = [f.name for f in dataclasses.fields(models.ConformerASR)
                   if f.name not in ('parent', 'name', 'encoder_config')]
   assert not set(encoder_fields) & set(other_fields)
@@ -172,6 +175,11 @@ def test_one_encoder_config_is_passed_down_and_the_model_hashes():
   # keyed by the model.
   assert hash(model) == hash(models.build_model(config))
   assert model == models.build_model(config)
+  sub_model = models.build_model(config, kept_units={
+      'encoder/block_01/ffn2': 16})
+  assert sub_model.encoder_config.kept_units == (('block_01/ffn2', 16),)
+  assert sub_model != model and hash(sub_model) == hash(
+      models.build_model(config, kept_units={'encoder/block_01/ffn2': 16}))
   assert model != models.build_model(models.get_model_config(
       'tiny', decoder='ctc', num_blocks=2, conv_norm='group_norm',
       conv_norm_groups=4))

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from conformer_fl import experiment
+from conformer_fl import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,46 @@ def test_stages_share_the_data_dir_and_the_seeds_parse():
   assert config.pretrain.data.train_domains == ("long",)
   assert config.adapt.data.client_domains == ("short",)
   assert config.adapt.data.eval_domains == ("short",)
+
+
+def test_study_is_the_demo_plus_its_stability_runs():
+  study, demo = _config("scale=study"), _config("scale=demo")
+  assert not demo.stability.runs
+  flat_study = workdir_lib.flatten(workdir_lib.config_as_json(study))
+  flat_demo = workdir_lib.flatten(workdir_lib.config_as_json(demo))
+  # Every field but the stability runs is the demo's: a `make demo` workdir
+  # grows into the study's.
+  assert {k for k in flat_study if flat_study[k] != flat_demo.get(k)} <= {
+      k for k in flat_study if k.startswith("stability.")}
+  runs = study.stability.runs
+  assert sorted(runs) == sorted(
+      [f"demo_{norm}_seed{seed}" for norm in ("group_norm", "batch_norm")
+       for seed in (0, 1, 2)
+       if (norm, seed) != ("group_norm", 0)] + ["demo_deep_group_norm_seed0"])
+  pretrain = workdir_lib.flatten(workdir_lib.config_as_json(study.pretrain))
+  for name, run in runs.items():
+    flat = workdir_lib.flatten(workdir_lib.config_as_json(run))
+    changed = {k for k in flat if flat[k] != pretrain[k]}
+    if name.startswith("demo_deep"):
+      assert changed == {"model.num_blocks"} and run.model.num_blocks == 6
+    elif "batch_norm" in name:
+      assert changed <= {"seed", "model.conv_norm", "model.conv_norm_groups"}
+      assert run.model.conv_norm == "batch_norm"
+    else:
+      assert changed == {"seed"}
+    assert run.seed == int(name[-1])
+  resolved = study.copy_and_resolve_references()
+  study.data_dir = "/somewhere"
+  assert study.copy_and_resolve_references().stability.runs[
+      "demo_batch_norm_seed2"].data.data_dir == "/somewhere"
+  assert resolved.stability.analysis_taus == "0"
+
+
+def test_stability_runs_from_the_arguments():
+  config = _config("scale=tiny,stability_seeds=0+1,stability_norms=batch_norm,"
+                   "stability_sizes=demo")
+  assert sorted(config.stability.runs) == [
+      "demo_group_norm_seed0", "tiny_batch_norm_seed0", "tiny_batch_norm_seed1"]
 
 
 def test_unknown_scale_is_named():

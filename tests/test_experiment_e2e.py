@@ -11,6 +11,7 @@ the same numbers.
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ import pytest
 
 from conformer_fl import checkpointing
 from conformer_fl import models
+from conformer_fl import tree_paths
+from conformer_fl.analysis import stability
 from conformer_fl.experiment import arms as arms_lib
 
 import notebooks  # tests/notebooks.py
@@ -27,10 +30,10 @@ import notebooks  # tests/notebooks.py
 pytestmark = pytest.mark.slow
 
 
-def run_tiny_experiment(workdir, data_dir) -> str:
-  """`configs/experiment.py:scale=tiny` through the entry point; its stdout."""
+def run_tiny_experiment(workdir, data_dir, arg: str = "") -> str:
+  """`configs/experiment.py:scale=tiny[,arg]` through the entry point; its stdout."""
   command = [sys.executable, "-m", "conformer_fl.main",
-             "--config=configs/experiment.py:scale=tiny",
+             f"--config=configs/experiment.py:scale=tiny{arg}",
              f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
   result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
                           env=dict(os.environ), capture_output=True, text=True,
@@ -137,7 +140,7 @@ def test_freeze_arm_leaves_the_targeted_unit_at_its_pretrained_value(
     return out
 
   frozen, full = adapted("freeze"), adapted("full")
-  unit_of = lambda params: flat(models.get_unit(params, path))
+  unit_of = lambda params: flat(tree_paths.get(params, path))
   for a, b in zip(unit_of(frozen), unit_of(pretrained)):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b)
@@ -234,3 +237,62 @@ def test_notebook_3_reuses_the_run_and_shows_its_table(
   pngs = notebooks.pngs(nb)
   assert len(pngs) == 3
   assert all(png[:8] == notebooks.PNG_MAGIC for png in pngs)
+
+
+def test_the_stability_stage_grows_the_run_into_the_study(
+    experiment, tiny_corpus_dir, tmp_path):
+  """scale=study's stage 5 at tiny scale, on a copy of the finished run."""
+  workdir, _, _, summary = experiment
+  study = tmp_path / "study"
+  shutil.copytree(workdir, study)
+  arg = (",stability_seeds=0+1,stability_norms=group_norm+batch_norm")
+  first = run_tiny_experiment(study, tiny_corpus_dir, arg)
+  # The demo's stages are reused; three runs are added to `pretrain`.
+  assert "pre-training: done (6 steps), reused" in first
+  names = ["tiny_batch_norm_seed0", "tiny_batch_norm_seed1",
+           "tiny_group_norm_seed1"]
+  for name in names:
+    assert f"[5/6] stability {name}: 6 central steps" in first
+    assert f"[5/6] stability {name}: analysis" in first
+  again = run_tiny_experiment(study, tiny_corpus_dir, arg)
+  for name in names:
+    assert f"stability {name}: pre-training done, reused" in again
+    assert f"stability {name}: analysis done, reused" in again
+
+  result = json.loads((study / "stability.json").read_text())
+  runs = {r["name"]: r for r in result["runs"]}
+  assert list(runs) == ["pretrain", *names]
+  assert {(r["norm"], r["seed"]) for r in runs.values()} == {
+      (norm, seed) for norm in ("group_norm", "batch_norm") for seed in (0, 1)}
+  for name in names:
+    config = json.loads((study / "stability" / name / "config.json"
+                         ).read_text())
+    assert (config["model"]["conv_norm"], config["seed"]) == (
+        runs[name]["norm"], runs[name]["seed"])
+  importance = {name: json.loads(
+      (study / runs[name]["workdir"] / "analysis" / "importance.json"
+       ).read_text()) for name in runs}
+  for name, r in runs.items():
+    assert r["ambient"] == importance[name]["ambient"]
+    assert r["baseline_wer"] == importance[name]["baseline"]["wer"]
+  # Seeds: same norm, seeds 0 and 1; norms: same seed. Never both.
+  pairs = {g: {(p["a"], p["b"]) for p in result["groups"][g]["pairs"]}
+           for g in result["groups"]}
+  assert pairs == {
+      "seeds": {("pretrain", "tiny_group_norm_seed1"),
+                ("tiny_batch_norm_seed0", "tiny_batch_norm_seed1")},
+      "norms": {("pretrain", "tiny_batch_norm_seed0"),
+                ("tiny_batch_norm_seed1", "tiny_group_norm_seed1")}}
+  for group in result["groups"].values():
+    for p in group["pairs"]:
+      assert p["matching"] == "name"
+      assert p["jaccard_ambient"] == pytest.approx(stability.jaccard(
+          importance[p["a"]]["ambient"], importance[p["b"]]["ambient"]))
+    assert group["jaccard_mean"] == pytest.approx(np.mean(
+        [p["jaccard_ambient"] for p in group["pairs"]]))
+  report = (study / "report.md").read_text()
+  assert "## Claims 2 and 3: the stability of layer importance" in report
+  assert "| seeds (same size and norm) | 2 |" in report
+  # The demo's numbers are untouched.
+  assert json.loads((study / "summary.json").read_text())["arms"] == (
+      summary["arms"])

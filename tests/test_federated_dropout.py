@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from conformer_fl import models
+from conformer_fl import tree_paths
 from conformer_fl.federated import dropout
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
@@ -29,6 +30,19 @@ GROUPED = models.droppable_modules(conv_norm_groups=GROUPS)
 UNGROUPED = models.droppable_modules()
 
 
+def _tiny_config(norm):
+  """The tiny 1-block model's config; group norm has GROUPS groups."""
+  groups = dict(conv_norm_groups=GROUPS) if norm == 'group_norm' else {}
+  return models.get_model_config(
+      'tiny', num_blocks=1, conv_norm=norm, decoder='ctc', conv_kernel_size=3,
+      dropout_rate=0.0, **groups)
+
+
+def _submodel(norm, spec):
+  """The tiny model at the widths of `spec` (the model side's sub-model)."""
+  return models.build_model(_tiny_config(norm), kept_units=spec.kept_units)
+
+
 def _model_and_variables():
   """The tiny 1-block model with random (not init) values, no compilation.
 
@@ -37,10 +51,7 @@ def _model_and_variables():
   The group-norm and batch-norm models share the params tree; the batch-norm
   one adds 'batch_stats' {'mean', 'var'} [C] under each conv_norm.
   """
-  config = models.get_model_config(
-      'tiny', num_blocks=1, conv_norm='group_norm', conv_norm_groups=GROUPS,
-      decoder='ctc', conv_kernel_size=3, dropout_rate=0.0)
-  model = models.build_model(config)
+  model = models.build_model(_tiny_config('group_norm'))
   rng = np.random.default_rng(0)
   batch = {
       'audio': (0.1 * rng.normal(size=(BATCH, SAMPLES))).astype(np.float32),
@@ -57,10 +68,7 @@ def _model_and_variables():
       lambda x: (rng.normal(size=x.shape) / np.sqrt(max(x.shape[0], 1))
                  ).astype(np.float32) if x.ndim else np.float32(0.1),
       shapes['params'])
-  batch_norm_model = models.build_model(
-      models.get_model_config('tiny', num_blocks=1, conv_norm='batch_norm',
-                              decoder='ctc', conv_kernel_size=3,
-                              dropout_rate=0.0))
+  batch_norm_model = models.build_model(_tiny_config('batch_norm'))
   batch_stats = {'encoder': {'block_00': {'conv': {'conv_norm': {
       'mean': rng.normal(size=D_MODEL).astype(np.float32),
       'var': (0.5 + rng.random(D_MODEL)).astype(np.float32)}}}}}
@@ -134,9 +142,9 @@ def test_gather_scatter_round_trip(group_norm_model):
   weights = submodel_lib.trained_weights(
       spec, params, submodel_lib.kept_indicator(spec, kept))
   for path, weight in weights.items():
-    original = submodel_lib.get_path(params, path)
+    original = tree_paths.get(params, path)
     np.testing.assert_array_equal(
-        submodel_lib.get_path(back, path),
+        tree_paths.get(back, path),
         np.where(np.asarray(weight) > 0, original, 0.0))
     assert 0 < np.mean(np.asarray(weight)) < 1
   # Leaves outside dropped layers pass through untouched.
@@ -188,9 +196,11 @@ def test_sub_model_equals_full_model_with_dropped_units_zeroed(
                                              'block_00': block}}, **state}
   inputs = (batch['audio'], batch['audio_paddings'], batch['labels'],
             batch['label_paddings'])
-  encode = lambda v: model.apply(v, *inputs, train=False)['encoded']
-  expected, got = jax.jit(lambda a, b: (encode(a), encode(b)))(
-      masked, sub_variables)
+  encode = lambda m, v: m.apply(v, *inputs, train=False)['encoded']
+  sub_model = _submodel('batch_norm', spec)
+  expected, got = jax.jit(lambda a, b: (encode(model, a),
+                                        encode(sub_model, b)))(
+                                            masked, sub_variables)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
   assert float(np.std(np.asarray(got))) > 0.1
 
@@ -230,8 +240,8 @@ def test_client_flops_fall_with_kept_fraction(group_norm_model):
                                      unit_kinds=('ffn', 'conv'),
                                      droppable=GROUPED)
     costs[rate] = dropout.client_step_cost(
-        make_mean_loss_fn(model), optax.sgd(0.1), spec, params, {}, batch,
-        jax.random.key(0))
+        make_mean_loss_fn(_submodel('group_norm', spec)), optax.sgd(0.1),
+        spec, params, {}, batch, jax.random.key(0))
   dropped_hidden, dropped_channels, kernel = 2 * 64, 16, 3
   # Parameters: per hidden unit 2D + 1; per channel 2D + 2 (GLU columns and
   # biases) + K + 2 (group-norm scale, bias) + D (pointwise_out row).
@@ -542,3 +552,41 @@ def test_running_statistics_averaged_over_clients_that_kept_them():
   untrained = np.flatnonzero(count == 0)
   assert len(untrained) == 1
   assert state.model_state['stats']['s'][untrained[0]] == stats[untrained[0]]
+
+
+def test_sub_model_is_built_at_the_kept_widths(group_norm_model):
+  """build_model(config, kept_units) declares the widths; nothing is inferred."""
+  _, variables, batch = group_norm_model
+  spec = dropout.make_dropout_spec(variables['params'], default_rate=0.5,
+                                   droppable=GROUPED)
+  assert spec.kept_units == {
+      'encoder/block_00/ffn1': 64, 'encoder/block_00/mhsa': 1,
+      'encoder/block_00/conv': 16, 'encoder/block_00/ffn2': 64}
+  inputs = (batch['audio'], batch['audio_paddings'], batch['labels'],
+            batch['label_paddings'])
+  shapes = jax.eval_shape(
+      lambda: _submodel('group_norm', spec).init(
+          jax.random.key(0), *inputs, train=False))['params']
+  block = shapes['encoder']['block_00']
+  assert block['ffn1']['dense_in']['kernel'].shape == (D_MODEL, 64)
+  assert block['ffn2']['dense_out']['kernel'].shape == (64, D_MODEL)
+  assert block['conv']['pointwise_in']['kernel'].shape == (D_MODEL, 32)
+  assert block['conv']['conv_norm']['scale'].shape == (16,)
+  # One head of the full model's width D / H = 16.
+  assert block['mhsa']['query']['kernel'].shape == (D_MODEL, 1, 16)
+  # The gathered sub-model params have exactly these shapes.
+  kept = submodel_lib.all_kept_indices(spec)
+  gathered = submodel_lib.gather_submodel(spec, variables['params'], kept)
+  assert jax.tree.map(np.shape, gathered) == jax.tree.map(
+      lambda x: x.shape, shapes)
+
+
+@pytest.mark.parametrize('kept_units, message', [
+    ({'encoder/block_01/ffn1': 8}, "'encoder/block_01/ffn1' is no droppable"),
+    ({'encoder/block_00/final_norm': 8}, 'is no droppable module'),
+    ({'encoder/block_00/conv': 0}, 'conv=0, expected 1 to 32'),
+    ({'encoder/block_00/mhsa': 3}, 'mhsa=3, expected 1 to 2'),
+])
+def test_sub_model_widths_are_checked(kept_units, message):
+  with pytest.raises(ValueError, match=message):
+    models.build_model(_tiny_config('group_norm'), kept_units=kept_units)

@@ -11,6 +11,7 @@ from conformer_fl import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl import steps
+from conformer_fl import tree_paths
 from conformer_fl import unit_patterns
 
 import entry_point  # tests/entry_point.py
@@ -59,7 +60,7 @@ def test_module_units_are_named_paths(params):
   assert list(units) == expected
   for name, path in units.items():
     assert name == '/'.join(path)
-    models.get_unit(params, path)  # Every path exists in the tree.
+    tree_paths.get(params, path)  # Every path exists in the tree.
 
 
 @pytest.mark.parametrize('granularity', ['block', 'module'])
@@ -70,7 +71,7 @@ def test_units_partition_the_parameters(params, granularity):
     owners = [unit for unit in units if leaf[:len(unit)] == unit]
     assert len(owners) == 1, (leaf, owners)
   # Sizes add up: no unit overlaps another, none is empty.
-  sizes = [sum(x.size for x in jax.tree.leaves(models.get_unit(params, u)))
+  sizes = [sum(x.size for x in jax.tree.leaves(tree_paths.get(params, u)))
            for u in units]
   assert min(sizes) > 0
   assert sum(sizes) == sum(x.size for x in jax.tree.leaves(params))
@@ -86,29 +87,29 @@ def test_block_has_its_module_units(params):
 
 def test_set_unit_replaces_only_that_unit(params):
   path = ('encoder', 'block_01', 'conv')
-  original = models.get_unit(params, path)
+  original = tree_paths.get(params, path)
   zeros = jax.tree.map(np.zeros_like, original)
-  updated = models.set_unit(params, path, zeros)
+  updated = tree_paths.replace(params, path, zeros)
   assert all(np.all(x == 0) for x in jax.tree.leaves(
-      models.get_unit(updated, path)))
+      tree_paths.get(updated, path)))
   # The input tree is untouched (pure function).
-  jax.tree.map(np.testing.assert_array_equal, models.get_unit(params, path),
+  jax.tree.map(np.testing.assert_array_equal, tree_paths.get(params, path),
                original)
   assert any(np.any(x != 0) for x in jax.tree.leaves(original))
   # Every other unit is unchanged.
   for name, other in models.list_units(params, 'module').items():
     if other != path:
       jax.tree.map(np.testing.assert_array_equal,
-                   models.get_unit(updated, other),
-                   models.get_unit(params, other))
+                   tree_paths.get(updated, other),
+                   tree_paths.get(params, other))
   assert (jax.tree.structure(updated) == jax.tree.structure(params))
 
 
 def test_bad_paths_and_granularity_are_named(params):
   with pytest.raises(KeyError, match='block_09'):
-    models.get_unit(params, ('encoder', 'block_09'))
+    tree_paths.get(params, ('encoder', 'block_09'))
   with pytest.raises(KeyError, match='attention'):
-    models.set_unit(params, ('encoder', 'block_00', 'attention'), {})
+    tree_paths.replace(params, ('encoder', 'block_00', 'attention'), {})
   with pytest.raises(ValueError, match='layer'):
     models.list_units(params, 'layer')
 
@@ -216,7 +217,7 @@ def test_frozen_by_pattern_stays_bit_equal_over_central_steps():
   for _ in range(3):
     state, _, guard = step(state, batch, jax.random.key(1), guard)
   for name, path in models.list_units(params, 'module').items():
-    before, after = (jax.tree.leaves(models.get_unit(p, path))
+    before, after = (jax.tree.leaves(tree_paths.get(p, path))
                      for p in (params, state['params']))
     frozen = name.startswith(('encoder/block_00/', 'encoder/block_01/'))
     same = all(np.array_equal(a, b) for a, b in zip(before, after))

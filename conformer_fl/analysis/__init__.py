@@ -71,7 +71,9 @@ ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
           "spearman": {"statistic", "pvalue"}, "kendall": {"statistic",
           "pvalue"}}}},
   "stability": null | {"runs": [workdir], "pairs": [{"a", "b",
-      "num_common_units", "jaccard_ambient", "wer_increase": correlations,
+      "num_common_units" (pairs of matched units), "matching": "name" |
+      "relative_depth", "jaccard_ambient", "chance_jaccard_ambient",
+      "wer_increase": correlations,
       "loss_increase": correlations}], "depth": {workdir: {"num_blocks",
       "points": [{"unit", "relative_depth", "wer_increase", "loss_increase"}],
       "wer_increase_vs_depth": correlations, "loss_increase_vs_depth": ...}}},

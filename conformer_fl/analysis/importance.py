@@ -25,6 +25,7 @@ import numpy as np
 
 from conformer_fl import checkpointing
 from conformer_fl import models
+from conformer_fl import tree_paths
 from conformer_fl.analysis import movement
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import report
@@ -105,7 +106,7 @@ def summarize(metrics: list[dict[str, float]], variants: list[resets.Variant],
     rerand_wers = [m['wer'] for m in rerand]
     unit_results[name] = dict(
         path=list(path),
-        num_params=_count_params(models.get_unit(trained_params, path)),
+        num_params=_count_params(tree_paths.get(trained_params, path)),
         reinit_wer=[m['wer'] for m in reinit],
         reinit_loss=[m['loss'] for m in reinit],
         rerandomize_wer=rerand_wers,

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import stats
 
 from conformer_fl import metric_logging
-from conformer_fl import models
+from conformer_fl import tree_paths
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -44,8 +44,8 @@ def unit_movement(trained_params: PyTree, initial_params: PyTree,
   """{unit: {'distance', 'initial_norm', 'relative_distance'}} (module docstring)."""
   movement = {}
   for name, path in units.items():
-    trained = models.get_unit(trained_params, path)
-    initial = models.get_unit(initial_params, path)
+    trained = tree_paths.get(trained_params, path)
+    initial = tree_paths.get(initial_params, path)
     distance = tree_l2_norm(jax.tree.map(
         lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
         trained, initial))

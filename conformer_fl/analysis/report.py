@@ -90,14 +90,15 @@ def render_report(results: dict[str, Any]) -> str:
   stability = results.get('stability')
   if stability:
     lines += ['', '## Stability across runs', '',
-              '| run A | run B | shared units | Jaccard (ambient) | '
+              '| run A | run B | matched units | Jaccard (ambient) | chance | '
               'Spearman (WER incr.) | Kendall (WER incr.) |',
-              '|---|---|---|---|---|---|']
+              '|---|---|---|---|---|---|---|']
     for p in stability['pairs']:
       c = p['wer_increase']
       lines.append(
           f"| {p['a']} | {p['b']} | {p['num_common_units']} | "
           f"{_fmt(p['jaccard_ambient'], 3)} | "
+          f"{_fmt(p['chance_jaccard_ambient'], 3)} | "
           f"{_fmt(c['spearman']['statistic'], 3)} | "
           f"{_fmt(c['kendall']['statistic'], 3)} |")
     if 'stability_depth' in figures:

@@ -13,11 +13,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flax import traverse_util
 import jax
 import numpy as np
 
-from conformer_fl import models
+from conformer_fl import tree_paths
 
 PyTree = Any
 Variables = dict[str, PyTree]
@@ -43,12 +42,6 @@ class Variant:
   source: int | None = None
 
 
-def has_path(tree: PyTree, path: Path) -> bool:
-  """Whether `tree` (nested dicts) holds a subtree or leaf at `path`."""
-  return any(key[:len(path)] == path for key in traverse_util.flatten_dict(
-      tree, keep_empty_nodes=True))
-
-
 def reset_unit(variables: Variables, source: Variables, path: Path) -> Variables:
   """`variables` with the unit at `path` taken from `source` (pure).
 
@@ -59,17 +52,17 @@ def reset_unit(variables: Variables, source: Variables, path: Path) -> Variables
     KeyError: the unit is missing from `variables['params']`, or `source`
       lacks a collection subtree that `variables` has.
   """
-  if not has_path(variables['params'], path):
+  if not tree_paths.has(variables['params'], path):
     raise KeyError(f"No unit '{'/'.join(path)}' in the model's params.")
   reset = dict(variables)
   for collection, tree in variables.items():
-    if not has_path(tree, path):
+    if not tree_paths.has(tree, path):
       continue
-    if collection not in source or not has_path(source[collection], path):
+    if collection not in source or not tree_paths.has(source[collection], path):
       raise KeyError(f"The reset source has no '{collection}' subtree at "
                      f"'{'/'.join(path)}'.")
-    reset[collection] = models.set_unit(
-        tree, path, models.get_unit(source[collection], path))
+    reset[collection] = tree_paths.replace(
+        tree, path, tree_paths.get(source[collection], path))
   return reset
 
 

@@ -3,14 +3,20 @@
 Inputs are importance.json dicts (`conformer_fl.analysis` schema), one per
 run. For every pair of runs: the Jaccard overlap of their ambient sets and the
 rank correlation of importance (WER and loss increase under the tau = 0
-reset), both over the units the two runs share (runs of different sizes share
-the blocks of the smaller one). Runs of different depths are compared through
-relative depth: block index / number of blocks, against importance.
+reset), both over the pairs of units that correspond. Runs of the same depth
+pair units by name. Runs of different depths pair them by relative depth: each
+block unit of the deeper run ('encoder/block_05/conv' of 6 blocks) with the
+unit of the same kind in the block of the shallower run whose centre,
+(index + 0.5) / number of blocks, is nearest ('encoder/block_03/conv' of 4);
+units outside the blocks pair by name. Next to each Jaccard overlap stands its
+chance level: the expected overlap of two random sets of the same sizes.
 """
 
 from collections.abc import Sequence
 import re
 from typing import Any
+
+from scipy import stats
 
 from conformer_fl.analysis import movement
 
@@ -23,6 +29,67 @@ def jaccard(a: Sequence[str], b: Sequence[str]) -> float:
   a, b = set(a), set(b)
   union = a | b
   return len(a & b) / len(union) if union else 1.0
+
+
+def chance_jaccard(num_items: int, size_a: int, size_b: int) -> float:
+  """Expected Jaccard overlap of two random subsets of sizes a and b of n items.
+
+  The intersection of a random a-subset and a random b-subset of n items is
+  hypergeometric; the overlap is |A & B| / (a + b - |A & B|), 1.0 for two
+  empty sets (as `jaccard`).
+  """
+  if not 0 <= size_a <= num_items or not 0 <= size_b <= num_items:
+    raise ValueError(f'Subset sizes {size_a}, {size_b} of {num_items} items.')
+  if size_a == 0 and size_b == 0:
+    return 1.0
+  counts = range(max(0, size_a + size_b - num_items), min(size_a, size_b) + 1)
+  law = stats.hypergeom(num_items, size_a, size_b)
+  return float(sum(law.pmf(k) * k / (size_a + size_b - k) for k in counts))
+
+
+def _block(unit: str) -> tuple[int, str] | None:
+  """'encoder/block_03/conv' -> (3, 'encoder/block/conv'); None outside blocks."""
+  match = _BLOCK.search(unit)
+  if match is None:
+    return None
+  return int(match.group(1)), _BLOCK.sub('/block/', unit, count=1)
+
+
+def matched_units(a: dict[str, Any], b: dict[str, Any]
+                  ) -> list[tuple[str, str]]:
+  """The pairs (unit of a, unit of b) that correspond (module docstring).
+
+  Runs of the same number of blocks pair units by name; otherwise every block
+  unit of the deeper run pairs with the nearest-centred block unit of the same
+  kind in the shallower one (so units of the shallower run may appear in
+  several pairs), and units outside the blocks pair by name.
+  """
+  blocks_a = a['model']['num_blocks']
+  blocks_b = b['model']['num_blocks']
+  if blocks_a == blocks_b:
+    return [(u, u) for u in a['units'] if u in b['units']]
+  swap = blocks_a > blocks_b
+  deep, shallow = (a, b) if swap else (b, a)
+  deep_blocks, shallow_blocks = max(blocks_a, blocks_b), min(blocks_a, blocks_b)
+  shallow_by_kind = {}
+  for unit in shallow['units']:
+    located = _block(unit)
+    if located is not None:
+      shallow_by_kind[(located[0], located[1])] = unit
+  pairs = []
+  for unit in deep['units']:
+    located = _block(unit)
+    if located is None:
+      partner = unit if unit in shallow['units'] else None
+    else:
+      index, kind = located
+      centre = (index + 0.5) / deep_blocks
+      nearest = min(range(shallow_blocks),
+                    key=lambda j: abs((j + 0.5) / shallow_blocks - centre))
+      partner = shallow_by_kind.get((nearest, kind))
+    if partner is not None:
+      pairs.append((unit, partner) if swap else (partner, unit))
+  return pairs
 
 
 def relative_depth(unit: str, num_blocks: int) -> float | None:
@@ -40,17 +107,29 @@ def _importance(result: dict[str, Any], key: str) -> dict[str, float | None]:
 
 
 def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-  """Jaccard of ambient sets and importance rank correlations over shared units."""
-  common = [unit for unit in a['units'] if unit in b['units']]
-  common_set = set(common)
+  """Jaccard of ambient sets and importance rank correlations over matched units.
+
+  Returns:
+    {'num_common_units': number of pairs, 'matching': 'name' |
+     'relative_depth', 'jaccard_ambient', 'chance_jaccard_ambient',
+     'wer_increase': correlations, 'loss_increase': correlations}. The
+    overlap is taken over the pairs: pairs whose two units are both ambient,
+    over pairs with at least one ambient unit.
+  """
+  pairs = matched_units(a, b)
+  ambient_a, ambient_b = set(a['ambient']), set(b['ambient'])
+  in_a = [i for i, (u, _) in enumerate(pairs) if u in ambient_a]
+  in_b = [i for i, (_, v) in enumerate(pairs) if v in ambient_b]
   comparison: dict[str, Any] = dict(
-      num_common_units=len(common),
-      jaccard_ambient=jaccard([u for u in a['ambient'] if u in common_set],
-                              [u for u in b['ambient'] if u in common_set]))
+      num_common_units=len(pairs),
+      matching=('name' if a['model']['num_blocks'] == b['model']['num_blocks']
+                else 'relative_depth'),
+      jaccard_ambient=jaccard([str(i) for i in in_a], [str(i) for i in in_b]),
+      chance_jaccard_ambient=chance_jaccard(len(pairs), len(in_a), len(in_b)))
   for key in IMPORTANCE_KEYS:
     x, y = _importance(a, key), _importance(b, key)
-    comparison[key] = movement.rank_correlations([x[u] for u in common],
-                                                 [y[u] for u in common])
+    comparison[key] = movement.rank_correlations([x[u] for u, _ in pairs],
+                                                 [y[v] for _, v in pairs])
   return comparison
 
 

@@ -20,12 +20,11 @@ Both return the same numbers: per variant the metrics of
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 
 from conformer_fl import evaluation
-from conformer_fl import models
+from conformer_fl import tree_paths
 from conformer_fl.analysis import resets
 
 Batch = dict[str, Any]
@@ -46,21 +45,6 @@ def make_single_eval_fn(model: nn.Module) -> EvalFn:
 SHAREABLE_PATHS = (('encoder', 'subsampling'),)
 
 
-def _without(tree: Any, path: tuple[str, ...]) -> Any:
-  """A copy of nested dicts `tree` without the subtree at `path`."""
-  return traverse_util.unflatten_dict({
-      key: value for key, value in traverse_util.flatten_dict(
-          tree, keep_empty_nodes=True).items() if key[:len(path)] != path})
-
-
-def _with(tree: Any, path: tuple[str, ...], value: Any) -> Any:
-  """A copy of nested dicts `tree` with `value` (a subtree) put at `path`."""
-  flat = {key: leaf for key, leaf in traverse_util.flatten_dict(
-      tree, keep_empty_nodes=True).items() if key[:len(path)] != path}
-  flat[path] = value
-  return traverse_util.unflatten_dict(flat)
-
-
 def make_vectorized_eval_fn(model: nn.Module) -> EvalFn:
   """jit(vmap(eval_step)) over stacked variables, with shared units.
 
@@ -74,8 +58,8 @@ def make_vectorized_eval_fn(model: nn.Module) -> EvalFn:
     variables = dict(batched)
     for collection, units in shared.items():
       for name, value in units.items():
-        variables[collection] = _with(variables[collection],
-                                      tuple(name.split('/')), value)
+        variables[collection] = tree_paths.put(
+            variables[collection], tuple(name.split('/')), value)
     return eval_step(variables, batch)
 
   return jax.jit(jax.vmap(eval_variant, in_axes=(0, None, None)))
@@ -93,13 +77,13 @@ def split_shared(variable_sets: Sequence[Variables],
   trimmed = list(variable_sets)
   for path in shareable_paths:
     for collection in first:
-      if not resets.has_path(first[collection], path):
+      if not tree_paths.has(first[collection], path):
         continue
-      subtree = models.get_unit(first[collection], path)
-      if all(models.get_unit(v[collection], path) is subtree
+      subtree = tree_paths.get(first[collection], path)
+      if all(tree_paths.get(v[collection], path) is subtree
              for v in variable_sets[1:]):
         shared.setdefault(collection, {})['/'.join(path)] = subtree
-        trimmed = [dict(v, **{collection: _without(v[collection], path)})
+        trimmed = [dict(v, **{collection: tree_paths.without(v[collection], path)})
                    for v in trimmed]
   return resets.stack_variables(trimmed), shared
 

@@ -14,7 +14,12 @@ a sub-directory of the workdir W:
                 (config.adapt), once per arm (`arms.ARMS`: full, uniform,
                 targeted, freeze) and seed (config.seeds); each arm's run is then
                 evaluated on config.final_eval_split (held-out speakers);
-  5. summary    client cost of each arm (`costs`), the pre-     W/summary.json
+  5. stability  only when config.stability.runs is set           W/stability/NAME/
+                (scale=study): more pre-training runs (seeds,    W/stability.json
+                conv norms, a larger size), each analysed,
+                compared with each other and with W/pretrain
+                (`stability_runs`; claims 2 and 3);
+  6. summary    client cost of each arm (`costs`), the pre-     W/summary.json
                 trained model on its own dev split, the table,   W/report.md
                 paired intervals, transcripts and figures
                 (`summary`, `evidence`); the wall time of every
@@ -28,7 +33,8 @@ Run again, a finished stage is skipped and an interrupted one resumes from its
 checkpoints, so the same config and seeds give the same WERs and costs (the
 measured seconds per round vary with the machine's load). A workdir holds
 one experiment: if W/experiment_config.json differs from the config in any
-field but `workdir.EXPERIMENT_RESUMABLE_FIELDS` (the corpus's data_dir), the
+field but `workdir.EXPERIMENT_RESUMABLE_FIELDS` (the corpus's data_dir and the
+stability runs, so that a demo's workdir grows into the study's), the
 run stops before writing anything, naming each field with both values (the
 rule of every mode, `conformer_fl.workdir.check_config`). The run holds
 W/.lock (`conformer_fl.workdir.WorkdirLock`) while it lasts.

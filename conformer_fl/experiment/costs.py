@@ -56,16 +56,16 @@ def arm_costs(config: ml_collections.ConfigDict,
     {arm: {'params', 'flops', 'peak_bytes', 'params_fraction',
            'flops_fraction', 'peak_bytes_fraction'}}.
   """
-  model = models.build_model(config.model)
-  loss_fn = models.make_mean_loss_fn(model)
   client_optimizer = optimizers.client_optimizer_from_config(
       config.federated.client_optimizer)
   rng = jax.random.key(0)
 
   def cost(spec):
+    spec = spec or submodel_lib.SubmodelSpec()
+    loss_fn = models.make_mean_loss_fn(
+        models.build_model(config.model, kept_units=spec.kept_units))
     return federated_dropout.client_step_cost(
-        loss_fn, client_optimizer, spec or submodel_lib.SubmodelSpec(), params,
-        model_state, batch, rng)
+        loss_fn, client_optimizer, spec, params, model_state, batch, rng)
 
   full = cost(None)
   report = {}

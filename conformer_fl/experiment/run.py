@@ -19,6 +19,7 @@ from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import costs as costs_lib
+from conformer_fl.experiment import stability_runs
 from conformer_fl.experiment import summary as summary_lib
 
 CONFIG_FILE = "experiment_config.json"
@@ -104,16 +105,6 @@ def check_workdir_config(config: ml_collections.ConfigDict,
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomically(workdir / CONFIG_FILE, json.dumps(
         workdir_lib.config_as_json(config), indent=2))
-
-
-def _latest_step(workdir: epath.Path) -> int | None:
-  if not (workdir / "checkpoints").exists():
-    return None
-  store = checkpointing.CheckpointStore(os.fspath(workdir), read_only=True)
-  try:
-    return store.latest_step()
-  finally:
-    store.close()
 
 
 def corpus_is_built(data_config: ml_collections.ConfigDict) -> bool:
@@ -290,7 +281,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                 train_central: TrainFn,
                 train_federated: TrainFn) -> dict[str, Any]:
   """The stages of `run_experiment`, its workdir checked and locked."""
-  progress = _Progress(5, workdir)
+  num_stages = 6 if config.stability.runs else 5
+  progress = _Progress(num_stages, workdir)
   pretrain_dir = workdir / "pretrain"
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
@@ -300,7 +292,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       build_corpus(config.pretrain.data)
 
   steps = config.pretrain.central.num_steps
-  if _latest_step(pretrain_dir) == steps:
+  if checkpointing.latest_saved_step(pretrain_dir) == steps:
     progress.stage(2, f"pre-training: done ({steps} steps), reused")
   else:
     progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
@@ -341,7 +333,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
   for arm, dropout_config in arm_dropouts.items():
     for seed in config.seeds:
       run_dir = workdir / "arms" / arm / f"seed_{seed}"
-      if _latest_step(run_dir) == rounds:
+      if checkpointing.latest_saved_step(run_dir) == rounds:
         progress.stage(4, f"adapt {arm} seed {seed}: done, reused")
       else:
         progress.stage(4, f"adapt {arm} seed {seed}: {rounds} federated rounds"
@@ -353,12 +345,18 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       split = config.final_eval_split
       results[(arm, seed)] = _cached(
           run_dir / "final_eval.json",
-          {"split": split, "round": _latest_step(run_dir),
+          {"split": split, "round": checkpointing.latest_saved_step(run_dir),
            "schema": EVAL_SCHEMA},
           lambda: evaluate_checkpoint(run_dir, split))
 
-  progress.stage(5, "summary: client cost of each arm, final evaluations,"
-                    " table, figures")
+  stability = None
+  if config.stability.runs:
+    stability = stability_runs.run_stage(
+        config, workdir, train_central=train_central, timed=progress.timed,
+        announce=lambda text: progress.stage(5, text))
+
+  progress.stage(num_stages, "summary: client cost of each arm, final"
+                             " evaluations, table, figures")
   # The final evaluations and costs are cached: a rerun keeps the time of
   # the run that computed them.
   with progress.timed("summary",
@@ -392,7 +390,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
         lambda: evaluate_checkpoint(pretrain_dir, "dev", step=steps))
   summary = summary_lib.build_summary(
       config, workdir, importance, targets, arm_dropouts, costs, results,
-      pretrained_eval, pretrain_dev_eval, progress.seconds)
+      pretrained_eval, pretrain_dev_eval, progress.seconds, stability)
   if _is_chief():
     summary_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",

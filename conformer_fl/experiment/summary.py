@@ -56,6 +56,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.experiment import evidence  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.experiment import stability_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WER_FIGURE = "wer_by_round.png"
 COST_FIGURE = "client_cost.png"
@@ -82,7 +83,8 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
                   results: Mapping[tuple[str, int], Mapping[str, Any]],
                   pretrained_eval: Mapping[str, Any],
                   pretrain_dev_eval: Mapping[str, Any] | None = None,
-                  stage_seconds: Mapping[str, float] | None = None
+                  stage_seconds: Mapping[str, float] | None = None,
+                  stability: Mapping[str, Any] | None = None
                   ) -> dict[str, Any]:
   """The summary (module docstring) from the stages' outputs.
 
@@ -99,6 +101,7 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
     pretrain_dev_eval: the pre-trained model on the dev split of its own
       domain (None: not measured).
     stage_seconds: {stage: wall seconds of the run that computed it}.
+    stability: W/stability.json (`stability_runs`; None: no stability stage).
   """
   f = config.adapt.federated
   pretrain_metrics = read_metrics(workdir / "pretrain")
@@ -161,7 +164,7 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path,
                     rule=config.targeting.rule,
                     metric=config.targeting.metric,
                     targeted_units=list(targets)),
-      arms=arms)
+      arms=arms, stability=stability)
 
 
 def _describe(dropout: Mapping[str, Any]) -> str:
@@ -384,6 +387,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
       "",
       *_differences_lines(summary),
       *_learning_curve_lines(summary),
+      *(stability_runs.report_lines(summary["stability"])
+        if summary.get("stability") else []),
       *_transcript_lines(summary),
   ])
 

@@ -37,11 +37,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flax import traverse_util
 import jax
 import ml_collections
 import optax
 
+from conformer_fl import tree_paths
 from conformer_fl import unit_patterns
 from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
@@ -76,9 +76,9 @@ def droppable_layers(
       its unit count.
   """
   shapes = {path: value.shape
-            for path, value in traverse_util.flatten_dict(params).items()}
+            for path, value in tree_paths.flatten(params).items()}
   param_paths = list(shapes)
-  state_paths = {collection: submodel_lib.leaf_paths(tree)
+  state_paths = {collection: tree_paths.leaf_paths(tree)
                  for collection, tree in (model_state or {}).items()
                  if isinstance(tree, Mapping)}
   found = {}
@@ -130,7 +130,7 @@ def subtree_names(params: Mapping[str, Any]) -> list[str]:
   'decoder/dense', 'decoder/dense/kernel', ...].
   """
   names = {}
-  for path in submodel_lib.leaf_paths(params):
+  for path in tree_paths.leaf_paths(params):
     for depth in range(1, len(path) + 1):
       names.setdefault(_joined(path[:depth]), None)
   return list(names)
@@ -321,8 +321,8 @@ def client_step_cost(
   kept units (`submodel.client_submodel`), frozen subtrees as arguments.
   params: number of parameters the client optimizes; flops: XLA cost
   analysis of the compiled step; peak_bytes: arguments + outputs +
-  temporaries - aliased, from its memory analysis. Arguments as in
-  client_cost.
+  temporaries - aliased, from its memory analysis. loss_fn: the sub-model's
+  loss (widths `spec.kept_units`); the other arguments as in client_cost.
   """
   trainable, frozen, sub_state = submodel_lib.client_submodel(
       spec, params, model_state, submodel_lib.all_kept_indices(spec))
@@ -357,6 +357,7 @@ def client_cost(
     model_state: PyTree,
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
+    submodel_loss_fn: Callable[..., tuple[jax.Array, PyTree]] | None = None,
 ) -> dict[str, float]:
   """What one client step costs with the sub-model of `spec`, against full.
 
@@ -372,17 +373,19 @@ def client_cost(
     params, model_state: full model.
     batch: one local step's batch [B, ...] incl. 'example_mask' [B].
     rng: step rng.
+    submodel_loss_fn: the sub-model's loss (widths `spec.kept_units`); None =
+      loss_fn, for a loss that reads its widths from the params.
 
   Returns:
     {'params', 'flops', 'peak_bytes'} of the sub-model's step,
     {'full_params', 'full_flops', 'full_peak_bytes'} of the full model's and
     '<name>_fraction' = sub / full for the three.
   """
-  sub = client_step_cost(loss_fn, client_optimizer, spec, params,
-                            model_state, batch, rng)
+  sub = client_step_cost(submodel_loss_fn or loss_fn, client_optimizer, spec,
+                         params, model_state, batch, rng)
   full = client_step_cost(loss_fn, client_optimizer,
-                             submodel_lib.SubmodelSpec(), params, model_state,
-                             batch, rng)
+                          submodel_lib.SubmodelSpec(), params, model_state,
+                          batch, rng)
   report = dict(sub)
   for key, value in full.items():
     report[f'full_{key}'] = value

@@ -137,6 +137,7 @@ def make_federated_round(
     *, clip_update_norm: float | None = None,
     unit_paths: Mapping[str, Sequence[str] | str] | None = None,
     submodel: submodel_lib.SubmodelSpec | None = None,
+    submodel_loss_fn: LossFn | None = None,
     aggregation_weight: str = 'examples_trained',
 ) -> Callable[..., tuple[ServerState, Metrics]]:
   """round_fn(server_state, round_data, rng) -> (server_state, metrics).
@@ -144,7 +145,10 @@ def make_federated_round(
   Client c (global index in [0, C)) uses fold_in(fold_in(rng,
   server_state.round), c) on any device layout; its weight is
   round_data.client_weights(aggregation_weight). submodel: Federated
-  Dropout / freezing spec (None = plain). round_fn checks the data
+  Dropout / freezing spec (None = plain); submodel_loss_fn: the loss of the
+  sub-model, whose layers have the widths `submodel.kept_units` (None =
+  loss_fn, for a loss that reads its widths from the params it is given).
+  round_fn checks the data
   (ValueError), then runs `round_fn.jitted` (server_state donated) after a
   barrier between processes per new shape (mesh.barrier_after_compile).
   """
@@ -154,8 +158,9 @@ def make_federated_round(
                                 client_optimizer=client_optimizer)
   average = aggregation.weighted_mean
   if submodel is not None and not submodel.is_identity:  # Federated Dropout.
-    client_fn = submodel_lib.wrap_client_update(client_update, submodel,
-                                                loss_fn, client_optimizer)
+    client_fn = submodel_lib.wrap_client_update(
+        client_update, submodel, submodel_loss_fn or loss_fn,
+        client_optimizer)
     average = submodel_lib.make_average(submodel, average)
 
   def device_sums(params, model_state, round_data, round_rng):

@@ -30,16 +30,17 @@ Frozen units (`frozen_paths`): subtrees the clients do not train. They are
 split off the trainable tree (their place holds None, an empty pytree), given
 to the loss as constants, and get a zero delta and no server update.
 
-Paths are tuples of dict keys, as `flax.traverse_util.flatten_dict` makes.
+Paths are tuples of dict keys (conformer_fl/tree_paths.py).
 """
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
+
+from conformer_fl import tree_paths
 
 Path = tuple[str, ...]
 PyTree = Any
@@ -114,60 +115,18 @@ class SubmodelSpec:
     """True when the sub-model is the full model trained in full."""
     return not self.layers and not self.frozen_paths
 
+  @property
+  def kept_units(self) -> dict[str, int]:
+    """{dropped layer name: units every client keeps}: the sub-model's widths.
 
-# ----------------------------------------------------------------------------
-# Paths (flax.traverse_util).
-# ----------------------------------------------------------------------------
-
-
-def _flat(tree: Mapping[str, Any]) -> dict[Path, Any]:
-  return traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+    The model side builds the sub-model's loss from them (for the Conformer,
+    `models.build_model(config, kept_units=spec.kept_units)`).
+    """
+    return {layer.name: layer.num_kept for layer in self.layers}
 
 
 def _under(key: Path, path: Path) -> bool:
   return key[:len(path)] == path
-
-
-def get_path(tree: Mapping[str, Any], path: Path) -> PyTree:
-  """The leaf or subtree of nested dicts `tree` at `path`.
-
-  Raises:
-    KeyError: no leaf at or under `path`.
-  """
-  flat = _flat(tree)
-  if path in flat:
-    return flat[path]
-  sub = {key[len(path):]: value for key, value in flat.items()
-         if _under(key, path)}
-  if not sub:
-    raise KeyError(f"No entry '{'/'.join(path)}' in the tree.")
-  return traverse_util.unflatten_dict(sub)
-
-
-def replace_paths(tree: Mapping[str, Any],
-                  values: Mapping[Path, Any]) -> PyTree:
-  """A copy of `tree` with the leaf or subtree at each path replaced (pure).
-
-  Raises:
-    KeyError: a path with no leaf at or under it.
-  """
-  if not values:
-    return tree
-  flat = _flat(tree)
-  for path, value in values.items():
-    under = [path] if path in flat else [key for key in flat
-                                         if _under(key, path)]
-    if not under:
-      raise KeyError(f"replace_paths: no entry '{'/'.join(path)}'.")
-    for key in under:
-      del flat[key]
-    flat[path] = value
-  return traverse_util.unflatten_dict(flat)
-
-
-def leaf_paths(tree: Mapping[str, Any]) -> list[Path]:
-  """The paths of every leaf of nested dicts `tree`."""
-  return list(traverse_util.flatten_dict(tree))
 
 
 # ----------------------------------------------------------------------------
@@ -245,14 +204,14 @@ def gather_submodel(spec: SubmodelSpec, tree: PyTree, kept: KeptIndices,
   Returns:
     The tree with [.., n*copies, ..] leaves replaced by [.., k*copies, ..].
   """
-  flat = _flat(tree)
+  flat = tree_paths.flatten(tree)
   values = {}
   for layer in spec.layers:
     for leaf in _leaves(layer, which):
       values[leaf.path] = jnp.take(
           flat[leaf.path], _leaf_indices(layer, leaf, kept[layer.name]),
           axis=leaf.axis)
-  return replace_paths(tree, values)
+  return tree_paths.replace_all(tree, values)
 
 
 def scatter_to_full(spec: SubmodelSpec, sub_tree: PyTree, fill: PyTree,
@@ -263,7 +222,7 @@ def scatter_to_full(spec: SubmodelSpec, sub_tree: PyTree, fill: PyTree,
   for deltas and model-state sums). Leaves outside dropped layers are taken
   from sub_tree as they are.
   """
-  full_flat, sub_flat = _flat(fill), _flat(sub_tree)
+  full_flat, sub_flat = tree_paths.flatten(fill), tree_paths.flatten(sub_tree)
   values = {}
   for layer in spec.layers:
     for leaf in _leaves(layer, which):
@@ -272,7 +231,7 @@ def scatter_to_full(spec: SubmodelSpec, sub_tree: PyTree, fill: PyTree,
       sub = jnp.moveaxis(sub_flat[leaf.path], leaf.axis, 0)
       values[leaf.path] = jnp.moveaxis(
           full.at[indices].set(sub.astype(full.dtype)), 0, leaf.axis)
-  return replace_paths(sub_tree, values)
+  return tree_paths.replace_all(sub_tree, values)
 
 
 # ----------------------------------------------------------------------------
@@ -283,8 +242,8 @@ def scatter_to_full(spec: SubmodelSpec, sub_tree: PyTree, fill: PyTree,
 def split_frozen(spec: SubmodelSpec,
                  params: PyTree) -> tuple[PyTree, tuple[PyTree, ...]]:
   """(trainable tree with None at the frozen paths, frozen subtrees)."""
-  frozen = tuple(get_path(params, path) for path in spec.frozen_paths)
-  trainable = replace_paths(params,
+  frozen = tuple(tree_paths.get(params, path) for path in spec.frozen_paths)
+  trainable = tree_paths.replace_all(params,
                             {path: None for path in spec.frozen_paths})
   return trainable, frozen
 
@@ -292,7 +251,7 @@ def split_frozen(spec: SubmodelSpec,
 def merge_frozen(spec: SubmodelSpec, trainable: PyTree,
                  frozen: Sequence[PyTree]) -> PyTree:
   """Inverse of split_frozen."""
-  return replace_paths(trainable, dict(zip(spec.frozen_paths, frozen)))
+  return tree_paths.replace_all(trainable, dict(zip(spec.frozen_paths, frozen)))
 
 
 # ----------------------------------------------------------------------------
@@ -340,7 +299,9 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
       batches, step_mask, client_rng, *, loss_fn, client_optimizer) ->
       ClientOutput (delta, model_state, loss_sum, num_examples_seen).
     spec: the sub-model spec.
-    loss_fn, client_optimizer: those of the round.
+    loss_fn: the sub-model's loss, loss_fn(params, model_state, batch, rng)
+      on params gathered to the widths `spec.kept_units`.
+    client_optimizer: the round's.
 
   Returns:
     fn(server_params, server_model_state, batches, step_mask, client_rng) ->
@@ -400,7 +361,7 @@ def trained_weights(spec: SubmodelSpec, params: PyTree,
   frozen path (0). Leaves absent from the result were trained by every
   finite client. `params` is the full params (or model_state) tree.
   """
-  flat = _flat(params)
+  flat = tree_paths.flatten(params)
   weights = {}
   for layer in spec.layers:
     for leaf in _leaves(layer, which):
@@ -426,8 +387,8 @@ def count_normalized_mean(total_sum: PyTree, plain_mean: PyTree,
     untrained: values where no client kept the element (the server's model
       state); None = 0.
   """
-  flat_sum = _flat(total_sum)
-  flat_untrained = None if untrained is None else _flat(untrained)
+  flat_sum = tree_paths.flatten(total_sum)
+  flat_untrained = None if untrained is None else tree_paths.flatten(untrained)
   values = {}
   for path, weight in weights.items():
     total = flat_sum[path]
@@ -435,7 +396,7 @@ def count_normalized_mean(total_sum: PyTree, plain_mean: PyTree,
     fallback = 0.0 if flat_untrained is None else flat_untrained[path]
     values[path] = jnp.where(weight > 0, total / safe,
                              fallback).astype(total.dtype)
-  return replace_paths(plain_mean, values)
+  return tree_paths.replace_all(plain_mean, values)
 
 
 def zero_untrained(updates: PyTree,
@@ -444,10 +405,10 @@ def zero_untrained(updates: PyTree,
 
   (A server optimizer with momentum would otherwise keep moving them.)
   """
-  flat = _flat(updates)
+  flat = tree_paths.flatten(updates)
   values = {path: jnp.where(weight > 0, flat[path], 0.0)
             for path, weight in weights.items()}
-  return replace_paths(updates, values)
+  return tree_paths.replace_all(updates, values)
 
 
 def make_average(spec: SubmodelSpec,

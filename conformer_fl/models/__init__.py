@@ -13,9 +13,7 @@ from conformer_fl.models.sizes import build_model
 from conformer_fl.models.sizes import get_model_config
 from conformer_fl.models.units import droppable_modules
 from conformer_fl.models.units import droppable_modules_from_config
-from conformer_fl.models.units import get_unit
 from conformer_fl.models.units import list_units
-from conformer_fl.models.units import set_unit
 from conformer_fl.models.variables import init_variables
 from conformer_fl.models.variables import split_variables
 
@@ -27,7 +25,6 @@ __all__ = [
     'droppable_modules',
     'droppable_modules_from_config',
     'get_model_config',
-    'get_unit',
     'greedy_decode',
     'init_variables',
     'list_units',
@@ -35,7 +32,6 @@ __all__ = [
     'make_mean_loss_fn',
     'per_example_loss',
     'rnnt_loss',
-    'set_unit',
     'spec_augment',
     'split_variables',
 ]

@@ -48,21 +48,6 @@ def _valid_mask(paddings: Array) -> Array:
   return (1.0 - paddings)[..., None]
 
 
-def _existing_param_dim(module: nn.Module, child: str, axis: int,
-                        default: int) -> int:
-  """Size of `axis` of the bound params' `child/kernel`, else `default`.
-
-  Federated dropout (conformer_fl/federated/dropout.py) applies the model to
-  sub-model params whose FFN hidden width, conv-module channel count or head
-  count is smaller than the config's; those modules read the width from the
-  kernel they are given. At init (no params yet) the config value is used.
-  """
-  params = module.variables.get('params', {})
-  if child in params:
-    return params[child]['kernel'].shape[axis]
-  return default
-
-
 # ----------------------------------------------------------------------------
 # Norms of the convolution module, statistics over valid frames only.
 # ----------------------------------------------------------------------------
@@ -212,25 +197,25 @@ class DepthwiseConv1D(nn.Module):
 class FeedForwardModule(nn.Module):
   """Pre-norm FFN: LN, Dense(ffn_mult*D), swish, dropout, Dense(D), dropout.
 
-  Returns the residual branch only; the block adds 0.5 times it. The hidden
-  width is ffn_mult*D at init and the width of the given 'dense_in' kernel
-  at apply (federated dropout sub-models keep fewer hidden units).
+  Returns the residual branch only; the block adds 0.5 times it.
 
   Attributes:
     model_dim: D.
     ffn_mult: Hidden width multiplier (4 in the paper).
     dropout_rate: Dropout after the activation and after the output.
+    hidden_units: F, the hidden width; None = ffn_mult * D (a Federated
+      Dropout sub-model keeps fewer).
   """
   model_dim: int
   ffn_mult: int = 4
   dropout_rate: float = 0.1
+  hidden_units: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
-    hidden = _existing_param_dim(self, 'dense_in', -1,
-                                 self.ffn_mult * self.model_dim)
+    hidden = self.hidden_units or self.ffn_mult * self.model_dim
     y = nn.LayerNorm(name='norm')(x)
     y = nn.Dense(hidden, name='dense_in')(y)
     y = nn.swish(y)
@@ -265,20 +250,21 @@ class RelativeSelfAttention(nn.Module):
   projection ('pos_proj', no bias) and u, v learned per-head biases
   ('content_bias', 'position_bias'). Padded keys get a large negative score
   before the softmax. Scores depend on i - j only, never on T, so appending
-  padded frames changes nothing at valid frames. The head count is num_heads
-  at init and that of the given 'query' kernel [D, H, Dh] at apply
-  (federated dropout sub-models keep fewer heads of the same width Dh).
+  padded frames changes nothing at valid frames.
 
   Attributes:
     model_dim: D.
-    num_heads: H; must divide D.
+    num_heads: H; must divide D. Heads have width Dh = D / H.
     attention_dropout_rate: Dropout on the attention probabilities.
     dropout_rate: Dropout on the module's output.
+    kept_heads: the heads computed, of width Dh; None = H (a Federated
+      Dropout sub-model keeps fewer).
   """
   model_dim: int
   num_heads: int
   attention_dropout_rate: float = 0.0
   dropout_rate: float = 0.1
+  kept_heads: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
@@ -288,7 +274,7 @@ class RelativeSelfAttention(nn.Module):
       raise ValueError(f'num_heads={self.num_heads} does not divide '
                        f'model_dim={self.model_dim}.')
     head_dim = self.model_dim // self.num_heads
-    num_heads = _existing_param_dim(self, 'query', 1, self.num_heads)
+    num_heads = self.kept_heads or self.num_heads
     time = x.shape[1]
     dense = lambda name, bias=True: nn.DenseGeneral(
         (num_heads, head_dim), use_bias=bias, name=name)
@@ -329,8 +315,7 @@ class ConvolutionModule(nn.Module):
   """LN, pointwise conv + GLU, depthwise conv, norm, swish, pointwise, dropout.
 
   The inner channel count C (after the GLU, through the depthwise conv and
-  the norm) is D at init and half the width of the given 'pointwise_in'
-  kernel [D, 2C] at apply (federated dropout sub-models keep fewer channels).
+  the norm) is D, or `channels` (a Federated Dropout sub-model keeps fewer).
 
   Attributes:
     model_dim: D.
@@ -340,6 +325,7 @@ class ConvolutionModule(nn.Module):
     batch_norm_momentum: Running-average momentum of 'batch_norm'.
     depthwise_impl: 'shift_add' | 'conv' (see DepthwiseConv1D).
     dropout_rate: Dropout on the module's output.
+    channels: C; None = D.
   """
   model_dim: int
   kernel_size: int = 32
@@ -348,13 +334,13 @@ class ConvolutionModule(nn.Module):
   batch_norm_momentum: float = 0.99
   depthwise_impl: DepthwiseImpl = 'shift_add'
   dropout_rate: float = 0.1
+  channels: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
-    channels = _existing_param_dim(self, 'pointwise_in', -1,
-                                   2 * self.model_dim) // 2
+    channels = self.channels or self.model_dim
     y = nn.LayerNorm(name='norm')(x)
     y = nn.Dense(2 * channels, name='pointwise_in')(y)
     y = nn.glu(y, axis=-1)
@@ -405,6 +391,12 @@ class ConformerConfig:
     depthwise_impl: 'shift_add' (fast on CPU) | 'conv' (feature_group_count).
     dropout_rate: Residual-branch dropout (and subsampling output dropout).
     attention_dropout_rate: Dropout on attention probabilities.
+    kept_units: a Federated Dropout sub-model's widths: ((module, kept
+      units), ...) with module a droppable module below the encoder
+      ('block_03/ffn1', 'block_03/conv', 'block_03/mhsa') and the units it
+      keeps (hidden units, inner channels, heads); () = the full model. Not a
+      field of the flat model config, which describes the full model:
+      `models.build_model(config, kept_units)` sets it.
   """
   num_blocks: int = 2
   model_dim: int = 32
@@ -417,6 +409,7 @@ class ConformerConfig:
   depthwise_impl: DepthwiseImpl = 'shift_add'
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
+  kept_units: tuple[tuple[str, int], ...] = ()
 
 
 class ConformerBlock(nn.Module):
@@ -435,18 +428,21 @@ class ConformerBlock(nn.Module):
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
     c = self.config
+    kept = dict(c.kept_units)
+    width = lambda module: kept.get(f'{self.name}/{module}')
     ffn = lambda name: FeedForwardModule(c.model_dim, c.ffn_mult,
-                                         c.dropout_rate, name=name)
+                                         c.dropout_rate, width(name),
+                                         name=name)
     y, _ = ffn('ffn1')(x, paddings, train=train)
     x = x + 0.5 * y
     y, _ = RelativeSelfAttention(
         c.model_dim, c.num_heads, c.attention_dropout_rate,
-        c.dropout_rate, name='mhsa')(x, paddings, train=train)
+        c.dropout_rate, width('mhsa'), name='mhsa')(x, paddings, train=train)
     x = x + y
     y, _ = ConvolutionModule(
         c.model_dim, c.conv_kernel_size, c.conv_norm, c.conv_norm_groups,
         c.batch_norm_momentum, c.depthwise_impl, c.dropout_rate,
-        name='conv')(x, paddings, train=train)
+        width('conv'), name='conv')(x, paddings, train=train)
     x = x + y
     y, _ = ffn('ffn2')(x, paddings, train=train)
     x = x + 0.5 * y

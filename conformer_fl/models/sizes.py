@@ -11,6 +11,7 @@ Sizes (encoder blocks x width, heads, LSTM width; depthwise kernel 32):
   M: 16 x 256, 4 heads, LSTM 640   (paper: 30.7M)
   L: 17 x 512, 8 heads, LSTM 640   (paper: 118.8M)
   demo: 4 x 96, 4 heads, kernel 15, LSTM 128 - the local CPU demo.
+  demo_deep: 6 x 96, otherwise demo - the larger size of the demo's study.
   tiny: 2 x 32, 2 heads, kernel 8, LSTM 32 - tests.
 
 vocab_size includes the blank (id 0). Default 1024 for S/M/L (a 1k wordpiece
@@ -29,7 +30,9 @@ SpecAugment (the LibriSpeech policy of the Conformer paper: 2 frequency masks
 of up to 27 bins, 10 time masks of up to 5% of the utterance).
 """
 
+from collections.abc import Mapping
 import dataclasses
+import re
 from typing import Any
 
 import ml_collections
@@ -50,6 +53,9 @@ _SIZES: dict[str, dict[str, Any]] = {
     'demo': dict(num_blocks=4, model_dim=96, num_heads=4, lstm_dim=128,
                  embed_dim=128, joint_dim=128, conv_kernel_size=15,
                  vocab_size=256),
+    'demo_deep': dict(num_blocks=6, model_dim=96, num_heads=4, lstm_dim=128,
+                      embed_dim=128, joint_dim=128, conv_kernel_size=15,
+                      vocab_size=256),
     'tiny': dict(num_blocks=2, model_dim=32, num_heads=2, lstm_dim=32,
                  embed_dim=32, joint_dim=32, conv_kernel_size=8,
                  vocab_size=32),
@@ -60,9 +66,11 @@ DECODERS = ('ctc', 'rnnt')
 FEATURE_NORMALIZATIONS = ('utterance', 'none')
 
 
-# The flat config's fields that make up ConformerASR.encoder_config.
+# The flat config's fields that make up ConformerASR.encoder_config (all but
+# the sub-model's kept units, which `build_model` takes apart).
 ENCODER_FIELDS = tuple(
-    field.name for field in dataclasses.fields(conformer.ConformerConfig))
+    field.name for field in dataclasses.fields(conformer.ConformerConfig)
+    if field.name != 'kept_units')
 # ConformerASR attributes that are no config fields.
 _NOT_FIELDS = ('parent', 'name', 'encoder_config')
 
@@ -70,7 +78,8 @@ _NOT_FIELDS = ('parent', 'name', 'encoder_config')
 def _defaults() -> dict[str, Any]:
   """Every model config field with its default value, encoder fields first."""
   defaults = {field.name: field.default
-              for field in dataclasses.fields(conformer.ConformerConfig)}
+              for field in dataclasses.fields(conformer.ConformerConfig)
+              if field.name in ENCODER_FIELDS}
   defaults.update({field.name: field.default
                    for field in dataclasses.fields(asr.ConformerASR)
                    if field.name not in _NOT_FIELDS})
@@ -81,7 +90,7 @@ def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The config of a named size, with fields overridden by keyword.
 
   Args:
-    size: One of 'S', 'M', 'L', 'demo', 'tiny'.
+    size: One of SIZES ('S', 'M', 'L', 'demo', 'demo_deep', 'tiny').
     **overrides: Any model config field, e.g. decoder='ctc',
       conv_norm='group_norm'.
 
@@ -103,6 +112,30 @@ def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(values)
   validate_config(config)
   return config
+
+
+_DROPPABLE = re.compile(r'encoder/(block_(\d+)/(ffn1|ffn2|conv|mhsa))')
+
+
+def _encoder_kept_units(config: ml_collections.ConfigDict,
+                        kept_units: Mapping[str, int]
+                        ) -> tuple[tuple[str, int], ...]:
+  """`ConformerConfig.kept_units` of build_model's kept_units, checked."""
+  full = dict(ffn1=config.ffn_mult * config.model_dim,
+              ffn2=config.ffn_mult * config.model_dim,
+              conv=config.model_dim, mhsa=config.num_heads)
+  encoder_units = []
+  for name, kept in sorted(kept_units.items()):
+    match = _DROPPABLE.fullmatch(name)
+    if match is None or int(match.group(2)) >= config.num_blocks:
+      raise ValueError(f'kept_units: {name!r} is no droppable module of a'
+                       f' {config.num_blocks}-block model (expected'
+                       " 'encoder/block_NN/ffn1|mhsa|conv|ffn2').")
+    if not 0 < kept <= full[match.group(3)]:
+      raise ValueError(f'kept_units: {name}={kept}, expected 1 to'
+                       f' {full[match.group(3)]}.')
+    encoder_units.append((match.group(1), int(kept)))
+  return tuple(encoder_units)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -148,11 +181,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      'token).')
 
 
-def build_model(config: ml_collections.ConfigDict) -> asr.ConformerASR:
-  """ConformerASR of a (validated) flat model config (module docstring)."""
+def build_model(config: ml_collections.ConfigDict,
+                kept_units: Mapping[str, int] | None = None
+                ) -> asr.ConformerASR:
+  """ConformerASR of a (validated) flat model config (module docstring).
+
+  Args:
+    config: the flat model config.
+    kept_units: a Federated Dropout sub-model's widths, {droppable module
+      ('encoder/block_03/ffn1', 'encoder/block_03/conv',
+      'encoder/block_03/mhsa'): the hidden units, inner channels or heads it
+      keeps} (`SubmodelSpec.kept_units`); None or {} = the full model.
+
+  Raises:
+    ValueError: a kept_units key that names no droppable module of the model,
+      or a width outside 1 .. the full width.
+  """
   validate_config(config)
   encoder_config = conformer.ConformerConfig(
-      **{field: config[field] for field in ENCODER_FIELDS})
+      **{field: config[field] for field in ENCODER_FIELDS},
+      kept_units=_encoder_kept_units(config, kept_units or {}))
   return asr.ConformerASR(
       encoder_config=encoder_config,
       **{field: config[field] for field in config.keys()

@@ -77,32 +77,6 @@ def list_units(params: Mapping[str, Any],
   return {'/'.join(path): path for path in paths}
 
 
-def get_unit(tree: Mapping[str, Any], path: Path) -> PyTree:
-  """The subtree of `tree` at `path` (a tuple of keys)."""
-  node = tree
-  for depth, key in enumerate(path):
-    if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"No unit '{'/'.join(path)}': missing key {key!r} at "
-                     f"'{'/'.join(path[:depth]) or '<root>'}'.")
-    node = node[key]
-  return node
-
-
-def set_unit(tree: Mapping[str, Any], path: Path, value: PyTree) -> dict:
-  """A copy of `tree` with the subtree at `path` replaced by `value`.
-
-  Pure: `tree` is not modified; untouched subtrees are shared, not copied.
-  The path must already exist (a unit is replaced, never added).
-  """
-  get_unit(tree, path)  # Raises a KeyError naming a bad path.
-  if not path:
-    return value
-  head, rest = path[0], path[1:]
-  updated = dict(tree)
-  updated[head] = set_unit(tree[head], rest, value) if rest else value
-  return updated
-
-
 # ----------------------------------------------------------------------------
 # Droppable modules (Federated Dropout), declared by the model.
 # ----------------------------------------------------------------------------
@@ -144,8 +118,9 @@ def droppable_modules(conv_norm_groups: int = 1
   mhsa: the H heads (of width D/H, unchanged): query/key/value/pos_proj
     kernels [D, H, Dh] (axis 1), their biases and content_bias/position_bias
     [H, Dh] (axis 0), output/kernel [H, Dh, D] (axis 0).
-  The layer norms, output biases and everything else are kept whole; the
-  modules of models/conformer.py read their widths from the kernels given.
+  The layer norms, output biases and everything else are kept whole. A
+  sub-model's widths are a model of their own: `models.build_model(config,
+  kept_units={'encoder/block_03/ffn1': F', ...})`.
 
   Args:
     conv_norm_groups: G of the conv module's group norm (1 for other norms).

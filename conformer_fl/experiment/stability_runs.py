@@ -1,0 +1,205 @@
+"""The study's stability stage: more pre-training runs, analysed and compared.
+
+Claims 2 and 3: which units are ambient, and how important each unit is, is
+the same across pre-training seeds and model sizes, and with group norm in
+place of batch norm in the conv modules. `configs/experiment.py:scale=study`
+names the runs in `config.stability.runs` ({name: configs/central.py-style
+config}); each is pre-trained in W/stability/NAME and analysed there (the
+experiment's analysis config, resetting to `config.stability.analysis_taus`).
+With W/pretrain they make the set of runs, and every pair of runs that differs
+in exactly one of (seed, conv norm, size) is compared
+(`conformer_fl.analysis.stability.compare_pair`: Jaccard overlap of the
+ambient sets beside its chance level, rank correlation of the WER increases;
+units of different depths matched by relative depth).
+
+W/stability.json:
+  {"runs": [{"name", "workdir" (relative to W), "size" ('4x96': blocks x
+             width), "norm", "seed", "steps", "baseline_wer",
+             "baseline_wer_interval", "num_examples", "num_units",
+             "ambient": [unit]}],
+   "groups": {"seeds" | "norms" | "sizes": {
+       "pairs": [{"a", "b", ...compare_pair}],
+       "num_pairs", "jaccard_mean", "jaccard_min", "jaccard_max",
+       "chance_jaccard_mean", "spearman_mean", "spearman_min",
+       "spearman_max"}}}
+A group with no pair (e.g. one size only) is left out.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import json
+import os
+from typing import Any
+
+from etils import epath
+import ml_collections
+import numpy as np
+
+from conformer_fl import checkpointing
+from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.analysis import stability as stability_lib
+
+STABILITY_DIR = "stability"
+STABILITY_FILE = "stability.json"
+PRETRAIN_NAME = "pretrain"
+# What one pair of runs differs in, in the order of the report.
+GROUPS = ("seeds", "norms", "sizes")
+
+
+def _identity(run_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  model = run_config.model
+  return dict(size=f"{model.num_blocks}x{model.model_dim}",
+              norm=model.conv_norm, seed=int(run_config.seed),
+              steps=int(run_config.central.num_steps))
+
+
+def group_of(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+  """The group of two runs' identities: what alone differs, else None."""
+  differs = [key for key in ("seed", "norm", "size") if a[key] != b[key]]
+  if len(differs) != 1:
+    return None
+  return {"seed": "seeds", "norm": "norms", "size": "sizes"}[differs[0]]
+
+
+def _range(values: Sequence[float | None], name: str) -> dict[str, float | None]:
+  kept = [v for v in values if v is not None]
+  if not kept:
+    return {f"{name}_mean": None, f"{name}_min": None, f"{name}_max": None}
+  return {f"{name}_mean": float(np.mean(kept)), f"{name}_min": min(kept),
+          f"{name}_max": max(kept)}
+
+
+def compare(runs: Sequence[Mapping[str, Any]],
+            results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The "groups" of W/stability.json (module docstring).
+
+  Args:
+    runs: per run, its identity {'name', 'size', 'norm', 'seed', ...}.
+    results: per run, its importance.json dict.
+  """
+  groups: dict[str, Any] = {}
+  for i in range(len(runs)):
+    for j in range(i + 1, len(runs)):
+      group = group_of(runs[i], runs[j])
+      if group is None:
+        continue
+      pair = stability_lib.compare_pair(results[i], results[j])
+      groups.setdefault(group, {"pairs": []})["pairs"].append(
+          dict(a=runs[i]["name"], b=runs[j]["name"], **pair))
+  for group in groups.values():
+    pairs = group["pairs"]
+    group.update(
+        num_pairs=len(pairs),
+        **_range([p["jaccard_ambient"] for p in pairs], "jaccard"),
+        chance_jaccard_mean=float(np.mean(
+            [p["chance_jaccard_ambient"] for p in pairs])),
+        **_range([p["wer_increase"]["spearman"]["statistic"] for p in pairs],
+                 "spearman"))
+  return {g: groups[g] for g in GROUPS if g in groups}
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
+              train_central: Callable[[ml_collections.ConfigDict, str], Any],
+              timed: Callable[[str], Any],
+              announce: Callable[[str], None]) -> dict[str, Any]:
+  """Pre-trains and analyses every run of config.stability.runs, compares all.
+
+  A run whose last checkpoint and analysis are there is reused.
+
+  Args:
+    config: the experiment config (its pretrain, analysis and stability).
+    workdir: the experiment's W (W/pretrain analysed already).
+    train_central: the central loop (`train.train_central`).
+    timed: `timed(stage_name)`, a context manager that records the stage's
+      wall time.
+    announce: prints one progress line.
+
+  Returns:
+    The W/stability.json dict (module docstring), also written there.
+  """
+  analysis = config.analysis.copy_and_resolve_references()
+  with analysis.unlocked():
+    analysis.analysis.taus = config.stability.analysis_taus
+  names = [PRETRAIN_NAME]
+  dirs = [workdir / PRETRAIN_NAME]
+  configs = [config.pretrain]
+  for name, run_config in config.stability.runs.items():
+    names.append(name)
+    dirs.append(workdir / STABILITY_DIR / name)
+    configs.append(run_config)
+  for name, run_dir, run_config in list(zip(names, dirs, configs))[1:]:
+    steps = run_config.central.num_steps
+    if checkpointing.latest_saved_step(run_dir) == steps:
+      announce(f"stability {name}: pre-training done, reused")
+    else:
+      announce(f"stability {name}: {steps} central steps -> {run_dir}")
+      with timed(f"stability/{name}/pretrain"):
+        train_central(run_config, os.fspath(run_dir))
+    if _analysed(run_dir, steps):
+      announce(f"stability {name}: analysis done, reused")
+    else:
+      announce(f"stability {name}: analysis")
+      with timed(f"stability/{name}/analysis"):
+        importance_lib.run_analysis(analysis, os.fspath(run_dir))
+  results = [importance_lib.load_importance(d) for d in dirs]
+  runs = []
+  for name, run_dir, run_config, result in zip(names, dirs, configs, results):
+    runs.append(dict(
+        name=name, workdir=os.path.relpath(run_dir, workdir),
+        **_identity(run_config), baseline_wer=result["baseline"]["wer"],
+        baseline_wer_interval=result["baseline"].get("wer_interval"),
+        num_examples=result["eval"]["num_examples"],
+        num_units=len(result["units"]), ambient=list(result["ambient"])))
+  summary = dict(runs=runs, groups=compare(runs, results))
+  (workdir / STABILITY_FILE).write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _analysed(run_dir: epath.Path, steps: int) -> bool:
+  path = run_dir / importance_lib.OUTPUT_DIR / importance_lib.IMPORTANCE_FILE
+  return (path.exists() and
+          importance_lib.load_importance(run_dir)["trained_step"] == steps)
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.2f}"
+
+
+GROUP_TITLES = {"seeds": "seeds (same size and norm)",
+                "norms": "group vs batch norm (same size and seed)",
+                "sizes": "sizes, matched by relative depth (same norm, seed)"}
+
+
+def report_lines(stability: Mapping[str, Any]) -> list[str]:
+  """The report's section on claims 2 and 3."""
+  lines = ["## Claims 2 and 3: the stability of layer importance", "",
+           "Each run pre-trained centrally and analysed as above (reset to"
+           " the initial value; WER thresholds of the analysis), on the same"
+           " dev utterances:", "",
+           "| run | size | conv norm | seed | dev WER (95% interval) |"
+           " ambient / units | ambient units |",
+           "|---|---|---|---|---|---|---|"]
+  for r in stability["runs"]:
+    interval = r.get("baseline_wer_interval")
+    noise = f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else ""
+    ambient = ", ".join(f"`{u.removeprefix('encoder/')}`"
+                        for u in r["ambient"]) or "none"
+    lines.append(
+        f"| {r['name']} | {r['size']} | {r['norm']} | {r['seed']} |"
+        f" {r['baseline_wer']:.3f}{noise} | {len(r['ambient'])} /"
+        f" {r['num_units']} | {ambient} |")
+  lines += ["", "Pairs of runs that differ in one thing only. Jaccard: the"
+            " overlap of the two ambient sets (1 = the same units), beside"
+            " its chance level (two random sets of the same sizes);"
+            " Spearman: rank correlation of the units' WER increase.", "",
+            "| runs differ in | pairs | Jaccard mean (min-max) | chance |"
+            " Spearman mean (min-max) |",
+            "|---|---|---|---|---|"]
+  for name, g in stability["groups"].items():
+    lines.append(
+        f"| {GROUP_TITLES[name]} | {g['num_pairs']} |"
+        f" {_fmt(g['jaccard_mean'])} ({_fmt(g['jaccard_min'])}-"
+        f"{_fmt(g['jaccard_max'])}) | {_fmt(g['chance_jaccard_mean'])} |"
+        f" {_fmt(g['spearman_mean'])} ({_fmt(g['spearman_min'])}-"
+        f"{_fmt(g['spearman_max'])}) |")
+  lines += ["", f"Every pair: [{STABILITY_FILE}]({STABILITY_FILE}).", ""]
+  return lines
