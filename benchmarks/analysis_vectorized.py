@@ -38,7 +38,7 @@ def make_variants(model, num_sources: int, granularity: str):
   reset to each of `num_sources` other initializations (seeds 1, 2, ...)."""
   seeds = list(range(1, num_sources + 1))
   inits = importance.fresh_initializations(model, [0] + seeds)
-  units = models.list_units(inits[0]['params'], granularity)
+  units = models.list_units(inits[0]["params"], granularity)
   variants = resets.make_variants(list(units), taus=[], seeds=seeds)
   groups = variant_eval.shareable_groups([units.get(v.unit) for v in variants])
   return [resets.variant_variables(v, inits[0], {}, inits, units)
@@ -60,7 +60,7 @@ def make_batches(num_batches: int, batch_size: int, seconds: float,
 
 
 def _decode(ids):
-  return ' '.join(f'w{i}' for i in ids)
+  return " ".join(f"w{i}" for i in ids)
 
 
 def time_evaluation(run, repeats: int):
@@ -79,51 +79,51 @@ def time_evaluation(run, repeats: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--size', default='tiny')
-  parser.add_argument('--granularity', default='module')
-  parser.add_argument('--num_sources', type=int, default=2,
-                      help='reset sources per unit (taus + seeds)')
-  parser.add_argument('--variants_per_call', default='5,25',
-                      help='comma-separated chunk sizes, one row each')
-  parser.add_argument('--num_batches', type=int, default=2)
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--seconds', type=float, default=4.0)
-  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument("--size", default="tiny")
+  parser.add_argument("--granularity", default="module")
+  parser.add_argument("--num_sources", type=int, default=2,
+                      help="reset sources per unit (taus + seeds)")
+  parser.add_argument("--variants_per_call", default="5,25",
+                      help="comma-separated chunk sizes, one row each")
+  parser.add_argument("--num_batches", type=int, default=2)
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--seconds", type=float, default=4.0)
+  parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args()
 
-  config = models.get_model_config(args.size, conv_norm='batch_norm')
+  config = models.get_model_config(args.size, conv_norm="batch_norm")
   model = models.build_model(config)
   variants, groups = make_variants(model, args.num_sources, args.granularity)
   batches = make_batches(args.num_batches, args.batch_size, args.seconds,
                          config.vocab_size)
-  print(f'size={args.size} variants={len(variants)} '
-        f'batches={args.num_batches}x{args.batch_size}x{args.seconds}s '
-        f'devices={jax.device_count()} ({jax.devices()[0].platform})')
+  print(f"size={args.size} variants={len(variants)} "
+        f"batches={args.num_batches}x{args.batch_size}x{args.seconds}s "
+        f"devices={jax.device_count()} ({jax.devices()[0].platform})")
 
   single = variant_eval.make_single_eval_fn(model)
   compile_s, loop_s, loop_results = time_evaluation(
       lambda: variant_eval.evaluate_one_at_a_time(
           single, variants.__getitem__, len(variants), batches, _decode),
       args.repeats)
-  rows = [('one at a time', 1, compile_s, loop_s, 0.0)]
-  for per_call in [int(v) for v in args.variants_per_call.split(',')]:
+  rows = [("one at a time", 1, compile_s, loop_s, 0.0)]
+  for per_call in [int(v) for v in args.variants_per_call.split(",")]:
     vectorized = variant_eval.make_vectorized_eval_fn(model)
     compile_s, eval_s, results = time_evaluation(
         lambda: variant_eval.evaluate_vectorized(
             vectorized, variants.__getitem__, len(variants), batches, _decode,
             per_call, groups), args.repeats)
-    max_diff = max(abs(a['loss'] - b['loss']) / max(abs(b['loss']), 1e-9)
+    max_diff = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-9)
                    for a, b in zip(results, loop_results))
-    rows.append(('vmapped', per_call, compile_s, eval_s, max_diff))
+    rows.append(("vmapped", per_call, compile_s, eval_s, max_diff))
 
   print(f"\n| method | variants/call | compile s | eval s | variants/s | "
         f"ratio vs one at a time | max rel. loss diff |")
-  print('|---|---|---|---|---|---|---|')
+  print("|---|---|---|---|---|---|---|")
   for method, per_call, compile_s, eval_s, diff in rows:
-    print(f'| {method} | {per_call} | {compile_s:.1f} | {eval_s:.2f} | '
-          f'{len(variants) / eval_s:.1f} | {loop_s / eval_s:.2f}x | '
-          f'{diff:.1e} |')
+    print(f"| {method} | {per_call} | {compile_s:.1f} | {eval_s:.2f} | "
+          f"{len(variants) / eval_s:.1f} | {loop_s / eval_s:.2f}x | "
+          f"{diff:.1e} |")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

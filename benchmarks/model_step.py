@@ -54,7 +54,7 @@ def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return float(analysis.get('flops', float('nan')))
+  return float(analysis.get("flops", float("nan")))
 
 
 def matmul_gflops(size: int, repeats: int) -> float:
@@ -75,12 +75,12 @@ def make_batch(seed: int, batch_size: int, seconds: float, label_length: int,
   audio_paddings = np.zeros((batch_size, samples), np.float32)
   audio_paddings[-1, samples // 2:] = 1.0
   return {
-      'audio': rng.uniform(-0.5, 0.5, (batch_size, samples)).astype(
+      "audio": rng.uniform(-0.5, 0.5, (batch_size, samples)).astype(
           np.float32),
-      'audio_paddings': audio_paddings,
-      'labels': rng.integers(1, vocab_size, (batch_size, label_length)).astype(
+      "audio_paddings": audio_paddings,
+      "labels": rng.integers(1, vocab_size, (batch_size, label_length)).astype(
           np.int32),
-      'label_paddings': np.zeros((batch_size, label_length), np.float32),
+      "label_paddings": np.zeros((batch_size, label_length), np.float32),
   }
 
 
@@ -89,7 +89,7 @@ def benchmark_case(size: str, impl: str, num_sets: int,
   """Times one (size, impl, num_sets) case; num_sets=1 means no vmap."""
   config = models.get_model_config(size, depthwise_impl=impl,
                                    decoder=args.decoder,
-                                   conv_norm='group_norm', conv_norm_groups=1)
+                                   conv_norm="group_norm", conv_norm_groups=1)
   model = models.build_model(config)
   batches = [make_batch(seed, args.batch_size, args.seconds,
                         args.label_length, config.vocab_size)
@@ -97,12 +97,12 @@ def benchmark_case(size: str, impl: str, num_sets: int,
 
   def init(rng):
     b = batches[0]
-    return model.init(rng, b['audio'], b['audio_paddings'], b['labels'],
-                      b['label_paddings'], train=False)['params']
+    return model.init(rng, b["audio"], b["audio_paddings"], b["labels"],
+                      b["label_paddings"], train=False)["params"]
 
   def grad_step(params, batch, rng):
     loss_fn = lambda p: jnp.mean(models.per_example_loss(
-        model, {'params': p}, batch, train=True, rng=rng)[0])
+        model, {"params": p}, batch, train=True, rng=rng)[0])
     return jax.value_and_grad(loss_fn)(params)
 
   keys = jax.random.split(jax.random.key(0), num_sets)
@@ -127,11 +127,11 @@ def benchmark_case(size: str, impl: str, num_sets: int,
                                 args.slow_seconds)
   num_params = sum(x.size for x in jax.tree.leaves(params)) // num_sets
   return {
-      'size': size, 'impl': impl, 'num_sets': num_sets, 'seconds': seconds,
-      'per_utt_ms': 1e3 * seconds / (num_sets * args.batch_size),
-      'flops': _flops(compiled), 'repeats': repeats,
-      'compile_s': compile_seconds, 'params': num_params,
-      'matmul_gflops': matmul,
+      "size": size, "impl": impl, "num_sets": num_sets, "seconds": seconds,
+      "per_utt_ms": 1e3 * seconds / (num_sets * args.batch_size),
+      "flops": _flops(compiled), "repeats": repeats,
+      "compile_s": compile_seconds, "params": num_params,
+      "matmul_gflops": matmul,
   }
 
 
@@ -145,74 +145,74 @@ def run_case_in_subprocess(size: str, impl: str, num_sets: int,
   (every thread waiting on a futex inside block_until_ready).
   """
   command = [sys.executable, __file__, *argv,
-             f'--case={size},{impl},{num_sets}']
+             f"--case={size},{impl},{num_sets}"]
   for attempt in (1, 2):
     try:
       done = subprocess.run(command, capture_output=True, text=True,
                             timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
-      print(f'  ({size}, {impl}, {num_sets}) timed out after {timeout:.0f} s '
-            f'(attempt {attempt})', flush=True)
+      print(f"  ({size}, {impl}, {num_sets}) timed out after {timeout:.0f} s "
+            f"(attempt {attempt})", flush=True)
       continue
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    return row, '' if attempt == 1 else ' (retried)'
-  raise RuntimeError(f'Case ({size}, {impl}, {num_sets}) timed out twice.')
+    return row, "" if attempt == 1 else " (retried)"
+  raise RuntimeError(f"Case ({size}, {impl}, {num_sets}) timed out twice.")
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sizes', default='tiny,S')
-  parser.add_argument('--impls', default='shift_add,conv')
-  parser.add_argument('--num_sets', type=int, default=8,
-                      help='parameter sets in the vmapped case')
-  parser.add_argument('--batch_size', type=int, default=4)
-  parser.add_argument('--seconds', type=float, default=2.0,
-                      help='utterance length in seconds')
-  parser.add_argument('--label_length', type=int, default=16)
-  parser.add_argument('--decoder', default='rnnt', choices=['rnnt', 'ctc'])
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--slow_seconds', type=float, default=60.0,
-                      help='a warm-up slower than this caps repeats to 1')
-  parser.add_argument('--matmul_size', type=int, default=1024)
-  parser.add_argument('--case_timeout', type=float, default=1200.0,
-                      help='seconds before a case is retried')
-  parser.add_argument('--case', default=None,
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="tiny,S")
+  parser.add_argument("--impls", default="shift_add,conv")
+  parser.add_argument("--num_sets", type=int, default=8,
+                      help="parameter sets in the vmapped case")
+  parser.add_argument("--batch_size", type=int, default=4)
+  parser.add_argument("--seconds", type=float, default=2.0,
+                      help="utterance length in seconds")
+  parser.add_argument("--label_length", type=int, default=16)
+  parser.add_argument("--decoder", default="rnnt", choices=["rnnt", "ctc"])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--slow_seconds", type=float, default=60.0,
+                      help="a warm-up slower than this caps repeats to 1")
+  parser.add_argument("--matmul_size", type=int, default=1024)
+  parser.add_argument("--case_timeout", type=float, default=1200.0,
+                      help="seconds before a case is retried")
+  parser.add_argument("--case", default=None,
                       help='internal: run one "size,impl,num_sets" case and '
-                      'print it as JSON')
+                      "print it as JSON")
   args = parser.parse_args()
 
   if args.case:
-    size, impl, num_sets = args.case.split(',')
+    size, impl, num_sets = args.case.split(",")
     print(json.dumps(benchmark_case(size, impl, int(num_sets), args)))
     return
 
-  print(f'jax {jax.__version__}, devices {jax.devices()}')
-  print(f'batch {args.batch_size} x {args.seconds} s utterances, labels '
-        f'{args.label_length}, decoder {args.decoder}, conv_norm group_norm, '
-        f'train mode, value_and_grad of the mean per-example loss; one '
-        f'process per case')
-  print(f'float32 matmul {args.matmul_size}^3 GFLOP/s at the start: '
-        f'{matmul_gflops(args.matmul_size, args.repeats):.1f}; each case '
-        're-measures it just before its compile (column matmul/s), since the '
-        'machine is shared, and MFU uses that.\n')
+  print(f"jax {jax.__version__}, devices {jax.devices()}")
+  print(f"batch {args.batch_size} x {args.seconds} s utterances, labels "
+        f"{args.label_length}, decoder {args.decoder}, conv_norm group_norm, "
+        f"train mode, value_and_grad of the mean per-example loss; one "
+        f"process per case")
+  print(f"float32 matmul {args.matmul_size}^3 GFLOP/s at the start: "
+        f"{matmul_gflops(args.matmul_size, args.repeats):.1f}; each case "
+        "re-measures it just before its compile (column matmul/s), since the "
+        "machine is shared, and MFU uses that.\n")
 
   header = (f"{'size':<5} {'impl':<10} {'sets':>4} {'params':>11} "
             f"{'compile s':>9} {'step s':>8} {'ms/utt':>8} {'vs base':>7} "
             f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'matmul/s':>9} {'MFU':>6} "
             f"{'reps':>4}")
   print(header)
-  print('-' * len(header), flush=True)
-  argv = [arg for arg in sys.argv[1:] if not arg.startswith('--case')]
-  for size in args.sizes.split(','):
+  print("-" * len(header), flush=True)
+  argv = [arg for arg in sys.argv[1:] if not arg.startswith("--case")]
+  for size in args.sizes.split(","):
     baseline = None
-    for impl in args.impls.split(','):
+    for impl in args.impls.split(","):
       for num_sets in (1, args.num_sets):
         row, note = run_case_in_subprocess(size, impl, num_sets, argv,
                                            args.case_timeout)
         if baseline is None:
-          baseline = row['per_utt_ms']
-        achieved = row['flops'] / row['seconds'] / 1e9
-        ratio = row['per_utt_ms'] / baseline
+          baseline = row["per_utt_ms"]
+        achieved = row["flops"] / row["seconds"] / 1e9
+        ratio = row["per_utt_ms"] / baseline
         print(f"{size:<5} {impl:<10} {num_sets:>4} {row['params']:>11,} "
               f"{row['compile_s']:>9.1f} {row['seconds']:>8.3f} "
               f"{row['per_utt_ms']:>8.2f} {ratio:>6.2f}x "
@@ -223,5 +223,5 @@ def main() -> None:
               flush=True)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

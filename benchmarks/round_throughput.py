@@ -42,27 +42,27 @@ import sys
 import time
 from typing import Any, Callable
 
-RESULT_PREFIX = 'RESULT '
+RESULT_PREFIX = "RESULT "
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='toy', choices=['toy', 'tiny', 'S'])
-  parser.add_argument('--devices', default='1,2,4',
-                      help='Comma-separated device counts (a subprocess'
-                      ' each).')
-  parser.add_argument('--clients', type=int, default=8,
-                      help='Clients per round (a multiple of every count).')
-  parser.add_argument('--local_steps', type=int, default=4)
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--toy_dim', type=int, default=256)
-  parser.add_argument('--toy_hidden', type=int, default=512)
-  parser.add_argument('--audio_seconds', type=float, default=2.0)
-  parser.add_argument('--label_length', type=int, default=16)
-  parser.add_argument('--matmul_size', type=int, default=1024)
-  parser.add_argument('--worker_devices', type=int, default=0,
-                      help='Internal: run one measurement in this process.')
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="toy", choices=["toy", "tiny", "S"])
+  parser.add_argument("--devices", default="1,2,4",
+                      help="Comma-separated device counts (a subprocess"
+                      " each).")
+  parser.add_argument("--clients", type=int, default=8,
+                      help="Clients per round (a multiple of every count).")
+  parser.add_argument("--local_steps", type=int, default=4)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--toy_dim", type=int, default=256)
+  parser.add_argument("--toy_hidden", type=int, default=512)
+  parser.add_argument("--audio_seconds", type=float, default=2.0)
+  parser.add_argument("--label_length", type=int, default=16)
+  parser.add_argument("--matmul_size", type=int, default=1024)
+  parser.add_argument("--worker_devices", type=int, default=0,
+                      help="Internal: run one measurement in this process.")
   return parser.parse_args(argv)
 
 
@@ -78,24 +78,24 @@ def toy_problem(args, rng_seed: int = 0):
   d, h = args.toy_dim, args.toy_hidden
   key_1, key_2 = jax.random.split(jax.random.key(rng_seed))
   params = {
-      'hidden': {'w': jax.random.normal(key_1, (d, h)) / np.sqrt(d),
-                 'b': jnp.zeros((h,))},
-      'out': {'w': jax.random.normal(key_2, (h,)) / np.sqrt(h),
-              'b': jnp.zeros(())},
+      "hidden": {"w": jax.random.normal(key_1, (d, h)) / np.sqrt(d),
+                 "b": jnp.zeros((h,))},
+      "out": {"w": jax.random.normal(key_2, (h,)) / np.sqrt(h),
+              "b": jnp.zeros(())},
   }
 
   def loss_fn(params, model_state, batch, rng):
     del rng
-    hidden = jax.nn.relu(batch['x'] @ params['hidden']['w']
-                         + params['hidden']['b'])
-    prediction = hidden @ params['out']['w'] + params['out']['b']
-    mask = batch['example_mask']
-    squared = jnp.where(mask > 0, (prediction - batch['y']) ** 2, 0.0)
+    hidden = jax.nn.relu(batch["x"] @ params["hidden"]["w"]
+                         + params["hidden"]["b"])
+    prediction = hidden @ params["out"]["w"] + params["out"]["b"]
+    mask = batch["example_mask"]
+    squared = jnp.where(mask > 0, (prediction - batch["y"]) ** 2, 0.0)
     return jnp.sum(squared) / jnp.maximum(jnp.sum(mask), 1.0), model_state
 
   def make_batches(rng: np.random.Generator, shape: tuple[int, ...]):
     x = rng.normal(size=shape + (d,)).astype(np.float32)
-    return {'x': x, 'y': np.tanh(x[..., 0]).astype(np.float32)}
+    return {"x": x, "y": np.tanh(x[..., 0]).astype(np.float32)}
 
   return loss_fn, params, {}, make_batches
 
@@ -120,24 +120,24 @@ def asr_problem(args, rng_seed: int = 0):
     labels = rng.integers(1, config.vocab_size,
                           size=shape + (args.label_length,))
     return {
-        'audio': np.where(audio_paddings, 0, audio).astype(np.float32),
-        'audio_paddings': audio_paddings.astype(np.float32),
-        'labels': np.where(label_paddings, 0, labels).astype(np.int32),
-        'label_paddings': label_paddings.astype(np.float32),
+        "audio": np.where(audio_paddings, 0, audio).astype(np.float32),
+        "audio_paddings": audio_paddings.astype(np.float32),
+        "labels": np.where(label_paddings, 0, labels).astype(np.int32),
+        "label_paddings": label_paddings.astype(np.float32),
     }
 
   init_batch = make_batches(np.random.default_rng(rng_seed), (1,))
   variables = model.init(
-      {'params': jax.random.key(rng_seed)}, init_batch['audio'],
-      init_batch['audio_paddings'], init_batch['labels'],
-      init_batch['label_paddings'], train=False)
-  params = variables['params']
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
+      {"params": jax.random.key(rng_seed)}, init_batch["audio"],
+      init_batch["audio_paddings"], init_batch["labels"],
+      init_batch["label_paddings"], train=False)
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
 
   def loss_fn(params, model_state, batch, rng):
     losses, new_model_state = models.per_example_loss(
-        model, {'params': params, **model_state}, batch, train=True, rng=rng)
-    mask = batch['example_mask']
+        model, {"params": params, **model_state}, batch, train=True, rng=rng)
+    mask = batch["example_mask"]
     loss = (jnp.sum(jnp.where(mask > 0, losses, 0.0))
             / jnp.maximum(jnp.sum(mask), 1.0))
     return loss, new_model_state
@@ -149,7 +149,7 @@ def asr_problem(args, rng_seed: int = 0):
 
 
 def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
-  return _interleaved_median_seconds({'run': run}, repeats)['run']
+  return _interleaved_median_seconds({"run": run}, repeats)["run"]
 
 
 def _interleaved_median_seconds(runs: dict[str, Callable[[], Any]],
@@ -186,9 +186,9 @@ def run_worker(args) -> dict[str, Any]:
 
   num_devices = args.worker_devices
   if jax.device_count() < num_devices:
-    raise RuntimeError(f'Asked for {num_devices} devices, jax has'
-                       f' {jax.device_count()}.')
-  make_problem = toy_problem if args.model == 'toy' else asr_problem
+    raise RuntimeError(f"Asked for {num_devices} devices, jax has"
+                       f" {jax.device_count()}.")
+  make_problem = toy_problem if args.model == "toy" else asr_problem
   loss_fn, params, model_state, make_batches = make_problem(args)
   c, k, b = args.clients, args.local_steps, args.batch
   rng = np.random.default_rng(0)
@@ -227,7 +227,7 @@ def run_worker(args) -> dict[str, Any]:
   # Baseline: Python loop over clients of a jitted per-client update.
   client_inputs = [
       ({key: value[i] for key, value in round_data.items()
-        if key not in round_lib.ROUND_KEYS}, round_data['step_mask'][i])
+        if key not in round_lib.ROUND_KEYS}, round_data["step_mask"][i])
       for i in range(c)]
   jitted_client_update = jax.jit(
       functools.partial(round_lib.client_update, loss_fn=loss_fn,
@@ -253,9 +253,9 @@ def run_worker(args) -> dict[str, Any]:
     for i, (batches, step_mask) in enumerate(client_inputs):
       delta, *_ = client_update(params, model_state, batches, step_mask,
                                 jax.random.fold_in(round_rng, i))
-      delta_sum = accumulate(delta_sum, delta, round_data['num_examples'][i])
+      delta_sum = accumulate(delta_sum, delta, round_data["num_examples"][i])
     return server_step(params, opt_state, delta_sum,
-                       float(round_data['num_examples'].sum()))
+                       float(round_data["num_examples"].sum()))
 
   # The ceiling of what batching clients can save: one client whose batch
   # holds every client's examples ([K, C * B]), one call, same work. If the
@@ -283,9 +283,9 @@ def run_worker(args) -> dict[str, Any]:
           jax.tree.leaves(compiled_params), jax.tree.leaves(params)))
 
   seconds = _interleaved_median_seconds(
-      {'compiled': compiled_round, 'loop': loop_round,
-       'merged': one_merged_client}, args.repeats)
-  compiled_seconds, loop_seconds = seconds['compiled'], seconds['loop']
+      {"compiled": compiled_round, "loop": loop_round,
+       "merged": one_merged_client}, args.repeats)
+  compiled_seconds, loop_seconds = seconds["compiled"], seconds["loop"]
 
   # FLOPs of one local step (loss + gradient) from XLA's cost analysis.
   one_batch = {key: value[0, 0] for key, value in round_data.items()
@@ -294,7 +294,7 @@ def run_worker(args) -> dict[str, Any]:
   cost = grad_fn.lower(params, model_state, one_batch,
                        rng_key).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  step_flops = float(cost.get('flops', float('nan')))
+  step_flops = float(cost.get("flops", float("nan")))
 
   # What XLA compiled for each side: FLOPs and bytes accessed of one round.
   # The round is one SPMD program per device (its clients / devices), the
@@ -302,8 +302,8 @@ def run_worker(args) -> dict[str, Any]:
   def xla_cost(compiled) -> tuple[float, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return (float(cost.get('flops', float('nan'))),
-            float(cost.get('bytes accessed', float('nan'))))
+    return (float(cost.get("flops", float("nan"))),
+            float(cost.get("bytes accessed", float("nan"))))
 
   round_xla = xla_cost(round_executable)
   client_xla = xla_cost(client_update)
@@ -318,32 +318,32 @@ def run_worker(args) -> dict[str, Any]:
   round_flops = step_flops * client_steps
   param_count = sum(x.size for x in jax.tree.leaves(params))
   return {
-      'model': args.model,
-      'devices': num_devices,
-      'clients': c,
-      'local_steps': k,
-      'batch': b,
-      'params': int(param_count),
-      'compiled_compile_s': compiled_compile_seconds,
-      'loop_compile_s': loop_compile_seconds,
-      'compiled_round_s': compiled_seconds,
-      'loop_round_s': loop_seconds,
-      'compiled_client_steps_per_s': client_steps / compiled_seconds,
-      'loop_client_steps_per_s': client_steps / loop_seconds,
-      'max_param_difference': max_param_difference,
-      'max_param_change': max_param_change,
-      'speedup_vs_loop': loop_seconds / compiled_seconds,
-      'merged_client_s': seconds['merged'],
-      'batching_ceiling': loop_seconds / seconds['merged'],
-      'step_gflop': step_flops / 1e9,
-      'matmul_gflop_per_s': matmul_flops_per_second / 1e9,
-      'compiled_gflop_per_s': round_flops / compiled_seconds / 1e9,
-      'compiled_mfu': round_flops / compiled_seconds / matmul_flops_per_second,
-      'loop_mfu': round_flops / loop_seconds / matmul_flops_per_second,
-      'compiled_xla_gflop': num_devices * round_xla[0] / 1e9,
-      'loop_xla_gflop': c * client_xla[0] / 1e9,
-      'compiled_xla_gbytes': num_devices * round_xla[1] / 1e9,
-      'loop_xla_gbytes': c * client_xla[1] / 1e9,
+      "model": args.model,
+      "devices": num_devices,
+      "clients": c,
+      "local_steps": k,
+      "batch": b,
+      "params": int(param_count),
+      "compiled_compile_s": compiled_compile_seconds,
+      "loop_compile_s": loop_compile_seconds,
+      "compiled_round_s": compiled_seconds,
+      "loop_round_s": loop_seconds,
+      "compiled_client_steps_per_s": client_steps / compiled_seconds,
+      "loop_client_steps_per_s": client_steps / loop_seconds,
+      "max_param_difference": max_param_difference,
+      "max_param_change": max_param_change,
+      "speedup_vs_loop": loop_seconds / compiled_seconds,
+      "merged_client_s": seconds["merged"],
+      "batching_ceiling": loop_seconds / seconds["merged"],
+      "step_gflop": step_flops / 1e9,
+      "matmul_gflop_per_s": matmul_flops_per_second / 1e9,
+      "compiled_gflop_per_s": round_flops / compiled_seconds / 1e9,
+      "compiled_mfu": round_flops / compiled_seconds / matmul_flops_per_second,
+      "loop_mfu": round_flops / loop_seconds / matmul_flops_per_second,
+      "compiled_xla_gflop": num_devices * round_xla[0] / 1e9,
+      "loop_xla_gflop": c * client_xla[0] / 1e9,
+      "compiled_xla_gbytes": num_devices * round_xla[1] / 1e9,
+      "loop_xla_gbytes": c * client_xla[1] / 1e9,
   }
 
 
@@ -352,27 +352,27 @@ def run_worker(args) -> dict[str, Any]:
 
 def _subprocess_env(num_devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  flags.append(f'--xla_force_host_platform_device_count={num_devices}')
-  env['XLA_FLAGS'] = ' '.join(flags)
-  env.setdefault('JAX_PLATFORMS', 'cpu')
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env.setdefault("JAX_PLATFORMS", "cpu")
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (repo_root, env.get('PYTHONPATH')) if p)
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (repo_root, env.get("PYTHONPATH")) if p)
   return env
 
 
 def run_device_count(num_devices: int, argv: list[str]) -> dict[str, Any]:
   command = [sys.executable, os.path.abspath(__file__), *argv,
-             f'--worker_devices={num_devices}']
+             f"--worker_devices={num_devices}"]
   completed = subprocess.run(command, env=_subprocess_env(num_devices),
                              capture_output=True, text=True, check=False)
   for line in completed.stdout.splitlines():
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
-  raise RuntimeError(f'Worker with {num_devices} devices failed'
-                     f' (exit {completed.returncode}):\n{completed.stderr}')
+  raise RuntimeError(f"Worker with {num_devices} devices failed"
+                     f" (exit {completed.returncode}):\n{completed.stderr}")
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -380,15 +380,15 @@ def print_table(results: list[dict[str, Any]]) -> None:
   print(f"model={first['model']} params={first['params']:,}"
         f" clients={first['clients']} local_steps={first['local_steps']}"
         f" batch={first['batch']} step={first['step_gflop']:.4f} GFLOP;"
-        ' largest |compiled - loop| server parameter difference:'
+        " largest |compiled - loop| server parameter difference:"
         f" {max(r['max_param_difference'] for r in results):.2e}")
-  header = ('devices', 'compiled steps/s', 'loop steps/s', 'speedup',
-            'batching ceiling',
-            'compiled ms', 'loop ms', 'matmul GFLOP/s', 'compiled GFLOP/s',
-            'MFU compiled', 'MFU loop')
-  print(' | '.join(header))
+  header = ("devices", "compiled steps/s", "loop steps/s", "speedup",
+            "batching ceiling",
+            "compiled ms", "loop ms", "matmul GFLOP/s", "compiled GFLOP/s",
+            "MFU compiled", "MFU loop")
+  print(" | ".join(header))
   for r in results:
-    print(' | '.join([
+    print(" | ".join([
         f"{r['devices']:7d}",
         f"{r['compiled_client_steps_per_s']:16.1f}",
         f"{r['loop_client_steps_per_s']:12.1f}",
@@ -400,11 +400,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         f"{r['compiled_gflop_per_s']:16.2f}",
         f"{r['compiled_mfu']:12.1%}",
         f"{r['loop_mfu']:8.1%}"]))
-  print('XLA cost analysis of one round (all devices; loop = clients x the'
-        ' per-client update) and compile times:')
-  print('devices | compiled GFLOP | loop GFLOP | compiled GB accessed |'
-        ' loop GB accessed | compile s (compiled round) | compile s (loop'
-        ' update)')
+  print("XLA cost analysis of one round (all devices; loop = clients x the"
+        " per-client update) and compile times:")
+  print("devices | compiled GFLOP | loop GFLOP | compiled GB accessed |"
+        " loop GB accessed | compile s (compiled round) | compile s (loop"
+        " update)")
   for r in results:
     print(f"{r['devices']:7d} | {r['compiled_xla_gflop']:14.2f} |"
           f" {r['loop_xla_gflop']:10.2f} | {r['compiled_xla_gbytes']:20.2f} |"
@@ -418,15 +418,15 @@ def main(argv=None) -> None:
   if args.worker_devices:
     print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
     return
-  device_counts = [int(n) for n in args.devices.split(',')]
+  device_counts = [int(n) for n in args.devices.split(",")]
   for n in device_counts:
     if args.clients % n:
-      raise ValueError(f'--clients={args.clients} must be a multiple of every'
-                       f' device count; {n} does not divide it.')
+      raise ValueError(f"--clients={args.clients} must be a multiple of every"
+                       f" device count; {n} does not divide it.")
   results = [run_device_count(n, argv) for n in device_counts]
   print_table(results)
   print(json.dumps(results))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -22,6 +22,6 @@ from conformer_fl import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_lib.parse_arg(arg, granularity='block', seeds=3, variants=8)
+  a = config_lib.parse_arg(arg, granularity="block", seeds=3, variants=8)
   # Fields: config_lib.analysis_run_config, which documents each one.
   return config_lib.analysis_run_config(**a)

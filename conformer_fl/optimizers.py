@@ -41,15 +41,15 @@ from conformer_fl.models import units as units_lib
 PyTree = Any
 
 SERVER_DEFAULTS: dict[str, dict[str, float]] = {
-    'fedavg': dict(learning_rate=1.0),
-    'fedavgm': dict(learning_rate=1.0, momentum=0.9),
-    'fedadam': dict(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3),
-    'fedyogi': dict(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3),
+    "fedavg": dict(learning_rate=1.0),
+    "fedavgm": dict(learning_rate=1.0, momentum=0.9),
+    "fedadam": dict(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3),
+    "fedyogi": dict(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3),
 }
 SERVER_OPTIMIZERS = tuple(SERVER_DEFAULTS)
 CLIENT_DEFAULTS: dict[str, dict[str, float]] = {
-    'sgd': dict(),
-    'adam': dict(b1=0.9, b2=0.999, eps=1e-8),
+    "sgd": dict(),
+    "adam": dict(b1=0.9, b2=0.999, eps=1e-8),
 }
 CLIENT_OPTIMIZERS = tuple(CLIENT_DEFAULTS)
 
@@ -65,7 +65,7 @@ def learning_rate_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
     ValueError: warmup_steps < 1.
   """
   if warmup_steps < 1:
-    raise ValueError(f'central.warmup_steps must be >= 1, got {warmup_steps}')
+    raise ValueError(f"central.warmup_steps must be >= 1, got {warmup_steps}")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32) + 1.0
@@ -77,7 +77,7 @@ def learning_rate_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
 
 def freeze_units(optimizer: optax.GradientTransformation, params: PyTree,
                  frozen: tuple[str, ...],
-                 granularity: str = 'module') -> optax.GradientTransformation:
+                 granularity: str = "module") -> optax.GradientTransformation:
   """`optimizer` on every unit but the `frozen` ones, which never change.
 
   Args:
@@ -97,13 +97,13 @@ def freeze_units(optimizer: optax.GradientTransformation, params: PyTree,
     return optimizer
   units = units_lib.list_units(params, granularity=granularity)
   selected = unit_patterns.select_units(frozen, list(units),
-                                        field='central.frozen_units')
-  labels = jax.tree.map(lambda _: 'train', params)
+                                        field="central.frozen_units")
+  labels = jax.tree.map(lambda _: "train", params)
   for name in selected:
     labels = tree_paths.replace(labels, units[name], jax.tree.map(
-        lambda _: 'frozen', tree_paths.get(labels, units[name])))
+        lambda _: "frozen", tree_paths.get(labels, units[name])))
   return optax.multi_transform(
-      {'train': optimizer, 'frozen': optax.set_to_zero()}, labels)
+      {"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_central_optimizer(c: ml_collections.ConfigDict,
@@ -134,8 +134,8 @@ def _with_defaults(name: str, defaults: Mapping[str, Mapping[str, float]],
     ValueError: an unknown name.
   """
   if name not in defaults:
-    raise ValueError(f'Unknown {what} optimizer {name!r}; expected one of'
-                     f' {tuple(defaults)}.')
+    raise ValueError(f"Unknown {what} optimizer {name!r}; expected one of"
+                     f" {tuple(defaults)}.")
   resolved = dict(defaults[name])
   resolved.update({k: v for k, v in fields.items() if v is not None})
   return resolved
@@ -166,16 +166,16 @@ def make_server_optimizer(
   Raises:
     ValueError: for an unknown name.
   """
-  h = _with_defaults(name, SERVER_DEFAULTS, 'server', dict(
+  h = _with_defaults(name, SERVER_DEFAULTS, "server", dict(
       learning_rate=learning_rate, momentum=momentum, b1=b1, b2=b2, eps=eps))
-  if name == 'fedavg':
-    return optax.sgd(h['learning_rate'])
-  if name == 'fedavgm':
-    return optax.sgd(h['learning_rate'], momentum=h['momentum'])
-  if name == 'fedadam':
-    return optax.adam(h['learning_rate'], b1=h['b1'], b2=h['b2'],
-                      eps=h['eps'])
-  return optax.yogi(h['learning_rate'], b1=h['b1'], b2=h['b2'], eps=h['eps'])
+  if name == "fedavg":
+    return optax.sgd(h["learning_rate"])
+  if name == "fedavgm":
+    return optax.sgd(h["learning_rate"], momentum=h["momentum"])
+  if name == "fedadam":
+    return optax.adam(h["learning_rate"], b1=h["b1"], b2=h["b2"],
+                      eps=h["eps"])
+  return optax.yogi(h["learning_rate"], b1=h["b1"], b2=h["b2"], eps=h["eps"])
 
 
 def make_client_optimizer(
@@ -203,29 +203,29 @@ def make_client_optimizer(
   Raises:
     ValueError: for an unknown name or a negative clip_grad_norm.
   """
-  h = _with_defaults(name, CLIENT_DEFAULTS, 'client',
+  h = _with_defaults(name, CLIENT_DEFAULTS, "client",
                      dict(b1=b1, b2=b2, eps=eps))
-  if name == 'sgd':
+  if name == "sgd":
     optimizer = optax.sgd(learning_rate)
   else:
-    optimizer = optax.adam(learning_rate, b1=h['b1'], b2=h['b2'],
-                           eps=h['eps'])
+    optimizer = optax.adam(learning_rate, b1=h["b1"], b2=h["b2"],
+                           eps=h["eps"])
   if clip_grad_norm is None or clip_grad_norm == 0:
     return optimizer
   if clip_grad_norm < 0:
-    raise ValueError(f'clip_grad_norm={clip_grad_norm} must be >= 0 (0 = no'
-                     ' clipping).')
+    raise ValueError(f"clip_grad_norm={clip_grad_norm} must be >= 0 (0 = no"
+                     " clipping).")
   return optax.chain(optax.clip_by_global_norm(clip_grad_norm), optimizer)
 
 
 def _as_kwargs(config: Any, what: str) -> dict[str, Any]:
-  if hasattr(config, 'to_dict'):  # ml_collections.ConfigDict
+  if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
     config = config.to_dict()
   if not isinstance(config, Mapping):
-    raise ValueError(f'{what} config must be a mapping or ConfigDict, got'
-                     f' {type(config).__name__}.')
+    raise ValueError(f"{what} config must be a mapping or ConfigDict, got"
+                     f" {type(config).__name__}.")
   kwargs = dict(config)
-  if 'name' not in kwargs:
+  if "name" not in kwargs:
     raise ValueError(f'{what} config needs a "name" field; got {kwargs}.')
   return kwargs
 
@@ -244,14 +244,14 @@ def server_optimizer_hyperparameters(config: Any) -> dict[str, Any]:
   Raises:
     ValueError: an unknown name or field.
   """
-  kwargs = _as_kwargs(config, 'Server optimizer')
-  name = kwargs.pop('name')
-  unknown = sorted(set(kwargs) - {'learning_rate', 'momentum', 'b1', 'b2',
-                                  'eps'})
+  kwargs = _as_kwargs(config, "Server optimizer")
+  name = kwargs.pop("name")
+  unknown = sorted(set(kwargs) - {"learning_rate", "momentum", "b1", "b2",
+                                  "eps"})
   if unknown:
-    raise ValueError(f'Bad server optimizer config field: {unknown}')
-  resolved = _with_defaults(name, SERVER_DEFAULTS, 'server', kwargs)
-  return {'name': name, **{k: resolved[k] for k in SERVER_DEFAULTS[name]}}
+    raise ValueError(f"Bad server optimizer config field: {unknown}")
+  resolved = _with_defaults(name, SERVER_DEFAULTS, "server", kwargs)
+  return {"name": name, **{k: resolved[k] for k in SERVER_DEFAULTS[name]}}
 
 
 def server_optimizer_from_config(config: Any) -> optax.GradientTransformation:
@@ -266,7 +266,7 @@ def server_optimizer_from_config(config: Any) -> optax.GradientTransformation:
     ValueError: an unknown name or field.
   """
   hyperparameters = server_optimizer_hyperparameters(config)
-  return make_server_optimizer(hyperparameters.pop('name'), **hyperparameters)
+  return make_server_optimizer(hyperparameters.pop("name"), **hyperparameters)
 
 
 def client_optimizer_from_config(config: Any) -> optax.GradientTransformation:
@@ -279,8 +279,8 @@ def client_optimizer_from_config(config: Any) -> optax.GradientTransformation:
   Raises:
     ValueError: an unknown name or field.
   """
-  kwargs = _as_kwargs(config, 'Client optimizer')
+  kwargs = _as_kwargs(config, "Client optimizer")
   try:
-    return make_client_optimizer(kwargs.pop('name'), **kwargs)
+    return make_client_optimizer(kwargs.pop("name"), **kwargs)
   except TypeError as e:
-    raise ValueError(f'Bad client optimizer config field: {e}') from e
+    raise ValueError(f"Bad client optimizer config field: {e}") from e

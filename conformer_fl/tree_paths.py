@@ -18,7 +18,7 @@ PyTree = Any
 
 
 def _name(path: Path) -> str:
-  return '/'.join(path) or '<root>'
+  return "/".join(path) or "<root>"
 
 
 def get(tree: Mapping[str, Any], path: Path) -> PyTree:
@@ -73,7 +73,7 @@ def without(tree: Mapping[str, Any], path: Path) -> dict[str, Any]:
     KeyError: no entry at `path`, or an empty path.
   """
   if not path:
-    raise KeyError('without: the path is empty.')
+    raise KeyError("without: the path is empty.")
   get(tree, path)
   head, rest = path[0], path[1:]
   if not rest:
@@ -84,7 +84,7 @@ def without(tree: Mapping[str, Any], path: Path) -> dict[str, Any]:
 def put(tree: Mapping[str, Any], path: Path, value: PyTree) -> dict[str, Any]:
   """A copy of `tree` with `value` at `path`, adding the dicts on the way."""
   if not path:
-    raise KeyError('put: the path is empty.')
+    raise KeyError("put: the path is empty.")
   head, rest = path[0], path[1:]
   child = value if not rest else put(tree.get(head, {}), rest, value)
   return {**tree, head: child}

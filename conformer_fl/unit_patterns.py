@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import fnmatch
 from typing import TypeVar
 
-Value = TypeVar('Value')
+Value = TypeVar("Value")
 
 # Names listed in an error message at most (the rest are counted).
 _MAX_LISTED = 60
@@ -35,8 +35,8 @@ _MAX_LISTED = 60
 
 def _prefixes(name: str) -> list[str]:
   """'a/b/c' -> ['a', 'a/b', 'a/b/c']."""
-  parts = name.split('/')
-  return ['/'.join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+  parts = name.split("/")
+  return ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
 
 
 def selects(pattern: str, name: str) -> bool:
@@ -46,20 +46,20 @@ def selects(pattern: str, name: str) -> bool:
 
 
 def _listed(names: Sequence[str]) -> str:
-  shown = ', '.join(repr(name) for name in names[:_MAX_LISTED])
+  shown = ", ".join(repr(name) for name in names[:_MAX_LISTED])
   more = len(names) - _MAX_LISTED
   return f'[{shown}{f", ... and {more} more" if more > 0 else ""}]'
 
 
 def _check_patterns(patterns: Iterable[str], field: str) -> list[str]:
   if isinstance(patterns, str):
-    raise ValueError(f'{field}: expected a sequence of unit patterns, got the '
-                     f'string {patterns!r}; write ({patterns!r},).')
+    raise ValueError(f"{field}: expected a sequence of unit patterns, got the "
+                     f"string {patterns!r}; write ({patterns!r},).")
   patterns = list(patterns)
   for pattern in patterns:
     if not isinstance(pattern, str) or not pattern:
-      raise ValueError(f'{field}: unit patterns are non-empty strings, got '
-                       f'{pattern!r}.')
+      raise ValueError(f"{field}: unit patterns are non-empty strings, got "
+                       f"{pattern!r}.")
   return patterns
 
 
@@ -85,8 +85,8 @@ def match_units(patterns: Iterable[str], names: Sequence[str], *,
   for pattern in _check_patterns(patterns, field):
     selected = [name for name in names if selects(pattern, name)]
     if not selected and not allow_unmatched:
-      raise ValueError(f'{field}: pattern {pattern!r} matches no unit; the '
-                       f'units are {_listed(list(names))}.')
+      raise ValueError(f"{field}: pattern {pattern!r} matches no unit; the "
+                       f"units are {_listed(list(names))}.")
     matched[pattern] = selected
   return matched
 
@@ -133,9 +133,9 @@ def assign_to_units(values: Mapping[str, Value], names: Sequence[str], *,
                if len(matched[pattern]) == fewest]
     if len({repr(values[pattern]) for pattern in winners}) > 1:
       raise ValueError(
-          f'{field}: patterns {winners} each select {fewest} unit(s), '
-          f'{name!r} among them, with different values '
-          f'{[values[pattern] for pattern in winners]}; make one more '
-          'specific.')
+          f"{field}: patterns {winners} each select {fewest} unit(s), "
+          f"{name!r} among them, with different values "
+          f"{[values[pattern] for pattern in winners]}; make one more "
+          "specific.")
     assigned[name] = values[winners[0]]
   return assigned

@@ -17,45 +17,45 @@ def test_rank_correlations_match_scipy_and_hand_values():
   y = [1.0, 3.0, 2.0, 4.0]
   result = movement.rank_correlations(x, y)
   # One swapped pair: rho = 1 - 6 * (1 + 1) / (4 * 15) = 0.8; tau = (5 - 1) / 6.
-  assert result['num_units'] == 4
-  assert result['spearman']['statistic'] == pytest.approx(0.8)
-  assert result['kendall']['statistic'] == pytest.approx(4 / 6)
-  assert result['spearman']['pvalue'] == pytest.approx(
+  assert result["num_units"] == 4
+  assert result["spearman"]["statistic"] == pytest.approx(0.8)
+  assert result["kendall"]["statistic"] == pytest.approx(4 / 6)
+  assert result["spearman"]["pvalue"] == pytest.approx(
       stats.spearmanr(x, y).pvalue)
   xs = [0.3, 1.7, 0.2, 5.0, 2.2, 2.2, 0.9]
   ys = [0.01, 0.4, 0.0, 0.9, 0.35, 0.5, 0.02]
   result = movement.rank_correlations(xs, ys)
-  assert result['spearman']['statistic'] == pytest.approx(
+  assert result["spearman"]["statistic"] == pytest.approx(
       stats.spearmanr(xs, ys).statistic)
-  assert result['kendall']['statistic'] == pytest.approx(
+  assert result["kendall"]["statistic"] == pytest.approx(
       stats.kendalltau(xs, ys).statistic)
-  assert result['kendall']['pvalue'] == pytest.approx(
+  assert result["kendall"]["pvalue"] == pytest.approx(
       stats.kendalltau(xs, ys).pvalue)
 
 
 def test_rank_correlations_drop_missing_and_undefined_values():
   result = movement.rank_correlations([1.0, None, 3.0, 2.0], [2.0, 5.0, 6.0, None])
-  assert result['num_units'] == 2
-  assert result['spearman']['statistic'] == pytest.approx(1.0)
+  assert result["num_units"] == 2
+  assert result["spearman"]["statistic"] == pytest.approx(1.0)
   constant = movement.rank_correlations([1.0, 2.0, 3.0], [0.5, 0.5, 0.5])
-  assert constant['spearman'] == {'statistic': None, 'pvalue': None}
-  assert constant['kendall'] == {'statistic': None, 'pvalue': None}
-  with pytest.raises(ValueError, match='x values'):
+  assert constant["spearman"] == {"statistic": None, "pvalue": None}
+  assert constant["kendall"] == {"statistic": None, "pvalue": None}
+  with pytest.raises(ValueError, match="x values"):
     movement.rank_correlations([1.0], [1.0, 2.0])
 
 
 def test_jaccard_by_hand():
-  assert stability.jaccard(['a', 'b', 'c'], ['b', 'c', 'd']) == pytest.approx(2 / 4)
-  assert stability.jaccard(['a'], ['b']) == 0.0
+  assert stability.jaccard(["a", "b", "c"], ["b", "c", "d"]) == pytest.approx(2 / 4)
+  assert stability.jaccard(["a"], ["b"]) == 0.0
   assert stability.jaccard([], []) == 1.0
-  assert stability.jaccard(['a', 'a', 'b'], ['a', 'b']) == 1.0
+  assert stability.jaccard(["a", "a", "b"], ["a", "b"]) == 1.0
 
 
 def test_relative_depth():
-  assert stability.relative_depth('encoder/block_03/conv', 16) == 3 / 16
-  assert stability.relative_depth('encoder/block_00', 4) == 0.0
-  assert stability.relative_depth('encoder/subsampling', 4) is None
-  assert stability.relative_depth('decoder', 4) is None
+  assert stability.relative_depth("encoder/block_03/conv", 16) == 3 / 16
+  assert stability.relative_depth("encoder/block_00", 4) == 0.0
+  assert stability.relative_depth("encoder/subsampling", 4) is None
+  assert stability.relative_depth("decoder", 4) is None
 
 
 def _result(units, ambient, num_blocks):
@@ -65,46 +65,46 @@ def _result(units, ambient, num_blocks):
 
 
 def test_compare_runs_of_one_depth_pairs_units_by_name():
-  a = _result({'encoder/block_00': 0.0, 'encoder/block_01': 0.5,
-               'decoder': 0.9}, ['encoder/block_00'], 2)
-  b = _result({'encoder/block_00': 0.01, 'encoder/block_01': 0.3,
-               'decoder': 0.2}, ['encoder/block_00', 'decoder'], 2)
-  (pair,) = stability.compare_runs([a, b], ['a', 'b'])['pairs']
-  assert pair['matching'] == 'name' and pair['num_common_units'] == 3
+  a = _result({"encoder/block_00": 0.0, "encoder/block_01": 0.5,
+               "decoder": 0.9}, ["encoder/block_00"], 2)
+  b = _result({"encoder/block_00": 0.01, "encoder/block_01": 0.3,
+               "decoder": 0.2}, ["encoder/block_00", "decoder"], 2)
+  (pair,) = stability.compare_runs([a, b], ["a", "b"])["pairs"]
+  assert pair["matching"] == "name" and pair["num_common_units"] == 3
   # Ambient {block_00} vs {block_00, decoder}: 1 / 2.
-  assert pair['jaccard_ambient'] == pytest.approx(0.5)
+  assert pair["jaccard_ambient"] == pytest.approx(0.5)
   # Two random sets of 1 and 2 of 3 units: they meet with probability 2/3,
   # and then overlap 1/2.
-  assert pair['chance_jaccard_ambient'] == pytest.approx(1 / 3)
-  assert pair['wer_increase']['spearman']['statistic'] == pytest.approx(
+  assert pair["chance_jaccard_ambient"] == pytest.approx(1 / 3)
+  assert pair["wer_increase"]["spearman"]["statistic"] == pytest.approx(
       stats.spearmanr([0, .5, .9], [.01, .3, .2]).statistic)
 
 
 def test_compare_runs_of_two_depths_pairs_units_by_relative_depth():
-  a = _result({'encoder/block_00': 0.0, 'encoder/block_01': 0.5,
-               'encoder/block_02': 0.1, 'decoder': 0.9},
-              ['encoder/block_00', 'encoder/block_02'], 3)
-  b = _result({'encoder/block_00': 0.01, 'encoder/block_01': 0.3,
-               'decoder': 0.2}, ['encoder/block_00', 'decoder'], 2)
+  a = _result({"encoder/block_00": 0.0, "encoder/block_01": 0.5,
+               "encoder/block_02": 0.1, "decoder": 0.9},
+              ["encoder/block_00", "encoder/block_02"], 3)
+  b = _result({"encoder/block_00": 0.01, "encoder/block_01": 0.3,
+               "decoder": 0.2}, ["encoder/block_00", "decoder"], 2)
   # Block centres: a at 1/6, 1/2, 5/6; b at 1/4, 3/4. a's block_01 is as
   # near to both and takes the shallower.
   assert stability.matched_units(a, b) == [
-      ('encoder/block_00', 'encoder/block_00'),
-      ('encoder/block_01', 'encoder/block_00'),
-      ('encoder/block_02', 'encoder/block_01'), ('decoder', 'decoder')]
+      ("encoder/block_00", "encoder/block_00"),
+      ("encoder/block_01", "encoder/block_00"),
+      ("encoder/block_02", "encoder/block_01"), ("decoder", "decoder")]
   assert stability.matched_units(b, a) == [
       (v, u) for u, v in stability.matched_units(a, b)]
-  comparison = stability.compare_runs([a, b], ['a', 'b'])
-  (pair,) = comparison['pairs']
-  assert pair['matching'] == 'relative_depth'
-  assert pair['num_common_units'] == 4
+  comparison = stability.compare_runs([a, b], ["a", "b"])
+  (pair,) = comparison["pairs"]
+  assert pair["matching"] == "relative_depth"
+  assert pair["num_common_units"] == 4
   # Ambient pairs: a's side {0, 2}, b's side {0, 1, 3}: overlap 1 / 4.
-  assert pair['jaccard_ambient'] == pytest.approx(0.25)
-  assert pair['wer_increase']['spearman']['statistic'] == pytest.approx(
+  assert pair["jaccard_ambient"] == pytest.approx(0.25)
+  assert pair["wer_increase"]["spearman"]["statistic"] == pytest.approx(
       stats.spearmanr([0, .5, .1, .9], [.01, .01, .3, .2]).statistic)
-  depth_a = comparison['depth']['a']
-  assert [p['relative_depth'] for p in depth_a['points']] == [0, 1 / 3, 2 / 3]
-  assert depth_a['wer_increase_vs_depth']['spearman']['statistic'] == (
+  depth_a = comparison["depth"]["a"]
+  assert [p["relative_depth"] for p in depth_a["points"]] == [0, 1 / 3, 2 / 3]
+  assert depth_a["wer_increase_vs_depth"]["spearman"]["statistic"] == (
       pytest.approx(0.5))
 
 
@@ -117,64 +117,64 @@ def test_chance_jaccard_by_hand():
   assert stability.chance_jaccard(5, 0, 0) == 1.0
   assert stability.chance_jaccard(5, 0, 2) == 0.0
   assert stability.chance_jaccard(3, 3, 3) == 1.0
-  with pytest.raises(ValueError, match='Subset sizes'):
+  with pytest.raises(ValueError, match="Subset sizes"):
     stability.chance_jaccard(3, 4, 1)
 
 
 def test_unit_movement_by_hand():
-  initial = {'a': {'w': np.array([3.0, 0.0])}, 'b': {'w': np.zeros(2)}}
-  trained = {'a': {'w': np.array([3.0, 4.0])}, 'b': {'w': np.ones(2)}}
-  moved = movement.unit_movement(trained, initial, {'a': ('a',), 'b': ('b',)})
-  assert moved['a'] == dict(distance=4.0, initial_norm=3.0,
+  initial = {"a": {"w": np.array([3.0, 0.0])}, "b": {"w": np.zeros(2)}}
+  trained = {"a": {"w": np.array([3.0, 4.0])}, "b": {"w": np.ones(2)}}
+  moved = movement.unit_movement(trained, initial, {"a": ("a",), "b": ("b",)})
+  assert moved["a"] == dict(distance=4.0, initial_norm=3.0,
                             relative_distance=pytest.approx(4 / 3))
-  assert moved['b']['distance'] == pytest.approx(math.sqrt(2))
-  assert moved['b']['relative_distance'] is None
+  assert moved["b"]["distance"] == pytest.approx(math.sqrt(2))
+  assert moved["b"]["relative_distance"] is None
 
 
 def test_update_norm_sums_aggregate_modules_into_blocks(tmp_path):
-  path = tmp_path / 'metrics.jsonl'
+  path = tmp_path / "metrics.jsonl"
   records = [
-      {'round': 1, 'loss': 1.0, 'update_norm/encoder/block_00/ffn1': 3.0,
-       'update_norm/encoder/block_00/conv': 4.0, 'update_norm/decoder': 1.0},
-      {'round': 2, 'update_norm/encoder/block_00/ffn1': 1.0,
-       'update_norm/encoder/block_00/conv': 0.0, 'update_norm/decoder': 2.0},
-      {'round': 3, 'update_norm/encoder/block_00/ffn1': 100.0,
-       'update_norm/decoder': 100.0},
+      {"round": 1, "loss": 1.0, "update_norm/encoder/block_00/ffn1": 3.0,
+       "update_norm/encoder/block_00/conv": 4.0, "update_norm/decoder": 1.0},
+      {"round": 2, "update_norm/encoder/block_00/ffn1": 1.0,
+       "update_norm/encoder/block_00/conv": 0.0, "update_norm/decoder": 2.0},
+      {"round": 3, "update_norm/encoder/block_00/ffn1": 100.0,
+       "update_norm/decoder": 100.0},
   ]
-  path.write_text('\n'.join(json.dumps(r) for r in records) + '\n')
+  path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
   sums = movement.read_update_norm_sums(
-      str(path), ['encoder/block_00', 'encoder/block_01', 'decoder'],
+      str(path), ["encoder/block_00", "encoder/block_01", "decoder"],
       last_round=2)
   # Block norm per round = sqrt(3^2 + 4^2) = 5, then sqrt(1) = 1; round 3 > T.
-  assert sums == {'encoder/block_00': 6.0, 'encoder/block_01': None,
-                  'decoder': 3.0}
-  central = tmp_path / 'central.jsonl'
-  central.write_text(json.dumps({'step': 2, 'loss': 1.0}) + '\n')
-  assert movement.read_update_norm_sums(str(central), ['decoder'], 10) is None
+  assert sums == {"encoder/block_00": 6.0, "encoder/block_01": None,
+                  "decoder": 3.0}
+  central = tmp_path / "central.jsonl"
+  central.write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+  assert movement.read_update_norm_sums(str(central), ["decoder"], 10) is None
 
 
-@pytest.mark.parametrize('increase, baseline, rule, expected', [
-    (0.0, 0.0, 'both', True),
-    (0.009, 0.1, 'either', True),    # absolute test passes
-    (0.04, 0.9, 'either', True),     # relative: 0.04 <= 0.05 * 0.9
-    (0.04, 0.9, 'both', False),      # absolute fails
-    (0.02, 0.1, 'either', False),    # both fail
+@pytest.mark.parametrize("increase, baseline, rule, expected", [
+    (0.0, 0.0, "both", True),
+    (0.009, 0.1, "either", True),    # absolute test passes
+    (0.04, 0.9, "either", True),     # relative: 0.04 <= 0.05 * 0.9
+    (0.04, 0.9, "both", False),      # absolute fails
+    (0.02, 0.1, "either", False),    # both fail
 ])
 def test_is_ambient(increase, baseline, rule, expected):
   assert importance.is_ambient(increase, baseline, 0.01, 0.05, rule) is expected
 
 
 def test_is_ambient_rejects_unknown_rule():
-  with pytest.raises(ValueError, match='threshold_rule'):
-    importance.is_ambient(0.0, 0.1, 0.01, 0.05, 'any')
+  with pytest.raises(ValueError, match="threshold_rule"):
+    importance.is_ambient(0.0, 0.1, 0.01, 0.05, "any")
 
 
 def test_parse_taus():
   saved = [0, 100, 200, 300]
-  assert importance.parse_taus('all', saved, 200) == [0, 100, 200]
-  assert importance.parse_taus('300,100', saved, 300) == [0, 100, 300]
+  assert importance.parse_taus("all", saved, 200) == [0, 100, 200]
+  assert importance.parse_taus("300,100", saved, 300) == [0, 100, 300]
   assert importance.parse_taus((200,), saved, 300) == [0, 200]
-  with pytest.raises(ValueError, match=r'unsaved checkpoint\(s\) \[150\]'):
-    importance.parse_taus('150', saved, 300)
-  with pytest.raises(ValueError, match='comma-separated'):
-    importance.parse_taus('last', saved, 300)
+  with pytest.raises(ValueError, match=r"unsaved checkpoint\(s\) \[150\]"):
+    importance.parse_taus("150", saved, 300)
+  with pytest.raises(ValueError, match="comma-separated"):
+    importance.parse_taus("last", saved, 300)

@@ -14,28 +14,28 @@ VOCAB = 16
 VARIANTS_PER_CALL = 3
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def model():
   return models.build_model(models.get_model_config(
-      'tiny', conv_norm='batch_norm', vocab_size=VOCAB, num_blocks=1))
+      "tiny", conv_norm="batch_norm", vocab_size=VOCAB, num_blocks=1))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def vectorized_fn(model):
   return variant_eval.make_vectorized_eval_fn(model)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def single_fn(model):
   return variant_eval.make_single_eval_fn(model)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def inits(model):
   """Three initializations; seed 2 with batch statistics moved off init."""
   variables = importance.fresh_initializations(model, [0, 1, 2])
-  variables[2]['batch_stats'] = jax.tree.map(lambda x: x + 0.5,
-                                             variables[2]['batch_stats'])
+  variables[2]["batch_stats"] = jax.tree.map(lambda x: x + 0.5,
+                                             variables[2]["batch_stats"])
   return variables
 
 
@@ -62,7 +62,7 @@ def _batches(num_batches=2, batch_size=3, seconds=0.5, label_length=6):
 
 
 def _decode(ids):
-  return ' '.join(f'w{i}' for i in ids)
+  return " ".join(f"w{i}" for i in ids)
 
 
 def test_fresh_initializations_equal_init_variables(model, inits):
@@ -72,36 +72,36 @@ def test_fresh_initializations_equal_init_variables(model, inits):
 
 def test_reset_unit_replaces_params_and_batch_stats_of_that_unit_only(inits):
   trained, source = inits[0], inits[2]
-  units = models.list_units(trained['params'], 'module')
-  path = units['encoder/block_00/conv']
+  units = models.list_units(trained["params"], "module")
+  path = units["encoder/block_00/conv"]
   reset = resets.reset_unit(trained, source, path)
-  for collection in ('params', 'batch_stats'):
+  for collection in ("params", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal,
                  tree_paths.get(reset[collection], path),
                  tree_paths.get(source[collection], path))
   # Untouched subtrees are shared, not copied.
-  assert reset['params']['decoder'] is trained['params']['decoder']
-  assert (reset['params']['encoder']['block_00']['mhsa'] is
-          trained['params']['encoder']['block_00']['mhsa'])
+  assert reset["params"]["decoder"] is trained["params"]["decoder"]
+  assert (reset["params"]["encoder"]["block_00"]["mhsa"] is
+          trained["params"]["encoder"]["block_00"]["mhsa"])
   # A unit without batch norm leaves the statistics alone.
-  ffn_path = units['encoder/block_00/ffn1']
+  ffn_path = units["encoder/block_00/ffn1"]
   ffn = resets.reset_unit(trained, source, ffn_path)
-  assert ffn['batch_stats'] is trained['batch_stats']
+  assert ffn["batch_stats"] is trained["batch_stats"]
   jax.tree.map(np.testing.assert_array_equal,
-               tree_paths.get(ffn['params'], ffn_path),
-               tree_paths.get(source['params'], ffn_path))
-  with pytest.raises(KeyError, match='encoder/block_09'):
-    resets.reset_unit(trained, source, ('encoder', 'block_09'))
+               tree_paths.get(ffn["params"], ffn_path),
+               tree_paths.get(source["params"], ffn_path))
+  with pytest.raises(KeyError, match="encoder/block_09"):
+    resets.reset_unit(trained, source, ("encoder", "block_09"))
 
 
 def _variants(inits):
   trained = inits[0]
-  units = models.list_units(trained['params'], 'module')
+  units = models.list_units(trained["params"], "module")
   return [
       trained,
-      resets.reset_unit(trained, inits[2], units['encoder/block_00/conv']),
-      resets.reset_unit(trained, inits[1], units['encoder/block_00/mhsa']),
-      resets.reset_unit(trained, inits[2], units['decoder']),
+      resets.reset_unit(trained, inits[2], units["encoder/block_00/conv"]),
+      resets.reset_unit(trained, inits[1], units["encoder/block_00/mhsa"]),
+      resets.reset_unit(trained, inits[2], units["decoder"]),
       inits[1],
   ]
 
@@ -112,20 +112,20 @@ def test_vectorized_outputs_equal_each_variant_alone(vectorized_fn, single_fn,
   batch = _batches()[0]
   batched, shared = variant_eval.split_shared(variants)
   # No variant here resets the front end: it is passed once, unbatched.
-  assert list(shared['params']) == ['encoder/subsampling']
-  assert 'subsampling' not in batched['params']['encoder']
+  assert list(shared["params"]) == ["encoder/subsampling"]
+  assert "subsampling" not in batched["params"]["encoder"]
   assert all(x.shape[0] == len(variants)
-             for x in jax.tree.leaves(batched['params']['decoder']))
+             for x in jax.tree.leaves(batched["params"]["decoder"]))
   vectorized = vectorized_fn(batched, shared, batch)
   losses = []
   for row, variables in enumerate(variants):
     alone = single_fn(variables, batch)
-    np.testing.assert_allclose(vectorized['loss_sum'][row], alone['loss_sum'],
+    np.testing.assert_allclose(vectorized["loss_sum"][row], alone["loss_sum"],
                                rtol=1e-5)
-    np.testing.assert_array_equal(vectorized['ids'][row], alone['ids'])
-    np.testing.assert_array_equal(vectorized['id_paddings'][row],
-                                  alone['id_paddings'])
-    losses.append(float(alone['loss_sum']))
+    np.testing.assert_array_equal(vectorized["ids"][row], alone["ids"])
+    np.testing.assert_array_equal(vectorized["id_paddings"][row],
+                                  alone["id_paddings"])
+    losses.append(float(alone["loss_sum"]))
   assert len(set(losses)) == len(variants)  # The variants really differ.
 
 
@@ -147,25 +147,25 @@ def test_chunked_vectorized_evaluation_equals_one_at_a_time(
       variants_per_call=VARIANTS_PER_CALL, groups=[[3, 0, 2], [1, 4]])
   assert len(chunked) == len(grouped) == len(looped) == len(variants)
   for a, b, c in zip(chunked, looped, grouped):
-    assert a['num_examples'] == b['num_examples'] == 4.0
-    assert a['wer'] == b['wer'] == c['wer']
-    assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
-    assert c['loss'] == pytest.approx(b['loss'], rel=1e-5)
-  with pytest.raises(ValueError, match='partition'):
+    assert a["num_examples"] == b["num_examples"] == 4.0
+    assert a["wer"] == b["wer"] == c["wer"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert c["loss"] == pytest.approx(b["loss"], rel=1e-5)
+  with pytest.raises(ValueError, match="partition"):
     variant_eval.evaluate_vectorized(
         vectorized_fn, variants.__getitem__, len(variants), batches, _decode,
         variants_per_call=2, groups=[[0, 1]])
 
 
 def test_shareable_groups_put_front_end_resets_apart():
-  paths = [None, ('encoder', 'subsampling'), ('encoder', 'block_00', 'conv'),
-           ('encoder',), ('decoder',)]
+  paths = [None, ("encoder", "subsampling"), ("encoder", "block_00", "conv"),
+           ("encoder",), ("decoder",)]
   assert variant_eval.shareable_groups(paths) == [[0, 2, 4], [1, 3]]
-  assert variant_eval.shareable_groups([None, ('decoder',)]) == [[0, 1]]
+  assert variant_eval.shareable_groups([None, ("decoder",)]) == [[0, 1]]
 
 
 def test_evaluation_rejects_empty_inputs(model):
-  with pytest.raises(ValueError, match='No eval batches'):
+  with pytest.raises(ValueError, match="No eval batches"):
     variant_eval.evaluate_one_at_a_time(None, None, 1, [], _decode)
-  with pytest.raises(ValueError, match='variants_per_call'):
+  with pytest.raises(ValueError, match="variants_per_call"):
     variant_eval.evaluate_vectorized(None, None, 1, _batches(1), _decode, 0)

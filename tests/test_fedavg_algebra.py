@@ -27,7 +27,7 @@ from conformer_fl.federated import round as round_lib
 
 CLIENT_LR = 0.5
 W0 = np.array([0.0, 1.0], np.float32)
-UNIT_PATHS = {'mean': ('mean',), 'unused': ('unused',)}
+UNIT_PATHS = {"mean": ("mean",), "unused": ("unused",)}
 # [client, step, example, coordinate]; padded examples hold garbage.
 EXAMPLES = np.array([
     [[[1, 1], [3, 5]], [[0, 2], [4, 2]]],
@@ -38,8 +38,8 @@ EXAMPLE_MASK = np.array([[[1, 1], [1, 1]], [[1, 0], [1, 0]]], np.float32)
 
 def quadratic_loss(params, model_state, batch, rng):
   del rng
-  squared = 0.5 * jnp.sum((params['mean']['w'] - batch['x']) ** 2, axis=-1)
-  mask = batch['example_mask']
+  squared = 0.5 * jnp.sum((params["mean"]["w"] - batch["x"]) ** 2, axis=-1)
+  mask = batch["example_mask"]
   loss = jnp.sum(jnp.where(mask > 0, squared, 0.0)) / jnp.maximum(
       jnp.sum(mask), 1.0)
   return loss, model_state
@@ -48,27 +48,27 @@ def quadratic_loss(params, model_state, batch, rng):
 def round_data(local_steps: int) -> dict[str, np.ndarray]:
   example_mask = EXAMPLE_MASK[:, :local_steps]
   return {
-      'x': EXAMPLES[:, :local_steps],
-      'example_mask': example_mask,
-      'step_mask': np.ones((2, local_steps), np.float32),
-      'num_examples': example_mask.sum(axis=(1, 2)),
+      "x": EXAMPLES[:, :local_steps],
+      "example_mask": example_mask,
+      "step_mask": np.ones((2, local_steps), np.float32),
+      "num_examples": example_mask.sum(axis=(1, 2)),
   }
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def mesh():
   return mesh_lib.make_client_mesh(2)  # one client per device
 
 
 def initial_state(server_optimizer, mesh):
-  params = {'mean': {'w': jnp.asarray(W0)}, 'unused': {'z': jnp.ones((1,))}}
+  params = {"mean": {"w": jnp.asarray(W0)}, "unused": {"z": jnp.ones((1,))}}
   state = round_lib.init_server_state(params, {}, server_optimizer)
   return mesh_lib.replicate(state, mesh)
 
 
 def run_rounds(server_optimizer, mesh, local_steps, num_rounds=1,
                client_optimizer=None, clip_update_norm=None,
-               aggregation_weight='examples_trained', data=None):
+               aggregation_weight="examples_trained", data=None):
   client_optimizer = client_optimizer or optax.sgd(CLIENT_LR)
   round_fn = round_lib.make_federated_round(
       quadratic_loss, client_optimizer, server_optimizer, mesh,
@@ -90,19 +90,19 @@ def test_fedavg_one_local_step(mesh):
   # loss at w0: A: 0.5*mean(1 + 25) = 6.5; B: 0.5*40 = 20;
   # example-weighted: (2*6.5 + 20) / 3 = 11.
   state, [metrics] = run_rounds(
-      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1)
-  np.testing.assert_allclose(state.params['mean']['w'], [5 / 3, 4 / 3],
+      optimizers.make_server_optimizer("fedavg"), mesh, local_steps=1)
+  np.testing.assert_allclose(state.params["mean"]["w"], [5 / 3, 4 / 3],
                              rtol=1e-6)
-  np.testing.assert_array_equal(state.params['unused']['z'], [1.0])
+  np.testing.assert_array_equal(state.params["unused"]["z"], [1.0])
   assert int(state.round) == 1
-  np.testing.assert_allclose(metrics['loss'], 11.0, rtol=1e-6)
-  assert metrics['num_examples'] == 3.0
-  assert metrics['num_nonfinite_clients'] == 0
-  np.testing.assert_allclose(metrics['server_update_norm'],
+  np.testing.assert_allclose(metrics["loss"], 11.0, rtol=1e-6)
+  assert metrics["num_examples"] == 3.0
+  assert metrics["num_nonfinite_clients"] == 0
+  np.testing.assert_allclose(metrics["server_update_norm"],
                              np.sqrt(26) / 3, rtol=1e-6)
-  np.testing.assert_allclose(metrics['update_norm/mean'], np.sqrt(26) / 3,
+  np.testing.assert_allclose(metrics["update_norm/mean"], np.sqrt(26) / 3,
                              rtol=1e-6)
-  assert metrics['update_norm/unused'] == 0.0
+  assert metrics["update_norm/unused"] == 0.0
 
 
 def test_fedavg_two_local_steps(mesh):
@@ -116,11 +116,11 @@ def test_fedavg_two_local_steps(mesh):
   # (2 ex); B step 0 = 20 (1 ex); B step 1 at [3, 0]: 0.5*(1 + 9) = 5 (1 ex);
   # example-weighted: (13 + 5 + 20 + 5) / 6 = 43/6.
   state, [metrics] = run_rounds(
-      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2)
-  np.testing.assert_allclose(state.params['mean']['w'], [11 / 6, 11 / 6],
+      optimizers.make_server_optimizer("fedavg"), mesh, local_steps=2)
+  np.testing.assert_allclose(state.params["mean"]["w"], [11 / 6, 11 / 6],
                              rtol=1e-6)
-  np.testing.assert_allclose(metrics['loss'], 43 / 6, rtol=1e-6)
-  assert metrics['num_examples'] == 6.0
+  np.testing.assert_allclose(metrics["loss"], 43 / 6, rtol=1e-6)
+  assert metrics["num_examples"] == 6.0
 
 
 def test_fedadam_one_step_matches_optax_adam_on_negated_mean_delta(mesh):
@@ -129,16 +129,16 @@ def test_fedadam_one_step_matches_optax_adam_on_negated_mean_delta(mesh):
   # w1 = w0 + lr * d / (|d| + eps) (bias-corrected moments are d and d^2).
   lr, b1, b2, eps = 0.1, 0.9, 0.99, 1e-3
   server_optimizer = optimizers.make_server_optimizer(
-      'fedadam', learning_rate=lr, b1=b1, b2=b2, eps=eps)
+      "fedadam", learning_rate=lr, b1=b1, b2=b2, eps=eps)
   state, _ = run_rounds(server_optimizer, mesh, local_steps=1)
 
   mean_delta = np.array([5 / 3, 1 / 3], np.float32)
   adam = optax.adam(lr, b1=b1, b2=b2, eps=eps)
   updates, _ = adam.update(-mean_delta, adam.init(W0), W0)
-  np.testing.assert_allclose(state.params['mean']['w'], W0 + updates,
+  np.testing.assert_allclose(state.params["mean"]["w"], W0 + updates,
                              rtol=1e-6)
   np.testing.assert_allclose(
-      state.params['mean']['w'], W0 + lr * mean_delta / (mean_delta + eps),
+      state.params["mean"]["w"], W0 + lr * mean_delta / (mean_delta + eps),
       rtol=1e-5)
 
 
@@ -152,12 +152,12 @@ def test_fedavgm_two_rounds_by_hand(mesh):
   #          w2 = w1 + d2 + 0.9*d1 = [4, 1.8]   (plain FedAvg: [2.5, 1.5]).
   state, metrics = run_rounds(
       optimizers.make_server_optimizer(
-          'fedavgm', learning_rate=1.0, momentum=0.9),
+          "fedavgm", learning_rate=1.0, momentum=0.9),
       mesh, local_steps=1, num_rounds=2)
-  np.testing.assert_allclose(state.params['mean']['w'], [4.0, 1.8], rtol=1e-6)
+  np.testing.assert_allclose(state.params["mean"]["w"], [4.0, 1.8], rtol=1e-6)
   assert int(state.round) == 2
   # |w2 - w1| = |d2 + 0.9*d1| = |[7/3, 7/15]|.
-  np.testing.assert_allclose(metrics[1]['server_update_norm'],
+  np.testing.assert_allclose(metrics[1]["server_update_norm"],
                              np.hypot(7 / 3, 7 / 15), rtol=1e-6)
 
 
@@ -167,10 +167,10 @@ def test_client_adam_first_step_moves_lr_times_sign(mesh):
   #             B: [-6, 2]  -> delta_B = [0.1, -0.1].
   # mean delta = (2*[0.1, 0.1] + [0.1, -0.1]) / 3 = [0.1, 0.1/3].
   state, _ = run_rounds(
-      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1,
+      optimizers.make_server_optimizer("fedavg"), mesh, local_steps=1,
       client_optimizer=optimizers.make_client_optimizer(
-          'adam', learning_rate=0.1))
-  np.testing.assert_allclose(state.params['mean']['w'],
+          "adam", learning_rate=0.1))
+  np.testing.assert_allclose(state.params["mean"]["w"],
                              W0 + [0.1, 0.1 / 3], rtol=1e-5)
 
 
@@ -178,43 +178,43 @@ def test_update_norm_clipping(mesh):
   # K = 1, clip 2: |delta_A| = sqrt(2) stays; |delta_B| = sqrt(10) -> scaled
   # to 2*[3, -1]/sqrt(10). mean = (2*[1, 1] + 2*[3, -1]/sqrt(10)) / 3.
   state, [metrics] = run_rounds(
-      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=1,
+      optimizers.make_server_optimizer("fedavg"), mesh, local_steps=1,
       clip_update_norm=2.0)
   clipped_b = 2.0 * np.array([3.0, -1.0]) / np.sqrt(10.0)
   expected = W0 + (2 * np.array([1.0, 1.0]) + clipped_b) / 3
-  np.testing.assert_allclose(state.params['mean']['w'], expected, rtol=1e-6)
-  assert metrics['num_clipped_clients'] == 1
+  np.testing.assert_allclose(state.params["mean"]["w"], expected, rtol=1e-6)
+  assert metrics["num_clipped_clients"] == 1
   # Weighted mean of the norms before clipping: (2*sqrt(2) + sqrt(10)) / 3.
-  np.testing.assert_allclose(metrics['mean_client_update_norm'],
+  np.testing.assert_allclose(metrics["mean_client_update_norm"],
                              (2 * np.sqrt(2) + np.sqrt(10)) / 3, rtol=1e-6)
 
 
 # K = 2: delta_A = [1.5, 1] (4 examples trained), delta_B = [2.5, 0.5] (2);
 # the clients own 3 and 7 utterances ('client_size', each counted once).
-@pytest.mark.parametrize('aggregation_weight, mean_delta', [
+@pytest.mark.parametrize("aggregation_weight, mean_delta", [
     # (4*[1.5, 1] + 2*[2.5, 0.5]) / 6.
-    ('examples_trained', [11 / 6, 5 / 6]),
+    ("examples_trained", [11 / 6, 5 / 6]),
     # (3*[1.5, 1] + 7*[2.5, 0.5]) / 10 = [22/10, 6.5/10].
-    ('client_size', [2.2, 0.65]),
+    ("client_size", [2.2, 0.65]),
     # ([1.5, 1] + [2.5, 0.5]) / 2.
-    ('uniform', [2.0, 0.75]),
+    ("uniform", [2.0, 0.75]),
 ])
 def test_aggregation_weights(mesh, aggregation_weight, mean_delta):
   data = dict(round_data(2), client_size=np.array([3.0, 7.0], np.float32))
   state, [metrics] = run_rounds(
-      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
+      optimizers.make_server_optimizer("fedavg"), mesh, local_steps=2,
       aggregation_weight=aggregation_weight, data=data)
-  np.testing.assert_allclose(state.params['mean']['w'], W0 + mean_delta,
+  np.testing.assert_allclose(state.params["mean"]["w"], W0 + mean_delta,
                              rtol=1e-6)
   # The weights change the mean update only: the loss stays example-weighted
   # (43/6, test_fedavg_two_local_steps) and the counts count examples.
-  np.testing.assert_allclose(metrics['loss'], 43 / 6, rtol=1e-6)
-  assert metrics['num_examples'] == metrics['num_aggregated_examples'] == 6.0
+  np.testing.assert_allclose(metrics["loss"], 43 / 6, rtol=1e-6)
+  assert metrics["num_examples"] == metrics["num_aggregated_examples"] == 6.0
   # Mean of the clients' update norms under the same weights.
   norms = np.array([np.hypot(1.5, 1.0), np.hypot(2.5, 0.5)])
-  weights = {'examples_trained': [4, 2], 'client_size': [3, 7],
-             'uniform': [1, 1]}[aggregation_weight]
-  np.testing.assert_allclose(metrics['mean_client_update_norm'],
+  weights = {"examples_trained": [4, 2], "client_size": [3, 7],
+             "uniform": [1, 1]}[aggregation_weight]
+  np.testing.assert_allclose(metrics["mean_client_update_norm"],
                              np.dot(weights, norms) / np.sum(weights),
                              rtol=1e-6)
 
@@ -223,42 +223,42 @@ def test_uniform_weight_skips_a_client_without_data(mesh):
   # Client B has no example (masks 0): weight 0, not 1; the mean is A's
   # delta [1.5, 1] alone.
   data = round_data(2)
-  data['example_mask'] = data['example_mask'] * np.array([1, 0])[:, None, None]
-  data['step_mask'] = np.array([[1, 1], [0, 0]], np.float32)
-  data['num_examples'] = data['example_mask'].sum(axis=(1, 2))
+  data["example_mask"] = data["example_mask"] * np.array([1, 0])[:, None, None]
+  data["step_mask"] = np.array([[1, 1], [0, 0]], np.float32)
+  data["num_examples"] = data["example_mask"].sum(axis=(1, 2))
   state, [metrics] = run_rounds(
-      optimizers.make_server_optimizer('fedavg'), mesh, local_steps=2,
-      aggregation_weight='uniform', data=data)
-  np.testing.assert_allclose(state.params['mean']['w'], W0 + [1.5, 1.0],
+      optimizers.make_server_optimizer("fedavg"), mesh, local_steps=2,
+      aggregation_weight="uniform", data=data)
+  np.testing.assert_allclose(state.params["mean"]["w"], W0 + [1.5, 1.0],
                              rtol=1e-6)
-  assert metrics['num_aggregated_examples'] == 4.0
+  assert metrics["num_aggregated_examples"] == 4.0
 
 
 def test_aggregation_weight_errors(mesh):
   with pytest.raises(ValueError, match="'client_size'"):
-    run_rounds(optimizers.make_server_optimizer('fedavg'), mesh,
-               local_steps=1, aggregation_weight='client_size')
+    run_rounds(optimizers.make_server_optimizer("fedavg"), mesh,
+               local_steps=1, aggregation_weight="client_size")
   with pytest.raises(ValueError, match="'by_loss'"):
-    run_rounds(optimizers.make_server_optimizer('fedavg'), mesh,
-               local_steps=1, aggregation_weight='by_loss')
+    run_rounds(optimizers.make_server_optimizer("fedavg"), mesh,
+               local_steps=1, aggregation_weight="by_loss")
 
 
-@pytest.mark.parametrize('name', ['fedavg', 'fedavgm', 'fedadam', 'fedyogi'])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
 def test_server_optimizer_from_config(name):
   optimizer = optimizers.server_optimizer_from_config(
-      {'name': name, 'learning_rate': 1.0})
-  params = {'w': jnp.zeros(2)}
-  updates, _ = optimizer.update({'w': -jnp.ones(2)}, optimizer.init(params),
+      {"name": name, "learning_rate": 1.0})
+  params = {"w": jnp.zeros(2)}
+  updates, _ = optimizer.update({"w": -jnp.ones(2)}, optimizer.init(params),
                                 params)
   # Every server optimizer moves along the mean delta (here +1).
-  assert np.all(np.asarray(updates['w']) > 0)
+  assert np.all(np.asarray(updates["w"]) > 0)
 
 
 def test_bad_optimizer_names_raise():
   with pytest.raises(ValueError, match="'fedsgd'"):
-    optimizers.make_server_optimizer('fedsgd')
+    optimizers.make_server_optimizer("fedsgd")
   with pytest.raises(ValueError, match="'rmsprop'"):
-    optimizers.make_client_optimizer('rmsprop', learning_rate=0.1)
-  with pytest.raises(ValueError, match='bogus'):
+    optimizers.make_client_optimizer("rmsprop", learning_rate=0.1)
+  with pytest.raises(ValueError, match="bogus"):
     optimizers.server_optimizer_from_config(
-        {'name': 'fedavg', 'bogus': 1})
+        {"name": "fedavg", "bogus": 1})

@@ -13,7 +13,7 @@ import pytest
 from conformer_fl import models
 from conformer_fl.models import conformer
 
-NORMS = ('batch_norm', 'group_norm', 'layer_norm')
+NORMS = ("batch_norm", "group_norm", "layer_norm")
 TIME, EXTRA = 40, 13  # feature frames, appended padded frames.
 LENGTHS = (40, 27)
 
@@ -40,7 +40,7 @@ def _random_variables(init_fn, seed: int = 0):
   rng = np.random.default_rng(seed)
   def fill(path, leaf):
     values = rng.normal(0.0, 0.3, leaf.shape).astype(np.float32)
-    if path[-1].key == 'var':
+    if path[-1].key == "var":
       values = np.abs(values) + 0.5
     return jnp.asarray(values)
   return jax.tree_util.tree_map_with_path(fill, shapes)
@@ -54,7 +54,7 @@ def _encoder(norm: str) -> conformer.ConformerEncoder:
       conv_norm=norm, conv_norm_groups=4, dropout_rate=0.0))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def encoder_variables():
   features, paddings = _features(0, 0.0)
   result = {}
@@ -65,14 +65,14 @@ def encoder_variables():
 
 
 # Train mode differs from eval only for batch_norm (dropout is off here).
-@pytest.mark.parametrize('norm,train', [(norm, False) for norm in NORMS] +
-                         [('batch_norm', True)])
+@pytest.mark.parametrize("norm,train", [(norm, False) for norm in NORMS] +
+                         [("batch_norm", True)])
 def test_encoder_padding_invariance(encoder_variables, norm, train):
   encoder = _encoder(norm)
   variables = encoder_variables[norm]
   run = jax.jit(lambda f, p: encoder.apply(
       variables, f, p, train=train,
-      mutable=['batch_stats'] if train else False))
+      mutable=["batch_stats"] if train else False))
   short = run(*_features(0, 0.0))
   long = run(*_features(EXTRA, 7.0))
   (short_out, short_pad), (long_out, long_pad) = (
@@ -85,7 +85,7 @@ def test_encoder_padding_invariance(encoder_variables, norm, train):
   np.testing.assert_allclose(np.asarray(long_out)[:, :10][valid],
                              np.asarray(short_out)[valid], atol=2e-5)
   assert np.all(np.asarray(long_out)[np.asarray(long_pad) > 0] == 0.0)
-  if train and norm == 'batch_norm':  # Same updated running statistics.
+  if train and norm == "batch_norm":  # Same updated running statistics.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                  short[1], long[1])
 
@@ -109,17 +109,17 @@ def test_batch_norm_statistics_over_valid_frames_only():
   norm = conformer.MaskedBatchNorm(momentum=0.9, epsilon=1e-3)
   variables = norm.init(jax.random.key(0), x, paddings, train=False)
   y, state = norm.apply(variables, x, paddings, train=True,
-                        mutable=['batch_stats'])
+                        mutable=["batch_stats"])
   valid = x[paddings == 0]  # [N, D]
   mean, var = valid.mean(axis=0), valid.var(axis=0)
-  np.testing.assert_allclose(state['batch_stats']['mean'], 0.1 * mean,
+  np.testing.assert_allclose(state["batch_stats"]["mean"], 0.1 * mean,
                              rtol=1e-5)
-  np.testing.assert_allclose(state['batch_stats']['var'], 0.9 + 0.1 * var,
+  np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 + 0.1 * var,
                              rtol=1e-5)
   np.testing.assert_allclose(np.asarray(y)[paddings == 0],
                              (valid - mean) / np.sqrt(var + 1e-3), atol=1e-4)
   # Evaluation uses the running statistics.
-  y_eval = norm.apply({'params': variables['params'], **state}, x, paddings,
+  y_eval = norm.apply({"params": variables["params"], **state}, x, paddings,
                       train=False)
   expected = (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-3)
   np.testing.assert_allclose(y_eval, expected, rtol=1e-4, atol=1e-4)
@@ -155,39 +155,39 @@ def _audio_batch(extra_samples: int, extra_labels: int, vocab_size: int):
   labels[:, :num_labels] = rng.integers(1, vocab_size, (2, num_labels))
   labels[1, 3:] = 0
   label_paddings = (labels == 0).astype(np.float32)
-  return {'audio': audio, 'audio_paddings': audio_paddings, 'labels': labels,
-          'label_paddings': label_paddings}
+  return {"audio": audio, "audio_paddings": audio_paddings, "labels": labels,
+          "label_paddings": label_paddings}
 
 
-@pytest.mark.parametrize('decoder', ['ctc', 'rnnt'])
+@pytest.mark.parametrize("decoder", ["ctc", "rnnt"])
 def test_model_padding_invariance_from_audio(decoder):
-  config = models.get_model_config('tiny', decoder=decoder, num_blocks=1,
-                                   conv_norm='group_norm', conv_norm_groups=4)
+  config = models.get_model_config("tiny", decoder=decoder, num_blocks=1,
+                                   conv_norm="group_norm", conv_norm_groups=4)
   model = models.build_model(config)
   short = _audio_batch(0, 0, config.vocab_size)
   long = _audio_batch(4 * 160 * 3 + 77, 2, config.vocab_size)
   variables = _random_variables(lambda rng: model.init(
-      rng, short['audio'], short['audio_paddings'], short['labels'],
-      short['label_paddings'], train=False))
+      rng, short["audio"], short["audio_paddings"], short["labels"],
+      short["label_paddings"], train=False))
   run = jax.jit(lambda batch: model.apply(
-      variables, batch['audio'], batch['audio_paddings'], batch['labels'],
-      batch['label_paddings'], train=False))
+      variables, batch["audio"], batch["audio_paddings"], batch["labels"],
+      batch["label_paddings"], train=False))
   short_out, long_out = run(short), run(long)
-  short_pad = np.asarray(short_out['logit_paddings'])
+  short_pad = np.asarray(short_out["logit_paddings"])
   frames = short_pad.shape[1]
-  assert long_out['logit_paddings'].shape[1] > frames
-  np.testing.assert_array_equal(long_out['logit_paddings'][:, :frames],
+  assert long_out["logit_paddings"].shape[1] > frames
+  np.testing.assert_array_equal(long_out["logit_paddings"][:, :frames],
                                 short_pad)
   valid = short_pad == 0.0
-  short_logits = np.asarray(short_out['logits'])
-  long_logits = np.asarray(long_out['logits'])[:, :frames]
-  if decoder == 'rnnt':  # Also padded label positions appended.
+  short_logits = np.asarray(short_out["logits"])
+  long_logits = np.asarray(long_out["logits"])[:, :frames]
+  if decoder == "rnnt":  # Also padded label positions appended.
     long_logits = long_logits[:, :, :short_logits.shape[2]]
   np.testing.assert_allclose(long_logits[valid], short_logits[valid],
                              atol=5e-5)
   # The loss (what per_example_loss computes from these outputs) too.
-  loss_fn = models.ctc_loss if decoder == 'ctc' else models.rnnt_loss
-  loss = lambda batch, out: loss_fn(out['logits'], out['logit_paddings'],
-                                    batch['labels'], batch['label_paddings'])
+  loss_fn = models.ctc_loss if decoder == "ctc" else models.rnnt_loss
+  loss = lambda batch, out: loss_fn(out["logits"], out["logit_paddings"],
+                                    batch["labels"], batch["label_paddings"])
   np.testing.assert_allclose(loss(long, long_out), loss(short, short_out),
                              rtol=1e-5)

@@ -21,10 +21,10 @@ def _batch(seed: int, vocab_size: int, samples: int = 6400,
   labels = rng.integers(1, vocab_size, (2, num_labels)).astype(np.int32)
   labels[1, num_labels - 1:] = 0
   return {
-      'audio': rng.uniform(-0.5, 0.5, (2, samples)).astype(np.float32),
-      'audio_paddings': audio_paddings,
-      'labels': labels,
-      'label_paddings': (labels == 0).astype(np.float32),
+      "audio": rng.uniform(-0.5, 0.5, (2, samples)).astype(np.float32),
+      "audio_paddings": audio_paddings,
+      "labels": labels,
+      "label_paddings": (labels == 0).astype(np.float32),
   }
 
 
@@ -35,8 +35,8 @@ def _init(model, batch, seeds):
   jaxlib 0.10's LAPACK kernel on a 2-thread pool.
   """
   init = jax.jit(lambda rng: model.init(
-      rng, batch['audio'], batch['audio_paddings'], batch['labels'],
-      batch['label_paddings'], train=False))
+      rng, batch["audio"], batch["audio_paddings"], batch["labels"],
+      batch["label_paddings"], train=False))
   variables = [init(jax.random.key(seed)) for seed in seeds]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *variables)
 
@@ -44,13 +44,13 @@ def _init(model, batch, seeds):
 def test_vmap_over_parameter_sets_equals_loop():
   # Batch norm in train mode: loss and new batch statistics per set. CTC
   # keeps the compile short; the RNN-T decoder is vmapped in the benchmark.
-  config = models.get_model_config('tiny', decoder='ctc', num_blocks=1)
+  config = models.get_model_config("tiny", decoder="ctc", num_blocks=1)
   model = models.build_model(config)
   batches = [_batch(seed, config.vocab_size) for seed in range(NUM_SETS)]
   # Parameter sets filled from numpy: no init compile, clearly distinct sets.
   shapes = jax.eval_shape(lambda rng: model.init(
-      rng, batches[0]['audio'], batches[0]['audio_paddings'],
-      batches[0]['labels'], batches[0]['label_paddings'], train=False),
+      rng, batches[0]["audio"], batches[0]["audio_paddings"],
+      batches[0]["labels"], batches[0]["label_paddings"], train=False),
                           jax.random.key(0))
   rng = np.random.default_rng(0)
   stacked_variables = jax.tree.map(
@@ -79,14 +79,14 @@ def test_vmap_over_parameter_sets_equals_loop():
   assert not np.allclose(mapped_loss[0], mapped_loss[1])
 
 
-@pytest.mark.parametrize('kernel_size', [8, 15])
+@pytest.mark.parametrize("kernel_size", [8, 15])
 def test_shift_add_depthwise_equals_grouped_conv(kernel_size):
   rng = np.random.default_rng(kernel_size)
   x = jnp.asarray(rng.normal(size=(3, 21, 12)), jnp.float32)
-  shift_add = conformer.DepthwiseConv1D(kernel_size, 'shift_add')
+  shift_add = conformer.DepthwiseConv1D(kernel_size, "shift_add")
   variables = shift_add.init(jax.random.key(0), x)
   reference = nn.Conv(12, (kernel_size,), feature_group_count=12,
-                      use_bias=False, padding='SAME')
+                      use_bias=False, padding="SAME")
   # Both read the same [K, 1, D] kernel as nn.Conv's depthwise kernel.
   assert (jax.tree.map(jnp.shape, variables) == jax.tree.map(
       jnp.shape, reference.init(jax.random.key(0), x)))
@@ -94,10 +94,10 @@ def test_shift_add_depthwise_equals_grouped_conv(kernel_size):
   np.testing.assert_allclose(shift_add.apply(variables, x), expected,
                              atol=1e-5)
   np.testing.assert_allclose(
-      conformer.DepthwiseConv1D(kernel_size, 'conv').apply(variables, x),
+      conformer.DepthwiseConv1D(kernel_size, "conv").apply(variables, x),
       expected, atol=1e-5)
   # One tap by hand: output t of channel c = sum_k x[t + k - (K-1)//2] w[k].
-  kernel = np.asarray(variables['params']['kernel'])[:, 0, :]
+  kernel = np.asarray(variables["params"]["kernel"])[:, 0, :]
   padded = np.pad(np.asarray(x), ((0, 0), ((kernel_size - 1) // 2,
                                            kernel_size // 2), (0, 0)))
   by_hand = sum(padded[:, k:k + 21] * kernel[k] for k in range(kernel_size))
@@ -105,8 +105,8 @@ def test_shift_add_depthwise_equals_grouped_conv(kernel_size):
 
 
 def test_bad_depthwise_impl_is_named():
-  with pytest.raises(ValueError, match='fft'):
-    conformer.DepthwiseConv1D(4, 'fft').init(jax.random.key(0),
+  with pytest.raises(ValueError, match="fft"):
+    conformer.DepthwiseConv1D(4, "fft").init(jax.random.key(0),
                                              jnp.zeros((1, 5, 2)))
 
 
@@ -162,25 +162,25 @@ def _numpy_greedy_walk(lattice, num_frames, max_symbols):
 
 
 def test_rnnt_greedy_decode_follows_the_models_lattice():
-  config = models.get_model_config('tiny', decoder='rnnt', num_blocks=1,
+  config = models.get_model_config("tiny", decoder="rnnt", num_blocks=1,
                                    max_symbols_per_step=2)
   model = models.build_model(config)
   batch = _batch(3, config.vocab_size)
   variables = jax.tree.map(lambda x: x[0], _init(model, batch, [0]))
   # Surgery: a blank bias that makes the search mix blanks and emissions.
-  params = jax.tree.map(np.array, variables['params'])
-  params['decoder']['joint_output']['bias'][0] += 1.5
-  variables = {**variables, 'params': params}
+  params = jax.tree.map(np.array, variables["params"])
+  params["decoder"]["joint_output"]["bias"][0] += 1.5
+  variables = {**variables, "params": params}
   ids, id_paddings = jax.jit(
       lambda v, b: models.greedy_decode(model, v, b))(variables, batch)
   ids, lengths = np.asarray(ids), (1 - np.asarray(id_paddings)).sum(1)
   # Teacher-force the decoded ids through the full (scanned) prediction net.
   outputs = jax.jit(lambda v, b: model.apply(
-      v, b['audio'], b['audio_paddings'], jnp.asarray(ids),
+      v, b["audio"], b["audio_paddings"], jnp.asarray(ids),
       (ids == 0).astype(np.float32), train=False))(variables, batch)
-  num_frames = (1 - np.asarray(outputs['logit_paddings'])).sum(1).astype(int)
+  num_frames = (1 - np.asarray(outputs["logit_paddings"])).sum(1).astype(int)
   for b in range(2):
-    walk = _numpy_greedy_walk(np.asarray(outputs['logits'][b]),
+    walk = _numpy_greedy_walk(np.asarray(outputs["logits"][b]),
                               num_frames[b], config.max_symbols_per_step)
     assert walk == list(ids[b, :int(lengths[b])])
     assert np.all(ids[b, int(lengths[b]):] == 0)
@@ -188,7 +188,7 @@ def test_rnnt_greedy_decode_follows_the_models_lattice():
     assert 0 < len(walk) < num_frames[b] * config.max_symbols_per_step
 
 
-@pytest.mark.parametrize('shape', [(2, 37, 80, 1), (3, 10, 41, 5)])
+@pytest.mark.parametrize("shape", [(2, 37, 80, 1), (3, 10, 41, 5)])
 def test_strided_conv_equals_nn_conv(shape):
   """The im2col subsampling conv: same init and outputs as nn.Conv."""
   x = jax.random.normal(jax.random.key(1), shape)
@@ -196,7 +196,7 @@ def test_strided_conv_equals_nn_conv(shape):
   strided = conformer.StridedConv3x3(7)
   ref_vars = reference.init(jax.random.key(0), x)
   vars_ = strided.init(jax.random.key(0), x)
-  np.testing.assert_array_equal(vars_['params']['kernel'],
-                                ref_vars['params']['kernel'])
+  np.testing.assert_array_equal(vars_["params"]["kernel"],
+                                ref_vars["params"]["kernel"])
   np.testing.assert_allclose(strided.apply(ref_vars, x),
                              reference.apply(ref_vars, x), atol=1e-5)

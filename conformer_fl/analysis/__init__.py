@@ -90,4 +90,4 @@ Targeted federated dropout reads "ambient" / "critical" (names match
 from conformer_fl.analysis.importance import load_importance
 from conformer_fl.analysis.importance import run_analysis
 
-__all__ = ['load_importance', 'run_analysis']
+__all__ = ["load_importance", "run_analysis"]

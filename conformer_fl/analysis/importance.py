@@ -36,9 +36,9 @@ from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
 
 SCHEMA_VERSION = 1
-THRESHOLD_RULES = ('either', 'both')
-OUTPUT_DIR = 'analysis'
-IMPORTANCE_FILE = 'importance.json'
+THRESHOLD_RULES = ("either", "both")
+OUTPUT_DIR = "analysis"
+IMPORTANCE_FILE = "importance.json"
 
 
 # ----------------------------------------------------------------------------
@@ -46,18 +46,18 @@ IMPORTANCE_FILE = 'importance.json'
 
 
 def is_ambient(wer_increase: float, baseline_wer: float, max_abs: float,
-               max_rel: float, rule: str = 'either') -> bool:
+               max_rel: float, rule: str = "either") -> bool:
   """Whether a unit whose tau = 0 reset raised WER by `wer_increase` is ambient.
 
   Absolute test: wer_increase <= max_abs. Relative test: wer_increase <=
   max_rel * baseline_wer. rule 'either' needs one test, 'both' needs both.
   """
   if rule not in THRESHOLD_RULES:
-    raise ValueError(f'threshold_rule must be one of {THRESHOLD_RULES}, got '
-                     f'{rule!r}.')
+    raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got "
+                     f"{rule!r}.")
   absolute_ok = wer_increase <= max_abs
   relative_ok = wer_increase <= max_rel * baseline_wer
-  return (absolute_ok or relative_ok) if rule == 'either' else (
+  return (absolute_ok or relative_ok) if rule == "either" else (
       absolute_ok and relative_ok)
 
 
@@ -69,21 +69,21 @@ def parse_taus(taus: Any, saved_steps: list[int], trained_step: int) -> list[int
   Raises:
     ValueError: a requested step that was not saved.
   """
-  if isinstance(taus, str) and taus.strip() == 'all':
+  if isinstance(taus, str) and taus.strip() == "all":
     chosen = [s for s in saved_steps if s <= trained_step]
   else:
     if isinstance(taus, str):
       try:
-        chosen = [int(t) for t in taus.split(',') if t.strip()]
+        chosen = [int(t) for t in taus.split(",") if t.strip()]
       except ValueError:
         raise ValueError(f"analysis.taus must be 'all' or comma-separated "
-                         f'checkpoint steps, got {taus!r}.') from None
+                         f"checkpoint steps, got {taus!r}.") from None
     else:
       chosen = [int(t) for t in taus]
     missing = sorted(set(chosen) - set(saved_steps))
     if missing:
-      raise ValueError(f'analysis.taus asks for unsaved checkpoint(s) {missing};'
-                       f' saved: {saved_steps}.')
+      raise ValueError(f"analysis.taus asks for unsaved checkpoint(s) {missing};"
+                       f" saved: {saved_steps}.")
   return sorted(set(chosen) | {0})
 
 
@@ -102,46 +102,46 @@ def summarize(metrics: list[dict[str, float]], variants: list[resets.Variant],
     reinit = [by_variant[resets.Variant(resets.REINIT, name, t)] for t in taus]
     rerand = [by_variant[resets.Variant(resets.RERANDOMIZE, name, s)]
               for s in seeds]
-    wer_increase = reinit[0]['wer'] - base['wer']
-    rerand_wers = [m['wer'] for m in rerand]
+    wer_increase = reinit[0]["wer"] - base["wer"]
+    rerand_wers = [m["wer"] for m in rerand]
     unit_results[name] = dict(
         path=list(path),
         num_params=_count_params(tree_paths.get(trained_params, path)),
-        reinit_wer=[m['wer'] for m in reinit],
-        reinit_loss=[m['loss'] for m in reinit],
+        reinit_wer=[m["wer"] for m in reinit],
+        reinit_loss=[m["loss"] for m in reinit],
         rerandomize_wer=rerand_wers,
-        rerandomize_loss=[m['loss'] for m in rerand],
+        rerandomize_loss=[m["loss"] for m in rerand],
         wer_increase=wer_increase,
-        relative_wer_increase=(wer_increase / base['wer'] if base['wer'] > 0
+        relative_wer_increase=(wer_increase / base["wer"] if base["wer"] > 0
                                else None),
-        loss_increase=reinit[0]['loss'] - base['loss'],
-        rerandomize_wer_increase=(float(np.mean(rerand_wers)) - base['wer']
+        loss_increase=reinit[0]["loss"] - base["loss"],
+        rerandomize_wer_increase=(float(np.mean(rerand_wers)) - base["wer"]
                                   if rerand_wers else None),
-        ambient=is_ambient(wer_increase, base['wer'],
+        ambient=is_ambient(wer_increase, base["wer"],
                            analysis.max_abs_wer_increase,
                            analysis.max_rel_wer_increase,
                            analysis.threshold_rule))
   return dict(
-      baseline=dict(wer=base['wer'], loss=base['loss'], cer=base.get('cer'),
-                    wer_interval=([base['wer_low'], base['wer_high']]
-                                  if 'wer_low' in base else None)),
-      num_examples=base['num_examples'],
+      baseline=dict(wer=base["wer"], loss=base["loss"], cer=base.get("cer"),
+                    wer_interval=([base["wer_low"], base["wer_high"]]
+                                  if "wer_low" in base else None)),
+      num_examples=base["num_examples"],
       units=unit_results,
-      ambient=[n for n, u in unit_results.items() if u['ambient']],
-      critical=[n for n, u in unit_results.items() if not u['ambient']])
+      ambient=[n for n, u in unit_results.items() if u["ambient"]],
+      critical=[n for n, u in unit_results.items() if not u["ambient"]])
 
 
 def movement_correlations(unit_results: Mapping[str, Any]) -> dict[str, Any]:
   """{measure: {'wer_increase': corr, 'loss_increase': corr}} over units."""
   names = list(unit_results)
-  measures = ['distance', 'relative_distance']
-  if any(unit_results[n]['movement']['update_norm_sum'] is not None
+  measures = ["distance", "relative_distance"]
+  if any(unit_results[n]["movement"]["update_norm_sum"] is not None
          for n in names):
-    measures.append('update_norm_sum')
+    measures.append("update_norm_sum")
   return {
       measure: {
           target: movement.rank_correlations(
-              [unit_results[n]['movement'][measure] for n in names],
+              [unit_results[n]["movement"][measure] for n in names],
               [unit_results[n][target] for n in names])
           for target in stability.IMPORTANCE_KEYS
       } for measure in measures
@@ -175,9 +175,9 @@ def fresh_initializations(model: models.ConformerASR,
 
 def load_run_config(
     workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / 'config.json'
+  path = epath.Path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f'No {path}: the analysis pass needs a trained '
+    raise FileNotFoundError(f"No {path}: the analysis pass needs a trained "
                             'run\'s workdir.')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
@@ -196,47 +196,47 @@ def _data_config(run_config, analysis) -> ml_collections.ConfigDict:
 def _tokenizer(run_config,
                workdir: str | os.PathLike[str]) -> tokenizer_lib.Tokenizer:
   kind = run_config.data.tokenizer.kind
-  if kind == 'sentencepiece' and not (
+  if kind == "sentencepiece" and not (
       epath.Path(workdir) / tokenizer_lib.TOKENIZER_FILENAME).exists():
     raise FileNotFoundError(
-        f'No {tokenizer_lib.TOKENIZER_FILENAME} in {workdir}: the analysis '
-        'needs the tokenizer the run was trained with.')
+        f"No {tokenizer_lib.TOKENIZER_FILENAME} in {workdir}: the analysis "
+        "needs the tokenizer the run was trained with.")
   return tokenizer_lib.build_tokenizer(run_config.data.tokenizer, None, workdir)
 
 
 def _validate(analysis) -> None:
   if analysis.granularity not in models.units.GRANULARITIES:
-    raise ValueError(f'analysis.granularity must be one of '
-                     f'{models.units.GRANULARITIES}, got '
-                     f'{analysis.granularity!r}.')
+    raise ValueError(f"analysis.granularity must be one of "
+                     f"{models.units.GRANULARITIES}, got "
+                     f"{analysis.granularity!r}.")
   if analysis.threshold_rule not in THRESHOLD_RULES:
-    raise ValueError(f'analysis.threshold_rule must be one of '
-                     f'{THRESHOLD_RULES}, got {analysis.threshold_rule!r}.')
-  for field in ('max_abs_wer_increase', 'max_rel_wer_increase'):
+    raise ValueError(f"analysis.threshold_rule must be one of "
+                     f"{THRESHOLD_RULES}, got {analysis.threshold_rule!r}.")
+  for field in ("max_abs_wer_increase", "max_rel_wer_increase"):
     if analysis[field] < 0:
-      raise ValueError(f'analysis.{field} must be >= 0, got {analysis[field]}.')
+      raise ValueError(f"analysis.{field} must be >= 0, got {analysis[field]}.")
   if analysis.num_rerandomize_seeds < 0:
-    raise ValueError('analysis.num_rerandomize_seeds must be >= 0.')
+    raise ValueError("analysis.num_rerandomize_seeds must be >= 0.")
   if analysis.rerandomize_seed_offset < 1:
-    raise ValueError('analysis.rerandomize_seed_offset must be >= 1 (offset 0 '
+    raise ValueError("analysis.rerandomize_seed_offset must be >= 1 (offset 0 "
                      'would redraw the run\'s own initialization).')
   if analysis.variants_per_call < 1:
-    raise ValueError('analysis.variants_per_call must be >= 1.')
+    raise ValueError("analysis.variants_per_call must be >= 1.")
 
 
 def load_importance(workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """A workdir's analysis/importance.json (the workdir local or `gs://`)."""
   path = epath.Path(workdir) / OUTPUT_DIR / IMPORTANCE_FILE
   if not path.exists():
-    raise FileNotFoundError(f'No {path}: run the analysis pass on {workdir} '
-                            'first (configs/analysis.py).')
+    raise FileNotFoundError(f"No {path}: run the analysis pass on {workdir} "
+                            "first (configs/analysis.py).")
   return json.loads(path.read_text())
 
 
 def _absolute(workdir: str | os.PathLike[str]) -> str:
   """`workdir` made absolute; a `gs://`-style URI is already absolute."""
   path = os.fspath(workdir)
-  return path if '://' in path else os.path.abspath(path)
+  return path if "://" in path else os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------
@@ -245,32 +245,32 @@ def _absolute(workdir: str | os.PathLike[str]) -> str:
 
 def _write_figures(results: dict[str, Any],
                    out_dir: epath.Path) -> dict[str, Any]:
-  names = list(results['units'])
-  units = results['units']
+  names = list(results["units"])
+  units = results["units"]
   figures = {}
 
   def add(key, filename, size):
     figures[key] = dict(file=filename, width=size[0], height=size[1])
 
-  for metric, field in (('wer', 'reinit_wer'), ('loss', 'reinit_loss')):
-    filename = f'heatmap_{metric}.png'
-    add(f'heatmap_{metric}', filename, plots.heatmap(
-        np.array([units[n][field] for n in names]), names, results['taus'],
-        results['baseline'][metric], metric.upper() if metric == 'wer' else
-        metric, results['step_key'], out_dir / filename))
-  add('rerandomization', 'rerandomization.png', plots.rerandomization_bars(
-      {n: units[n]['rerandomize_wer'] for n in names},
-      {n: units[n]['reinit_wer'][0] for n in names}, results['baseline']['wer'],
-      out_dir / 'rerandomization.png'))
-  panels = [(measure, [units[n]['movement'][measure] for n in names])
-            for measure in results['correlations']]
-  add('movement_scatter', 'movement_scatter.png', plots.movement_scatter(
-      panels, [units[n]['wer_increase'] for n in names], names,
-      out_dir / 'movement_scatter.png'))
-  if results.get('stability'):
-    add('stability_depth', 'stability_depth.png', plots.depth_plot(
-        results['stability']['depth'], 'wer_increase',
-        out_dir / 'stability_depth.png'))
+  for metric, field in (("wer", "reinit_wer"), ("loss", "reinit_loss")):
+    filename = f"heatmap_{metric}.png"
+    add(f"heatmap_{metric}", filename, plots.heatmap(
+        np.array([units[n][field] for n in names]), names, results["taus"],
+        results["baseline"][metric], metric.upper() if metric == "wer" else
+        metric, results["step_key"], out_dir / filename))
+  add("rerandomization", "rerandomization.png", plots.rerandomization_bars(
+      {n: units[n]["rerandomize_wer"] for n in names},
+      {n: units[n]["reinit_wer"][0] for n in names}, results["baseline"]["wer"],
+      out_dir / "rerandomization.png"))
+  panels = [(measure, [units[n]["movement"][measure] for n in names])
+            for measure in results["correlations"]]
+  add("movement_scatter", "movement_scatter.png", plots.movement_scatter(
+      panels, [units[n]["wer_increase"] for n in names], names,
+      out_dir / "movement_scatter.png"))
+  if results.get("stability"):
+    add("stability_depth", "stability_depth.png", plots.depth_plot(
+        results["stability"]["depth"], "wer_increase",
+        out_dir / "stability_depth.png"))
   return figures
 
 
@@ -289,15 +289,15 @@ def run_analysis(config: ml_collections.ConfigDict,
   store = checkpointing.CheckpointStore(workdir, read_only=True)
   saved_steps = store.all_steps()
   if 0 not in saved_steps:
-    raise ValueError(f'{store.directory} has no step 0 (the initial state); '
-                     f'saved: {saved_steps}.')
+    raise ValueError(f"{store.directory} has no step 0 (the initial state); "
+                     f"saved: {saved_steps}.")
   trained_step = (saved_steps[-1] if analysis.trained_step < 0
                   else int(analysis.trained_step))
   if trained_step not in saved_steps:
-    raise ValueError(f'analysis.trained_step={trained_step} was not saved; '
-                     f'saved: {saved_steps}.')
+    raise ValueError(f"analysis.trained_step={trained_step} was not saved; "
+                     f"saved: {saved_steps}.")
   taus = parse_taus(analysis.taus, saved_steps, trained_step)
-  step_key = 'round' if run_config.mode == 'federated' else 'step'
+  step_key = "round" if run_config.mode == "federated" else "step"
 
   trained = store.restore_variables(trained_step)
   checkpoints = {tau: trained if tau == trained_step
@@ -305,7 +305,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   seeds = [int(run_config.seed) + analysis.rerandomize_seed_offset + i
            for i in range(analysis.num_rerandomize_seeds)]
   fresh_inits = fresh_initializations(model, seeds)
-  units = models.list_units(trained['params'], analysis.granularity)
+  units = models.list_units(trained["params"], analysis.granularity)
 
   data_config = _data_config(run_config, analysis)
   batches = input_pipeline.get_eval_batches(data_config, tokenizer)
@@ -316,8 +316,8 @@ def run_analysis(config: ml_collections.ConfigDict,
   variants = resets.make_variants(list(units), taus, seeds)
   get_variables = lambda i: resets.variant_variables(
       variants[i], trained, checkpoints, fresh_inits, units)
-  logging.info('Evaluating %d variants (%d units, taus %s, seeds %s) on %d '
-               'batches.', len(variants), len(units), taus, seeds, len(batches))
+  logging.info("Evaluating %d variants (%d units, taus %s, seeds %s) on %d "
+               "batches.", len(variants), len(units), taus, seeds, len(batches))
   tic = time.perf_counter()
   if analysis.vectorized:
     # Variants that reset the front end go in chunks of their own, so that
@@ -334,14 +334,14 @@ def run_analysis(config: ml_collections.ConfigDict,
         batches, tokenizer.decode)
   seconds = time.perf_counter() - tic
 
-  summary = summarize(metrics, variants, units, trained['params'], taus, seeds,
+  summary = summarize(metrics, variants, units, trained["params"], taus, seeds,
                       analysis)
-  moved = movement.unit_movement(trained['params'], checkpoints[0]['params'],
+  moved = movement.unit_movement(trained["params"], checkpoints[0]["params"],
                                  units)
   update_sums = movement.read_update_norm_sums(
-      epath.Path(workdir) / 'metrics.jsonl', list(units), trained_step)
-  for name, entry in summary['units'].items():
-    entry['movement'] = dict(
+      epath.Path(workdir) / "metrics.jsonl", list(units), trained_step)
+  for name, entry in summary["units"].items():
+    entry["movement"] = dict(
         moved[name],
         update_norm_sum=update_sums[name] if update_sums else None)
 
@@ -358,19 +358,19 @@ def run_analysis(config: ml_collections.ConfigDict,
                  model_dim=run_config.model.model_dim,
                  conv_norm=run_config.model.conv_norm,
                  decoder=run_config.model.decoder,
-                 num_params=_count_params(trained['params'])),
+                 num_params=_count_params(trained["params"])),
       eval=dict(split=data_config.eval_split,
                 domains=list(data_config.eval_domains),
                 num_batches=len(batches),
-                num_examples=summary['num_examples']),
+                num_examples=summary["num_examples"]),
       thresholds=dict(max_abs_wer_increase=analysis.max_abs_wer_increase,
                       max_rel_wer_increase=analysis.max_rel_wer_increase,
                       rule=analysis.threshold_rule),
-      baseline=summary['baseline'],
-      units=summary['units'],
-      ambient=summary['ambient'],
-      critical=summary['critical'],
-      correlations=movement_correlations(summary['units']),
+      baseline=summary["baseline"],
+      units=summary["units"],
+      ambient=summary["ambient"],
+      critical=summary["critical"],
+      correlations=movement_correlations(summary["units"]),
       stability=None,
       timing=dict(evaluation_seconds=seconds, num_variants=len(variants),
                   variants_per_call=analysis.variants_per_call,
@@ -378,18 +378,18 @@ def run_analysis(config: ml_collections.ConfigDict,
   )
   if analysis.compare_workdirs:
     others = [load_importance(w) for w in analysis.compare_workdirs]
-    results['stability'] = stability.compare_runs(
+    results["stability"] = stability.compare_runs(
         [results] + others,
-        [results['workdir']] + [_absolute(w)
+        [results["workdir"]] + [_absolute(w)
                                 for w in analysis.compare_workdirs])
 
   out_dir = epath.Path(workdir) / OUTPUT_DIR
   out_dir.mkdir(parents=True, exist_ok=True)
-  results['figures'] = _write_figures(results, out_dir)
+  results["figures"] = _write_figures(results, out_dir)
   (out_dir / IMPORTANCE_FILE).write_text(
       json.dumps(results, indent=2, allow_nan=False))
-  (out_dir / 'report.md').write_text(report.render_report(results))
-  logging.info('Analysis of %s: baseline WER %.4f; ambient %s; critical %s.',
-               workdir, results['baseline']['wer'], results['ambient'],
-               results['critical'])
+  (out_dir / "report.md").write_text(report.render_report(results))
+  logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s.",
+               workdir, results["baseline"]["wer"], results["ambient"],
+               results["critical"])
   return results

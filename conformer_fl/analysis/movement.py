@@ -30,7 +30,7 @@ from conformer_fl import tree_paths
 
 PyTree = Any
 Path = tuple[str, ...]
-UPDATE_NORM_PREFIX = 'update_norm/'
+UPDATE_NORM_PREFIX = "update_norm/"
 
 
 def tree_l2_norm(tree: PyTree) -> float:
@@ -78,7 +78,7 @@ def read_update_norm_sums(metrics_path: str | os.PathLike[str],
   for record in metric_logging.read_records(metrics_path):
     norms = {k[len(UPDATE_NORM_PREFIX):]: float(v) for k, v in record.items()
              if k.startswith(UPDATE_NORM_PREFIX)}
-    round_index = record.get('round', record.get('step'))
+    round_index = record.get("round", record.get("step"))
     if norms and round_index is not None and round_index <= last_round:
       per_round[int(round_index)] = norms  # A resumed run's rewrite wins.
   if not per_round:
@@ -88,7 +88,7 @@ def read_update_norm_sums(metrics_path: str | os.PathLike[str],
     total, found = 0.0, False
     for norms in per_round.values():
       inside = [v for k, v in norms.items()
-                if k == unit or k.startswith(unit + '/')]
+                if k == unit or k.startswith(unit + "/")]
       if inside:
         found = True
         total += math.sqrt(sum(v * v for v in inside))
@@ -111,13 +111,13 @@ def rank_correlations(x: Sequence[float | None],
     undefined (n < 2 or a constant input).
   """
   if len(x) != len(y):
-    raise ValueError(f'rank_correlations: {len(x)} x values vs {len(y)} y.')
+    raise ValueError(f"rank_correlations: {len(x)} x values vs {len(y)} y.")
   pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
   result: dict[str, Any] = dict(num_units=len(pairs))
   xs = np.array([a for a, _ in pairs], np.float64)
   ys = np.array([b for _, b in pairs], np.float64)
   constant = len(pairs) < 2 or np.all(xs == xs[0]) or np.all(ys == ys[0])
-  for name, fn in (('spearman', stats.spearmanr), ('kendall', stats.kendalltau)):
+  for name, fn in (("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
     if constant:
       result[name] = dict(statistic=None, pvalue=None)
       continue

@@ -14,7 +14,7 @@ from typing import Any
 from etils import epath
 import matplotlib
 
-matplotlib.use('Agg')
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -36,7 +36,7 @@ DEPTH_SIZE_INCHES = (6.0, 4.0)
 def save_png(fig, path: str | os.PathLike[str]) -> tuple[int, int]:
   """Writes `fig` as a PNG to `path` (local or `gs://`); its size in pixels."""
   png = io.BytesIO()
-  fig.savefig(png, format='png', dpi=DPI)
+  fig.savefig(png, format="png", dpi=DPI)
   width, height = fig.get_size_inches()
   plt.close(fig)
   epath.Path(path).write_bytes(png.getvalue())
@@ -59,15 +59,15 @@ def heatmap(values: np.ndarray, unit_names: Sequence[str], taus: Sequence[int],
   """
   values = np.asarray(values, np.float64)
   fig, ax = plt.subplots(figsize=heatmap_size_inches(len(unit_names), len(taus)))
-  image = ax.imshow(values, aspect='auto', cmap='viridis', interpolation='nearest')
+  image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
   ax.set_xticks(range(len(taus)), [str(t) for t in taus], rotation=90)
   ax.set_yticks(range(len(unit_names)), unit_names, fontsize=7)
-  ax.set_xlabel(f're-initialized to checkpoint tau ({step_key})')
-  ax.set_title(f'{metric} after re-initialization (baseline {baseline:.3f})')
+  ax.set_xlabel(f"re-initialized to checkpoint tau ({step_key})")
+  ax.set_title(f"{metric} after re-initialization (baseline {baseline:.3f})")
   if values.size and values.shape[0] * values.shape[1] <= 400:
     for (row, col), value in np.ndenumerate(values):
-      ax.text(col, row, f'{value:.2f}', ha='center', va='center', fontsize=6,
-              color='w')
+      ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
+              color="w")
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
   return save_png(fig, path)
@@ -92,12 +92,12 @@ def rerandomization_bars(wers: Mapping[str, Sequence[float]],
   lows = np.array([v.min() if v.size else np.nan for v in per_seed])
   highs = np.array([v.max() if v.size else np.nan for v in per_seed])
   ax.bar(x - 0.2, means, 0.4, yerr=[means - lows, highs - means],
-         label='re-randomized (mean, min-max)', capsize=2)
+         label="re-randomized (mean, min-max)", capsize=2)
   ax.bar(x + 0.2, [reinit_wers[n] for n in names], 0.4,
-         label='re-initialized (tau = 0)')
-  ax.axhline(baseline, color='k', linestyle='--', label='trained model')
+         label="re-initialized (tau = 0)")
+  ax.axhline(baseline, color="k", linestyle="--", label="trained model")
   ax.set_xticks(x, names, rotation=90, fontsize=7)
-  ax.set_ylabel('WER')
+  ax.set_ylabel("WER")
   ax.legend(fontsize=7)
   fig.tight_layout()
   return save_png(fig, path)
@@ -122,9 +122,9 @@ def movement_scatter(panels: Sequence[tuple[str, Sequence[float | None]]],
               if x is not None and y is not None]
     ax.scatter([p[0] for p in points], [p[1] for p in points], s=14)
     for x, y, name in points:
-      ax.annotate(name.replace('encoder/', ''), (x, y), fontsize=5)
+      ax.annotate(name.replace("encoder/", ""), (x, y), fontsize=5)
     ax.set_xlabel(measure)
-    ax.set_ylabel('WER increase after reset to tau = 0')
+    ax.set_ylabel("WER increase after reset to tau = 0")
   fig.tight_layout()
   return save_png(fig, path)
 
@@ -134,12 +134,12 @@ def depth_plot(profiles: Mapping[str, Mapping[str, Any]], key: str,
   """Importance (`key` of each point) against relative depth, one series per run."""
   fig, ax = plt.subplots(figsize=DEPTH_SIZE_INCHES)
   for label, profile in profiles.items():
-    points = sorted((p['relative_depth'], p[key]) for p in profile['points']
+    points = sorted((p["relative_depth"], p[key]) for p in profile["points"]
                     if p[key] is not None)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker='o',
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
             markersize=3, label=label[-40:])
-  ax.set_xlabel('relative depth (block index / number of blocks)')
-  ax.set_ylabel(key.replace('_', ' ') + ' after reset to tau = 0')
+  ax.set_xlabel("relative depth (block index / number of blocks)")
+  ax.set_ylabel(key.replace("_", " ") + " after reset to tau = 0")
   ax.legend(fontsize=6)
   fig.tight_layout()
   return save_png(fig, path)

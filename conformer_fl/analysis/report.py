@@ -6,15 +6,15 @@ from typing import Any
 
 def _fmt(value: Any, digits: int = 4) -> str:
   if value is None:
-    return '-'
+    return "-"
   if isinstance(value, float):
-    return f'{value:.{digits}g}'
+    return f"{value:.{digits}g}"
   return str(value)
 
 
 def _correlation_rows(correlations: dict[str, Any]) -> list[str]:
-  rows = ['| movement measure | vs | n | Spearman rho (p) | Kendall tau (p) |',
-          '|---|---|---|---|---|']
+  rows = ["| movement measure | vs | n | Spearman rho (p) | Kendall tau (p) |",
+          "|---|---|---|---|---|"]
   for measure, by_target in correlations.items():
     for target, c in by_target.items():
       rows.append(
@@ -28,15 +28,15 @@ def _correlation_rows(correlations: dict[str, Any]) -> list[str]:
 
 def render_report(results: dict[str, Any]) -> str:
   """Markdown of an importance.json dict; figures linked by file name."""
-  t = results['thresholds']
-  base = results['baseline']
+  t = results["thresholds"]
+  base = results["baseline"]
   # The run's folder name, not its absolute path: the report sits in
   # <run>/analysis/ and stays readable when the workdir is moved or shared.
-  run_name = posixpath.basename(posixpath.normpath(str(results['workdir'])))
+  run_name = posixpath.basename(posixpath.normpath(str(results["workdir"])))
   lines = [
       f"# Layer importance of the run `{run_name}` (the folder above this"
       " report's)",
-      '',
+      "",
       f"Trained checkpoint: {results['step_key']} {results['trained_step']}; "
       f"units at granularity `{results['granularity']}`; re-initialization "
       f"taus {results['taus']}; re-randomization seeds "
@@ -44,33 +44,33 @@ def render_report(results: dict[str, Any]) -> str:
       f"Eval split `{results['eval']['split']}` (domains "
       f"{results['eval']['domains'] or 'all'}), "
       f"{results['eval']['num_examples']:.0f} utterances.",
-      '',
+      "",
       f"Baseline (no reset): WER {base['wer']:.4f}"
       + (f" (95% bootstrap interval over utterances {base['wer_interval'][0]:.4f}"
-         f"-{base['wer_interval'][1]:.4f})" if base.get('wer_interval') else '')
-      + (f", CER {base['cer']:.4f}" if base.get('cer') is not None else '')
+         f"-{base['wer_interval'][1]:.4f})" if base.get("wer_interval") else "")
+      + (f", CER {base['cer']:.4f}" if base.get("cer") is not None else "")
       + f", loss {base['loss']:.4f}.",
-      '',
+      "",
       f"A unit is **ambient** when its WER after the reset to tau = 0 rises by "
       f"at most {t['max_abs_wer_increase']} (absolute) "
       f"{'or' if t['rule'] == 'either' else 'and'} at most "
       f"{t['max_rel_wer_increase']} x the baseline WER (relative); otherwise "
       f"**critical**.",
-      '',
+      "",
       f"Ambient ({len(results['ambient'])}): "
       f"{', '.join(results['ambient']) or 'none'}.",
       f"Critical ({len(results['critical'])}): "
       f"{', '.join(results['critical']) or 'none'}.",
-      '',
-      '## Per unit',
-      '',
-      '| unit | params | WER tau=0 | WER increase | loss increase | '
-      're-rand. WER (mean) | distance from init | relative distance | update norm sum | class |',
-      '|---|---|---|---|---|---|---|---|---|---|',
+      "",
+      "## Per unit",
+      "",
+      "| unit | params | WER tau=0 | WER increase | loss increase | "
+      "re-rand. WER (mean) | distance from init | relative distance | update norm sum | class |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, u in results['units'].items():
-    rerand = u['rerandomize_wer']
-    m = u['movement']
+  for name, u in results["units"].items():
+    rerand = u["rerandomize_wer"]
+    m = u["movement"]
     lines.append(
         f"| {name} | {u['num_params']} | {_fmt(u['reinit_wer'][0])} | "
         f"{_fmt(u['wer_increase'])} | {_fmt(u['loss_increase'])} | "
@@ -78,30 +78,30 @@ def render_report(results: dict[str, Any]) -> str:
         f"{_fmt(m['distance'])} | {_fmt(m['relative_distance'])} | "
         f"{_fmt(m['update_norm_sum'])} | "
         f"{'ambient' if u['ambient'] else 'critical'} |")
-  figures = results['figures']
-  lines += ['', '## Re-initialization robustness (units x tau)', '',
-            f"![WER heatmap]({figures['heatmap_wer']['file']})", '',
-            f"![loss heatmap]({figures['heatmap_loss']['file']})", '',
-            '## Re-randomization robustness', '',
-            f"![re-randomization]({figures['rerandomization']['file']})", '',
-            '## Weight movement vs importance', '',
-            f"![movement scatter]({figures['movement_scatter']['file']})", '']
-  lines += _correlation_rows(results['correlations'])
-  stability = results.get('stability')
+  figures = results["figures"]
+  lines += ["", "## Re-initialization robustness (units x tau)", "",
+            f"![WER heatmap]({figures['heatmap_wer']['file']})", "",
+            f"![loss heatmap]({figures['heatmap_loss']['file']})", "",
+            "## Re-randomization robustness", "",
+            f"![re-randomization]({figures['rerandomization']['file']})", "",
+            "## Weight movement vs importance", "",
+            f"![movement scatter]({figures['movement_scatter']['file']})", ""]
+  lines += _correlation_rows(results["correlations"])
+  stability = results.get("stability")
   if stability:
-    lines += ['', '## Stability across runs', '',
-              '| run A | run B | matched units | Jaccard (ambient) | chance | '
-              'Spearman (WER incr.) | Kendall (WER incr.) |',
-              '|---|---|---|---|---|---|---|']
-    for p in stability['pairs']:
-      c = p['wer_increase']
+    lines += ["", "## Stability across runs", "",
+              "| run A | run B | matched units | Jaccard (ambient) | chance | "
+              "Spearman (WER incr.) | Kendall (WER incr.) |",
+              "|---|---|---|---|---|---|---|"]
+    for p in stability["pairs"]:
+      c = p["wer_increase"]
       lines.append(
           f"| {p['a']} | {p['b']} | {p['num_common_units']} | "
           f"{_fmt(p['jaccard_ambient'], 3)} | "
           f"{_fmt(p['chance_jaccard_ambient'], 3)} | "
           f"{_fmt(c['spearman']['statistic'], 3)} | "
           f"{_fmt(c['kendall']['statistic'], 3)} |")
-    if 'stability_depth' in figures:
-      lines += ['', f"![importance vs depth]({figures['stability_depth']['file']})"]
-  lines.append('')
-  return '\n'.join(lines)
+    if "stability_depth" in figures:
+      lines += ["", f"![importance vs depth]({figures['stability_depth']['file']})"]
+  lines.append("")
+  return "\n".join(lines)

@@ -22,9 +22,9 @@ PyTree = Any
 Variables = dict[str, PyTree]
 Path = tuple[str, ...]
 
-BASELINE = 'baseline'
-REINIT = 'reinit'
-RERANDOMIZE = 'rerandomize'
+BASELINE = "baseline"
+REINIT = "reinit"
+RERANDOMIZE = "rerandomize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ def reset_unit(variables: Variables, source: Variables, path: Path) -> Variables
     KeyError: the unit is missing from `variables['params']`, or `source`
       lacks a collection subtree that `variables` has.
   """
-  if not tree_paths.has(variables['params'], path):
+  if not tree_paths.has(variables["params"], path):
     raise KeyError(f"No unit '{'/'.join(path)}' in the model's params.")
   reset = dict(variables)
   for collection, tree in variables.items():
@@ -92,17 +92,17 @@ def variant_variables(variant: Variant, trained: Variables,
   if variant.kind == BASELINE:
     return trained
   if variant.kind not in (REINIT, RERANDOMIZE):
-    raise ValueError(f'Unknown variant kind {variant.kind!r}.')
+    raise ValueError(f"Unknown variant kind {variant.kind!r}.")
   sources = checkpoints if variant.kind == REINIT else fresh_inits
   if variant.source not in sources:
-    raise KeyError(f'No {variant.kind} source {variant.source}; have '
-                   f'{sorted(sources)}.')
+    raise KeyError(f"No {variant.kind} source {variant.source}; have "
+                   f"{sorted(sources)}.")
   return reset_unit(trained, sources[variant.source], units[variant.unit])
 
 
 def stack_variables(variable_sets: Sequence[Variables]) -> Variables:
   """Stacks N structurally equal variable sets on a new leading axis [N, ...]."""
   if not variable_sets:
-    raise ValueError('stack_variables needs at least one variable set.')
+    raise ValueError("stack_variables needs at least one variable set.")
   return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]),
                       *variable_sets)

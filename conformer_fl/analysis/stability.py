@@ -20,8 +20,8 @@ from scipy import stats
 
 from conformer_fl.analysis import movement
 
-IMPORTANCE_KEYS = ('wer_increase', 'loss_increase')
-_BLOCK = re.compile(r'(?:^|/)block_(\d+)(?:/|$)')
+IMPORTANCE_KEYS = ("wer_increase", "loss_increase")
+_BLOCK = re.compile(r"(?:^|/)block_(\d+)(?:/|$)")
 
 
 def jaccard(a: Sequence[str], b: Sequence[str]) -> float:
@@ -39,7 +39,7 @@ def chance_jaccard(num_items: int, size_a: int, size_b: int) -> float:
   empty sets (as `jaccard`).
   """
   if not 0 <= size_a <= num_items or not 0 <= size_b <= num_items:
-    raise ValueError(f'Subset sizes {size_a}, {size_b} of {num_items} items.')
+    raise ValueError(f"Subset sizes {size_a}, {size_b} of {num_items} items.")
   if size_a == 0 and size_b == 0:
     return 1.0
   counts = range(max(0, size_a + size_b - num_items), min(size_a, size_b) + 1)
@@ -52,7 +52,7 @@ def _block(unit: str) -> tuple[int, str] | None:
   match = _BLOCK.search(unit)
   if match is None:
     return None
-  return int(match.group(1)), _BLOCK.sub('/block/', unit, count=1)
+  return int(match.group(1)), _BLOCK.sub("/block/", unit, count=1)
 
 
 def matched_units(a: dict[str, Any], b: dict[str, Any]
@@ -64,23 +64,23 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
   kind in the shallower one (so units of the shallower run may appear in
   several pairs), and units outside the blocks pair by name.
   """
-  blocks_a = a['model']['num_blocks']
-  blocks_b = b['model']['num_blocks']
+  blocks_a = a["model"]["num_blocks"]
+  blocks_b = b["model"]["num_blocks"]
   if blocks_a == blocks_b:
-    return [(u, u) for u in a['units'] if u in b['units']]
+    return [(u, u) for u in a["units"] if u in b["units"]]
   swap = blocks_a > blocks_b
   deep, shallow = (a, b) if swap else (b, a)
   deep_blocks, shallow_blocks = max(blocks_a, blocks_b), min(blocks_a, blocks_b)
   shallow_by_kind = {}
-  for unit in shallow['units']:
+  for unit in shallow["units"]:
     located = _block(unit)
     if located is not None:
       shallow_by_kind[(located[0], located[1])] = unit
   pairs = []
-  for unit in deep['units']:
+  for unit in deep["units"]:
     located = _block(unit)
     if located is None:
-      partner = unit if unit in shallow['units'] else None
+      partner = unit if unit in shallow["units"] else None
     else:
       index, kind = located
       centre = (index + 0.5) / deep_blocks
@@ -98,12 +98,12 @@ def relative_depth(unit: str, num_blocks: int) -> float | None:
   if match is None:
     return None
   if num_blocks < 1:
-    raise ValueError(f'num_blocks must be >= 1, got {num_blocks}.')
+    raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
   return int(match.group(1)) / num_blocks
 
 
 def _importance(result: dict[str, Any], key: str) -> dict[str, float | None]:
-  return {unit: entry[key] for unit, entry in result['units'].items()}
+  return {unit: entry[key] for unit, entry in result["units"].items()}
 
 
 def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -117,13 +117,13 @@ def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     over pairs with at least one ambient unit.
   """
   pairs = matched_units(a, b)
-  ambient_a, ambient_b = set(a['ambient']), set(b['ambient'])
+  ambient_a, ambient_b = set(a["ambient"]), set(b["ambient"])
   in_a = [i for i, (u, _) in enumerate(pairs) if u in ambient_a]
   in_b = [i for i, (_, v) in enumerate(pairs) if v in ambient_b]
   comparison: dict[str, Any] = dict(
       num_common_units=len(pairs),
-      matching=('name' if a['model']['num_blocks'] == b['model']['num_blocks']
-                else 'relative_depth'),
+      matching=("name" if a["model"]["num_blocks"] == b["model"]["num_blocks"]
+                else "relative_depth"),
       jaccard_ambient=jaccard([str(i) for i in in_a], [str(i) for i in in_b]),
       chance_jaccard_ambient=chance_jaccard(len(pairs), len(in_a), len(in_b)))
   for key in IMPORTANCE_KEYS:
@@ -135,17 +135,17 @@ def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def depth_profile(result: dict[str, Any]) -> dict[str, Any]:
   """Per run: (relative depth, importance) of its block units and their correlation."""
-  num_blocks = result['model']['num_blocks']
+  num_blocks = result["model"]["num_blocks"]
   points = []
-  for unit, entry in result['units'].items():
+  for unit, entry in result["units"].items():
     depth = relative_depth(unit, num_blocks)
     if depth is not None:
       points.append(dict(unit=unit, relative_depth=depth,
                          **{k: entry[k] for k in IMPORTANCE_KEYS}))
   profile: dict[str, Any] = dict(num_blocks=num_blocks, points=points)
   for key in IMPORTANCE_KEYS:
-    profile[f'{key}_vs_depth'] = movement.rank_correlations(
-        [p['relative_depth'] for p in points], [p[key] for p in points])
+    profile[f"{key}_vs_depth"] = movement.rank_correlations(
+        [p["relative_depth"] for p in points], [p[key] for p in points])
   return profile
 
 
@@ -163,7 +163,7 @@ def compare_runs(results: Sequence[dict[str, Any]],
      'depth': {label: depth_profile}}.
   """
   if len(results) != len(labels):
-    raise ValueError(f'{len(results)} results but {len(labels)} labels.')
+    raise ValueError(f"{len(results)} results but {len(labels)} labels.")
   pairs = []
   for i in range(len(results)):
     for j in range(i + 1, len(results)):

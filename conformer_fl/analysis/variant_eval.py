@@ -42,7 +42,7 @@ def make_single_eval_fn(model: nn.Module) -> EvalFn:
 # becomes a grouped convolution that XLA:CPU runs 2.5x slower than the whole
 # rest of the model (benchmarks/analysis_vectorized.py); so it is batched only
 # in chunks that reset it. Each shared/batched pattern compiles once.
-SHAREABLE_PATHS = (('encoder', 'subsampling'),)
+SHAREABLE_PATHS = (("encoder", "subsampling"),)
 
 
 def make_vectorized_eval_fn(model: nn.Module) -> EvalFn:
@@ -59,7 +59,7 @@ def make_vectorized_eval_fn(model: nn.Module) -> EvalFn:
     for collection, units in shared.items():
       for name, value in units.items():
         variables[collection] = tree_paths.put(
-            variables[collection], tuple(name.split('/')), value)
+            variables[collection], tuple(name.split("/")), value)
     return eval_step(variables, batch)
 
   return jax.jit(jax.vmap(eval_variant, in_axes=(0, None, None)))
@@ -82,7 +82,7 @@ def split_shared(variable_sets: Sequence[Variables],
       subtree = tree_paths.get(first[collection], path)
       if all(tree_paths.get(v[collection], path) is subtree
              for v in variable_sets[1:]):
-        shared.setdefault(collection, {})['/'.join(path)] = subtree
+        shared.setdefault(collection, {})["/".join(path)] = subtree
         trimmed = [dict(v, **{collection: tree_paths.without(v[collection], path)})
                    for v in trimmed]
   return resets.stack_variables(trimmed), shared
@@ -90,10 +90,10 @@ def split_shared(variable_sets: Sequence[Variables],
 
 def _check(num_variants: int, batches: Sequence[Batch]) -> None:
   if num_variants < 1:
-    raise ValueError('No variants to evaluate.')
+    raise ValueError("No variants to evaluate.")
   if not batches:
-    raise ValueError('No eval batches: is the eval split (or its domains) '
-                     'empty?')
+    raise ValueError("No eval batches: is the eval split (or its domains) "
+                     "empty?")
 
 
 def touches_shareable(path: tuple[str, ...] | None,
@@ -143,12 +143,12 @@ def evaluate_vectorized(
   """
   _check(num_variants, batches)
   if variants_per_call < 1:
-    raise ValueError(f'variants_per_call must be >= 1, got {variants_per_call}.')
+    raise ValueError(f"variants_per_call must be >= 1, got {variants_per_call}.")
   device_batches = [jax.device_put(b) for b in batches]
   accumulators = [evaluation.EvalAccumulator(decode) for _ in range(num_variants)]
   groups = [list(range(num_variants))] if groups is None else groups
   if sorted(i for g in groups for i in g) != list(range(num_variants)):
-    raise ValueError(f'groups must partition range({num_variants}).')
+    raise ValueError(f"groups must partition range({num_variants}).")
   chunks = []
   for group in groups:
     # A group smaller than variants_per_call is one chunk of its own size

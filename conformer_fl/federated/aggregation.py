@@ -40,7 +40,7 @@ def client_all_finite(tree: PyTree) -> jax.Array:
     leaf_finite = jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
     finite = leaf_finite if finite is None else finite & leaf_finite
   if finite is None:
-    raise ValueError('client_all_finite needs at least one float leaf.')
+    raise ValueError("client_all_finite needs at least one float leaf.")
   return finite
 
 
@@ -106,17 +106,17 @@ def unit_update_norms(
   for name, path in unit_paths.items():
     difference = jax.tree.map(jnp.subtract, _subtree(new_params, path, name),
                               _subtree(old_params, path, name))
-    norms[f'update_norm/{name}'] = optax.global_norm(difference)
+    norms[f"update_norm/{name}"] = optax.global_norm(difference)
   return norms
 
 
 def _subtree(params: PyTree, path: Sequence[str] | str, name: str) -> PyTree:
   """The leaves of nested dicts `params` under `path` (tuple or 'a/b/c')."""
-  keys = tuple(path.split('/')) if isinstance(path, str) else tuple(path)
+  keys = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
   flat = {key: value for key, value in traverse_util.flatten_dict(
       params).items() if key[:len(keys)] == keys}
   if not flat:
-    raise ValueError(f'Unit {name!r}: path {keys} not found in params.')
+    raise ValueError(f"Unit {name!r}: path {keys} not found in params.")
   return flat
 
 
@@ -133,7 +133,7 @@ def select(predicate: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 def check_clip_update_norm(clip_update_norm: float | None) -> None:
   if clip_update_norm is not None and clip_update_norm <= 0:
     raise ValueError(
-        f'clip_update_norm={clip_update_norm} must be > 0 or None.')
+        f"clip_update_norm={clip_update_norm} must be > 0 or None.")
 
 
 def aggregate(outputs: Any, weights: jax.Array, num_examples: jax.Array,
@@ -165,18 +165,18 @@ def aggregate(outputs: Any, weights: jax.Array, num_examples: jax.Array,
   if clip_update_norm is not None:
     scale, was_clipped = clip_scales(norms, clip_update_norm)
   return {
-      'delta': weighted_sum(deltas, weights * scale),
-      'model_state': weighted_sum(model_states, weights),
-      'unit_weights': weighted_sum(outputs.units, weights),
-      'weight': jnp.sum(weights),
-      'num_clients': jnp.asarray(weights.shape[0], jnp.int32),
-      'loss': jnp.sum(jnp.where(finite, outputs.loss_sum, 0.0)),
-      'num_seen': jnp.sum(jnp.where(finite, outputs.num_examples_seen, 0.0)),
-      'num_examples': jnp.sum(num_examples),
-      'num_aggregated': jnp.sum(jnp.where(finite, num_examples, 0.0)),
-      'num_nonfinite': jnp.sum(~finite).astype(jnp.int32),
-      'num_clipped': jnp.sum(was_clipped & finite).astype(jnp.int32),
-      'weighted_norm': jnp.sum(weights * norms),
+      "delta": weighted_sum(deltas, weights * scale),
+      "model_state": weighted_sum(model_states, weights),
+      "unit_weights": weighted_sum(outputs.units, weights),
+      "weight": jnp.sum(weights),
+      "num_clients": jnp.asarray(weights.shape[0], jnp.int32),
+      "loss": jnp.sum(jnp.where(finite, outputs.loss_sum, 0.0)),
+      "num_seen": jnp.sum(jnp.where(finite, outputs.num_examples_seen, 0.0)),
+      "num_examples": jnp.sum(num_examples),
+      "num_aggregated": jnp.sum(jnp.where(finite, num_examples, 0.0)),
+      "num_nonfinite": jnp.sum(~finite).astype(jnp.int32),
+      "num_clipped": jnp.sum(was_clipped & finite).astype(jnp.int32),
+      "weighted_norm": jnp.sum(weights * norms),
   }
 
 
@@ -190,16 +190,16 @@ def round_metrics(sums: Mapping[str, Any]) -> dict[str, jax.Array]:
   mean_client_update_norm: weighted mean (finite clients) of the delta
   norms before clipping.
   """
-  safe_weight = jnp.where(sums['weight'] > 0, sums['weight'], 1.0)
+  safe_weight = jnp.where(sums["weight"] > 0, sums["weight"], 1.0)
   return {
-      'loss': jnp.where(sums['num_seen'] > 0, sums['loss'] /
-                        jnp.maximum(sums['num_seen'], 1.0), jnp.nan),
-      'num_examples': sums['num_examples'],
-      'num_aggregated_examples': sums['num_aggregated'],
-      'num_clients': sums['num_clients'],
-      'num_nonfinite_clients': sums['num_nonfinite'],
-      'num_clipped_clients': sums['num_clipped'],
-      'mean_client_update_norm': sums['weighted_norm'] / safe_weight,
+      "loss": jnp.where(sums["num_seen"] > 0, sums["loss"] /
+                        jnp.maximum(sums["num_seen"], 1.0), jnp.nan),
+      "num_examples": sums["num_examples"],
+      "num_aggregated_examples": sums["num_aggregated"],
+      "num_clients": sums["num_clients"],
+      "num_nonfinite_clients": sums["num_nonfinite"],
+      "num_clipped_clients": sums["num_clipped"],
+      "mean_client_update_norm": sums["weighted_norm"] / safe_weight,
   }
 
 
@@ -227,10 +227,10 @@ def weighted_mean(sums: Mapping[str, Any], params: PyTree,
   params is unused (the signature of every round average).
   """
   del params
-  safe = jnp.where(sums['weight'] > 0, sums['weight'], 1.0)
+  safe = jnp.where(sums["weight"] > 0, sums["weight"], 1.0)
   mean = lambda tree: jax.tree.map(
       lambda x: (x / safe.astype(x.dtype)).astype(x.dtype), tree)
   averaged_state = jax.tree.map(  # Non-float leaves (counters): server's.
       lambda old, new: new if jnp.issubdtype(old.dtype, jnp.inexact) else old,
-      model_state, mean(sums['model_state']))
-  return Averages(mean(sums['delta']), averaged_state, lambda u: u, {})
+      model_state, mean(sums["model_state"]))
+  return Averages(mean(sums["delta"]), averaged_state, lambda u: u, {})

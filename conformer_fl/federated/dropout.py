@@ -53,11 +53,11 @@ Path = tuple[str, ...]
 # of the module's '/'-path), .leaves ((regex, axis, copies), ...), .groups.
 Droppable = Any
 
-DROPOUT_KINDS = ('none', 'uniform', 'targeted')
+DROPOUT_KINDS = ("none", "uniform", "targeted")
 
 
 def _joined(path: Path) -> str:
-  return '/'.join(path)
+  return "/".join(path)
 
 
 def droppable_layers(
@@ -111,8 +111,8 @@ def droppable_layers(
     counts = {shapes[leaf.path][leaf.axis] // leaf.copies
               for leaf in param_leaves}
     if len(counts) != 1:
-      raise ValueError(f'{_joined(module)}: its declared leaves match no leaf'
-                       f' or disagree on the unit count ({sorted(counts)}).')
+      raise ValueError(f"{_joined(module)}: its declared leaves match no leaf"
+                       f" or disagree on the unit count ({sorted(counts)}).")
     layers[_joined(module)] = (declaration, counts.pop(), param_leaves,
                                state_leaves)
   return layers
@@ -120,7 +120,7 @@ def droppable_layers(
 
 def _check_rate(where: str, rate: float) -> None:
   if not 0.0 <= rate < 1.0:
-    raise ValueError(f'Dropout rate {rate!r} of {where} must lie in [0, 1).')
+    raise ValueError(f"Dropout rate {rate!r} of {where} must lie in [0, 1).")
 
 
 def subtree_names(params: Mapping[str, Any]) -> list[str]:
@@ -140,8 +140,8 @@ def _topmost(names: Sequence[str]) -> list[str]:
   """The names none of whose '/'-prefixes is among `names`, in order."""
   chosen = set(names)
   return [name for name in names
-          if not any('/'.join(name.split('/')[:depth]) in chosen
-                     for depth in range(1, name.count('/') + 1))]
+          if not any("/".join(name.split("/")[:depth]) in chosen
+                     for depth in range(1, name.count("/") + 1))]
 
 
 def layer_rates(params: Mapping[str, Any], rates: Mapping[str, float],
@@ -165,13 +165,13 @@ def layer_rates(params: Mapping[str, Any], rates: Mapping[str, float],
       `federated.dropout.rates`), or two equally specific patterns giving one
       module different rates.
   """
-  field = 'federated.dropout.rates'
+  field = "federated.dropout.rates"
   kinds = tuple(dict.fromkeys(d.kind for d in droppable))
   unknown_kinds = sorted(set(unit_kinds or ()) - set(kinds))
   if unknown_kinds:
-    raise ValueError(f'Unknown dropout unit kind(s) {unknown_kinds}; '
-                     f'expected some of {kinds}.')
-  _check_rate('default_rate', default_rate)
+    raise ValueError(f"Unknown dropout unit kind(s) {unknown_kinds}; "
+                     f"expected some of {kinds}.")
+  _check_rate("default_rate", default_rate)
   for key, rate in rates.items():
     _check_rate(repr(key), rate)
   unit_patterns.match_units(rates, subtree_names(params), field=field)
@@ -222,8 +222,8 @@ def make_dropout_spec(
     declaration, num_units, param_leaves, state_leaves = found[name]
     groups = declaration.groups
     if num_units % groups:
-      raise ValueError(f'{name}: {groups} groups do not divide its'
-                       f' {num_units} units.')
+      raise ValueError(f"{name}: {groups} groups do not divide its"
+                       f" {num_units} units.")
     per_group = max(1, round((1.0 - rate) * num_units / groups))
     if per_group * groups == num_units:
       continue
@@ -233,10 +233,10 @@ def make_dropout_spec(
         state_leaves=state_leaves))
   frozen = _topmost(unit_patterns.select_units(
       freeze_units, subtree_names(params) if freeze_units else [],
-      field='federated.dropout.freeze_units'))
+      field="federated.dropout.freeze_units"))
   return submodel_lib.SubmodelSpec(layers=tuple(layers),
                                    frozen_paths=tuple(
-                                       tuple(name.split('/'))
+                                       tuple(name.split("/"))
                                        for name in frozen))
 
 
@@ -253,13 +253,13 @@ def dropout_spec_from_config(
   """
   kind = dropout_config.kind
   if kind not in DROPOUT_KINDS:
-    raise ValueError(f'federated.dropout.kind={kind!r}; expected one of '
-                     f'{DROPOUT_KINDS}.')
-  rates = dict(dropout_config.rates) if kind == 'targeted' else {}
-  default_rate = dropout_config.default_rate if kind != 'none' else 0.0
-  if kind == 'uniform' and rates:
-    raise ValueError('federated.dropout.kind=uniform takes default_rate only;'
-                     ' use kind=targeted with rates.')
+    raise ValueError(f"federated.dropout.kind={kind!r}; expected one of "
+                     f"{DROPOUT_KINDS}.")
+  rates = dict(dropout_config.rates) if kind == "targeted" else {}
+  default_rate = dropout_config.default_rate if kind != "none" else 0.0
+  if kind == "uniform" and rates:
+    raise ValueError("federated.dropout.kind=uniform takes default_rate only;"
+                     " use kind=targeted with rates.")
   spec = make_dropout_spec(
       params, model_state, droppable=droppable, rates=rates,
       default_rate=default_rate, unit_kinds=tuple(dropout_config.unit_kinds),
@@ -284,19 +284,19 @@ def rates_from_importance(importance: Mapping[str, Sequence[str]], *,
   Returns:
     {name: rate} for make_dropout_spec(rates=..., default_rate=other_rate).
   """
-  for key in ('ambient', 'critical'):
+  for key in ("ambient", "critical"):
     if key not in importance:
-      raise ValueError(f'importance lacks the key {key!r}; it has '
-                       f'{sorted(importance)}.')
-  both = sorted(set(importance['ambient']) & set(importance['critical']))
+      raise ValueError(f"importance lacks the key {key!r}; it has "
+                       f"{sorted(importance)}.")
+  both = sorted(set(importance["ambient"]) & set(importance["critical"]))
   if both:
-    raise ValueError(f'Units both ambient and critical: {both}.')
-  for name, rate in (('ambient_rate', ambient_rate),
-                     ('critical_rate', critical_rate),
-                     ('other_rate', other_rate)):
+    raise ValueError(f"Units both ambient and critical: {both}.")
+  for name, rate in (("ambient_rate", ambient_rate),
+                     ("critical_rate", critical_rate),
+                     ("other_rate", other_rate)):
     _check_rate(name, rate)
-  rates = {name: ambient_rate for name in importance['ambient']}
-  rates.update({name: critical_rate for name in importance['critical']})
+  rates = {name: ambient_rate for name in importance["ambient"]}
+  rates.update({name: critical_rate for name in importance["critical"]})
   return rates
 
 
@@ -343,9 +343,9 @@ def client_step_cost(
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
           memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   return {
-      'params': float(sum(x.size for x in jax.tree.leaves(trainable))),
-      'flops': float(cost['flops']),
-      'peak_bytes': float(peak),
+      "params": float(sum(x.size for x in jax.tree.leaves(trainable))),
+      "flops": float(cost["flops"]),
+      "peak_bytes": float(peak),
   }
 
 
@@ -388,6 +388,6 @@ def client_cost(
                           batch, rng)
   report = dict(sub)
   for key, value in full.items():
-    report[f'full_{key}'] = value
-    report[f'{key}_fraction'] = sub[key] / value if value else math.nan
+    report[f"full_{key}"] = value
+    report[f"{key}_fraction"] = sub[key] / value if value else math.nan
   return report

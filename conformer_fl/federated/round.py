@@ -79,7 +79,7 @@ def client_update(server_params, server_model_state, batches, step_mask,
   def step(carry, inputs):
     params, opt_state, model_state, loss_sum, num_seen = carry
     batch, step_active, index = inputs
-    num_real = jnp.sum(batch['example_mask']).astype(jnp.float32)
+    num_real = jnp.sum(batch["example_mask"]).astype(jnp.float32)
     active = (step_active > 0) & (num_real > 0)
     *new, loss = local_step(params, opt_state, model_state, batch,
                             jax.random.fold_in(client_rng, index),
@@ -120,11 +120,11 @@ def server_update(server_state: ServerState, sums: Mapping[str, Any],
   params = optax.apply_updates(server_state.params,
                                means.mask_updates(updates))
   params, model_state, opt_state = aggregation.select(
-      sums['weight'] > 0, (params, means.model_state, opt_state),
+      sums["weight"] > 0, (params, means.model_state, opt_state),
       (server_state.params, server_state.model_state, server_state.opt_state))
   update = jax.tree.map(jnp.subtract, params, server_state.params)
   metrics = {**aggregation.round_metrics(sums), **means.metrics,
-             'server_update_norm': optax.global_norm(update),
+             "server_update_norm": optax.global_norm(update),
              **aggregation.unit_update_norms(server_state.params, params,
                                              unit_paths or {})}
   return ServerState(params, model_state, opt_state,
@@ -138,7 +138,7 @@ def make_federated_round(
     unit_paths: Mapping[str, Sequence[str] | str] | None = None,
     submodel: submodel_lib.SubmodelSpec | None = None,
     submodel_loss_fn: LossFn | None = None,
-    aggregation_weight: str = 'examples_trained',
+    aggregation_weight: str = "examples_trained",
 ) -> Callable[..., tuple[ServerState, Metrics]]:
   """round_fn(server_state, round_data, rng) -> (server_state, metrics).
 
@@ -164,16 +164,16 @@ def make_federated_round(
     average = submodel_lib.make_average(submodel, average)
 
   def device_sums(params, model_state, round_data, round_rng):
-    here = round_data['num_examples'].shape[0]
+    here = round_data["num_examples"].shape[0]
     first = jax.lax.axis_index(mesh_lib.CLIENTS_AXIS) * here
     rngs = jax.vmap(functools.partial(jax.random.fold_in, round_rng))(
         first + jnp.arange(here, dtype=jnp.int32))
     outputs = jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0))(
         params, model_state, round_data_lib.batches(round_data),
-        round_data['step_mask'], rngs)
+        round_data["step_mask"], rngs)
     weights = round_data_lib.client_weights(round_data, aggregation_weight)
     sums = aggregation.aggregate(outputs, weights,
-                                 round_data['num_examples'], clip_update_norm)
+                                 round_data["num_examples"], clip_update_norm)
     return jax.lax.psum(sums, mesh_lib.CLIENTS_AXIS)
 
   # check_vma off, else every loss_fn would pcast its constants.
@@ -192,7 +192,7 @@ def make_federated_round(
   jitted = jax.jit(
       run_round, donate_argnums=(0,), out_shardings=replicated,
       in_shardings=(replicated, mesh_lib.client_sharding(mesh), replicated))
-  synced = mesh_lib.barrier_after_compile(jitted, 'federated_round')
+  synced = mesh_lib.barrier_after_compile(jitted, "federated_round")
 
   def round_fn(server_state, round_data, rng):
     round_data_lib.check_round_data(round_data, mesh, aggregation_weight)

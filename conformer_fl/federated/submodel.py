@@ -90,13 +90,13 @@ class DroppedLayer:
 
   def __post_init__(self):
     if self.num_units % self.num_groups:
-      raise ValueError(f'{self.name}: num_groups={self.num_groups} does not '
-                       f'divide num_units={self.num_units}.')
+      raise ValueError(f"{self.name}: num_groups={self.num_groups} does not "
+                       f"divide num_units={self.num_units}.")
     if (not 0 < self.num_kept <= self.num_units or
         self.num_kept % self.num_groups):
       raise ValueError(
-          f'{self.name}: num_kept={self.num_kept} must be in (0, '
-          f'{self.num_units}] and a multiple of num_groups={self.num_groups}.')
+          f"{self.name}: num_kept={self.num_kept} must be in (0, "
+          f"{self.num_units}] and a multiple of num_groups={self.num_groups}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +188,11 @@ def kept_indicator(spec: SubmodelSpec,
 
 
 def _leaves(layer: DroppedLayer, which: str) -> tuple[GatheredLeaf, ...]:
-  return layer.param_leaves if which == 'params' else layer.state_leaves
+  return layer.param_leaves if which == "params" else layer.state_leaves
 
 
 def gather_submodel(spec: SubmodelSpec, tree: PyTree, kept: KeptIndices,
-                    which: str = 'params') -> PyTree:
+                    which: str = "params") -> PyTree:
   """The sub-model's tree: each dropped layer's leaves gathered to k units.
 
   Args:
@@ -215,7 +215,7 @@ def gather_submodel(spec: SubmodelSpec, tree: PyTree, kept: KeptIndices,
 
 
 def scatter_to_full(spec: SubmodelSpec, sub_tree: PyTree, fill: PyTree,
-                    kept: KeptIndices, which: str = 'params') -> PyTree:
+                    kept: KeptIndices, which: str = "params") -> PyTree:
   """Writes a sub-model tree back into `fill` (a full-shape tree).
 
   Kept positions get the sub-model's values, the others keep `fill`'s (zeros
@@ -275,7 +275,7 @@ def client_submodel(
   """
   trainable, frozen = split_frozen(spec, gather_submodel(spec, params, kept))
   return trainable, frozen, gather_submodel(spec, model_state, kept,
-                                            'model_state')
+                                            "model_state")
 
 
 def with_frozen(spec: SubmodelSpec, loss_fn: Callable[..., Any],
@@ -329,7 +329,7 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
     delta = scatter_to_full(spec, delta, zeros, kept)
     model_state = scatter_to_full(
         spec, output.model_state,
-        jax.tree.map(jnp.zeros_like, server_model_state), kept, 'model_state')
+        jax.tree.map(jnp.zeros_like, server_model_state), kept, "model_state")
     return output._replace(delta=delta, model_state=model_state,
                            units=kept_indicator(spec, kept))
 
@@ -353,7 +353,7 @@ def _broadcast_units(values: jax.Array, leaf: GatheredLeaf,
 
 def trained_weights(spec: SubmodelSpec, params: PyTree,
                     unit_weights: Mapping[str, jax.Array],
-                    which: str = 'params') -> dict[Path, Any]:
+                    which: str = "params") -> dict[Path, Any]:
   """{leaf path: sum_c w_c kept_c broadcast to the leaf} for partial leaves.
 
   Covers the leaves of dropped layers (unit_weights[name] float32 [n] =
@@ -367,7 +367,7 @@ def trained_weights(spec: SubmodelSpec, params: PyTree,
     for leaf in _leaves(layer, which):
       weights[leaf.path] = _broadcast_units(unit_weights[layer.name], leaf,
                                             flat[leaf.path].shape)
-  if which == 'params':
+  if which == "params":
     for path, value in flat.items():
       if any(_under(path, frozen) for frozen in spec.frozen_paths):
         weights[path] = jnp.zeros(value.shape, jnp.float32)
@@ -430,19 +430,19 @@ def make_average(spec: SubmodelSpec,
 
   def average(sums, params, model_state):
     plain = plain_average(sums, params, model_state)
-    unit_weights = sums['unit_weights']
+    unit_weights = sums["unit_weights"]
     trained = trained_weights(spec, params, unit_weights)
     kept_state = trained_weights(spec, model_state, unit_weights,
-                                 'model_state')
-    safe_weight = jnp.where(sums['weight'] > 0, sums['weight'], 1.0)
+                                 "model_state")
+    safe_weight = jnp.where(sums["weight"] > 0, sums["weight"], 1.0)
     metrics = {
-        f'submodel_kept_fraction/{layer.name}':
+        f"submodel_kept_fraction/{layer.name}":
             jnp.sum(unit_weights[layer.name]) / (safe_weight *
                                                  layer.num_units)
         for layer in spec.layers}
     return plain._replace(
-        delta=count_normalized_mean(sums['delta'], plain.delta, trained),
-        model_state=count_normalized_mean(sums['model_state'],
+        delta=count_normalized_mean(sums["delta"], plain.delta, trained),
+        model_state=count_normalized_mean(sums["model_state"],
                                           plain.model_state, kept_state,
                                           model_state),
         mask_updates=lambda updates: zero_untrained(updates, trained),

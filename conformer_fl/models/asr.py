@@ -72,7 +72,7 @@ class ConformerASR(nn.Module):
     specaug_max_time_mask_ratio: Widest time mask as a fraction of length.
   """
   encoder_config: conformer.ConformerConfig = conformer.ConformerConfig()
-  decoder: str = 'rnnt'
+  decoder: str = "rnnt"
   vocab_size: int = 32
   embed_dim: int = 32
   lstm_dim: int = 32
@@ -82,7 +82,7 @@ class ConformerASR(nn.Module):
   num_mel_bins: int = 80
   frame_length_ms: float = 25.0
   frame_step_ms: float = 10.0
-  feature_normalization: str = 'utterance'
+  feature_normalization: str = "utterance"
   specaug_num_freq_masks: int = 2
   specaug_max_freq_mask: int = 27
   specaug_num_time_masks: int = 10
@@ -103,15 +103,15 @@ class ConformerASR(nn.Module):
     Raises:
       ValueError: an unknown decoder.
     """
-    if self.decoder == 'ctc':
-      return decoders.CTCHead(self.vocab_size, name='decoder')
-    if self.decoder == 'rnnt':
+    if self.decoder == "ctc":
+      return decoders.CTCHead(self.vocab_size, name="decoder")
+    if self.decoder == "rnnt":
       return decoders.RNNTDecoder(
           vocab_size=self.vocab_size, embed_dim=self.embed_dim,
           lstm_dim=self.lstm_dim, joint_dim=self.joint_dim,
-          max_symbols_per_step=self.max_symbols_per_step, name='decoder')
+          max_symbols_per_step=self.max_symbols_per_step, name="decoder")
     raise ValueError(f"decoder must be 'ctc' or 'rnnt', got "
-                     f'{self.decoder!r}.')
+                     f"{self.decoder!r}.")
 
   def features(self, audio: Array, audio_paddings: Array, *,
                train: bool) -> tuple[Array, Array]:
@@ -124,11 +124,11 @@ class ConformerASR(nn.Module):
         audio, audio_paddings, sample_rate=self.sample_rate,
         num_mel_bins=self.num_mel_bins, frame_length_ms=self.frame_length_ms,
         frame_step_ms=self.frame_step_ms)
-    if self.feature_normalization == 'utterance':
+    if self.feature_normalization == "utterance":
       features = normalize_per_utterance(features, paddings)
     if train and (self.specaug_num_freq_masks or self.specaug_num_time_masks):
       features = frontend.spec_augment(
-          self.make_rng('specaug'), features, paddings,
+          self.make_rng("specaug"), features, paddings,
           num_freq_masks=self.specaug_num_freq_masks,
           max_freq_mask=self.specaug_max_freq_mask,
           num_time_masks=self.specaug_num_time_masks,
@@ -160,7 +160,7 @@ class ConformerASR(nn.Module):
     del label_paddings  # The decoders read padded labels (id 0) harmlessly.
     encoded, paddings = self.encode(audio, audio_paddings, train=train)
     logits = self.decoder_net(encoded, labels)
-    return {'logits': logits, 'logit_paddings': paddings, 'encoded': encoded}
+    return {"logits": logits, "logit_paddings": paddings, "encoded": encoded}
 
   def run_decoder(self, method_name: str, *args: Any) -> Any:
     """The decoder's method `method_name` on `args`, for decoding via apply().
@@ -173,8 +173,8 @@ class ConformerASR(nn.Module):
 
 
 def _model_inputs(batch: Batch) -> tuple[Array, Array, Array, Array]:
-  return (batch['audio'], batch['audio_paddings'], batch['labels'],
-          batch['label_paddings'])
+  return (batch["audio"], batch["audio_paddings"], batch["labels"],
+          batch["label_paddings"])
 
 
 def per_example_loss(model: ConformerASR, variables: Variables, batch: Batch,
@@ -198,20 +198,20 @@ def per_example_loss(model: ConformerASR, variables: Variables, batch: Batch,
   rngs = {}
   if train:
     if rng is None:
-      raise ValueError('per_example_loss: train=True needs an rng.')
+      raise ValueError("per_example_loss: train=True needs an rng.")
     dropout_rng, specaug_rng = jax.random.split(rng)
-    rngs = {'dropout': dropout_rng, 'specaug': specaug_rng}
-  update_stats = train and 'batch_stats' in variables
+    rngs = {"dropout": dropout_rng, "specaug": specaug_rng}
+  update_stats = train and "batch_stats" in variables
   outputs = model.apply(variables, *_model_inputs(batch), train=train,
                         rngs=rngs,
-                        mutable=['batch_stats'] if update_stats else False)
+                        mutable=["batch_stats"] if update_stats else False)
   new_state = {}
   if update_stats:
     outputs, new_state = outputs
-    new_state = {'batch_stats': new_state['batch_stats']}
-  loss = model.make_decoder().loss(outputs['logits'],
-                                   outputs['logit_paddings'], batch['labels'],
-                                   batch['label_paddings'])
+    new_state = {"batch_stats": new_state["batch_stats"]}
+  loss = model.make_decoder().loss(outputs["logits"],
+                                   outputs["logit_paddings"], batch["labels"],
+                                   batch["label_paddings"])
   return loss, new_state
 
 
@@ -225,8 +225,8 @@ def greedy_decode(model: ConformerASR, variables: Variables,
   Returns:
     (ids int32 [B, L], paddings float32 [B, L]) left-aligned; 0 = padding.
   """
-  encoded, paddings = model.apply(variables, batch['audio'],
-                                  batch['audio_paddings'], train=False,
+  encoded, paddings = model.apply(variables, batch["audio"],
+                                  batch["audio_paddings"], train=False,
                                   method=ConformerASR.encode)
   run = lambda method_name, *args: model.apply(
       variables, method_name, *args, method=ConformerASR.run_decoder)

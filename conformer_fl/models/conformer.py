@@ -36,11 +36,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-ConvNorm = Literal['batch_norm', 'group_norm', 'layer_norm']
-DepthwiseImpl = Literal['shift_add', 'conv']
+ConvNorm = Literal["batch_norm", "group_norm", "layer_norm"]
+DepthwiseImpl = Literal["shift_add", "conv"]
 
-CONV_NORMS = ('batch_norm', 'group_norm', 'layer_norm')
-DEPTHWISE_IMPLS = ('shift_add', 'conv')
+CONV_NORMS = ("batch_norm", "group_norm", "layer_norm")
+DEPTHWISE_IMPLS = ("shift_add", "conv")
 
 
 def _valid_mask(paddings: Array) -> Array:
@@ -72,10 +72,10 @@ class MaskedBatchNorm(nn.Module):
   def __call__(self, x: Array, paddings: Array, *, train: bool) -> Array:
     """[B, T, D], [B, T] -> [B, T, D]."""
     features = x.shape[-1]
-    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,))
-    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,))
-    scale = self.param('scale', nn.initializers.ones, (features,))
-    bias = self.param('bias', nn.initializers.zeros, (features,))
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
     if train:
       mask = _valid_mask(paddings)
       count = jnp.maximum(jnp.sum(mask), 1.0)
@@ -113,10 +113,10 @@ class MaskedGroupNorm(nn.Module):
     batch, time, features = x.shape
     if features % self.num_groups:
       raise ValueError(
-          f'group_norm: num_groups={self.num_groups} does not divide the '
-          f'channel count {features}.')
-    scale = self.param('scale', nn.initializers.ones, (features,))
-    bias = self.param('bias', nn.initializers.zeros, (features,))
+          f"group_norm: num_groups={self.num_groups} does not divide the "
+          f"channel count {features}.")
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
     grouped = x.reshape(batch, time, self.num_groups, -1)  # [B, T, G, D/G]
     mask = (1.0 - paddings)[:, :, None, None]
     count = jnp.maximum(
@@ -136,7 +136,7 @@ class FrameLayerNorm(nn.Module):
   def __call__(self, x: Array, paddings: Array, *, train: bool) -> Array:
     """[B, T, D], [B, T] -> [B, T, D]."""
     del paddings, train
-    return nn.LayerNorm(epsilon=self.epsilon, name='layer_norm')(x)
+    return nn.LayerNorm(epsilon=self.epsilon, name="layer_norm")(x)
 
 
 # ----------------------------------------------------------------------------
@@ -163,23 +163,23 @@ class DepthwiseConv1D(nn.Module):
     impl: 'shift_add' or 'conv'.
   """
   kernel_size: int
-  impl: DepthwiseImpl = 'shift_add'
+  impl: DepthwiseImpl = "shift_add"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, T, D] -> [B, T, D]."""
     if self.impl not in DEPTHWISE_IMPLS:
-      raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, '
-                       f'got {self.impl!r}.')
+      raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
+                       f"got {self.impl!r}.")
     features = x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, 1, features))
     pad_before = (self.kernel_size - 1) // 2
     pad_after = self.kernel_size // 2
-    if self.impl == 'conv':
+    if self.impl == "conv":
       return jax.lax.conv_general_dilated(
           x, kernel, window_strides=(1,), padding=[(pad_before, pad_after)],
-          dimension_numbers=('NWC', 'WIO', 'NWC'),
+          dimension_numbers=("NWC", "WIO", "NWC"),
           feature_group_count=features)
     time = x.shape[1]
     padded = jnp.pad(x, ((0, 0), (pad_before, pad_after), (0, 0)))
@@ -216,11 +216,11 @@ class FeedForwardModule(nn.Module):
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
     hidden = self.hidden_units or self.ffn_mult * self.model_dim
-    y = nn.LayerNorm(name='norm')(x)
-    y = nn.Dense(hidden, name='dense_in')(y)
+    y = nn.LayerNorm(name="norm")(x)
+    y = nn.Dense(hidden, name="dense_in")(y)
     y = nn.swish(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    y = nn.Dense(self.model_dim, name='dense_out')(y)
+    y = nn.Dense(self.model_dim, name="dense_out")(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return y, paddings
 
@@ -271,26 +271,26 @@ class RelativeSelfAttention(nn.Module):
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
     if self.model_dim % self.num_heads:
-      raise ValueError(f'num_heads={self.num_heads} does not divide '
-                       f'model_dim={self.model_dim}.')
+      raise ValueError(f"num_heads={self.num_heads} does not divide "
+                       f"model_dim={self.model_dim}.")
     head_dim = self.model_dim // self.num_heads
     num_heads = self.kept_heads or self.num_heads
     time = x.shape[1]
     dense = lambda name, bias=True: nn.DenseGeneral(
         (num_heads, head_dim), use_bias=bias, name=name)
 
-    y = nn.LayerNorm(name='norm')(x)
-    query, key, value = dense('query')(y), dense('key')(y), dense('value')(y)
-    content_bias = self.param('content_bias', nn.initializers.zeros,
+    y = nn.LayerNorm(name="norm")(x)
+    query, key, value = dense("query")(y), dense("key")(y), dense("value")(y)
+    content_bias = self.param("content_bias", nn.initializers.zeros,
                               (num_heads, head_dim))
-    position_bias = self.param('position_bias', nn.initializers.zeros,
+    position_bias = self.param("position_bias", nn.initializers.zeros,
                                (num_heads, head_dim))
     # [2T-1, H, Dh]: projected embeddings of distances -(T-1)..(T-1).
-    positions = dense('pos_proj', bias=False)(
+    positions = dense("pos_proj", bias=False)(
         relative_sinusoids(time - 1, self.model_dim))
 
-    content_scores = jnp.einsum('bqhd,bkhd->bhqk', query + content_bias, key)
-    scores_by_distance = jnp.einsum('bqhd,rhd->bhqr', query + position_bias,
+    content_scores = jnp.einsum("bqhd,bkhd->bhqk", query + content_bias, key)
+    scores_by_distance = jnp.einsum("bqhd,rhd->bhqr", query + position_bias,
                                     positions)  # [B, H, T, 2T-1]
     # Entry (i, j) reads the column of distance i - j, i.e. i - j + T - 1.
     distance_index = (jnp.arange(time)[:, None] - jnp.arange(time)[None, :] +
@@ -305,8 +305,8 @@ class RelativeSelfAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(self.attention_dropout_rate)(
         probs, deterministic=not train)
-    attended = jnp.einsum('bhqk,bkhd->bqhd', probs, value)
-    y = nn.DenseGeneral(self.model_dim, axis=(-2, -1), name='output')(attended)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    y = nn.DenseGeneral(self.model_dim, axis=(-2, -1), name="output")(attended)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return y, paddings
 
@@ -329,10 +329,10 @@ class ConvolutionModule(nn.Module):
   """
   model_dim: int
   kernel_size: int = 32
-  norm: ConvNorm = 'batch_norm'
+  norm: ConvNorm = "batch_norm"
   norm_groups: int = 1
   batch_norm_momentum: float = 0.99
-  depthwise_impl: DepthwiseImpl = 'shift_add'
+  depthwise_impl: DepthwiseImpl = "shift_add"
   dropout_rate: float = 0.1
   channels: int | None = None
 
@@ -341,25 +341,25 @@ class ConvolutionModule(nn.Module):
                train: bool) -> tuple[Array, Array]:
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
     channels = self.channels or self.model_dim
-    y = nn.LayerNorm(name='norm')(x)
-    y = nn.Dense(2 * channels, name='pointwise_in')(y)
+    y = nn.LayerNorm(name="norm")(x)
+    y = nn.Dense(2 * channels, name="pointwise_in")(y)
     y = nn.glu(y, axis=-1)
     y = y * _valid_mask(paddings)  # Padded frames must not reach valid ones.
     y = DepthwiseConv1D(self.kernel_size, self.depthwise_impl,
-                        name='depthwise')(y)
-    if self.norm == 'batch_norm':
+                        name="depthwise")(y)
+    if self.norm == "batch_norm":
       norm = MaskedBatchNorm(momentum=self.batch_norm_momentum,
-                             name='conv_norm')
-    elif self.norm == 'group_norm':
-      norm = MaskedGroupNorm(num_groups=self.norm_groups, name='conv_norm')
-    elif self.norm == 'layer_norm':
-      norm = FrameLayerNorm(name='conv_norm')
+                             name="conv_norm")
+    elif self.norm == "group_norm":
+      norm = MaskedGroupNorm(num_groups=self.norm_groups, name="conv_norm")
+    elif self.norm == "layer_norm":
+      norm = FrameLayerNorm(name="conv_norm")
     else:
-      raise ValueError(f'conv_norm must be one of {CONV_NORMS}, '
-                       f'got {self.norm!r}.')
+      raise ValueError(f"conv_norm must be one of {CONV_NORMS}, "
+                       f"got {self.norm!r}.")
     y = norm(y, paddings, train=train)
     y = nn.swish(y)
-    y = nn.Dense(self.model_dim, name='pointwise_out')(y)
+    y = nn.Dense(self.model_dim, name="pointwise_out")(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return y, paddings
 
@@ -403,10 +403,10 @@ class ConformerConfig:
   num_heads: int = 2
   ffn_mult: int = 4
   conv_kernel_size: int = 32
-  conv_norm: ConvNorm = 'batch_norm'
+  conv_norm: ConvNorm = "batch_norm"
   conv_norm_groups: int = 1
   batch_norm_momentum: float = 0.99
-  depthwise_impl: DepthwiseImpl = 'shift_add'
+  depthwise_impl: DepthwiseImpl = "shift_add"
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   kept_units: tuple[tuple[str, int], ...] = ()
@@ -429,24 +429,24 @@ class ConformerBlock(nn.Module):
     """[B, T, D], [B, T] -> ([B, T, D], [B, T])."""
     c = self.config
     kept = dict(c.kept_units)
-    width = lambda module: kept.get(f'{self.name}/{module}')
+    width = lambda module: kept.get(f"{self.name}/{module}")
     ffn = lambda name: FeedForwardModule(c.model_dim, c.ffn_mult,
                                          c.dropout_rate, width(name),
                                          name=name)
-    y, _ = ffn('ffn1')(x, paddings, train=train)
+    y, _ = ffn("ffn1")(x, paddings, train=train)
     x = x + 0.5 * y
     y, _ = RelativeSelfAttention(
         c.model_dim, c.num_heads, c.attention_dropout_rate,
-        c.dropout_rate, width('mhsa'), name='mhsa')(x, paddings, train=train)
+        c.dropout_rate, width("mhsa"), name="mhsa")(x, paddings, train=train)
     x = x + y
     y, _ = ConvolutionModule(
         c.model_dim, c.conv_kernel_size, c.conv_norm, c.conv_norm_groups,
         c.batch_norm_momentum, c.depthwise_impl, c.dropout_rate,
-        width('conv'), name='conv')(x, paddings, train=train)
+        width("conv"), name="conv")(x, paddings, train=train)
     x = x + y
-    y, _ = ffn('ffn2')(x, paddings, train=train)
+    y, _ = ffn("ffn2")(x, paddings, train=train)
     x = x + 0.5 * y
-    x = nn.LayerNorm(name='final_norm')(x)
+    x = nn.LayerNorm(name="final_norm")(x)
     return x * _valid_mask(paddings), paddings
 
 
@@ -470,9 +470,9 @@ class StridedConv3x3(nn.Module):
   def __call__(self, x: Array) -> Array:
     """[B, T, F, C_in] -> [B, ceil(T / 2), ceil(F / 2), C_out]."""
     _, time, freq, channels = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, channels, self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     out_time, out_freq = -(-time // 2), -(-freq // 2)
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     patches = jnp.concatenate([
@@ -505,13 +505,13 @@ class ConvSubsampling(nn.Module):
                train: bool) -> tuple[Array, Array]:
     """[B, T, F], [B, T] -> ([B, T', D], [B, T']) with T' = ceil(T / 4)."""
     x = features[..., None] * _valid_mask(paddings)[..., None]  # [B,T,F,1]
-    for name in ('conv_0', 'conv_1'):
+    for name in ("conv_0", "conv_1"):
       x = StridedConv3x3(self.model_dim, name=name)(x)
       paddings = paddings[:, ::2]
       x = nn.relu(x) * _valid_mask(paddings)[..., None]
     batch, time = x.shape[:2]
     x = x.reshape(batch, time, -1)  # [B, T', F' * D]
-    x = nn.Dense(self.model_dim, name='projection')(x)
+    x = nn.Dense(self.model_dim, name="projection")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return x * _valid_mask(paddings), paddings
 
@@ -535,9 +535,9 @@ class ConformerEncoder(nn.Module):
     """[B, T, F], [B, T] -> ([B, T', D], [B, T']) with T' = ceil(T / 4)."""
     x, paddings = ConvSubsampling(self.config.model_dim,
                                   self.config.dropout_rate,
-                                  name='subsampling')(
+                                  name="subsampling")(
                                       features, paddings, train=train)
     for index in range(self.config.num_blocks):
-      x, paddings = ConformerBlock(self.config, name=f'block_{index:02d}')(
+      x, paddings = ConformerBlock(self.config, name=f"block_{index:02d}")(
           x, paddings, train=train)
     return x, paddings

@@ -66,7 +66,7 @@ class CTCHead(nn.Module):
   def __call__(self, encoded: Array, labels: Array | None = None) -> Array:
     """[B, T, D] -> logits [B, T, V]; the labels are not read."""
     del labels  # CTC's logits do not depend on the transcript.
-    return nn.Dense(self.vocab_size, name='logits')(encoded)
+    return nn.Dense(self.vocab_size, name="logits")(encoded)
 
   @nn.nowrap
   def loss(self, logits: Array, logit_paddings: Array, labels: Array,
@@ -83,7 +83,7 @@ class CTCHead(nn.Module):
     `decoding.ctc_greedy_decode` of the logits: repeats merged, blanks
     removed.
     """
-    return decoding.ctc_greedy_decode(run('__call__', encoded), paddings,
+    return decoding.ctc_greedy_decode(run("__call__", encoded), paddings,
                                       blank_id=BLANK_ID)
 
 
@@ -142,8 +142,8 @@ class RNNTDecoder(nn.Module):
     batch = labels.shape[0]
     tokens = jnp.concatenate(
         [jnp.zeros((batch, 1), labels.dtype), labels], axis=1)
-    scan_lstm = nn.scan(_lstm_step, variable_broadcast='params',
-                        split_rngs={'params': False}, in_axes=1, out_axes=1)
+    scan_lstm = nn.scan(_lstm_step, variable_broadcast="params",
+                        split_rngs={"params": False}, in_axes=1, out_axes=1)
     _, outputs = scan_lstm(self.lstm, self.initial_carry(batch),
                            self.embedding(tokens))
     return outputs
@@ -193,9 +193,9 @@ class RNNTDecoder(nn.Module):
     `run` of `predict_step` / `joint`.
     """
     return rnnt_greedy_decode(
-        lambda carry, tokens: run('predict_step', carry, tokens),
-        lambda encoded, predicted: run('joint', encoded, predicted),
-        run('initial_carry', encoded.shape[0]), encoded, paddings,
+        lambda carry, tokens: run("predict_step", carry, tokens),
+        lambda encoded, predicted: run("joint", encoded, predicted),
+        run("initial_carry", encoded.shape[0]), encoded, paddings,
         self.max_symbols_per_step, blank_id=BLANK_ID)
 
 
@@ -231,7 +231,7 @@ def rnnt_greedy_decode(
   """
   if max_symbols_per_step < 1:
     raise ValueError(
-        f'max_symbols_per_step must be >= 1, got {max_symbols_per_step}.')
+        f"max_symbols_per_step must be >= 1, got {max_symbols_per_step}.")
   batch, time = paddings.shape
   max_length = time * max_symbols_per_step
   batch_index = jnp.arange(batch)
@@ -247,7 +247,7 @@ def rnnt_greedy_decode(
       emit = active & (token != blank_id)
       # Writes at index max_length are dropped.
       ids = ids.at[batch_index, jnp.where(emit, length, max_length)].set(
-          token, mode='drop')
+          token, mode="drop")
       length = length + emit.astype(jnp.int32)
       new_carry, new_outputs = predict_step(carry, token)
       keep = lambda new, old: jnp.where(

@@ -41,38 +41,38 @@ from conformer_fl.models import asr
 from conformer_fl.models import conformer
 
 _SIZES: dict[str, dict[str, Any]] = {
-    'S': dict(num_blocks=16, model_dim=144, num_heads=4, lstm_dim=320,
+    "S": dict(num_blocks=16, model_dim=144, num_heads=4, lstm_dim=320,
               embed_dim=320, joint_dim=320, conv_kernel_size=32,
               vocab_size=1024),
-    'M': dict(num_blocks=16, model_dim=256, num_heads=4, lstm_dim=640,
+    "M": dict(num_blocks=16, model_dim=256, num_heads=4, lstm_dim=640,
               embed_dim=320, joint_dim=320, conv_kernel_size=32,
               vocab_size=1024),
-    'L': dict(num_blocks=17, model_dim=512, num_heads=8, lstm_dim=640,
+    "L": dict(num_blocks=17, model_dim=512, num_heads=8, lstm_dim=640,
               embed_dim=320, joint_dim=320, conv_kernel_size=32,
               vocab_size=1024),
-    'demo': dict(num_blocks=4, model_dim=96, num_heads=4, lstm_dim=128,
+    "demo": dict(num_blocks=4, model_dim=96, num_heads=4, lstm_dim=128,
                  embed_dim=128, joint_dim=128, conv_kernel_size=15,
                  vocab_size=256),
-    'demo_deep': dict(num_blocks=6, model_dim=96, num_heads=4, lstm_dim=128,
+    "demo_deep": dict(num_blocks=6, model_dim=96, num_heads=4, lstm_dim=128,
                       embed_dim=128, joint_dim=128, conv_kernel_size=15,
                       vocab_size=256),
-    'tiny': dict(num_blocks=2, model_dim=32, num_heads=2, lstm_dim=32,
+    "tiny": dict(num_blocks=2, model_dim=32, num_heads=2, lstm_dim=32,
                  embed_dim=32, joint_dim=32, conv_kernel_size=8,
                  vocab_size=32),
 }
 
 SIZES = tuple(_SIZES)
-DECODERS = ('ctc', 'rnnt')
-FEATURE_NORMALIZATIONS = ('utterance', 'none')
+DECODERS = ("ctc", "rnnt")
+FEATURE_NORMALIZATIONS = ("utterance", "none")
 
 
 # The flat config's fields that make up ConformerASR.encoder_config (all but
 # the sub-model's kept units, which `build_model` takes apart).
 ENCODER_FIELDS = tuple(
     field.name for field in dataclasses.fields(conformer.ConformerConfig)
-    if field.name != 'kept_units')
+    if field.name != "kept_units")
 # ConformerASR attributes that are no config fields.
-_NOT_FIELDS = ('parent', 'name', 'encoder_config')
+_NOT_FIELDS = ("parent", "name", "encoder_config")
 
 
 def _defaults() -> dict[str, Any]:
@@ -101,20 +101,20 @@ def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
     ValueError: unknown size, unknown field or invalid value (names it).
   """
   if size not in _SIZES:
-    raise ValueError(f'Unknown model size {size!r}; expected one of {SIZES}.')
+    raise ValueError(f"Unknown model size {size!r}; expected one of {SIZES}.")
   values = _defaults()
   values.update(_SIZES[size])
   unknown = sorted(set(overrides) - set(values))
   if unknown:
-    raise ValueError(f'Unknown model config field(s) {unknown}; known fields: '
-                     f'{sorted(values)}.')
+    raise ValueError(f"Unknown model config field(s) {unknown}; known fields: "
+                     f"{sorted(values)}.")
   values.update(overrides)
   config = ml_collections.ConfigDict(values)
   validate_config(config)
   return config
 
 
-_DROPPABLE = re.compile(r'encoder/(block_(\d+)/(ffn1|ffn2|conv|mhsa))')
+_DROPPABLE = re.compile(r"encoder/(block_(\d+)/(ffn1|ffn2|conv|mhsa))")
 
 
 def _encoder_kept_units(config: ml_collections.ConfigDict,
@@ -128,12 +128,12 @@ def _encoder_kept_units(config: ml_collections.ConfigDict,
   for name, kept in sorted(kept_units.items()):
     match = _DROPPABLE.fullmatch(name)
     if match is None or int(match.group(2)) >= config.num_blocks:
-      raise ValueError(f'kept_units: {name!r} is no droppable module of a'
-                       f' {config.num_blocks}-block model (expected'
+      raise ValueError(f"kept_units: {name!r} is no droppable module of a"
+                       f" {config.num_blocks}-block model (expected"
                        " 'encoder/block_NN/ffn1|mhsa|conv|ffn2').")
     if not 0 < kept <= full[match.group(3)]:
-      raise ValueError(f'kept_units: {name}={kept}, expected 1 to'
-                       f' {full[match.group(3)]}.')
+      raise ValueError(f"kept_units: {name}={kept}, expected 1 to"
+                       f" {full[match.group(3)]}.")
     encoder_units.append((match.group(1), int(kept)))
   return tuple(encoder_units)
 
@@ -143,42 +143,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   known = set(_defaults())
   unknown = sorted(set(config.keys()) - known)
   if unknown:
-    raise ValueError(f'Unknown model config field(s) {unknown}.')
+    raise ValueError(f"Unknown model config field(s) {unknown}.")
   missing = sorted(known - set(config.keys()))
   if missing:
-    raise ValueError(f'Model config lacks field(s) {missing}.')
+    raise ValueError(f"Model config lacks field(s) {missing}.")
   choices = {
-      'conv_norm': conformer.CONV_NORMS,
-      'depthwise_impl': conformer.DEPTHWISE_IMPLS,
-      'decoder': DECODERS,
-      'feature_normalization': FEATURE_NORMALIZATIONS,
+      "conv_norm": conformer.CONV_NORMS,
+      "depthwise_impl": conformer.DEPTHWISE_IMPLS,
+      "decoder": DECODERS,
+      "feature_normalization": FEATURE_NORMALIZATIONS,
   }
   for field, allowed in choices.items():
     if config[field] not in allowed:
-      raise ValueError(f'Model config field {field}={config[field]!r}; '
-                       f'expected one of {allowed}.')
-  positive = ('num_blocks', 'model_dim', 'num_heads', 'ffn_mult',
-              'conv_kernel_size', 'conv_norm_groups', 'vocab_size',
-              'embed_dim', 'lstm_dim', 'joint_dim', 'max_symbols_per_step',
-              'num_mel_bins')
+      raise ValueError(f"Model config field {field}={config[field]!r}; "
+                       f"expected one of {allowed}.")
+  positive = ("num_blocks", "model_dim", "num_heads", "ffn_mult",
+              "conv_kernel_size", "conv_norm_groups", "vocab_size",
+              "embed_dim", "lstm_dim", "joint_dim", "max_symbols_per_step",
+              "num_mel_bins")
   for field in positive:
     if not isinstance(config[field], int) or config[field] < 1:
-      raise ValueError(f'Model config field {field}={config[field]!r} must be '
-                       'a positive integer.')
+      raise ValueError(f"Model config field {field}={config[field]!r} must be "
+                       "a positive integer.")
   if config.model_dim % config.num_heads:
-    raise ValueError(f'Model config: num_heads={config.num_heads} does not '
-                     f'divide model_dim={config.model_dim}.')
-  if (config.conv_norm == 'group_norm' and
+    raise ValueError(f"Model config: num_heads={config.num_heads} does not "
+                     f"divide model_dim={config.model_dim}.")
+  if (config.conv_norm == "group_norm" and
       config.model_dim % config.conv_norm_groups):
-    raise ValueError(f'Model config: conv_norm_groups={config.conv_norm_groups}'
-                     f' does not divide model_dim={config.model_dim}.')
-  for field in ('dropout_rate', 'attention_dropout_rate'):
+    raise ValueError(f"Model config: conv_norm_groups={config.conv_norm_groups}"
+                     f" does not divide model_dim={config.model_dim}.")
+  for field in ("dropout_rate", "attention_dropout_rate"):
     if not 0.0 <= config[field] < 1.0:
-      raise ValueError(f'Model config field {field}={config[field]!r} must lie '
-                       'in [0, 1).')
+      raise ValueError(f"Model config field {field}={config[field]!r} must lie "
+                       "in [0, 1).")
   if config.vocab_size < 2:
-    raise ValueError('Model config field vocab_size must be >= 2 (blank + one '
-                     'token).')
+    raise ValueError("Model config field vocab_size must be >= 2 (blank + one "
+                     "token).")
 
 
 def build_model(config: ml_collections.ConfigDict,

@@ -29,12 +29,12 @@ from typing import Any, Mapping
 Path = tuple[str, ...]
 PyTree = Any
 
-GRANULARITIES = ('block', 'module')
+GRANULARITIES = ("block", "module")
 
 # Only used to order names as the computation runs (tree order is
 # alphabetical); names themselves always come from the tree.
-_ORDER = ('encoder', 'subsampling', 'ffn1', 'mhsa', 'conv', 'ffn2',
-          'final_norm')
+_ORDER = ("encoder", "subsampling", "ffn1", "mhsa", "conv", "ffn2",
+          "final_norm")
 
 
 def _in_model_order(keys) -> list[str]:
@@ -43,7 +43,7 @@ def _in_model_order(keys) -> list[str]:
 
 
 def list_units(params: Mapping[str, Any],
-               granularity: str = 'block') -> dict[str, Path]:
+               granularity: str = "block") -> dict[str, Path]:
   """Units of a parameter tree, in the order the model computes them.
 
   Args:
@@ -57,24 +57,24 @@ def list_units(params: Mapping[str, Any],
     ValueError: unknown granularity, or a params tree without 'encoder'.
   """
   if granularity not in GRANULARITIES:
-    raise ValueError(f'Unknown unit granularity {granularity!r}; expected one '
-                     f'of {GRANULARITIES}.')
-  if 'encoder' not in params:
-    raise ValueError('list_units expects the params of a ConformerASR (a tree '
+    raise ValueError(f"Unknown unit granularity {granularity!r}; expected one "
+                     f"of {GRANULARITIES}.")
+  if "encoder" not in params:
+    raise ValueError("list_units expects the params of a ConformerASR (a tree "
                      f"with an 'encoder' key); got keys {sorted(params)}.")
   paths: list[Path] = []
   for top_name in _in_model_order(params):
-    if top_name != 'encoder':
+    if top_name != "encoder":
       paths.append((top_name,))
       continue
-    for child_name in _in_model_order(params['encoder']):
-      if granularity == 'module' and child_name.startswith('block_'):
+    for child_name in _in_model_order(params["encoder"]):
+      if granularity == "module" and child_name.startswith("block_"):
         paths.extend(
-            ('encoder', child_name, module_name)
-            for module_name in _in_model_order(params['encoder'][child_name]))
+            ("encoder", child_name, module_name)
+            for module_name in _in_model_order(params["encoder"][child_name]))
       else:
-        paths.append(('encoder', child_name))
-  return {'/'.join(path): path for path in paths}
+        paths.append(("encoder", child_name))
+  return {"/".join(path): path for path in paths}
 
 
 # ----------------------------------------------------------------------------
@@ -125,26 +125,26 @@ def droppable_modules(conv_norm_groups: int = 1
   Args:
     conv_norm_groups: G of the conv module's group norm (1 for other norms).
   """
-  block = r'encoder/block_\d+/'
-  ffn_leaves = (('dense_in/kernel', 1, 1), ('dense_in/bias', 0, 1),
-                ('dense_out/kernel', 0, 1))
-  mhsa_leaves = (('(query|key|value|pos_proj)/kernel', 1, 1),
-                 ('(query|key|value)/bias', 0, 1),
-                 ('content_bias|position_bias', 0, 1),
-                 ('output/kernel', 0, 1))
-  conv_leaves = (('pointwise_in/kernel', 1, 2), ('pointwise_in/bias', 0, 2),
-                 ('depthwise/kernel', 2, 1), ('pointwise_out/kernel', 0, 1),
-                 ('conv_norm/.+', -1, 1))
-  return (DroppableModule('ffn', block + 'ffn1', ffn_leaves),
-          DroppableModule('mhsa', block + 'mhsa', mhsa_leaves),
-          DroppableModule('conv', block + 'conv', conv_leaves,
+  block = r"encoder/block_\d+/"
+  ffn_leaves = (("dense_in/kernel", 1, 1), ("dense_in/bias", 0, 1),
+                ("dense_out/kernel", 0, 1))
+  mhsa_leaves = (("(query|key|value|pos_proj)/kernel", 1, 1),
+                 ("(query|key|value)/bias", 0, 1),
+                 ("content_bias|position_bias", 0, 1),
+                 ("output/kernel", 0, 1))
+  conv_leaves = (("pointwise_in/kernel", 1, 2), ("pointwise_in/bias", 0, 2),
+                 ("depthwise/kernel", 2, 1), ("pointwise_out/kernel", 0, 1),
+                 ("conv_norm/.+", -1, 1))
+  return (DroppableModule("ffn", block + "ffn1", ffn_leaves),
+          DroppableModule("mhsa", block + "mhsa", mhsa_leaves),
+          DroppableModule("conv", block + "conv", conv_leaves,
                           conv_norm_groups),
-          DroppableModule('ffn', block + 'ffn2', ffn_leaves))
+          DroppableModule("ffn", block + "ffn2", ffn_leaves))
 
 
 def droppable_modules_from_config(
     model_config: Any) -> tuple[DroppableModule, ...]:
   """`droppable_modules` of a model config (its conv norm's group count)."""
   groups = (model_config.conv_norm_groups
-            if model_config.conv_norm == 'group_norm' else 1)
+            if model_config.conv_norm == "group_norm" else 1)
   return droppable_modules(groups)
