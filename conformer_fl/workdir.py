@@ -86,10 +86,13 @@ RESUMABLE_FIELDS = (
 DERIVED_FIELDS = ("model.vocab_size",)
 
 # The experiment reuses a finished stage by its step count and compares the
-# arms of one config in its report, so only where the corpus is may change,
-# and the stability runs: a workdir of `make demo` grows into the study's
-# (scale=study adds runs under W/stability and changes no other stage).
-EXPERIMENT_RESUMABLE_FIELDS = ("data_dir", "*.data_dir", "stability.*")
+# arms of one config in its report, so only where the corpus is may change.
+EXPERIMENT_RESUMABLE_FIELDS = ("data_dir", "*.data_dir")
+# Fields a rerun of the experiment may add or drop without a word: its
+# stability runs, so that a workdir of `make demo` grows into the study's
+# (scale=study adds runs under W/stability and changes no other stage). A run
+# present in both configs must be the same.
+EXPERIMENT_GROWABLE_FIELDS = ("stability.runs.*",)
 
 
 class RunError(Exception):
@@ -175,23 +178,29 @@ def changed_fields(saved: Mapping[str, Any], given: Mapping[str, Any],
           and saved[name] != given[name]]
 
 
-def unmatched_fields(saved: Mapping[str, Any], given: Mapping[str, Any]
+def unmatched_fields(saved: Mapping[str, Any], given: Mapping[str, Any],
+                     growable: Sequence[str] = ()
                      ) -> tuple[list[str], list[str]]:
   """(fields only `given` has, fields only `saved` has), sorted.
 
   A field only the given config has was added to the code after the workdir
   was made (the run that made it had no such choice); one only the saved
-  config has was removed since.
+  config has was removed since. Fields matching a `growable` pattern are
+  left out (a config may add or drop them).
   """
   saved, given = flatten(saved), flatten(given)
-  return sorted(set(given) - set(saved)), sorted(set(saved) - set(given))
+  keep = lambda name: not any(fnmatch.fnmatchcase(name, pattern)
+                              for pattern in growable)
+  return (sorted(n for n in set(given) - set(saved) if keep(n)),
+          sorted(n for n in set(saved) - set(given) if keep(n)))
 
 
 def check_config(workdir: str | os.PathLike[str],
                  config: ml_collections.ConfigDict, *,
                  config_file: str = CONFIG_FILE,
                  resumable: Sequence[str] = RESUMABLE_FIELDS,
-                 derived: Sequence[str] = DERIVED_FIELDS) -> bool:
+                 derived: Sequence[str] = DERIVED_FIELDS,
+                 growable: Sequence[str] = ()) -> bool:
   """Checks `config` against the one that made `workdir`; writes nothing.
 
   Args:
@@ -200,6 +209,7 @@ def check_config(workdir: str | os.PathLike[str],
     config_file: the file in `workdir` that holds the saved config.
     resumable: patterns of the fields a rerun may change.
     derived: patterns of the fields not compared.
+    growable: patterns of the fields a rerun may add or drop silently.
 
   Returns:
     Whether the workdir already holds a config (False: a new run).
@@ -226,7 +236,7 @@ def check_config(workdir: str | os.PathLike[str],
         f"--workdir={os.fspath(workdir)} was made by another config ({listed})."
         f" A rerun may change only {', '.join(resumable)}; use a new workdir"
         " (nothing was changed).")
-  added, removed = unmatched_fields(saved, given)
+  added, removed = unmatched_fields(saved, given, growable)
   if added or removed:
     now = flatten(given)
     parts = (["fields added since, as given now: "

@@ -94,6 +94,14 @@ def test_compare_runs_of_two_depths_pairs_units_by_relative_depth():
       ("encoder/block_02", "encoder/block_01"), ("decoder", "decoder")]
   assert stability.matched_units(b, a) == [
       (v, u) for u, v in stability.matched_units(a, b)]
+  # 15 blocks against 10: block 1's centre (1.5 / 15 = 0.1) is as near to
+  # block 0's (0.05) as to block 1's (0.15) of 10; exact, it goes to block 0.
+  deep = _result({f"encoder/block_{i:02d}": 0.0 for i in range(15)}, [], 15)
+  shallow = _result({f"encoder/block_{i:02d}": 0.0 for i in range(10)}, [],
+                    10)
+  pairs = dict(stability.matched_units(deep, shallow))
+  assert pairs["encoder/block_01"] == "encoder/block_00"
+  assert pairs["encoder/block_14"] == "encoder/block_09"
   comparison = stability.compare_runs([a, b], ["a", "b"])
   (pair,) = comparison["pairs"]
   assert pair["matching"] == "relative_depth"

@@ -91,6 +91,27 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
   assert json.loads(saved)["adapt"]["federated"]["rounds"] == 2
 
 
+def test_a_demo_workdir_grows_into_the_study(tmp_path, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(workdir_lib, "warn", warnings.append)
+  workdir = epath.Path(tmp_path)
+  experiment.check_workdir_config(_config("scale=demo"), workdir)
+  experiment.check_workdir_config(_config("scale=study"), workdir)
+  # The saved config is the study's now, and nothing was called a change of
+  # code version.
+  saved = json.loads((workdir / experiment.CONFIG_FILE).read_text())
+  assert len(saved["stability"]["runs"]) == 6 and not warnings
+  changed = _config("scale=study")
+  changed.stability.runs.demo_batch_norm_seed1.central.peak_learning_rate = 0.1
+  with pytest.raises(ValueError, match=r"stability\.runs\.demo_batch_norm_seed1"
+                     r"\.central\.peak_learning_rate"):
+    experiment.check_workdir_config(changed, workdir)
+  # A study's workdir reruns as the demo: its report leaves the runs out.
+  experiment.check_workdir_config(_config("scale=demo"), workdir)
+  assert not json.loads((workdir / experiment.CONFIG_FILE).read_text())[
+      "stability"]["runs"] and not warnings
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("arms", ("full", "dropout"), r"config.arms=\('full', 'dropout'\)"),
     ("seeds", (), "config.seeds is empty"),

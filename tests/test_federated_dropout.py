@@ -554,31 +554,38 @@ def test_running_statistics_averaged_over_clients_that_kept_them():
   assert state.model_state["stats"]["s"][untrained[0]] == stats[untrained[0]]
 
 
-def test_sub_model_is_built_at_the_kept_widths(group_norm_model):
+@pytest.mark.parametrize("norm", ["group_norm", "batch_norm"])
+def test_sub_model_is_built_at_the_kept_widths(tiny_models, norm):
   """build_model(config, kept_units) declares the widths; nothing is inferred."""
-  _, variables, batch = group_norm_model
-  spec = dropout.make_dropout_spec(variables["params"], default_rate=0.5,
-                                   droppable=GROUPED)
+  _, variables, batch = tiny_models[norm]
+  params, state = variables["params"], _state(variables)
+  spec = dropout.make_dropout_spec(
+      params, state, default_rate=0.5,
+      droppable=GROUPED if norm == "group_norm" else UNGROUPED)
   assert spec.kept_units == {
       "encoder/block_00/ffn1": 64, "encoder/block_00/mhsa": 1,
       "encoder/block_00/conv": 16, "encoder/block_00/ffn2": 64}
   inputs = (batch["audio"], batch["audio_paddings"], batch["labels"],
             batch["label_paddings"])
   shapes = jax.eval_shape(
-      lambda: _submodel("group_norm", spec).init(
-          jax.random.key(0), *inputs, train=False))["params"]
-  block = shapes["encoder"]["block_00"]
+      lambda: _submodel(norm, spec).init(
+          jax.random.key(0), *inputs, train=False))
+  block = shapes["params"]["encoder"]["block_00"]
   assert block["ffn1"]["dense_in"]["kernel"].shape == (D_MODEL, 64)
   assert block["ffn2"]["dense_out"]["kernel"].shape == (64, D_MODEL)
   assert block["conv"]["pointwise_in"]["kernel"].shape == (D_MODEL, 32)
-  assert block["conv"]["conv_norm"]["scale"].shape == (16,)
   # One head of the full model's width D / H = 16.
   assert block["mhsa"]["query"]["kernel"].shape == (D_MODEL, 1, 16)
-  # The gathered sub-model params have exactly these shapes.
+  # The gathered sub-model variables have exactly these shapes: params, and
+  # with batch norm the running statistics of the 16 kept channels.
   kept = submodel_lib.all_kept_indices(spec)
-  gathered = submodel_lib.gather_submodel(spec, variables["params"], kept)
+  gathered = {"params": submodel_lib.gather_submodel(spec, params, kept),
+              **submodel_lib.gather_submodel(spec, state, kept, "model_state")}
   assert jax.tree.map(np.shape, gathered) == jax.tree.map(
       lambda x: x.shape, shapes)
+  if norm == "batch_norm":
+    assert shapes["batch_stats"]["encoder"]["block_00"]["conv"]["conv_norm"][
+        "mean"].shape == (16,)
 
 
 @pytest.mark.parametrize("kept_units, message", [
@@ -586,6 +593,8 @@ def test_sub_model_is_built_at_the_kept_widths(group_norm_model):
     ({"encoder/block_00/final_norm": 8}, "is no droppable module"),
     ({"encoder/block_00/conv": 0}, "conv=0, expected 1 to 32"),
     ({"encoder/block_00/mhsa": 3}, "mhsa=3, expected 1 to 2"),
+    ({"encoder/block_0/ffn1": 8}, "'encoder/block_0/ffn1' is no droppable"),
+    ({"encoder/block_00/conv": 3}, "not a multiple of conv_norm_groups=2"),
 ])
 def test_sub_model_widths_are_checked(kept_units, message):
   with pytest.raises(ValueError, match=message):

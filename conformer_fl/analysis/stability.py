@@ -61,8 +61,9 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
 
   Runs of the same number of blocks pair units by name; otherwise every block
   unit of the deeper run pairs with the nearest-centred block unit of the same
-  kind in the shallower one (so units of the shallower run may appear in
-  several pairs), and units outside the blocks pair by name.
+  kind in the shallower one (a tie goes to the shallower block; units of the
+  shallower run may appear in several pairs), and units outside the blocks
+  pair by name.
   """
   blocks_a = a["model"]["num_blocks"]
   blocks_b = b["model"]["num_blocks"]
@@ -83,9 +84,11 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
       partner = unit if unit in shallow["units"] else None
     else:
       index, kind = located
-      centre = (index + 0.5) / deep_blocks
-      nearest = min(range(shallow_blocks),
-                    key=lambda j: abs((j + 0.5) / shallow_blocks - centre))
+      # |(j + 1/2) / shallow - (index + 1/2) / deep| in exact integers, so
+      # that a tie goes to the shallower block j whatever the rounding.
+      nearest = min(range(shallow_blocks), key=lambda j: (
+          abs((2 * j + 1) * deep_blocks - (2 * index + 1) * shallow_blocks),
+          j))
       partner = shallow_by_kind.get((nearest, kind))
     if partner is not None:
       pairs.append((unit, partner) if swap else (partner, unit))
@@ -114,7 +117,10 @@ def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
      'relative_depth', 'jaccard_ambient', 'chance_jaccard_ambient',
      'wer_increase': correlations, 'loss_increase': correlations}. The
     overlap is taken over the pairs: pairs whose two units are both ambient,
-    over pairs with at least one ambient unit.
+    over pairs with at least one ambient unit. Matched by relative depth, a
+    unit of the shallower run may stand in several pairs, so the pairs are
+    not independent draws and the chance level (random sets of pairs of the
+    same sizes) is a reference, not an exact null.
   """
   pairs = matched_units(a, b)
   ambient_a, ambient_b = set(a["ambient"]), set(b["ambient"])

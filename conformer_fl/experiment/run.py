@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Iterator
 import contextlib
+import fnmatch
 import json
 import os
 import time
@@ -86,7 +87,9 @@ def check_workdir_config(config: ml_collections.ConfigDict,
   The rule of every mode (`conformer_fl.workdir.check_config`) with the
   experiment's list of resumable fields,
   `workdir.EXPERIMENT_RESUMABLE_FIELDS`: only the fields named `data_dir`,
-  which say where the corpus is, not what is computed.
+  which say where the corpus is, not what is computed. Stability runs may be
+  added or dropped (`workdir.EXPERIMENT_GROWABLE_FIELDS`: a demo's workdir
+  grows into the study's); the file is then rewritten with this config.
 
   Args:
     config: the experiment config.
@@ -99,12 +102,23 @@ def check_workdir_config(config: ml_collections.ConfigDict,
   workdir_lib.check_is_directory(workdir)
   if workdir_lib.check_config(
       workdir, config, config_file=CONFIG_FILE,
-      resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=()):
+      resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=(),
+      growable=workdir_lib.EXPERIMENT_GROWABLE_FIELDS) and not _grew(
+          workdir, config):
     return
   if _is_chief():
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomically(workdir / CONFIG_FILE, json.dumps(
         workdir_lib.config_as_json(config), indent=2))
+
+
+def _grew(workdir: epath.Path, config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` adds or drops stability runs of W/experiment_config.json."""
+  saved = workdir_lib.flatten(_read_json(workdir / CONFIG_FILE))
+  given = workdir_lib.flatten(workdir_lib.config_as_json(config))
+  return any(fnmatch.fnmatchcase(name, pattern)
+             for name in set(saved) ^ set(given)
+             for pattern in workdir_lib.EXPERIMENT_GROWABLE_FIELDS)
 
 
 def corpus_is_built(data_config: ml_collections.ConfigDict) -> bool:
@@ -268,12 +282,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   workdir_lib.check_is_directory(workdir)
   # Checked before the lock, whose file would be the first write.
-  known = workdir_lib.check_config(
+  workdir_lib.check_config(
       workdir, config, config_file=CONFIG_FILE,
-      resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=())
+      resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=(),
+      growable=workdir_lib.EXPERIMENT_GROWABLE_FIELDS)
   with workdir_lib.WorkdirLock(workdir):
-    if not known:
-      check_workdir_config(config, workdir)  # Writes experiment_config.json.
+    # Writes experiment_config.json when new, or grown by stability runs.
+    check_workdir_config(config, workdir)
     return _run_stages(config, workdir, train_central, train_federated)
 
 

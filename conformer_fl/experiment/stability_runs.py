@@ -35,6 +35,8 @@ import ml_collections
 import numpy as np
 
 from conformer_fl import checkpointing
+from conformer_fl import models
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.analysis import stability as stability_lib
 
@@ -45,15 +47,32 @@ PRETRAIN_NAME = "pretrain"
 GROUPS = ("seeds", "norms", "sizes")
 
 
+# The fields a pair of compared runs may differ in: the seed, the conv norm
+# (with its groups), the size's fields, and where the corpus is.
+_VARYING_FIELDS = ("seed", "model.conv_norm", "model.conv_norm_groups",
+                   "data.data_dir",
+                   *(f"model.{field}" for field in models.SIZE_FIELDS))
+
+
 def _identity(run_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'size', 'norm', 'seed', 'steps', 'rest'}: rest = every other field."""
   model = run_config.model
+  flat = workdir_lib.flatten(workdir_lib.config_as_json(run_config))
   return dict(size=f"{model.num_blocks}x{model.model_dim}",
               norm=model.conv_norm, seed=int(run_config.seed),
-              steps=int(run_config.central.num_steps))
+              steps=int(run_config.central.num_steps),
+              rest={k: v for k, v in flat.items()
+                    if k not in _VARYING_FIELDS})
 
 
 def group_of(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
-  """The group of two runs' identities: what alone differs, else None."""
+  """The group of two runs' identities: what alone differs, else None.
+
+  Two runs that differ in any other field (steps, learning rate, decoder...)
+  are in no group.
+  """
+  if a.get("rest") != b.get("rest"):
+    return None
   differs = [key for key in ("seed", "norm", "size") if a[key] != b[key]]
   if len(differs) != 1:
     return None
@@ -149,7 +168,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
         baseline_wer_interval=result["baseline"].get("wer_interval"),
         num_examples=result["eval"]["num_examples"],
         num_units=len(result["units"]), ambient=list(result["ambient"])))
-  summary = dict(runs=runs, groups=compare(runs, results))
+  groups = compare(runs, results)
+  summary = dict(runs=[{k: v for k, v in r.items() if k != "rest"}
+                       for r in runs], groups=groups)
   (workdir / STABILITY_FILE).write_text(json.dumps(summary, indent=2))
   return summary
 
@@ -165,7 +186,7 @@ def _fmt(value: float | None) -> str:
 
 
 GROUP_TITLES = {"seeds": "seeds (same size and norm)",
-                "norms": "group vs batch norm (same size and seed)",
+                "norms": "conv norms (same size and seed)",
                 "sizes": "sizes, matched by relative depth (same norm, seed)"}
 
 

@@ -11,6 +11,7 @@ from conformer_fl.models.losses import make_mean_loss_fn
 from conformer_fl.models.rnnt import rnnt_loss
 from conformer_fl.models.sizes import build_model
 from conformer_fl.models.sizes import get_model_config
+from conformer_fl.models.sizes import SIZE_FIELDS
 from conformer_fl.models.units import droppable_modules
 from conformer_fl.models.units import droppable_modules_from_config
 from conformer_fl.models.units import list_units
@@ -20,6 +21,7 @@ from conformer_fl.models.variables import split_variables
 __all__ = [
     "ConformerASR",
     "ConformerConfig",
+    "SIZE_FIELDS",
     "build_model",
     "ctc_loss",
     "droppable_modules",

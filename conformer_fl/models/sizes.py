@@ -62,6 +62,8 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 SIZES = tuple(_SIZES)
+# The model config fields that a size sets.
+SIZE_FIELDS = tuple(sorted({field for size in _SIZES.values() for field in size}))
 DECODERS = ("ctc", "rnnt")
 FEATURE_NORMALIZATIONS = ("utterance", "none")
 
@@ -127,13 +129,19 @@ def _encoder_kept_units(config: ml_collections.ConfigDict,
   encoder_units = []
   for name, kept in sorted(kept_units.items()):
     match = _DROPPABLE.fullmatch(name)
-    if match is None or int(match.group(2)) >= config.num_blocks:
+    if (match is None or int(match.group(2)) >= config.num_blocks or
+        match.group(2) != f"{int(match.group(2)):02d}"):
       raise ValueError(f"kept_units: {name!r} is no droppable module of a"
                        f" {config.num_blocks}-block model (expected"
                        " 'encoder/block_NN/ffn1|mhsa|conv|ffn2').")
-    if not 0 < kept <= full[match.group(3)]:
+    kind = match.group(3)
+    if not 0 < kept <= full[kind]:
       raise ValueError(f"kept_units: {name}={kept}, expected 1 to"
-                       f" {full[match.group(3)]}.")
+                       f" {full[kind]}.")
+    if (kind == "conv" and config.conv_norm == "group_norm" and
+        kept % config.conv_norm_groups):
+      raise ValueError(f"kept_units: {name}={kept} is not a multiple of"
+                       f" conv_norm_groups={config.conv_norm_groups}.")
     encoder_units.append((match.group(1), int(kept)))
   return tuple(encoder_units)
 
