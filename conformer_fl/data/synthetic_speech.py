@@ -56,6 +56,9 @@ from conformer_fl.data import tts_engines
 from conformer_fl.data.tts_engines import Speaker
 
 SPLITS = ("train", "dev", "test")
+# ArrayRecord: random access by record index (`tfds.data_source`), which the
+# federated clients read per round (conformer_fl/data/record_source.py).
+DEFAULT_FILE_FORMAT = "array_record"
 DOMAINS = ("long", "short")
 
 # eSpeak NG material (`espeak-ng --voices=en`, `espeak-ng --voices=variant`): the
@@ -470,13 +473,18 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
 
 
 def build(config: str | SyntheticSpeechConfig = "demo",
-          data_dir: str | None = None) -> SyntheticSpeech:
+          data_dir: str | None = None,
+          file_format: str = DEFAULT_FILE_FORMAT) -> SyntheticSpeech:
   """Returns the prepared builder, synthesizing the corpus only if not yet there.
 
   Args:
     config: a config name ('tiny', 'demo', 'small', 'medium') or a
       SyntheticSpeechConfig.
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
+    file_format: TFDS record format: 'array_record' (random access, which the
+      federated clients need: `conformer_fl.data.record_source`) or 'tfrecord'
+      (read only sequentially, through tf.data). A corpus already prepared in
+      `data_dir` is reused whatever its format.
 
   Raises:
     tts_engines.MissingSystemPackagesError: espeak-ng, flite or fortunes-min are
@@ -484,9 +492,11 @@ def build(config: str | SyntheticSpeechConfig = "demo",
   """
   tts_engines.check_system_packages()
   builder = SyntheticSpeech(config=config, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-      try_download_gcs=False))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+          try_download_gcs=False),
+      file_format=file_format)
   return builder
 
 
@@ -552,7 +562,7 @@ def main(argv: Sequence[str]) -> None:
   probe = SyntheticSpeech(config=config_name, data_dir=data_dir)
   already = probe.is_prepared()
   start = time.perf_counter()
-  builder = build(config_name, data_dir)
+  builder = build(config_name, data_dir, flags.FLAGS.file_format)
   seconds = time.perf_counter() - start
   print(f"synthetic_speech/{config_name} at {builder.data_dir}")
   if already:
@@ -571,4 +581,6 @@ if __name__ == "__main__":
   from conformer_fl.data import synthetic_speech
   flags.DEFINE_string("config", "demo", "Config name: tiny, demo, small or medium.")
   flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+  flags.DEFINE_enum("file_format", DEFAULT_FILE_FORMAT,
+                    ["array_record", "tfrecord"], "TFDS record format.")
   app.run(synthetic_speech.main)
