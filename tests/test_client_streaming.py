@@ -342,3 +342,12 @@ def test_federated_librispeech_config_reads_the_stand_in(librispeech_dir,
       e["audio"] / np.float32(32768), row[:n]) for e in first)
   # The eval split (dev_clean) is read through the same random-access files.
   assert len(list(input_pipeline.load_split_from_config(data, "dev"))) == 4
+
+
+def test_stand_in_lengths_are_those_generated(librispeech_dir):
+  source = record_source.RecordSource("librispeech", "dev_clean",
+                                      librispeech_dir)
+  lengths = [e["audio"].size for e in source.read(range(len(source)))]
+  assert sorted(lengths) == sorted(
+      librispeech_stand_in.num_samples_of(_STAND_IN, "dev_clean"))
+  assert len(lengths) == 4

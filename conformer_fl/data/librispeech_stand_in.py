@@ -75,26 +75,18 @@ class LibriSpeechStandIn(librispeech_dataset_builder.Builder,
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded.
-    s = self._size
-    splits = {}
-    for i, split in enumerate(TRAIN_SPLITS):
-      speakers = range(i, s.train_speakers, len(TRAIN_SPLITS))
-      splits[split] = self._generate(split, [100 + k for k in speakers],
-                                     s.utterances_per_speaker)
-    for i, split in enumerate(EVAL_SPLITS):
-      speakers = [10_000 + 100 * i + k for k in range(s.eval_speakers)]
-      splits[split] = self._generate(split, speakers,
-                                     s.eval_utterances_per_speaker)
-    return splits
+    return {split: self._generate(speakers, utterances)
+            for split, (speakers, utterances) in split_speakers(
+                self._size).items()}
 
-  def _generate(self, split: str, speakers: list[int],
+  def _generate(self, speakers: list[int],
                 utterances: int) -> Iterator[tuple[str, dict]]:
     s = self._size
     for speaker in speakers:
       chapter = speaker * 10 + 1
       for utt in range(utterances):
         rng = np.random.default_rng([s.seed, speaker, utt])
-        seconds = rng.uniform(s.min_seconds, s.max_seconds)
+        seconds = rng.uniform(s.min_seconds, s.max_seconds)  # First draw.
         num_samples = int(seconds * SAMPLE_RATE)
         audio = rng.normal(0.0, 2000.0, num_samples).clip(-32768, 32767)
         words, length = [], 0
@@ -105,6 +97,27 @@ class LibriSpeechStandIn(librispeech_dataset_builder.Builder,
         key = f"{speaker}-{chapter}-{utt:04d}"
         yield key, {"speech": audio.astype(np.int16), "text": " ".join(words),
                     "speaker_id": speaker, "chapter_id": chapter, "id": key}
+
+
+def split_speakers(size: StandInSize) -> dict[str, tuple[list[int], int]]:
+  """Split name -> (its speaker ids, utterances per speaker)."""
+  splits = {}
+  for i, split in enumerate(TRAIN_SPLITS):
+    speakers = range(i, size.train_speakers, len(TRAIN_SPLITS))
+    splits[split] = ([100 + k for k in speakers], size.utterances_per_speaker)
+  for i, split in enumerate(EVAL_SPLITS):
+    splits[split] = ([10_000 + 100 * i + k for k in range(size.eval_speakers)],
+                     size.eval_utterances_per_speaker)
+  return splits
+
+
+def num_samples_of(size: StandInSize, split: str) -> list[int]:
+  """The audio length (samples) of each utterance of a split, in generation
+  order, computed without generating the audio."""
+  speakers, utterances = split_speakers(size)[split]
+  return [int(np.random.default_rng([size.seed, speaker, utt]).uniform(
+      size.min_seconds, size.max_seconds) * SAMPLE_RATE)
+          for speaker in speakers for utt in range(utterances)]
 
 
 def build(data_dir: str, size: StandInSize = StandInSize(),

@@ -150,9 +150,8 @@ class RecordSource:
           " record index. Prepare it with file_format='array_record' (`tfds"
           " build DATASET --file_format=array_record`, or `python -m"
           " conformer_fl.data.synthetic_speech --file_format=array_record`"
-          " for the local corpus) or add that format to the prepared data"
-          " (`tfds convert_format --dataset_dir=DIR"
-          " --out_file_format=array_record`).")
+          " for the local corpus), in another data_dir or after deleting"
+          " this one.")
     self.dataset_dir = epath.Path(builder.data_dir)
     tfds_split = (librispeech.tfds_split(split, self._options)
                   if self._is_librispeech else split)

@@ -34,7 +34,9 @@ record files, byte for byte, in any process and with any number of threads.
 Usage:
   python -m conformer_fl.data.synthetic_speech --config=demo --data_dir=/tmp/tfds
   builder = synthetic_speech.build('tiny', data_dir)   # prepared, idempotent
-  ds = builder.as_dataset(split='train')
+  train = builder.as_data_source(split='train')       # ArrayRecord: train[i]
+(`build(..., file_format='tfrecord')` writes tfrecord files instead, read with
+`builder.as_dataset`; the federated clients need ArrayRecord.)
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -500,6 +502,22 @@ def build(config: str | SyntheticSpeechConfig = "demo",
   return builder
 
 
+def split_records(builder: tfds.core.DatasetBuilder, split: str,
+                  decode_audio: bool = True) -> Iterator[dict[str, Any]]:
+  """The records of a prepared split as numpy dicts, in order, in either format.
+
+  ArrayRecord files are read through the random-access data source, tfrecord
+  files through tf.data. With decode_audio False, 'audio' is left encoded.
+  """
+  decoders = None if decode_audio else {"audio": tfds.decode.SkipDecoding()}
+  if builder.info.file_format in tfds.core.FileFormat.with_tf_data():
+    yield from tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders))
+    return
+  source = builder.as_data_source(split=split, decoders=decoders)
+  for i in range(len(source)):
+    yield source[i]
+
+
 def corpus_statistics(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   """Speakers, utterances and hours per split and domain of a prepared builder.
 
@@ -512,11 +530,9 @@ def corpus_statistics(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   domain_names = builder.info.features["domain"].names
   stats = {}
   for split in builder.info.splits:
-    ds = builder.as_dataset(
-        split=split, decoders={"audio": tfds.decode.SkipDecoding()})
     durations = collections.defaultdict(list)
     speakers = set()
-    for ex in tfds.as_numpy(ds):
+    for ex in split_records(builder, split, decode_audio=False):
       durations[domain_names[ex["domain"]]].append(float(ex["duration"]))
       speakers.add(ex["speaker_id"].decode())
     split_stats = {"speakers": len(speakers),
