@@ -12,6 +12,7 @@ The clients of a split are read by record index from ArrayRecord files
     TFDS schema.
 """
 
+import json
 import pathlib
 import types
 
@@ -351,3 +352,24 @@ def test_stand_in_lengths_are_those_generated(librispeech_dir):
   assert sorted(lengths) == sorted(
       librispeech_stand_in.num_samples_of(_STAND_IN, "dev_clean"))
   assert len(lengths) == 4
+
+
+def test_a_record_that_disagrees_with_the_index_is_named(fake_config):
+  source = input_pipeline.open_record_source(fake_config, "train")
+  index = record_source.load_speaker_index(source)
+  path = record_source.index_path(source)
+  saved = path.read_text()
+  at = index["records"]["id"].index("u1")  # "good morning", 6000 samples
+  try:
+    # The index says u1 is 4000 samples long: bucket 0, the record is bucket 1.
+    index["records"]["num_samples"][at] = 4000
+    path.write_text(json.dumps(index))
+    datasets = input_pipeline.get_client_datasets(fake_config, _CHAR,
+                                                  domains=())
+    assert datasets.record_buckets["s2"].tolist() == [0, 0]
+    with pytest.raises(input_pipeline.IndexStale, match="delete the index"):
+      datasets.read_client("s2")
+  finally:
+    path.write_text(saved)
+  datasets = input_pipeline.get_client_datasets(fake_config, _CHAR, domains=())
+  assert sorted(e["id"] for e in datasets.read_client("s2")) == ["u1", "u5"]
