@@ -6,14 +6,26 @@ Measures, on one corpus, the host-side cost (numpy + tf.data, no device work) of
   2. central training batches (`get_train_batches`, in-memory cache, no prefetch
      thread, so the number is the producer's own speed),
   3. eval batches streamed from TFDS (`get_eval_batches`),
-  4. federated round arrays [C, K, B, S] (`make_round`),
-and prints a table to compare with the model's step time: the pipeline is not
-the bottleneck while its ms per batch (or per round) is well below the step's.
+  4. federated round arrays [C, K, B, S] (`make_round`: the sampled clients'
+     records read from disk by record index, `record_source`),
+  5. the compiled federated round of a model (`--round_model`, default tiny)
+     on those same round arrays, in the same process,
+and prints a table, then the ratio of the two round times: the host is not
+the bottleneck while building a round's arrays takes well under the compiled
+round (ratio < 1; with the prefetch of one round ahead it then hides
+entirely). The round arrays use the largest bucket (`--fixed_shape`, as
+`federated.fixed_round_shape`), so the compiled round is timed without
+recompilation.
 
 Usage:
   python -m benchmarks.input_pipeline --data_dir=/tmp/cfl_data --config=tiny
   python -m benchmarks.input_pipeline --data_dir=/tmp/cfl_data --config=demo \
       --batch_size=16 --clients_per_round=8 --local_steps=4 --client_batch_size=8
+  python -m benchmarks.input_pipeline --dataset=librispeech \
+      --data_dir=/tmp/cfl_ls_stand_in --client_domains= \
+      --bucket_seconds=6,12,18,36 --num_batches=20
+(the last on `conformer_fl.data.librispeech_stand_in`, which
+benchmarks/client_data_memory.py builds.)
 """
 
 import time
@@ -44,6 +56,13 @@ _CLIENT_BATCH_SIZE = flags.DEFINE_integer("client_batch_size", 4, "B of clients.
 _NUM_ROUNDS = flags.DEFINE_integer("num_rounds", 30, "Rounds to time.")
 _CLIENT_DOMAINS = flags.DEFINE_list(
     "client_domains", ["short"], "Domains of the clients' data (empty: all).")
+_FIXED_SHAPE = flags.DEFINE_bool(
+    "fixed_shape", True, "Round arrays of the largest bucket (one compilation).")
+_ROUND_MODEL = flags.DEFINE_string(
+    "round_model", "tiny", "Model size of the compiled round to compare with"
+    " ('' = no compiled round).")
+_TIMED_ROUNDS = flags.DEFINE_integer(
+    "timed_rounds", 3, "Compiled rounds to time (after one to compile).")
 
 
 def _data_config():
@@ -119,21 +138,36 @@ def main(argv):
   sampler = clients_lib.ClientSampler(
       datasets.client_ids,
       min(_CLIENTS_PER_ROUND.value, len(datasets.client_ids)), seed=0)
+  reads_before = datasets.source.records_read
   start = time.perf_counter()
   round_mb = []
   shapes = set()
+  kept_rounds = []
   for round_index in range(_NUM_ROUNDS.value):
     _, data = input_pipeline.make_round(
         datasets, sampler, round_index, 0, local_steps=_LOCAL_STEPS.value,
-        batch_size=_CLIENT_BATCH_SIZE.value)
+        batch_size=_CLIENT_BATCH_SIZE.value, fixed_shape=_FIXED_SHAPE.value)
     round_mb.append(_megabytes(data))
     shapes.add(data["audio"].shape)
-  seconds = time.perf_counter() - start
+    if len(kept_rounds) <= _TIMED_ROUNDS.value:
+      kept_rounds.append(data)
+  round_data_seconds = time.perf_counter() - start
+  records_per_round = (
+      datasets.source.records_read - reads_before) / _NUM_ROUNDS.value
   c, k, b = (sampler.clients_per_round, _LOCAL_STEPS.value,
              _CLIENT_BATCH_SIZE.value)
-  rows.append((f"round arrays [C={c}, K={k}, B={b}, S]", _NUM_ROUNDS.value, seconds,
+  rows.append((f"round arrays [C={c}, K={k}, B={b}, S]", _NUM_ROUNDS.value,
+               round_data_seconds,
                f"{np.mean(round_mb):.1f} MB/round, S in"
-               f" {sorted({s[-1] for s in shapes})}"))
+               f" {sorted({s[-1] for s in shapes})}, {records_per_round:.1f}"
+               " records read per round"))
+  compiled = None
+  if _ROUND_MODEL.value:
+    compiled = _time_compiled_round(config, tokenizer, kept_rounds)
+    rows.append((f"compiled round, model {_ROUND_MODEL.value}"
+                 f" ({compiled['devices']} devices)", compiled["rounds"],
+                 compiled["seconds"],
+                 f"compiled in {compiled['compile_seconds']:.1f} s"))
 
   print(f"\nInput pipeline on {config.dataset}/{config.builder_config}"
         f" ({config.data_dir or 'TFDS default dir'}), buckets"
@@ -147,6 +181,62 @@ def main(argv):
   for name, items, seconds, notes in rows:
     print(f"| {name} | {items} | {seconds:.2f} | {items / seconds:.1f} |"
           f" {1000 * seconds / max(items, 1):.2f} | {notes} |")
+  if compiled is not None:
+    data_ms = 1000 * round_data_seconds / _NUM_ROUNDS.value
+    round_ms = 1000 * compiled["seconds"] / compiled["rounds"]
+    print(f"\nround data / compiled round: {data_ms:.1f} ms / {round_ms:.1f} ms"
+          f" = {data_ms / round_ms:.3f} (rounds of arrays per second:"
+          f" {1000 / data_ms:.1f}; compiled rounds per second:"
+          f" {1000 / round_ms:.2f})")
+
+
+def _time_compiled_round(data_config, tokenizer, rounds):
+  """Seconds of the compiled federated round on `rounds` (the first compiles).
+
+  The round of configs/federated.py (`steps.make_round_from_config`) for a
+  model of size --round_model, on a `clients` mesh of every local device
+  (that C divides).
+
+  Returns:
+    {'rounds', 'seconds' (of the timed rounds, all of rounds[1:]),
+     'compile_seconds', 'devices'}.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from conformer_fl import config_lib
+  from conformer_fl import models
+  from conformer_fl import steps
+  from conformer_fl.federated import mesh as mesh_lib
+  from conformer_fl.federated import round as round_lib
+  # pylint: enable=g-import-not-at-top
+  config = config_lib.federated_run_config(size=_ROUND_MODEL.value)
+  config.data = data_config
+  config.model.vocab_size = tokenizer.vocab_size
+  c = rounds[0]["num_examples"].shape[0]
+  config.federated.clients_per_round = c
+  config.federated.local_steps = _LOCAL_STEPS.value
+  config.federated.client_batch_size = _CLIENT_BATCH_SIZE.value
+  devices = max(n for n in range(1, jax.device_count() + 1) if c % n == 0)
+  mesh = mesh_lib.make_client_mesh(devices)
+  model = models.build_model(config.model)
+  params, model_state = models.split_variables(
+      models.init_variables(model, config.seed))
+  round_fn, server_optimizer = steps.make_round_from_config(
+      config, model, params, model_state, mesh)
+  state = mesh_lib.replicate(
+      round_lib.init_server_state(params, model_state, server_optimizer), mesh)
+  rng = jax.random.key(0)
+  start = time.perf_counter()
+  state, metrics = round_fn(state, mesh_lib.shard_round_data(rounds[0], mesh),
+                            rng)
+  jax.block_until_ready((state, metrics))
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  for data in rounds[1:]:
+    state, metrics = round_fn(state, mesh_lib.shard_round_data(data, mesh), rng)
+    jax.block_until_ready((state, metrics))
+  return {"rounds": len(rounds) - 1, "seconds": time.perf_counter() - start,
+          "compile_seconds": compile_seconds, "devices": devices}
 
 
 if __name__ == "__main__":

@@ -11,13 +11,19 @@ jit-compiled function. By default the clients adapt a centrally pre-trained mode
       --config.federated.init_workdir=/tmp/cfl/central --workdir=/tmp/cfl/federated
   python launch/local_multiprocess.py --num_processes=2 --devices_per_process=2 -- \
       --config=configs/federated.py:size=tiny,corpus=tiny --workdir=/tmp/cfl/fed_mh
+  python -m conformer_fl.main \
+      --config=configs/federated.py:size=S,corpus=librispeech,domain=all \
+      --config.federated.init_workdir=gs://BUCKET/central --workdir=gs://BUCKET/fed
 
 Argument (all optional, `key=value,...`):
   size     model size: tiny | demo | S | M | L             (default demo)
   norm     conv-module norm: batch_norm | group_norm | layer_norm (group_norm)
   decoder  ctc | rnnt                                       (ctc)
   corpus   synthetic_speech builder config, or librispeech   (demo)
+           (prepared as array_record: clients are read from disk per round)
   domain   the clients' domain: short | long | all           (short)
+           (librispeech: all = every utterance, the paper's setting; short /
+           long split it at data.short_max_seconds)
   server   fedavg | fedavgm | fedadam | fedyogi              (fedavg)
   rounds   number of rounds                                  (60)
   seed                                                       (0)

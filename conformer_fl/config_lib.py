@@ -285,9 +285,17 @@ def federated_run_config(size: str = "demo", norm: str = "group_norm",
   """Federated training (configs/federated.py documents the arguments).
 
   Fields: mode, seed, data, model, eval_max_batches and federated
-  (`federated_config`). The clients are the speakers of `domain`.
+  (`federated_config`). The clients are the speakers of `domain`. Their data
+  is read from disk per round (conformer_fl/data/record_source.py): the corpus
+  must be prepared in the array_record format. LibriSpeech has no domains of
+  its own: domain=all takes every utterance (the paper's federated
+  LibriSpeech by speaker), short / long split it by duration
+  (data.librispeech_domain_mode='by_duration', short = at most
+  data.short_max_seconds).
   """
   config = _run_config("federated", seed, corpus, size, norm, decoder)
+  if corpus == "librispeech" and domain != "all":
+    config.data.librispeech_domain_mode = "by_duration"
   config.data.client_domains = () if domain == "all" else (domain,)
   config.data.eval_domains = config.data.client_domains
   config.federated = federated_config(server=server, rounds=rounds)

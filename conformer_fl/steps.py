@@ -126,7 +126,8 @@ def round_arrays(config: ml_collections.ConfigDict,
   """Round `round_index`'s arrays [C, K, B, ...] of a federated run's config.
 
   `input_pipeline.make_round` with the config's federated fields. With a
-  mesh, only this process's block of clients [C / P, K, B, ...].
+  mesh, only this process's block of clients [C / P, K, B, ...], whose
+  records alone are read from disk.
   """
   f = config.federated
   client_range = (None if mesh is None else mesh_lib.process_client_range(

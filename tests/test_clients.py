@@ -233,7 +233,9 @@ class CflClientsStandIn(tfds.core.GeneratorBasedBuilder):
 
 
 def test_client_datasets_from_tfds_and_round(tmp_path):
-  CflClientsStandIn(data_dir=str(tmp_path)).download_and_prepare()
+  # Clients are read by record index: the array_record format.
+  CflClientsStandIn(data_dir=str(tmp_path)).download_and_prepare(
+      file_format="array_record")
   config = input_pipeline.default_data_config()
   config.dataset = "cfl_clients_stand_in"
   config.builder_config = ""
@@ -243,8 +245,9 @@ def test_client_datasets_from_tfds_and_round(tmp_path):
   datasets = input_pipeline.get_client_datasets(config, _CHAR)  # 'short' only
   assert datasets.client_ids == ["s1", "s2", "s3", "s4"]
   assert datasets.sizes() == {"s1": 1, "s2": 2, "s3": 3, "s4": 1}
-  assert sorted(e["id"] for e in datasets.examples["s3"]) == ["u3", "u4", "u5"]
-  assert _CHAR.decode(datasets.examples["s1"][0]["labels"]) == "hi there"
+  assert sorted(e["id"] for e in datasets.read_client("s3")) == [
+      "u3", "u4", "u5"]
+  assert _CHAR.decode(datasets.read_client("s1")[0]["labels"]) == "hi there"
   sampler = clients.ClientSampler(datasets.client_ids, 2, seed=1)
   ids, data = input_pipeline.make_round(datasets, sampler, 4, seed=1,
                                         local_steps=2, batch_size=2,

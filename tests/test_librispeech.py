@@ -168,7 +168,7 @@ def test_eval_batches_through_the_common_pipeline(fake_records):
   assert batches[0]["audio_paddings"][2].all()
 
 
-def test_train_batches_tokenizer_and_clients(fake_records, tmp_path):
+def test_train_batches_and_tokenizer(fake_records, tmp_path):
   del fake_records
   config = _config()
   config.tokenizer.kind = "sentencepiece"
@@ -184,5 +184,5 @@ def test_train_batches_tokenizer_and_clients(fake_records, tmp_path):
     assert batch["audio"].shape in ((2, 8000), (2, 16000))
     assert batch["example_mask"].tolist() == [1, 1]
     assert batch["labels"].dtype == np.int32 and batch["labels"].min() >= 0
-  datasets = input_pipeline.get_client_datasets(config, tokenizer)
-  assert datasets.sizes() == {"103": 1, "19": 2, "26": 3}
+  # The federated clients of LibriSpeech (read by record index, which this
+  # mock of tf.data cannot serve): tests/test_client_streaming.py.

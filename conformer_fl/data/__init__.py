@@ -9,6 +9,7 @@ The modules a training loop uses:
                   bucket_by_length, eval_batches
   clients         ClientSampler, partition_by_speaker, make_round_data,
                   client_size_report
+  record_source   RecordSource (a split by record index), load_speaker_index
   librispeech     LibriSpeech -> common example dicts
 The TFDS builder of the local corpus is `synthetic_speech` (imported on demand by
 `input_pipeline.load_split`, so that importing this package stays light).

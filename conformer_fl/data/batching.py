@@ -32,8 +32,8 @@ label length: given explicitly, or derived as ceil(seconds * labels_per_second)
 rounded up to a multiple of 8 (`make_buckets`). Fewer distinct shapes means fewer
 compilations; more buckets means less padding.
 
-Prepared examples keep int16 audio as int16 (half the memory of float32; client
-data is held in memory) and scale it when a batch is padded.
+Prepared examples keep int16 audio as int16 (half the memory of float32; the
+central train split may be cached in memory) and scale it when a batch is padded.
 """
 
 import collections
@@ -213,12 +213,42 @@ def decode_text(value: Any) -> Any:
   return value
 
 
+def audio_problem(audio: Any) -> tuple[str, str] | None:
+  """Why `audio` cannot be trained on, as (skip reason, detail), or None if fine.
+
+  The audio checks of `prepare_example` (reasons 'bad_audio_dtype',
+  'nonfinite_audio', 'audio_out_of_range', 'empty_audio', 'silent_audio'),
+  apart so that an index of a corpus can record them once per utterance
+  (conformer_fl/data/record_source.py).
+
+  Args:
+    audio: the example's 'audio', expected int16 [N] or float [N] in [-1, 1].
+  """
+  if not isinstance(audio, np.ndarray) or audio.ndim != 1:
+    return ("bad_audio_dtype", f"audio is {type(audio).__name__} of shape"
+            f" {getattr(audio, 'shape', None)}")
+  if np.issubdtype(audio.dtype, np.floating):
+    if not np.all(np.isfinite(audio)):
+      return ("nonfinite_audio", "")
+    if audio.size and np.max(np.abs(audio)) > 1.0:
+      return ("audio_out_of_range", f"max |x| = {np.max(np.abs(audio)):.3g}")
+  elif audio.dtype != np.int16:
+    return ("bad_audio_dtype", f"dtype {audio.dtype}")
+  if audio.size == 0:
+    return ("empty_audio", "")
+  if not np.any(audio):
+    return ("silent_audio", "")
+  return None
+
+
 def prepare_example(
     example: Example, tokenizer: Any, buckets: Buckets, skips: SkipCounter,
     max_label_rate: float = 0.0, *, skip_ctc_unalignable: bool = False,
     require_speaker_id: bool = False,
 ) -> Example | None:
   """Validates and tokenizes one common example; None (and counted) if bad.
+
+  `audio_problem`, then `prepare_metadata` on the audio's length.
 
   Args:
     example: a common example dict ('audio' [N] int16 or float in [-1, 1], 'text',
@@ -238,33 +268,38 @@ def prepare_example(
     {'audio': [N] int16 or float32, 'labels': int32 [U], 'bucket': int,
      'id', 'speaker_id', 'domain', 'duration'} or None.
   """
-  example_id = _as_str(example.get("id", ""))
   audio = example.get("audio")
-  if not isinstance(audio, np.ndarray) or audio.ndim != 1:
-    skips.skip("bad_audio_dtype", example_id,
-               f"audio is {type(audio).__name__} of shape"
-               f" {getattr(audio, 'shape', None)}")
+  problem = audio_problem(audio)
+  if problem is not None:
+    skips.skip(problem[0], _as_str(example.get("id", "")), problem[1])
     return None
-  if audio.dtype == np.int16:
-    pass
-  elif np.issubdtype(audio.dtype, np.floating):
-    if not np.all(np.isfinite(audio)):
-      skips.skip("nonfinite_audio", example_id)
-      return None
-    if audio.size and np.max(np.abs(audio)) > 1.0:
-      skips.skip("audio_out_of_range", example_id,
-                 f"max |x| = {np.max(np.abs(audio)):.3g}")
-      return None
+  prepared = prepare_metadata(
+      example, audio.size, tokenizer, buckets, skips, max_label_rate,
+      skip_ctc_unalignable=skip_ctc_unalignable,
+      require_speaker_id=require_speaker_id)
+  if prepared is None:
+    return None
+  if audio.dtype != np.int16:
     audio = audio.astype(np.float32, copy=False)
-  else:
-    skips.skip("bad_audio_dtype", example_id, f"dtype {audio.dtype}")
-    return None
-  if audio.size == 0:
-    skips.skip("empty_audio", example_id)
-    return None
-  if not np.any(audio):
-    skips.skip("silent_audio", example_id)
-    return None
+  return {"audio": audio, **prepared}
+
+
+def prepare_metadata(
+    example: Example, num_samples: int, tokenizer: Any, buckets: Buckets,
+    skips: SkipCounter, max_label_rate: float = 0.0, *,
+    skip_ctc_unalignable: bool = False, require_speaker_id: bool = False,
+) -> Example | None:
+  """The checks of `prepare_example` that need the audio's length only.
+
+  For an example whose audio passed `audio_problem`: the transcript, speaker
+  id, label and bucket checks, on `num_samples` samples of audio (the
+  example's 'audio' is not read). Arguments as in `prepare_example`.
+
+  Returns:
+    {'labels': int32 [U], 'bucket': int, 'id', 'speaker_id', 'domain',
+     'duration'} or None (the reason counted in `skips`).
+  """
+  example_id = _as_str(example.get("id", ""))
   text = decode_text(example.get("text"))
   if isinstance(text, bytes):
     skips.skip("undecodable_transcript", example_id,
@@ -299,35 +334,36 @@ def prepare_example(
   if labels.size == 0:
     skips.skip("empty_transcript", example_id)
     return None
-  if max_label_rate > 0 and labels.size > max_label_rate * audio.size / SAMPLE_RATE:
+  seconds = num_samples / SAMPLE_RATE
+  if (max_label_rate > 0
+      and labels.size > max_label_rate * num_samples / SAMPLE_RATE):
     skips.skip("labels_too_dense", example_id,
-               f"{labels.size} labels in {audio.size / SAMPLE_RATE:.2f} s")
+               f"{labels.size} labels in {seconds:.2f} s")
     return None
   if skip_ctc_unalignable:
-    needed, frames = ctc_frames_needed(labels), encoder_frames(audio.size)
+    needed, frames = ctc_frames_needed(labels), encoder_frames(num_samples)
     if needed > frames:
       skips.skip("ctc_unalignable", example_id,
                  f"{labels.size} labels need {needed} frames, the"
-                 f" {audio.size / SAMPLE_RATE:.2f} s of audio give {frames}")
+                 f" {seconds:.2f} s of audio give {frames}")
       return None
-  bucket = buckets.find(audio.size, labels.size)
+  bucket = buckets.find(num_samples, labels.size)
   if bucket is None:
-    if audio.size > buckets.audio_lengths[-1]:
+    if num_samples > buckets.audio_lengths[-1]:
       skips.skip("audio_too_long", example_id,
-                 f"{audio.size} samples > {buckets.audio_lengths[-1]}")
+                 f"{num_samples} samples > {buckets.audio_lengths[-1]}")
     else:
       skips.skip("labels_too_long", example_id,
-                 f"{labels.size} labels for {audio.size} samples;"
+                 f"{labels.size} labels for {num_samples} samples;"
                  f" label lengths {buckets.label_lengths}")
     return None
   return {
-      "audio": audio,
       "labels": labels,
       "bucket": bucket,
       "id": example_id,
       "speaker_id": speaker_id if isinstance(speaker_id, str) else "",
       "domain": _as_str(example.get("domain", "")),
-      "duration": float(audio.size) / SAMPLE_RATE,
+      "duration": float(num_samples) / SAMPLE_RATE,
   }
 
 

@@ -1,12 +1,16 @@
 """Federated client data: per-speaker partition, client sampling, round arrays.
 
 Clients are speakers: the train split is partitioned by 'speaker_id' and a client
-id is the speaker id string. For the small local corpora every client's examples
-are held in memory as prepared examples (`batching.prepare_example`: int16 audio
-plus int32 labels). At LibriSpeech scale (about 2,300 train speakers, 960 h,
-~110 GB of int16 audio) that does not fit on a host; there the per-client examples
-would be streamed per round from a speaker-sorted copy of the data (not built
-here).
+id is the speaker id string. No client's examples are held in memory: a client is
+a `ClientExamples`, which knows the bucket of each of its examples (from the
+split's speaker index, `record_source.load_speaker_index`, without reading audio)
+and reads the examples a round needs from disk by record index
+(`input_pipeline.StreamedClient`). A round reads only its sampled clients'
+records, and with `client_range` only those of this process's block of the
+`clients` mesh axis; within a round each record is read once, however often the
+client's plan repeats it. So host memory does not grow with the corpus (960 h of
+LibriSpeech, ~110 GB of int16 audio, stays on disk). `make_round_data` also
+takes plain lists of prepared examples (`HeldExamples`), for tests.
 
 A round's data is a dict of dense numpy arrays with static shapes, leading axes
 [C, K] = clients of the round, local steps:
@@ -42,8 +46,10 @@ sample of `ClientSampler` of (seed, round), so a resumed run sees the same data.
 
 import collections
 from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
 import io
 import os
+from typing import Protocol, runtime_checkable
 import zlib
 
 from etils import epath
@@ -53,6 +59,34 @@ from conformer_fl.data import batching
 
 Example = batching.Example
 RoundData = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class ClientExamples(Protocol):
+  """One client's examples by position 0..n-1, read on demand.
+
+  Attributes:
+    buckets: int [n], the bucket of each example (`batching.prepare_example`).
+  """
+
+  buckets: np.ndarray
+
+  def read(self, positions: Sequence[int]) -> list[Example]:
+    """The prepared examples at `positions` (each in [0, n)), in that order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldExamples:
+  """A `ClientExamples` over prepared examples already in memory (tests)."""
+
+  examples: Sequence[Example]
+
+  @property
+  def buckets(self) -> np.ndarray:
+    return np.array([e["bucket"] for e in self.examples], np.int64)
+
+  def read(self, positions: Sequence[int]) -> list[Example]:
+    return [self.examples[p] for p in positions]
 
 
 def partition_by_speaker(examples: Iterable[Example]) -> dict[str, list[Example]]:
@@ -132,7 +166,7 @@ def client_step_plan(
 
 
 def make_round_data(
-    client_examples: Sequence[Sequence[Example]],
+    client_examples: Sequence[ClientExamples | Sequence[Example]],
     client_ids: Sequence[str],
     round_index: int,
     seed: int,
@@ -146,8 +180,14 @@ def make_round_data(
 ) -> RoundData:
   """Dense arrays of one round for the chosen clients (module docstring).
 
+  Every client's step plan is drawn (it needs only the client's number of
+  examples) and the bucket is chosen over all C clients from their examples'
+  buckets; then only the clients of `client_range` are read, each example
+  once (`ClientExamples.read` of the positions its plan uses).
+
   Args:
-    client_examples: prepared examples of each chosen client, [C] lists.
+    client_examples: each chosen client's examples, [C]: `ClientExamples`, or
+      lists of prepared examples.
     client_ids: the C client ids (seed the per-client shuffles).
     round_index: the round (seeds the shuffles).
     seed: run seed.
@@ -157,8 +197,9 @@ def make_round_data(
     local_epochs: None for K full steps, or E epochs capped at K steps.
     fixed_shape: always use the largest bucket (one shape for every round).
     client_range: (first, last): build only clients first..last-1 of the round
-      (this process's block when several hosts share a round). The bucket is
-      still chosen over all C clients, so every process gets the same S and U.
+      (this process's block when several hosts share a round); the others are
+      not read. The bucket is still chosen over all C clients, so every process
+      gets the same S and U.
 
   Returns:
     The round data dict, leading axes [C, K] (C = last - first with a range).
@@ -166,14 +207,18 @@ def make_round_data(
   if len(client_examples) != len(client_ids):
     raise ValueError(f"{len(client_examples)} example lists for"
                      f" {len(client_ids)} client ids.")
+  clients = [c if isinstance(c, ClientExamples) else HeldExamples(c)
+             for c in client_examples]
+  client_buckets = [np.asarray(c.buckets) for c in clients]
   plans = [
-      client_step_plan(len(examples), client_rng(seed, round_index, client_id),
+      client_step_plan(len(example_buckets),
+                       client_rng(seed, round_index, client_id),
                        local_steps, batch_size, local_epochs)
-      for examples, client_id in zip(client_examples, client_ids)]
+      for example_buckets, client_id in zip(client_buckets, client_ids)]
   if fixed_shape:
     bucket = len(buckets) - 1
   else:
-    bucket = max((client_examples[c][i]["bucket"]
+    bucket = max((int(client_buckets[c][i])
                   for c, plan in enumerate(plans) for step in plan for i in step),
                  default=0)
   audio_length = buckets.audio_lengths[bucket]
@@ -191,14 +236,16 @@ def make_round_data(
       "example_mask": np.zeros(shape, np.float32),
   }
   for row, c in enumerate(range(first, last)):
+    positions = sorted({i for step in plans[c] for i in step})
+    examples = dict(zip(positions, clients[c].read(positions)))
     for k, step in enumerate(plans[c]):
       batching.fill_padded_rows(
-          [client_examples[c][i] for i in step],
+          [examples[i] for i in step],
           {key: array[row, k] for key, array in data.items()})
   data["step_mask"] = (data["example_mask"].max(axis=-1) > 0).astype(np.float32)
   data["num_examples"] = data["example_mask"].sum(axis=(1, 2))
   data["client_size"] = np.array(
-      [len(client_examples[c]) for c in range(first, last)], np.float32)
+      [len(client_buckets[c]) for c in range(first, last)], np.float32)
   return data
 
 

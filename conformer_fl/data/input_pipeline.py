@@ -29,6 +29,12 @@ Typical use by the training loop:
   ids, round_data = make_round(clients, sampler, round_index, seed,
                                local_steps=K, batch_size=B)
 Batch layouts: `batching` (central batches) and `clients` (round arrays).
+
+The federated clients are read from disk by record index: the dataset must be
+prepared in the array_record format (`record_source`), and their speaker index
+is built once beside the data. Nothing of a client is held in memory but its
+record indices and their buckets; a round reads its sampled clients' records
+(those of this process's block of clients only).
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,10 +51,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conformer_fl import text as text_lib
 from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import librispeech
+from conformer_fl.data import record_source
 from conformer_fl.data import tokenizer as tokenizer_lib
 
 Example = batching.Example
@@ -125,11 +131,20 @@ def load_split(
     seed: the file-shuffle seed.
     librispeech_options: split map and domain rule for LibriSpeech.
 
+  A dataset prepared only in a format that tf.data cannot read (array_record,
+  the format of the federated clients) is read through its random-access data
+  source (`record_source.RecordSource.iterate`): in record order, or with
+  `shuffle_files` in a seeded order of blocks of consecutive records.
+
   Yields:
     Common example dicts in the dataset's order (deterministic for a seed).
   """
   data_dir = data_dir or None
-  if dataset_name == "librispeech":
+  if _reads_by_record_only(dataset_name, data_dir, builder_config):
+    examples = record_source.RecordSource(
+        dataset_name, split, data_dir, builder_config,
+        librispeech_options).iterate(shuffle_files, seed)
+  elif dataset_name == "librispeech":
     examples = librispeech.load_librispeech(
         split, data_dir, librispeech_options, shuffle_files=shuffle_files,
         seed=seed)
@@ -313,19 +328,101 @@ def get_train_batches(
   return prefetch_in_thread(batches, config.prefetch_batches)
 
 
+class IndexStale(ValueError):
+  """A record read from disk disagrees with the speaker index's entry."""
+
+
+@dataclasses.dataclass
+class StreamedClient:
+  """One client's examples, read from disk by record index when asked for.
+
+  A `clients.ClientExamples`: `buckets` comes from the speaker index (no audio
+  read); `read` reads the records and prepares them (`batching.prepare_example`).
+
+  Attributes:
+    client_id: the speaker id.
+    records: int64 [n], the client's record indices in the split, increasing.
+    buckets: int64 [n], the bucket of each (the index's transcript and length).
+    datasets: the `ClientDatasets` it belongs to (source, tokenizer, shapes).
+  """
+
+  client_id: str
+  records: np.ndarray
+  buckets: np.ndarray
+  datasets: "ClientDatasets"
+
+  def read(self, positions: Sequence[int]) -> list[Example]:
+    """Prepared examples of the client's examples at `positions`.
+
+    Raises:
+      IndexStale: a record is no longer valid or has another bucket than the
+        index gave it (the data changed after the index was built).
+    """
+    d = self.datasets
+    positions = [int(p) for p in positions]
+    raws = d.source.read(self.records[positions])
+    skips = batching.SkipCounter(f"client:{self.client_id}")
+    prepared = []
+    for p, raw in zip(positions, raws):
+      example = batching.prepare_example(raw, d.tokenizer, d.buckets, skips,
+                                         **d.prepare_options,
+                                         require_speaker_id=True)
+      if example is None or example["bucket"] != self.buckets[p]:
+        raise IndexStale(
+            f"Record {int(self.records[p])} ({raw.get('id')!r}) of"
+            f" {d.source.dataset}:{d.source.split} disagrees with the speaker"
+            f" index {record_source.index_path(d.source)} (skipped:"
+            f" {dict(skips.counts)}); delete the index to rebuild it.")
+      prepared.append(example)
+    return prepared
+
+
 @dataclasses.dataclass
 class ClientDatasets:
-  """Prepared examples per client (client id = speaker id), in client-id order."""
+  """The federated clients of a split, in client-id order, read from disk.
 
-  examples: dict[str, list[Example]]
+  Holds per client only its record indices and their buckets (a few bytes per
+  utterance); `client(client_id)` reads examples by record index.
+
+  Attributes:
+    source: the split, by record index.
+    records: client id -> int64 [n_c] record indices of its valid examples.
+    record_buckets: client id -> int64 [n_c] their buckets.
+    buckets: the static shapes.
+    tokenizer: the run's tokenizer.
+    prepare_options: the `batching.prepare_example` checks of the config.
+  """
+
+  source: record_source.RecordSource
+  records: dict[str, np.ndarray]
+  record_buckets: dict[str, np.ndarray]
   buckets: batching.Buckets
+  tokenizer: tokenizer_lib.Tokenizer
+  prepare_options: dict[str, Any]
 
   @property
   def client_ids(self) -> list[str]:
-    return list(self.examples)
+    return list(self.records)
 
   def sizes(self) -> dict[str, int]:
-    return {c: len(e) for c, e in self.examples.items()}
+    return {c: int(r.size) for c, r in self.records.items()}
+
+  def client(self, client_id: str) -> StreamedClient:
+    return StreamedClient(client_id, self.records[client_id],
+                          self.record_buckets[client_id], self)
+
+  def read_client(self, client_id: str) -> list[Example]:
+    """All prepared examples of one client, in record order (reads them)."""
+    client = self.client(client_id)
+    return client.read(range(client.records.size))
+
+
+def open_record_source(config: ml_collections.ConfigDict,
+                       split: str) -> record_source.RecordSource:
+  """`record_source.RecordSource` of a split with the data config's fields."""
+  return record_source.RecordSource(
+      config.dataset, split, config.data_dir, config.builder_config,
+      librispeech_options_from_config(config))
 
 
 def get_client_datasets(
@@ -336,30 +433,66 @@ def get_client_datasets(
     domains: Sequence[str] | None = None,
     skips: batching.SkipCounter | None = None,
 ) -> ClientDatasets:
-  """The federated clients of a split, held in memory (see `clients`).
+  """The federated clients of a split, streamed from disk (see `clients`).
+
+  Reads the split's speaker index (built and saved beside the data on first
+  use: `record_source.load_speaker_index`), and keeps, per speaker, the
+  records that `batching.prepare_example` accepts (checked on the index's
+  transcripts and lengths: no audio is read) with their buckets. The
+  clients and their examples, in order, are those of partitioning the
+  prepared split by speaker (`clients.partition_by_speaker`); skips are
+  counted by the same reasons.
 
   Args:
-    config: data config.
+    config: data config; the dataset must be prepared in a random-access
+      format (array_record).
     tokenizer: the run's tokenizer.
     split: defaults to config.train_split.
     domains: defaults to config.client_domains (empty = all).
     skips: receives the skipped examples.
+
+  Raises:
+    record_source.NotRandomAccess: the dataset is stored as tfrecord only.
+    ValueError: no client has a valid example.
   """
   split = split or config.train_split
   domains = config.client_domains if domains is None else domains
   skips = skips or batching.SkipCounter(f"clients:{split}")
   buckets = buckets_from_config(config)
-  prepared = batching.prepare_examples(
-      load_split_from_config(config, split, domains=domains), tokenizer, buckets,
-      skips, **prepare_options(config), require_speaker_id=True)
-  examples = clients_lib.partition_by_speaker(prepared)
+  options = prepare_options(config)
+  source = open_record_source(config, split)
+  index = record_source.load_speaker_index(source)
+  wanted = set(domains)
+  records: dict[str, list[int]] = {}
+  record_buckets: dict[str, list[int]] = {}
+  for i in range(index["num_records"]):
+    meta, num_samples, problem = record_source.index_example(index, i)
+    if wanted and source.domain_of(meta["domain"], num_samples) not in wanted:
+      continue
+    if problem is not None:
+      skips.skip(problem[0], meta["id"], problem[1])
+      continue
+    prepared = batching.prepare_metadata(meta, num_samples, tokenizer, buckets,
+                                         skips, **options,
+                                         require_speaker_id=True)
+    if prepared is None:
+      continue
+    records.setdefault(prepared["speaker_id"], []).append(i)
+    record_buckets.setdefault(prepared["speaker_id"], []).append(
+        prepared["bucket"])
+  del index
   skips.log_summary()
-  if not examples:
+  if not records:
     raise ValueError(f"No client has a valid example in split {split!r}, domains"
                      f" {tuple(domains)} (skipped: {dict(skips.counts)}).")
-  logging.info("%d clients, %d examples.", len(examples),
-               sum(len(e) for e in examples.values()))
-  return ClientDatasets(examples, buckets)
+  client_ids = sorted(records)
+  logging.info("%d clients, %d examples.", len(client_ids),
+               sum(len(r) for r in records.values()))
+  return ClientDatasets(
+      source,
+      {c: np.array(records[c], np.int64) for c in client_ids},
+      {c: np.array(record_buckets[c], np.int64) for c in client_ids},
+      buckets, tokenizer, options)
 
 
 def make_round(
@@ -376,12 +509,13 @@ def make_round(
 ) -> tuple[list[str], clients_lib.RoundData]:
   """Chosen client ids and the round's arrays ([C, K, B, ...], see `clients`).
 
+  Reads from disk only the records of the chosen clients in `client_range`.
   The federated fields (K, B, E, fixed shape) belong to the federated config;
   they are passed explicitly. Arguments as in `clients.make_round_data`.
   """
   client_ids = sampler.sample(round_index)
   data = clients_lib.make_round_data(
-      [client_datasets.examples[c] for c in client_ids], client_ids, round_index,
+      [client_datasets.client(c) for c in client_ids], client_ids, round_index,
       seed, local_steps=local_steps, batch_size=batch_size,
       buckets=client_datasets.buckets, local_epochs=local_epochs,
       fixed_shape=fixed_shape, client_range=client_range)
@@ -421,6 +555,22 @@ def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[An
   return consume()
 
 
+def _reads_by_record_only(dataset_name: str, data_dir: str | None,
+                          builder_config: str | None) -> bool:
+  """Whether the prepared dataset has no tf.data format (array_record only).
+
+  False for a dataset that is not prepared: `tfds.load` then raises its own
+  error (LibriSpeech: `librispeech.LibriSpeechNotPrepared`).
+  """
+  if dataset_name == "librispeech":
+    builder = tfds.builder("librispeech", data_dir=data_dir)
+  else:
+    builder = record_source.builder_for(dataset_name, data_dir, builder_config)
+  if not builder.is_prepared():
+    return False
+  return builder.info.file_format not in tfds.core.FileFormat.with_tf_data()
+
+
 def _load_common_schema(
     dataset_name: str, split: str, data_dir: str | None,
     builder_config: str | None, shuffle_files: bool, seed: int
@@ -436,19 +586,4 @@ def _load_common_schema(
   domain_names = info.features["domain"].names
   ds = ds.prefetch(tf.data.AUTOTUNE)
   for raw in tfds.as_numpy(ds):
-    text = batching.decode_text(raw["text"])
-    yield {
-        "audio": raw["audio"],
-        "text": text_lib.normalize_text(text) if isinstance(text, str) else text,
-        "speaker_id": batching.decode_text(raw["speaker_id"]),
-        "domain": domain_names[int(raw["domain"])],
-        "duration": float(raw["duration"]),
-        "id": _as_str(raw["id"]),
-    }
-
-
-def _as_str(value: Any) -> str:
-  """An utterance id as str (bytes that are not UTF-8 escaped, for logs)."""
-  if isinstance(value, bytes):
-    return value.decode("utf-8", errors="backslashreplace")
-  return str(value)
+    yield record_source.common_example(raw, domain_names)

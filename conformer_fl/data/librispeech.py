@@ -10,6 +10,10 @@ TFDS must have prepared the data in `data_dir` beforehand: it is never downloade
 implicitly (`download=False`; its TFDS builder downloads the archives and
 needs Apache Beam). Reading an unprepared one raises `LibriSpeechNotPrepared`,
 whose message names the folder searched and the command that prepares it.
+Prepared as ArrayRecord files (`--file_format=array_record`, what federated runs
+need: their clients are read by record index), the same records are read
+through the random-access data source instead of tf.data
+(conformer_fl/data/record_source.py), with the same mapping.
 
 Each becomes the common example dict shared with the synthetic corpus:
   {'audio': int16 [N], 'text': normalized str, 'speaker_id': str, 'domain': str,
@@ -64,7 +68,8 @@ def not_prepared_message(data_dir: str | None) -> str:
       f" 'librispeech' {builder.version} in {builder.data_dir}. It is never"
       " downloaded implicitly; prepare it once (its TFDS builder downloads"
       " the archives and needs Apache Beam) with"
-      " `tfds build librispeech --data_dir=DIR`, then set"
+      " `tfds build librispeech --data_dir=DIR --file_format=array_record`"
+      " (the format federated runs read by record index), then set"
       " $TFDS_DATA_DIR (configs/central.py:corpus=librispeech reads it) or"
       " --config.data.data_dir to DIR.")
 

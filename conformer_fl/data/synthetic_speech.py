@@ -34,7 +34,9 @@ record files, byte for byte, in any process and with any number of threads.
 Usage:
   python -m conformer_fl.data.synthetic_speech --config=demo --data_dir=/tmp/tfds
   builder = synthetic_speech.build('tiny', data_dir)   # prepared, idempotent
-  ds = builder.as_dataset(split='train')
+  train = builder.as_data_source(split='train')       # ArrayRecord: train[i]
+(`build(..., file_format='tfrecord')` writes tfrecord files instead, read with
+`builder.as_dataset`; the federated clients need ArrayRecord.)
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,6 +58,9 @@ from conformer_fl.data import tts_engines
 from conformer_fl.data.tts_engines import Speaker
 
 SPLITS = ("train", "dev", "test")
+# ArrayRecord: random access by record index (`tfds.data_source`), which the
+# federated clients read per round (conformer_fl/data/record_source.py).
+DEFAULT_FILE_FORMAT = "array_record"
 DOMAINS = ("long", "short")
 
 # eSpeak NG material (`espeak-ng --voices=en`, `espeak-ng --voices=variant`): the
@@ -470,13 +475,18 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
 
 
 def build(config: str | SyntheticSpeechConfig = "demo",
-          data_dir: str | None = None) -> SyntheticSpeech:
+          data_dir: str | None = None,
+          file_format: str = DEFAULT_FILE_FORMAT) -> SyntheticSpeech:
   """Returns the prepared builder, synthesizing the corpus only if not yet there.
 
   Args:
     config: a config name ('tiny', 'demo', 'small', 'medium') or a
       SyntheticSpeechConfig.
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
+    file_format: TFDS record format: 'array_record' (random access, which the
+      federated clients need: `conformer_fl.data.record_source`) or 'tfrecord'
+      (read only sequentially, through tf.data). A corpus already prepared in
+      `data_dir` is reused whatever its format.
 
   Raises:
     tts_engines.MissingSystemPackagesError: espeak-ng, flite or fortunes-min are
@@ -484,10 +494,28 @@ def build(config: str | SyntheticSpeechConfig = "demo",
   """
   tts_engines.check_system_packages()
   builder = SyntheticSpeech(config=config, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-      try_download_gcs=False))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+          try_download_gcs=False),
+      file_format=file_format)
   return builder
+
+
+def split_records(builder: tfds.core.DatasetBuilder, split: str,
+                  decode_audio: bool = True) -> Iterator[dict[str, Any]]:
+  """The records of a prepared split as numpy dicts, in order, in either format.
+
+  ArrayRecord files are read through the random-access data source, tfrecord
+  files through tf.data. With decode_audio False, 'audio' is left encoded.
+  """
+  decoders = None if decode_audio else {"audio": tfds.decode.SkipDecoding()}
+  if builder.info.file_format in tfds.core.FileFormat.with_tf_data():
+    yield from tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders))
+    return
+  source = builder.as_data_source(split=split, decoders=decoders)
+  for i in range(len(source)):
+    yield source[i]
 
 
 def corpus_statistics(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
@@ -502,11 +530,9 @@ def corpus_statistics(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   domain_names = builder.info.features["domain"].names
   stats = {}
   for split in builder.info.splits:
-    ds = builder.as_dataset(
-        split=split, decoders={"audio": tfds.decode.SkipDecoding()})
     durations = collections.defaultdict(list)
     speakers = set()
-    for ex in tfds.as_numpy(ds):
+    for ex in split_records(builder, split, decode_audio=False):
       durations[domain_names[ex["domain"]]].append(float(ex["duration"]))
       speakers.add(ex["speaker_id"].decode())
     split_stats = {"speakers": len(speakers),
@@ -552,7 +578,7 @@ def main(argv: Sequence[str]) -> None:
   probe = SyntheticSpeech(config=config_name, data_dir=data_dir)
   already = probe.is_prepared()
   start = time.perf_counter()
-  builder = build(config_name, data_dir)
+  builder = build(config_name, data_dir, flags.FLAGS.file_format)
   seconds = time.perf_counter() - start
   print(f"synthetic_speech/{config_name} at {builder.data_dir}")
   if already:
@@ -571,4 +597,6 @@ if __name__ == "__main__":
   from conformer_fl.data import synthetic_speech
   flags.DEFINE_string("config", "demo", "Config name: tiny, demo, small or medium.")
   flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+  flags.DEFINE_enum("file_format", DEFAULT_FILE_FORMAT,
+                    ["array_record", "tfrecord"], "TFDS record format.")
   app.run(synthetic_speech.main)
