@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conformer_fl import experiment
+from conformer_fl import sweep
 from conformer_fl.data import batching
 from conformer_fl.data import clients
 from conformer_fl.data import input_pipeline
@@ -101,6 +103,20 @@ def test_a_tfrecord_dataset_is_refused_for_clients(tiny_tfrecord_dir):
   with pytest.raises(record_source.NotRandomAccess,
                      match="file_format='array_record'"):
     input_pipeline.get_client_datasets(_tiny_config(tiny_tfrecord_dir), _CHAR)
+
+
+def test_the_experiment_refuses_a_tfrecord_corpus_before_pretraining(
+    tiny_tfrecord_dir, tmp_path):
+  config = sweep.load_config_file("configs/experiment.py:scale=tiny",
+                                  str(pathlib.Path(__file__).parents[1]))
+  config.data_dir = tiny_tfrecord_dir
+  trained = []
+  with pytest.raises(record_source.NotRandomAccess, match="tfrecord files"):
+    experiment.run_experiment(
+        config, str(tmp_path / "w"),
+        train_central=lambda *args: trained.append(args),
+        train_federated=lambda *args: trained.append(args))
+  assert not trained and not (tmp_path / "w" / "pretrain").exists()
 
 
 # A fake with the synthetic corpus's features: 7 utterances, 3 usable speakers.

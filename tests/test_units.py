@@ -85,7 +85,7 @@ def test_block_has_its_module_units(params):
     assert len(children) == len(SUBMODULES)
 
 
-def test_set_unit_replaces_only_that_unit(params):
+def test_replacing_a_unit_changes_only_that_unit(params):
   path = ("encoder", "block_01", "conv")
   original = tree_paths.get(params, path)
   zeros = jax.tree.map(np.zeros_like, original)

@@ -305,6 +305,10 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
   if not corpus_is_built(config.pretrain.data):
     with progress.timed("corpus"):
       build_corpus(config.pretrain.data)
+  # The federated clients read the corpus by record index: a corpus prepared
+  # as tfrecord (by an older version) is refused now, not after pre-training.
+  input_pipeline.open_record_source(config.adapt.data,
+                                    config.adapt.data.train_split)
 
   steps = config.pretrain.central.num_steps
   if checkpointing.latest_saved_step(pretrain_dir) == steps:

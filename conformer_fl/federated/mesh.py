@@ -47,11 +47,11 @@ import numpy as np
 
 PyTree = Any
 
-CLIENTS_AXIS = 'clients'
+CLIENTS_AXIS = "clients"
 
 # Seconds a process waits for the others to finish compiling a program
 # (`barrier_after_compile`); the environment variable overrides the default.
-COMPILE_BARRIER_TIMEOUT_ENV = 'CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S'
+COMPILE_BARRIER_TIMEOUT_ENV = "CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S"
 DEFAULT_COMPILE_BARRIER_TIMEOUT_S = 3600
 # Numbers the barriers of this process: every process compiles the same
 # programs in the same order, so the n-th barrier has the same id everywhere.
@@ -78,13 +78,13 @@ def make_client_mesh(num_devices: int | None = None,
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
       raise ValueError(
-          f'num_devices={num_devices} must be in [1, {len(devices)}] (the'
-          ' number of available devices).')
+          f"num_devices={num_devices} must be in [1, {len(devices)}] (the"
+          " number of available devices).")
     if jax.process_count() > 1 and num_devices != len(devices):
       raise ValueError(
-          f'num_devices={num_devices} < {len(devices)} devices is not'
-          f' supported with {jax.process_count()} processes: every process'
-          ' must own devices of the mesh.')
+          f"num_devices={num_devices} < {len(devices)} devices is not"
+          f" supported with {jax.process_count()} processes: every process"
+          " must own devices of the mesh.")
     devices = devices[:num_devices]
   return Mesh(np.array(devices), (CLIENTS_AXIS,))
 
@@ -93,8 +93,8 @@ def num_client_shards(mesh: Mesh) -> int:
   """Number of devices along the mesh's 'clients' axis."""
   if CLIENTS_AXIS not in mesh.shape:
     raise ValueError(
-        f'The mesh has axes {tuple(mesh.shape)}, expected an axis named'
-        f' {CLIENTS_AXIS!r}; build it with make_client_mesh().')
+        f"The mesh has axes {tuple(mesh.shape)}, expected an axis named"
+        f" {CLIENTS_AXIS!r}; build it with make_client_mesh().")
   return mesh.shape[CLIENTS_AXIS]
 
 
@@ -103,10 +103,10 @@ def check_clients_divisible(clients_per_round: int, mesh: Mesh) -> None:
   num_devices = num_client_shards(mesh)
   if clients_per_round <= 0 or clients_per_round % num_devices:
     raise ValueError(
-        f'clients_per_round={clients_per_round} must be a positive multiple'
-        f' of the number of devices on the mesh axis {CLIENTS_AXIS!r}'
-        f' ({num_devices} devices over {jax.process_count()} process(es)),'
-        ' so that every device runs the same number of clients.')
+        f"clients_per_round={clients_per_round} must be a positive multiple"
+        f" of the number of devices on the mesh axis {CLIENTS_AXIS!r}"
+        f" ({num_devices} devices over {jax.process_count()} process(es)),"
+        " so that every device runs the same number of clients.")
 
 
 def client_sharding(mesh: Mesh) -> NamedSharding:
@@ -146,12 +146,12 @@ def process_client_range(
   positions = [i for i, d in enumerate(devices)
                if d.process_index == process_index]
   if not positions:
-    raise ValueError(f'Process {process_index} owns no device of the mesh.')
+    raise ValueError(f"Process {process_index} owns no device of the mesh.")
   if positions != list(range(positions[0], positions[-1] + 1)):
     raise ValueError(
-        f'The devices of process {process_index} are not contiguous on the'
-        f' mesh (positions {positions}); build the mesh with'
-        ' make_client_mesh().')
+        f"The devices of process {process_index} are not contiguous on the"
+        f" mesh (positions {positions}); build the mesh with"
+        " make_client_mesh().")
   return positions[0] * per_device, (positions[-1] + 1) * per_device
 
 
@@ -178,12 +178,12 @@ def shard_round_data(host_local_arrays: PyTree, mesh: Mesh) -> PyTree:
   """
   leaves = jax.tree.leaves(host_local_arrays)
   if not leaves:
-    raise ValueError('shard_round_data got an empty pytree.')
+    raise ValueError("shard_round_data got an empty pytree.")
   local_counts = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
   if len(local_counts) != 1 or None in local_counts:
     raise ValueError(
-        'Every round-data array needs the same leading clients axis; got'
-        f' leading sizes {sorted(map(str, local_counts))}.')
+        "Every round-data array needs the same leading clients axis; got"
+        f" leading sizes {sorted(map(str, local_counts))}.")
   local_clients = local_counts.pop()
   sharding = client_sharding(mesh)
   num_processes = jax.process_count()
@@ -195,8 +195,8 @@ def shard_round_data(host_local_arrays: PyTree, mesh: Mesh) -> PyTree:
   start, stop = process_client_range(global_clients, mesh)
   if stop - start != local_clients:
     raise ValueError(
-        f'Process {jax.process_index()} passed {local_clients} clients but'
-        f' owns clients [{start}, {stop}) of {global_clients}.')
+        f"Process {jax.process_index()} passed {local_clients} clients but"
+        f" owns clients [{start}, {stop}) of {global_clients}.")
 
   def to_global(x):
     x = np.asarray(x)
@@ -228,11 +228,11 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def describe_mesh(mesh: Mesh) -> Sequence[str]:
   """Human-readable lines: devices per process on the clients axis."""
-  lines = [f'mesh axis {CLIENTS_AXIS!r}: {num_client_shards(mesh)} devices,'
-           f' {jax.process_count()} process(es)']
+  lines = [f"mesh axis {CLIENTS_AXIS!r}: {num_client_shards(mesh)} devices,"
+           f" {jax.process_count()} process(es)"]
   for p in range(jax.process_count()):
     ids = [d.id for d in mesh.devices.flat if d.process_index == p]
-    lines.append(f'  process {p}: devices {ids}')
+    lines.append(f"  process {p}: devices {ids}")
   return lines
 
 
@@ -242,7 +242,7 @@ def compile_barrier_timeout_s() -> int:
   Raises:
     ValueError: the variable is set but is not a positive number of seconds.
   """
-  value = os.environ.get(COMPILE_BARRIER_TIMEOUT_ENV, '').strip()
+  value = os.environ.get(COMPILE_BARRIER_TIMEOUT_ENV, "").strip()
   if not value:
     return DEFAULT_COMPILE_BARRIER_TIMEOUT_S
   try:
@@ -250,8 +250,8 @@ def compile_barrier_timeout_s() -> int:
   except ValueError:
     seconds = 0
   if seconds <= 0:
-    raise ValueError(f'{COMPILE_BARRIER_TIMEOUT_ENV}={value!r} must be a'
-                     ' positive whole number of seconds.')
+    raise ValueError(f"{COMPILE_BARRIER_TIMEOUT_ENV}={value!r} must be a"
+                     " positive whole number of seconds.")
   return seconds
 
 
@@ -259,9 +259,9 @@ def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
   """What decides the compiled program: tree, shapes, dtypes, shardings."""
   leaves, treedef = jax.tree.flatten(args)
   return (treedef, tuple(
-      (type(x).__name__, np.shape(x), str(getattr(x, 'dtype', type(x))),
-       getattr(x, 'sharding', None) if isinstance(x, jax.Array) else None,
-       bool(getattr(x, 'weak_type', False)))
+      (type(x).__name__, np.shape(x), str(getattr(x, "dtype", type(x))),
+       getattr(x, "sharding", None) if isinstance(x, jax.Array) else None,
+       bool(getattr(x, "weak_type", False)))
       for x in leaves))
 
 
@@ -295,9 +295,9 @@ def barrier_after_compile(jitted: Any, name: str) -> Callable[..., Any]:
       executable = jitted.lower(*args).compile()
       compiled[key] = executable
       timeout_s = compile_barrier_timeout_s()
-      barrier = f'{name}/compiled/{next(_BARRIER_NUMBERS)}'
-      logging.info('Compiled %s; waiting up to %d s for the other processes'
-                   ' to compile it (barrier %s; $%s sets the limit).', name,
+      barrier = f"{name}/compiled/{next(_BARRIER_NUMBERS)}"
+      logging.info("Compiled %s; waiting up to %d s for the other processes"
+                   " to compile it (barrier %s; $%s sets the limit).", name,
                    timeout_s, barrier, COMPILE_BARRIER_TIMEOUT_ENV)
       # Imported here: orbax is only needed by multi-process runs.
       from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top

@@ -31,18 +31,18 @@ import jax.numpy as jnp
 from conformer_fl.federated import mesh as mesh_lib
 
 # Per-client arrays of the round data, not given to the loss_fn.
-ROUND_KEYS = ('step_mask', 'num_examples', 'client_size')
-AGGREGATION_WEIGHTS = ('examples_trained', 'client_size', 'uniform')
+ROUND_KEYS = ("step_mask", "num_examples", "client_size")
+AGGREGATION_WEIGHTS = ("examples_trained", "client_size", "uniform")
 
 
 def check_aggregation_weight(aggregation_weight: str) -> None:
   if aggregation_weight not in AGGREGATION_WEIGHTS:
-    raise ValueError(f'aggregation_weight={aggregation_weight!r}; expected one'
-                     f' of {AGGREGATION_WEIGHTS}.')
+    raise ValueError(f"aggregation_weight={aggregation_weight!r}; expected one"
+                     f" of {AGGREGATION_WEIGHTS}.")
 
 
 def check_round_data(round_data: Mapping[str, Any], mesh: jax.sharding.Mesh,
-                     aggregation_weight: str = 'examples_trained'
+                     aggregation_weight: str = "examples_trained"
                      ) -> tuple[int, int]:
   """Validates key names and shapes; returns (num_clients C, local_steps K).
 
@@ -50,29 +50,29 @@ def check_round_data(round_data: Mapping[str, Any], mesh: jax.sharding.Mesh,
     ValueError: a missing key, a wrong shape, or C not divisible over the
       mesh's devices.
   """
-  required = ('example_mask', 'step_mask', 'num_examples')
-  if aggregation_weight == 'client_size':
-    required += ('client_size',)
+  required = ("example_mask", "step_mask", "num_examples")
+  if aggregation_weight == "client_size":
+    required += ("client_size",)
   missing = [k for k in required if k not in round_data]
   if missing:
-    raise ValueError(f'round_data misses the keys {missing}; it has'
-                     f' {sorted(round_data)}.')
-  step_mask_shape = jnp.shape(round_data['step_mask'])
+    raise ValueError(f"round_data misses the keys {missing}; it has"
+                     f" {sorted(round_data)}.")
+  step_mask_shape = jnp.shape(round_data["step_mask"])
   if len(step_mask_shape) != 2:
     raise ValueError("round_data['step_mask'] must be [C, K], got shape"
-                     f' {step_mask_shape}.')
+                     f" {step_mask_shape}.")
   num_clients, local_steps = step_mask_shape
-  for key in ('num_examples', 'client_size'):
+  for key in ("num_examples", "client_size"):
     if key in round_data and jnp.shape(round_data[key]) != (num_clients,):
-      raise ValueError(f'round_data[{key!r}] must be [C]=[{num_clients}],'
-                       f' got {jnp.shape(round_data[key])}.')
+      raise ValueError(f"round_data[{key!r}] must be [C]=[{num_clients}],"
+                       f" got {jnp.shape(round_data[key])}.")
   for key, value in round_data.items():
     if key in ROUND_KEYS:
       continue
     if jnp.shape(value)[:2] != (num_clients, local_steps):
       raise ValueError(
-          f'round_data[{key!r}] must have leading axes [C, K] ='
-          f' [{num_clients}, {local_steps}], got shape {jnp.shape(value)}.')
+          f"round_data[{key!r}] must have leading axes [C, K] ="
+          f" [{num_clients}, {local_steps}], got shape {jnp.shape(value)}.")
   mesh_lib.check_clients_divisible(num_clients, mesh)
   return num_clients, local_steps
 
@@ -80,15 +80,15 @@ def check_round_data(round_data: Mapping[str, Any], mesh: jax.sharding.Mesh,
 def client_weights(round_data: Mapping[str, jax.Array],
                    aggregation_weight: str) -> jax.Array:
   """float32 [C]: each client's aggregation weight (module docstring)."""
-  num_examples = round_data['num_examples'].astype(jnp.float32)
-  if aggregation_weight == 'examples_trained':
+  num_examples = round_data["num_examples"].astype(jnp.float32)
+  if aggregation_weight == "examples_trained":
     return num_examples
-  if aggregation_weight == 'client_size':
-    return round_data['client_size'].astype(jnp.float32)
-  if aggregation_weight == 'uniform':
+  if aggregation_weight == "client_size":
+    return round_data["client_size"].astype(jnp.float32)
+  if aggregation_weight == "uniform":
     return (num_examples > 0).astype(jnp.float32)
-  raise ValueError(f'aggregation_weight={aggregation_weight!r}; expected one'
-                   f' of {AGGREGATION_WEIGHTS}.')
+  raise ValueError(f"aggregation_weight={aggregation_weight!r}; expected one"
+                   f" of {AGGREGATION_WEIGHTS}.")
 
 
 def batches(round_data: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
