@@ -32,12 +32,12 @@ from conformer_fl import optimizers
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import librispeech
-from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.models import frontend
 
 import entry_point  # tests/entry_point.py
+import stand_ins  # tests/stand_ins.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CHAR = tokenizer_lib.CharTokenizer()
@@ -60,23 +60,16 @@ def _audio(index: int, num_samples: int = 16000) -> np.ndarray:
   return audio
 
 
-class CflBadBytesStandIn(tfds.core.GeneratorBasedBuilder):
-  """Train: the 5 good utterances of `_GOOD` and the 4 bad ones of `_BAD`."""
+def _bad_bytes_examples():
+  for i, (text, speaker) in enumerate(_GOOD + _BAD):
+    yield f"u{i}", {"audio": _audio(i), "text": text, "speaker_id": speaker,
+                    "domain": 1, "duration": 1.0, "id": f"u{i}"}
 
-  VERSION = tfds.core.Version("1.0.0")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self,
-                                 features=synthetic_speech.features())
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    for i, (text, speaker) in enumerate(_GOOD + _BAD):
-      yield f"u{i}", {"audio": _audio(i), "text": text, "speaker_id": speaker,
-                      "domain": 1, "duration": 1.0, "id": f"u{i}"}
+CflBadBytesStandIn = stand_ins.builder_class(
+    "CflBadBytesStandIn",
+    "Train: the 5 good utterances of `_GOOD` and the 4 bad ones of `_BAD`.",
+    {"train": _bad_bytes_examples})
 
 
 @pytest.fixture(scope="module")

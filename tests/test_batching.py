@@ -5,16 +5,17 @@ the pipeline tests read a tiny in-test TFDS dataset with the synthetic corpus's
 features through `input_pipeline.get_train_batches` / `get_eval_batches`.
 """
 
+import functools
 import logging
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
-from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
+
+import stand_ins  # tests/stand_ins.py
 
 _CHAR = tokenizer_lib.CharTokenizer()
 _BUCKETS = batching.make_buckets([0.5, 1.0], labels_per_second=24)
@@ -181,31 +182,24 @@ _TRAIN_LENGTHS = [3000, 5000, 7000, 7900, 9000, 11000, 12000, 15000, 4000, 6000,
                   10000, 14000, 2000]
 
 
-class CflBatchingStandIn(tfds.core.GeneratorBasedBuilder):
-  """Train: 13 valid examples + 2 bad ones; dev: 7 valid + 1 too long."""
+def _batching_examples(split):
+  if split == "train":
+    lengths = _TRAIN_LENGTHS + [0, 20000]  # empty audio, too long
+    texts = ["ab cd"] * len(lengths)
+  else:
+    lengths = [1000, 2000, 3000, 9000, 10000, 11000, 12000, 17000]
+    texts = ["xy"] * len(lengths)
+  for i, n in enumerate(lengths):
+    ex = _example(i, n, text=texts[i], speaker=f"spk{i % 3}")
+    yield f"{split}{i}", dict(ex, audio=ex["audio"], domain=i % 2,
+                              duration=n / 16000, id=f"{split}{i}")
 
-  VERSION = tfds.core.Version("1.0.0")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self,
-                                 features=synthetic_speech.features())
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples("train"),
-            "dev": self._generate_examples("dev")}
-
-  def _generate_examples(self, split):
-    if split == "train":
-      lengths = _TRAIN_LENGTHS + [0, 20000]  # empty audio, too long
-      texts = ["ab cd"] * len(lengths)
-    else:
-      lengths = [1000, 2000, 3000, 9000, 10000, 11000, 12000, 17000]
-      texts = ["xy"] * len(lengths)
-    for i, n in enumerate(lengths):
-      ex = _example(i, n, text=texts[i], speaker=f"spk{i % 3}")
-      yield f"{split}{i}", dict(ex, audio=ex["audio"], domain=i % 2,
-                                duration=n / 16000, id=f"{split}{i}")
+CflBatchingStandIn = stand_ins.builder_class(
+    "CflBatchingStandIn",
+    "Train: 13 valid examples + 2 bad ones; dev: 7 valid + 1 too long.",
+    {split: functools.partial(_batching_examples, split)
+     for split in ("train", "dev")})
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import types
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from conformer_fl import experiment
 from conformer_fl import sweep
@@ -32,6 +31,7 @@ from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import mesh as mesh_lib
 
 import entry_point  # tests/entry_point.py
+import stand_ins  # tests/stand_ins.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CHAR = tokenizer_lib.CharTokenizer()
@@ -133,27 +133,18 @@ _FAKE = [
 ]
 
 
-class CflIndexStandIn(tfds.core.GeneratorBasedBuilder):
-  """Train split of `_FAKE`."""
+def _fake_examples():
+  for i, (uid, speaker, text, n, domain, silent) in enumerate(_FAKE):
+    audio = np.zeros((n,), np.int16)
+    if not silent:
+      audio[:] = 3
+      audio[0] = i + 1
+    yield uid, {"audio": audio, "text": text, "speaker_id": speaker,
+                "domain": domain, "duration": n / 16000, "id": uid}
 
-  VERSION = tfds.core.Version("1.0.0")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self,
-                                 features=synthetic_speech.features())
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    for i, (uid, speaker, text, n, domain, silent) in enumerate(_FAKE):
-      audio = np.zeros((n,), np.int16)
-      if not silent:
-        audio[:] = 3
-        audio[0] = i + 1
-      yield uid, {"audio": audio, "text": text, "speaker_id": speaker,
-                  "domain": domain, "duration": n / 16000, "id": uid}
+CflIndexStandIn = stand_ins.builder_class(
+    "CflIndexStandIn", "Train split of `_FAKE`.", {"train": _fake_examples})
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from conformer_fl.data import batching
 from conformer_fl.data import clients
 from conformer_fl.data import input_pipeline
-from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
+
+import stand_ins  # tests/stand_ins.py
 
 _CHAR = tokenizer_lib.CharTokenizer()
 _BUCKETS = batching.make_buckets([0.25, 0.5, 1.0], labels_per_second=24)
@@ -210,26 +210,19 @@ _SPEAKERS = ["s1", "s2", "s2", "s3", "s3", "s3", "s1", "s2", "s4"]
 _DOMAINS = [1, 1, 1, 1, 1, 1, 0, 0, 1]  # 0 long, 1 short
 
 
-class CflClientsStandIn(tfds.core.GeneratorBasedBuilder):
-  """Train split of 9 utterances by 4 speakers, 7 short and 2 long."""
+def _clients_examples():
+  for i, (speaker, domain) in enumerate(zip(_SPEAKERS, _DOMAINS)):
+    audio = np.full((2000 + 500 * i,), 3, np.int16)
+    audio[0] = i + 1
+    yield f"u{i}", {"audio": audio, "text": "Hi there", "speaker_id": speaker,
+                    "domain": domain, "duration": audio.size / 16000,
+                    "id": f"u{i}"}
 
-  VERSION = tfds.core.Version("1.0.0")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self,
-                                 features=synthetic_speech.features())
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    for i, (speaker, domain) in enumerate(zip(_SPEAKERS, _DOMAINS)):
-      audio = np.full((2000 + 500 * i,), 3, np.int16)
-      audio[0] = i + 1
-      yield f"u{i}", {"audio": audio, "text": "Hi there", "speaker_id": speaker,
-                      "domain": domain, "duration": audio.size / 16000,
-                      "id": f"u{i}"}
+CflClientsStandIn = stand_ins.builder_class(
+    "CflClientsStandIn",
+    "Train split of 9 utterances by 4 speakers, 7 short and 2 long.",
+    {"train": _clients_examples})
 
 
 def test_client_datasets_from_tfds_and_round(tmp_path):

@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.librispeech import librispeech_dataset_builder
 
+from conformer_fl.data import synthetic_speech
+
 SAMPLE_RATE = 16000
 TRAIN_SPLITS = ("train_clean100", "train_clean360", "train_other500")
 EVAL_SPLITS = ("dev_clean", "test_clean")
@@ -131,10 +133,5 @@ def build(data_dir: str, size: StandInSize = StandInSize(),
     file_format: 'array_record' (random access, as the federated clients
       need) or 'tfrecord'.
   """
-  builder = LibriSpeechStandIn(size, data_dir=data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-          try_download_gcs=False),
-      file_format=file_format)
-  return builder
+  return synthetic_speech.prepare(LibriSpeechStandIn(size, data_dir=data_dir),
+                                 file_format)

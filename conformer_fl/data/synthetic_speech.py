@@ -493,7 +493,17 @@ def build(config: str | SyntheticSpeechConfig = "demo",
       missing (checked before any work).
   """
   tts_engines.check_system_packages()
-  builder = SyntheticSpeech(config=config, data_dir=data_dir)
+  return prepare(SyntheticSpeech(config=config, data_dir=data_dir),
+                 file_format)
+
+
+def prepare(builder: tfds.core.DatasetBuilder,
+            file_format: str = DEFAULT_FILE_FORMAT) -> tfds.core.DatasetBuilder:
+  """Prepares a locally generated corpus unless prepared; returns the builder.
+
+  Nothing is downloaded (the builder generates its examples); a prepared
+  dataset is reused whatever its file format.
+  """
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
