@@ -283,6 +283,11 @@ def test_the_stability_stage_grows_the_run_into_the_study(
                 ("tiny_batch_norm_seed0", "tiny_batch_norm_seed1")},
       "norms": {("pretrain", "tiny_batch_norm_seed0"),
                 ("tiny_batch_norm_seed1", "tiny_group_norm_seed1")}}
+  # The same pairs over the droppable modules only (4 per block).
+  assert {g: {(p["a"], p["b"]) for p in result["groups_droppable"][g]["pairs"]}
+          for g in result["groups_droppable"]} == pairs
+  assert {p["num_common_units"] for g in result["groups_droppable"].values()
+          for p in g["pairs"]} == {8}
   for group in result["groups"].values():
     for p in group["pairs"]:
       assert p["matching"] == "name"

@@ -66,3 +66,28 @@ def test_groups_by_hand():
   assert "| seeds (same size and norm) | 2 | 0.25 (0.00-0.50) |" in lines
   assert "| pretrain | 4x96 | group_norm | 0 | 0.200 (0.180-0.220) | 1 / 3 |" in (
       lines)
+
+
+def test_droppable_only_keeps_the_modules_dropout_can_target():
+  result = _importance({"encoder/subsampling": 0.5,
+                        "encoder/block_00/ffn1": 0.0,
+                        "encoder/block_00/mhsa": 0.1,
+                        "encoder/block_00/final_norm": 0.0,
+                        "encoder/block_01/conv": 0.3,
+                        "encoder/block_01/ffn2": 0.0, "decoder": 0.9},
+                       ["encoder/block_00/ffn1", "encoder/block_00/final_norm",
+                        "encoder/block_01/ffn2"], num_blocks=2)
+  kept = stability_runs.droppable_only(result)
+  assert list(kept["units"]) == ["encoder/block_00/ffn1",
+                                 "encoder/block_00/mhsa",
+                                 "encoder/block_01/conv",
+                                 "encoder/block_01/ffn2"]
+  assert kept["ambient"] == ["encoder/block_00/ffn1", "encoder/block_01/ffn2"]
+  assert len(result["units"]) == 7  # The input is left as it was.
+  lines = "\n".join(stability_runs.report_lines(dict(
+      runs=[], groups={}, groups_droppable={"seeds": dict(
+          num_pairs=1, jaccard_mean=0.5, jaccard_min=0.5, jaccard_max=0.5,
+          chance_jaccard_mean=0.2, spearman_mean=0.9, spearman_min=0.9,
+          spearman_max=0.9)})))
+  assert "droppable modules only" in lines
+  assert "| seeds (same size and norm) | 1 | 0.50 (0.50-0.50) | 0.20 |" in lines

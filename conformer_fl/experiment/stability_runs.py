@@ -21,13 +21,16 @@ W/stability.json:
        "pairs": [{"a", "b", ...compare_pair}],
        "num_pairs", "jaccard_mean", "jaccard_min", "jaccard_max",
        "chance_jaccard_mean", "spearman_mean", "spearman_min",
-       "spearman_max"}}}
+       "spearman_max"}},
+   "groups_droppable": the same over the droppable modules only
+       (`droppable_only`: no final norms, front end or decoder)}
 A group with no pair (e.g. one size only) is left out.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import json
 import os
+import re
 from typing import Any
 
 from etils import epath
@@ -85,6 +88,20 @@ def _range(values: Sequence[float | None], name: str) -> dict[str, float | None]
     return {f"{name}_mean": None, f"{name}_min": None, f"{name}_max": None}
   return {f"{name}_mean": float(np.mean(kept)), f"{name}_min": min(kept),
           f"{name}_max": max(kept)}
+
+
+def droppable_only(result: Mapping[str, Any]) -> dict[str, Any]:
+  """An importance.json dict restricted to the droppable modules.
+
+  Keeps the units that a declared droppable module (`models.droppable_modules`:
+  ffn1, mhsa, conv, ffn2 of every block) fully matches; the final norms, the
+  front end and the decoder are left out.
+  """
+  patterns = [re.compile(m.module) for m in models.droppable_modules()]
+  keep = {u: v for u, v in result["units"].items()
+          if any(p.fullmatch(u) for p in patterns)}
+  return dict(result, units=keep,
+              ambient=[u for u in result["ambient"] if u in keep])
 
 
 def compare(runs: Sequence[Mapping[str, Any]],
@@ -168,9 +185,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
         baseline_wer_interval=result["baseline"].get("wer_interval"),
         num_examples=result["eval"]["num_examples"],
         num_units=len(result["units"]), ambient=list(result["ambient"])))
-  groups = compare(runs, results)
-  summary = dict(runs=[{k: v for k, v in r.items() if k != "rest"}
-                       for r in runs], groups=groups)
+  summary = dict(
+      runs=[{k: v for k, v in r.items() if k != "rest"} for r in runs],
+      groups=compare(runs, results),
+      groups_droppable=compare(runs, [droppable_only(r) for r in results]))
   (workdir / STABILITY_FILE).write_text(json.dumps(summary, indent=2))
   return summary
 
@@ -212,15 +230,26 @@ def report_lines(stability: Mapping[str, Any]) -> list[str]:
             " overlap of the two ambient sets (1 = the same units), beside"
             " its chance level (two random sets of the same sizes);"
             " Spearman: rank correlation of the units' WER increase.", "",
-            "| runs differ in | pairs | Jaccard mean (min-max) | chance |"
-            " Spearman mean (min-max) |",
-            "|---|---|---|---|---|"]
-  for name, g in stability["groups"].items():
+            *_group_table(stability["groups"])]
+  if stability.get("groups_droppable"):
+    lines += ["", "The same over the droppable modules only (ffn1, mhsa, conv"
+              " and ffn2 of every block, what Federated Dropout can target):"
+              " the final norms, ambient in most runs, are left out, and"
+              " with them much of the overlap above.", "",
+              *_group_table(stability["groups_droppable"])]
+  lines += ["", f"Every pair: [{STABILITY_FILE}]({STABILITY_FILE}).", ""]
+  return lines
+
+
+def _group_table(groups: Mapping[str, Any]) -> list[str]:
+  lines = ["| runs differ in | pairs | Jaccard mean (min-max) | chance |"
+           " Spearman mean (min-max) |",
+           "|---|---|---|---|---|"]
+  for name, g in groups.items():
     lines.append(
         f"| {GROUP_TITLES[name]} | {g['num_pairs']} |"
         f" {_fmt(g['jaccard_mean'])} ({_fmt(g['jaccard_min'])}-"
         f"{_fmt(g['jaccard_max'])}) | {_fmt(g['chance_jaccard_mean'])} |"
         f" {_fmt(g['spearman_mean'])} ({_fmt(g['spearman_min'])}-"
         f"{_fmt(g['spearman_max'])}) |")
-  lines += ["", f"Every pair: [{STABILITY_FILE}]({STABILITY_FILE}).", ""]
   return lines
