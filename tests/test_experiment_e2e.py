@@ -297,6 +297,11 @@ def test_the_stability_stage_grows_the_run_into_the_study(
         [p["jaccard_ambient"] for p in group["pairs"]]))
   report = (study / "report.md").read_text()
   assert "## Claims 2 and 3: the stability of layer importance" in report
+  seconds = json.loads((study / "stage_seconds.json").read_text())
+  stability_seconds = sum(v for k, v in seconds.items()
+                          if k.startswith("stability/"))
+  assert (f"stability runs {stability_seconds:.0f} s (3 pre-trained and"
+          " analysed)") in report
   assert "| seeds (same size and norm) | 2 |" in report
   # The demo's numbers are untouched.
   assert json.loads((study / "summary.json").read_text())["arms"] == (

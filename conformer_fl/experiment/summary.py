@@ -274,6 +274,12 @@ def _stage_lines(summary: Mapping[str, Any]) -> list[str]:
            ("corpus", "pretrain", "analysis") if name in seconds]
   if runs:
     parts.append(f"federated arms {adapt:.0f} s ({runs} runs)")
+  stability = sum(v for k, v in seconds.items() if k.startswith("stability/"))
+  if stability:
+    pretrained = sum(k.startswith("stability/") and k.endswith("/pretrain")
+                     for k in seconds)
+    parts.append(f"stability runs {stability:.0f} s ({pretrained}"
+                 " pre-trained and analysed)")
   if "summary" in seconds:
     parts.append(f"costs, final evaluations and summary"
                  f" {seconds['summary']:.0f} s")
