@@ -60,7 +60,8 @@ central run configs, one per run, named SIZE_NORM_seedS.
 
 Argument (all optional, `key=value,...`):
   scale    demo (the `make demo` default: about 25 minutes on 2 CPU cores)
-           | study (the demo plus the stability runs)
+           | study (the demo plus the stability runs: 70 minutes on 2 CPU
+             cores from scratch, 47 of them for the stability runs)
            | tiny (a minute: the test of the whole pipeline)        (demo)
   norm     conv-module norm: group_norm | batch_norm | layer_norm   (group_norm)
   decoder  ctc | rnnt                                                (ctc)
