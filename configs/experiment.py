@@ -30,7 +30,7 @@ ranks the droppable modules (ffn1, mhsa, conv, ffn2 of every block; the
 analysis runs at module granularity) by the WER increase; the tiny scale,
 whose 6-step model transcribes nothing, ranks them by the loss increase.
 
-The demo (`make demo`, 25 minutes on 2 CPU cores; the README gives the
+The demo (`make demo`, 18 minutes on 2 CPU cores; the README gives the
 measured time of each stage): the `demo` corpus (long form: 2-6 s sentences of
 a closed-vocabulary grammar; short form: <= 2 s commands), the demo-size
 Conformer (4 blocks x 96, CTC over characters) pre-trained centrally on one
@@ -59,7 +59,7 @@ by relative depth (conformer_fl/experiment/stability_runs.py). The run
 central run configs, one per run, named SIZE_NORM_seedS.
 
 Argument (all optional, `key=value,...`):
-  scale    demo (the `make demo` default: about 25 minutes on 2 CPU cores)
+  scale    demo (the `make demo` default: about 18 minutes on 2 CPU cores)
            | study (the demo plus the stability runs: 70 minutes on 2 CPU
              cores from scratch, 47 of them for the stability runs)
            | tiny (a minute: the test of the whole pipeline)        (demo)
