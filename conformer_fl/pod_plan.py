@@ -650,7 +650,11 @@ def refusal(plan: Plan) -> str:
           + (f" ({probe.per_chip} {step.unit} per chip)" if step.divisor > 1
              else "")
           + f" does not fit the {target.device_kind} chip of {target.name}:")
-  if probe.compiled:
+  if probe.compiled and probe.hbm_bytes is None:
+    # The compiler ran out of HBM: it gives no total, only its own message.
+    head += (f" the compiler ran out of HBM for the {step.name}, the chip has"
+             f" {_gib(target.hbm_bytes)} (compiler: {probe.error})")
+  elif probe.compiled:
     head += (f" the {step.name} needs {_gib(probe.hbm_bytes)} of HBM per"
              f" chip, the chip has {_gib(target.hbm_bytes)}")
     if probe.error:
