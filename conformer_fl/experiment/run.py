@@ -2,7 +2,6 @@
 
 from collections.abc import Callable, Iterator
 import contextlib
-import fnmatch
 import json
 import os
 import time
@@ -73,7 +72,7 @@ class _Progress:
       return
     self.seconds[name] = time.perf_counter() - tic
     if _is_chief():
-      _write_atomically(self._path, json.dumps(self.seconds, indent=2))
+      workdir_lib.write_atomically(self._path, json.dumps(self.seconds, indent=2))
 
   @property
   def elapsed(self) -> float:
@@ -108,17 +107,18 @@ def check_workdir_config(config: ml_collections.ConfigDict,
     return
   if _is_chief():
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(workdir / CONFIG_FILE, json.dumps(
+    workdir_lib.write_atomically(workdir / CONFIG_FILE, json.dumps(
         workdir_lib.config_as_json(config), indent=2))
 
 
 def _grew(workdir: epath.Path, config: ml_collections.ConfigDict) -> bool:
   """Whether `config` adds or drops stability runs of W/experiment_config.json."""
-  saved = workdir_lib.flatten(_read_json(workdir / CONFIG_FILE))
-  given = workdir_lib.flatten(workdir_lib.config_as_json(config))
-  return any(fnmatch.fnmatchcase(name, pattern)
-             for name in set(saved) ^ set(given)
-             for pattern in workdir_lib.EXPERIMENT_GROWABLE_FIELDS)
+  saved = _read_json(workdir / CONFIG_FILE)
+  given = workdir_lib.config_as_json(config)
+  # The growable fields are those `unmatched_fields` leaves out for them.
+  return workdir_lib.unmatched_fields(saved, given) != (
+      workdir_lib.unmatched_fields(
+          saved, given, workdir_lib.EXPERIMENT_GROWABLE_FIELDS))
 
 
 def corpus_is_built(data_config: ml_collections.ConfigDict) -> bool:
@@ -189,7 +189,7 @@ def _cached(path: epath.Path, key: dict[str, Any],
     return saved["value"]
   value = compute()
   if _is_chief():
-    _write_atomically(path, json.dumps({"key": key, "value": value}, indent=2))
+    workdir_lib.write_atomically(path, json.dumps({"key": key, "value": value}, indent=2))
   return value
 
 
@@ -201,13 +201,6 @@ def _read_json(path: epath.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
   except json.JSONDecodeError:
     return {}  # A write cut short (the files are written atomically now).
-
-
-def _write_atomically(path: epath.Path, text: str) -> None:
-  """Writes a temporary file next to `path`, then renames it onto `path`."""
-  tmp = path.parent / f"{path.name}.tmp"
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 def _adapt_config(config: ml_collections.ConfigDict,

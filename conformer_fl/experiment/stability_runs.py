@@ -34,6 +34,7 @@ import re
 from typing import Any
 
 from etils import epath
+import jax
 import ml_collections
 import numpy as np
 
@@ -189,7 +190,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
       runs=[{k: v for k, v in r.items() if k != "rest"} for r in runs],
       groups=compare(runs, results),
       groups_droppable=compare(runs, [droppable_only(r) for r in results]))
-  (workdir / STABILITY_FILE).write_text(json.dumps(summary, indent=2))
+  if jax.process_index() == 0:
+    workdir_lib.write_atomically(workdir / STABILITY_FILE,
+                                 json.dumps(summary, indent=2))
   return summary
 
 
