@@ -28,10 +28,10 @@ import zlib
 from absl import logging
 from etils import epath
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from conformer_fl import multihost
 from conformer_fl import workdir as workdir_lib
 
 PyTree = Any
@@ -111,13 +111,6 @@ def _one_line(error: BaseException, limit: int = 320) -> str:
   lines = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {lines[0] if lines else ''}"
   return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _all_processes(ok: bool) -> bool:
-  """Whether `ok` holds on every process (the same answer everywhere)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class CheckpointStore:
@@ -287,7 +280,7 @@ class CheckpointStore:
         # Orbax and TensorStore raise many types for a damaged file.
         problem = (f"checkpoint step {step} in {self.directory} does not"
                    f" restore ({_one_line(e)})")
-      if not _all_processes(problem is None):
+      if not multihost.all_true(problem is None, "checkpoint_restored"):
         problem = problem or (f"checkpoint step {step} in {self.directory}"
                               " does not restore on another process")
         problems.append(problem)
@@ -323,8 +316,7 @@ class CheckpointStore:
         while target.exists():
           target, copy = target_dir / f"{step}.{copy}", copy + 1
         os.rename(source, target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("checkpoints_set_aside")
+    multihost.sync("checkpoints_set_aside")
     self._manager.reload()
 
   def restore_variables(self, step: int) -> dict[str, PyTree]:

@@ -333,8 +333,10 @@ def analysis_run_config(granularity: str = "block", seeds: int = 3,
   analysis.max_rel_wer_increase = 0.05
   analysis.threshold_rule = "either"
   # Evaluation: variants stacked on a leading axis and vmapped, this many per
-  # compiled call (bounds memory: each holds a full copy of the variables).
-  # vectorized=False evaluates one variant at a time. Measure both on your
+  # compiled call (bounds memory: each holds a full copy of the variables),
+  # split over every device of every process and rounded up to a multiple of
+  # the devices. vectorized=False evaluates one variant at a time (one
+  # process only). Measure both on your
   # hardware with benchmarks/analysis_vectorized.py: on the 2-core CPU the
   # vmapped path was 1.5-2.3x faster for the tiny model but 0.6-0.7x for demo.
   analysis.variants_per_call = variants

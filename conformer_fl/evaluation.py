@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conformer_fl import models
+from conformer_fl import multihost
 from conformer_fl import wer as wer_lib
 
 Batch = Mapping[str, Any]
@@ -73,33 +74,59 @@ def ids_to_texts(
 
 
 class EvalAccumulator:
-  """Sums loss, word errors and reference words over the batches of a split."""
+  """Loss, word and character errors of the batches of a split, per batch.
+
+  Each batch added is kept as one record (its index in the split, loss sum,
+  number of examples, per-utterance error counts, transcripts), so that the
+  records of batches evaluated on different processes can be gathered
+  (`gathered`) and reduced in the split's order: the result is then the same,
+  bit for bit, as one process's over every batch.
+  """
 
   def __init__(self, decode: Callable[[list[int]], str]):
     self._decode = decode
-    self.loss_sum = 0.0
-    self.num_examples = 0.0
-    # Per utterance, in order: (errors, reference length) in words and in
-    # characters; the corpus rates and the WER interval are computed from them.
-    self._words: list[np.ndarray] = []
-    self._chars: list[np.ndarray] = []
-    self.examples: list[tuple[str, str]] = []
+    self._records: list[dict[str, Any]] = []
 
-  def add(self, outputs: Mapping[str, Any], batch: Batch) -> None:
-    """Adds one batch's `eval_step` outputs (host numpy or device arrays)."""
+  def add(self, outputs: Mapping[str, Any], batch: Batch,
+          index: int | None = None) -> None:
+    """Adds one batch's `eval_step` outputs (host numpy or device arrays).
+
+    Args:
+      outputs: `eval_step(variables, batch)`.
+      batch: the batch (its labels are the references).
+      index: the batch's position in the split (None = after the last added).
+    """
     outputs = jax.device_get(outputs)
-    self.loss_sum += float(outputs["loss_sum"])
-    self.num_examples += float(outputs["num_examples"])
     keep = np.asarray(batch["example_mask"]) > 0
     hypotheses = ids_to_texts(outputs["ids"], outputs["id_paddings"], self._decode)
     references = ids_to_texts(batch["labels"], batch["label_paddings"], self._decode)
     hypotheses = [h for h, k in zip(hypotheses, keep) if k]
     references = [r for r, k in zip(references, keep) if k]
-    self._words.append(np.stack(
-        wer_lib.utterance_errors(references, hypotheses, "word")))    # [2, n]
-    self._chars.append(np.stack(
-        wer_lib.utterance_errors(references, hypotheses, "char")))    # [2, n]
-    self.examples.extend(zip(references, hypotheses))
+    # Per utterance, in order: (errors, reference length) in words and in
+    # characters; the corpus rates and the WER interval are computed from them.
+    words = wer_lib.utterance_errors(references, hypotheses, "word")
+    chars = wer_lib.utterance_errors(references, hypotheses, "char")
+    self._records.append(dict(
+        index=len(self._records) if index is None else int(index),
+        loss_sum=float(outputs["loss_sum"]),
+        num_examples=float(outputs["num_examples"]),
+        words=[[int(x) for x in row] for row in words],  # [2, n]
+        chars=[[int(x) for x in row] for row in chars],  # [2, n]
+        examples=[[r, h] for r, h in zip(references, hypotheses)]))
+
+  def gathered(self, name: str = "eval") -> "EvalAccumulator":
+    """The records of every process, in batch order (a host-side exchange,
+    `multihost.gather_json`: every process must call it)."""
+    merged = EvalAccumulator(self._decode)
+    parts = multihost.gather_json(self._records, name)
+    merged._records = sorted((r for part in parts for r in part),  # pylint: disable=protected-access
+                             key=lambda r: r["index"])
+    return merged
+
+  @property
+  def examples(self) -> list[tuple[str, str]]:
+    """(reference, hypothesis) of every real example, in batch order."""
+    return [(r, h) for record in self._records for r, h in record["examples"]]
 
   def result(self) -> dict[str, float]:
     """Metrics of the batches added so far.
@@ -109,18 +136,26 @@ class EvalAccumulator:
        'wer_low', 'wer_high': 95% bootstrap interval of the WER over the
        utterances (`wer.bootstrap_rate_interval`), 'num_examples': n}.
     """
-    if self.num_examples == 0:
+    loss_sum, num_examples = 0.0, 0.0
+    for record in self._records:  # Summed in batch order, as they were added.
+      loss_sum += record["loss_sum"]
+      num_examples += record["num_examples"]
+    if num_examples == 0:
       raise ValueError("Evaluation saw no examples: is the eval split empty?")
-    word_errors, words = np.concatenate(self._words, axis=1)
-    char_errors, chars = np.concatenate(self._chars, axis=1).sum(axis=1)
+    word_errors, words = np.concatenate(
+        [np.array(r["words"], np.int64).reshape(2, -1) for r in self._records],
+        axis=1)
+    char_errors, chars = np.concatenate(
+        [np.array(r["chars"], np.int64).reshape(2, -1) for r in self._records],
+        axis=1).sum(axis=1)
     low, high = wer_lib.bootstrap_rate_interval(word_errors, words)
     return dict(
-        loss=self.loss_sum / self.num_examples,
+        loss=loss_sum / num_examples,
         wer=int(word_errors.sum()) / max(int(words.sum()), 1),
         cer=int(char_errors) / max(int(chars), 1),
         wer_low=low,
         wer_high=high,
-        num_examples=self.num_examples,
+        num_examples=num_examples,
     )
 
 
@@ -130,18 +165,28 @@ def evaluate(
     batches: Iterable[Batch],
     decode: Callable[[list[int]], str],
 ) -> tuple[dict[str, float], list[tuple[str, str]]]:
-  """Evaluates `variables` on every batch.
+  """Evaluates `variables` on every batch, the batches shared over processes.
+
+  Process p of P evaluates the batches p, p + P, p + 2P, ... of the split;
+  their counts and transcripts are then gathered once (host-side,
+  `EvalAccumulator.gathered`) and reduced in batch order, so every process
+  returns the same result as one process over every batch. Every process
+  must call it, with the same batches.
 
   Args:
     eval_step: a jitted `make_eval_step(model)`.
-    variables: the model's variables.
+    variables: the model's variables (host arrays, or this process's copy).
     batches: padded batches with 'example_mask'.
     decode: token ids -> text (the tokenizer's decode).
 
   Returns:
-    ({'loss', 'wer', 'num_examples'}, [(reference, hypothesis), ...]).
+    ({'loss', 'wer', 'cer', 'wer_low', 'wer_high', 'num_examples'},
+     [(reference, hypothesis), ...] in the split's order).
   """
   accumulator = EvalAccumulator(decode)
-  for batch in batches:
-    accumulator.add(eval_step(variables, batch), batch)
+  num_processes, process = jax.process_count(), jax.process_index()
+  for index, batch in enumerate(batches):
+    if index % num_processes == process:
+      accumulator.add(eval_step(variables, batch), batch, index)
+  accumulator = accumulator.gathered("evaluate")
   return accumulator.result(), accumulator.examples

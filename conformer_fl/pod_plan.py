@@ -370,7 +370,10 @@ def analysis_step(config: ml_collections.ConfigDict, workdir: str | None,
                   target: Target) -> Step:
   """The analysis pass's evaluation of `variants_per_call` reset variants.
 
-  The pass runs in one process on one chip, unsharded. Planned: the chunk in
+  Vectorized, a call's variants are split over every chip of the topology
+  (`variant_eval.make_vectorized_eval_fn(model, mesh)`, `variants_per_call`
+  rounded up to a multiple of the chips); one at a time
+  (`analysis.vectorized=False`) it runs on one chip. Planned: the chunk in
   which every variant holds all its variables (the front end not shared: the
   largest chunk), on an eval batch of the longest bucket.
 
@@ -395,15 +398,23 @@ def analysis_step(config: ml_collections.ConfigDict, workdir: str | None,
     eval_fn = variant_eval.make_single_eval_fn(model)
     return Step("analysis evaluation", "analysis.vectorized", "variants", 1, 1,
                 eval_fn, lambda _: (_placed(variables, device), batch))
-  eval_fn = variant_eval.make_vectorized_eval_fn(model)
+  mesh = mesh_lib.make_client_mesh(devices=target.devices)
+  eval_fn = variant_eval.make_vectorized_eval_fn(model, mesh)
+  by_variant = mesh_lib.client_sharding(mesh)
+  replicated_batch = abstract_batch(
+      run_config.data, int(run_config.data.eval_batch_size),
+      mesh_lib.replicated_sharding(mesh))
 
   def arguments(per_chip: int) -> tuple[Any, ...]:
     stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        (per_chip,) + x.shape, x.dtype, sharding=device), variables)
-    return stacked, {}, batch
+        (per_chip * target.num_chips,) + x.shape, x.dtype,
+        sharding=by_variant), variables)
+    return stacked, {}, replicated_batch
 
+  chips = target.num_chips
+  requested = -(-int(analysis.variants_per_call) // chips) * chips
   return Step("analysis evaluation", "analysis.variants_per_call", "variants",
-              int(analysis.variants_per_call), 1, eval_fn, arguments)
+              requested, chips, eval_fn, arguments)
 
 
 def make_step(config: ml_collections.ConfigDict, workdir: str | None,

@@ -16,7 +16,6 @@ from typing import Any
 
 from etils import epath
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -25,6 +24,7 @@ from conformer_fl import divergence
 from conformer_fl import evaluation
 from conformer_fl import metric_logging
 from conformer_fl import models
+from conformer_fl import multihost
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
@@ -44,47 +44,56 @@ class Run:
   logger: metric_logging.MetricsLogger
 
 
-def is_chief() -> bool:
-  """Whether this is process 0, the one that writes the workdir's files."""
-  return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                init_workdir: str) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, trained (or copied from `init_workdir`) by process 0.
   """
   saved = workdir / "tokenizer.model"
-  if init_workdir and not saved.exists() and is_chief():
+  if init_workdir and not saved.exists() and multihost.is_chief():
     source = epath.Path(init_workdir) / "tokenizer.model"
     if source.exists():
       source.copy(saved)
-  if is_chief():
+  if multihost.is_chief():
     tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
-  _sync("tokenizer")
-  if not is_chief():
+  multihost.sync("tokenizer")
+  if not multihost.is_chief():
     tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
   return tokenizer
 
 
-def _raise_on_every_process(error: Exception | None, what: str) -> None:
+def raise_on_every_process(error: Exception | None, what: str) -> None:
   """Raises `error` (process 0's) here, or on the other processes a stand-in."""
-  failed = error is not None
-  if jax.process_count() > 1:
-    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  failed = multihost.chief_decides(error is not None, "failed")
   if error is not None:
     raise error
   if failed:
     raise workdir_lib.WorkdirError(f"Process 0 could not {what}; see its log.")
 
 
+@contextlib.contextmanager
+def chief_holds_lock(workdir: str | os.PathLike[str]) -> Iterator[None]:
+  """`workdir`'s lock, held by process 0 for the `with` body.
+
+  Raises:
+    workdir.WorkdirLockedError: (on every process) another run holds it.
+  """
+  lock = workdir_lib.WorkdirLock(workdir)
+  error = None
+  if multihost.is_chief():
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirError as e:
+      error = e
+  raise_on_every_process(error, f"take the lock of {workdir}")
+  try:
+    yield
+  finally:
+    lock.release()
+
+
 def warn(message: str) -> None:
   """`workdir.warn(message)` on process 0."""
-  if is_chief():
+  if multihost.is_chief():
     workdir_lib.warn(message)
 
 
@@ -107,26 +116,18 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
   """
   workdir_lib.check_is_directory(workdir)
   workdir_lib.check_config(workdir, config)
-  lock = workdir_lib.WorkdirLock(workdir)
-  error = None
-  if is_chief():
-    try:
-      lock.acquire()
-    except workdir_lib.WorkdirError as e:
-      error = e
-  _raise_on_every_process(error, f"take the lock of {workdir}")
-  try:
+  with chief_holds_lock(workdir):
     workdir = epath.Path(workdir)
-    if is_chief():
+    if multihost.is_chief():
       workdir.mkdir(parents=True, exist_ok=True)
-    _sync("workdir")
+    multihost.sync("workdir")
     tokenizer = _tokenizer(config, workdir, init_workdir)
     config = config.copy_and_resolve_references()
     with config.unlocked():
       # The decoder's output size is the tokenizer's vocabulary (blank included).
       config.model.vocab_size = tokenizer.vocab_size
     model = models.build_model(config.model)
-    if is_chief():
+    if multihost.is_chief():
       workdir_lib.write_atomically(workdir / workdir_lib.CONFIG_FILE,
                                    config.to_json_best_effort(indent=2))
     run = Run(config, workdir, model, tokenizer,
@@ -141,8 +142,6 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
     finally:
       run.logger.close()
       run.store.close()
-  finally:
-    lock.release()
 
 
 def eval_batches(run: Run,

@@ -44,6 +44,7 @@ from conformer_fl import checkpointing
 from conformer_fl import divergence
 from conformer_fl import evaluation
 from conformer_fl import models
+from conformer_fl import multihost
 from conformer_fl import optimizers
 from conformer_fl import run_setup
 from conformer_fl import steps
@@ -76,7 +77,6 @@ def _train_central(run: run_setup.Run) -> PyTree:
   # The one-axis device mesh of federated rounds; here examples are sharded
   # over it the way clients are in a round.
   mesh = mesh_lib.make_client_mesh(c.get("num_devices") or None)
-  replicated = mesh_lib.replicated_sharding(mesh)
   if run.config.data.batch_size % mesh.size:
     raise ValueError(
         f"data.batch_size={run.config.data.batch_size} must divide over the"
@@ -103,14 +103,14 @@ def _train_central(run: run_setup.Run) -> PyTree:
   train_step = mesh_lib.barrier_after_compile(
       steps.jit_central_train_step(run.model, optimizer, mesh), "central_step")
   guard = mesh_lib.replicate(divergence.init_guard(), mesh)
-  seed_key = jax.device_put(jax.random.key(run.config.seed), replicated)
+  seed_key = mesh_lib.replicate(jax.random.key(run.config.seed), mesh)
   eval_step = evaluation.jitted_eval_step(run.model)
   eval_batches = run_setup.eval_batches(run)
   batches = input_pipeline.get_train_batches(
       run.config.data, run.tokenizer, seed=run.config.seed, start_step=start)
 
   progress = tqdm.tqdm(total=c.num_steps, initial=start, desc="central",
-                       disable=not run_setup.is_chief(), dynamic_ncols=True)
+                       disable=not multihost.is_chief(), dynamic_ncols=True)
   tic, logged_step = time.perf_counter(), start
   try:
     for step in range(start + 1, c.num_steps + 1):
@@ -233,7 +233,7 @@ def _train_federated(run: run_setup.Run) -> PyTree:
 
   client_datasets = input_pipeline.get_client_datasets(run.config.data,
                                                        run.tokenizer)
-  if run_setup.is_chief():
+  if multihost.is_chief():
     table, _ = clients_lib.client_size_report(
         client_datasets.sizes(), os.fspath(run.workdir / "clients"))
     logging.info("Client sizes:\n%s", table)
@@ -244,7 +244,7 @@ def _train_federated(run: run_setup.Run) -> PyTree:
   rng = jax.random.key(run.config.seed)
 
   progress = tqdm.tqdm(total=f.rounds, initial=start, desc="federated",
-                       disable=not run_setup.is_chief(), dynamic_ncols=True)
+                       disable=not multihost.is_chief(), dynamic_ncols=True)
   try:
     for round_index in range(start, f.rounds):
       tic = time.perf_counter()

@@ -9,6 +9,7 @@ from conformer_fl import tree_paths
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import resets
 from conformer_fl.analysis import variant_eval
+from conformer_fl.federated import mesh as mesh_lib
 
 VOCAB = 16
 VARIANTS_PER_CALL = 3
@@ -155,6 +156,34 @@ def test_chunked_vectorized_evaluation_equals_one_at_a_time(
     variant_eval.evaluate_vectorized(
         vectorized_fn, variants.__getitem__, len(variants), batches, _decode,
         variants_per_call=2, groups=[[0, 1]])
+
+
+def test_variants_split_over_the_mesh_equal_one_at_a_time(
+    model, single_fn, inits):
+  mesh = mesh_lib.make_client_mesh()
+  assert mesh.size == 4
+  variants = _variants(inits)
+  batches = _batches()
+  looped = variant_eval.evaluate_one_at_a_time(
+      single_fn, variants.__getitem__, len(variants), batches, _decode)
+  # 3 per call rounds up to 4 (one per device): groups [3, 0, 2] (padded
+  # with a repeat of 2) and [1, 4] (padded to 4 as well).
+  built = []
+
+  def get_variables(index):
+    built.append(index)
+    return variants[index]
+
+  sharded = variant_eval.evaluate_vectorized(
+      variant_eval.make_vectorized_eval_fn(model, mesh), get_variables,
+      len(variants), batches, _decode, variants_per_call=VARIANTS_PER_CALL,
+      groups=[[3, 0, 2], [1, 4]], mesh=mesh)
+  assert built == [3, 0, 2, 2, 1, 4, 4, 4]
+  for a, b in zip(sharded, looped):
+    assert a["num_examples"] == b["num_examples"] == 4.0
+    assert a["wer"] == b["wer"]
+    assert a["cer"] == b["cer"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_shareable_groups_put_front_end_resets_apart():

@@ -5,12 +5,14 @@ analysis, four federated arms, client costs, report) on the tiny corpus in a
 subprocess; a second run must reuse all of it and give the same summary, and
 so must notebook 3 (colabs/03_targeted_federated_dropout.ipynb), which runs the
 same config on the same workdir; the same command in a new workdir must give
-the same numbers.
+the same numbers, and so (to the last bits of its losses) must the same
+command as two processes of two devices (`launch/local_multiprocess.py`).
 """
 
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,6 @@ import numpy as np
 import pytest
 
 from conformer_fl import checkpointing
-from conformer_fl import models
 from conformer_fl import tree_paths
 from conformer_fl.analysis import stability
 from conformer_fl.experiment import arms as arms_lib
@@ -210,6 +211,68 @@ def test_same_command_in_a_new_workdir_gives_the_same_numbers(
   run_tiny_experiment(tmp_path, tiny_corpus_dir)
   again = json.loads((tmp_path / "summary.json").read_text())
   assert _without_timings(again) == _without_timings(summary)
+
+
+def _assert_close(two, one, path="summary"):
+  """Equal structure, strings, ints and flags; floats to a relative 1e-4."""
+  if isinstance(one, dict):
+    assert set(two) == set(one), path
+    for key in one:
+      _assert_close(two[key], one[key], f"{path}/{key}")
+  elif isinstance(one, list):
+    assert len(two) == len(one), path
+    for i, (a, b) in enumerate(zip(two, one)):
+      _assert_close(a, b, f"{path}[{i}]")
+  elif isinstance(one, float):
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-9), path
+  else:
+    assert two == one, path
+
+
+def test_two_processes_of_two_devices_give_the_same_summary(
+    experiment, tiny_corpus_dir, tmp_path):
+  """Every stage under launch/local_multiprocess.py against one process of 4.
+
+  Two of the four arms (the baseline and the targeted one), to keep the suite
+  short. Pre-training's gradient all-reduce then runs over two processes
+  (gloo), which sums in another order: parameters differ in their last bits,
+  so losses are compared to a relative 1e-4; WERs, the analysis' ambient and
+  critical units, the targeted units and the costs must be the same.
+  """
+  workdir, _, _, summary = experiment
+  two_dir = tmp_path / "two_processes"
+  command = [sys.executable, "launch/local_multiprocess.py",
+             "--num_processes=2", "--devices_per_process=2", "--",
+             "--config=configs/experiment.py:scale=tiny",
+             "--config.arms=('full','targeted')", f"--workdir={two_dir}",
+             f"--config.data_dir={tiny_corpus_dir}"]
+  result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
+                          env=dict(os.environ), capture_output=True, text=True,
+                          timeout=1200, check=False)
+  assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-3000:])
+  # Process 0 alone prints the stages and writes the report.
+  assert "[p0] [5/5] summary" in result.stdout
+  assert not re.search(r"^\[p1\] \[\d/5\]", result.stdout, re.MULTILINE)
+  assert f"[p0] Report: {two_dir / 'report.md'}" in result.stdout
+  two = _without_timings(json.loads((two_dir / "summary.json").read_text()))
+  one = _without_timings(summary)
+  for key in ("analysis", "pretrain", "pretrained_not_adapted", "eval",
+              "rounds", "seeds", "clients_per_round"):
+    _assert_close(two[key], one[key], key)
+  one_arms = {row["arm"]: row for row in one["arms"]}
+  assert [row["arm"] for row in two["arms"]] == ["full", "targeted"]
+  for row in two["arms"]:
+    _assert_close(row, one_arms[row["arm"]], row["arm"])
+  _assert_close(two["paired_differences"]["targeted"],
+                one["paired_differences"]["targeted"], "paired")
+  # The analysis, its variants split over the 4 devices of both processes,
+  # gives every unit's WERs exactly.
+  importance = [json.loads((w / "pretrain" / "analysis" / "importance.json"
+                            ).read_text()) for w in (two_dir, workdir)]
+  for name, unit in importance[1]["units"].items():
+    assert importance[0]["units"][name]["reinit_wer"] == unit["reinit_wer"]
+    assert importance[0]["units"][name]["rerandomize_wer"] == (
+        unit["rerandomize_wer"])
 
 
 def test_notebook_3_reuses_the_run_and_shows_its_table(

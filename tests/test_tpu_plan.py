@@ -199,3 +199,25 @@ def test_a_step_the_compiler_cannot_fit_is_refused_with_the_exact_most():
   over = pod_plan.compile_probe(step, most + 1, target.hbm_bytes)
   assert not over.fits and over.compiled, over
   assert over.available_bytes == int(15.75 * 2**30), over
+
+
+def test_the_analysis_plan_splits_a_calls_variants_over_the_chips(tmp_path):
+  """The analysis evaluation as the pass runs it: `variants_per_call` rounded
+  up to a multiple of the chips, each chip evaluating its share."""
+  run_config, _ = pod_plan.parse_main_args(
+      ["--config=configs/central.py:size=tiny",
+       "--config.data.bucket_seconds=(1.0,)"])
+  with run_config.unlocked():
+    run_config.model.vocab_size = 48
+  (tmp_path / "config.json").write_text(run_config.to_json_best_effort())
+  config, _ = pod_plan.parse_main_args(
+      ["--config=configs/analysis.py", "--config.analysis.variants_per_call=5"])
+  target = pod_plan.get_target("cpu")
+  step = pod_plan.make_step(config, str(tmp_path), target)
+  assert (step.requested, step.divisor) == (8, 4)  # 5 rounds up to 2 a chip.
+  stacked, shared, batch = step.arguments(step.per_chip(step.requested))
+  leaf = jax.tree.leaves(stacked)[0]
+  assert leaf.shape[0] == 8 and leaf.sharding.shard_shape(leaf.shape)[0] == 2
+  assert shared == {} and batch["audio"].sharding.is_fully_replicated
+  compiled = step.lower(2).compile()
+  assert compiled.memory_analysis() is not None

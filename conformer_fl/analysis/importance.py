@@ -4,9 +4,11 @@
 tokenizer.model, checkpoints/ and metrics.jsonl), evaluates the trained model
 and every reset variant (`resets`) with one vmapped compiled function
 (`variant_eval`), and writes `workdir/analysis/` (schema: the package
-docstring). Single-process: run it on one host. Every file of the workdir is
-read and written through `etils.epath`, so the workdir may be on GCS
-(`gs://...`).
+docstring). On several hosts every process runs it: the variants of each
+vectorized call are split over all devices of all hosts, their metrics
+gathered once, and process 0 alone writes the files (the others wait for
+them). Every file of the workdir is read and written through `etils.epath`,
+so the workdir may be on GCS (`gs://...`).
 """
 
 from collections.abc import Mapping
@@ -25,6 +27,7 @@ import numpy as np
 
 from conformer_fl import checkpointing
 from conformer_fl import models
+from conformer_fl import multihost
 from conformer_fl import tree_paths
 from conformer_fl.analysis import movement
 from conformer_fl.analysis import plots
@@ -34,6 +37,7 @@ from conformer_fl.analysis import stability
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
+from conformer_fl.federated import mesh as mesh_lib
 
 SCHEMA_VERSION = 1
 THRESHOLD_RULES = ("either", "both")
@@ -324,11 +328,16 @@ def run_analysis(config: ml_collections.ConfigDict,
     # the others share it unbatched (variant_eval.SHAREABLE_PATHS).
     groups = variant_eval.shareable_groups([units.get(v.unit)
                                             for v in variants])
+    mesh = mesh_lib.make_client_mesh()
     metrics = variant_eval.evaluate_vectorized(
-        variant_eval.make_vectorized_eval_fn(model), get_variables,
+        variant_eval.make_vectorized_eval_fn(model, mesh), get_variables,
         len(variants), batches, tokenizer.decode, analysis.variants_per_call,
-        groups=groups)
+        groups=groups, mesh=mesh)
   else:
+    if jax.process_count() > 1:
+      raise ValueError("analysis.vectorized=False evaluates on one device of"
+                       " one process: run it with one process, or set"
+                       " analysis.vectorized=True.")
     metrics = variant_eval.evaluate_one_at_a_time(
         variant_eval.make_single_eval_fn(model), get_variables, len(variants),
         batches, tokenizer.decode)
@@ -384,11 +393,16 @@ def run_analysis(config: ml_collections.ConfigDict,
                                 for w in analysis.compare_workdirs])
 
   out_dir = epath.Path(workdir) / OUTPUT_DIR
-  out_dir.mkdir(parents=True, exist_ok=True)
-  results["figures"] = _write_figures(results, out_dir)
-  (out_dir / IMPORTANCE_FILE).write_text(
-      json.dumps(results, indent=2, allow_nan=False))
-  (out_dir / "report.md").write_text(report.render_report(results))
+  if multihost.is_chief():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["figures"] = _write_figures(results, out_dir)
+    (out_dir / IMPORTANCE_FILE).write_text(
+        json.dumps(results, indent=2, allow_nan=False))
+    (out_dir / "report.md").write_text(report.render_report(results))
+  # The other processes return process 0's results (figures included) once
+  # its files are written.
+  results = multihost.chief_decides(results if multihost.is_chief() else None,
+                                    "analysis_results")
   logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s.",
                workdir, results["baseline"]["wer"], results["ambient"],
                results["critical"])

@@ -266,7 +266,9 @@ def load_speaker_index(source: RecordSource,
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
   tmp.write_text(json.dumps(index))
-  tmp.rename(path)
+  # Every host of a pod may build it at once (into a shared data_dir): the
+  # indexes are equal, so the last replace wins harmlessly.
+  tmp.replace(path)
   logging.info("Saved the speaker index (%d speakers) to %s.",
                len(index["speakers"]), path)
   return index

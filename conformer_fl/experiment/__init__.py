@@ -38,6 +38,13 @@ stability runs, so that a demo's workdir grows into the study's), the
 run stops before writing anything, naming each field with both values (the
 rule of every mode, `conformer_fl.workdir.check_config`). The run holds
 W/.lock (`conformer_fl.workdir.WorkdirLock`) while it lasts.
+
+On several hosts (a pod, or `launch/local_multiprocess.py`) every process runs
+every stage: the training stages over the mesh of all devices, the analysis
+with its variants split over them, every evaluation with its batches split
+over the processes (`conformer_fl.evaluation.evaluate`); process 0 builds the
+corpus and alone writes files, and decides for all whether a stage is done
+(`conformer_fl.multihost`). The summary is the same as one process's.
 """
 
 from conformer_fl.experiment.run import check_workdir_config

@@ -8,12 +8,13 @@ import time
 from typing import Any
 
 from etils import epath
-import jax
 import ml_collections
 
 from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import models
+from conformer_fl import multihost
+from conformer_fl import run_setup
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.data import input_pipeline
@@ -28,10 +29,6 @@ TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 # Version of the cached final evaluations (2: with CER, the WER interval and
 # the transcripts); a cache of another version is computed again.
 EVAL_SCHEMA = 2
-
-
-def _is_chief() -> bool:
-  return jax.process_index() == 0
 
 
 STAGE_SECONDS_FILE = "stage_seconds.json"
@@ -52,7 +49,7 @@ class _Progress:
     self.seconds = _read_json(self._path)
 
   def stage(self, index: int, text: str) -> None:
-    if _is_chief():
+    if multihost.is_chief():
       elapsed = time.perf_counter() - self._start
       print(f"[{index}/{self._num_stages}] {text}  (+{elapsed:.0f} s)",
             flush=True)
@@ -71,7 +68,7 @@ class _Progress:
     if not record:
       return
     self.seconds[name] = time.perf_counter() - tic
-    if _is_chief():
+    if multihost.is_chief():
       workdir_lib.write_atomically(self._path, json.dumps(self.seconds, indent=2))
 
   @property
@@ -105,7 +102,7 @@ def check_workdir_config(config: ml_collections.ConfigDict,
       growable=workdir_lib.EXPERIMENT_GROWABLE_FIELDS) and not _grew(
           workdir, config):
     return
-  if _is_chief():
+  if multihost.is_chief():
     workdir.mkdir(parents=True, exist_ok=True)
     workdir_lib.write_atomically(workdir / CONFIG_FILE, json.dumps(
         workdir_lib.config_as_json(config), indent=2))
@@ -181,16 +178,38 @@ def evaluate_checkpoint(
 
 
 def _cached(path: epath.Path, key: dict[str, Any],
-            compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-  """compute(), kept in `path` and reused while `key` (a dict) is the same."""
+            compute: Callable[[], dict[str, Any]],
+            chief_computes: bool = False) -> dict[str, Any]:
+  """compute(), kept in `path` and reused while `key` (a dict) is the same.
+
+  Process 0 decides whether the saved value is reused and hands it over, so
+  every process computes, or none. `chief_computes`: process 0 alone computes
+  (host-side work: the others would repeat it) and hands the value over.
+  """
   key = json.loads(json.dumps(key))
-  saved = _read_json(path)
-  if saved.get("key") == key:
-    return saved["value"]
-  value = compute()
-  if _is_chief():
-    workdir_lib.write_atomically(path, json.dumps({"key": key, "value": value}, indent=2))
+  saved = _read_json(path) if multihost.is_chief() else {}
+  value = multihost.chief_decides(
+      saved["value"] if saved.get("key") == key else None, f"cached/{path.name}")
+  if value is not None:
+    return value
+  if chief_computes:
+    value = multihost.chief_decides(
+        compute() if multihost.is_chief() else None, f"computed/{path.name}")
+  else:
+    value = compute()
+  if multihost.is_chief():
+    workdir_lib.write_atomically(path, json.dumps({"key": key, "value": value},
+                                                  indent=2))
   return value
+
+
+def _done(done_by_the_files: bool) -> bool:
+  """Process 0's answer to "is this stage done?", on every process.
+
+  Each process reads the same files, but at different times: process 0 may
+  have written a stage's last file before another process looks.
+  """
+  return multihost.chief_decides(bool(done_by_the_files), "stage_done")
 
 
 def _read_json(path: epath.Path) -> dict[str, Any]:
@@ -267,11 +286,6 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
       (`train.train_federated`).
   """
   workdir = epath.Path(workdir)
-  if jax.process_count() > 1:
-    raise ValueError(
-        "The experiment runs its stages in one process (its analysis and"
-        " summary are single-process); on a pod, run configs/central.py,"
-        " configs/analysis.py and configs/federated.py one after another.")
   validate_config(config)
   workdir_lib.check_is_directory(workdir)
   # Checked before the lock, whose file would be the first write.
@@ -279,7 +293,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
       workdir, config, config_file=CONFIG_FILE,
       resumable=workdir_lib.EXPERIMENT_RESUMABLE_FIELDS, derived=(),
       growable=workdir_lib.EXPERIMENT_GROWABLE_FIELDS)
-  with workdir_lib.WorkdirLock(workdir):
+  with run_setup.chief_holds_lock(workdir):
     # Writes experiment_config.json when new, or grown by stability runs.
     check_workdir_config(config, workdir)
     return _run_stages(config, workdir, train_central, train_federated)
@@ -295,16 +309,19 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
-  if not corpus_is_built(config.pretrain.data):
+  if not multihost.chief_decides(corpus_is_built(config.pretrain.data),
+                                 "corpus_built"):
     with progress.timed("corpus"):
-      build_corpus(config.pretrain.data)
+      if multihost.is_chief():
+        build_corpus(config.pretrain.data)
+      multihost.sync("corpus")  # The others wait for process 0 to build it.
   # The federated clients read the corpus by record index: a corpus prepared
   # as tfrecord (by an older version) is refused now, not after pre-training.
   input_pipeline.open_record_source(config.adapt.data,
                                     config.adapt.data.train_split)
 
   steps = config.pretrain.central.num_steps
-  if checkpointing.latest_saved_step(pretrain_dir) == steps:
+  if _done(checkpointing.latest_saved_step(pretrain_dir) == steps):
     progress.stage(2, f"pre-training: done ({steps} steps), reused")
   else:
     progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
@@ -313,8 +330,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   importance_path = (pretrain_dir / importance_lib.OUTPUT_DIR /
                      importance_lib.IMPORTANCE_FILE)
-  if (importance_path.exists() and
-      importance_lib.load_importance(pretrain_dir)["trained_step"] == steps):
+  if _done(importance_path.exists() and
+           importance_lib.load_importance(pretrain_dir)["trained_step"] == steps):
     progress.stage(3, "analysis: done, reused")
   else:
     progress.stage(3, "analysis: resetting each unit of the pre-trained model")
@@ -345,7 +362,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
   for arm, dropout_config in arm_dropouts.items():
     for seed in config.seeds:
       run_dir = workdir / "arms" / arm / f"seed_{seed}"
-      if checkpointing.latest_saved_step(run_dir) == rounds:
+      if _done(checkpointing.latest_saved_step(run_dir) == rounds):
         progress.stage(4, f"adapt {arm} seed {seed}: done, reused")
       else:
         progress.stage(4, f"adapt {arm} seed {seed}: {rounds} federated rounds"
@@ -371,8 +388,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                              " evaluations, table, figures")
   # The final evaluations and costs are cached: a rerun keeps the time of
   # the run that computed them.
-  with progress.timed("summary",
-                      record=not (workdir / "client_costs.json").exists()):
+  with progress.timed("summary", record=not _done(
+      (workdir / "client_costs.json").exists())):
     adapt_run = importance_lib.load_run_config(
         workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}")
 
@@ -387,7 +404,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
 
     costs = _cached(workdir / "client_costs.json",
                     {arm: d.to_dict() for arm, d in arm_dropouts.items()},
-                    client_costs)
+                    client_costs, chief_computes=True)
     # The pre-trained model, not adapted, on the adaptation domain.
     pretrained_eval = _cached(
         workdir / "pretrained_eval.json",
@@ -403,7 +420,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
   summary = summary_lib.build_summary(
       config, workdir, importance, targets, arm_dropouts, costs, results,
       pretrained_eval, pretrain_dev_eval, progress.seconds, stability)
-  if _is_chief():
+  if multihost.is_chief():
     summary_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",
           flush=True)

@@ -34,12 +34,12 @@ import re
 from typing import Any
 
 from etils import epath
-import jax
 import ml_collections
 import numpy as np
 
 from conformer_fl import checkpointing
 from conformer_fl import models
+from conformer_fl import multihost
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.analysis import stability as stability_lib
@@ -165,13 +165,14 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
     configs.append(run_config)
   for name, run_dir, run_config in list(zip(names, dirs, configs))[1:]:
     steps = run_config.central.num_steps
-    if checkpointing.latest_saved_step(run_dir) == steps:
+    if multihost.chief_decides(
+        checkpointing.latest_saved_step(run_dir) == steps, "stage_done"):
       announce(f"stability {name}: pre-training done, reused")
     else:
       announce(f"stability {name}: {steps} central steps -> {run_dir}")
       with timed(f"stability/{name}/pretrain"):
         train_central(run_config, os.fspath(run_dir))
-    if _analysed(run_dir, steps):
+    if multihost.chief_decides(_analysed(run_dir, steps), "stage_done"):
       announce(f"stability {name}: analysis done, reused")
     else:
       announce(f"stability {name}: analysis")
@@ -190,7 +191,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
       runs=[{k: v for k, v in r.items() if k != "rest"} for r in runs],
       groups=compare(runs, results),
       groups_droppable=compare(runs, [droppable_only(r) for r in results]))
-  if jax.process_index() == 0:
+  if multihost.is_chief():
     workdir_lib.write_atomically(workdir / STABILITY_FILE,
                                  json.dumps(summary, indent=2))
   return summary

@@ -220,6 +220,10 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   def to_global(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return x
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      # A typed PRNG key travels as its raw uint32 data.
+      return jax.random.wrap_key_data(to_global(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(sharding, x, x.shape)
 
