@@ -678,12 +678,14 @@ def refusal(plan: Plan) -> str:
     most = "most" if plan.max_exact else "most found (the search stopped)"
     return (f"{head}. The {most} that fits is {plan.max_per_chip} {step.unit}"
             f" per chip: --config.{step.field}={value}.")
-  if plan.max_per_chip is None:
+  if plan.max_per_chip is None and probe.per_chip > 1:
     return (f"{head}. Lower config.{step.field} (search the most that fits"
             " without --no_search).")
-  if not plan.max_exact:
+  if plan.max_per_chip == 0 and not plan.max_exact:
     return (f"{head}. No smaller count that fits was found within"
             " --max_compiles compilations; raise it to search further.")
+  # Not even 1 per chip fits (searched down to it, or the config asks for 1,
+  # searched or not): a lower count cannot help.
   if step.name == "federated round":
     lower = ("config.federated.client_batch_size, the longest of"
              " config.data.bucket_seconds or the model size (config.model)")

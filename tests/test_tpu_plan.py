@@ -221,3 +221,53 @@ def test_the_analysis_plan_splits_a_calls_variants_over_the_chips(tmp_path):
   assert shared == {} and batch["audio"].sharding.is_fully_replicated
   compiled = step.lower(2).compile()
   assert compiled.memory_analysis() is not None
+
+
+def _refusal(name: str, field: str, unit: str, requested: int,
+             per_chip_gib: float, searched: bool) -> str:
+  """The refusal of a hand-made plan on v5e:2x2 (4 chips): no compile."""
+  target = pod_plan.Target("v5e:2x2", (None,) * 4, "TPU v5 lite", 16 * 2**30)
+  step = pod_plan.Step(name, field, unit, requested, 4, None, lambda n: ())
+  probe = pod_plan.Probe(requested // 4, False, int(per_chip_gib * 2**30),
+                         None, {}, 1.0, compiled=True)
+  # A search from a count that does not fit stops at 0 below 1 (exact).
+  max_per_chip, exact = ((0, True) if searched and requested == 4 else
+                         (None, False))
+  return pod_plan.refusal(pod_plan.Plan(step, target, probe, max_per_chip,
+                                        exact, (probe,)))
+
+
+@pytest.mark.parametrize("searched", [False, True])
+def test_a_round_that_does_not_fit_at_1_client_per_chip_names_what_helps(
+    searched):
+  # The L round at a 36 s bucket on v5e (README: 16.68 GiB at 1 per chip).
+  message = _refusal("federated round", "federated.clients_per_round",
+                     "clients", 4, 16.68, searched)
+  assert message == (
+      "config.federated.clients_per_round=4 (1 clients per chip) does not fit"
+      " the TPU v5 lite chip of v5e:2x2: the federated round needs 16.68 GiB"
+      " of HBM per chip, the chip has 16.00 GiB. Not even 1 of the clients per"
+      " chip fits: lower config.federated.client_batch_size, the longest of"
+      " config.data.bucket_seconds or the model size (config.model), or plan"
+      " for a chip with more HBM."), message
+  # 1 per chip is the least: lowering the count cannot help.
+  assert "Lower config.federated.clients_per_round" not in message
+  assert "--max_compiles" not in message
+
+
+def test_a_central_step_that_does_not_fit_at_1_example_per_chip():
+  message = _refusal("central step", "data.batch_size", "examples", 4, 17.0,
+                     searched=False)
+  assert message.endswith(
+      "Not even 1 of the examples per chip fits: lower the longest of"
+      " config.data.bucket_seconds or the model size (config.model), or plan"
+      " for a chip with more HBM."), message
+
+
+def test_an_unsearched_count_above_1_per_chip_is_told_to_lower_the_count():
+  # The M round on v5e at 2 clients per chip (README: 18.68 GiB).
+  message = _refusal("federated round", "federated.clients_per_round",
+                     "clients", 8, 18.68, searched=False)
+  assert message.endswith(
+      "the chip has 16.00 GiB. Lower config.federated.clients_per_round"
+      " (search the most that fits without --no_search)."), message
