@@ -69,6 +69,7 @@ def tiny_central_overrides() -> tuple[str, ...]:
 # first (durations of a serial run), then the rest in collection order.
 _LONGEST_FIRST = (
     "test_experiment_e2e",
+    "test_experiment_multihost",
     "test_train_e2e",
     "test_colabs",
     "test_sweep",

@@ -5,7 +5,6 @@ import json
 import pathlib
 
 from etils import epath
-import jax
 import pytest
 
 from conformer_fl import experiment
@@ -149,16 +148,3 @@ def test_data_dir_may_change_but_nothing_else(tmp_path):
   moved = _config("scale=tiny")
   moved.data_dir = "/another/machine/tfds"
   experiment.check_workdir_config(moved, workdir)
-
-
-def _never_trains(config, workdir):
-  raise AssertionError(f"trained {config.mode} in {workdir}")
-
-
-def test_several_processes_are_refused_before_any_work(tmp_path, monkeypatch):
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match="runs its stages in one process"):
-    experiment.run_experiment(_config("scale=tiny"), str(tmp_path / "w"),
-                              train_central=_never_trains,
-                              train_federated=_never_trains)
-  assert not (tmp_path / "w").exists()

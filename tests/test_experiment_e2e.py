@@ -5,17 +5,11 @@ analysis, four federated arms, client costs, report) on the tiny corpus in a
 subprocess; a second run must reuse all of it and give the same summary, and
 so must notebook 3 (colabs/03_targeted_federated_dropout.ipynb), which runs the
 same config on the same workdir; the same command in a new workdir must give
-the same numbers, and so (to the last bits of its losses) must the same
-command as two processes of two devices (`launch/local_multiprocess.py`).
+the same numbers (two processes: test_experiment_multihost.py).
 """
 
 import json
-import os
-import pathlib
-import re
 import shutil
-import subprocess
-import sys
 
 import matplotlib.image
 import numpy as np
@@ -27,22 +21,9 @@ from conformer_fl.analysis import stability
 from conformer_fl.experiment import arms as arms_lib
 
 import notebooks  # tests/notebooks.py
+import tiny_experiment  # tests/tiny_experiment.py
 
 pytestmark = pytest.mark.slow
-
-
-def run_tiny_experiment(workdir, data_dir, arg: str = "") -> str:
-  """`configs/experiment.py:scale=tiny[,arg]` through the entry point; its stdout."""
-  command = [sys.executable, "-m", "conformer_fl.main",
-             f"--config=configs/experiment.py:scale=tiny{arg}",
-             f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
-  result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
-                          env=dict(os.environ), capture_output=True, text=True,
-                          timeout=900, check=False)
-  assert result.returncode == 0, (
-      f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n"
-      f"{result.stderr[-6000:]}")
-  return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +35,9 @@ def experiment(tiny_corpus_dir, tmp_path_factory):
     the first).
   """
   workdir = tmp_path_factory.mktemp("tiny_experiment")
-  first = run_tiny_experiment(workdir, tiny_corpus_dir)
+  first = tiny_experiment.run(workdir, tiny_corpus_dir)
   summary = json.loads((workdir / "summary.json").read_text())
-  second = run_tiny_experiment(workdir, tiny_corpus_dir)
+  second = tiny_experiment.run(workdir, tiny_corpus_dir)
   return workdir, first, second, summary
 
 
@@ -195,84 +176,13 @@ def test_report_states_the_checks_noise_and_transcripts(experiment):
   assert str(workdir) not in report
 
 
-def _without_timings(summary):
-  """The summary less what the machine's speed decides (seconds)."""
-  summary = dict(summary, stage_seconds=None)
-  summary["arms"] = [dict(row, seconds_per_round=None)
-                     for row in summary["arms"]]
-  summary["pretrain"] = dict(summary["pretrain"], learning_curve=[
-      dict(c, seconds=None) for c in summary["pretrain"]["learning_curve"]])
-  return summary
-
-
 def test_same_command_in_a_new_workdir_gives_the_same_numbers(
     experiment, tiny_corpus_dir, tmp_path):
   _, _, _, summary = experiment
-  run_tiny_experiment(tmp_path, tiny_corpus_dir)
+  tiny_experiment.run(tmp_path, tiny_corpus_dir)
   again = json.loads((tmp_path / "summary.json").read_text())
-  assert _without_timings(again) == _without_timings(summary)
-
-
-def _assert_close(two, one, path="summary"):
-  """Equal structure, strings, ints and flags; floats to a relative 1e-4."""
-  if isinstance(one, dict):
-    assert set(two) == set(one), path
-    for key in one:
-      _assert_close(two[key], one[key], f"{path}/{key}")
-  elif isinstance(one, list):
-    assert len(two) == len(one), path
-    for i, (a, b) in enumerate(zip(two, one)):
-      _assert_close(a, b, f"{path}[{i}]")
-  elif isinstance(one, float):
-    assert two == pytest.approx(one, rel=1e-4, abs=1e-9), path
-  else:
-    assert two == one, path
-
-
-def test_two_processes_of_two_devices_give_the_same_summary(
-    experiment, tiny_corpus_dir, tmp_path):
-  """Every stage under launch/local_multiprocess.py against one process of 4.
-
-  Two of the four arms (the baseline and the targeted one), to keep the suite
-  short. Pre-training's gradient all-reduce then runs over two processes
-  (gloo), which sums in another order: parameters differ in their last bits,
-  so losses are compared to a relative 1e-4; WERs, the analysis' ambient and
-  critical units, the targeted units and the costs must be the same.
-  """
-  workdir, _, _, summary = experiment
-  two_dir = tmp_path / "two_processes"
-  command = [sys.executable, "launch/local_multiprocess.py",
-             "--num_processes=2", "--devices_per_process=2", "--",
-             "--config=configs/experiment.py:scale=tiny",
-             "--config.arms=('full','targeted')", f"--workdir={two_dir}",
-             f"--config.data_dir={tiny_corpus_dir}"]
-  result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1],
-                          env=dict(os.environ), capture_output=True, text=True,
-                          timeout=1200, check=False)
-  assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-3000:])
-  # Process 0 alone prints the stages and writes the report.
-  assert "[p0] [5/5] summary" in result.stdout
-  assert not re.search(r"^\[p1\] \[\d/5\]", result.stdout, re.MULTILINE)
-  assert f"[p0] Report: {two_dir / 'report.md'}" in result.stdout
-  two = _without_timings(json.loads((two_dir / "summary.json").read_text()))
-  one = _without_timings(summary)
-  for key in ("analysis", "pretrain", "pretrained_not_adapted", "eval",
-              "rounds", "seeds", "clients_per_round"):
-    _assert_close(two[key], one[key], key)
-  one_arms = {row["arm"]: row for row in one["arms"]}
-  assert [row["arm"] for row in two["arms"]] == ["full", "targeted"]
-  for row in two["arms"]:
-    _assert_close(row, one_arms[row["arm"]], row["arm"])
-  _assert_close(two["paired_differences"]["targeted"],
-                one["paired_differences"]["targeted"], "paired")
-  # The analysis, its variants split over the 4 devices of both processes,
-  # gives every unit's WERs exactly.
-  importance = [json.loads((w / "pretrain" / "analysis" / "importance.json"
-                            ).read_text()) for w in (two_dir, workdir)]
-  for name, unit in importance[1]["units"].items():
-    assert importance[0]["units"][name]["reinit_wer"] == unit["reinit_wer"]
-    assert importance[0]["units"][name]["rerandomize_wer"] == (
-        unit["rerandomize_wer"])
+  assert (tiny_experiment.without_timings(again) ==
+          tiny_experiment.without_timings(summary))
 
 
 def test_notebook_3_reuses_the_run_and_shows_its_table(
@@ -309,7 +219,7 @@ def test_the_stability_stage_grows_the_run_into_the_study(
   study = tmp_path / "study"
   shutil.copytree(workdir, study)
   arg = (",stability_seeds=0+1,stability_norms=group_norm+batch_norm")
-  first = run_tiny_experiment(study, tiny_corpus_dir, arg)
+  first = tiny_experiment.run(study, tiny_corpus_dir, arg)
   # The demo's stages are reused; three runs are added to `pretrain`.
   assert "pre-training: done (6 steps), reused" in first
   names = ["tiny_batch_norm_seed0", "tiny_batch_norm_seed1",
@@ -317,7 +227,7 @@ def test_the_stability_stage_grows_the_run_into_the_study(
   for name in names:
     assert f"[5/6] stability {name}: 6 central steps" in first
     assert f"[5/6] stability {name}: analysis" in first
-  again = run_tiny_experiment(study, tiny_corpus_dir, arg)
+  again = tiny_experiment.run(study, tiny_corpus_dir, arg)
   for name in names:
     assert f"stability {name}: pre-training done, reused" in again
     assert f"stability {name}: analysis done, reused" in again

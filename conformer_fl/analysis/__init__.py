@@ -22,8 +22,9 @@ thresholds (default: ambient when the WER rises by <= 0.01 absolute or <= 5%
 of the baseline WER), taus (every saved checkpoint), 3 re-randomization seeds,
 block granularity. For a federated run started from a pre-trained model
 (federated.init_workdir), round 0 is that model: tau = 0 and the movement
-then measure change from it, not from random initialization. The pass runs in
-one process; run it on one host.
+then measure change from it, not from random initialization. On several hosts
+every process runs the pass: each vectorized call's variants are split over all
+devices of all hosts and process 0 writes the outputs (`importance`).
 
 Outputs in W/analysis/: importance.json, heatmap_wer.png, heatmap_loss.png
 (units x tau), rerandomization.png, movement_scatter.png,
