@@ -20,8 +20,11 @@ steps newer than the one restored are moved to `<workdir>/checkpoints_damaged/`
 steps again. When no step is intact the run stops with `CheckpointError`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
+import gc
 import os
+import sys
 from typing import Any
 import zlib
 
@@ -111,6 +114,30 @@ def _one_line(error: BaseException, limit: int = 320) -> str:
   lines = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {lines[0] if lines else ''}"
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _abandoned_reads_logged() -> Iterator[None]:
+  """Logs, in one line each, the errors of reads a failed restore abandoned.
+
+  When one array of a damaged step fails to read, orbax raises at once and
+  leaves the step's other reads as coroutines that are never awaited; those
+  that fail too end as "Exception ignored in: <coroutine ...>" tracebacks on
+  stderr whenever Python collects them. The restore's own error already names
+  the step, so here they are collected at once and logged in one line each.
+  """
+  def log_unraisable(unraisable):
+    error = unraisable.exc_value
+    lines = str(error).strip().splitlines()
+    logging.info("An abandoned read of a damaged checkpoint failed too: %s: %s",
+                 type(error).__name__, lines[0][:300] if lines else "")
+
+  previous, sys.unraisablehook = sys.unraisablehook, log_unraisable
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
 
 
 class CheckpointStore:
@@ -272,14 +299,15 @@ class CheckpointStore:
     problems = []
     for step in reversed(steps):
       state, problem = None, None
-      try:
-        state = self.restore(step, like)
-      except CheckpointError as e:
-        problem = str(e)
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        # Orbax and TensorStore raise many types for a damaged file.
-        problem = (f"checkpoint step {step} in {self.directory} does not"
-                   f" restore ({_one_line(e)})")
+      with _abandoned_reads_logged():
+        try:
+          state = self.restore(step, like)
+        except CheckpointError as e:
+          problem = str(e)
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          # Orbax and TensorStore raise many types for a damaged file.
+          problem = (f"checkpoint step {step} in {self.directory} does not"
+                     f" restore ({_one_line(e)})")
       if not multihost.all_true(problem is None, "checkpoint_restored"):
         problem = problem or (f"checkpoint step {step} in {self.directory}"
                               " does not restore on another process")

@@ -1,6 +1,8 @@
 """CheckpointStore saves and restores, whatever form the workdir is given in."""
 
+import logging
 import os
+import types
 
 import numpy as np
 
@@ -23,3 +25,27 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
   assert int(restored["round"]) == 7
   reader.close()
+
+
+def test_reads_a_failed_restore_abandoned_end_in_one_log_line(capfd, caplog):
+  """A suspended read whose cleanup fails, dropped as orbax drops the other
+  reads of a damaged step: no traceback on stderr, one line in the log."""
+
+  @types.coroutine
+  def pending():
+    yield  # Suspends the coroutine, as a pending read is.
+
+  async def read():
+    try:
+      await pending()
+    finally:
+      raise ValueError("Truncated Zstd-compressed stream")
+
+  caplog.set_level(logging.INFO)
+  with checkpointing._abandoned_reads_logged():  # pylint: disable=protected-access
+    abandoned = read()
+    abandoned.send(None)
+    del abandoned
+  assert "Traceback" not in capfd.readouterr().err
+  assert ("An abandoned read of a damaged checkpoint failed too: ValueError:"
+          " Truncated Zstd-compressed stream") in caplog.text
