@@ -412,7 +412,8 @@ def analysis_step(config: ml_collections.ConfigDict, workdir: str | None,
     return stacked, {}, replicated_batch
 
   chips = target.num_chips
-  requested = -(-int(analysis.variants_per_call) // chips) * chips
+  requested = variant_eval.devices_multiple(int(analysis.variants_per_call),
+                                            chips)
   return Step("analysis evaluation", "analysis.variants_per_call", "variants",
               requested, chips, eval_fn, arguments)
 

@@ -61,7 +61,7 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
   return tokenizer
 
 
-def raise_on_every_process(error: Exception | None, what: str) -> None:
+def _raise_on_every_process(error: Exception | None, what: str) -> None:
   """Raises `error` (process 0's) here, or on the other processes a stand-in."""
   failed = multihost.chief_decides(error is not None, "failed")
   if error is not None:
@@ -84,7 +84,7 @@ def chief_holds_lock(workdir: str | os.PathLike[str]) -> Iterator[None]:
       lock.acquire()
     except workdir_lib.WorkdirError as e:
       error = e
-  raise_on_every_process(error, f"take the lock of {workdir}")
+  _raise_on_every_process(error, f"take the lock of {workdir}")
   try:
     yield
   finally:

@@ -133,6 +133,12 @@ def _check(num_variants: int, batches: Sequence[Batch]) -> None:
                      "empty?")
 
 
+def devices_multiple(count: int, num_devices: int) -> int:
+  """`count` rounded up to a multiple of `num_devices` (a mesh's variants
+  per call: every device evaluates the same number)."""
+  return -(-count // num_devices) * num_devices
+
+
 def touches_shareable(path: tuple[str, ...] | None,
                       shareable_paths=SHAREABLE_PATHS) -> bool:
   """Whether resetting the unit at `path` changes a shareable unit."""
@@ -188,13 +194,13 @@ def evaluate_vectorized(
   groups = [list(range(num_variants))] if groups is None else groups
   if sorted(i for g in groups for i in g) != list(range(num_variants)):
     raise ValueError(f"groups must partition range({num_variants}).")
-  multiple = 1 if mesh is None else mesh.size
-  round_up = lambda n: -(-n // multiple) * multiple
+  num_devices = 1 if mesh is None else mesh.size
   chunks = []
   for group in groups:
     # A group smaller than variants_per_call is one chunk of its own size
     # (no padding); a group's pattern of shared units compiles apart anyway.
-    size = min(round_up(variants_per_call), round_up(len(group)))
+    size = min(devices_multiple(variants_per_call, num_devices),
+               devices_multiple(len(group), num_devices))
     chunks.extend((group[start:start + size], size)
                   for start in range(0, len(group), size))
   if mesh is None:
