@@ -338,6 +338,13 @@ def analysis_run_config(granularity: str = "block", seeds: int = 3,
   # undetermined otherwise.
   analysis.label_confidence = 0.95
   analysis.bootstrap_samples = 2000
+  # Claim 4's primary test (conformer_fl/analysis/movement_test.py): this
+  # movement measure ('relative_distance' = ||w_T - w_0|| / ||w_0||, or
+  # 'rms_movement' = ||w_T - w_0|| / sqrt(parameters)) against the WER
+  # increase over the droppable modules, p-values from this many
+  # permutations within module types. Other correlations are secondary.
+  analysis.movement_measure = "relative_distance"
+  analysis.movement_permutations = 10000
   # Evaluation: variants stacked on a leading axis and vmapped, this many per
   # compiled call (bounds memory: each holds a full copy of the variables),
   # split over every device of every process and rounded up to a multiple of

@@ -136,7 +136,8 @@ def test_unit_movement_by_hand():
   trained = {"a": {"w": np.array([3.0, 4.0])}, "b": {"w": np.ones(2)}}
   moved = movement.unit_movement(trained, initial, {"a": ("a",), "b": ("b",)})
   assert moved["a"] == dict(distance=4.0, initial_norm=3.0,
-                            relative_distance=pytest.approx(4 / 3))
+                            relative_distance=pytest.approx(4 / 3),
+                            rms_movement=pytest.approx(4 / math.sqrt(2)))
   assert moved["b"]["distance"] == pytest.approx(math.sqrt(2))
   assert moved["b"]["relative_distance"] is None
 
