@@ -34,6 +34,7 @@ hashable speaker ids.
 """
 
 from collections.abc import Hashable, Sequence
+import functools
 from typing import Any
 
 import numpy as np
@@ -134,15 +135,35 @@ def _check_confidence(confidence: float, num_samples: int) -> None:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
 
 
+def _speaker_codes(speakers: Sequence[Hashable]) -> tuple[int, ...]:
+  """Each utterance's speaker as 0, 1, ... in order of first appearance."""
+  codes: dict[Hashable, int] = {}
+  return tuple(codes.setdefault(s, len(codes)) for s in speakers)
+
+
+@functools.lru_cache(maxsize=2)
+def _draws(codes: tuple[int, ...], num_models: int, num_seeds: int,
+           num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(runs [B, M * S], utterances [B, N]) weights of the resamples of `seed`.
+
+  Kept for the last two settings: the analysis scores many variants on the
+  same utterances, and their intervals share these draws.
+  """
+  rng = np.random.default_rng(seed)
+  runs = _run_weights(num_models, num_seeds, num_samples, rng)
+  utterances = _utterance_weights(codes, len(codes), num_samples, rng)
+  runs.flags.writeable = False
+  utterances.flags.writeable = False
+  return runs, utterances
+
+
 def _resampled_rates(errors: Sequence[np.ndarray], words: np.ndarray,
                      speakers: Sequence[Hashable], num_samples: int,
                      seed: int) -> list[np.ndarray]:
   """Per system, float64[num_samples] pooled rates under shared draws."""
   num_models, num_seeds, num_utterances = errors[0].shape
-  rng = np.random.default_rng(seed)
-  runs = _run_weights(num_models, num_seeds, num_samples, rng)     # [B, R]
-  utterances = _utterance_weights(speakers, num_utterances, num_samples,
-                                  rng)                            # [B, N]
+  runs, utterances = _draws(_speaker_codes(speakers), num_models, num_seeds,
+                            num_samples, seed)      # [B, R], [B, N]
   # Words of one resample: every drawn run is scored on the drawn utterances.
   drawn_words = (utterances @ words) * runs.sum(1)                 # [B]
   rates = []
