@@ -8,8 +8,9 @@ central.clip_grad_norm, federated.client_optimizer.clip_grad_norm,
 federated.clip_update_norm, data.max_label_rate, model.dropout_rate,
 model.attention_dropout_rate, SpecAugment (model.specaug_num_freq_masks,
 specaug_num_time_masks, specaug_max_freq_mask, specaug_max_time_mask_ratio) and
-federated.dropout.default_rate. data.skip_ctc_unalignable is a switch (False =
-off).
+federated.dropout.default_rate, and loss_guard.factor.
+data.skip_ctc_unalignable and allow_unverified_checkpoints are switches (False
+= off).
 """
 
 import os
@@ -212,7 +213,7 @@ def federated_config(server: str = "fedavg",
 
 def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
                 decoder: str) -> ml_collections.ConfigDict:
-  """The fields every training mode has: mode, seed, data, model, eval.
+  """The fields every training mode has: mode, seed, data, model, eval, faults.
 
   data.skip_ctc_unalignable is on for CTC: an utterance with more labels (plus
   one per repeated label) than encoder frames (25 per second of audio:
@@ -230,6 +231,19 @@ def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
   config.model = model_config(size, conv_norm=norm, decoder=decoder)
   # Evaluate on at most this many eval batches (0 = the whole eval split).
   config.eval_max_batches = 0
+  # Resume from a checkpoint whose checksums are missing (its
+  # _CHECKPOINT_METADATA deleted or torn), with a warning, instead of falling
+  # back to the newest step that has them (conformer_fl/checkpointing.py).
+  config.allow_unverified_checkpoints = False
+  # The loss-explosion guard (conformer_fl/divergence.py): the run stops when
+  # `patience` logged training losses in a row are above `factor` times the
+  # median of the last `window` accepted ones (0 = off). A CTC model's
+  # training loss falls: in tiny runs of these configs no logged loss was
+  # above 2.1x that median (per step: 40 to 227), while a learning rate of
+  # 1e6 sends it to 1e5 (CTC's floor for outputs that cannot align) and 1e14
+  # within two rounds.
+  config.loss_guard = ml_collections.ConfigDict(dict(
+      factor=10.0, patience=3, window=20))
   return config
 
 

@@ -47,15 +47,23 @@ class Run:
 def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                init_workdir: str) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, trained (or copied from `init_workdir`) by process 0.
+
+  Raises:
+    workdir.WorkdirError: (on every process) the saved tokenizer.model does
+      not load.
   """
   saved = workdir / "tokenizer.model"
   if init_workdir and not saved.exists() and multihost.is_chief():
     source = epath.Path(init_workdir) / "tokenizer.model"
     if source.exists():
       source.copy(saved)
+  error = None
   if multihost.is_chief():
-    tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
-  multihost.sync("tokenizer")
+    try:
+      tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
+    except tokenizer_lib.TokenizerFileError as e:
+      error = workdir_lib.WorkdirError(str(e))
+  _raise_on_every_process(error, f"load the tokenizer of {workdir}")
   if not multihost.is_chief():
     tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
   return tokenizer
@@ -131,7 +139,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
       workdir_lib.write_atomically(workdir / workdir_lib.CONFIG_FILE,
                                    config.to_json_best_effort(indent=2))
     run = Run(config, workdir, model, tokenizer,
-              checkpointing.CheckpointStore(os.fspath(workdir)),
+              checkpointing.CheckpointStore(
+                  os.fspath(workdir), allow_unverified=bool(config.get(
+                      checkpointing.ALLOW_UNVERIFIED_FIELD, False))),
               metric_logging.MetricsLogger(os.fspath(workdir), step_key))
     try:
       yield run
@@ -142,6 +152,38 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
     finally:
       run.logger.close()
       run.store.close()
+
+
+def resumed_unverified(run: Run, start: int) -> int | None:
+  """`start` if the run resumed from a checkpoint without checksums, else None."""
+  return start if start in run.store.unverified_steps else None
+
+
+def loss_guard(run: Run) -> divergence.LossExplosionGuard:
+  """The loss-explosion guard of `run.config.loss_guard` (0 = off)."""
+  g = run.config.get("loss_guard") or {}
+  return divergence.LossExplosionGuard(g.get("factor", 0.0),
+                                       g.get("patience", 1), g.get("window", 1))
+
+
+def stop_exploded(run: Run, guard: divergence.LossExplosionGuard, mode: str,
+                  unit: str, index: int, fix: str,
+                  resumed_from_unverified: int | None
+                  ) -> divergence.DivergenceError:
+  """The error of a tripped loss guard, once the exploded steps are set aside.
+
+  The checkpoints after the guard's last accepted value are moved to
+  `divergence.DIVERGED_DIR` (deleted on GCS).
+  """
+  exploded = [s for s in run.store.all_steps()
+              if guard.last_accepted is not None and s > guard.last_accepted]
+  moved = ""
+  if exploded:
+    where = run.store.set_aside(exploded, divergence.DIVERGED_DIR)
+    moved = f"the checkpoints {exploded} saved since {where}; "
+  return divergence.DivergenceError(
+      guard.message(f"{mode}|{unit}", run.store.latest_step(), moved, fix,
+                    resumed_from_unverified), index)
 
 
 def eval_batches(run: Run,
