@@ -18,9 +18,11 @@ loops feed the guard the training loss of every logged step or round (values
 they read anyway) after a first value from the parameters they start from: the
 loss of the first step (central), or of the first round (federated). A value
 above `factor` times the median of the last `window` accepted values is not
-accepted; `patience` such values in a row stop the run. The checkpoints saved
-after the last accepted value are moved to `<workdir>/checkpoints_diverged/`,
-so that the workdir's newest checkpoint is from before the explosion.
+accepted; `patience` such values in a row stop the run. A resumed run first
+replays the losses of metrics.jsonl. The loss of step (round) i is that of
+checkpoint i - 1, so the checkpoints from the last accepted step on are moved
+to `<workdir>/checkpoints_diverged/`: the workdir's newest checkpoint is then
+one that an accepted loss vouches for.
 
 Either way the run stops with `DivergenceError`, naming the step or round and
 the quantity; the loop ends metrics.jsonl with a `stopped` record, and the entry
@@ -234,8 +236,8 @@ class LossExplosionGuard:
       what: 'Central training' / 'Federated training', and the index's name
         'step' / 'round', as 'Central training|step'.
       last_checkpoint: the newest step or round kept.
-      moved: the checkpoints set aside, e.g. 'the checkpoints [6, 8] saved
-        since were moved to DIR; ' ('' if none).
+      moved: the checkpoints set aside, e.g. 'the checkpoints [6, 8] were
+        moved to DIR; ' ('' if none).
       fix: as in `_cause`.
       resumed_unverified: as in `_cause`.
     """

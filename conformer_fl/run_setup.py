@@ -159,11 +159,27 @@ def resumed_unverified(run: Run, start: int) -> int | None:
   return start if start in run.store.unverified_steps else None
 
 
-def loss_guard(run: Run) -> divergence.LossExplosionGuard:
-  """The loss-explosion guard of `run.config.loss_guard` (0 = off)."""
+def loss_guard(run: Run, start: int) -> divergence.LossExplosionGuard:
+  """The loss-explosion guard of `run.config.loss_guard` (factor 0 = off).
+
+  It is fed the losses of metrics.jsonl up to `start` first (process 0 reads
+  them, every process gets them), so that a resumed run judges its losses
+  against the same history as an uninterrupted one.
+  """
   g = run.config.get("loss_guard") or {}
-  return divergence.LossExplosionGuard(g.get("factor", 0.0),
-                                       g.get("patience", 1), g.get("window", 1))
+  guard = divergence.LossExplosionGuard(
+      g.get("factor", 0.0), g.get("patience", 1), g.get("window", 1))
+  history = []
+  if guard.factor and multihost.is_chief():
+    for record in metric_logging.read_records(
+        run.workdir / metric_logging.METRICS_FILE):
+      index = record.get(run.logger.step_key)
+      if (isinstance(index, int) and index <= start
+          and isinstance(record.get("loss"), float)):
+        history.append((index, record["loss"]))
+  for index, loss in multihost.chief_decides(history, "loss_history"):
+    guard.update(index, loss)
+  return guard
 
 
 def stop_exploded(run: Run, guard: divergence.LossExplosionGuard, mode: str,
@@ -172,15 +188,17 @@ def stop_exploded(run: Run, guard: divergence.LossExplosionGuard, mode: str,
                   ) -> divergence.DivergenceError:
   """The error of a tripped loss guard, once the exploded steps are set aside.
 
-  The checkpoints after the guard's last accepted value are moved to
-  `divergence.DIVERGED_DIR` (deleted on GCS).
+  The loss of step (round) i is that of the state of checkpoint i - 1: the
+  checkpoints from the guard's last accepted index on (whose state no
+  accepted loss vouches for) are moved to `divergence.DIVERGED_DIR` (deleted
+  on GCS).
   """
   exploded = [s for s in run.store.all_steps()
-              if guard.last_accepted is not None and s > guard.last_accepted]
+              if guard.last_accepted is not None and s >= guard.last_accepted]
   moved = ""
   if exploded:
     where = run.store.set_aside(exploded, divergence.DIVERGED_DIR)
-    moved = f"the checkpoints {exploded} saved since {where}; "
+    moved = f"the checkpoints {exploded} {where}; "
   return divergence.DivergenceError(
       guard.message(f"{mode}|{unit}", run.store.latest_step(), moved, fix,
                     resumed_from_unverified), index)

@@ -99,7 +99,7 @@ def _train_central(run: run_setup.Run) -> PyTree:
   run.logger.drop_after(start)
   last_saved = start
   unverified = run_setup.resumed_unverified(run, start)
-  loss_guard = run_setup.loss_guard(run)
+  loss_guard = run_setup.loss_guard(run, start)
 
   # Multi-process: compiled, then a barrier, before its first collective.
   train_step = mesh_lib.barrier_after_compile(
@@ -241,7 +241,7 @@ def _train_federated(run: run_setup.Run) -> PyTree:
   run.logger.drop_after(start)
   last_saved = start
   unverified = run_setup.resumed_unverified(run, start)
-  loss_guard = run_setup.loss_guard(run)
+  loss_guard = run_setup.loss_guard(run, start)
   state_is_finite = jax.jit(divergence.all_finite)
 
   client_datasets = input_pipeline.get_client_datasets(run.config.data,

@@ -361,8 +361,96 @@ def test_a_nonfinite_checkpoint_is_damaged_and_none_intact_stops(tmp_path):
       str(tmp_path / "empty")).restore_latest_intact() == (None, None)
 
 
+def test_a_step_without_checksums_is_unverified_and_passed_over(tmp_path):
+  store = _saved_store(tmp_path)
+  _flip_bytes(_largest_data_file(tmp_path, 6))
+  (tmp_path / "checkpoints" / "6" / checkpointing.STEP_METADATA_FILE).unlink()
+  # A missing commit marker alone leaves the checksums: step 4 is checked.
+  (tmp_path / "checkpoints" / "4" / "commit_success.txt").unlink()
+  _flip_bytes(_largest_data_file(tmp_path, 4))
+  with pytest.raises(checkpointing.UnverifiedCheckpointError,
+                     match="checkpoint step 6 in .* is unverified: its checksums"
+                           " are missing \\(.*6/_CHECKPOINT_METADATA is"
+                           " missing\\)"):
+    store.restore(6, like=_state(0))
+  reports = []
+  step, _ = store.restore_latest_intact(like=_state(0), report=reports.append)
+  assert step == 2
+  assert "is unverified" in reports[0] and reports[0].endswith("trying step 4")
+  assert "differ from the checksums saved with it" in reports[1]
+  assert store.all_steps() == [0, 2]
+
+
+def test_an_unverified_step_restores_when_allowed(tmp_path):
+  _saved_store(tmp_path).close()
+  (tmp_path / "checkpoints" / "6" / checkpointing.STEP_METADATA_FILE).unlink()
+  store = checkpointing.CheckpointStore(str(tmp_path), allow_unverified=True)
+  reports = []
+  step, state = store.restore_latest_intact(like=_state(0),
+                                            report=reports.append)
+  assert step == 6 and store.unverified_steps == {6}
+  np.testing.assert_array_equal(state["params"]["w"], _state(6)["params"]["w"])
+  assert len(reports) == 1 and reports[0].endswith(
+      "; restoring it anyway (allow_unverified_checkpoints=True).")
+
+
+def test_no_verified_step_names_the_field_that_allows_them(tmp_path):
+  _saved_store(tmp_path, steps=(0,)).close()
+  (tmp_path / "checkpoints" / "0" / checkpointing.STEP_METADATA_FILE).unlink()
+  store = checkpointing.CheckpointStore(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="or accept the unverified steps with"
+                           " --config.allow_unverified_checkpoints=True.$"):
+    store.restore_latest_intact(like=_state(0), report=lambda line: None)
+
+
 # ----------------------------------------------------------------------------
 # The divergence guard.
+
+# Logged training losses (rounded) of tiny federated runs of configs/federated.py
+# (2 clients x 2 local steps per round): the default learning rates, then
+# the client or the server learning rate 1e6.
+_NORMAL = (227.0, 248.5, 117.6, 137.9, 224.0, 147.4, 147.9, 75.1, 84.8, 142.1,
+           154.0, 165.9, 58.0, 79.7, 93.7, 83.0, 102.3, 80.4, 189.6, 143.8)
+_CLIENT_LR_1E6 = (99405.7, 7.49e12, 3.11e13, 1.61e14, 3.09e14, 2.43e13)
+_SERVER_LR_1E6 = (227.0, 2.61e8, 99999.3, 99999.3, 99999.3, 99999.3)
+
+
+@pytest.mark.parametrize("losses,stop", [
+    (_NORMAL, None), (_CLIENT_LR_1E6, 4), (_SERVER_LR_1E6, 4)])
+def test_the_loss_guard_stops_an_explosion_only(losses, stop):
+  guard = divergence.LossExplosionGuard(factor=10.0, patience=3, window=20)
+  stopped = next((i for i, loss in enumerate(losses, 1)
+                  if guard.update(i, loss)), None)
+  assert stopped == stop
+  if stop:
+    assert guard.last_accepted == 1
+    assert guard.message("Federated training|round", 0, "", "try x") == (
+        f"Federated training diverged at round 2: the loss exploded, 3 logged"
+        f" values in a row above 10 x the median of the previous ones"
+        f" ({losses[0]:.3g}): {losses[1]:.3g} at round 2, {losses[2]:.3g} at"
+        f" round 3, {losses[3]:.3g} at round 4; the last checkpoint is round 0"
+        " (try x).")
+
+
+def test_a_spike_that_falls_back_is_not_an_explosion():
+  guard = divergence.LossExplosionGuard(factor=10.0, patience=3, window=4)
+  for i, loss in enumerate((100.0, 90.0, 5e3, 6e3, 80.0, 7e3, 70.0), 1):
+    assert not guard.update(i, loss)
+  assert guard.reference() == 85.0  # median(100, 90, 80, 70): spikes left out.
+  assert not divergence.LossExplosionGuard(0.0, 3, 20).update(1, 1e30)
+  with pytest.raises(ValueError, match="loss_guard needs factor > 1"):
+    divergence.LossExplosionGuard(0.5, 3, 20)
+
+
+def test_the_nonfinite_message_agrees_in_number():
+  guard = {"step": 9, "loss": 3.0}
+  for flags, text in ((divergence.PARAMETERS, "the parameters are not finite"),
+                      (divergence.LOSS, "the loss is not finite"),
+                      (divergence.LOSS | divergence.GRADIENT,
+                       "the loss and the gradient are not finite")):
+    with pytest.raises(divergence.DivergenceError, match=text):
+      divergence.check_guard(dict(guard, flags=flags), 6)
 
 
 def test_the_guard_keeps_the_first_nonfinite_step():
