@@ -16,7 +16,8 @@ orders of magnitude (a learning rate far too high: the loss of a CTC model then
 climbs to ~1e5, its floor for outputs that cannot align, and on to 1e14). The
 loops feed the guard the training loss of every logged step or round (values
 they read anyway) after a first value from the parameters they start from: the
-loss of the first step (central), or of the first round (federated). A value
+loss of the first step (central: one host read, once), or of the first round
+(federated). A value
 above `factor` times the median of the last `window` accepted values is not
 accepted; `patience` such values in a row stop the run. A resumed run first
 replays the losses of metrics.jsonl. The loss of step (round) i is that of
@@ -246,7 +247,7 @@ class LossExplosionGuard:
     values = ", ".join(f"{loss:.3g} at {unit} {index}"
                        for index, loss in self._streak)
     return (f"{mode} diverged at {unit} {first[0]}: the loss exploded,"
-            f" {len(self._streak)} logged values in a row above"
+            f" {len(self._streak)} losses in a row above"
             f" {self.factor:g} x the median of the previous ones"
             f" ({self.reference():.3g}): {values}; {moved}the last checkpoint"
             f" is {unit} {last_checkpoint} " + _cause(resumed_unverified, fix))

@@ -24,8 +24,10 @@ that the workdir is a directory and that its config.json allows this config
 (`conformer_fl.workdir.RESUMABLE_FIELDS`), then process 0 takes the workdir lock;
 checkpoints are verified on restore with a fallback to the newest intact step
 (`checkpointing.CheckpointStore.restore_latest_intact`); the logs are trimmed to the
-restored step; and the divergence guard (`conformer_fl.divergence`) stops a run
-whose loss, gradient or state is not finite before anything non-finite is saved.
+restored step; the divergence guard (`conformer_fl.divergence`) stops a run
+whose loss, gradient or state is not finite before anything non-finite is saved,
+and its loss-explosion guard one whose logged loss stays far above its running
+median (`config.loss_guard`), moving the checkpoints of the explosion aside.
 """
 
 import os

@@ -9,6 +9,8 @@ the tests assert the one-line message, the exit status, and that no file of the
 workdir changed where nothing should have.
 """
 
+from collections.abc import Iterator
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +37,8 @@ import xla_env  # tests/xla_env.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
+# Parameters * this: a state whose loss is finite but exploded.
+EXPLOSION_SCALE = 1e3
 
 
 # ----------------------------------------------------------------------------
@@ -426,8 +430,8 @@ def test_the_loss_guard_stops_an_explosion_only(losses, stop):
   if stop:
     assert guard.last_accepted == 1
     assert guard.message("Federated training|round", 0, "", "try x") == (
-        f"Federated training diverged at round 2: the loss exploded, 3 logged"
-        f" values in a row above 10 x the median of the previous ones"
+        f"Federated training diverged at round 2: the loss exploded, 3 losses"
+        f" in a row above 10 x the median of the previous ones"
         f" ({losses[0]:.3g}): {losses[1]:.3g} at round 2, {losses[2]:.3g} at"
         f" round 3, {losses[3]:.3g} at round 4; the last checkpoint is round 0"
         " (try x).")
@@ -449,8 +453,11 @@ def test_the_nonfinite_message_agrees_in_number():
                       (divergence.LOSS, "the loss is not finite"),
                       (divergence.LOSS | divergence.GRADIENT,
                        "the loss and the gradient are not finite")):
-    with pytest.raises(divergence.DivergenceError, match=text):
+    with pytest.raises(divergence.DivergenceError, match=text) as raised:
       divergence.check_guard(dict(guard, flags=flags), 6)
+    assert str(raised.value).endswith(
+        "nothing non-finite was saved (try e.g. a lower"
+        " central.peak_learning_rate).")
 
 
 def test_the_guard_keeps_the_first_nonfinite_step():
@@ -504,16 +511,17 @@ def copy_of(tmp_path, finished_central):
   return target
 
 
-def _plant_divergent_step(workdir, step: int = 6) -> None:
-  """Saves `step`: the latest state of `workdir` with every parameter * 1e30.
+def _plant_divergent_step(workdir, step: int = 6, scale: float = 1e30) -> None:
+  """Saves `step`: the latest state of `workdir` with every parameter * scale.
 
   A state that is finite and intact (it restores and verifies) but from which
-  the next step or round diverges; the runs that resume from it are the very
-  programs of the finished run, which the compilation cache already holds.
+  the next step or round diverges (1e30: to NaN); the runs that resume from
+  it are the very programs of the finished run, which the compilation cache
+  already holds.
   """
   store = checkpointing.CheckpointStore(str(workdir))
   state = store.restore(store.latest_step())
-  state["params"] = jax.tree.map(lambda x: x * 1e30, state["params"])
+  state["params"] = jax.tree.map(lambda x: x * scale, state["params"])
   state["step"] = np.asarray(step, np.int32)
   store.save(step, state)
   store.close()
@@ -521,12 +529,24 @@ def _plant_divergent_step(workdir, step: int = 6) -> None:
 
 def test_central_divergence_stops_before_saving_it(copy_of, tiny_corpus_dir,
                                                    tiny_central_overrides):
+  """Resumed from a step without checksums, allowed: the message says so."""
   _plant_divergent_step(copy_of)
+  (copy_of / "checkpoints" / "6" / checkpointing.STEP_METADATA_FILE).unlink()
   result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides,
+                               "--config.allow_unverified_checkpoints=True",
                                steps=8))
   line = _error_line(result)
   assert line.startswith("error: Central training diverged at step 7: the loss,")
-  assert "the last checkpoint is step 6, nothing non-finite was saved" in line
+  assert line.endswith(
+      "the last checkpoint is step 6, nothing non-finite was saved (the run"
+      " resumed from checkpoint 6, which had no checksums: it may be damaged,"
+      " which a learning rate would not explain; rerun without"
+      " --config.allow_unverified_checkpoints=True to resume from the newest"
+      " verified checkpoint instead).")
+  assert (f"checkpoint step 6 in {copy_of}/checkpoints is unverified: its"
+          " checksums are missing") in result.stderr
+  assert ("; restoring it anyway (allow_unverified_checkpoints=True)."
+          in result.stderr)
   steps = checkpointing.CheckpointStore(str(copy_of), read_only=True)
   assert steps.all_steps() == [0, 2, 4, 6]
   records = _metric_lines(copy_of)
@@ -563,18 +583,26 @@ def test_federated_round_without_a_finite_client_stops(tmp_path, copy_of,
 def test_a_damaged_checkpoint_falls_back_and_resumes_bit_equal(
     copy_of, finished_central, tiny_corpus_dir, tiny_central_overrides):
   _flip_bytes(_largest_data_file(copy_of, 4))
+  # Step 2 damaged too, and its checksums gone: unverified, passed over.
+  _flip_bytes(_largest_data_file(copy_of, 2))
+  (copy_of / "checkpoints" / "2" / checkpointing.STEP_METADATA_FILE).unlink()
   result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides))
   _assert_ok(result)
   assert "checkpoint step 4 in " in result.stderr
   assert "differ from the checksums saved with it; trying step 2" in result.stderr
-  assert "Resuming from checkpoint step 2, the newest intact one" in result.stderr
+  assert (f"checkpoint step 2 in {copy_of}/checkpoints is unverified: its"
+          f" checksums are missing ({copy_of}/checkpoints/2/"
+          "_CHECKPOINT_METADATA is missing), so damage to its data cannot be"
+          " detected; trying step 0") in result.stderr
+  assert "Resuming from checkpoint step 0, the newest intact one" in result.stderr
   steps = checkpointing.CheckpointStore(str(copy_of), read_only=True)
   assert steps.all_steps() == [0, 2, 4]
   reference = checkpointing.CheckpointStore(str(finished_central), read_only=True)
   for a, b in zip(jax.tree.leaves(steps.restore(4)["params"]),
                   jax.tree.leaves(reference.restore(4)["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert (copy_of / "checkpoints_damaged" / "4").is_dir()
+  assert sorted(p.name for p in (copy_of / "checkpoints_damaged").iterdir()) == [
+      "2", "4"]
   assert [r["step"] for r in _metric_lines(copy_of)] == [2, 4]
 
 
@@ -655,3 +683,74 @@ def test_a_file_given_as_workdir_is_named(tmp_path, tiny_corpus_dir,
   assert line == (f"error: --workdir={path} is not a directory: give a directory"
                   " (it is made if absent).")
   assert path.read_text() == "not a run"
+
+
+def test_a_finite_loss_explosion_stops_and_sets_its_checkpoints_aside(
+    copy_of, tiny_corpus_dir, tiny_central_overrides):
+  _plant_divergent_step(copy_of, scale=EXPLOSION_SCALE)
+  # Step 7 (the loss of step 6's state: the guard's first value), 8 (logged)
+  # and 9 (the last step, logged) are each far above the median of 2 and 4.
+  result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides,
+                               steps=9))
+  line = _error_line(result)
+  assert line.startswith("error: Central training diverged at step 7: the loss"
+                         " exploded, 3 losses in a row above 10 x the median"
+                         " of the previous ones (")
+  assert line.endswith(
+      f" at step 9; the checkpoints [4, 6, 8] were moved to"
+      f" {copy_of}/checkpoints_diverged; the last checkpoint is step 2 (try"
+      " e.g. a lower central.peak_learning_rate).")
+  assert checkpointing.CheckpointStore(
+      str(copy_of), read_only=True).all_steps() == [0, 2]
+  records = _metric_lines(copy_of)
+  assert [r["step"] for r in records] == [2, 4, 8, 9, 9]
+  assert records[-1] == {"step": 9, "stopped": line[len("error: "):]}
+  assert all(r["loss"] > 1e4 for r in records[2:4])
+
+
+def test_a_truncated_tokenizer_is_named(copy_of, tiny_corpus_dir,
+                                        tiny_central_overrides):
+  path = copy_of / "tokenizer.model"
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  before = _snapshot(copy_of)
+  line = _error_line(_main(_central_args(copy_of, tiny_corpus_dir,
+                                         tiny_central_overrides)))
+  assert line.startswith(f"error: {path} is not a valid SentencePiece model (")
+  assert line.endswith("restore it from a copy of this run, or use a new"
+                       " workdir (a run's checkpoints need the tokenizer that"
+                       " trained them).")
+  assert _snapshot(copy_of) == before
+
+
+@contextlib.contextmanager
+def _unwritable(directory: pathlib.Path) -> Iterator[None]:
+  """`directory` unwritable to this user: immutable for root, else read-only."""
+  if os.geteuid() != 0:
+    directory.chmod(0o555)
+    try:
+      yield
+    finally:
+      directory.chmod(0o755)
+    return
+  if shutil.which("chattr") is None or subprocess.run(
+      ["chattr", "+i", str(directory)], check=False,
+      capture_output=True).returncode:
+    pytest.skip("root without chattr +i: cannot make a directory unwritable")
+  try:
+    yield
+  finally:
+    subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_an_unwritable_workdir_is_named(copy_of, tiny_corpus_dir,
+                                        tiny_central_overrides):
+  before = _snapshot(copy_of)
+  with _unwritable(copy_of):
+    result = _main(_central_args(copy_of, tiny_corpus_dir,
+                                 tiny_central_overrides))
+  line = _error_line(result)
+  assert line.startswith(f"error: --workdir={copy_of} cannot be written (")
+  assert line.endswith(
+      f": {copy_of}/.lock): make it writable (chmod u+w; chattr -i if it is"
+      " immutable; remount a read-only file system) or use another workdir.")
+  assert _snapshot(copy_of) == before
