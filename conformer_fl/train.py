@@ -142,7 +142,10 @@ def _train_central(run: run_setup.Run) -> PyTree:
         metrics["steps_per_second"] = (step - logged_step) / elapsed
         tic, logged_step = time.perf_counter(), step
         progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if evaluate:
+        # An exploded model is logged, not evaluated.
+        exploded = step > start + 1 and loss_guard.update(
+            step, float(metrics["loss"]))
+        if evaluate and not exploded:
           variables = {"params": run_setup.local_copy(state["params"]),
                        **run_setup.local_copy(state["model_state"])}
           metrics.update(run_setup.evaluate(run, eval_step, variables,
@@ -150,8 +153,7 @@ def _train_central(run: run_setup.Run) -> PyTree:
           logging.info("step %d: %s", step, metrics)
           tic = time.perf_counter()  # Evaluation time is not training time.
         run.logger.write(step, metrics)
-        if step > start + 1 and loss_guard.update(step,
-                                                  float(metrics["loss"])):
+        if exploded:
           raise run_setup.stop_exploded(
               run, loss_guard, "Central training", "step", step,
               "try e.g. a lower central.peak_learning_rate", unverified)
@@ -283,17 +285,20 @@ def _train_federated(run: run_setup.Run) -> PyTree:
       except divergence.DivergenceError:
         run.logger.write(done, metrics)  # The round that stopped the run.
         raise
-      if done % f.eval_every == 0 or done == f.rounds:
+      # An exploded model is logged, not evaluated.
+      exploded = ((done == start + 1 or done % f.log_every == 0)
+                  and loss_guard.update(done, float(metrics["loss"])))
+      if (done % f.eval_every == 0 or done == f.rounds) and not exploded:
         variables = {"params": run_setup.local_copy(state.params),
                      **run_setup.local_copy(state.model_state)}
         metrics.update(run_setup.evaluate(run, eval_step, variables,
                                           eval_batches, done))
         logging.info("round %d: %s", done, {k: v for k, v in metrics.items()
                                             if not k.startswith("update_norm/")})
-      if done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics:
+      if (done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics
+          or exploded):
         run.logger.write(done, metrics)
-      if ((done == start + 1 or done % f.log_every == 0)
-          and loss_guard.update(done, float(metrics["loss"]))):
+      if exploded:
         raise run_setup.stop_exploded(
             run, loss_guard, "Federated training", "round", done,
             "try e.g. a lower federated.client_optimizer.learning_rate or"

@@ -688,24 +688,27 @@ def test_a_file_given_as_workdir_is_named(tmp_path, tiny_corpus_dir,
 def test_a_finite_loss_explosion_stops_and_sets_its_checkpoints_aside(
     copy_of, tiny_corpus_dir, tiny_central_overrides):
   _plant_divergent_step(copy_of, scale=EXPLOSION_SCALE)
-  # Step 7 (the loss of step 6's state: the guard's first value), 8 (logged)
-  # and 9 (the last step, logged) are each far above the median of 2 and 4.
+  # Step 7 (the loss of step 6's state: the guard's first value) and 8 (the
+  # last step, logged) are far above the median of steps 2 and 4.
   result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides,
-                               steps=9))
+                               "--config.loss_guard.patience=2", steps=8))
   line = _error_line(result)
   assert line.startswith("error: Central training diverged at step 7: the loss"
-                         " exploded, 3 losses in a row above 10 x the median"
+                         " exploded, 2 losses in a row above 10 x the median"
                          " of the previous ones (")
   assert line.endswith(
-      f" at step 9; the checkpoints [4, 6, 8] were moved to"
+      f" at step 8; the checkpoints [4, 6] were moved to"
       f" {copy_of}/checkpoints_diverged; the last checkpoint is step 2 (try"
       " e.g. a lower central.peak_learning_rate).")
   assert checkpointing.CheckpointStore(
       str(copy_of), read_only=True).all_steps() == [0, 2]
+  assert sorted(p.name for p in (copy_of / "checkpoints_diverged").iterdir()
+                ) == ["4", "6"]
   records = _metric_lines(copy_of)
-  assert [r["step"] for r in records] == [2, 4, 8, 9, 9]
-  assert records[-1] == {"step": 9, "stopped": line[len("error: "):]}
-  assert all(r["loss"] > 1e4 for r in records[2:4])
+  assert [r["step"] for r in records] == [2, 4, 8, 8]
+  assert records[2]["loss"] > 10 * max(records[0]["loss"], records[1]["loss"])
+  assert "eval/wer" not in records[2]  # An exploded model is not evaluated.
+  assert records[-1] == {"step": 8, "stopped": line[len("error: "):]}
 
 
 def test_a_truncated_tokenizer_is_named(copy_of, tiny_corpus_dir,
