@@ -255,7 +255,8 @@ def central_run_config(size: str = "demo", norm: str = "group_norm",
   """Central pre-training (configs/central.py documents the arguments).
 
   Fields: mode, seed, data (`data_config`), model (`model_config`),
-  eval_max_batches (0 = the whole eval split) and central:
+  eval_max_batches (0 = the whole eval split), allow_unverified_checkpoints
+  and loss_guard (`_run_config` documents both) and central:
     num_steps; peak_learning_rate, warmup_steps (linear warm-up, then
     inverse-square-root decay); b1, b2, eps (Adam); clip_grad_norm (0 = off);
     log_every, eval_every, checkpoint_every (steps; step 0 is always saved);
@@ -299,7 +300,8 @@ def federated_run_config(size: str = "demo", norm: str = "group_norm",
                          seed: int = 0) -> ml_collections.ConfigDict:
   """Federated training (configs/federated.py documents the arguments).
 
-  Fields: mode, seed, data, model, eval_max_batches and federated
+  Fields: mode, seed, data, model, eval_max_batches,
+  allow_unverified_checkpoints, loss_guard (`_run_config`) and federated
   (`federated_config`). The clients are the speakers of `domain`. Their data
   is read from disk per round (conformer_fl/data/record_source.py): the corpus
   must be prepared in the array_record format. LibriSpeech has no domains of
