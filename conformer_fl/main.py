@@ -33,6 +33,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from conformer_fl import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/NAME.py[:ARG]).",
     lock_config=True,
@@ -126,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
