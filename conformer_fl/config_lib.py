@@ -19,11 +19,10 @@ from ml_collections import config_dict
 
 from conformer_fl import models
 from conformer_fl.data import input_pipeline
+from conformer_fl.data import paths
 
 # Where TFDS datasets are built and read: $TFDS_DATA_DIR, else a cache folder.
-DEFAULT_DATA_DIR = os.environ.get(
-    "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "conformer_fl", "tfds")
-)
+DEFAULT_DATA_DIR = paths.DEFAULT_DATA_DIR
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

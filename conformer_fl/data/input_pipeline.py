@@ -131,15 +131,19 @@ def load_split(
     seed: the file-shuffle seed.
     librispeech_options: split map and domain rule for LibriSpeech.
 
-  A dataset prepared only in a format that tf.data cannot read (array_record,
-  the format of the federated clients) is read through its random-access data
-  source (`record_source.RecordSource.iterate`): in record order, or with
-  `shuffle_files` in a seeded order of blocks of consecutive records.
+  The local corpus ('synthetic_speech') is synthesized as array_record first
+  when it is not prepared. A dataset prepared only in a format that tf.data
+  cannot read (array_record, the format of the federated clients) is read
+  through its random-access data source (`record_source.RecordSource.iterate`):
+  in record order, or with `shuffle_files` in a seeded order of blocks of
+  consecutive records.
 
   Yields:
     Common example dicts in the dataset's order (deterministic for a seed).
   """
   data_dir = data_dir or None
+  if dataset_name == "synthetic_speech":
+    _build_local_corpus(builder_config, data_dir)
   if _reads_by_record_only(dataset_name, data_dir, builder_config):
     examples = record_source.RecordSource(
         dataset_name, split, data_dir, builder_config,
@@ -553,6 +557,20 @@ def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[An
       yield item
 
   return consume()
+
+
+def _build_local_corpus(builder_config: str | None,
+                        data_dir: str | None) -> None:
+  """Synthesizes the local corpus as ArrayRecord unless it is prepared.
+
+  `tfds.load` would prepare it as tfrecord files, which the federated clients
+  cannot read; every reader builds it the same way (conformer_fl/data/corpus.py
+  does it for the entry point, on process 0 only).
+  """
+  synthetic_speech = importlib.import_module("conformer_fl.data.synthetic_speech")
+  if not synthetic_speech.SyntheticSpeech(config=builder_config,
+                                          data_dir=data_dir).is_prepared():
+    synthetic_speech.build(builder_config, data_dir)
 
 
 def _reads_by_record_only(dataset_name: str, data_dir: str | None,
