@@ -7,11 +7,16 @@ that does not exist, a bad `configs/NAME.py:ARG`, a missing required flag)
 ends the program with one line `error: ...` on stderr naming the flag and the
 fix, and exit status 1, before anything runs. `fail` does the same for errors
 found later.
+
+`--config=configs/NAME.py[:ARG]` names the file relative to the working
+directory; where there is none (outside a checkout), the config of the
+installed package is read (setup.py installs configs/ as conformer_fl/configs).
 """
 
 from collections.abc import Sequence
 import difflib
 import os
+import pathlib
 import sys
 from typing import NoReturn
 
@@ -28,6 +33,26 @@ def one_line(text: str) -> str:
 def fail(message: str) -> NoReturn:
   """Ends the program: `error: MESSAGE` (one line) on stderr, exit status 1."""
   sys.exit(f"error: {one_line(message)}")
+
+
+CONFIGS_PREFIX = "configs/"
+
+
+def packaged_configs_dir() -> pathlib.Path:
+  """The configs of the package: installed conformer_fl/configs, else the
+  checkout's configs/ beside the package."""
+  package = pathlib.Path(__file__).resolve().parent
+  installed = package / "configs"
+  return installed if installed.is_dir() else package.parent / "configs"
+
+
+def resolve_config_path(path_and_arg: str) -> str:
+  """`configs/NAME.py[:ARG]`, with the packaged file when cwd has none."""
+  path, sep, arg = path_and_arg.partition(":")
+  if os.path.exists(path) or not path.startswith(CONFIGS_PREFIX):
+    return path_and_arg
+  packaged = packaged_configs_dir() / path[len(CONFIGS_PREFIX):]
+  return f"{packaged}{sep}{arg}" if packaged.is_file() else path_and_arg
 
 
 def _config_file_arg(argv: Sequence[str], name: str) -> str | None:
@@ -150,6 +175,11 @@ def parse_flags(argv: Sequence[str],
   Returns:
     The arguments left after the flags, program name first.
   """
+  argv = list(argv)
+  for name in config_flag_names:
+    prefix = f"--{name}="
+    argv = [prefix + resolve_config_path(a[len(prefix):])
+            if a.startswith(prefix) else a for a in argv]
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:
