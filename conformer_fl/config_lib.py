@@ -19,12 +19,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from conformer_fl import models
-from conformer_fl.data import input_pipeline
+from conformer_fl.data import data_config as data_config_lib
+from conformer_fl.data import paths
 
 # Where TFDS datasets are built and read: $TFDS_DATA_DIR, else a cache folder.
-DEFAULT_DATA_DIR = os.environ.get(
-    "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "conformer_fl", "tfds")
-)
+DEFAULT_DATA_DIR = paths.DEFAULT_DATA_DIR
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -55,11 +54,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def data_config(builder_config: str = "demo") -> ml_collections.ConfigDict:
-  """The corpus, tokenizer and batching (fields: `input_pipeline.default_data_config`).
+  """The corpus, tokenizer and batching (fields: `data_config.default_data_config`).
 
   The synthetic corpus is read from (and built into) DEFAULT_DATA_DIR.
   """
-  config = input_pipeline.default_data_config()
+  config = data_config_lib.default_data_config()
   config.builder_config = builder_config
   config.data_dir = DEFAULT_DATA_DIR
   return config

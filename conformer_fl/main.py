@@ -5,8 +5,10 @@ Running again on the same workdir resumes from its latest checkpoint. With absl'
 `--log_dir=DIR` the log is written to files in DIR instead of the terminal.
 
 A run that is refused or stops for a reason it can name (`conformer_fl.workdir.RunError`:
-a workdir that is a file, holds another config or is in use; divergence; no intact
-checkpoint) prints one line `error: ...` on stderr and exits with status 1.
+a workdir that is a file, holds another config or is in use; the checks of
+`conformer_fl/preflight.py`; divergence; no intact checkpoint), and a flag that does
+not parse (`conformer_fl/cli.py`: a mistyped `--config.FIELD`, a missing config file),
+print one line `error: ...` on stderr and exit with status 1.
 
 Multi-host: on a Cloud TPU pod, `jax.distributed.initialize()` finds the other hosts
 by itself; `launch/local_multiprocess.py` stands in for a pod on one machine by setting
@@ -33,6 +35,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from conformer_fl import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/NAME.py[:ARG]).",
     lock_config=True,
@@ -50,15 +54,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     central / federated: the final params (host numpy); analysis: its
     results; experiment: its summary.
 
+  `preflight.check` runs first: the mistakes it finds (an experiment's
+  workdir for a single run, clients that do not divide over the devices, an
+  init_workdir without a checkpoint, an analysis without a trained run, a
+  corpus that cannot be built or read) are refused before anything is
+  written; it builds the local corpus (ArrayRecord) when it is missing.
+
   Raises:
     workdir.RunError: a run refused or stopped for a reason its one-line
-      message names (see `train.train_central`).
+      message names (see `preflight` and `train.train_central`).
     ValueError: an unknown mode.
   """
   # pylint: disable=g-import-not-at-top
   # Imported here, each mode only what it runs: jax must not start before
   # `_initialize_distributed`.
+  from conformer_fl import preflight
   from conformer_fl import train
+  preflight.check(config, workdir)
   if config.mode == "central":
     return train.train_central(config, workdir)
   if config.mode == "federated":
@@ -115,15 +127,22 @@ def main(argv):
   )
   from conformer_fl import workdir  # pylint: disable=g-import-not-at-top
 
+  from conformer_fl.data import librispeech  # pylint: disable=g-import-not-at-top
+  from conformer_fl.data import record_source  # pylint: disable=g-import-not-at-top
+  from conformer_fl.data import tts_engines  # pylint: disable=g-import-not-at-top
+
   try:
     run(_CONFIG.value, _WORKDIR.value)
-  except workdir.RunError as e:
+  except (workdir.RunError, tts_engines.MissingSystemPackagesError,
+          librispeech.LibriSpeechNotPrepared,
+          record_source.NotRandomAccess) as e:
     # Refused or stopped for a reason the message names (another config, a
-    # locked workdir, divergence, no intact checkpoint): one line, status 1.
+    # locked workdir, divergence, no intact checkpoint, a corpus that cannot
+    # be built or read): one line, status 1.
     if flags.FLAGS.log_dir:
       logging.error("%s", e)
-    sys.exit(f"error: {e}")
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

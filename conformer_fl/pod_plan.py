@@ -760,3 +760,43 @@ def plan(main_args: Sequence[str], topology: str, search: bool = True,
   step = make_step(config, workdir, target)
   return plan_step(step, target, search=search, max_compiles=max_compiles,
                    log=log)
+
+
+def describe(main_args: Sequence[str], topology: str, search: bool = True,
+             max_compiles: int = 4) -> str:
+  """What `plan` would compile, without compiling (`tpu_pod.py plan --dry-run`).
+
+  Reads the config and the topology and builds the step's abstract arguments
+  (shapes only), as `plan` does before its first compilation.
+
+  Raises:
+    PlanError: as `plan`, but never for memory (nothing is compiled).
+  """
+  target = get_target(topology)
+  config, workdir = parse_main_args(main_args)
+  step = make_step(config, workdir, target)
+  check_divisible(step, target)
+  per_chip = step.per_chip(step.requested)
+  arrays = [x for x in jax.tree.leaves(step.arguments(per_chip))
+            if getattr(x, "ndim", 0) >= 1]
+  largest = max(arrays, key=lambda x: math.prod(x.shape), default=None)
+  capacity = ("no capacity (no search)" if target.hbm_bytes is None
+              else f"{_gib(target.hbm_bytes)} HBM per chip")
+  searching = (search and target.hbm_bytes is not None
+               and step.field != "analysis.vectorized")
+  lines = [
+      f"would compile: the {step.name} of config.mode={config.mode!r} for"
+      f" {target.name}: {target.num_chips} chips ({target.device_kind}),"
+      f" {target.num_hosts} host(s), {capacity}",
+      f"  config.{step.field}={step.requested}: {per_chip} {step.unit} per"
+      " chip" if step.divisor > 1 else
+      f"  config.{step.field}={step.requested} (one chip)",
+      f"  arguments per chip: {_gib(step.input_bytes(per_chip))} in"
+      f" {len(arrays)} arrays; the largest (all chips):"
+      f" {f'{largest.dtype}{list(largest.shape)}' if arrays else '-'}",
+      (f"  then up to {max_compiles - 1} more compilations to find the most"
+       f" {step.unit} per chip that fit" if searching else
+       "  one compilation (no search)"),
+      "  nothing compiled (--dry-run)",
+  ]
+  return "\n".join(lines)

@@ -1,12 +1,14 @@
-r"""Transcribes WAV files with a checkpoint of a run of `conformer_fl.main`.
+r"""Transcribes audio files with a run of `conformer_fl.main` or an exported model.
 
-  python -m conformer_fl.transcribe --workdir=DIR FILE.wav [FILE.wav ...]
+  python -m conformer_fl.transcribe --workdir=DIR FILE.flac [FILE.wav ...]
   python -m conformer_fl.transcribe --workdir=DIR --step=N FILE.wav ...
 
 DIR is the workdir of a central or federated run of `conformer_fl.main`
-(config.json, the tokenizer, checkpoints/). The files are transcribed with the
-model and tokenizer of its latest checkpoint, or of step N (the round, for a
-federated run) with `--step=N`, by greedy decoding as in evaluation
+(config.json, the tokenizer, checkpoints/), or a model written by
+`python -m conformer_fl.export` (config.json, the tokenizer, params.msgpack,
+model_card.json). The files are transcribed with the model and tokenizer of
+the run's latest checkpoint, or of step N (the round, for a federated run) with
+`--step=N`, or with the exported model, by greedy decoding as in evaluation
 (`models.greedy_decode`, `evaluation.ids_to_texts`).
 
 Output: one line per file on stdout, in the order of the arguments:
@@ -14,23 +16,24 @@ Output: one line per file on stdout, in the order of the arguments:
   FILE<TAB>transcript
 
 The transcript is in the normalized alphabet of the training text (see
-conformer_fl/text.py), possibly empty. Which workdir and step were used, and
+conformer_fl/text.py), possibly empty. Which model and step were used, and
 notes on resampled or overlong files, go to stderr.
 
-Input: mono WAV files of integer PCM, 8, 16, 24 or 32 bits per sample (what the
-standard library `wave` module reads). A 16-bit file at 16 kHz reaches the
-model exactly as the training data does (int16 / 32768, see
+Input: mono audio files. WAV files of integer PCM (8, 16, 24 or 32 bits per
+sample) are read by the standard library `wave` module; every other format
+(FLAC, as LibriSpeech ships, OGG/Vorbis, AIFF, float WAV, ...) by libsndfile
+through the `soundfile` package (setup.py's [data] extra). 16-bit audio at
+16 kHz reaches the model exactly as the training data does (int16 / 32768, see
 conformer_fl/data/batching.py). Files at another sample rate are resampled to
 16 kHz (`scipy.signal.resample_poly`), and a note says so on stderr. A file
 with several channels is refused: mix it down to mono first (e.g.
-`sox IN.wav -c 1 OUT.wav`).
+`sox IN.flac -c 1 OUT.flac`).
 
 Errors: every file is read and checked before the model is loaded. A file that
-is missing, not a WAV file, not integer PCM, multi-channel, empty or truncated
-gets one line `error: FILE: problem` on stderr; then nothing is transcribed,
-nothing is printed on stdout and the exit status is 1. The same holds for a
-workdir that is missing, holds no run or no checkpoint, or lacks the `--step`
-asked for.
+is missing, not audio, multi-channel, empty or truncated gets one line
+`error: FILE: problem` on stderr; then nothing is transcribed, nothing is
+printed on stdout and the exit status is 1. The same holds for a workdir that
+is missing, holds no run or no checkpoint, or lacks the `--step` asked for.
 
 Each file is decoded whole: the model sees it as one utterance, so split long
 recordings (a note is printed for files longer than the run's longest training
@@ -41,8 +44,9 @@ rounded up to a whole second; padding does not change a transcript
 From Python (tests, notebooks):
 
   texts = transcribe.transcribe_audio(workdir, [audio, ...])  # 16 kHz, [N] each
-  transcriber = transcribe.Transcriber(workdir, step=400)     # load once,
+  transcriber = transcribe.Transcriber(model_dir, step=400)   # load once,
   texts = transcriber([audio, ...])                           # call often
+  audio, rate = transcribe.load_audio("x.flac")               # 16 kHz [N]
 """
 
 import os
@@ -70,7 +74,9 @@ import numpy as np
 import scipy.signal
 
 from conformer_fl import checkpointing
+from conformer_fl import cli
 from conformer_fl import evaluation
+from conformer_fl import exported
 from conformer_fl import models
 from conformer_fl.data import batching
 from conformer_fl.data import tokenizer as tokenizer_lib
@@ -86,8 +92,12 @@ class TranscribeError(Exception):
   """A problem with the workdir or an input file; the message is one line."""
 
 
+class UnsupportedWavEncoding(TranscribeError):
+  """A WAV file that is not integer PCM (`read_audio` reads it with soundfile)."""
+
+
 # ----------------------------------------------------------------------------
-# Reading WAV files.
+# Reading audio files.
 
 
 def read_wav(path: str) -> tuple[np.ndarray, int]:
@@ -102,8 +112,9 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
     and 32-bit files (x / 2**23, x / 2**31); rate in Hz.
 
   Raises:
-    TranscribeError: missing, unreadable, not a WAV file, not integer PCM,
-      several channels, no samples, or truncated (the message names the file).
+    TranscribeError: missing, unreadable, not a WAV file, several channels,
+      no samples, or truncated (the message names the file);
+      UnsupportedWavEncoding: a WAV file that is not integer PCM.
   """
   try:
     with open(path, "rb") as f:
@@ -140,8 +151,8 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
     raise TranscribeError(f"{path}: truncated WAV header") from None
   except wave.Error as e:
     if str(e).startswith("unknown format"):
-      raise TranscribeError(f"{path}: unsupported WAV encoding ({e});"
-                            f" {_PCM_FORMAT_HINT}") from None
+      raise UnsupportedWavEncoding(f"{path}: unsupported WAV encoding ({e});"
+                                   f" {_PCM_FORMAT_HINT}") from None
     raise TranscribeError(f"{path}: not a valid WAV file ({e})") from None
   if len(data) < num_frames * width:
     raise TranscribeError(
@@ -190,8 +201,84 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
   return np.clip(resampled, -1.0, 1.0).astype(np.float32)
 
 
-def load_wav(path: str) -> tuple[np.ndarray, int]:
-  """A WAV file's audio at SAMPLE_RATE, ready for `Transcriber`.
+def _is_wav(path: str) -> bool:
+  """Whether `path` starts with a RIFF/WAVE header (False if unreadable)."""
+  try:
+    with open(path, "rb") as f:
+      header = f.read(12)
+  except OSError:
+    return False
+  return header[:4] == b"RIFF" and header[8:12] == b"WAVE"
+
+
+def read_with_soundfile(path: str) -> tuple[np.ndarray, int]:
+  """The samples and sample rate of a mono file libsndfile reads.
+
+  Returns:
+    (samples, rate): int16 [N] for 8- and 16-bit PCM (the values of the file,
+    as `read_wav` gives them), float32 [N] in [-1, 1] otherwise; rate in Hz.
+
+  Raises:
+    TranscribeError: soundfile is not installed, or the file is missing, not
+      audio, several channels or empty (one line naming the file).
+  """
+  try:
+    import soundfile  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise TranscribeError(
+        f"{path}: reading this format needs the soundfile package: pip"
+        " install soundfile (or conformer_fl[data]), or convert the file to"
+        " 16-bit WAV") from None
+  if not os.path.exists(path):
+    raise TranscribeError(f"{path}: no such file")
+  if os.path.isdir(path):
+    raise TranscribeError(f"{path}: is a directory, not an audio file")
+  try:
+    info = soundfile.info(path)
+    if info.channels != 1:
+      raise TranscribeError(
+          f"{path}: {info.channels} channels; only mono (1 channel) files are"
+          " transcribed: mix it down first, e.g. `sox IN -c 1 OUT`")
+    if info.frames == 0:
+      raise TranscribeError(f"{path}: no audio samples")
+    dtype = "int16" if info.subtype in ("PCM_S8", "PCM_U8", "PCM_16") else "float32"
+    samples, rate = soundfile.read(path, dtype=dtype, always_2d=False)
+  except (soundfile.SoundFileError, RuntimeError) as e:
+    raise TranscribeError(
+        f"{path}: not an audio file that libsndfile reads"
+        f" ({' '.join(str(e).split())})") from None
+  if samples.size == 0:
+    raise TranscribeError(f"{path}: no audio samples")
+  if dtype == "float32":
+    samples = np.clip(samples, -1.0, 1.0).astype(np.float32)
+  return samples, int(rate)
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+  """The samples and sample rate of a mono audio file (module docstring).
+
+  Integer-PCM WAV files are read by `read_wav`, every other file by
+  `read_with_soundfile`.
+
+  Returns:
+    (samples, rate): int16 [N] for 8- and 16-bit integer audio, float32 [N]
+    in [-1, 1] otherwise; rate in Hz.
+
+  Raises:
+    TranscribeError: the file cannot be read (one line naming it).
+  """
+  if _is_wav(path):
+    try:
+      return read_wav(path)
+    except UnsupportedWavEncoding:
+      pass  # Float or compressed WAV: libsndfile reads it.
+  elif not os.path.exists(path) or os.path.getsize(path) == 0:
+    return read_wav(path)  # Its one-line messages: no such file, empty.
+  return read_with_soundfile(path)
+
+
+def load_audio(path: str) -> tuple[np.ndarray, int]:
+  """An audio file's samples at SAMPLE_RATE, ready for `Transcriber`.
 
   Returns:
     (audio, rate): audio [N] at 16 kHz (int16 when the file is 16 or 8-bit at
@@ -199,9 +286,9 @@ def load_wav(path: str) -> tuple[np.ndarray, int]:
     (the audio was resampled when it differs from SAMPLE_RATE).
 
   Raises:
-    TranscribeError: see `read_wav`.
+    TranscribeError: see `read_audio`.
   """
-  audio, rate = read_wav(path)
+  audio, rate = read_audio(path)
   if rate != SAMPLE_RATE:
     audio = resample(audio, rate)
   return audio, rate
@@ -211,7 +298,7 @@ def load_wav(path: str) -> tuple[np.ndarray, int]:
 # The model of a workdir's checkpoint.
 
 
-def _load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   """The run config saved in `workdir/config.json` by the training loop."""
   if not workdir.exists():
     raise TranscribeError(f"{workdir}: no such workdir")
@@ -235,7 +322,7 @@ def _load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   return config
 
 
-def _load_tokenizer(config: ml_collections.ConfigDict,
+def load_tokenizer(config: ml_collections.ConfigDict,
                     workdir: epath.Path) -> tokenizer_lib.Tokenizer:
   """The run's own tokenizer; never trains one (ids must match the model)."""
   if (config.data.tokenizer.kind == "sentencepiece" and
@@ -255,7 +342,7 @@ def _load_tokenizer(config: ml_collections.ConfigDict,
   return tokenizer
 
 
-def _restore_variables(workdir: epath.Path,
+def restore_variables(workdir: epath.Path,
                        step: int | None) -> tuple[int, dict[str, Any]]:
   """(step, model variables) of the checkpoint `step` (None = the latest)."""
   if not (workdir / "checkpoints").exists():
@@ -300,13 +387,14 @@ def _check_audio(index: int, audio: Any) -> np.ndarray:
 
 
 class Transcriber:
-  """The model, tokenizer and variables of one checkpoint of a run.
+  """The model, tokenizer and variables of one checkpoint of a run, or of an
+  exported model (`conformer_fl.exported`).
 
   Loading happens once, in the constructor; each call transcribes a list of
   utterances. Decoding is jitted once per batch shape [B, S].
 
   Attributes:
-    workdir: the run's directory.
+    workdir: the run's (or exported model's) directory.
     step: the checkpoint's step (round, for a federated run).
     config: the run config (config.json).
     model: the `models.ConformerASR`.
@@ -322,8 +410,9 @@ class Transcriber:
 
     Args:
       workdir: a central or federated run (config.json, tokenizer,
-        checkpoints/).
-      step: the checkpoint to use; None = the latest.
+        checkpoints/), or an exported model's directory.
+      step: the checkpoint to use; None = the latest (an exported model has
+        one: its own, or None).
       batch_size: most utterances decoded at once (>= 1).
 
     Raises:
@@ -334,10 +423,19 @@ class Transcriber:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.workdir = epath.Path(workdir)
     self.batch_size = batch_size
-    self.config = _load_run_config(self.workdir)
-    self.tokenizer = _load_tokenizer(self.config, self.workdir)
+    if exported.is_exported(self.workdir):
+      self.config, self.variables, card = exported.read(self.workdir)
+      self.step = card["source"]["step"]
+      if step is not None and step != self.step:
+        raise TranscribeError(
+            f"{self.workdir}: an exported model of {card['source']['step_key']}"
+            f" {self.step}; export step {step} of the run to use it")
+    else:
+      self.config = load_run_config(self.workdir)
+    self.tokenizer = load_tokenizer(self.config, self.workdir)
     self.model = models.build_model(self.config.model)
-    self.step, self.variables = _restore_variables(self.workdir, step)
+    if not exported.is_exported(self.workdir):
+      self.step, self.variables = restore_variables(self.workdir, step)
     self.max_train_seconds = max(self.config.data.bucket_seconds)
     self._device_variables = jax.device_put(self.variables)
     self._decode = jax.jit(functools.partial(models.greedy_decode, self.model))
@@ -391,9 +489,10 @@ def transcribe_audio(workdir: str | os.PathLike[str],
   """Transcripts of 16 kHz utterances with a run's checkpoint.
 
   Args:
-    workdir: a central or federated run of `conformer_fl.main`.
+    workdir: a central or federated run of `conformer_fl.main`, or an
+      exported model (`python -m conformer_fl.export`).
     audios: utterances, each [N] int16 or float in [-1, 1] at 16 kHz
-      (`load_wav` reads and resamples a WAV file).
+      (`load_audio` reads and resamples an audio file).
     step: the checkpoint; None = the latest.
     batch_size: most utterances decoded at once.
 
@@ -419,7 +518,7 @@ def main(argv: Sequence[str]) -> None:
   """The command (module docstring); flags are defined under `__main__`."""
   paths = list(argv[1:])
   if not paths:
-    raise app.UsageError("Give the WAV files to transcribe.")
+    raise app.UsageError("Give the audio files to transcribe.")
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs (and warns about read-only stores) at every restore.
     logging.set_verbosity(logging.ERROR)
@@ -427,7 +526,7 @@ def main(argv: Sequence[str]) -> None:
   audios, failed = [], False
   for path in paths:
     try:
-      audio, rate = load_wav(path)
+      audio, rate = load_audio(path)
     except TranscribeError as e:
       _error(str(e))
       failed = True
@@ -460,10 +559,11 @@ if __name__ == "__main__":
   # Defined here rather than at import: conformer_fl/main.py defines --workdir
   # too, and tests and notebooks import this module beside it.
   flags.DEFINE_string("workdir", None,
-                      "Directory of a central or federated run.")
+                      "Directory of a central or federated run, or of an"
+                      " exported model (python -m conformer_fl.export).")
   flags.DEFINE_integer("step", None, "Checkpoint step (round) to use; default:"
                        " the latest.")
   flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE,
                        "Files decoded together.", lower_bound=1)
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, ()))

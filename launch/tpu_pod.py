@@ -28,9 +28,12 @@ optional and unused) and --topology:
   python launch/tpu_pod.py plan --topology=v5e:2x2 -- \
       --config=configs/federated.py:size=S,corpus=librispeech
 
-Every subcommand but `plan` takes --dry-run: it prints the exact commands, one
-per line (shell-quoted), instead of running them. Otherwise they run one after
-another and the first failure stops the script with the failing command.
+Every subcommand takes --dry-run: it prints the exact commands, one per line
+(shell-quoted), instead of running them (`plan --dry-run` prints the step it
+would compile, its shapes and chips, and compiles nothing). Otherwise they run
+one after another and the first failure stops the script with the failing
+command. After --, `run` passes every flag to `conformer_fl.main` (absl's
+--log_dir too) but this script's own options, which go before --.
 
 On each worker: `setup` ships the committed tree (`git archive` of --ref,
 default HEAD: commit or stash what you want to run) to ~/conformer_fl and
@@ -177,14 +180,36 @@ def check_main_args(main_args: Sequence[str]) -> None:
   check_main_flags(main_args, example_option="--dry-run")
 
 
+# The options of this script (both spellings): after --, one is a mistake.
+OWN_OPTIONS = frozenset(
+    spelling for name in (
+        "name", "zone", "project", "node_id", "dry_run", "accelerator_type",
+        "runtime_version", "spot", "best_effort", "timeout_minutes",
+        "poll_seconds", "ref", "archive", "python", "corpus_packages",
+        "tfds_data_dir", "job", "topology", "no_search", "max_compiles",
+        "worker", "lines", "follow")
+    for spelling in (name, name.replace("_", "-")))
+
+
 def check_main_flags(main_args: Sequence[str], example_option: str) -> None:
-  """Refuses anything after -- that is not a flag of conformer_fl.main."""
+  """Refuses after -- what conformer_fl.main cannot take: anything that is
+  not a flag, and the options of this script. Every other flag passes
+  through (--config..., --workdir, absl's --log_dir, --verbosity, ...)."""
   for arg in main_args:
-    if not arg.startswith(("--config=", "--workdir=", "--config.")):
+    name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+    if name is None or name in OWN_OPTIONS:
       raise LaunchError(
-          f"Unexpected argument {arg!r} for conformer_fl.main: expected"
-          " --config=..., --workdir=... and --config.FIELD=VALUE (the options"
-          f" of tpu_pod.py, such as {example_option}, go before --).")
+          f"Unexpected argument {arg!r} for conformer_fl.main: it takes flags"
+          " (--config=..., --workdir=..., --config.FIELD=VALUE, absl flags"
+          " such as --log_dir=DIR); the options of tpu_pod.py, such as"
+          f" {example_option}, go before --.")
+
+
+def main_flags_for_plan(main_args: Sequence[str]) -> list[str]:
+  """The flags of `main_args` that decide what is compiled (--config...,
+  --workdir); the plan leaves out the others (logging and the like)."""
+  return [a for a in main_args
+          if a.startswith(("--config=", "--config.", "--workdir="))]
 
 
 def default_job_name(main_args: Sequence[str]) -> str:
@@ -355,11 +380,12 @@ def delete_commands(pod: Pod) -> list[Command]:
 
 
 def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
-             max_compiles: int = 4, out=None) -> None:
+             max_compiles: int = 4, out=None, dry_run: bool = False) -> None:
   """Prints the plan of `conformer_fl.main main_args` on `topology`.
 
   Compiles on this machine's CPU (JAX_PLATFORMS=cpu unless set): see
-  `conformer_fl.pod_plan`.
+  `conformer_fl.pod_plan`. With `dry_run`, prints what it would compile
+  (`pod_plan.describe`) and compiles nothing.
 
   Raises:
     LaunchError: the package or libtpu is missing, or the config does not
@@ -369,6 +395,7 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
   if main_args and main_args[0] == "--":
     main_args = main_args[1:]
   check_main_flags(main_args, example_option="--topology")
+  main_args = main_flags_for_plan(main_args)
   if max_compiles < 1:
     raise LaunchError(f"--max_compiles must be >= 1, got {max_compiles}.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -381,6 +408,11 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
         f"`plan` needs the conformer_fl package and its dependencies ({e}):"
         " pip install -e '.[tpu-plan]'.") from e
   try:
+    if dry_run:
+      print(pod_plan.describe(main_args, topology, search=search,
+                              max_compiles=max_compiles),
+            file=out or sys.stdout, flush=True)
+      return
     plan = pod_plan.plan(
         main_args, topology, search=search, max_compiles=max_compiles,
         log=lambda line: print(f"plan: {line}", file=sys.stderr, flush=True))
@@ -512,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
       " chip, max clients per chip, FLOPs; no pod needed.")
   for name in ("name", "zone", "project", "node_id", "tfds_data_dir", "job"):
     _add(plan, name, default=None, help="As for run; unused by the plan.")
-  _add(plan, "dry_run", action="store_true", help="Unused by the plan.")
+  _add(plan, "dry_run", action="store_true",
+       help="Print what would be compiled (step, shapes, chips), compile"
+       " nothing.")
   _add(plan, "topology", required=True,
        help="TPU topology, e.g. v5e:2x2 (v5litepod-4), v5e:4x4, v4:2x2x1"
        " (v4-8), v4:2x2x2, v5p:2x2x1, v6e:2x2; or cpu (this machine).")
@@ -543,7 +577,7 @@ def main(argv: Sequence[str] | None = None, out=None) -> None:
   args = build_parser().parse_args(argv)
   if args.subcommand == "plan":
     plan_run(args.main_args, args.topology, search=not args.no_search,
-             max_compiles=args.max_compiles, out=out)
+             max_compiles=args.max_compiles, out=out, dry_run=args.dry_run)
     return
   pod = Pod(args.name, args.zone, args.project, args.node_id)
   if args.subcommand == "create":

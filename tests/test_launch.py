@@ -202,6 +202,18 @@ def test_bad_inputs_raise_clear_errors(args, message):
     tpu_pod.main([args[0], "--dry-run", *args[1:]], out=io.StringIO())
 
 
+def test_run_passes_every_main_flag_through():
+  [line] = _dry_run("run", *POD, "--tfds_data_dir=gs://bkt/tfds", "--",
+                    *RUN_ARGS, "--log_dir=logs/absl", "--verbosity=1")
+  assert (shlex.join([*RUN_ARGS, "--log_dir=logs/absl", "--verbosity=1"])
+          + " > logs/central_S.worker$CLOUD_TPU_TASK_ID.log"
+          ) in shlex.split(line)[-1]
+  with pytest.raises(tpu_pod.LaunchError,
+                     match="Unexpected argument 'stray' for conformer_fl.main"):
+    tpu_pod.main(["run", *POD, "--tfds_data_dir=gs://b/t", "--", *RUN_ARGS,
+                  "stray"])
+
+
 def test_options_after_the_double_dash_are_refused():
   # --dry-run after -- would reach conformer_fl.main, not this script.
   with pytest.raises(tpu_pod.LaunchError, match="go before --"):

@@ -271,3 +271,22 @@ def test_an_unsearched_count_above_1_per_chip_is_told_to_lower_the_count():
   assert message.endswith(
       "the chip has 16.00 GiB. Lower config.federated.clients_per_round"
       " (search the most that fits without --no_search)."), message
+
+
+def test_plan_dry_run_prints_the_step_and_compiles_nothing(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("plan --dry-run compiled")
+  monkeypatch.setattr(pod_plan, "compile_probe", fail)
+  monkeypatch.setattr(pod_plan.Step, "lower", fail)
+  out = io.StringIO()
+  tpu_pod.main(["plan", "--dry-run", "--topology=cpu", "--",
+                "--config=configs/central.py:size=tiny,corpus=tiny",
+                "--config.data.bucket_seconds=(1.0,)",
+                "--config.data.batch_size=4", "--log_dir=/tmp/unused"], out=out)
+  lines = out.getvalue().splitlines()
+  assert lines[0].startswith("would compile: the central step of"
+                             " config.mode='central' for cpu: ")
+  assert lines[1] == "  config.data.batch_size=4 (one chip)"
+  # The batch's audio: 4 examples of the 1 s bucket at 16 kHz.
+  assert lines[2].endswith("the largest (all chips): float32[4, 16000]")
+  assert lines[-1] == "  nothing compiled (--dry-run)"

@@ -1,4 +1,5 @@
-"""`python -m conformer_fl.transcribe`: WAV files -> transcripts of a run.
+"""`python -m conformer_fl.transcribe`: audio files -> transcripts of a run,
+and `python -m conformer_fl.export`: the run as a self-contained model.
 
 The workdir is what `train.train_central` writes (config.json, tokenizer.model,
 the step-0 checkpoint; zero steps keep it cheap) plus a step-3 checkpoint of
@@ -7,13 +8,15 @@ differently. The expected transcripts come from the evaluation path: corpus
 examples prepared with their labels by the input pipeline, padded to the run's
 8 s bucket in batches of 8, decoded by `evaluation.make_eval_step` and
 detokenized by `evaluation.evaluate` (the tool reads WAV files, pads to 4 s in
-batches of 2 and calls `models.greedy_decode` itself).
+batches of 2 and calls `models.greedy_decode` itself). FLAC and OGG files are
+written with soundfile, the library the tool reads them with.
 """
 
 import itertools
 import json
 import os
 import pathlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -24,10 +27,13 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.signal
+import soundfile
 
 from conformer_fl import checkpointing
 from conformer_fl import config_lib
 from conformer_fl import evaluation
+from conformer_fl import export
+from conformer_fl import exported
 from conformer_fl import models
 from conformer_fl import train
 from conformer_fl import transcribe
@@ -157,7 +163,7 @@ def test_cli_prints_one_line_per_file_in_order(run, wavs):
   # The 8 kHz file: resampled (said on stderr), then the same model; the
   # Python API gives what the command prints.
   assert f"{wavs['u1_8k']}: resampled from 8000 Hz to 16000 Hz" in result.stderr
-  audios, rates = zip(*(transcribe.load_wav(f) for f in files))
+  audios, rates = zip(*(transcribe.load_audio(f) for f in files))
   assert rates == (16000, 16000, 8000, 16000, 16000)
   assert audios[2].dtype == np.float32
   with wave.open(files[2]) as w:
@@ -285,6 +291,10 @@ def test_read_wav_refuses_bad_files(tmp_path):
       b"RIFF" + struct.pack("<I", len(body)) + body)
   assert "unknown format: 3); only plain integer PCM" in error(
       tmp_path / "float.wav")
+  # read_audio reads it with soundfile instead.
+  samples, rate = transcribe.read_audio(os.fspath(tmp_path / "float.wav"))
+  assert rate == 16000 and samples.dtype == np.float32
+  np.testing.assert_array_equal(samples, np.zeros(16, np.float32))
 
 
 def test_resample_to_16khz():
@@ -305,3 +315,135 @@ def test_resample_to_16khz():
   batch = batching.pad_batch([{"audio": ints, "labels": np.ones(1, np.int32)}],
                              5, 1, 1)
   np.testing.assert_array_equal(transcribe.to_float(ints), batch["audio"][0])
+
+
+# Other formats (soundfile) and the exported model.
+
+
+def test_read_audio_reads_flac_and_ogg_as_wav(tmp_path):
+  tone = np.round(8000 * np.sin(np.arange(4000) / 7)).astype(np.int16)
+  soundfile.write(tmp_path / "x.flac", tone, 16000, subtype="PCM_16")
+  samples, rate = transcribe.read_audio(os.fspath(tmp_path / "x.flac"))
+  assert rate == 16000 and samples.dtype == np.int16
+  np.testing.assert_array_equal(samples, tone)  # Lossless: the same int16.
+  # 24-bit FLAC at 22.05 kHz: float32, resampled to 16 kHz by load_audio.
+  values = tone / 32768.0
+  soundfile.write(tmp_path / "x24.flac", values, 22050, subtype="PCM_24")
+  samples, rate = transcribe.read_audio(os.fspath(tmp_path / "x24.flac"))
+  assert rate == 22050 and samples.dtype == np.float32
+  np.testing.assert_allclose(samples, values, rtol=0, atol=2.0**-23)
+  audio, rate = transcribe.load_audio(os.fspath(tmp_path / "x24.flac"))
+  # resample_poly: ceil(N * 320 / 441) samples.
+  assert rate == 22050 and audio.shape == (-(-4000 * 320 // 441),)
+  soundfile.write(tmp_path / "x.ogg", values.astype(np.float32), 44100,
+                  format="OGG", subtype="VORBIS")
+  audio, rate = transcribe.load_audio(os.fspath(tmp_path / "x.ogg"))
+  assert rate == 44100 and audio.dtype == np.float32
+  assert audio.size == -(-4000 * 160 // 441)
+
+
+def test_read_audio_refuses_bad_files_in_one_line(tmp_path):
+  def error(path) -> str:
+    with pytest.raises(transcribe.TranscribeError) as e:
+      transcribe.read_audio(os.fspath(path))
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
+
+  (tmp_path / "text.flac").write_text("hello, this is not audio\n")
+  assert "not an audio file that libsndfile reads" in error(
+      tmp_path / "text.flac")
+  stereo = np.zeros((100, 2), np.int16)
+  soundfile.write(tmp_path / "stereo.flac", stereo, 16000)
+  assert "2 channels; only mono" in error(tmp_path / "stereo.flac")
+  assert "no such file" in error(tmp_path / "missing.flac")
+  (tmp_path / "empty.flac").write_bytes(b"")
+  assert "empty file" in error(tmp_path / "empty.flac")
+
+
+@pytest.fixture(scope="module")
+def exported_run(run, tmp_path_factory):
+  """(source workdir, exported dir): the run with two evaluations logged."""
+  workdir, _, _ = run
+  source = tmp_path_factory.mktemp("export_source") / "run"
+  shutil.copytree(workdir, source)
+  with open(source / "metrics.jsonl", "a") as f:
+    for step, wer in ((LATEST_STEP, 0.625), (LATEST_STEP + 2, 0.5)):
+      f.write(json.dumps({"step": step, "loss": 9.0, "eval/loss": 8.0,
+                          "eval/wer": wer, "eval/cer": wer / 2,
+                          "eval/wer_low": wer - 0.25,
+                          "eval/wer_high": wer + 0.25,
+                          "eval/num_examples": 4.0}) + "\n")
+  out = tmp_path_factory.mktemp("exports") / "model"
+  result = subprocess.run(
+      [sys.executable, "-m", "conformer_fl.export", f"--workdir={source}",
+       f"--out={out}"], cwd=ROOT, env=xla_env.subprocess_env(1),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert result.stdout.strip() == (
+      f"{out}: step {LATEST_STEP} of {source}, WER 0.625")
+  return source, out
+
+
+@pytest.mark.slow
+def test_the_exported_model_transcribes_as_the_workdir(run, wavs, exported_run,
+                                                       tmp_path):
+  workdir, examples, expected = run
+  _, out = exported_run
+  assert sorted(p.name for p in out.iterdir()) == [
+      "MODEL_CARD.md", "config.json", "model_card.json", "params.msgpack",
+      "tokenizer.model"]
+  flac = os.fspath(tmp_path / "u1.flac")
+  soundfile.write(flac, examples[1]["audio"], 16000, subtype="PCM_16")
+  files = [wavs["u0"], flac, wavs["u2"]]
+  result = _cli(out, files, f"--batch_size={BATCH_SIZE}")
+  assert result.returncode == 0, result.stderr[-4000:]
+  texts = [line.split("\t")[1] for line in result.stdout.splitlines()]
+  assert texts == expected[LATEST_STEP]
+  assert f"{out}: step {LATEST_STEP}" in result.stderr
+  # The Python API: the same transcripts, the same variables as the checkpoint.
+  audios = [e["audio"] for e in examples]
+  assert transcribe.Transcriber(out, batch_size=BATCH_SIZE)(audios) == (
+      expected[LATEST_STEP])
+  loaded = exported.load_model(out)
+  store = checkpointing.CheckpointStore(os.fspath(workdir), read_only=True)
+  saved = store.restore_variables(LATEST_STEP)
+  store.close()
+  for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert loaded.tokenizer.vocab_size == loaded.config.model.vocab_size
+  with pytest.raises(transcribe.TranscribeError,
+                     match=f"an exported model of step {LATEST_STEP}"):
+    transcribe.Transcriber(out, step=0)
+
+
+def test_the_model_card_holds_the_measured_wers(exported_run):
+  source, out = exported_run
+  card = json.loads((out / "model_card.json").read_text())
+  assert card["source"] == {"workdir": os.fspath(source.resolve()),
+                            "step_key": "step", "step": LATEST_STEP,
+                            "mode": "central"}
+  # The evaluation after the exported step is left out.
+  assert card["evaluations"] == [{
+      "step": LATEST_STEP, "wer": 0.625, "cer": 0.3125, "wer_low": 0.375,
+      "wer_high": 0.875, "loss": 8.0, "num_examples": 4.0}]
+  assert card["wer"] == 0.625 and card["final_eval"] is None
+  assert card["model"]["num_params"] == sum(
+      np.size(x) for x in jax.tree.leaves(exported.load_model(out).variables[
+          "params"]))
+  assert card["audio"] == {"sample_rate": 16000, "channels": 1}
+  markdown = (out / "MODEL_CARD.md").read_text()
+  assert f"| {LATEST_STEP} | 0.625 | 0.375 - 0.875 | 0.312 | 4 |" in markdown
+
+
+def test_export_refuses_in_one_line(exported_run, tmp_path):
+  source, out = exported_run
+  with pytest.raises(export.ExportError,
+                     match="exists and is not an empty directory"):
+    export.export(source, out)
+  with pytest.raises(export.ExportError, match="no such workdir"):
+    export.export(tmp_path / "missing", tmp_path / "new")
+  with pytest.raises(export.ExportError,
+                     match=r"no checkpoint for step 7; saved steps: \[0, 3\]"):
+    export.export(source, tmp_path / "new", step=7)
+  assert not (tmp_path / "new").exists()

@@ -12,30 +12,48 @@ The modules a training loop uses:
   record_source   RecordSource (a split by record index), load_speaker_index
   librispeech     LibriSpeech -> common example dicts
 The TFDS builder of the local corpus is `synthetic_speech` (imported on demand by
-`input_pipeline.load_split`, so that importing this package stays light).
+`input_pipeline.load_split`). The names below are imported on first use, so that
+importing the package, or one of its light modules (`tokenizer`, `batching`,
+`clients`, `data_config`, `paths`), does not load TensorFlow.
 """
 
-from conformer_fl.data.batching import bucket_by_length
-from conformer_fl.data.batching import Buckets
-from conformer_fl.data.batching import eval_batches
-from conformer_fl.data.batching import make_buckets
-from conformer_fl.data.batching import pad_batch
-from conformer_fl.data.batching import prepare_example
-from conformer_fl.data.batching import SkipCounter
-from conformer_fl.data.clients import client_size_report
-from conformer_fl.data.clients import ClientSampler
-from conformer_fl.data.clients import make_round_data
-from conformer_fl.data.clients import partition_by_speaker
-from conformer_fl.data.input_pipeline import ClientDatasets
-from conformer_fl.data.input_pipeline import default_data_config
-from conformer_fl.data.input_pipeline import get_client_datasets
-from conformer_fl.data.input_pipeline import get_eval_batches
-from conformer_fl.data.input_pipeline import get_tokenizer
-from conformer_fl.data.input_pipeline import get_train_batches
-from conformer_fl.data.input_pipeline import load_split
-from conformer_fl.data.input_pipeline import make_round
-from conformer_fl.data.tokenizer import build_tokenizer
-from conformer_fl.data.tokenizer import CharTokenizer
-from conformer_fl.data.tokenizer import load_tokenizer
-from conformer_fl.data.tokenizer import SentencePieceTokenizer
-from conformer_fl.data.tokenizer import Tokenizer
+import importlib
+from typing import Any
+
+# {name: the module of this package that defines it}.
+_EXPORTS = {
+    "bucket_by_length": "batching",
+    "Buckets": "batching",
+    "eval_batches": "batching",
+    "make_buckets": "batching",
+    "pad_batch": "batching",
+    "prepare_example": "batching",
+    "SkipCounter": "batching",
+    "client_size_report": "clients",
+    "ClientSampler": "clients",
+    "make_round_data": "clients",
+    "partition_by_speaker": "clients",
+    "ClientDatasets": "input_pipeline",
+    "default_data_config": "input_pipeline",
+    "get_client_datasets": "input_pipeline",
+    "get_eval_batches": "input_pipeline",
+    "get_tokenizer": "input_pipeline",
+    "get_train_batches": "input_pipeline",
+    "load_split": "input_pipeline",
+    "make_round": "input_pipeline",
+    "build_tokenizer": "tokenizer",
+    "CharTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "SentencePieceTokenizer": "tokenizer",
+    "Tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  """Imports `name` from its module on first use (PEP 562)."""
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  globals()[name] = value
+  return value

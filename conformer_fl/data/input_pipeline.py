@@ -53,58 +53,15 @@ import tensorflow_datasets as tfds
 
 from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
+from conformer_fl.data import data_config as data_config_lib
 from conformer_fl.data import librispeech
 from conformer_fl.data import record_source
 from conformer_fl.data import tokenizer as tokenizer_lib
 
 Example = batching.Example
 Batch = batching.Batch
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The data fields read by this module, with their defaults (documented)."""
-  c = ml_collections.ConfigDict()
-  c.dataset = "synthetic_speech"   # 'synthetic_speech' | 'librispeech' | TFDS name
-  c.builder_config = "tiny"         # synthetic_speech config; '' for none
-  c.data_dir = ""                   # TFDS data_dir; '' = TFDS default
-  c.train_split = "train"
-  c.eval_split = "dev"
-  c.train_domains = ()              # () = all; e.g. ('long',) for central training
-  c.eval_domains = ()
-  c.client_domains = ("short",)     # federated clients' domain (paper: short)
-  # Static shapes (batching.make_buckets).
-  c.bucket_seconds = (2.0, 4.0, 8.0, 16.0)
-  c.label_lengths = ()              # per bucket; () = derive from labels_per_second
-  # Label length of a bucket = ceil(seconds * labels_per_second), rounded up to 8.
-  # Set it above the corpus's fastest tokens per second (`max_labels_per_second`):
-  # ~16-24 for characters, far fewer for large SentencePiece vocabularies (RNN-T
-  # memory grows with U; CTC after 4x subsampling has 25 frames per second).
-  c.labels_per_second = 24.0
-  # Skip utterances with more labels per second of audio than this (0 = off).
-  c.max_label_rate = 0.0
-  # Skip utterances that CTC cannot align: more labels (plus one per repeated
-  # label) than encoder frames (25 per second; batching.encoder_frames). Off
-  # here (the stand-in corpora of the tests are far shorter than speech); the
-  # run configs turn it on for CTC models (config_lib._run_config).
-  c.skip_ctc_unalignable = False
-  # Central training.
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.shuffle_buffer = 0              # per-bucket buffer when streaming (0 = batch)
-  # Small corpora: prepare the train split once and permute it per epoch. Set
-  # False for LibriSpeech (stream each epoch; use a shuffle_buffer of hundreds).
-  c.cache_train_in_memory = True
-  c.prefetch_batches = 2            # background-thread prefetch (0 = none)
-  # LibriSpeech only.
-  c.librispeech_train_split = librispeech.FULL_TRAIN_SPLIT
-  c.librispeech_domain_mode = "long"  # 'long' | 'by_duration'
-  c.short_max_seconds = 4.0
-  # Tokenizer (tokenizer.build_tokenizer).
-  c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.kind = "sentencepiece"  # 'sentencepiece' | 'char'
-  c.tokenizer.vocab_size = 128
-  c.tokenizer.model_type = "unigram"  # 'unigram' | 'bpe'
-  return c
+# The data fields read by this module, with their defaults (documented there).
+default_data_config = data_config_lib.default_data_config
 
 
 def load_split(
@@ -131,15 +88,19 @@ def load_split(
     seed: the file-shuffle seed.
     librispeech_options: split map and domain rule for LibriSpeech.
 
-  A dataset prepared only in a format that tf.data cannot read (array_record,
-  the format of the federated clients) is read through its random-access data
-  source (`record_source.RecordSource.iterate`): in record order, or with
-  `shuffle_files` in a seeded order of blocks of consecutive records.
+  The local corpus ('synthetic_speech') is synthesized as array_record first
+  when it is not prepared. A dataset prepared only in a format that tf.data
+  cannot read (array_record, the format of the federated clients) is read
+  through its random-access data source (`record_source.RecordSource.iterate`):
+  in record order, or with `shuffle_files` in a seeded order of blocks of
+  consecutive records.
 
   Yields:
     Common example dicts in the dataset's order (deterministic for a seed).
   """
   data_dir = data_dir or None
+  if dataset_name == "synthetic_speech":
+    _build_local_corpus(builder_config, data_dir)
   if _reads_by_record_only(dataset_name, data_dir, builder_config):
     examples = record_source.RecordSource(
         dataset_name, split, data_dir, builder_config,
@@ -553,6 +514,20 @@ def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[An
       yield item
 
   return consume()
+
+
+def _build_local_corpus(builder_config: str | None,
+                        data_dir: str | None) -> None:
+  """Synthesizes the local corpus as ArrayRecord unless it is prepared.
+
+  `tfds.load` would prepare it as tfrecord files, which the federated clients
+  cannot read; every reader builds it the same way (conformer_fl/data/corpus.py
+  does it for the entry point, on process 0 only).
+  """
+  synthetic_speech = importlib.import_module("conformer_fl.data.synthetic_speech")
+  if not synthetic_speech.SyntheticSpeech(config=builder_config,
+                                          data_dir=data_dir).is_prepared():
+    synthetic_speech.build(builder_config, data_dir)
 
 
 def _reads_by_record_only(dataset_name: str, data_dir: str | None,

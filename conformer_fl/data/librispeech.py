@@ -41,9 +41,10 @@ import tensorflow_datasets as tfds
 from conformer_fl import text as text_lib
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import batching
+from conformer_fl.data import data_config
 
 SAMPLE_RATE = 16000
-FULL_TRAIN_SPLIT = "train_clean100+train_clean360+train_other500"
+FULL_TRAIN_SPLIT = data_config.LIBRISPEECH_FULL_TRAIN_SPLIT
 DEFAULT_SPLIT_MAP = {
     "train": FULL_TRAIN_SPLIT,
     "dev": "dev_clean",

@@ -93,6 +93,19 @@ def is_random_access(builder: tfds.core.DatasetBuilder) -> bool:
   return bool(formats & set(tfds.core.FileFormat.with_random_access()))
 
 
+def check_random_access(builder: tfds.core.DatasetBuilder) -> None:
+  """Raises NotRandomAccess (one line: the fix) unless `is_random_access`."""
+  if not is_random_access(builder):
+    raise NotRandomAccess(
+        f"{builder.info.full_name} in {builder.data_dir} is prepared as"
+        f" {builder.info.file_format.value} files, which cannot be read by"
+        " record index (federated clients need it). Delete that folder (the"
+        " local corpus is then rebuilt as ArrayRecord) or set"
+        " --config.data.data_dir to another directory; prepare other"
+        " datasets with file_format='array_record' (`tfds build DATASET"
+        " --file_format=array_record`).")
+
+
 def common_example(raw: dict[str, Any], domain_names: Sequence[str]) -> Example:
   """A record of a corpus with the synthetic corpus's features, as a common
   example (`input_pipeline` documents the dict)."""
@@ -143,15 +156,7 @@ class RecordSource:
     self._is_librispeech = dataset == "librispeech"
     self._options = librispeech_options or librispeech.LibriSpeechOptions()
     builder = builder_for(dataset, data_dir, builder_config)
-    if not is_random_access(builder):
-      raise NotRandomAccess(
-          f"{builder.info.full_name} in {builder.data_dir} is prepared as"
-          f" {builder.info.file_format.value} files, which cannot be read by"
-          " record index. Prepare it with file_format='array_record' (`tfds"
-          " build DATASET --file_format=array_record`, or `python -m"
-          " conformer_fl.data.synthetic_speech --file_format=array_record`"
-          " for the local corpus), in another data_dir or after deleting"
-          " this one.")
+    check_random_access(builder)
     self.dataset_dir = epath.Path(builder.data_dir)
     tfds_split = (librispeech.tfds_split(split, self._options)
                   if self._is_librispeech else split)

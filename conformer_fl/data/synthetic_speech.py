@@ -606,7 +606,9 @@ if __name__ == "__main__":
   # pylint: disable-next=g-import-not-at-top,import-self
   from conformer_fl.data import synthetic_speech
   flags.DEFINE_string("config", "demo", "Config name: tiny, demo, small or medium.")
-  flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+  from conformer_fl.data import paths  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("data_dir", paths.DEFAULT_DATA_DIR,
+                      "TFDS data directory (the configs' default).")
   flags.DEFINE_enum("file_format", DEFAULT_FILE_FORMAT,
                     ["array_record", "tfrecord"], "TFDS record format.")
   app.run(synthetic_speech.main)
