@@ -201,12 +201,13 @@ def test_missing_packages_are_named_before_any_work(tmp_path, monkeypatch):
     synthetic_speech.build("tiny", str(tmp_path))
   message = str(error.value)
   assert "flite" in message and "espeak-ng (" not in message
-  assert "apt-get install espeak-ng flite fortunes-min" in message
+  assert ("apt-get install espeak-ng flite fortunes-min fortunes bible-kjv"
+          in message)
   assert not any(tmp_path.iterdir())
 
   monkeypatch.setattr(tts_engines.shutil, "which", lambda cmd: None)
   with pytest.raises(tts_engines.MissingSystemPackagesError,
-                     match=r"espeak-ng .*flite .*fortunes-min"):
+                     match=r"espeak-ng .*flite .*fortunes-min .*fortunes .*bible-kjv"):
     tts_engines.check_system_packages(fortune_dir=str(tmp_path / "none"))
 
 
@@ -231,6 +232,11 @@ def test_speaker_ids():
   flite = tts_engines.Speaker("flite", "kal16", duration_stretch=1.05)
   assert flite.speaker_id == "flite/kal16/d1.05"
   assert flite.timbre == "flite/kal"
+  pitched = tts_engines.Speaker("flite", "slt", duration_stretch=0.9, f0=155)
+  assert pitched.speaker_id == "flite/slt/d0.90/f155"
+  assert tts_engines.engine_of(pitched.speaker_id) == "flite"
+  assert tts_engines.engine_of("espeak/en-us+m3/s160/p45") == "espeak"
+  assert tts_engines.engine_of("1234") == tts_engines.engine_of("") == ""
 
 
 def test_number_to_words():
@@ -306,10 +312,23 @@ def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
   speakers = [tts_engines.Speaker("espeak", "f3", "en-gb", 170, 60),
               tts_engines.Speaker("flite", "kal", duration_stretch=0.9)]
   for speaker in speakers:
-    a = tts_engines.synthesize(speaker, "call mom", noise_snr_db=30.0, noise_seed=7)
-    b = tts_engines.synthesize(speaker, "call mom", noise_snr_db=30.0, noise_seed=7)
+    a = tts_engines.to_int16(tts_engines.synthesize(speaker, "call mom"), -6.0)
+    b = tts_engines.to_int16(tts_engines.synthesize(speaker, "call mom"), -6.0)
     assert a.dtype == np.int16 and a.tobytes() == b.tobytes()
     assert 0.3 < a.size / 16000 < 2.0
+    assert np.abs(a.astype(np.int32)).max() == round(32768 * 10 ** (-6 / 20))
+  # A Flite pitch setting changes the voice's pitch (kal: about 105 Hz).
+  low, high = (tts_engines.synthesize(
+      tts_engines.Speaker("flite", "kal", f0=f0), "hello there my friend")
+      for f0 in (80, 200))
+  def pitch_hz(audio):  # median autocorrelation peak (60-400 Hz) of 5 windows
+    estimates = []
+    for start in np.linspace(0.2, 0.6, 5) * audio.size:
+      seg = audio[int(start):int(start) + 2048]
+      ac = np.correlate(seg, seg, "full")[seg.size - 1:]
+      estimates.append(16000 / (40 + int(np.argmax(ac[40:267]))))
+    return float(np.median(estimates))
+  assert pitch_hz(low) < 110 < 180 < pitch_hz(high)
   # The WAV reader rejects what it cannot represent.
   path = tmp_path / "stereo.wav"
   with wave.open(str(path), "wb") as w:
@@ -321,13 +340,14 @@ def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
     tts_engines.synthesize(speakers[0], "")
 
 
-def test_demo_config_holds_out_espeak_timbres_only():
+def test_demo_config_has_both_engines_and_holds_out_timbres():
   demo = synthetic_speech.SyntheticSpeech.builder_configs["demo"]
   speakers = synthetic_speech.assign_speakers(demo)
   assert {s: len(v) for s, v in speakers.items()} == {
       "train": 96, "dev": 8, "test": 8}
-  engines = {s.engine for split in speakers.values() for s in split}
-  assert engines == {"espeak"}
+  flite = {split: sum(s.engine == "flite" for s in v)
+           for split, v in speakers.items()}
+  assert flite == {"train": 24, "dev": 2, "test": 2}
   timbres = {split: {s.timbre for s in v} for split, v in speakers.items()}
   assert not timbres["dev"] & timbres["train"]
   assert not timbres["test"] & timbres["train"]
@@ -348,3 +368,25 @@ def test_story_sentences_cover_held_out_words():
     assert not set(pools[split]) & set(pools["train"])
     held_out_words = {w for s in pools[split] for w in s.split()}
     assert held_out_words <= train_words
+
+
+def test_leave_one_engine_out_selects_by_engine(tiny_builder, tiny_examples):
+  from conformer_fl.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = input_pipeline.default_data_config()
+  config.data_dir = str(tiny_builder.data_dir_root)
+  train, held_out = input_pipeline.leave_one_engine_out(config, "flite")
+  assert train.train_engines == ("espeak",) and held_out.eval_split == "test"
+  train_ids = {e["speaker_id"] for e in input_pipeline.load_split_from_config(
+      train, "train", engines=train.train_engines)}
+  test_ids = [e["speaker_id"] for e in input_pipeline.load_split_from_config(
+      held_out, held_out.eval_split, engines=held_out.eval_engines)]
+  engine = lambda i: i.split("/")[0]
+  all_train = {ex["speaker_id"].decode() for ex in tiny_examples["train"]}
+  assert train_ids == {i for i in all_train if engine(i) == "espeak"}
+  assert len(train_ids) == 4  # tiny: half of the 8 train speakers are Flite
+  # The 1 Flite test speaker of tiny, all of its utterances.
+  assert {engine(i) for i in test_ids} == {"flite"}
+  assert len(test_ids) == sum(engine(ex["speaker_id"].decode()) == "flite"
+                              for ex in tiny_examples["test"]) == 5
+  with pytest.raises(ValueError, match="Unknown speech engines"):
+    input_pipeline.leave_one_engine_out(config, "festival")

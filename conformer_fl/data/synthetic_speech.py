@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
+from conformer_fl.data import augment
 from conformer_fl.data import text_sources
 from conformer_fl.data import tts_engines
 from conformer_fl.data.tts_engines import Speaker
@@ -74,6 +75,10 @@ ESPEAK_PITCHES = (30, 40, 50, 60, 70)
 # Flite (`flite -lv`); awb_time is a limited-domain (clock) voice and is left out.
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 FLITE_STRETCHES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+# Mean pitch (Hz) of each Flite voice's speakers: 0 is the voice's own (kal
+# about 105 Hz, awb 130, slt 180); rms ignores the setting.
+FLITE_F0 = {"kal": (0, 90, 120), "kal16": (0, 90, 120), "awb": (0, 110, 150),
+            "slt": (0, 155, 205), "rms": (0,)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,12 +92,16 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
     long_per_speaker: 'long' utterances each speaker reads.
     short_per_speaker: 'short' utterances each speaker reads.
     seed: seeds speakers, texts, levels and noise.
-    flite_fraction: share of each split's speakers voiced by Flite.
+    flite_fraction: share of each split's speakers voiced by Flite (the rest
+      by eSpeak NG; Flite fills at most its timbres' combinations).
     long_seconds: (min, max) duration of a 'long' utterance.
     short_max_seconds: longest 'short' utterance.
     peak_dbfs_range: per-speaker peak level, uniform in this range (dB full scale).
-    noise_snr_db_range: per-utterance white-noise SNR, uniform in this range;
-      None adds no noise.
+    augmentation: the acoustic effects drawn per utterance (speed, reverb,
+      noise, channel) and their ranges: `augment.Augmentation`;
+      `augment.CLEAN` for none.
+    babble_clips: babble clips per split, each a mixture of
+      `augmentation.babble_talkers` speakers of the split reading its text.
     num_workers: synthesis threads (each runs one engine process at a time).
     long_text: text of the 'long' domain: 'story' (a closed-vocabulary
       grammar, so that every word of a held-out sentence is heard in train)
@@ -113,7 +122,8 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
   long_seconds: tuple[float, float] = (3.0, 10.0)
   short_max_seconds: float = 2.0
   peak_dbfs_range: tuple[float, float] = (-12.0, -2.0)
-  noise_snr_db_range: tuple[float, float] | None = (30.0, 50.0)
+  augmentation: augment.Augmentation = augment.Augmentation()
+  babble_clips: int = 8
   num_workers: int = 2
   long_text: str = "story"
   story_pool_size: int = 20000
@@ -129,17 +139,18 @@ def _config(name: str, description: str, **sizes) -> SyntheticSpeechConfig:
 
 
 CONFIGS = (
-    _config("tiny", "For tests: 8+2+2 speakers, 2 long + 3 short each; < 1 min.",
+    # Half Flite: a Flite speaker in each of dev and test.
+    _config("tiny", "For tests: 8+2+2 speakers (half Flite), 2 long + 3 short"
+            " each; < 1 min.",
             num_train_speakers=8, num_dev_speakers=2, num_test_speakers=2,
-            long_per_speaker=2, short_per_speaker=3),
-    # eSpeak NG voices only: Flite has four voices, too few to hold one out
-    # and learn it from the other three (a demo-size model trained on the
-    # rest transcribed the held-out Flite voice at WER 0.98).
-    _config("demo", "The demo default: 96+8+8 eSpeak NG speakers, 25 long"
-            " (2-6 s) + 30 short each.",
+            long_per_speaker=2, short_per_speaker=3, flite_fraction=0.5),
+    # A quarter Flite: 2 Flite speakers in dev and in test, one Flite voice
+    # each (leave_one_engine_out reads the test ones).
+    _config("demo", "The demo default: 96+8+8 eSpeak NG and Flite speakers,"
+            " 25 long (2-6 s) + 30 short each.",
             num_train_speakers=96, num_dev_speakers=8, num_test_speakers=8,
             long_per_speaker=25, short_per_speaker=30, long_seconds=(2.0, 6.0),
-            story_words=(5, 14), flite_fraction=0.0),
+            story_words=(5, 14), flite_fraction=0.25),
     _config("small", "200+20+20 speakers, 20 long + 30 short each.",
             num_train_speakers=200, num_dev_speakers=20, num_test_speakers=20,
             long_per_speaker=20, short_per_speaker=30),
@@ -167,8 +178,9 @@ def _engine_combos(engine: str) -> dict[str, list[Speaker]]:
   else:
     for voice in FLITE_VOICES:
       for stretch in FLITE_STRETCHES:
-        s = Speaker("flite", voice, duration_stretch=stretch)
-        groups[s.timbre].append(s)
+        for f0 in FLITE_F0[voice]:
+          s = Speaker("flite", voice, duration_stretch=stretch, f0=f0)
+          groups[s.timbre].append(s)
   return dict(groups)
 
 
@@ -276,7 +288,7 @@ class SynthesisTask:
   count: int
   min_seconds: float
   max_seconds: float
-  noise_snr_db_range: tuple[float, float] | None
+  augmentation: augment.Augmentation
   seed: int
 
 
@@ -299,7 +311,7 @@ def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
           text_sources.command_phrase(rng)
           for _ in range(4 * config.short_per_speaker + 10)))
       common = dict(split=split, speaker_index=i, speaker=speaker,
-                    noise_snr_db_range=config.noise_snr_db_range)
+                    augmentation=config.augmentation)
       tasks.append(SynthesisTask(
           domain="long", candidates=long_texts, count=config.long_per_speaker,
           min_seconds=config.long_seconds[0], max_seconds=config.long_seconds[1],
@@ -313,11 +325,16 @@ def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
   return tasks
 
 
-def run_task(task: SynthesisTask) -> list[tuple[str, np.ndarray]]:
+def run_task(task: SynthesisTask, babble: Sequence[np.ndarray] = ()
+             ) -> list[tuple[str, np.ndarray]]:
   """Synthesizes candidates in order until `task.count` fit the duration window.
 
-  If the candidates run out, the closest misfits fill the rest (in candidate
-  order), so a task always returns `task.count` utterances.
+  Each candidate is synthesized clean, given its drawn effects
+  (`augment.draw`, `augment.apply`; babble noise from one of `babble`, clips
+  of other speakers of the split) and scaled to the speaker's level; the
+  window applies to the result. If the candidates run out, the closest
+  misfits fill the rest (in candidate order), so a task always returns
+  `task.count` utterances.
 
   Returns:
     [(normalized text, int16 audio [N])] of length task.count.
@@ -325,11 +342,11 @@ def run_task(task: SynthesisTask) -> list[tuple[str, np.ndarray]]:
   rng = np.random.default_rng(task.seed)
   fitting, misfits = [], []
   for text in task.candidates:
-    snr = None
-    if task.noise_snr_db_range is not None:
-      snr = float(rng.uniform(*task.noise_snr_db_range))
-    noise_seed = int(rng.integers(2**31))
-    audio = tts_engines.synthesize(task.speaker, text, snr, noise_seed)
+    effects = augment.draw(rng, task.augmentation, bool(babble))
+    clip = babble[int(rng.integers(len(babble)))] if babble else None
+    audio = augment.apply(tts_engines.synthesize(task.speaker, text), effects,
+                          task.augmentation, clip)
+    audio = tts_engines.to_int16(audio, task.speaker.peak_dbfs)
     seconds = audio.size / tts_engines.SAMPLE_RATE
     if task.min_seconds <= seconds <= task.max_seconds:
       fitting.append((text, audio))
@@ -341,6 +358,60 @@ def run_task(task: SynthesisTask) -> list[tuple[str, np.ndarray]]:
   misfits.sort(key=lambda m: m[:2])
   fillers = [(text, audio) for _, _, text, audio in misfits]
   return fitting + fillers[:task.count - len(fitting)]
+
+
+@dataclasses.dataclass(frozen=True)
+class BabbleTask:
+  """One babble clip: `talkers` of a split each read one of `texts`, mixed."""
+
+  split: str
+  talkers: tuple[Speaker, ...]
+  texts: tuple[str, ...]
+  seed: int
+
+
+def babble_tasks(config: SyntheticSpeechConfig) -> list[BabbleTask]:
+  """The babble clips of every split (none if the config draws no babble).
+
+  Clip k of a split leaves out speaker k (in a seeded order) and mixes
+  `babble_talkers` of the others reading sentences of the split's long-domain
+  pool, so every speaker of a split with two or more speakers has a clip of
+  other speakers; a split of one speaker has none.
+  """
+  if not config.augmentation.uses_babble or config.babble_clips <= 0:
+    return []
+  speakers = assign_speakers(config)
+  pools = sentence_pools(config, long_sentences(config))
+  tasks = []
+  for split_index, split in enumerate(SPLITS):
+    members = speakers[split]
+    rng = np.random.default_rng([config.seed, 6, split_index])
+    order = rng.permutation(len(members))
+    if len(members) < 2:
+      continue
+    for k in range(min(config.babble_clips, len(members))):
+      left_out = int(order[k])
+      others = [m for m in range(len(members)) if m != left_out]
+      count = min(config.augmentation.babble_talkers, len(others))
+      chosen = sorted(rng.choice(others, size=count, replace=False).tolist())
+      pool = pools[split]
+      texts = tuple(pool[int(j)] for j in rng.integers(len(pool), size=count))
+      tasks.append(BabbleTask(split, tuple(members[m] for m in chosen), texts,
+                              _derived_seed(config.seed, 7, split_index, k)))
+  return tasks
+
+
+def run_babble_task(task: BabbleTask) -> np.ndarray:
+  """The babble clip of `task`: float [N] of unit power (`augment.babble_clip`)."""
+  clean = [tts_engines.synthesize(s, t) for s, t in zip(task.talkers, task.texts)]
+  return augment.babble_clip(clean, np.random.default_rng(task.seed))
+
+
+def babble_for(speaker: Speaker, split: str, tasks: Sequence[BabbleTask],
+               clips: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """The clips of `split` in which `speaker` does not talk."""
+  return [clip for task, clip in zip(tasks, clips)
+          if task.split == split and speaker not in task.talkers]
 
 
 _In = TypeVar("_In")
@@ -453,12 +524,20 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing is downloaded.
     tts_engines.check_system_packages()
-    tasks = synthesis_tasks(self.builder_config)
-    return {split: self._generate_examples([t for t in tasks if t.split == split])
-            for split in SPLITS}
+    config = self.builder_config
+    tasks = synthesis_tasks(config)
+    bab_tasks = babble_tasks(config)
+    clips = list(ordered_parallel_map(run_babble_task, bab_tasks,
+                                      config.num_workers))
+    return {split: self._generate_examples(
+        [(t, babble_for(t.speaker, split, bab_tasks, clips))
+         for t in tasks if t.split == split]) for split in SPLITS}
 
-  def _generate_examples(self, tasks: Sequence[SynthesisTask]):
-    results = ordered_parallel_map(run_task, tasks, self.builder_config.num_workers)
+  def _generate_examples(
+      self, tasks: Sequence[tuple[SynthesisTask, list[np.ndarray]]]):
+    results = ordered_parallel_map(lambda tb: run_task(*tb), tasks,
+                                   self.builder_config.num_workers)
+    tasks = [t for t, _ in tasks]
     for task, utterances in zip(tasks, results):
       for j, (text, audio) in enumerate(utterances):
         if not text:
