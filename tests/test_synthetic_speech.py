@@ -6,6 +6,7 @@ is built three more times for the determinism check.
 
 import collections
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conformer_fl.data import commands
+from conformer_fl.data import corpus_card
 from conformer_fl.data import synthetic_speech
 from conformer_fl.data import text_sources
 from conformer_fl.data import tts_engines
@@ -117,11 +120,48 @@ def test_held_out_speakers_share_no_timbre_with_train(tiny_examples):
   assert speakers["dev"].isdisjoint(speakers["test"])
 
 
-def test_long_sentences_are_not_shared_between_splits(tiny_examples):
-  long_texts = {split: {ex["text"].decode() for ex in examples if ex["domain"] == 0}
-                for split, examples in tiny_examples.items()}
-  assert long_texts["dev"].isdisjoint(long_texts["train"])
-  assert long_texts["test"].isdisjoint(long_texts["train"])
+def test_no_transcript_is_shared_between_splits(tiny_examples):
+  texts = {split: {ex["text"].decode() for ex in examples}
+           for split, examples in tiny_examples.items()}
+  assert len(texts["train"]) >= 30  # 40 utterances, few repeated commands
+  assert not texts["test"] & texts["train"]
+  assert not texts["dev"] & texts["train"]
+  assert not texts["test"] & texts["dev"]
+
+
+def test_corpus_card_beside_the_corpus(tiny_builder, tiny_examples):
+  card = json.loads((tiny_builder.data_path / "corpus_card.json").read_text())
+  assert card == json.loads(json.dumps(
+      synthetic_speech.corpus_card(tiny_builder)))
+  assert card["engines"]["flite"]["speakers"] == {"train": 4, "dev": 1,
+                                                  "test": 1}
+  assert card["engines"]["espeak"]["speakers"] == {"train": 4, "dev": 1,
+                                                   "test": 1}
+  for split in ("dev", "test"):
+    assert not set(card["engines"]["flite"]["voices"][split]) & set(
+        card["engines"]["flite"]["voices"]["train"])
+    assert card["transcript_overlap_with_train"][split] == 0
+  assert card["sizes"]["train"]["utterances"] == 40
+  assert card["sizes"]["test"]["by_engine"]["flite"]["utterances"] == 5
+  assert card["augmentation"]["speed_factors"] == [0.9, 1.0, 1.1]
+  assert card["text"]["long"]["long_text"] == "prose"
+  # The OOV rate of the recorded transcripts, recomputed here.
+  words = lambda split: [w for ex in tiny_examples[split]
+                         for w in ex["text"].decode().split()]
+  train_vocabulary = set(words("train"))
+  for split in ("dev", "test"):
+    tokens = words(split)
+    rate = sum(w not in train_vocabulary for w in tokens) / len(tokens)
+    assert card["oov_rate"][split]["all"] == pytest.approx(rate)
+    assert 0.05 < rate < 0.9  # open vocabulary: held-out words are new
+
+
+def test_oov_rate_and_overlap():
+  train = ["the cat sat", "a dog ran"]
+  assert corpus_card.oov_rate(train, ["the cat ran fast", "a bird"]) == 2 / 6
+  assert corpus_card.oov_rate(train, []) == 0.0
+  assert corpus_card.transcript_overlap(train, ["a dog ran", "x", "a dog ran"]
+                                        ) == 1
 
 
 def test_domain_durations(tiny_examples):
@@ -279,14 +319,43 @@ def test_fortune_sentences_of_the_system_files_are_clean():
     assert normalize_text(s) == s and 6 <= len(s.split()) <= 22
 
 
-def test_command_phrases_are_short_normalized_and_seeded():
-  rng = np.random.default_rng(0)
-  phrases = [text_sources.command_phrase(rng) for _ in range(300)]
-  assert len(set(phrases)) > 100
-  for p in phrases:
-    assert normalize_text(p) == p and 1 <= len(p.split()) <= 7
-  rng = np.random.default_rng(0)
-  assert [text_sources.command_phrase(rng) for _ in range(300)] == phrases
+def test_prose_sentences_mix_fortunes_and_the_bible():
+  bible = text_sources.bible_sentences(5, 12)
+  assert len(bible) > 10000
+  assert "in the beginning god created the heaven and the earth" in bible
+  assert "and god said let there be light" in bible  # split at ':'
+  prose = text_sources.prose_sentences(0, 3000, 5, 12)
+  assert 5990 <= len(prose) <= 6000 and prose == sorted(prose)
+  assert 3000 <= len(set(prose) & set(bible)) <= 3010  # fortunes quote it
+  assert prose == text_sources.prose_sentences(0, 3000, 5, 12)
+  assert prose != text_sources.prose_sentences(1, 3000, 5, 12)
+  for s in prose:
+    assert normalize_text(s) == s and 5 <= len(s.split()) <= 12
+  with pytest.raises(ValueError, match="Unknown prose source"):
+    text_sources.prose_sentences(0, 10, sources=("news",))
+
+
+def test_commands_share_no_transcript_or_dealt_slot_value_across_splits():
+  split = commands.split_commands(seed=0)
+  assert split == commands.split_commands(seed=0)
+  assert split != commands.split_commands(seed=1)
+  sizes = {s: len(v) for s, v in split.items()}
+  assert sizes["train"] > 500 and sizes["dev"] > 30 and sizes["test"] > 30
+  assert not set(split["dev"]) & set(split["train"])
+  assert not set(split["test"]) & (set(split["train"]) | set(split["dev"]))
+  for texts in split.values():
+    assert texts == sorted(set(texts))
+    for t in texts:
+      assert normalize_text(t) == t and 1 <= len(t.split()) <= 7
+  # Every template has a slot whose values are dealt to the splits.
+  for template in commands.TEMPLATES:
+    assert set(commands.template_slots(template)) - commands.SHARED_SLOTS
+  # A contact of test is never a word of a train command.
+  train_words = {w for t in split["train"] for w in t.split()}
+  test_only = [c for c in commands.SLOTS["contact"]
+               if any(t == f"call {c}" for t in split["test"])]
+  assert test_only and not any(set(c.split()) <= train_words
+                               for c in test_only if " " not in c)
 
 
 def test_resample_keeps_frequency_and_length():

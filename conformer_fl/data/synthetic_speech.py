@@ -2,16 +2,20 @@
 
 Many synthetic speakers (each one a federated client) read two domains of text:
 
-* 'long':  narrative sentences of a closed-vocabulary grammar (`long_text`
-  'story', the default: `text_sources.story_sentences`), or sentences from the
-  Debian fortunes-min files ('fortunes'), kept when 3-10 s long.
-* 'short': spoken-assistant commands from a seeded grammar, kept when <= 2 s long
-  ("set a timer for five minutes", "call mom", "turn on the kitchen lights").
+* 'long':  sentences of real English prose (`long_text` 'prose', the default:
+  the Debian fortunes and the King James Bible, `text_sources.prose_sentences`),
+  or of a closed-vocabulary grammar ('story'), kept when 3-10 s long.
+* 'short': spoken-assistant commands from templates, kept when <= 2 s long
+  ("set a timer for five minutes", "call mom", "turn on the kitchen lights";
+  `commands.split_commands`).
 
 Speakers are eSpeak NG voice variants x English accents x rate x pitch, and Flite
-voices x duration stretch (see `tts_engines.Speaker` for the ids). Audio is 16 kHz
-int16, trimmed of silence, peak-normalized to a per-speaker level and mixed with
-low white noise at a per-utterance SNR.
+voices x duration stretch x pitch (see `tts_engines.Speaker` for the ids; the
+engine is the first part of a speaker id). Audio is 16 kHz int16, trimmed of
+silence, given per-utterance acoustic effects drawn from the config's ranges
+(speed perturbation, synthetic-room reverberation, white / pink / brown noise
+or babble of other speakers of the same split, a telephone or low-pass
+channel: `augment.py`) and peak-normalized to a per-speaker level.
 
 Splits and the held-out-speaker rule. A speaker's *timbre* is its eSpeak NG
 variant (the formant set, whatever the accent, rate or pitch) or its Flite voice
@@ -20,9 +24,11 @@ seed and dealt out: the first ones to 'dev', the next to 'test', the rest to
 'train' (each held-out split gets at least one timbre of an engine it uses, and
 about its share of the speakers otherwise). So dev and test speakers are not only
 unseen (engine, voice, accent, rate, pitch) combinations: no train speaker shares
-their timbre. The long-domain sentences are split the same way (80% / 10% / 10%
-of the shuffled pool), so dev and test sentences are never heard in train; the
-short commands come from one small grammar and do repeat across splits.
+their timbre. The long-domain sentences are split 80% / 10% / 10% of the
+shuffled pool, and the commands' slot values and templates are dealt out to the
+splits (`commands`), so no dev or test transcript is ever heard in train.
+Leave-one-engine-out: `input_pipeline.leave_one_engine_out` selects the train
+speakers of the other engine and the test speakers of the held-out one.
 
 Determinism. Everything is a function of the config (seed included): the
 speakers, the texts, the levels, the noise. eSpeak NG and Flite are deterministic
@@ -43,6 +49,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import collections
 import concurrent.futures
 import dataclasses
+import functools
+import json
 import math
 import time
 from typing import Any, TypeVar
@@ -54,6 +62,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
 from conformer_fl.data import augment
+from conformer_fl.data import commands
+from conformer_fl.data import corpus_card as corpus_card_lib
 from conformer_fl.data import text_sources
 from conformer_fl.data import tts_engines
 from conformer_fl.data.tts_engines import Speaker
@@ -103,10 +113,13 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
     babble_clips: babble clips per split, each a mixture of
       `augmentation.babble_talkers` speakers of the split reading its text.
     num_workers: synthesis threads (each runs one engine process at a time).
-    long_text: text of the 'long' domain: 'story' (a closed-vocabulary
-      grammar, so that every word of a held-out sentence is heard in train)
-      or 'fortunes' (open-vocabulary sentences of fortunes-min; the held-out
-      sentences bring words never heard in train).
+    long_text: text of the 'long' domain: 'prose' (open-vocabulary English
+      of the fortunes and the King James Bible; held-out sentences bring
+      words never heard in train), 'story' (a closed-vocabulary grammar:
+      every word of a held-out sentence is heard in train) or 'fortunes'
+      (fortunes-min only).
+    prose_words: (min, max) words of a 'prose' or 'fortunes' sentence.
+    prose_per_source: 'prose' sentences drawn from each source.
     story_pool_size: distinct 'story' sentences drawn before the 80/10/10
       split into train/dev/test pools.
     story_words: (min, max) words of a 'story' sentence.
@@ -125,7 +138,9 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
   augmentation: augment.Augmentation = augment.Augmentation()
   babble_clips: int = 8
   num_workers: int = 2
-  long_text: str = "story"
+  long_text: str = "prose"
+  prose_words: tuple[int, int] = (6, 20)
+  prose_per_source: int = 8000
   story_pool_size: int = 20000
   story_words: tuple[int, int] = (8, 24)
 
@@ -150,7 +165,7 @@ CONFIGS = (
             " 25 long (2-6 s) + 30 short each.",
             num_train_speakers=96, num_dev_speakers=8, num_test_speakers=8,
             long_per_speaker=25, short_per_speaker=30, long_seconds=(2.0, 6.0),
-            story_words=(5, 14), flite_fraction=0.25),
+            prose_words=(5, 12), flite_fraction=0.25),
     _config("small", "200+20+20 speakers, 20 long + 30 short each.",
             num_train_speakers=200, num_dev_speakers=20, num_test_speakers=20,
             long_per_speaker=20, short_per_speaker=30),
@@ -258,7 +273,7 @@ def sentence_pools(config: SyntheticSpeechConfig,
           "train": order[n_dev + n_test:]}
 
 
-LONG_TEXTS = ("story", "fortunes")
+LONG_TEXTS = ("prose", "story", "fortunes")
 
 
 def long_sentences(config: SyntheticSpeechConfig) -> list[str]:
@@ -267,12 +282,25 @@ def long_sentences(config: SyntheticSpeechConfig) -> list[str]:
   Raises:
     ValueError: an unknown `long_text`.
   """
-  if config.long_text == "story":
-    return text_sources.story_sentences(config.story_pool_size, config.seed,
-                                        *config.story_words)
-  if config.long_text == "fortunes":
-    return text_sources.fortune_sentences()
-  raise ValueError(f"SyntheticSpeechConfig.long_text={config.long_text!r};"
+  return list(_long_sentences(config.long_text, config.seed,
+                              config.story_pool_size, config.story_words,
+                              config.prose_words, config.prose_per_source))
+
+
+@functools.lru_cache(maxsize=4)
+def _long_sentences(long_text: str, seed: int, story_pool_size: int,
+                    story_words: tuple[int, int], prose_words: tuple[int, int],
+                    prose_per_source: int) -> tuple[str, ...]:
+  if long_text == "prose":
+    return tuple(text_sources.prose_sentences(seed, prose_per_source,
+                                              *prose_words))
+  if long_text == "story":
+    return tuple(text_sources.story_sentences(story_pool_size, seed,
+                                              *story_words))
+  if long_text == "fortunes":
+    return tuple(text_sources.fortune_sentences(min_words=prose_words[0],
+                                                max_words=prose_words[1]))
+  raise ValueError(f"SyntheticSpeechConfig.long_text={long_text!r};"
                    f" expected one of {LONG_TEXTS}.")
 
 
@@ -301,15 +329,17 @@ def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
   """Every (speaker, domain) task of the corpus, in the order examples are written."""
   speakers = assign_speakers(config)
   pools = sentence_pools(config, long_sentences(config))
+  command_pools = commands.split_commands(config.seed)
   tasks = []
   for split_index, split in enumerate(SPLITS):
     for i, speaker in enumerate(speakers[split]):
       rng = np.random.default_rng([config.seed, 3, split_index, i])
       pool = pools[split]
       long_texts = tuple(pool[j] for j in rng.permutation(len(pool)))
-      short_texts = tuple(dict.fromkeys(
-          text_sources.command_phrase(rng)
-          for _ in range(4 * config.short_per_speaker + 10)))
+      pool = command_pools[split]
+      size = min(len(pool), 4 * config.short_per_speaker + 10)
+      short_texts = tuple(pool[j] for j in rng.choice(len(pool), size,
+                                                      replace=False))
       common = dict(split=split, speaker_index=i, speaker=speaker,
                     augmentation=config.augmentation)
       tasks.append(SynthesisTask(
@@ -492,7 +522,7 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
                       skip_registration=__name__ == "__main__"):
   """English speech by eSpeak NG and Flite speakers; one speaker = one client."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("2.0.0")
   # TFDS 4.9.10 locates the builder file through the `importlib_resources`
   # backport, which it does not install on Python >= 3.9; this file is the answer.
   code_path = epath.Path(__file__)
@@ -500,6 +530,9 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
       "1.0.0": "First release.",
       "1.1.0": "Long-form text from the closed-vocabulary 'story' grammar;"
                " demo: 48+8+8 speakers, 50 long + 30 short each.",
+      "2.0.0": "Long-form text from real prose (fortunes, King James Bible);"
+               " commands with split templates and slot values; acoustic"
+               " augmentation; Flite pitch; demo: a quarter Flite speakers.",
   }
   BUILDER_CONFIGS = list(CONFIGS)
   DEFAULT_CONFIG_NAME = "demo"
@@ -568,12 +601,38 @@ def build(config: str | SyntheticSpeechConfig = "demo",
       `data_dir` is reused whatever its format.
 
   Raises:
-    tts_engines.MissingSystemPackagesError: espeak-ng, flite or fortunes-min are
-      missing (checked before any work).
+    tts_engines.MissingSystemPackagesError: a Debian package the corpus needs
+      (espeak-ng, flite, fortunes-min, fortunes, bible-kjv) is missing
+      (checked before any work).
   """
   tts_engines.check_system_packages()
-  return prepare(SyntheticSpeech(config=config, data_dir=data_dir),
-                 file_format)
+  builder = prepare(SyntheticSpeech(config=config, data_dir=data_dir),
+                    file_format)
+  if not (builder.data_path / corpus_card_lib.CARD_FILE).exists():
+    write_corpus_card(builder)
+  return builder
+
+
+def corpus_card(builder: SyntheticSpeech) -> dict[str, Any]:
+  """The card of a prepared corpus (`corpus_card.make_card`): engines,
+  voices, augmentation, text sources, sizes per split, OOV rates."""
+  domain_names = builder.info.features["domain"].names
+  records = {
+      split: [{"text": ex["text"].decode(),
+               "speaker_id": ex["speaker_id"].decode(),
+               "domain": domain_names[ex["domain"]],
+               "duration": float(ex["duration"])}
+              for ex in split_records(builder, split, decode_audio=False)]
+      for split in SPLITS if split in builder.info.splits}
+  return corpus_card_lib.make_card(builder.builder_config,
+                                   str(builder.info.version), records)
+
+
+def write_corpus_card(builder: SyntheticSpeech) -> epath.Path:
+  """Writes `corpus_card(builder)` as corpus_card.json beside the records."""
+  path = builder.data_path / corpus_card_lib.CARD_FILE
+  path.write_text(json.dumps(corpus_card(builder), indent=1, sort_keys=True))
+  return path
 
 
 def prepare(builder: tfds.core.DatasetBuilder,
@@ -676,6 +735,14 @@ def main(argv: Sequence[str]) -> None:
     print(f"build wall time: {seconds:.1f} s"
           f" ({builder.builder_config.num_workers} synthesis threads)")
   print(format_statistics(corpus_statistics(builder)))
+  card_path = builder.data_path / corpus_card_lib.CARD_FILE
+  card = json.loads(card_path.read_text())
+  for split, rates in card["oov_rate"].items():
+    print(f"{split} OOV rate (word tokens not in train): {rates['all']:.3f}"
+          f" (long {rates['long']:.3f}, short {rates['short']:.3f});"
+          f" transcripts shared with train:"
+          f" {card['transcript_overlap_with_train'][split]}")
+  print(f"corpus card: {card_path}")
 
 
 if __name__ == "__main__":

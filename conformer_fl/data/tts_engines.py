@@ -129,6 +129,20 @@ def engine_of(speaker_id: str) -> str:
   return engine if engine in ENGINES else ""
 
 
+def timbre_of(speaker_id: str) -> str:
+  """`Speaker.timbre` of a speaker id ('espeak/en-us+m3/s160/p45' -> 'espeak/m3').
+
+  '' for a speaker id of another corpus.
+  """
+  engine = engine_of(speaker_id)
+  if not engine:
+    return ""
+  voice = speaker_id.split("/")[1]
+  if engine == "espeak":
+    return "espeak/" + voice.split("+", 1)[1]
+  return "flite/" + ("kal" if voice.startswith("kal") else voice)
+
+
 def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
   """Decodes mono 16-bit PCM WAV bytes to (int16 samples [N], sample rate)."""
   with wave.open(io.BytesIO(data)) as wav:
