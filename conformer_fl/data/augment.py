@@ -103,7 +103,7 @@ class Effects:
 def draw(rng: np.random.Generator, settings: Augmentation,
          babble_available: bool) -> Effects:
   """Draws one utterance's effects; always the same number of draws from `rng`."""
-  u = rng.random(8)
+  u = rng.random(10)
   seed = int(rng.integers(2**31))
   kinds = [k for k in settings.noise_kinds if k != "babble" or babble_available]
   speed = settings.speed_factors[int(u[0] * len(settings.speed_factors))]
@@ -116,11 +116,11 @@ def draw(rng: np.random.Generator, settings: Augmentation,
   return Effects(
       speed=speed,
       rt60_seconds=lerp(settings.rt60_seconds, u[2]) if reverb else None,
-      direct_to_reverb_db=lerp(settings.direct_to_reverb_db, u[2]),
+      direct_to_reverb_db=lerp(settings.direct_to_reverb_db, u[8]),
       noise_kind=kinds[int(u[4] * len(kinds))] if noisy else None,
       snr_db=lerp(settings.noise_snr_db, u[7]),
       channel=channel,
-      cutoff_hz=lerp(settings.lowpass_hz, u[7]),
+      cutoff_hz=lerp(settings.lowpass_hz, u[9]),
       seed=seed)
 
 
