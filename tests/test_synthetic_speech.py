@@ -169,6 +169,8 @@ def test_domain_durations(tiny_examples):
   for examples in tiny_examples.values():
     for ex in examples:
       durations[int(ex["domain"])].append(float(ex["duration"]))
+      # Not faster than max_chars_per_second.
+      assert len(ex["text"]) <= TINY.max_chars_per_second * ex["duration"]
   long, short = np.array(durations[0]), np.array(durations[1])
   assert short.max() <= TINY.short_max_seconds + 1e-6 <= 2.5
   assert long.min() >= TINY.long_seconds[0] - 1e-6

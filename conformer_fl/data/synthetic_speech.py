@@ -106,6 +106,10 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
       by eSpeak NG; Flite fills at most its timbres' combinations).
     long_seconds: (min, max) duration of a 'long' utterance.
     short_max_seconds: longest 'short' utterance.
+    max_chars_per_second: fastest speech kept, in transcript characters
+      (spaces included) per second of audio; faster utterances (a fast voice
+      sped up by 1.1) are not kept, as if too short. 21 keeps every utterance
+      within what a CTC model with 25 output frames per second can align.
     peak_dbfs_range: per-speaker peak level, uniform in this range (dB full scale).
     augmentation: the acoustic effects drawn per utterance (speed, reverb,
       noise, channel) and their ranges: `augment.Augmentation`;
@@ -134,6 +138,7 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
   flite_fraction: float = 0.2
   long_seconds: tuple[float, float] = (3.0, 10.0)
   short_max_seconds: float = 2.0
+  max_chars_per_second: float = 21.0
   peak_dbfs_range: tuple[float, float] = (-12.0, -2.0)
   augmentation: augment.Augmentation = augment.Augmentation()
   babble_clips: int = 8
@@ -316,6 +321,7 @@ class SynthesisTask:
   count: int
   min_seconds: float
   max_seconds: float
+  max_chars_per_second: float
   augmentation: augment.Augmentation
   seed: int
 
@@ -341,7 +347,8 @@ def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
       short_texts = tuple(pool[j] for j in rng.choice(len(pool), size,
                                                       replace=False))
       common = dict(split=split, speaker_index=i, speaker=speaker,
-                    augmentation=config.augmentation)
+                    augmentation=config.augmentation,
+                    max_chars_per_second=config.max_chars_per_second)
       tasks.append(SynthesisTask(
           domain="long", candidates=long_texts, count=config.long_per_speaker,
           min_seconds=config.long_seconds[0], max_seconds=config.long_seconds[1],
@@ -359,7 +366,8 @@ def run_task(task: SynthesisTask, babble: Sequence[np.ndarray] = ()
              ) -> list[tuple[str, np.ndarray]]:
   """Synthesizes candidates in order until `task.count` fit the duration window.
 
-  Each candidate is synthesized clean, given its drawn effects
+  An utterance fits when its duration is in [min_seconds, max_seconds] and
+  at least len(text) / max_chars_per_second (not too fast). Each candidate is synthesized clean, given its drawn effects
   (`augment.draw`, `augment.apply`; babble noise from one of `babble`, clips
   of other speakers of the split) and scaled to the speaker's level; the
   window applies to the result. If the candidates run out, the closest
@@ -378,12 +386,13 @@ def run_task(task: SynthesisTask, babble: Sequence[np.ndarray] = ()
                           task.augmentation, clip)
     audio = tts_engines.to_int16(audio, task.speaker.peak_dbfs)
     seconds = audio.size / tts_engines.SAMPLE_RATE
-    if task.min_seconds <= seconds <= task.max_seconds:
+    shortest = max(task.min_seconds, len(text) / task.max_chars_per_second)
+    if shortest <= seconds <= task.max_seconds:
       fitting.append((text, audio))
       if len(fitting) == task.count:
         return fitting
     else:
-      miss = max(task.min_seconds - seconds, seconds - task.max_seconds)
+      miss = max(shortest - seconds, seconds - task.max_seconds)
       misfits.append((miss, len(misfits), text, audio))
   misfits.sort(key=lambda m: m[:2])
   fillers = [(text, audio) for _, _, text, audio in misfits]
