@@ -64,7 +64,8 @@ REMOTE_DIR = "conformer_fl"
 REMOTE_ARCHIVE = "conformer_fl.tar.gz"
 LOG_DIR = "logs"  # Inside REMOTE_DIR.
 DEFAULT_PYTHON = "python3.11"  # setup.py: python_requires >= 3.11.
-CORPUS_PACKAGES = ("espeak-ng", "flite", "fortunes-min")  # Local corpus only.
+CORPUS_PACKAGES = ("espeak-ng", "flite", "fortunes-min", "fortunes",
+                   "bible-kjv")  # Local corpus only.
 WORKER_NUMBER_URL = ("http://metadata.google.internal/computeMetadata/v1/"
                      "instance/attributes/agent-worker-number")
 # A process whose command line starts with a python binary running the entry

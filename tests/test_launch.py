@@ -113,7 +113,8 @@ def test_setup():
   assert shlex.split(lines[2])[-1].startswith(
       "--command=(sudo apt-get -qq update && sudo"
       " DEBIAN_FRONTEND=noninteractive apt-get -qq install -y python3.11-venv"
-      " espeak-ng flite fortunes-min) && mkdir -p conformer_fl")
+      " espeak-ng flite fortunes-min fortunes bible-kjv) && mkdir -p"
+      " conformer_fl")
 
 
 def test_run():

@@ -6,6 +6,7 @@ is built three more times for the determinism check.
 
 import collections
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conformer_fl.data import commands
+from conformer_fl.data import corpus_card
 from conformer_fl.data import synthetic_speech
 from conformer_fl.data import text_sources
 from conformer_fl.data import tts_engines
@@ -117,11 +120,48 @@ def test_held_out_speakers_share_no_timbre_with_train(tiny_examples):
   assert speakers["dev"].isdisjoint(speakers["test"])
 
 
-def test_long_sentences_are_not_shared_between_splits(tiny_examples):
-  long_texts = {split: {ex["text"].decode() for ex in examples if ex["domain"] == 0}
-                for split, examples in tiny_examples.items()}
-  assert long_texts["dev"].isdisjoint(long_texts["train"])
-  assert long_texts["test"].isdisjoint(long_texts["train"])
+def test_no_transcript_is_shared_between_splits(tiny_examples):
+  texts = {split: {ex["text"].decode() for ex in examples}
+           for split, examples in tiny_examples.items()}
+  assert len(texts["train"]) >= 30  # 40 utterances, few repeated commands
+  assert not texts["test"] & texts["train"]
+  assert not texts["dev"] & texts["train"]
+  assert not texts["test"] & texts["dev"]
+
+
+def test_corpus_card_beside_the_corpus(tiny_builder, tiny_examples):
+  card = json.loads((tiny_builder.data_path / "corpus_card.json").read_text())
+  assert card == json.loads(json.dumps(
+      synthetic_speech.corpus_card(tiny_builder)))
+  assert card["engines"]["flite"]["speakers"] == {"train": 4, "dev": 1,
+                                                  "test": 1}
+  assert card["engines"]["espeak"]["speakers"] == {"train": 4, "dev": 1,
+                                                   "test": 1}
+  for split in ("dev", "test"):
+    assert not set(card["engines"]["flite"]["voices"][split]) & set(
+        card["engines"]["flite"]["voices"]["train"])
+    assert card["transcript_overlap_with_train"][split] == 0
+  assert card["sizes"]["train"]["utterances"] == 40
+  assert card["sizes"]["test"]["by_engine"]["flite"]["utterances"] == 5
+  assert card["augmentation"]["speed_factors"] == [0.9, 1.0, 1.1]
+  assert card["text"]["long"]["long_text"] == "prose"
+  # The OOV rate of the recorded transcripts, recomputed here.
+  words = lambda split: [w for ex in tiny_examples[split]
+                         for w in ex["text"].decode().split()]
+  train_vocabulary = set(words("train"))
+  for split in ("dev", "test"):
+    tokens = words(split)
+    rate = sum(w not in train_vocabulary for w in tokens) / len(tokens)
+    assert card["oov_rate"][split]["all"] == pytest.approx(rate)
+    assert 0.05 < rate < 0.9  # open vocabulary: held-out words are new
+
+
+def test_oov_rate_and_overlap():
+  train = ["the cat sat", "a dog ran"]
+  assert corpus_card.oov_rate(train, ["the cat ran fast", "a bird"]) == 2 / 6
+  assert corpus_card.oov_rate(train, []) == 0.0
+  assert corpus_card.transcript_overlap(train, ["a dog ran", "x", "a dog ran"]
+                                        ) == 1
 
 
 def test_domain_durations(tiny_examples):
@@ -129,6 +169,8 @@ def test_domain_durations(tiny_examples):
   for examples in tiny_examples.values():
     for ex in examples:
       durations[int(ex["domain"])].append(float(ex["duration"]))
+      # Not faster than max_chars_per_second.
+      assert len(ex["text"]) <= TINY.max_chars_per_second * ex["duration"]
   long, short = np.array(durations[0]), np.array(durations[1])
   assert short.max() <= TINY.short_max_seconds + 1e-6 <= 2.5
   assert long.min() >= TINY.long_seconds[0] - 1e-6
@@ -201,12 +243,13 @@ def test_missing_packages_are_named_before_any_work(tmp_path, monkeypatch):
     synthetic_speech.build("tiny", str(tmp_path))
   message = str(error.value)
   assert "flite" in message and "espeak-ng (" not in message
-  assert "apt-get install espeak-ng flite fortunes-min" in message
+  assert ("apt-get install espeak-ng flite fortunes-min fortunes bible-kjv"
+          in message)
   assert not any(tmp_path.iterdir())
 
   monkeypatch.setattr(tts_engines.shutil, "which", lambda cmd: None)
   with pytest.raises(tts_engines.MissingSystemPackagesError,
-                     match=r"espeak-ng .*flite .*fortunes-min"):
+                     match=r"espeak-ng .*flite .*fortunes-min .*fortunes .*bible-kjv"):
     tts_engines.check_system_packages(fortune_dir=str(tmp_path / "none"))
 
 
@@ -231,6 +274,11 @@ def test_speaker_ids():
   flite = tts_engines.Speaker("flite", "kal16", duration_stretch=1.05)
   assert flite.speaker_id == "flite/kal16/d1.05"
   assert flite.timbre == "flite/kal"
+  pitched = tts_engines.Speaker("flite", "slt", duration_stretch=0.9, f0=155)
+  assert pitched.speaker_id == "flite/slt/d0.90/f155"
+  assert tts_engines.engine_of(pitched.speaker_id) == "flite"
+  assert tts_engines.engine_of("espeak/en-us+m3/s160/p45") == "espeak"
+  assert tts_engines.engine_of("1234") == tts_engines.engine_of("") == ""
 
 
 def test_number_to_words():
@@ -273,14 +321,43 @@ def test_fortune_sentences_of_the_system_files_are_clean():
     assert normalize_text(s) == s and 6 <= len(s.split()) <= 22
 
 
-def test_command_phrases_are_short_normalized_and_seeded():
-  rng = np.random.default_rng(0)
-  phrases = [text_sources.command_phrase(rng) for _ in range(300)]
-  assert len(set(phrases)) > 100
-  for p in phrases:
-    assert normalize_text(p) == p and 1 <= len(p.split()) <= 7
-  rng = np.random.default_rng(0)
-  assert [text_sources.command_phrase(rng) for _ in range(300)] == phrases
+def test_prose_sentences_mix_fortunes_and_the_bible():
+  bible = text_sources.bible_sentences(5, 12)
+  assert len(bible) > 10000
+  assert "in the beginning god created the heaven and the earth" in bible
+  assert "and god said let there be light" in bible  # split at ':'
+  prose = text_sources.prose_sentences(0, 3000, 5, 12)
+  assert 5990 <= len(prose) <= 6000 and prose == sorted(prose)
+  assert 3000 <= len(set(prose) & set(bible)) <= 3010  # fortunes quote it
+  assert prose == text_sources.prose_sentences(0, 3000, 5, 12)
+  assert prose != text_sources.prose_sentences(1, 3000, 5, 12)
+  for s in prose:
+    assert normalize_text(s) == s and 5 <= len(s.split()) <= 12
+  with pytest.raises(ValueError, match="Unknown prose source"):
+    text_sources.prose_sentences(0, 10, sources=("news",))
+
+
+def test_commands_share_no_transcript_or_dealt_slot_value_across_splits():
+  split = commands.split_commands(seed=0)
+  assert split == commands.split_commands(seed=0)
+  assert split != commands.split_commands(seed=1)
+  sizes = {s: len(v) for s, v in split.items()}
+  assert sizes["train"] > 500 and sizes["dev"] > 30 and sizes["test"] > 30
+  assert not set(split["dev"]) & set(split["train"])
+  assert not set(split["test"]) & (set(split["train"]) | set(split["dev"]))
+  for texts in split.values():
+    assert texts == sorted(set(texts))
+    for t in texts:
+      assert normalize_text(t) == t and 1 <= len(t.split()) <= 7
+  # Every template has a slot whose values are dealt to the splits.
+  for template in commands.TEMPLATES:
+    assert set(commands.template_slots(template)) - commands.SHARED_SLOTS
+  # A contact of test is never a word of a train command.
+  train_words = {w for t in split["train"] for w in t.split()}
+  test_only = [c for c in commands.SLOTS["contact"]
+               if any(t == f"call {c}" for t in split["test"])]
+  assert test_only and not any(set(c.split()) <= train_words
+                               for c in test_only if " " not in c)
 
 
 def test_resample_keeps_frequency_and_length():
@@ -306,10 +383,23 @@ def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
   speakers = [tts_engines.Speaker("espeak", "f3", "en-gb", 170, 60),
               tts_engines.Speaker("flite", "kal", duration_stretch=0.9)]
   for speaker in speakers:
-    a = tts_engines.synthesize(speaker, "call mom", noise_snr_db=30.0, noise_seed=7)
-    b = tts_engines.synthesize(speaker, "call mom", noise_snr_db=30.0, noise_seed=7)
+    a = tts_engines.to_int16(tts_engines.synthesize(speaker, "call mom"), -6.0)
+    b = tts_engines.to_int16(tts_engines.synthesize(speaker, "call mom"), -6.0)
     assert a.dtype == np.int16 and a.tobytes() == b.tobytes()
     assert 0.3 < a.size / 16000 < 2.0
+    assert np.abs(a.astype(np.int32)).max() == round(32768 * 10 ** (-6 / 20))
+  # A Flite pitch setting changes the voice's pitch (kal: about 105 Hz).
+  low, high = (tts_engines.synthesize(
+      tts_engines.Speaker("flite", "kal", f0=f0), "hello there my friend")
+      for f0 in (80, 200))
+  def pitch_hz(audio):  # median autocorrelation peak (60-400 Hz) of 5 windows
+    estimates = []
+    for start in np.linspace(0.2, 0.6, 5) * audio.size:
+      seg = audio[int(start):int(start) + 2048]
+      ac = np.correlate(seg, seg, "full")[seg.size - 1:]
+      estimates.append(16000 / (40 + int(np.argmax(ac[40:267]))))
+    return float(np.median(estimates))
+  assert pitch_hz(low) < 110 < 180 < pitch_hz(high)
   # The WAV reader rejects what it cannot represent.
   path = tmp_path / "stereo.wav"
   with wave.open(str(path), "wb") as w:
@@ -321,13 +411,14 @@ def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
     tts_engines.synthesize(speakers[0], "")
 
 
-def test_demo_config_holds_out_espeak_timbres_only():
+def test_demo_config_has_both_engines_and_holds_out_timbres():
   demo = synthetic_speech.SyntheticSpeech.builder_configs["demo"]
   speakers = synthetic_speech.assign_speakers(demo)
   assert {s: len(v) for s, v in speakers.items()} == {
       "train": 96, "dev": 8, "test": 8}
-  engines = {s.engine for split in speakers.values() for s in split}
-  assert engines == {"espeak"}
+  flite = {split: sum(s.engine == "flite" for s in v)
+           for split, v in speakers.items()}
+  assert flite == {"train": 24, "dev": 2, "test": 2}
   timbres = {split: {s.timbre for s in v} for split, v in speakers.items()}
   assert not timbres["dev"] & timbres["train"]
   assert not timbres["test"] & timbres["train"]
@@ -348,3 +439,25 @@ def test_story_sentences_cover_held_out_words():
     assert not set(pools[split]) & set(pools["train"])
     held_out_words = {w for s in pools[split] for w in s.split()}
     assert held_out_words <= train_words
+
+
+def test_leave_one_engine_out_selects_by_engine(tiny_builder, tiny_examples):
+  from conformer_fl.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = input_pipeline.default_data_config()
+  config.data_dir = str(tiny_builder.data_dir_root)
+  train, held_out = input_pipeline.leave_one_engine_out(config, "flite")
+  assert train.train_engines == ("espeak",) and held_out.eval_split == "test"
+  train_ids = {e["speaker_id"] for e in input_pipeline.load_split_from_config(
+      train, "train", engines=train.train_engines)}
+  test_ids = [e["speaker_id"] for e in input_pipeline.load_split_from_config(
+      held_out, held_out.eval_split, engines=held_out.eval_engines)]
+  engine = lambda i: i.split("/")[0]
+  all_train = {ex["speaker_id"].decode() for ex in tiny_examples["train"]}
+  assert train_ids == {i for i in all_train if engine(i) == "espeak"}
+  assert len(train_ids) == 4  # tiny: half of the 8 train speakers are Flite
+  # The 1 Flite test speaker of tiny, all of its utterances.
+  assert {engine(i) for i in test_ids} == {"flite"}
+  assert len(test_ids) == sum(engine(ex["speaker_id"].decode()) == "flite"
+                              for ex in tiny_examples["test"]) == 5
+  with pytest.raises(ValueError, match="Unknown speech engines"):
+    input_pipeline.leave_one_engine_out(config, "festival")

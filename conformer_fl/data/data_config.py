@@ -21,6 +21,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.train_domains = ()              # () = all; e.g. ('long',) for central training
   c.eval_domains = ()
   c.client_domains = ("short",)     # federated clients' domain (paper: short)
+  # Speech engines kept (synthetic corpus; `tts_engines.engine_of` the speaker
+  # id): () = all, e.g. ('espeak',) trains without Flite
+  # (`leave_one_engine_out`).
+  c.train_engines = ()
+  c.eval_engines = ()
+  c.client_engines = ()
   # Static shapes (batching.make_buckets).
   c.bucket_seconds = (2.0, 4.0, 8.0, 16.0)
   c.label_lengths = ()              # per bucket; () = derive from labels_per_second

@@ -57,6 +57,7 @@ from conformer_fl.data import data_config as data_config_lib
 from conformer_fl.data import librispeech
 from conformer_fl.data import record_source
 from conformer_fl.data import tokenizer as tokenizer_lib
+from conformer_fl.data import tts_engines
 
 Example = batching.Example
 Batch = batching.Batch
@@ -71,6 +72,7 @@ def load_split(
     builder_config: str | None = None,
     *,
     domains: Sequence[str] = (),
+    engines: Sequence[str] = (),
     shuffle_files: bool = False,
     seed: int = 0,
     librispeech_options: librispeech.LibriSpeechOptions | None = None,
@@ -84,6 +86,9 @@ def load_split(
     data_dir: TFDS data directory (None/'' = TFDS default).
     builder_config: builder config name (e.g. 'tiny'); ignored for LibriSpeech.
     domains: keep only examples of these domains; empty keeps all.
+    engines: keep only examples whose speaker is voiced by one of these
+      engines (`tts_engines.engine_of` of the speaker id: 'espeak', 'flite');
+      empty keeps all.
     shuffle_files: read shards in a seeded random order.
     seed: the file-shuffle seed.
     librispeech_options: split map and domain rule for LibriSpeech.
@@ -115,17 +120,56 @@ def load_split(
   if domains:
     wanted = set(domains)
     examples = (e for e in examples if e["domain"] in wanted)
+  if engines:
+    _check_engines(engines)
+    kept = set(engines)
+    examples = (e for e in examples if isinstance(e["speaker_id"], str)
+                and tts_engines.engine_of(e["speaker_id"]) in kept)
   return examples
+
+
+def _check_engines(engines: Sequence[str]) -> None:
+  unknown = set(engines) - set(tts_engines.ENGINES)
+  if unknown:
+    raise ValueError(f"Unknown speech engines {sorted(unknown)} in a data config's"
+                     f" *_engines; expected names from {tts_engines.ENGINES}.")
+
+
+def leave_one_engine_out(
+    config: ml_collections.ConfigDict, engine: str
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """Data configs of a leave-one-engine-out evaluation of the synthetic corpus.
+
+  Args:
+    config: a data config of the synthetic corpus.
+    engine: the held-out engine ('flite' or 'espeak').
+
+  Returns:
+    (train, held_out): copies of `config`. `train` trains (and evaluates on
+    dev, and samples clients) without `engine`; `held_out` evaluates
+    (eval_split 'test') on the test speakers of `engine` only. The test
+    speakers are held out by timbre (no train speaker shares their voice),
+    so `held_out` measures a model on an engine it has never heard.
+  """
+  _check_engines((engine,))
+  others = tuple(e for e in tts_engines.ENGINES if e != engine)
+  train = ml_collections.ConfigDict(config.to_dict())
+  train.train_engines = train.eval_engines = train.client_engines = others
+  held_out = ml_collections.ConfigDict(config.to_dict())
+  held_out.eval_split = "test"
+  held_out.eval_engines = (engine,)
+  return train, held_out
 
 
 def load_split_from_config(
     config: ml_collections.ConfigDict, split: str, *,
-    domains: Sequence[str] = (), shuffle_files: bool = False, seed: int = 0
+    domains: Sequence[str] = (), engines: Sequence[str] = (),
+    shuffle_files: bool = False, seed: int = 0
 ) -> Iterator[Example]:
   """`load_split` with the dataset fields of a data config."""
   return load_split(
       config.dataset, split, config.data_dir, config.builder_config,
-      domains=domains, shuffle_files=shuffle_files, seed=seed,
+      domains=domains, engines=engines, shuffle_files=shuffle_files, seed=seed,
       librispeech_options=librispeech_options_from_config(config))
 
 
@@ -207,12 +251,15 @@ def get_eval_batches(
     split: defaults to config.eval_split.
     domains: defaults to config.eval_domains (empty = all).
     skips: receives the skipped examples; a fresh counter if None.
+
+  Only speakers of config.eval_engines are read (empty = all).
   """
   split = split or config.eval_split
   domains = config.eval_domains if domains is None else domains
   skips = skips or batching.SkipCounter(f"eval:{split}")
   buckets = buckets_from_config(config)
-  examples = load_split_from_config(config, split, domains=domains)
+  examples = load_split_from_config(config, split, domains=domains,
+                                    engines=config.get("eval_engines", ()))
   prepared = batching.prepare_examples(examples, tokenizer, buckets, skips,
                                        **prepare_options(config))
   yield from batching.eval_batches(prepared, buckets, config.eval_batch_size)
@@ -232,7 +279,8 @@ def get_train_batches(
 
   Epoch e visits the train split in an order seeded by (seed, e) and groups it
   into same-bucket batches of config.batch_size (`batching.bucket_by_length`,
-  last partial batch of each bucket dropped). `start_step` skips that many
+  last partial batch of each bucket dropped), of the speakers of
+  config.train_engines (empty = all). `start_step` skips that many
   batches (without padding them), so a resumed run continues the same sequence.
 
   With config.cache_train_in_memory the prepared split is held in memory and
@@ -248,12 +296,14 @@ def get_train_batches(
       every bucket).
   """
   domains = config.train_domains if domains is None else domains
+  engines = config.get("train_engines", ())
   skips = skips or batching.SkipCounter(f"train:{config.train_split}")
   buckets = buckets_from_config(config)
 
   if config.cache_train_in_memory:
     cached = list(batching.prepare_examples(
-        load_split_from_config(config, config.train_split, domains=domains),
+        load_split_from_config(config, config.train_split, domains=domains,
+                               engines=engines),
         tokenizer, buckets, skips, **prepare_options(config)))
     skips.log_summary()
     logging.info("Cached %d training examples in memory.", len(cached))
@@ -264,8 +314,8 @@ def get_train_batches(
   else:
     def epoch_examples(epoch: int) -> Iterable[Example]:
       examples = load_split_from_config(
-          config, config.train_split, domains=domains, shuffle_files=True,
-          seed=seed * 100003 + epoch)
+          config, config.train_split, domains=domains, engines=engines,
+          shuffle_files=True, seed=seed * 100003 + epoch)
       return batching.prepare_examples(examples, tokenizer, buckets, skips,
                                        **prepare_options(config))
 
@@ -412,6 +462,8 @@ def get_client_datasets(
     domains: defaults to config.client_domains (empty = all).
     skips: receives the skipped examples.
 
+  Only speakers of config.client_engines are clients (empty = all).
+
   Raises:
     record_source.NotRandomAccess: the dataset is stored as tfrecord only.
     ValueError: no client has a valid example.
@@ -424,6 +476,8 @@ def get_client_datasets(
   source = open_record_source(config, split)
   index = record_source.load_speaker_index(source)
   wanted = set(domains)
+  engines = set(config.get("client_engines", ()))
+  _check_engines(tuple(engines))
   records: dict[str, list[int]] = {}
   record_buckets: dict[str, list[int]] = {}
   for i in range(index["num_records"]):
@@ -437,6 +491,8 @@ def get_client_datasets(
                                          skips, **options,
                                          require_speaker_id=True)
     if prepared is None:
+      continue
+    if engines and tts_engines.engine_of(prepared["speaker_id"]) not in engines:
       continue
     records.setdefault(prepared["speaker_id"], []).append(i)
     record_buckets.setdefault(prepared["speaker_id"], []).append(

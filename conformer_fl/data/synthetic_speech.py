@@ -2,16 +2,20 @@
 
 Many synthetic speakers (each one a federated client) read two domains of text:
 
-* 'long':  narrative sentences of a closed-vocabulary grammar (`long_text`
-  'story', the default: `text_sources.story_sentences`), or sentences from the
-  Debian fortunes-min files ('fortunes'), kept when 3-10 s long.
-* 'short': spoken-assistant commands from a seeded grammar, kept when <= 2 s long
-  ("set a timer for five minutes", "call mom", "turn on the kitchen lights").
+* 'long':  sentences of real English prose (`long_text` 'prose', the default:
+  the Debian fortunes and the King James Bible, `text_sources.prose_sentences`),
+  or of a closed-vocabulary grammar ('story'), kept when 3-10 s long.
+* 'short': spoken-assistant commands from templates, kept when <= 2 s long
+  ("set a timer for five minutes", "call mom", "turn on the kitchen lights";
+  `commands.split_commands`).
 
 Speakers are eSpeak NG voice variants x English accents x rate x pitch, and Flite
-voices x duration stretch (see `tts_engines.Speaker` for the ids). Audio is 16 kHz
-int16, trimmed of silence, peak-normalized to a per-speaker level and mixed with
-low white noise at a per-utterance SNR.
+voices x duration stretch x pitch (see `tts_engines.Speaker` for the ids; the
+engine is the first part of a speaker id). Audio is 16 kHz int16, trimmed of
+silence, given per-utterance acoustic effects drawn from the config's ranges
+(speed perturbation, synthetic-room reverberation, white / pink / brown noise
+or babble of other speakers of the same split, a telephone or low-pass
+channel: `augment.py`) and peak-normalized to a per-speaker level.
 
 Splits and the held-out-speaker rule. A speaker's *timbre* is its eSpeak NG
 variant (the formant set, whatever the accent, rate or pitch) or its Flite voice
@@ -20,9 +24,11 @@ seed and dealt out: the first ones to 'dev', the next to 'test', the rest to
 'train' (each held-out split gets at least one timbre of an engine it uses, and
 about its share of the speakers otherwise). So dev and test speakers are not only
 unseen (engine, voice, accent, rate, pitch) combinations: no train speaker shares
-their timbre. The long-domain sentences are split the same way (80% / 10% / 10%
-of the shuffled pool), so dev and test sentences are never heard in train; the
-short commands come from one small grammar and do repeat across splits.
+their timbre. The long-domain sentences are split 80% / 10% / 10% of the
+shuffled pool, and the commands' slot values and templates are dealt out to the
+splits (`commands`), so no dev or test transcript is ever heard in train.
+Leave-one-engine-out: `input_pipeline.leave_one_engine_out` selects the train
+speakers of the other engine and the test speakers of the held-out one.
 
 Determinism. Everything is a function of the config (seed included): the
 speakers, the texts, the levels, the noise. eSpeak NG and Flite are deterministic
@@ -43,6 +49,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import collections
 import concurrent.futures
 import dataclasses
+import functools
+import json
 import math
 import time
 from typing import Any, TypeVar
@@ -53,6 +61,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
+from conformer_fl.data import augment
+from conformer_fl.data import commands
+from conformer_fl.data import corpus_card as corpus_card_lib
 from conformer_fl.data import text_sources
 from conformer_fl.data import tts_engines
 from conformer_fl.data.tts_engines import Speaker
@@ -74,6 +85,10 @@ ESPEAK_PITCHES = (30, 40, 50, 60, 70)
 # Flite (`flite -lv`); awb_time is a limited-domain (clock) voice and is left out.
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 FLITE_STRETCHES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+# Mean pitch (Hz) of each Flite voice's speakers: 0 is the voice's own (kal
+# about 105 Hz, awb 130, slt 180); rms ignores the setting.
+FLITE_F0 = {"kal": (0, 90, 120), "kal16": (0, 90, 120), "awb": (0, 110, 150),
+            "slt": (0, 155, 205), "rms": (0,)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,17 +102,28 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
     long_per_speaker: 'long' utterances each speaker reads.
     short_per_speaker: 'short' utterances each speaker reads.
     seed: seeds speakers, texts, levels and noise.
-    flite_fraction: share of each split's speakers voiced by Flite.
+    flite_fraction: share of each split's speakers voiced by Flite (the rest
+      by eSpeak NG; Flite fills at most its timbres' combinations).
     long_seconds: (min, max) duration of a 'long' utterance.
     short_max_seconds: longest 'short' utterance.
+    max_chars_per_second: fastest speech kept, in transcript characters
+      (spaces included) per second of audio; faster utterances (a fast voice
+      sped up by 1.1) are not kept, as if too short. 21 keeps every utterance
+      within what a CTC model with 25 output frames per second can align.
     peak_dbfs_range: per-speaker peak level, uniform in this range (dB full scale).
-    noise_snr_db_range: per-utterance white-noise SNR, uniform in this range;
-      None adds no noise.
+    augmentation: the acoustic effects drawn per utterance (speed, reverb,
+      noise, channel) and their ranges: `augment.Augmentation`;
+      `augment.CLEAN` for none.
+    babble_clips: babble clips per split, each a mixture of
+      `augmentation.babble_talkers` speakers of the split reading its text.
     num_workers: synthesis threads (each runs one engine process at a time).
-    long_text: text of the 'long' domain: 'story' (a closed-vocabulary
-      grammar, so that every word of a held-out sentence is heard in train)
-      or 'fortunes' (open-vocabulary sentences of fortunes-min; the held-out
-      sentences bring words never heard in train).
+    long_text: text of the 'long' domain: 'prose' (open-vocabulary English
+      of the fortunes and the King James Bible; held-out sentences bring
+      words never heard in train), 'story' (a closed-vocabulary grammar:
+      every word of a held-out sentence is heard in train) or 'fortunes'
+      (fortunes-min only).
+    prose_words: (min, max) words of a 'prose' or 'fortunes' sentence.
+    prose_per_source: 'prose' sentences drawn from each source.
     story_pool_size: distinct 'story' sentences drawn before the 80/10/10
       split into train/dev/test pools.
     story_words: (min, max) words of a 'story' sentence.
@@ -112,10 +138,14 @@ class SyntheticSpeechConfig(tfds.core.BuilderConfig):
   flite_fraction: float = 0.2
   long_seconds: tuple[float, float] = (3.0, 10.0)
   short_max_seconds: float = 2.0
+  max_chars_per_second: float = 21.0
   peak_dbfs_range: tuple[float, float] = (-12.0, -2.0)
-  noise_snr_db_range: tuple[float, float] | None = (30.0, 50.0)
+  augmentation: augment.Augmentation = augment.Augmentation()
+  babble_clips: int = 8
   num_workers: int = 2
-  long_text: str = "story"
+  long_text: str = "prose"
+  prose_words: tuple[int, int] = (6, 20)
+  prose_per_source: int = 8000
   story_pool_size: int = 20000
   story_words: tuple[int, int] = (8, 24)
 
@@ -129,17 +159,18 @@ def _config(name: str, description: str, **sizes) -> SyntheticSpeechConfig:
 
 
 CONFIGS = (
-    _config("tiny", "For tests: 8+2+2 speakers, 2 long + 3 short each; < 1 min.",
+    # Half Flite: a Flite speaker in each of dev and test.
+    _config("tiny", "For tests: 8+2+2 speakers (half Flite), 2 long + 3 short"
+            " each; < 1 min.",
             num_train_speakers=8, num_dev_speakers=2, num_test_speakers=2,
-            long_per_speaker=2, short_per_speaker=3),
-    # eSpeak NG voices only: Flite has four voices, too few to hold one out
-    # and learn it from the other three (a demo-size model trained on the
-    # rest transcribed the held-out Flite voice at WER 0.98).
-    _config("demo", "The demo default: 96+8+8 eSpeak NG speakers, 25 long"
-            " (2-6 s) + 30 short each.",
+            long_per_speaker=2, short_per_speaker=3, flite_fraction=0.5),
+    # A quarter Flite: 2 Flite speakers in dev and in test, one Flite voice
+    # each (leave_one_engine_out reads the test ones).
+    _config("demo", "The demo default: 96+8+8 eSpeak NG and Flite speakers,"
+            " 25 long (2-6 s) + 30 short each.",
             num_train_speakers=96, num_dev_speakers=8, num_test_speakers=8,
             long_per_speaker=25, short_per_speaker=30, long_seconds=(2.0, 6.0),
-            story_words=(5, 14), flite_fraction=0.0),
+            prose_words=(5, 12), flite_fraction=0.25),
     _config("small", "200+20+20 speakers, 20 long + 30 short each.",
             num_train_speakers=200, num_dev_speakers=20, num_test_speakers=20,
             long_per_speaker=20, short_per_speaker=30),
@@ -167,8 +198,9 @@ def _engine_combos(engine: str) -> dict[str, list[Speaker]]:
   else:
     for voice in FLITE_VOICES:
       for stretch in FLITE_STRETCHES:
-        s = Speaker("flite", voice, duration_stretch=stretch)
-        groups[s.timbre].append(s)
+        for f0 in FLITE_F0[voice]:
+          s = Speaker("flite", voice, duration_stretch=stretch, f0=f0)
+          groups[s.timbre].append(s)
   return dict(groups)
 
 
@@ -246,7 +278,7 @@ def sentence_pools(config: SyntheticSpeechConfig,
           "train": order[n_dev + n_test:]}
 
 
-LONG_TEXTS = ("story", "fortunes")
+LONG_TEXTS = ("prose", "story", "fortunes")
 
 
 def long_sentences(config: SyntheticSpeechConfig) -> list[str]:
@@ -255,12 +287,25 @@ def long_sentences(config: SyntheticSpeechConfig) -> list[str]:
   Raises:
     ValueError: an unknown `long_text`.
   """
-  if config.long_text == "story":
-    return text_sources.story_sentences(config.story_pool_size, config.seed,
-                                        *config.story_words)
-  if config.long_text == "fortunes":
-    return text_sources.fortune_sentences()
-  raise ValueError(f"SyntheticSpeechConfig.long_text={config.long_text!r};"
+  return list(_long_sentences(config.long_text, config.seed,
+                              config.story_pool_size, config.story_words,
+                              config.prose_words, config.prose_per_source))
+
+
+@functools.lru_cache(maxsize=4)
+def _long_sentences(long_text: str, seed: int, story_pool_size: int,
+                    story_words: tuple[int, int], prose_words: tuple[int, int],
+                    prose_per_source: int) -> tuple[str, ...]:
+  if long_text == "prose":
+    return tuple(text_sources.prose_sentences(seed, prose_per_source,
+                                              *prose_words))
+  if long_text == "story":
+    return tuple(text_sources.story_sentences(story_pool_size, seed,
+                                              *story_words))
+  if long_text == "fortunes":
+    return tuple(text_sources.fortune_sentences(min_words=prose_words[0],
+                                                max_words=prose_words[1]))
+  raise ValueError(f"SyntheticSpeechConfig.long_text={long_text!r};"
                    f" expected one of {LONG_TEXTS}.")
 
 
@@ -276,7 +321,8 @@ class SynthesisTask:
   count: int
   min_seconds: float
   max_seconds: float
-  noise_snr_db_range: tuple[float, float] | None
+  max_chars_per_second: float
+  augmentation: augment.Augmentation
   seed: int
 
 
@@ -289,17 +335,20 @@ def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
   """Every (speaker, domain) task of the corpus, in the order examples are written."""
   speakers = assign_speakers(config)
   pools = sentence_pools(config, long_sentences(config))
+  command_pools = commands.split_commands(config.seed)
   tasks = []
   for split_index, split in enumerate(SPLITS):
     for i, speaker in enumerate(speakers[split]):
       rng = np.random.default_rng([config.seed, 3, split_index, i])
       pool = pools[split]
       long_texts = tuple(pool[j] for j in rng.permutation(len(pool)))
-      short_texts = tuple(dict.fromkeys(
-          text_sources.command_phrase(rng)
-          for _ in range(4 * config.short_per_speaker + 10)))
+      pool = command_pools[split]
+      size = min(len(pool), 4 * config.short_per_speaker + 10)
+      short_texts = tuple(pool[j] for j in rng.choice(len(pool), size,
+                                                      replace=False))
       common = dict(split=split, speaker_index=i, speaker=speaker,
-                    noise_snr_db_range=config.noise_snr_db_range)
+                    augmentation=config.augmentation,
+                    max_chars_per_second=config.max_chars_per_second)
       tasks.append(SynthesisTask(
           domain="long", candidates=long_texts, count=config.long_per_speaker,
           min_seconds=config.long_seconds[0], max_seconds=config.long_seconds[1],
@@ -313,11 +362,17 @@ def synthesis_tasks(config: SyntheticSpeechConfig) -> list[SynthesisTask]:
   return tasks
 
 
-def run_task(task: SynthesisTask) -> list[tuple[str, np.ndarray]]:
+def run_task(task: SynthesisTask, babble: Sequence[np.ndarray] = ()
+             ) -> list[tuple[str, np.ndarray]]:
   """Synthesizes candidates in order until `task.count` fit the duration window.
 
-  If the candidates run out, the closest misfits fill the rest (in candidate
-  order), so a task always returns `task.count` utterances.
+  An utterance fits when its duration is in [min_seconds, max_seconds] and
+  at least len(text) / max_chars_per_second (not too fast). Each candidate is synthesized clean, given its drawn effects
+  (`augment.draw`, `augment.apply`; babble noise from one of `babble`, clips
+  of other speakers of the split) and scaled to the speaker's level; the
+  window applies to the result. If the candidates run out, the closest
+  misfits fill the rest (in candidate order), so a task always returns
+  `task.count` utterances.
 
   Returns:
     [(normalized text, int16 audio [N])] of length task.count.
@@ -325,22 +380,77 @@ def run_task(task: SynthesisTask) -> list[tuple[str, np.ndarray]]:
   rng = np.random.default_rng(task.seed)
   fitting, misfits = [], []
   for text in task.candidates:
-    snr = None
-    if task.noise_snr_db_range is not None:
-      snr = float(rng.uniform(*task.noise_snr_db_range))
-    noise_seed = int(rng.integers(2**31))
-    audio = tts_engines.synthesize(task.speaker, text, snr, noise_seed)
+    effects = augment.draw(rng, task.augmentation, bool(babble))
+    clip = babble[int(rng.integers(len(babble)))] if babble else None
+    audio = augment.apply(tts_engines.synthesize(task.speaker, text), effects,
+                          task.augmentation, clip)
+    audio = tts_engines.to_int16(audio, task.speaker.peak_dbfs)
     seconds = audio.size / tts_engines.SAMPLE_RATE
-    if task.min_seconds <= seconds <= task.max_seconds:
+    shortest = max(task.min_seconds, len(text) / task.max_chars_per_second)
+    if shortest <= seconds <= task.max_seconds:
       fitting.append((text, audio))
       if len(fitting) == task.count:
         return fitting
     else:
-      miss = max(task.min_seconds - seconds, seconds - task.max_seconds)
+      miss = max(shortest - seconds, seconds - task.max_seconds)
       misfits.append((miss, len(misfits), text, audio))
   misfits.sort(key=lambda m: m[:2])
   fillers = [(text, audio) for _, _, text, audio in misfits]
   return fitting + fillers[:task.count - len(fitting)]
+
+
+@dataclasses.dataclass(frozen=True)
+class BabbleTask:
+  """One babble clip: `talkers` of a split each read one of `texts`, mixed."""
+
+  split: str
+  talkers: tuple[Speaker, ...]
+  texts: tuple[str, ...]
+  seed: int
+
+
+def babble_tasks(config: SyntheticSpeechConfig) -> list[BabbleTask]:
+  """The babble clips of every split (none if the config draws no babble).
+
+  Clip k of a split leaves out speaker k (in a seeded order) and mixes
+  `babble_talkers` of the others reading sentences of the split's long-domain
+  pool, so every speaker of a split with two or more speakers has a clip of
+  other speakers; a split of one speaker has none.
+  """
+  if not config.augmentation.uses_babble or config.babble_clips <= 0:
+    return []
+  speakers = assign_speakers(config)
+  pools = sentence_pools(config, long_sentences(config))
+  tasks = []
+  for split_index, split in enumerate(SPLITS):
+    members = speakers[split]
+    rng = np.random.default_rng([config.seed, 6, split_index])
+    order = rng.permutation(len(members))
+    if len(members) < 2:
+      continue
+    for k in range(min(config.babble_clips, len(members))):
+      left_out = int(order[k])
+      others = [m for m in range(len(members)) if m != left_out]
+      count = min(config.augmentation.babble_talkers, len(others))
+      chosen = sorted(rng.choice(others, size=count, replace=False).tolist())
+      pool = pools[split]
+      texts = tuple(pool[int(j)] for j in rng.integers(len(pool), size=count))
+      tasks.append(BabbleTask(split, tuple(members[m] for m in chosen), texts,
+                              _derived_seed(config.seed, 7, split_index, k)))
+  return tasks
+
+
+def run_babble_task(task: BabbleTask) -> np.ndarray:
+  """The babble clip of `task`: float [N] of unit power (`augment.babble_clip`)."""
+  clean = [tts_engines.synthesize(s, t) for s, t in zip(task.talkers, task.texts)]
+  return augment.babble_clip(clean, np.random.default_rng(task.seed))
+
+
+def babble_for(speaker: Speaker, split: str, tasks: Sequence[BabbleTask],
+               clips: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """The clips of `split` in which `speaker` does not talk."""
+  return [clip for task, clip in zip(tasks, clips)
+          if task.split == split and speaker not in task.talkers]
 
 
 _In = TypeVar("_In")
@@ -421,7 +531,7 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
                       skip_registration=__name__ == "__main__"):
   """English speech by eSpeak NG and Flite speakers; one speaker = one client."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("2.0.0")
   # TFDS 4.9.10 locates the builder file through the `importlib_resources`
   # backport, which it does not install on Python >= 3.9; this file is the answer.
   code_path = epath.Path(__file__)
@@ -429,6 +539,9 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
       "1.0.0": "First release.",
       "1.1.0": "Long-form text from the closed-vocabulary 'story' grammar;"
                " demo: 48+8+8 speakers, 50 long + 30 short each.",
+      "2.0.0": "Long-form text from real prose (fortunes, King James Bible);"
+               " commands with split templates and slot values; acoustic"
+               " augmentation; Flite pitch; demo: a quarter Flite speakers.",
   }
   BUILDER_CONFIGS = list(CONFIGS)
   DEFAULT_CONFIG_NAME = "demo"
@@ -453,12 +566,20 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing is downloaded.
     tts_engines.check_system_packages()
-    tasks = synthesis_tasks(self.builder_config)
-    return {split: self._generate_examples([t for t in tasks if t.split == split])
-            for split in SPLITS}
+    config = self.builder_config
+    tasks = synthesis_tasks(config)
+    bab_tasks = babble_tasks(config)
+    clips = list(ordered_parallel_map(run_babble_task, bab_tasks,
+                                      config.num_workers))
+    return {split: self._generate_examples(
+        [(t, babble_for(t.speaker, split, bab_tasks, clips))
+         for t in tasks if t.split == split]) for split in SPLITS}
 
-  def _generate_examples(self, tasks: Sequence[SynthesisTask]):
-    results = ordered_parallel_map(run_task, tasks, self.builder_config.num_workers)
+  def _generate_examples(
+      self, tasks: Sequence[tuple[SynthesisTask, list[np.ndarray]]]):
+    results = ordered_parallel_map(lambda tb: run_task(*tb), tasks,
+                                   self.builder_config.num_workers)
+    tasks = [t for t, _ in tasks]
     for task, utterances in zip(tasks, results):
       for j, (text, audio) in enumerate(utterances):
         if not text:
@@ -489,12 +610,38 @@ def build(config: str | SyntheticSpeechConfig = "demo",
       `data_dir` is reused whatever its format.
 
   Raises:
-    tts_engines.MissingSystemPackagesError: espeak-ng, flite or fortunes-min are
-      missing (checked before any work).
+    tts_engines.MissingSystemPackagesError: a Debian package the corpus needs
+      (espeak-ng, flite, fortunes-min, fortunes, bible-kjv) is missing
+      (checked before any work).
   """
   tts_engines.check_system_packages()
-  return prepare(SyntheticSpeech(config=config, data_dir=data_dir),
-                 file_format)
+  builder = prepare(SyntheticSpeech(config=config, data_dir=data_dir),
+                    file_format)
+  if not (builder.data_path / corpus_card_lib.CARD_FILE).exists():
+    write_corpus_card(builder)
+  return builder
+
+
+def corpus_card(builder: SyntheticSpeech) -> dict[str, Any]:
+  """The card of a prepared corpus (`corpus_card.make_card`): engines,
+  voices, augmentation, text sources, sizes per split, OOV rates."""
+  domain_names = builder.info.features["domain"].names
+  records = {
+      split: [{"text": ex["text"].decode(),
+               "speaker_id": ex["speaker_id"].decode(),
+               "domain": domain_names[ex["domain"]],
+               "duration": float(ex["duration"])}
+              for ex in split_records(builder, split, decode_audio=False)]
+      for split in SPLITS if split in builder.info.splits}
+  return corpus_card_lib.make_card(builder.builder_config,
+                                   str(builder.info.version), records)
+
+
+def write_corpus_card(builder: SyntheticSpeech) -> epath.Path:
+  """Writes `corpus_card(builder)` as corpus_card.json beside the records."""
+  path = builder.data_path / corpus_card_lib.CARD_FILE
+  path.write_text(json.dumps(corpus_card(builder), indent=1, sort_keys=True))
+  return path
 
 
 def prepare(builder: tfds.core.DatasetBuilder,
@@ -597,6 +744,14 @@ def main(argv: Sequence[str]) -> None:
     print(f"build wall time: {seconds:.1f} s"
           f" ({builder.builder_config.num_workers} synthesis threads)")
   print(format_statistics(corpus_statistics(builder)))
+  card_path = builder.data_path / corpus_card_lib.CARD_FILE
+  card = json.loads(card_path.read_text())
+  for split, rates in card["oov_rate"].items():
+    print(f"{split} OOV rate (word tokens not in train): {rates['all']:.3f}"
+          f" (long {rates['long']:.3f}, short {rates['short']:.3f});"
+          f" transcripts shared with train:"
+          f" {card['transcript_overlap_with_train'][split]}")
+  print(f"corpus card: {card_path}")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,37 @@
-"""Text for the synthetic corpus: long-form sentences and spoken commands (short).
+"""Long-form text for the synthetic corpus: real English prose, or a grammar.
 
-Three sources, all local and deterministic:
+Sources, all local and deterministic:
 
-* `fortune_sentences`: English sentences from the Debian `fortunes-min` files
-  (/usr/share/games/fortunes/{fortunes,literature,riddles}). Entries are separated
-  by lines holding a single '%'; attribution lines ('-- Mark Twain') are dropped;
-  entries are split into sentences. A sentence is kept only when a speech
-  synthesizer would say exactly the words of its normalized transcript: no digits
-  or symbols that are read aloud ('$', '%', '&', ...), no acronyms or Roman numerals
-  in capitals (spelled letter by letter), no abbreviations with periods ('Mr.'),
-  no single letters other than 'a' and 'I'.
+* `fortune_sentences`: English sentences from the Debian `fortunes-min` and
+  `fortunes` files in /usr/share/games/fortunes (PROSE_FORTUNE_FILES: the
+  prose ones; no ASCII art, program code, chat logs or TV quotes). Entries
+  are separated by lines holding a single '%'; attribution lines ('-- Mark
+  Twain') are dropped; entries are split into sentences. A sentence is kept
+  only when a speech synthesizer would say exactly the words of its
+  normalized transcript: no digits or symbols that are read aloud ('$', '%',
+  '&', ...), no acronyms or Roman numerals in capitals (spelled letter by
+  letter), no abbreviations with periods ('Mr.'), no single letters other
+  than 'a' and 'I'.
+* `bible_sentences`: the King James Bible (Debian `bible-kjv`, read with its
+  `bible` program), verses split into sentences and clauses at '.', '!', '?',
+  ':' and ';', with the same filter ('LORD' and 'GOD', in capitals there, read
+  as words).
+* `prose_sentences`: both of the above, at most `per_source` of each (a seeded
+  sample), the long-form domain of the built-in corpus configs: open
+  vocabulary, so held-out sentences bring words never heard in train.
 * `story_sentences`: a seeded grammar of everyday narrative sentences (8-24
   words, "on monday my sister drove to the market and bought twelve eggs")
-  over a closed vocabulary of about 250 words. The long-form domain of the
-  built-in corpus configs reads these: every word of a held-out sentence is
-  heard in training, so a small model trained for minutes can transcribe it.
-* `command_phrase`: a seeded grammar of short assistant commands ("set a timer
-  for five minutes", "call mom", "turn on the kitchen lights"), numbers spelled
-  as words.
+  over a closed vocabulary of about 250 words, where every word of a held-out
+  sentence is heard in training.
 
-Every returned string is already in `conformer_fl.text.normalize_text` form.
+Short commands are in `conformer_fl/data/commands.py`. Every returned string
+is already in `conformer_fl.text.normalize_text` form.
 """
 
 from collections.abc import Sequence
 import os
 import re
+import subprocess
 
 import numpy as np
 
@@ -32,12 +39,22 @@ from conformer_fl.text import normalize_text
 
 FORTUNE_DIR = "/usr/share/games/fortunes"
 FORTUNE_FILES = ("fortunes", "literature", "riddles")
+# fortunes-min's files and the prose files of `fortunes`.
+PROSE_FORTUNE_FILES = FORTUNE_FILES + (
+    "art", "computers", "cookie", "education", "food", "humorists", "kids",
+    "law", "love", "medicine", "men-women", "miscellaneous", "people", "pets",
+    "platitudes", "politics", "science", "songs-poems", "sports", "wisdom",
+    "work")
+# Every verse of the King James Bible, as the `bible` program names them.
+BIBLE_VERSES = "Gen1:1-Rev22:21"
 
 # Characters a raw sentence may contain; anything else (digits, '$', '&', '[', '/',
 # control characters from overstriking, ...) rejects the sentence.
 _ALLOWED_RAW = re.compile(r"^[A-Za-z\s'\".,;:!?()\-]+$")
 _QA_PREFIX = re.compile(r"^[QA]:\s*")  # riddles: "Q: ..." / "A: ..."
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')]*\s+")
+_CLAUSE_END = re.compile(r"(?<=[.!?:;])[\"')]*\s+")
+_VERSE_REFERENCE = re.compile(r"^\S+?\d+:\d+\s+")
 _ACRONYM = re.compile(r"\b[A-Z]{2,}\b")
 # Abbreviations the synthesizers expand ("Mr." -> "mister") or spell out.
 _ABBREVIATIONS = frozenset(
@@ -127,6 +144,74 @@ def fortune_sentences(
   return sorted(sentences)
 
 
+def bible_sentences(min_words: int = 6, max_words: int = 22) -> list[str]:
+  """The sorted, de-duplicated, normalized speakable sentences of the KJV.
+
+  Verses (`bible -f`, one a line after its reference) are split at '.', '!',
+  '?', ':' and ';'; the pieces pass `_is_speakable` after 'LORD' and 'GOD'
+  are written in lower case.
+
+  Raises:
+    RuntimeError: the `bible` program failed.
+  """
+  result = subprocess.run(["bible", "-f", BIBLE_VERSES], capture_output=True,
+                          check=False)
+  if result.returncode != 0:
+    raise RuntimeError(f"`bible -f {BIBLE_VERSES}` failed: exit"
+                       f" {result.returncode}; is Debian's bible-kjv installed?")
+  sentences = set()
+  for line in result.stdout.decode("latin-1").splitlines():
+    verse = _VERSE_REFERENCE.sub("", line.strip())
+    verse = verse.replace("LORD", "Lord").replace("GOD", "God")
+    for piece in _CLAUSE_END.split(verse):
+      piece = piece.strip()
+      if not piece or not _is_speakable(piece):
+        continue
+      text = normalize_text(piece)
+      if min_words <= len(text.split()) <= max_words:
+        sentences.add(text)
+  return sorted(sentences)
+
+
+PROSE_SOURCES = ("fortunes", "bible")
+
+
+def prose_sentences(seed: int, per_source: int, min_words: int = 6,
+                    max_words: int = 22,
+                    sources: Sequence[str] = PROSE_SOURCES) -> list[str]:
+  """Sentences of real English prose: at most `per_source` of each source.
+
+  Args:
+    seed: seeds the sample of a source with more than `per_source` sentences.
+    per_source: sentences kept of each source.
+    min_words: shortest sentence kept, in words.
+    max_words: longest sentence kept.
+    sources: 'fortunes' (PROSE_FORTUNE_FILES) and/or 'bible' (the KJV).
+
+  Returns:
+    The sorted union of the sources' samples.
+
+  Raises:
+    ValueError: an unknown source.
+  """
+  pool = set()
+  for index, source in enumerate(sources):
+    if source == "fortunes":
+      sentences = fortune_sentences(files=PROSE_FORTUNE_FILES,
+                                    min_words=min_words, max_words=max_words)
+    elif source == "bible":
+      sentences = bible_sentences(min_words, max_words)
+    else:
+      raise ValueError(f"Unknown prose source {source!r}; expected one of"
+                       f" {PROSE_SOURCES}.")
+    if len(sentences) > per_source:
+      rng = np.random.default_rng([seed, 9, index])
+      sentences = [sentences[i] for i in
+                   sorted(rng.choice(len(sentences), per_source, replace=False))]
+    pool.update(sentences)
+  return sorted(pool)
+
+
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve"
     " thirteen fourteen fifteen sixteen seventeen eighteen nineteen"
@@ -148,24 +233,12 @@ def number_to_words(n: int) -> str:
   return words if rest == 0 else words + " " + number_to_words(rest)
 
 
-_CONTACTS = (
-    "mom", "dad", "grandma", "grandpa", "alice", "bob", "emma", "james", "olivia",
-    "the office", "my sister", "my brother", "doctor green", "the plumber",
-)
 _ROOMS = ("kitchen", "bedroom", "living room", "bathroom", "hallway", "garage",
           "office", "porch")
-_DEVICES = ("lights", "lamp", "fan", "heater", "radio", "tv")
-_GENRES = ("jazz", "rock", "classical", "country", "pop", "blues", "folk")
 _CITIES = ("paris", "london", "boston", "chicago", "denver", "tokyo", "madrid",
            "dublin", "seattle", "berlin")
 _ITEMS = ("milk", "eggs", "bread", "apples", "coffee", "rice", "butter",
           "cheese", "tea", "onions")
-_TASKS = ("call the bank", "water the plants", "buy milk", "feed the cat",
-          "take out the trash", "pay rent", "book a table")
-_SINGLE = ("stop", "pause", "next song", "volume up", "volume down",
-           "what time is it", "good morning", "good night", "cancel that",
-           "read my messages", "what's on my calendar", "skip this song",
-           "play the news", "repeat that", "yes please", "no thanks")
 _DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
          "sunday", "tomorrow", "tonight")
 
@@ -174,35 +247,10 @@ def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
   return options[int(rng.integers(len(options)))]
 
 
-def command_phrase(rng: np.random.Generator) -> str:
-  """Draws one short command (2..7 words) from the grammar; normalized text."""
-  pick = lambda options: _choice(rng, options)
-  number = lambda lo, hi: number_to_words(int(rng.integers(lo, hi + 1)))
-  templates = (
-      lambda: f"set a timer for {number(2, 59)} minutes",
-      lambda: f"set an alarm for {number(1, 12)} o'clock",
-      lambda: f"call {pick(_CONTACTS)}",
-      lambda: f"text {pick(_CONTACTS)}",
-      lambda: f"turn {pick(('on', 'off'))} the {pick(_ROOMS)} {pick(_DEVICES)}",
-      lambda: f"play some {pick(_GENRES)} music",
-      lambda: f"what's the weather in {pick(_CITIES)}",
-      lambda: f"weather for {pick(_DAYS)}",
-      lambda: f"add {pick(_ITEMS)} to my list",
-      lambda: f"remind me to {pick(_TASKS)}",
-      lambda: f"set the heat to {number(55, 80)} degrees",
-      lambda: f"dim the lights to {number(10, 90)} percent",
-      lambda: f"skip {number(2, 9)} songs",
-      lambda: pick(_SINGLE),
-  )
-  return normalize_text(templates[int(rng.integers(len(templates)))]())
-
-
 # The 'story' grammar of the long-form domain: everyday narrative sentences
 # over a closed vocabulary (a few hundred words), so that the words of the
 # held-out dev and test sentences are all heard in training while the
-# sentences themselves are new. Some words (numbers, days, rooms, cities,
-# people, groceries) are shared with the command grammar above; the commands'
-# own verbs and nouns ("set", "timer", "weather", "volume", ...) are not.
+# sentences themselves are new.
 _PEOPLE = (
     "my sister", "my brother", "our neighbor", "the old farmer", "the teacher",
     "a young doctor", "the driver", "my grandmother", "the little boy",
@@ -257,7 +305,7 @@ def story_sentence(rng: np.random.Generator, min_words: int = 8,
   """
   pick = lambda options: _choice(rng, options)
   number = lambda lo, hi: number_to_words(int(rng.integers(lo, hi + 1)))
-  # As in `command_phrase`: one template drawn, then its own draws.
+  # One template drawn, then its own draws.
   draw = lambda templates: templates[int(rng.integers(len(templates)))]()
   objects = (
       lambda: f"a {pick(_ADJECTIVES)} {pick(_THINGS)}",

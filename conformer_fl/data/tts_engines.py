@@ -5,14 +5,20 @@ string id:
 
   espeak/<accent>+<variant>/s<words per minute>/p<pitch 0..99>
       e.g. 'espeak/en-us+m3/s160/p45'  (`espeak-ng -v en-us+m3 -s 160 -p 45`)
-  flite/<voice>/d<duration stretch>
-      e.g. 'flite/slt/d1.05'           (`flite -voice slt --setf duration_stretch=1.05`)
+  flite/<voice>/d<duration stretch>[/f<mean pitch Hz>]
+      e.g. 'flite/slt/d1.05/f160'      (`flite -voice slt --setf duration_stretch=1.05
+                                        --setf int_f0_target_mean=160`)
+
+The engine of a speaker is the first component of its id (`engine_of`), so
+every example of the corpus carries its engine in its 'speaker_id'.
 
 Both programs are deterministic: the same text and settings give the same bytes
 (checked on eSpeak NG 1.51 and Flite 2.2; `tests/test_synthetic_speech.py` checks the
 corpus bytes end to end). eSpeak NG writes 22050 Hz, Flite 8 kHz (kal) or 16 kHz;
 everything is resampled to 16 kHz with a polyphase filter (scipy), which is
-deterministic too.
+deterministic too. `synthesize` returns the clean utterance (float);
+`to_int16` scales it to a speaker's level (the corpus applies its acoustic
+augmentation in between: `conformer_fl/data/augment.py`).
 """
 
 import dataclasses
@@ -28,14 +34,18 @@ import numpy as np
 from scipy import signal
 
 SAMPLE_RATE = 16000
+ENGINES = ("espeak", "flite")
 
 # Debian package -> what it provides that the corpus needs.
 REQUIRED_DEBIAN_PACKAGES = {
     "espeak-ng": "the `espeak-ng` program",
     "flite": "the `flite` program",
     "fortunes-min": "the text files in /usr/share/games/fortunes",
+    "fortunes": "more text files in /usr/share/games/fortunes",
+    "bible-kjv": "the `bible` program and the King James Bible text",
 }
-INSTALL_COMMAND = "sudo apt-get install espeak-ng flite fortunes-min"
+INSTALL_COMMAND = ("sudo apt-get install espeak-ng flite fortunes-min fortunes"
+                   " bible-kjv")
 
 
 class MissingSystemPackagesError(RuntimeError):
@@ -51,6 +61,11 @@ def check_system_packages(fortune_dir: str = "/usr/share/games/fortunes") -> Non
     missing.append("flite")
   if not os.path.isfile(os.path.join(fortune_dir, "fortunes")):
     missing.append("fortunes-min")
+  # 'wisdom' is one of the files that `fortunes` adds to `fortunes-min`.
+  if not os.path.isfile(os.path.join(fortune_dir, "wisdom")):
+    missing.append("fortunes")
+  if shutil.which("bible") is None:
+    missing.append("bible-kjv")
   if missing:
     details = "; ".join(f"{p} ({REQUIRED_DEBIAN_PACKAGES[p]})" for p in missing)
     raise MissingSystemPackagesError(
@@ -71,6 +86,8 @@ class Speaker:
     rate: eSpeak NG words per minute (-s); 0 for Flite.
     pitch: eSpeak NG pitch 0..99 (-p); 0 for Flite.
     duration_stretch: Flite duration stretch (> 1 is slower); 1.0 for eSpeak NG.
+    f0: Flite mean pitch in Hz (int_f0_target_mean); 0 keeps the voice's own
+      (and always for eSpeak NG and for Flite's rms, which ignores it).
     peak_dbfs: every utterance of this speaker is scaled to this peak level
       (dB relative to int16 full scale) before noise is added.
   """
@@ -81,13 +98,15 @@ class Speaker:
   rate: int = 0
   pitch: int = 0
   duration_stretch: float = 1.0
+  f0: int = 0
   peak_dbfs: float = -3.0
 
   @property
   def speaker_id(self) -> str:
     if self.engine == "espeak":
       return f"espeak/{self.accent}+{self.voice}/s{self.rate}/p{self.pitch}"
-    return f"flite/{self.voice}/d{self.duration_stretch:.2f}"
+    pitch = f"/f{self.f0}" if self.f0 else ""
+    return f"flite/{self.voice}/d{self.duration_stretch:.2f}{pitch}"
 
   @property
   def timbre(self) -> str:
@@ -99,6 +118,29 @@ class Speaker:
     if self.engine == "espeak":
       return f"espeak/{self.voice}"
     return "flite/" + ("kal" if self.voice.startswith("kal") else self.voice)
+
+
+def engine_of(speaker_id: str) -> str:
+  """The engine of a corpus speaker id ('espeak/en-us+m3/...' -> 'espeak').
+
+  '' for a speaker id of another corpus (no known engine before the first '/').
+  """
+  engine = speaker_id.split("/", 1)[0]
+  return engine if engine in ENGINES else ""
+
+
+def timbre_of(speaker_id: str) -> str:
+  """`Speaker.timbre` of a speaker id ('espeak/en-us+m3/s160/p45' -> 'espeak/m3').
+
+  '' for a speaker id of another corpus.
+  """
+  engine = engine_of(speaker_id)
+  if not engine:
+    return ""
+  voice = speaker_id.split("/")[1]
+  if engine == "espeak":
+    return "espeak/" + voice.split("+", 1)[1]
+  return "flite/" + ("kal" if voice.startswith("kal") else voice)
 
 
 def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
@@ -145,9 +187,11 @@ def synthesize_raw(speaker: Speaker, text: str) -> tuple[np.ndarray, int]:
   if speaker.engine == "flite":
     with tempfile.TemporaryDirectory(prefix="flite_") as tmp:
       path = os.path.join(tmp, "out.wav")
+      pitch = (["--setf", f"int_f0_target_mean={speaker.f0}"] if speaker.f0
+               else [])
       _run(["flite", "-voice", speaker.voice, "--setf",
-            f"duration_stretch={speaker.duration_stretch:.2f}", "-t", text,
-            "-o", path])
+            f"duration_stretch={speaker.duration_stretch:.2f}", *pitch,
+            "-t", text, "-o", path])
       with open(path, "rb") as f:
         return _read_wav(f.read())
   raise ValueError(
@@ -164,23 +208,23 @@ def trim_silence(audio: np.ndarray, threshold: float = 0.01,
   return audio[max(0, loud[0] - margin): loud[-1] + 1 + margin]
 
 
-def synthesize(speaker: Speaker, text: str, noise_snr_db: float | None = None,
-               noise_seed: int = 0) -> np.ndarray:
-  """Speaks `text` as `speaker`: int16 audio [N] at 16 kHz.
+def synthesize(speaker: Speaker, text: str) -> np.ndarray:
+  """Speaks `text` as `speaker`: clean float64 audio [N] at 16 kHz in [-1, 1].
 
-  The engine output is resampled to 16 kHz, trimmed of leading and trailing
-  silence (0.1 s kept), scaled to the speaker's peak level, optionally mixed
-  with white noise at `noise_snr_db` (relative to the utterance's power; seeded
-  by `noise_seed`), then rounded and clipped to int16.
+  The engine output is resampled to 16 kHz and trimmed of leading and trailing
+  silence (0.1 s kept); its level is the engine's.
   """
   raw, rate = synthesize_raw(speaker, text)
-  audio = trim_silence(resample_to_16k(raw, rate) / 32768.0)
+  return trim_silence(resample_to_16k(raw, rate) / 32768.0)
+
+
+def to_int16(audio: np.ndarray, peak_dbfs: float) -> np.ndarray:
+  """Scales float audio [N] to a peak of `peak_dbfs` (dB full scale); int16 [N].
+
+  Silence (all zeros) stays silence.
+  """
+  audio = np.asarray(audio, dtype=np.float64)
   peak = float(np.max(np.abs(audio))) if audio.size else 0.0
   if peak > 0.0:
-    audio = audio * (10.0 ** (speaker.peak_dbfs / 20.0) / peak)
-  if noise_snr_db is not None:
-    power = float(np.mean(audio**2)) if audio.size else 0.0
-    noise_std = math.sqrt(power / 10.0 ** (noise_snr_db / 10.0))
-    rng = np.random.default_rng(noise_seed)
-    audio = audio + noise_std * rng.standard_normal(audio.shape)
+    audio = audio * (10.0 ** (peak_dbfs / 20.0) / peak)
   return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
