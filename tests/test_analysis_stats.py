@@ -10,6 +10,7 @@ from scipy import stats
 
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import movement
+from conformer_fl.analysis import report
 from conformer_fl.analysis import resets
 from conformer_fl.analysis import stability
 
@@ -309,3 +310,44 @@ def test_parse_taus():
     importance.parse_taus("150", saved, 300)
   with pytest.raises(ValueError, match="comma-separated"):
     importance.parse_taus("last", saved, 300)
+
+
+def test_report_shows_labels_intervals_primary_test_and_nulls():
+  unit = dict(num_params=10, reinit_wer=[0.3], reinit_loss=[1.0],
+              rerandomize_wer=[], wer_increase=0.05, wer_increase_low=0.01,
+              wer_increase_high=0.09, loss_increase=0.2, label="undetermined",
+              movement=dict(distance=1.0, relative_distance=0.5,
+                            update_norm_sum=None))
+  figures = {k: dict(file=f"{k}.png") for k in (
+      "heatmap_wer", "heatmap_loss", "rerandomization", "movement_scatter")}
+  results = dict(
+      workdir="/x/run", step_key="step", trained_step=4, granularity="module",
+      taus=[0, 4], rerandomize_seeds=[], eval=dict(split="dev", domains=[],
+                                                  num_examples=10.0),
+      baseline=dict(wer=0.25, loss=1.0, cer=0.1, wer_interval=[0.2, 0.3]),
+      thresholds=dict(max_abs_wer_increase=0.01, max_rel_wer_increase=0.05,
+                      rule="either", wer_increase=0.0125, confidence=0.95),
+      units={"encoder/block_00/conv": unit}, ambient=[], critical=[],
+      undetermined=["encoder/block_00/conv"],
+      movement_test=dict(measure="relative_distance", num_units=16,
+                         strata={"conv": 4, "ffn": 8, "mhsa": 4},
+                         spearman=0.5, pvalue=0.04, num_permutations=10000,
+                         partial_spearman_log_params=0.45, partial_pvalue=0.07),
+      correlations={}, figures=figures,
+      stability=dict(pairs=[dict(
+          a="a", b="b", num_common_units=8, jaccard_ambient=None,
+          chance_jaccard_ambient=None, overlap_pvalue=None,
+          chance_jaccard_within_types=None, overlap_pvalue_within_types=None,
+          wer_increase=dict(spearman=dict(statistic=0.9),
+                            kendall=dict(statistic=0.8)))]))
+  text = report.render_report(results)
+  assert "here 0.0125" in text and "**undetermined**" in text
+  assert "Undetermined (1): encoder/block_00/conv." in text
+  assert "| 0.05 (0.01 to 0.09) |" in text
+  assert text.count("| undetermined |") == 1
+  assert ("Primary test: `relative_distance` against the WER increase over"
+          " the 16 droppable modules (conv 4, ffn 8, mhsa 4): Spearman 0.5,"
+          " p = 0.04 from 10000 permutations") in text
+  assert "partial Spearman given log parameter count 0.45, p = 0.07" in text
+  assert "Secondary:" in text
+  assert "| a | b | 8 | - | - (-) | - (-) | 0.9 | 0.8 |" in text

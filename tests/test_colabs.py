@@ -119,13 +119,17 @@ def test_02_layer_importance_runs(tmp_path, tiny_corpus_dir):
       f"encoder/block_00/{m}" for m in
       ("ffn1", "mhsa", "conv", "ffn2", "final_norm")] + ["decoder"]
   ambient, critical = importance["ambient"], importance["critical"]
-  assert sorted(ambient + critical) == sorted(units)
+  undetermined = importance["undetermined"]
+  assert sorted(ambient + critical + undetermined) == sorted(units)
   assert not set(ambient) & set(critical)
   # The frozen unit is the known answer: ambient, loss increase exactly 0.
   frozen = importance["units"]["encoder/block_00/ffn2"]
   assert frozen["ambient"] and frozen["loss_increase"] == 0.0
   assert importance["taus"] == [0, 2, 4]
   assert f"ambient:  {ambient}" in text and f"critical: {critical}" in text
+  assert f"undetermined: {undetermined}" in text
+  # The frozen unit's reset changes no utterance: its interval is [0, 0].
+  assert "+0.000 (+0.000, +0.000)" in text
   assert "encoder/block_00/ffn2: ambient=True, loss increase=0.0" in text
 
   # The two heatmaps are shown, and they are the PNGs the pass wrote.

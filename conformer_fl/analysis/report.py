@@ -119,15 +119,24 @@ def render_report(results: dict[str, Any]) -> str:
   stability = results.get("stability")
   if stability:
     lines += ["", "## Stability across runs", "",
-              "| run A | run B | matched units | Jaccard (ambient) | chance | "
-              "Spearman (WER incr.) | Kendall (WER incr.) |",
-              "|---|---|---|---|---|---|---|"]
+              "Jaccard: overlap of the ambient sets ('-' when neither run has"
+              " an ambient unit); chance: its expected value for random sets"
+              " of the same sizes, and for sets random within each unit type;"
+              " p: the probability of an overlap at least as large under"
+              " each.", "",
+              "| run A | run B | matched units | Jaccard (ambient) | chance (p)"
+              " | chance within types (p) | Spearman (WER incr.) |"
+              " Kendall (WER incr.) |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in stability["pairs"]:
       c = p["wer_increase"]
       lines.append(
           f"| {p['a']} | {p['b']} | {p['num_common_units']} | "
           f"{_fmt(p['jaccard_ambient'], 3)} | "
-          f"{_fmt(p['chance_jaccard_ambient'], 3)} | "
+          f"{_fmt(p['chance_jaccard_ambient'], 3)}"
+          f" ({_fmt(p.get('overlap_pvalue'), 2)}) | "
+          f"{_fmt(p.get('chance_jaccard_within_types'), 3)}"
+          f" ({_fmt(p.get('overlap_pvalue_within_types'), 2)}) | "
           f"{_fmt(c['spearman']['statistic'], 3)} | "
           f"{_fmt(c['kendall']['statistic'], 3)} |")
     if "stability_depth" in figures:
