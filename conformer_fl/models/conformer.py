@@ -397,6 +397,11 @@ class ConformerConfig:
       keeps (hidden units, inner channels, heads); () = the full model. Not a
       field of the flat model config, which describes the full model:
       `models.build_model(config, kept_units)` sets it.
+    rescale_kept: inverted dropout for a sub-model: each module that keeps
+      k of its n units (hidden units, channels, heads) multiplies its output
+      by n / k, so its expected output matches the full module's; False =
+      the kept units' outputs as they are. Set with kept_units by
+      `models.build_model(config, kept_units, rescale_kept)`.
   """
   num_blocks: int = 2
   model_dim: int = 32
@@ -410,6 +415,7 @@ class ConformerConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   kept_units: tuple[tuple[str, int], ...] = ()
+  rescale_kept: bool = False
 
 
 class ConformerBlock(nn.Module):
@@ -430,22 +436,30 @@ class ConformerBlock(nn.Module):
     c = self.config
     kept = dict(c.kept_units)
     width = lambda module: kept.get(f"{self.name}/{module}")
+    full_width = dict(ffn1=c.ffn_mult * c.model_dim, mhsa=c.num_heads,
+                      conv=c.model_dim, ffn2=c.ffn_mult * c.model_dim)
+
+    def scale(module: str) -> float:
+      """n / k of a module that keeps k of n units under rescale_kept."""
+      k = width(module)
+      return full_width[module] / k if c.rescale_kept and k else 1.0
+
     ffn = lambda name: FeedForwardModule(c.model_dim, c.ffn_mult,
                                          c.dropout_rate, width(name),
                                          name=name)
     y, _ = ffn("ffn1")(x, paddings, train=train)
-    x = x + 0.5 * y
+    x = x + 0.5 * scale("ffn1") * y
     y, _ = RelativeSelfAttention(
         c.model_dim, c.num_heads, c.attention_dropout_rate,
         c.dropout_rate, width("mhsa"), name="mhsa")(x, paddings, train=train)
-    x = x + y
+    x = x + scale("mhsa") * y
     y, _ = ConvolutionModule(
         c.model_dim, c.conv_kernel_size, c.conv_norm, c.conv_norm_groups,
         c.batch_norm_momentum, c.depthwise_impl, c.dropout_rate,
         width("conv"), name="conv")(x, paddings, train=train)
-    x = x + y
+    x = x + scale("conv") * y
     y, _ = ffn("ffn2")(x, paddings, train=train)
-    x = x + 0.5 * y
+    x = x + 0.5 * scale("ffn2") * y
     x = nn.LayerNorm(name="final_norm")(x)
     return x * _valid_mask(paddings), paddings
 
