@@ -12,12 +12,14 @@ arms of `experiment/arms.py` at every cost level of `config.comparison`:
            tuning stage.
   final    every arm at every level on every model, at its picked rate:
            full, targeted and anti_targeted at the verdict level (the
-           verdict's arms) with `comparison.verdict_seeds`, every other arm
-           and level with `comparison.control_seeds`. The tuning run of
+           verdict's arms) with `comparison.verdict_seeds`, the other arms
+           at the verdict level (and freeze) with `comparison.control_seeds`,
+           every arm at the other levels with `comparison.level_seeds`. The tuning run of
            the picked rate is the final run of its seed (same directory).
 
 Directory of a run: W/arms/model_M/LEVEL/ARM/seed_S_lrR, LEVEL 'c070' for a
-cost level of 0.70 and 'any' for full and freeze.
+cost level of 0.70 and 'any' for full and freeze; of pre-trained model M:
+W/pretrain (M = 0), W/pretrain_modelM.
 """
 
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,12 @@ import dataclasses
 from etils import epath
 
 VERDICT_ARMS = ("full", "targeted", "anti_targeted")
+
+
+def pretrain_dir(workdir: epath.Path, model: int) -> epath.Path:
+  """W/pretrain for the first pre-trained model, W/pretrain_modelM after."""
+  return epath.Path(workdir) / ("pretrain" if model == 0
+                                else f"pretrain_model{model}")
 
 
 def level_name(level: float | None) -> str:
@@ -87,16 +95,21 @@ def pick_learning_rates(dev_wer: Mapping[Run, float],
 
 def final_runs(specs_by_model: Sequence[Sequence[tuple[str, float | None]]],
                verdict_level: float, verdict_seeds: Sequence[int],
-               control_seeds: Sequence[int], lr_grid: Sequence[float],
+               control_seeds: Sequence[int], level_seeds: Sequence[int],
+               lr_grid: Sequence[float],
                picks: Mapping[str, float]) -> list[Run]:
   """The final runs (module docstring); specs_by_model[m]: model m's pairs."""
   runs = []
   for model, specs in enumerate(specs_by_model):
     for arm, level in specs:
-      verdict = arm in VERDICT_ARMS and level in (None, verdict_level)
+      if level not in (None, verdict_level):
+        seeds = level_seeds
+      elif arm in VERDICT_ARMS:
+        seeds = verdict_seeds
+      else:
+        seeds = control_seeds
       lr = picks.get(tuning_arm(arm), lr_grid[0])
-      for seed in (verdict_seeds if verdict else control_seeds):
-        runs.append(Run(arm, level, model, seed, lr))
+      runs.extend(Run(arm, level, model, seed, lr) for seed in seeds)
   return runs
 
 
@@ -110,13 +123,14 @@ def validate(comparison, pretrain_seeds: Sequence[int]) -> None:
   if c.verdict_level not in tuple(c.levels):
     raise ValueError(f"config.comparison.verdict_level={c.verdict_level} is not"
                      f" one of config.comparison.levels={tuple(c.levels)}.")
-  if not c.verdict_seeds or not c.control_seeds:
-    raise ValueError("config.comparison.verdict_seeds and control_seeds must"
-                     " each name at least one federated seed.")
-  if not set(c.control_seeds) <= set(c.verdict_seeds):
-    raise ValueError(f"config.comparison.control_seeds={tuple(c.control_seeds)}"
-                     " must be a subset of verdict_seeds="
-                     f"{tuple(c.verdict_seeds)} (the arms pair by seed).")
+  if not c.verdict_seeds:
+    raise ValueError("config.comparison.verdict_seeds is empty: name at least"
+                     " one federated seed.")
+  for field in ("control_seeds", "level_seeds"):
+    if not c[field] or not set(c[field]) <= set(c.verdict_seeds):
+      raise ValueError(f"config.comparison.{field}={tuple(c[field])} must be"
+                       " a non-empty subset of verdict_seeds="
+                       f"{tuple(c.verdict_seeds)} (the arms pair by seed).")
   if not c.lr_grid or any(x <= 0 for x in c.lr_grid):
     raise ValueError(f"config.comparison.lr_grid={tuple(c.lr_grid)}: give"
                      " positive client learning rates.")

@@ -364,8 +364,13 @@ def client_step_cost(
   temporaries - aliased, from its memory analysis. loss_fn: the sub-model's
   loss (widths `spec.kept_units`); the other arguments as in client_cost.
   """
-  compiled, args = compile_client_step(loss_fn, client_optimizer, spec,
-                                       params, model_state, batch, rng)
+  return compiled_step_cost(*compile_client_step(
+      loss_fn, client_optimizer, spec, params, model_state, batch, rng))
+
+
+def compiled_step_cost(compiled: Any, args: tuple[Any, ...]
+                       ) -> dict[str, float]:
+  """{'params', 'flops', 'peak_bytes'} of `compile_client_step`'s output."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
