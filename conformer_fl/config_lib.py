@@ -330,13 +330,19 @@ def analysis_run_config(granularity: str = "block", seeds: int = 3,
   analysis.eval_domains = config_dict.placeholder(tuple)
   analysis.data_dir = ""
   analysis.eval_max_batches = 0  # 0 = the whole split.
-  # Ambient vs critical: the WER increase after the tau=0 reset against
+  # The threshold: the WER increase after the tau=0 reset against
   # max_abs_wer_increase (WER points, 0.01 = 1%) and relative to the baseline
   # WER against max_rel_wer_increase; threshold_rule "either" calls a unit
   # ambient when one test passes, "both" when both do.
   analysis.max_abs_wer_increase = 0.01
   analysis.max_rel_wer_increase = 0.05
   analysis.threshold_rule = "either"
+  # Labels from paired intervals of each unit's WER increase (speakers, then
+  # utterances resampled; conformer_fl.stats): ambient when the upper bound
+  # lies below the threshold, critical when the lower bound lies above it,
+  # undetermined otherwise.
+  analysis.label_confidence = 0.95
+  analysis.bootstrap_samples = 2000
   # Evaluation: variants stacked on a leading axis and vmapped, this many per
   # compiled call (bounds memory: each holds a full copy of the variables),
   # split over every device of every process and rounded up to a multiple of

@@ -168,8 +168,13 @@ def local_copy(tree: PyTree) -> PyTree:
 def evaluate(run: Run, eval_step: Any, variables: PyTree,
              batches: Sequence[dict[str, np.ndarray]],
              step: int) -> dict[str, float]:
-  """{'eval/<metric>': value} of `variables` on `batches`; logs 3 samples."""
+  """{'eval/<metric>': value} of `variables` on `batches`; logs 3 samples.
+
+  The scalar metrics only: the per-utterance lists of the evaluation are
+  left out of the metric logs.
+  """
   metrics, examples = evaluation.evaluate(
       eval_step, variables, batches, run.tokenizer.decode)
   run.logger.write_samples(step, examples[:3])
-  return {f"eval/{k}": v for k, v in metrics.items()}
+  return {f"eval/{k}": v for k, v in metrics.items()
+          if not isinstance(v, list)}

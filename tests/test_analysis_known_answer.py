@@ -46,12 +46,14 @@ NUM_VARIANTS = 1 + 7 * (3 + 1)
 TOP_LEVEL_KEYS = {
     "schema_version", "workdir", "step_key", "granularity", "trained_step",
     "checkpoint_steps", "taus", "rerandomize_seeds", "model", "eval",
-    "thresholds", "baseline", "units", "ambient", "critical", "correlations",
+    "thresholds", "baseline", "units", "ambient", "critical", "undetermined",
+    "correlations",
     "stability", "timing", "figures"}
 UNIT_KEYS = {
     "path", "num_params", "reinit_wer", "reinit_loss", "rerandomize_wer",
     "rerandomize_loss", "wer_increase", "relative_wer_increase",
-    "loss_increase", "rerandomize_wer_increase", "movement", "ambient"}
+    "loss_increase", "rerandomize_wer_increase", "movement", "ambient",
+    "wer_increase_low", "wer_increase_high", "label"}
 MOVEMENT_KEYS = {"distance", "initial_norm", "relative_distance",
                  "update_norm_sum"}
 
@@ -98,6 +100,15 @@ def test_frozen_unit_reset_changes_nothing_and_is_ambient(results):
   assert frozen["reinit_loss"] == [baseline["loss"]] * len(results["taus"])
   assert frozen["wer_increase"] == 0.0 and frozen["loss_increase"] == 0.0
   assert frozen["ambient"] and FROZEN in results["ambient"]
+  # Its reset changes no utterance: the paired interval is [0, 0].
+  assert frozen["label"] == "ambient"
+  assert frozen["wer_increase_low"] == frozen["wer_increase_high"] == 0.0
+  labels = {u["label"] for u in results["units"].values()}
+  assert labels <= set(importance.LABELS)
+  for name, unit in results["units"].items():
+    assert unit["wer_increase_low"] <= unit["wer_increase"] <= unit[
+        "wer_increase_high"]
+    assert name in results[unit["label"]]
   assert frozen["movement"]["distance"] == 0.0
   # Units that trained did move, and resetting them changes the loss.
   trained_units = [u for n, u in results["units"].items() if n != FROZEN]

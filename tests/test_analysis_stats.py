@@ -3,12 +3,14 @@
 import json
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
 
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import movement
+from conformer_fl.analysis import resets
 from conformer_fl.analysis import stability
 
 
@@ -168,13 +170,78 @@ def test_update_norm_sums_aggregate_modules_into_blocks(tmp_path):
     (0.04, 0.9, "both", False),      # absolute fails
     (0.02, 0.1, "either", False),    # both fail
 ])
-def test_is_ambient(increase, baseline, rule, expected):
-  assert importance.is_ambient(increase, baseline, 0.01, 0.05, rule) is expected
+def test_wer_threshold(increase, baseline, rule, expected):
+  threshold = importance.wer_threshold(baseline, 0.01, 0.05, rule)
+  assert (increase <= threshold) is expected
+  assert importance.wer_threshold(0.9, 0.01, 0.05, "either") == pytest.approx(
+      0.045)
+  assert importance.wer_threshold(0.9, 0.01, 0.05, "both") == 0.01
 
 
-def test_is_ambient_rejects_unknown_rule():
+def test_wer_threshold_rejects_unknown_rule():
   with pytest.raises(ValueError, match="threshold_rule"):
-    importance.is_ambient(0.0, 0.1, 0.01, 0.05, "any")
+    importance.wer_threshold(0.1, 0.01, 0.05, "any")
+
+
+@pytest.mark.parametrize("low, high, label", [
+    (-0.01, 0.009, "ambient"),
+    (0.0, 0.0, "ambient"),
+    (0.011, 0.05, "critical"),
+    (0.005, 0.02, "undetermined"),
+    (0.0, 0.01, "undetermined"),     # upper bound on the threshold
+    (0.01, 0.03, "undetermined"),    # lower bound on the threshold
+])
+def test_label_unit(low, high, label):
+  assert importance.label_unit(low, high, 0.01) == label
+
+
+def _metrics(errors, words, speakers):
+  errors = np.asarray(errors)
+  return dict(wer=errors.sum() / np.sum(words), loss=1.0, cer=0.0,
+              wer_low=0.0, wer_high=1.0, num_examples=float(len(errors)),
+              num_speakers=len(set(speakers)),
+              utterance_errors=[int(x) for x in errors],
+              utterance_words=list(words), utterance_speakers=list(speakers))
+
+
+def test_summarize_labels_units_from_paired_intervals():
+  # 12 utterances of 10 words, 4 speakers. Unit 'same' changes nothing
+  # (interval [0, 0]); 'broken' adds 5 errors to every utterance (interval
+  # [0.5, 0.5]); 'noisy' adds 2 errors to each utterance of two speakers of
+  # the four: +0.1 on average, with an interval that holds the threshold 0.08.
+  words = [10] * 12
+  speakers = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+  base = np.array([1, 2, 0, 1, 3, 1, 2, 2, 1, 0, 1, 2])
+  noisy = base + np.array([0, 0, 0, 2, 2, 2, 0, 0, 0, 2, 2, 2])
+  per_unit = {"same": base, "broken": base + 5, "noisy": noisy}
+  variants = [resets.Variant(resets.BASELINE)]
+  metrics = [_metrics(base, words, speakers)]
+  for name, errors in per_unit.items():
+    variants.append(resets.Variant(resets.REINIT, name, 0))
+    metrics.append(_metrics(errors, words, speakers))
+  analysis = ml_collections.ConfigDict(dict(
+      max_abs_wer_increase=0.08, max_rel_wer_increase=0.0,
+      threshold_rule="either", label_confidence=0.95, bootstrap_samples=500))
+  params = {n: {"w": np.zeros(3)} for n in per_unit}
+  summary = importance.summarize(metrics, variants,
+                                 {n: (n,) for n in per_unit}, params, [0], [],
+                                 analysis)
+  units = summary["units"]
+  assert summary["wer_threshold"] == 0.08
+  assert (units["same"]["wer_increase_low"],
+          units["same"]["wer_increase_high"]) == (0.0, 0.0)
+  assert units["same"]["label"] == "ambient" and units["same"]["ambient"]
+  assert units["broken"]["wer_increase"] == pytest.approx(0.5)
+  assert units["broken"]["wer_increase_low"] == pytest.approx(0.5)
+  assert units["broken"]["label"] == "critical"
+  assert not units["broken"]["ambient"]
+  # Resampling the 4 speakers: between 0 (no +2 speaker drawn) and 0.2.
+  assert units["noisy"]["wer_increase"] == pytest.approx(0.1)
+  assert units["noisy"]["wer_increase_low"] < 0.08
+  assert units["noisy"]["wer_increase_high"] > 0.08
+  assert units["noisy"]["label"] == "undetermined"
+  assert (summary["ambient"], summary["critical"], summary["undetermined"]) == (
+      ["same"], ["broken"], ["noisy"])
 
 
 def test_parse_taus():
