@@ -29,6 +29,7 @@ from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import submodel as submodel_lib
 
+FULL = "full model"
 # Keys of a round's arrays that a local step's loss reads.
 _STEP_KEYS = ("audio", "audio_paddings", "labels", "label_paddings",
               "example_mask")
@@ -50,7 +51,7 @@ def arm_costs(config: ml_collections.ConfigDict,
               arm_dropouts: Mapping[str, ml_collections.ConfigDict],
               params: Any, model_state: Any,
               batch: Mapping[str, np.ndarray],
-              repeats: int = 5) -> dict[str, dict[str, float]]:
+              repeats: int = 10) -> dict[str, dict[str, float]]:
   """Client step cost of every arm, and as a fraction of the full model's.
 
   Args:
@@ -79,11 +80,17 @@ def arm_costs(config: ml_collections.ConfigDict,
     return federated_dropout.compile_client_step(
         loss_fn, client_optimizer, spec, params, model_state, batch, rng)
 
-  compiled = {"__full__": compile_step(ml_collections.ConfigDict(dict(
-      kind="none", rates={}, default_rate=0.0, unit_kinds=(),
-      freeze_units=())))}
+  full_config = ml_collections.ConfigDict(dict(
+      kind="none", rates={}, default_rate=0.0, unit_kinds=(), freeze_units=()))
+  compiled = {FULL: compile_step(full_config)}
+  # An arm that trains the full model (no dropout, nothing frozen) is timed
+  # as the full model itself.
+  same_as_full = {key for key, d in arm_dropouts.items()
+                  if federated_dropout.dropout_spec_from_config(
+                      d, params, model_state, droppable) is None}
   for key, dropout_config in arm_dropouts.items():
-    compiled[key] = compile_step(dropout_config)
+    if key not in same_as_full:
+      compiled[key] = compile_step(dropout_config)
   times: dict[str, list[float]] = {key: [] for key in compiled}
   for key, (step, args) in compiled.items():
     jax.block_until_ready(step(*args))  # Warm-up.
@@ -97,10 +104,10 @@ def arm_costs(config: ml_collections.ConfigDict,
     return dict(federated_dropout.compiled_step_cost(*compiled[key]),
                 step_seconds=statistics.median(times[key]))
 
-  full = measures("__full__")
+  full = measures(FULL)
   report = {}
   for key in arm_dropouts:
-    arm_cost = measures(key)
+    arm_cost = measures(FULL if key in same_as_full else key)
     report[key] = dict(arm_cost)
     for name, value in arm_cost.items():
       report[key][f"{name}_fraction"] = value / full[name]
