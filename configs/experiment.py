@@ -222,6 +222,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr_grid=tuple(s["lr_grid"]),
       # Random halvings per module of the half-width ranking.
       halfwidth_draws=s["halfwidth_draws"],
+      # Timed runs of each arm's compiled client step (in turns).
+      timing_repeats=2 if a.scale == "tiny" else 10,
       # The model gate: droppable modules labelled ambient in every
       # pre-trained model (the report shows the counts).
       gate_min_ambient=4,

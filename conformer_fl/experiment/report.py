@@ -98,7 +98,7 @@ def _setup(summary: Mapping[str, Any]) -> list[str]:
       f" {s['max_rate']}.", ""]
 
 
-def _arms_table(summary: Mapping[str, Any]) -> list[str]:
+def arms_table(summary: Mapping[str, Any]) -> list[str]:
   s = summary["setup"]
   lines = ["## Arms", "",
            f"WER on the {s['eval_split']} split (held-out speakers), pooled"
@@ -227,7 +227,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
       *_verdict(summary),
       *_stages(summary),
       *_setup(summary),
-      *_arms_table(summary),
+      *arms_table(summary),
       *_comparisons(summary),
       *_grid(summary),
       "## Training long enough", "",

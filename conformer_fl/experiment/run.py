@@ -442,12 +442,14 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
       measured = costs_lib.arm_costs(
           adapt_run, {_spec_key(s): arms_lib.dropout_config(s)
-                      for s in present[0]}, params, model_state, batch)
+                      for s in present[0]}, params, model_state, batch,
+          repeats=c.timing_repeats)
       return {key: {**cost, "batch_shape": list(batch["audio"].shape)}
               for key, cost in measured.items()}
 
     costs = _cached(workdir / COSTS_FILE,
-                    {_spec_key(s): s.dropout for s in present[0]},
+                    {"repeats": c.timing_repeats,
+                     **{_spec_key(s): s.dropout for s in present[0]}},
                     client_costs, chief_computes=True)
     not_adapted, dev_evals = [], []
     for model in range(num_models):
