@@ -31,6 +31,7 @@ from conformer_fl import multihost
 from conformer_fl import stats
 from conformer_fl import tree_paths
 from conformer_fl.analysis import movement
+from conformer_fl.analysis import movement_test
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import report
 from conformer_fl.analysis import resets
@@ -180,9 +181,14 @@ def summarize(metrics: list[dict[str, Any]], variants: list[resets.Variant],
 
 
 def movement_correlations(unit_results: Mapping[str, Any]) -> dict[str, Any]:
-  """{measure: {'wer_increase': corr, 'loss_increase': corr}} over units."""
+  """{measure: {'wer_increase': corr, 'loss_increase': corr}} over all units.
+
+  Secondary: scipy's p-values treat the units as independent draws, and the
+  absolute distance grows with a unit's size. The primary test is
+  `movement_test.primary_movement_test`.
+  """
   names = list(unit_results)
-  measures = ["distance", "relative_distance"]
+  measures = ["distance", "relative_distance", "rms_movement"]
   if any(unit_results[n]["movement"]["update_norm_sum"] is not None
          for n in names):
     measures.append("update_norm_sum")
@@ -276,6 +282,12 @@ def _validate(analysis) -> None:
                      f"{analysis.label_confidence}.")
   if analysis.bootstrap_samples < 1:
     raise ValueError("analysis.bootstrap_samples must be >= 1.")
+  if analysis.movement_measure not in movement_test.MEASURES:
+    raise ValueError(f"analysis.movement_measure must be one of "
+                     f"{movement_test.MEASURES}, got "
+                     f"{analysis.movement_measure!r}.")
+  if analysis.movement_permutations < 1:
+    raise ValueError("analysis.movement_permutations must be >= 1.")
 
 
 def load_importance(workdir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -433,6 +445,9 @@ def run_analysis(config: ml_collections.ConfigDict,
       ambient=summary["ambient"],
       critical=summary["critical"],
       undetermined=summary["undetermined"],
+      movement_test=movement_test.primary_movement_test(
+          summary["units"], analysis.movement_measure,
+          num_permutations=analysis.movement_permutations),
       correlations=movement_correlations(summary["units"]),
       stability=None,
       timing=dict(evaluation_seconds=seconds, num_variants=len(variants),

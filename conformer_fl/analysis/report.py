@@ -26,6 +26,21 @@ def _correlation_rows(correlations: dict[str, Any]) -> list[str]:
   return rows
 
 
+def _primary_test_lines(test: dict[str, Any] | None) -> list[str]:
+  """The primary movement test (`movement_test.primary_movement_test`)."""
+  if not test:
+    return []
+  strata = ", ".join(f"{t} {c}" for t, c in test["strata"].items())
+  return [
+      f"Primary test: `{test['measure']}` against the WER increase over the"
+      f" {test['num_units']} droppable modules ({strata or 'none'}): Spearman"
+      f" {_fmt(test['spearman'], 3)}, p = {_fmt(test['pvalue'], 2)} from"
+      f" {test['num_permutations']} permutations within module types;"
+      " partial Spearman given log parameter count"
+      f" {_fmt(test['partial_spearman_log_params'], 3)}, p ="
+      f" {_fmt(test['partial_pvalue'], 2)}.", ""]
+
+
 def render_report(results: dict[str, Any]) -> str:
   """Markdown of an importance.json dict; figures linked by file name."""
   t = results["thresholds"]
@@ -96,6 +111,10 @@ def render_report(results: dict[str, Any]) -> str:
             f"![re-randomization]({figures['rerandomization']['file']})", "",
             "## Weight movement vs importance", "",
             f"![movement scatter]({figures['movement_scatter']['file']})", ""]
+  lines += _primary_test_lines(results.get("movement_test"))
+  lines += ["Secondary: every measure over all units, with scipy's p-values"
+            " (they treat the units as independent draws, and the absolute"
+            " distance grows with a unit's size).", ""]
   lines += _correlation_rows(results["correlations"])
   stability = results.get("stability")
   if stability:
