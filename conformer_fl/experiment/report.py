@@ -164,6 +164,18 @@ def _grid(summary: Mapping[str, Any]) -> list[str]:
   return lines + [""]
 
 
+def _plateau(summary: Mapping[str, Any]) -> list[str]:
+  full = next((r for r in summary["arms"] if r["arm"] == "full"), None)
+  if not full or len(full["dev_wer_by_round"]) < 2:
+    return []
+  curve = full["dev_wer_by_round"]
+  half = next(p for p in curve if p[0] >= curve[-1][0] / 2)
+  points = ", ".join(f"{wer:.3f} (round {r})" for r, wer in curve)
+  return [f"The full arm's dev WER (model 0, first seed): {points}. Over the"
+          f" second half of the rounds it moved by {curve[-1][1] - half[1]:+.3f};"
+          " a plateau is a change within the noise of the dev WER.", ""]
+
+
 def _models(summary: Mapping[str, Any]) -> list[str]:
   lines = ["## Pre-trained models, labels and the gate", "",
            f"![Pre-training]({figures.CURVE_FIGURE})", "",
@@ -231,6 +243,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
       *_comparisons(summary),
       *_grid(summary),
       "## Training long enough", "",
+      *_plateau(summary),
       f"![Dev WER by round]({figures.ROUNDS_FIGURE})", "",
       *_models(summary),
       *(stability_runs.report_lines(summary["stability"])

@@ -363,7 +363,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
           lambda model_dir=model_dir, model=model:
           halfwidth_lib.evaluate_half_width(
               os.fspath(model_dir), config.analysis.analysis,
-              c.halfwidth_draws, int(config.pretrain_seeds[model]))))
+              c.halfwidth_draws, int(config.pretrain_seeds[model])),
+          chief_computes=True))
     analyses.append(importance)
     store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
     try:
