@@ -1,80 +1,67 @@
-r"""The study end to end: pre-train, analyse, adapt with targeted Federated Dropout.
+r"""Claim 5 put to a test: pre-train, analyse, adapt with cost-matched arms.
 
 `make demo` runs this config (scale=demo) on the local synthesized corpus:
 
   python -m conformer_fl.main --config=configs/experiment.py --workdir=runs/demo
-  python -m conformer_fl.main --config=configs/experiment.py:seeds=0+1+2,norm=batch_norm \
-      --workdir=runs/demo_bn3
-
-Stages (conformer_fl/experiment/__init__.py): (1) build the corpus; (2) central
-pre-training on the long-form domain, checkpoints from step 0 (`pretrain`, a
-configs/central.py config); (3) the layer-importance analysis of the pre-trained
-model (`analysis`, a configs/analysis.py config); (4) federated adaptation to the
-withheld short-form domain, one client per speaker, once per arm and seed
-(`adapt`, a configs/federated.py config, with `federated.dropout` set per arm);
-(5) scale=study only: the stability runs (below); (6) the client cost of each
-arm and W/report.md. Any field can be overridden, e.g.
-`--config.adapt.federated.rounds=40` or `--config.targeting.rule=ambient`.
-
-The arms (conformer_fl/experiment/arms.py):
-  full      the whole model on every client;
-  targeted  the targeted (least important) units lose `targeting.targeted_rate`
-            of their feed-forward units, conv channels and attention heads;
-  uniform   the control: the same rate on every droppable layer, set so a client
-            optimizes as many parameters as in `targeted`;
-  freeze    clients do not train the targeted units at all.
-`targeting.rule`: 'rank' targets the `targeting.num_units` units whose reset to
-their initial value raises `targeting.metric` least; 'ambient' targets the units
-the analysis calls ambient (its WER thresholds: config.analysis). The demo
-ranks the droppable modules (ffn1, mhsa, conv, ffn2 of every block; the
-analysis runs at module granularity) by the WER increase; the tiny scale,
-whose 6-step model transcribes nothing, ranks them by the loss increase.
-
-The demo (`make demo`, 18 minutes on 2 CPU cores; the README gives the
-measured time of each stage): the `demo` corpus (long form: 2-6 s sentences of
-a closed-vocabulary grammar; short form: <= 2 s commands), the demo-size
-Conformer (4 blocks x 96, CTC over characters) pre-trained centrally on one
-device with lighter SpecAugment and tight buckets, the analysis on 160 dev
-utterances, four arms x 3 federated seeds (20 rounds of 4 clients x 8 local
-steps), and the final evaluation of every arm and seed on all 240 test
-utterances of 8 held-out speakers, with paired bootstrap intervals
-(W/report.md).
-
-The study (claims 2 and 3; the README gives its measured time and table):
-
   python -m conformer_fl.main --config=configs/experiment.py:scale=study \
-      --workdir=runs/demo
+      --workdir=runs/study
 
-is the demo (every field the same, so it reuses a finished `make demo` in the
-same workdir) plus `stability.runs`: the demo model pre-trained over seeds
-0, 1, 2 x {group norm, batch norm} and the 6-block `demo_deep` (group norm,
-seed 0), each in W/stability/NAME with the demo's pre-training and analysis
-config (the analysis resets to the initial value only,
-`stability.analysis_taus`: what the comparison reads). Every pair of runs
-that differs in one thing (the seed, the norm or the size) is compared:
-Jaccard overlap of the ambient sets beside its chance level, Spearman
-correlation of the units' WER increase, units of different depths matched
-by relative depth (conformer_fl/experiment/stability_runs.py). The run
-`pretrain` is (demo, group norm, seed 0). `stability.runs` is a dict of
-central run configs, one per run, named SIZE_NORM_seedS.
+Stages (conformer_fl/experiment/__init__.py): (1) build the corpus; (2)
+central pre-training of each model of `pretrain_seeds` on the long-form
+domain, checkpoints from step 0 (`pretrain`: W/pretrain for the first seed,
+W/pretrain_model1, ... for the others); (3) per model, the layer-importance
+analysis (`analysis`: paired ambient / critical / undetermined labels) and
+the half-width ranking (`experiment/halfwidth.py`), then its arms at every
+cost level (`experiment/arms.py`); (4) the client learning rate of each arm
+picked on dev from `comparison.lr_grid`; (5) the final federated runs to the
+withheld short-form domain, one client per speaker
+(`experiment/design.py`); (6) optional stability runs; (7) client costs
+(parameters, FLOPs, peak memory, measured step time), the verdict
+(`experiment/verdict.py`), W/report.md and its figures.
+
+The arms, each at every cost level of `comparison.levels` (fractions of the
+full client's trainable parameters): full; targeted (rank-proportional
+rates on the modules not labelled critical); anti_targeted (the mirror, on
+the most important modules); uniform (one rate everywhere); random (the
+same rates on `comparison.random_draws` random module draws);
+targeted_rescaled (targeted with inverted dropout); freeze (the ambient
+modules not trained).
+
+The verdict, fixed here before any run (`comparison.margin` delta,
+`comparison.confidence`): confirmed when the upper bound of targeted - full
+is below delta and the lower bound of anti_targeted - targeted above 0;
+refuted when the lower bound of targeted - full is above delta or
+anti_targeted - targeted lies inside +-delta; otherwise inconclusive.
+Intervals: hierarchical paired bootstrap over pre-trained models, federated
+seeds, speakers and utterances (`conformer_fl.stats`).
+
+Scales:
+  demo   the miniature `make demo` runs: the demo8x64 model (8 blocks x 64),
+         one pre-trained model, one cost level (0.70), arms full, targeted,
+         anti_targeted, uniform, one random draw and freeze, the verdict's
+         arms over 2 federated seeds, the others over 1, one client learning
+         rate (no tuning). It cannot decide the claim: one pre-trained model
+         and two seeds give intervals too wide for the margin; its report
+         says so.
+  study  the test: 2 pre-trained models, levels 0.85 / 0.70 / 0.55, every
+         arm (3 random draws, the rescaling ablation), the verdict's arms
+         over 5 seeds, the other arms at the verdict level over 2, other
+         levels over 1, client learning rate picked per arm from 0.1 / 0.2 /
+         0.4.
+  tiny   the test of the pipeline (a minute): tiny model, one level, four
+         arms.
 
 Argument (all optional, `key=value,...`):
-  scale    demo (the `make demo` default: about 18 minutes on 2 CPU cores)
-           | study (the demo plus the stability runs: 70 minutes on 2 CPU
-             cores from scratch, 47 of them for the stability runs)
-           | tiny (a minute: the test of the whole pipeline)        (demo)
+  scale    demo | study | tiny                                       (demo)
+  size     model size (the scale's: demo and study demo8x64, tiny tiny)
   norm     conv-module norm: group_norm | batch_norm | layer_norm   (group_norm)
   decoder  ctc | rnnt                                                (ctc)
-  seeds    federated seeds (client sampling, dropout draws), '+'-separated;
-           every arm runs once per seed       (the scale's: demo 0+1+2, tiny 0)
-  rounds   federated rounds per arm (0 = the scale's default)         (0)
-  steps    central pre-training steps (0 = the scale's default)       (0)
-  stability_seeds  pre-training seeds of the stability runs, '+'-separated
-                   (the scale's: study 0+1+2, otherwise none: no stage 5)
-  stability_norms  their conv norms, '+'-separated (study: group_norm+batch_norm;
-                   empty: `norm`)
-  stability_sizes  extra sizes, each pre-trained once at (norm, seed 0)
-                   (study: demo_deep)
+  rounds   federated rounds per run (0 = the scale's default)        (0)
+  steps    central pre-training steps (0 = the scale's default)      (0)
+  stability_seeds, stability_norms, stability_sizes: optional stability
+           runs (claims 2 and 3), '+'-separated: pre-training seeds x conv
+           norms at the scale's size, and extra sizes at (norm, seed 0);
+           none by default.
 """
 
 from typing import Any
@@ -89,28 +76,32 @@ from conformer_fl import config_lib
 # client batch and client learning rate; eval batches of the runs; targeting
 # (units, metric); the default federated seeds.
 _SCALES = {
-    "demo": dict(corpus="demo", size="demo", steps=1200, peak_lr=2e-3,
+    "demo": dict(corpus="demo", size="demo8x64", steps=1200, peak_lr=2e-3,
                  warmup=200, buckets=(3.0, 4.5, 6.0), tokenizer="char",
                  granularity="module", analysis_batches=20,
-                 rerandomize_seeds=0, rounds=20,
-                 clients=4, local_steps=8, batch=4, client_lr=0.2,
-                 eval_batches=12,
-                 num_units=4, metric="wer", seeds="0+1+2", pretrain_devices=1,
-                 stability_seeds="", stability_norms="", stability_sizes=""),
+                 rerandomize_seeds=0, rounds=40, clients=8, local_steps=4,
+                 batch=4, eval_batches=12, pretrain_devices=1,
+                 pretrain_seeds=(0,), levels=(0.70,),
+                 arms=("full", "targeted", "anti_targeted", "uniform",
+                       "random", "freeze"),
+                 random_draws=1, verdict_seeds=(0, 1), control_seeds=(0,),
+                 level_seeds=(0,), lr_grid=(0.2,), halfwidth_draws=1),
     "tiny": dict(corpus="tiny", size="tiny", steps=6, peak_lr=2e-3, warmup=2,
                  buckets=(10.0,), tokenizer="sentencepiece",
-                 granularity="module",
-                 analysis_batches=1, rerandomize_seeds=1, rounds=2, clients=4,
-                 local_steps=2, batch=2, client_lr=0.05, eval_batches=1,
-                 num_units=1, metric="loss",
-                 seeds="0", pretrain_devices=0,
-                 stability_seeds="", stability_norms="", stability_sizes=""),
+                 granularity="module", analysis_batches=1,
+                 rerandomize_seeds=1, rounds=2, clients=4, local_steps=2,
+                 batch=2, eval_batches=1, pretrain_devices=0,
+                 pretrain_seeds=(0,), levels=(0.70,),
+                 arms=("full", "targeted", "anti_targeted", "uniform"),
+                 random_draws=1, verdict_seeds=(0,), control_seeds=(0,),
+                 level_seeds=(0,), lr_grid=(0.05,), halfwidth_draws=1),
 }
-# The study: the demo, then pre-training over 3 seeds x {group norm, batch
-# norm} and one larger size, each analysed (claims 2 and 3).
-_SCALES["study"] = dict(_SCALES["demo"], stability_seeds="0+1+2",
-                        stability_norms="group_norm+batch_norm",
-                        stability_sizes="demo_deep")
+_SCALES["study"] = dict(
+    _SCALES["demo"], pretrain_seeds=(0, 1), levels=(0.85, 0.70, 0.55),
+    arms=("full", "targeted", "anti_targeted", "uniform", "random",
+          "targeted_rescaled", "freeze"),
+    random_draws=3, verdict_seeds=(0, 1, 2, 3, 4), control_seeds=(0, 1),
+    level_seeds=(0,), lr_grid=(0.1, 0.2, 0.4), halfwidth_draws=2)
 
 
 def _pretrain_config(s: dict[str, Any], size: str, norm: str, decoder: str,
@@ -147,42 +138,44 @@ def _pretrain_config(s: dict[str, Any], size: str, norm: str, decoder: str,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_lib.parse_arg(arg, scale="demo", norm="group_norm", decoder="ctc",
-                           seeds="", rounds=0, steps=0, stability_seeds="",
-                           stability_norms="", stability_sizes="")
+  a = config_lib.parse_arg(arg, scale="demo", size="", norm="group_norm",
+                           decoder="ctc", rounds=0, steps=0,
+                           stability_seeds="", stability_norms="",
+                           stability_sizes="")
   if a.scale not in _SCALES:
     raise ValueError(f"scale={a.scale!r}; expected one of {sorted(_SCALES)}.")
-  s = _SCALES[a.scale]
+  s = dict(_SCALES[a.scale])
+  s["size"] = a.size or s["size"]
   steps = a.steps or s["steps"]
   rounds = a.rounds or s["rounds"]
 
   config = ml_collections.ConfigDict()
   config.mode = "experiment"
-  # Federated seeds: every arm runs once per seed.
-  config.seeds = tuple(int(x) for x in (a.seeds or s["seeds"]).split("+"))
-  # The split of the final evaluation of every arm (held-out speakers).
+  # Pre-training seeds: one pre-trained model (with its own analysis and
+  # arms) per seed; the intervals resample them.
+  config.pretrain_seeds = tuple(s["pretrain_seeds"])
+  # The split of the final evaluation of every run (held-out speakers).
   config.final_eval_split = "test"
 
-  # (2) Central pre-training on the long-form domain.
+  # (2) Central pre-training on the long-form domain (the seed is set per
+  # model from pretrain_seeds).
   config.pretrain = _pretrain_config(s, s["size"], a.norm, a.decoder, seed=0,
                                      steps=steps)
   pretrain = config.pretrain
 
-  # (3) Layer importance of the pre-trained model, on its own dev split:
-  # units at module granularity (ffn1, mhsa, conv, ffn2 of every block), so
-  # that the movement / importance correlation has 4 units per block.
+  # (3) Layer importance of each pre-trained model, on its own dev split:
+  # units at module granularity (ffn1, mhsa, conv, ffn2 of every block).
   analysis = config_lib.analysis_run_config(granularity=s["granularity"],
                                             seeds=s["rerandomize_seeds"])
   analysis.analysis.eval_max_batches = s["analysis_batches"]
-  # Reset to the initial value and to the middle checkpoint (resetting to
-  # the trained checkpoint itself would only repeat the baseline).
+  # Reset to the initial value and to the middle checkpoint.
   analysis.analysis.taus = f"0,{pretrain.central.checkpoint_every}"
   # One variant at a time: faster than vmapped variants on 2 CPU cores for
-  # the demo size (benchmarks/analysis_vectorized.py).
+  # the demo sizes (benchmarks/analysis_vectorized.py).
   analysis.analysis.vectorized = a.scale == "tiny"
   config.analysis = analysis
 
-  # (4) Federated adaptation to the short-form domain.
+  # (5) Federated adaptation to the short-form domain, >= 8 clients a round.
   adapt = config_lib.federated_run_config(
       size=s["size"], norm=a.norm, decoder=a.decoder, corpus=s["corpus"],
       domain="short", rounds=rounds, seed=0)
@@ -193,30 +186,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.clients_per_round = s["clients"]
   f.local_steps = s["local_steps"]
   f.client_batch_size = s["batch"]
-  # Demo: 4 clients x 8 local steps at SGD 0.2 adapt faster than 8 x 4 at
-  # 0.05 for the same client steps per round (full arm, dev WER at round 20:
-  # 0.26 against 0.49; README, "What `make demo` measured").
-  f.client_optimizer.learning_rate = s["client_lr"]
+  # Set per arm from comparison.lr_grid (the pick, or the only rate).
+  f.client_optimizer.learning_rate = s["lr_grid"][0]
   # One compiled round per arm: every round padded to the one bucket, which
   # holds the short-form utterances (<= 2 s).
   adapt.data.bucket_seconds = (2.0,)
   f.fixed_round_shape = True
-  f.eval_every = max(1, rounds // 2)
+  # Dev WER every 5 rounds: the plateau curve and the learning-rate pick.
+  f.eval_every = max(1, min(5, rounds // 2))
   f.checkpoint_every = max(1, rounds // 2)
   f.unit_granularity = s["granularity"]
   config.adapt = adapt
 
-  # The arms, and which units the targeted and freeze arms aim at.
-  config.arms = ("full", "uniform", "targeted", "freeze")
-  config.targeting = ml_collections.ConfigDict(dict(
-      rule="rank",                  # 'rank' | 'ambient'
-      num_units=s["num_units"],     # rule 'rank': how many units
-      metric=s["metric"],           # rule 'rank': rank by 'wer' or 'loss'
-      targeted_rate=0.5,            # dropout rate of the targeted units
-      other_rate=0.0,               # dropout rate of every other unit
+  # (3)-(7) The arms and the test (conformer_fl/experiment/arms.py,
+  # design.py, verdict.py).
+  config.arms = tuple(s["arms"])
+  config.comparison = ml_collections.ConfigDict(dict(
+      # Cost levels: fractions of the full client's trainable parameters.
+      levels=tuple(s["levels"]),
+      verdict_level=0.70,
+      # The non-inferiority margin delta (absolute WER) and the intervals'
+      # confidence, fixed before the runs.
+      margin=0.02,
+      confidence=0.95,
+      # No module loses more than this share of its units.
+      max_rate=0.75,
+      random_draws=s["random_draws"],
+      # Federated seeds: the verdict's arms (full, targeted, anti_targeted)
+      # at the verdict level; the other arms at that level; every arm at the
+      # other levels.
+      verdict_seeds=tuple(s["verdict_seeds"]),
+      control_seeds=tuple(s["control_seeds"]),
+      level_seeds=tuple(s["level_seeds"]),
+      # Client learning rates tried per arm on dev (one = no tuning).
+      lr_grid=tuple(s["lr_grid"]),
+      # Random halvings per module of the half-width ranking.
+      halfwidth_draws=s["halfwidth_draws"],
+      # Timed runs of each arm's compiled client step (in turns).
+      timing_repeats=2 if a.scale == "tiny" else 10,
+      # The model gate: droppable modules labelled ambient in every
+      # pre-trained model (the report shows the counts).
+      gate_min_ambient=4,
   ))
 
-  # (6) Claims 2 and 3 (scale=study): more pre-training runs, each analysed,
+  # (6) Claims 2 and 3 (optional): more pre-training runs, each analysed,
   # compared with each other and with `pretrain`.
   config.stability = ml_collections.ConfigDict()
   config.stability.runs = ml_collections.ConfigDict({
@@ -243,9 +256,9 @@ def _stability_points(a: ml_collections.ConfigDict, s: dict[str, Any]
   The grid seeds x norms at the scale's size, then each extra size at
   (norm, seed 0).
   """
-  seeds = [int(x) for x in _split(a.stability_seeds or s["stability_seeds"])]
-  norms = _split(a.stability_norms or s["stability_norms"]) or (a.norm,)
-  sizes = _split(a.stability_sizes or s["stability_sizes"])
+  seeds = [int(x) for x in _split(a.stability_seeds)]
+  norms = _split(a.stability_norms) or (a.norm,)
+  sizes = _split(a.stability_sizes)
   points = [(s["size"], norm, seed) for norm in norms for seed in seeds]
   points += [(size, a.norm, 0) for size in sizes]
   main = (s["size"], a.norm, 0)

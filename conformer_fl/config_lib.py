@@ -160,8 +160,8 @@ def federated_config(server: str = "fedavg",
         layer, the most specific wins: the one selecting the fewest
         droppable layers ('encoder/block_03/ffn1' over 'encoder/block_03'
         over '*/ffn1' with 8 blocks); equally specific ones with different
-        rates are an error. Build it from analysis/importance.json with
-        dropout.rates_from_importance.
+        rates are an error. The experiment (conformer_fl/experiment/arms.py)
+        builds rates from analysis/importance.json.
       default_rate: rate of the targeted layers that no pattern selects.
       unit_kinds: the layers targeted, some of 'ffn' (the ffn_mult*D hidden
         units of ffn1/ffn2), 'conv' (conv-module channels, kept within each
@@ -171,6 +171,10 @@ def federated_config(server: str = "fedavg",
         ("encoder/block_00", "*/conv"): the topmost subtrees they select are
         not trained by the clients at all (any kind; applies with every
         `kind`, also 'none'); a pattern that matches nothing is an error.
+      rescale: inverted dropout: each thinned module's output is multiplied
+        by n / k (full over kept units) on the clients, so that the
+        sub-model's forward pass matches the full model's in expectation;
+        False = the kept units' outputs unscaled.
       A layer keeps round((1 - rate) * n) of its n units (>= 1), the same
       count for every client; which ones is drawn per client and round.
   """
@@ -202,6 +206,7 @@ def federated_config(server: str = "fedavg",
           default_rate=0.0,
           unit_kinds=("ffn", "conv", "mhsa"),
           freeze_units=(),
+          rescale=False,
       ),
   ))
 

@@ -109,7 +109,8 @@ def make_round_from_config(
       f.dropout, params, model_state,
       models.droppable_modules_from_config(config.model))
   submodel_loss_fn = None if submodel is None else models.make_mean_loss_fn(
-      models.build_model(config.model, kept_units=submodel.kept_units))
+      models.build_model(config.model, kept_units=submodel.kept_units,
+                         rescale_kept=f.dropout.get("rescale", False)))
   round_fn = round_lib.make_federated_round(
       models.make_mean_loss_fn(model), client_optimizer, server_optimizer,
       mesh, clip_update_norm=f.clip_update_norm or None, unit_paths=units,

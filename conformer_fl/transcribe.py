@@ -306,7 +306,8 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   if (workdir / "experiment_config.json").exists() and not path.exists():
     raise TranscribeError(
         f"{workdir}: an experiment's workdir; give one of its runs, e.g."
-        f" {workdir / 'pretrain'} or {workdir / 'arms' / 'ARM' / 'seed_S'}")
+        f" {workdir / 'pretrain'} or"
+        f" {workdir / 'arms' / 'model_0' / 'any' / 'full' / 'seed_0_lrR'}")
   if not path.exists():
     raise TranscribeError(
         f"{workdir}: no config.json; give the workdir of a central or"

@@ -158,10 +158,11 @@ def test_one_encoder_config_is_passed_down_and_the_model_hashes():
   """Each encoder field is declared once, in models.ConformerConfig."""
   config = models.get_model_config("tiny", decoder="ctc", num_blocks=3,
                                    conv_norm="group_norm", conv_norm_groups=4)
-  # kept_units, a sub-model's widths, is build_model's argument, not a field
-  # of the flat config (which describes the full model).
+  # kept_units and rescale_kept, a sub-model's widths and scaling, are
+  # build_model's arguments, not fields of the flat config (which describes
+  # the full model).
   encoder_fields = [f.name for f in dataclasses.fields(models.ConformerConfig)
-                    if f.name != "kept_units"]
+                    if f.name not in ("kept_units", "rescale_kept")]
   other_fields = [f.name for f in dataclasses.fields(models.ConformerASR)
                   if f.name not in ("parent", "name", "encoder_config")]
   assert not set(encoder_fields) & set(other_fields)

@@ -5,7 +5,6 @@ import pytest
 
 from conformer_fl import wer as wer_lib
 from conformer_fl.experiment import evidence
-from conformer_fl.experiment import summary as summary_lib
 
 
 def test_utterance_errors_in_words_and_characters():
@@ -61,27 +60,6 @@ def test_paired_difference_by_hand():
     wer_lib.paired_bootstrap_difference(errors_a[:, :2], errors_b, lengths)
 
 
-def _eval(references, hypotheses):
-  return {"references": list(references), "hypotheses": list(hypotheses)}
-
-
-def test_paired_differences_pairs_arms_by_seed_and_utterance():
-  refs = ["one two three four", "five six seven eight"]
-  results = {
-      ("full", 0): _eval(refs, refs),
-      ("full", 1): _eval(refs, ["one two three", "five six seven eight"]),
-      ("targeted", 0): _eval(refs, ["one two", "five six seven eight"]),
-      ("targeted", 1): _eval(refs, ["one two three", "five six seven eight"]),
-  }
-  d = evidence.paired_differences(results, ["full", "targeted"], [0, 1])
-  # targeted: 2 + 1 errors, full: 0 + 1, over 2 seeds x 8 words.
-  assert list(d) == ["targeted"]
-  assert d["targeted"]["difference"] == pytest.approx(2 / 16)
-  results[("targeted", 1)] = _eval(["other"] + refs[1:], refs)
-  with pytest.raises(ValueError, match="other utterances"):
-    evidence.paired_differences(results, ["full", "targeted"], [0, 1])
-
-
 def test_learning_curve_sums_training_time_of_logged_steps():
   rows = [{"step": 50, "steps_per_second": 1.0},
           {"step": 100, "steps_per_second": 2.0, "eval/wer": 0.8,
@@ -92,38 +70,31 @@ def test_learning_curve_sums_training_time_of_logged_steps():
       {"step": 200, "seconds": 100.0, "wer": 0.3, "cer": None}]
 
 
+def _model(wer, ambient, critical):
+  return {"dev_eval": {"wer": wer, "low": wer - 0.03, "high": wer + 0.03,
+                       "cer": 0.1, "num_examples": 400.0},
+          "num_ambient": ambient, "num_critical": critical,
+          "num_undetermined": 2, "labels": {str(i): "x" for i in range(
+              ambient + critical + 2)},
+          "not_adapted": {"wer": 0.5}}
+
+
 def test_checks_state_each_target_with_its_measurement():
   summary = {
-      "pretrain": {"dev_eval": {"wer": 0.25, "wer_low": 0.22, "wer_high": 0.28,
-                                "cer": 0.1, "num_examples": 400.0}},
-      "analysis": {"ambient": ["encoder/block_00/ffn1"],
-                   "critical": ["encoder/block_01/mhsa"]},
+      "setup": {"confidence": 0.95},
+      "models": [_model(0.25, 5, 3), _model(0.27, 4, 4)],
+      "gate": {"min_ambient": 4, "num_ambient": [5, 4], "passed": True},
       "arms": [{"arm": "full", "wer": 0.29}],
-      "pretrained_not_adapted": {"wer": 0.5},
   }
   met = [c["met"] for c in evidence.checks(summary)]
-  assert met == [True, True, True]
+  assert met == [True] * 6
   summary["arms"][0]["wer"] = 0.36      # Over 0.30, though 28% below 0.5.
-  summary["pretrain"]["dev_eval"]["wer"] = 0.31
-  summary["analysis"]["ambient"] = []
+  summary["models"][1] = _model(0.31, 0, 10)
+  summary["gate"] = {"min_ambient": 4, "num_ambient": [5, 0], "passed": False}
   checks = evidence.checks(summary)
-  assert [c["met"] for c in checks] == [False, False, False]
-  assert "WER 0.310" in checks[0]["measured"]
-  assert "28% lower" in checks[2]["measured"]
-
-
-def test_differences_are_read_as_non_inferiority_with_a_margin():
-  with_margin = summary_lib._non_inferiority_sentence(  # pylint: disable=protected-access
-      {"analysis": {"thresholds": {"max_abs_wer_increase": 0.01}}})
-  assert "upper bound lies below the margin, +0.010 WER" in with_margin
-  assert "no difference was detected, not that there is none" in with_margin
-  without = summary_lib._non_inferiority_sentence({})  # pylint: disable=protected-access
-  assert "below a margin declared beforehand" in without
-  lines = "\n".join(summary_lib._differences_lines(dict(  # pylint: disable=protected-access
-      analysis={"thresholds": {"max_abs_wer_increase": 0.02}},
-      paired_differences={"targeted": dict(
-          difference=0.011, low=-0.011, high=0.032, num_seeds=3,
-          num_utterances=240)})))
-  assert "shows no difference" not in lines
-  assert "+0.020 WER" in lines
-  assert "| targeted - full | +0.011 | -0.011 to +0.032 | 3 x 240 |" in lines
+  assert [c["met"] for c in checks] == [True, True, False, False, False,
+                                        False]
+  assert "WER 0.310" in checks[2]["measured"]
+  assert "0 ambient, 10 critical" in checks[3]["measured"]
+  assert "[5, 0]" in checks[4]["measured"]
+  assert "28% lower" in checks[5]["measured"]

@@ -1,154 +1,163 @@
-"""The experiment's arms, built from a hand-written importance.json.
+"""The claim-5 arms at equal client cost, from a hand-written importance.json.
 
-The model is the demo-size Conformer (4 blocks) with shapes only
-(`jax.eval_shape`): nothing is compiled or trained.
+The model is the demo8x64 Conformer with shapes only (`jax.eval_shape`):
+nothing is compiled or trained. The cost model is checked against the
+sub-model the round builds (`submodel.gather_submodel`, `split_frozen`).
 """
 
-import json
-
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from conformer_fl import config_lib
 from conformer_fl import models
 from conformer_fl.experiment import arms
 from conformer_fl.federated import dropout
+from conformer_fl.federated import submodel
+from conformer_fl.models import variables as variables_lib
 
 KINDS = ("ffn", "conv", "mhsa")
-UNITS = ("encoder/subsampling", "encoder/block_00", "encoder/block_01",
-         "encoder/block_02", "encoder/block_03", "decoder")
-# Increase under the tau = 0 reset. By WER: block_02 least important, then
-# 00; by loss: block_01, then 03.
-WER_INCREASE = (0.30, 0.002, 0.05, 0.001, 0.20, 0.08)
-LOSS_INCREASE = (9.0, 4.0, 0.5, 3.0, 1.0, 2.0)
-
-
-def _importance(ambient=("encoder/block_00", "encoder/block_02",
-                         "encoder/subsampling")):
-  """A hand-written importance.json (the fields the arms read)."""
-  text = json.dumps({
-      "units": {u: {"wer_increase": w, "loss_increase": l}
-                for u, w, l in zip(UNITS, WER_INCREASE, LOSS_INCREASE)},
-      "ambient": list(ambient),
-      "critical": [u for u in UNITS if u not in ambient],
-  })
-  return json.loads(text)
 
 
 @pytest.fixture(scope="module")
 def model():
-  config = config_lib.model_config("demo", conv_norm="group_norm")
-  module = models.build_model(config)
-  audio = jnp.zeros((1, 16000))
-  labels = jnp.ones((1, 4), jnp.int32)
-  variables = jax.eval_shape(lambda: module.init(
-      jax.random.key(0), audio, jnp.zeros_like(audio), labels,
-      jnp.zeros(labels.shape), train=False))
-  params = variables.pop("params")
-  return config, params, dict(variables)
-
-
-def _targeting(rule="ambient", num_units=2, targeted_rate=0.5, other_rate=0.0,
-               metric="wer"):
-  return ml_collections.ConfigDict(dict(
-      rule=rule, num_units=num_units, targeted_rate=targeted_rate,
-      other_rate=other_rate, metric=metric))
-
-
-def test_droppable_units_are_blocks_and_their_modules():
-  assert arms.droppable_units(UNITS, KINDS) == list(UNITS[1:5])
-  modules = ["encoder/block_00/ffn1", "encoder/block_00/mhsa",
-             "encoder/block_00/conv", "encoder/block_00/ffn2",
-             "encoder/block_00/final_norm", "decoder"]
-  assert arms.droppable_units(modules, ("ffn",)) == [
-      "encoder/block_00/ffn1", "encoder/block_00/ffn2"]
-
-
-def test_ambient_rule_targets_only_ambient_blocks():
-  # The ambient subsampling unit holds no droppable layer: not targeted.
-  assert arms.targeted_units(_importance(), _targeting("ambient"), KINDS) == [
-      "encoder/block_00", "encoder/block_02"]
-  assert arms.targeted_units(_importance(ambient=()), _targeting("ambient"),
-                             KINDS) == []
-
-
-def test_rank_rule_targets_least_important_in_model_order():
-  importance = _importance(ambient=())
-  assert arms.targeted_units(importance, _targeting("rank", 1), KINDS) == [
-      "encoder/block_02"]
-  assert arms.targeted_units(importance, _targeting("rank", 3), KINDS) == [
-      "encoder/block_00", "encoder/block_01", "encoder/block_02"]
-  assert arms.targeted_units(importance, _targeting("rank", 2, metric="loss"),
-                             KINDS) == ["encoder/block_01", "encoder/block_03"]
-
-
-@pytest.mark.parametrize("targeting,message", [
-    (_targeting("rank", 0), "num_units=0"),
-    (_targeting("rank", 5), "num_units=5"),
-    (_targeting("loudest"), "targeting.rule='loudest'"),
-    (_targeting("rank", metric="cer"), "targeting.metric='cer'"),
-])
-def test_bad_targeting_is_named(targeting, message):
-  with pytest.raises(ValueError, match=message):
-    arms.targeted_units(_importance(), targeting, KINDS)
-
-
-def test_arms_from_importance(model):
-  config, params, model_state = model
-  base = config_lib.federated_config().dropout
-  targets = arms.targeted_units(_importance(), _targeting(), KINDS)
-  configs = arms.arm_dropout_configs(arms.ARMS, targets, _targeting(), base,
-                                     params, model_state, config)
-  assert list(configs) == list(arms.ARMS)
+  """(params shapes, CostModel, droppable) of demo8x64 with group norm."""
+  config = models.get_model_config("demo8x64", conv_norm="group_norm",
+                                   decoder="ctc")
+  shapes = jax.eval_shape(lambda: variables_lib.init_variables(
+      models.build_model(config), 0))
   droppable = models.droppable_modules_from_config(config)
-  specs = {arm: dropout.dropout_spec_from_config(c, params, model_state,
-                                                 droppable)
-           for arm, c in configs.items()}
-
-  assert specs["full"] is None
-  # Targeted: only the ambient blocks' layers are dropped, at rate 0.5.
-  dropped = specs["targeted"].layers
-  assert {layer.name.rsplit("/", 1)[0] for layer in dropped} == {
-      "encoder/block_00", "encoder/block_02"}
-  assert {layer.name.rsplit("/", 1)[1] for layer in dropped} == {
-      "ffn1", "ffn2", "conv", "mhsa"}
-  for layer in dropped:
-    assert layer.num_kept == round(0.5 * layer.num_units)
-  assert not specs["targeted"].frozen_paths
-  # Freeze: the same blocks, not trained at all, nothing dropped.
-  assert not specs["freeze"].layers
-  assert specs["freeze"].frozen_paths == (("encoder", "block_00"),
-                                          ("encoder", "block_02"))
-  # Uniform: one rate on every block's layers.
-  assert {layer.name.rsplit("/", 1)[0] for layer in specs["uniform"].layers} == {
-      f"encoder/block_0{i}" for i in range(4)}
-
-  counts = {arm: arms.client_param_count(spec, params)
-            for arm, spec in specs.items()}
-  full = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  assert counts["full"] == full
-  block = sum(int(np.prod(x.shape))
-              for x in jax.tree.leaves(params["encoder"]["block_00"]))
-  assert counts["freeze"] == full - 2 * block
-  assert counts["targeted"] < full
-  # The control optimizes as many parameters as the targeted arm: within
-  # what one rate step (0.01) changes.
-  step = arms.client_param_count(dropout.dropout_spec_from_config(
-      ml_collections.ConfigDict(dict(
-          kind="uniform", rates={}, default_rate=0.01, unit_kinds=KINDS,
-          freeze_units=())), params, model_state,
-      models.droppable_modules_from_config(config)), params)
-  assert abs(counts["uniform"] - counts["targeted"]) <= full - step
-  rate = configs["uniform"].default_rate
-  assert 0.2 <= rate <= 0.3  # Half the blocks at 0.5 ~ all blocks at 0.25.
+  return shapes["params"], arms.cost_model(shapes["params"], droppable), (
+      droppable)
 
 
-def test_unknown_arm_is_named(model):
-  config, params, model_state = model
-  with pytest.raises(ValueError, match="Unknown arms.*'halfway'"):
-    arms.arm_dropout_configs(("full", "halfway"), [], _targeting(),
-                             config_lib.federated_config().dropout, params,
-                             model_state, config)
+def _importance(cost_model, critical_every=3, ambient_every=2, seed=0):
+  """WER increases drawn at random; labels from a fixed pattern."""
+  rng = np.random.default_rng(seed)
+  units = {}
+  for i, m in enumerate(cost_model.modules):
+    label = ("critical" if i % critical_every == 0 else
+             "ambient" if i % ambient_every == 0 else "undetermined")
+    increase = {"critical": 0.1, "ambient": 0.0, "undetermined": 0.02}[label]
+    units[m.name] = dict(label=label,
+                         wer_increase=increase + 0.01 * rng.random())
+  return {"units": units}
+
+
+def _counted(params, droppable, dropout_fields):
+  """Parameters a client optimizes, counted on the round's own sub-model."""
+  spec = dropout.make_dropout_spec(params, None, droppable=droppable,
+                                   **dropout_fields)
+  if spec.is_identity:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+  def trainable(p):
+    sub = submodel.gather_submodel(spec, p, submodel.all_kept_indices(spec))
+    return submodel.split_frozen(spec, sub)[0]
+
+  return sum(int(np.prod(x.shape))
+             for x in jax.tree.leaves(jax.eval_shape(trainable, params)))
+
+
+def test_cost_model_counts_what_the_round_trains(model):
+  params, cost_model, droppable = model
+  names = [m.name for m in cost_model.modules]
+  assert len(names) == 32
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    rates = {n: float(rng.uniform(0, 0.75)) for n in names}
+    assert cost_model.client_params(cost_model.kept(rates)) == _counted(
+        params, droppable, dict(rates=rates, unit_kinds=KINDS))
+  frozen = names[::5]
+  assert cost_model.client_params(frozen=frozen) == _counted(
+      params, droppable, dict(freeze_units=frozen))
+  assert cost_model.client_params() == cost_model.total == _counted(
+      params, droppable, {})
+
+
+def test_each_arm_reaches_the_cost_level(model):
+  _, cost_model, _ = model
+  # 6 of 32 modules critical: 55% is within reach of the other 26 at <= 0.75.
+  importance = _importance(cost_model, critical_every=6)
+  specs = arms.arm_specs(
+      cost_model, importance, ("full", "targeted", "anti_targeted", "uniform",
+                               "random", "freeze"), (0.85, 0.70, 0.55),
+      unit_kinds=KINDS, max_rate=0.75, random_draws=2, seed=0)
+  by_key = {(s.arm, s.level): s for s in specs}
+  assert by_key[("full", None)].params_fraction == 1.0
+  for arm in ("targeted", "anti_targeted", "uniform", "random_0", "random_1"):
+    for level in (0.85, 0.70, 0.55):
+      spec = by_key[(arm, level)]
+      assert not spec.note
+      assert spec.params_fraction == pytest.approx(level, abs=0.01), (arm,
+                                                                     level)
+      assert all(r <= 0.75 for r in spec.dropout["rates"].values())
+  # Uniform: one rate on every module.
+  uniform = by_key[("uniform", 0.70)]
+  assert uniform.dropout["kind"] == "uniform"
+  assert len(uniform.kept) == 32
+  # Freeze: the ambient modules, nothing thinned.
+  ambient = [n for n, u in importance["units"].items() if u["label"] == "ambient"]
+  assert list(by_key[("freeze", None)].dropout["freeze_units"]) == ambient
+
+
+def test_targeted_spares_critical_modules_and_anti_targeted_mirrors_it(model):
+  _, cost_model, _ = model
+  importance = _importance(cost_model)
+  labels = {n: u["label"] for n, u in importance["units"].items()}
+  specs = arms.arm_specs(cost_model, importance,
+                         ("full", "targeted", "anti_targeted"), (0.70,),
+                         unit_kinds=KINDS, max_rate=0.75, random_draws=0,
+                         seed=0)
+  targeted, anti = (s.dropout["rates"] for s in specs[1:])
+  ranking = arms.module_ranking(importance, list(labels))
+  eligible = [m for m in ranking if labels[m] != "critical"]
+  # No critical module loses units; rates fall with importance.
+  assert not any(labels[m] == "critical" for m in targeted)
+  rates = [targeted.get(m, 0.0) for m in eligible]
+  assert rates == sorted(rates, reverse=True) and rates[0] > 0
+  # The mirror: the same number of modules, the most important ones, the
+  # largest rate on the most important.
+  top = ranking[::-1][:len(eligible)]
+  assert set(anti) <= set(top)
+  anti_rates = [anti.get(m, 0.0) for m in top]
+  assert anti_rates == sorted(anti_rates, reverse=True) and anti_rates[0] > 0
+  assert sum(labels[m] == "critical" for m in anti) > 0
+
+
+def test_random_draws_are_seeded_and_differ(model):
+  _, cost_model, _ = model
+  importance = _importance(cost_model)
+  make = lambda seed: [s.dropout["rates"] for s in arms.arm_specs(
+      cost_model, importance, ("random",), (0.70,), unit_kinds=KINDS,
+      max_rate=0.75, random_draws=3, seed=seed)]
+  first = make(0)
+  assert first == make(0)
+  assert first != make(1)
+  assert len({tuple(sorted(r)) for r in first}) == 3
+
+
+def test_unreachable_level_is_reported_not_run(model):
+  _, cost_model, _ = model
+  importance = _importance(cost_model, critical_every=1)  # All critical.
+  specs = arms.arm_specs(cost_model, importance, ("targeted",), (0.70,),
+                         unit_kinds=KINDS, max_rate=0.75, random_draws=0,
+                         seed=0)
+  assert specs[0].note == "no module is not critical"
+  importance = _importance(cost_model, critical_every=2, ambient_every=1)
+  (spec,) = arms.arm_specs(cost_model, importance, ("targeted",), (0.30,),
+                           unit_kinds=KINDS, max_rate=0.5, random_draws=0,
+                           seed=0)
+  assert spec.note.startswith("out of reach")
+
+
+def test_missing_labels_are_named(model):
+  _, cost_model, _ = model
+  importance = _importance(cost_model)
+  name = cost_model.modules[0].name
+  del importance["units"][name]["label"]
+  with pytest.raises(ValueError, match="no paired label"):
+    arms.arm_specs(cost_model, importance, ("targeted",), (0.7,),
+                   unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)
+  with pytest.raises(ValueError, match="config.arms has"):
+    arms.arm_specs(cost_model, _importance(cost_model), ("loudest",), (0.7,),
+                   unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)

@@ -1,7 +1,8 @@
 """`make demo`'s pipeline at tiny scale, through the real entry point.
 
 `configs/experiment.py:scale=tiny` runs every stage (corpus, pre-training,
-analysis, four federated arms, client costs, report) on the tiny corpus in a
+analysis and half-width ranking, four federated arms at one cost level,
+client costs, verdict, report) on the tiny corpus in a
 subprocess; a second run must reuse all of it and give the same summary, and
 so must notebook 3 (colabs/03_targeted_federated_dropout.ipynb), which runs the
 same config on the same workdir; the same command in a new workdir must give
@@ -15,10 +16,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from conformer_fl import checkpointing
-from conformer_fl import tree_paths
 from conformer_fl.analysis import stability
-from conformer_fl.experiment import arms as arms_lib
+from conformer_fl.experiment import verdict
 
 import notebooks  # tests/notebooks.py
 import tiny_experiment  # tests/tiny_experiment.py
@@ -41,139 +40,128 @@ def experiment(tiny_corpus_dir, tmp_path_factory):
   return workdir, first, second, summary
 
 
+def _final(workdir, key, seed=0, model=0):
+  """The final evaluation of model `model`'s run of arm key 'LEVEL/ARM'."""
+  level, arm = key.split("/")
+  (path,) = (workdir / "arms" / f"model_{model}" / level / arm).glob(
+      f"seed_{seed}_lr*")
+  return json.loads((path / "final_eval.json").read_text())["value"]
+
+
 def test_stages_run_then_are_reused(experiment):
   workdir, first, second, summary = experiment
-  for stage in range(1, 6):
-    assert f"[{stage}/5]" in first
+  for stage in (1, 2, 3, 4, 5, 7):
+    assert f"[{stage}/7]" in first
   assert f"Report: {workdir / 'report.md'}" in first
-  assert "pre-training: 6 central steps" in first
-  assert "pre-training: done (6 steps), reused" in second
-  assert "pre-training: 6 central steps" not in second
-  assert "federated rounds" not in second and "resetting" not in second
-  assert "analysis: done, reused" in second
-  for arm in arms_lib.ARMS:
-    assert f"adapt {arm} seed 0: done, reused" in second
+  assert "pre-training model 0 (seed 0): 6 central steps" in first
+  assert "pre-training model 0 (seed 0): done (6 steps), reused" in second
+  assert "central steps" not in second and "resetting" not in second
+  assert " rounds -> " not in second
+  for arm in ("full any", "targeted c070", "anti_targeted c070",
+              "uniform c070"):
+    assert f"adapt {arm} model 0 seed 0 lr 0.05: done, reused" in second
   assert json.loads((workdir / "summary.json").read_text()) == summary
 
 
-def test_targeted_units_are_the_least_important(experiment):
+def test_arms_match_the_cost_level_as_the_compiled_step_counts_it(experiment):
   workdir, _, _, summary = experiment
+  costs = json.loads((workdir / "client_costs.json").read_text())["value"]
+  by_key = {row["key"]: row for row in summary["arms"]}
+  assert set(by_key) == {"any/full", "c070/targeted", "c070/anti_targeted",
+                         "c070/uniform"}
+  full = costs["any/full"]
+  assert full["params_fraction"] == full["flops_fraction"] == 1.0
+  for key, row in by_key.items():
+    # The cost model's count is the compiled client step's trainable
+    # parameters, counted independently.
+    assert row["params_fraction"] == pytest.approx(
+        costs[key]["params_fraction"], abs=1e-12)
+    if key != "any/full":
+      # The tiny model's 2 heads make the steps coarse: within 0.05.
+      assert abs(row["params_fraction"] - 0.70) < 0.05, key
+      assert row["flops_fraction"] < 1.0
+      assert row["step_seconds_fraction"] > 0
   importance = json.loads(
       (workdir / "pretrain" / "analysis" / "importance.json").read_text())
-  # configs/experiment.py:scale=tiny ranks the droppable modules (ffn1,
-  # mhsa, conv, ffn2 of every block) by the loss increase.
-  assert importance["granularity"] == "module"
-  modules = arms_lib.droppable_units(list(importance["units"]),
-                                     ("ffn", "conv", "mhsa"))
-  assert len(modules) == 4 * 2  # The tiny model has 2 blocks.
-  least = min(modules, key=lambda u: importance["units"][u]["loss_increase"])
-  assert summary["analysis"]["targeted_units"] == [least]
-  by_arm = {row["arm"]: row for row in summary["arms"]}
-  assert list(by_arm) == list(arms_lib.ARMS)
-  assert by_arm["targeted"]["dropout"]["rates"] == {least: 0.5}
-  assert by_arm["freeze"]["dropout"]["freeze_units"] == [least]
-  assert by_arm["full"]["dropout"]["kind"] == "none"
+  labels = summary["models"][0]["labels"]
+  assert labels == {m: importance["units"][m]["label"] for m in labels}
+  assert len(labels) == 8  # 4 droppable modules x 2 blocks.
 
 
-def test_client_cost_falls_with_the_sub_model(experiment):
-  _, _, _, summary = experiment
-  by_arm = {row["arm"]: row for row in summary["arms"]}
-  full = by_arm["full"]
-  assert full["params_fraction"] == full["flops_fraction"] == 1.0
-  for arm in ("uniform", "targeted", "freeze"):
-    assert by_arm[arm]["params_fraction"] < 1.0
-    assert by_arm[arm]["flops_fraction"] < 1.0
-  # The control trains about as many parameters as the targeted arm.
-  assert abs(by_arm["uniform"]["params_fraction"] -
-             by_arm["targeted"]["params_fraction"]) < 0.05
-
-
-def test_final_evaluation_on_held_out_short_utterances(experiment):
+def test_wers_and_intervals_come_from_the_final_evaluations(experiment):
   workdir, _, _, summary = experiment
-  # The tiny corpus's test split: 2 speakers x 3 short utterances.
-  assert summary["eval"] == {"split": "test", "domains": ["short"]}
-  assert summary["pretrained_not_adapted"]["num_examples"] == 6
   for row in summary["arms"]:
-    final = json.loads((workdir / "arms" / row["arm"] / "seed_0" /
-                        "final_eval.json").read_text())["value"]
+    final = _final(workdir, row["key"])
+    # The tiny corpus's test split: 2 speakers x 3 short utterances.
     assert final["num_examples"] == 6 and final["split"] == "test"
-    assert row["wer"] == final["wer"] and row["loss"] == final["loss"]
-    assert np.isfinite(row["loss"]) and row["loss"] > 0
-    assert [r for r, _ in row["dev_wer_by_round"]["0"]][-1] == 2
+    errors = np.array(final["utterance_errors"])
+    words = np.array(final["utterance_words"])
+    assert row["wer"] == pytest.approx(errors.sum() / words.sum())
+    assert row["low"] <= row["wer"] <= row["high"]
+    assert row["per_seed"] == [[pytest.approx(row["wer"])]]
+    assert [r for r, _ in row["dev_wer_by_round"]][-1] == 2
+  for c in summary["comparisons"]:
+    a, b = _final(workdir, c["a"]), _final(workdir, c["b"])
+    difference = (np.sum(a["utterance_errors"]) - np.sum(b["utterance_errors"])
+                  ) / np.sum(a["utterance_words"])
+    assert c["difference"] == pytest.approx(difference)
+    assert c["low"] <= c["difference"] <= c["high"]
+    assert (c["num_models"], c["num_seeds"], c["num_speakers"],
+            c["num_utterances"]) == (1, 1, 2, 6)
 
 
-def test_freeze_arm_leaves_the_targeted_unit_at_its_pretrained_value(
-    experiment):
-  workdir, _, _, summary = experiment
-  (unit,) = summary["analysis"]["targeted_units"]
-  path = tuple(unit.split("/"))
-  pretrained = checkpointing.CheckpointStore(
-      str(workdir / "pretrain"), read_only=True).restore_variables(6)["params"]
-
-  def adapted(arm):
-    return checkpointing.CheckpointStore(
-        str(workdir / "arms" / arm / "seed_0"),
-        read_only=True).restore_variables(2)["params"]
-
-  def flat(tree):
-    out = []
-    for key in sorted(tree):
-      out += flat(tree[key]) if isinstance(tree[key], dict) else [tree[key]]
-    return out
-
-  frozen, full = adapted("freeze"), adapted("full")
-  unit_of = lambda params: flat(tree_paths.get(params, path))
-  for a, b in zip(unit_of(frozen), unit_of(pretrained)):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b)
-             for a, b in zip(unit_of(full), unit_of(pretrained)))
+def test_verdict_follows_the_rule_from_the_intervals(experiment):
+  _, _, _, summary = experiment
+  find = lambda a, b: next(c for c in summary["comparisons"]
+                           if (c["a"], c["b"]) == (a, b))
+  expected = verdict.decide(find("c070/targeted", "any/full"),
+                            find("c070/anti_targeted", "c070/targeted"),
+                            margin=0.02)
+  assert summary["verdict"] == expected
+  assert summary["setup"]["miniature"]
 
 
-def test_report_has_the_table_and_figures(experiment):
-  workdir, _, _, _ = experiment
-  report = (workdir / "report.md").read_text()
-  assert "| arm | client model |" in report
-  for row in ("pre-trained, not adapted", *arms_lib.ARMS):
-    assert f"| {row} |" in report
-  for figure in ("wer_by_round.png", "client_cost.png"):
-    assert f"({figure})" in report
-    assert matplotlib.image.imread(workdir / figure).shape[:2] == (400, 600)
-  assert (workdir / "pretrain" / "analysis" / "heatmap_wer.png").exists()
-
-
-def test_report_states_the_checks_noise_and_transcripts(experiment):
+def test_report_has_checks_verdict_tables_and_figures(experiment):
   workdir, _, _, summary = experiment
   report = (workdir / "report.md").read_text()
   lines = report.splitlines()
-  # The checks come first, each measured.
-  assert lines[0] == "# Federated Dropout targeted by layer importance"
-  checks = [line for line in lines[:8] if line.startswith("- **")]
-  assert len(checks) == 3
+  assert lines[0].startswith("# Claim 5")
+  checks = [line for line in lines[:10] if line.startswith("- **")]
+  assert len(checks) == 4
   assert "dev WER <= 0.30" in checks[0] and "utterances" in checks[0]
+  assert "This is the miniature of the test" in report
+  assert f"**{summary['verdict']['verdict'].upper()}** at client cost 70%" in (
+      report)
+  assert verdict.RULE in report
+  for row in summary["arms"]:
+    assert (f"{row['wer']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
+            in report)
+  for c in summary["comparisons"]:
+    assert f"| {c['a']} - {c['b']} | {c['difference']:+.3f}" in report
   assert "Wall time of each stage" in report
-  assert set(summary["stage_seconds"]) >= {"pretrain", "analysis", "summary"}
-  # Paired differences of every arm against full, on the 6 test utterances.
-  assert set(summary["paired_differences"]) == {"uniform", "targeted",
-                                                "freeze"}
-  for d in summary["paired_differences"].values():
-    assert d["low"] <= d["difference"] <= d["high"]
-    assert (d["num_seeds"], d["num_utterances"]) == (1, 6)
-    assert f"{d['difference']:+.3f}" in report
+  for figure in ("wer_vs_cost.png", "wer_by_round.png", "pretrain_curve.png"):
+    assert f"({figure})" in report
+    assert matplotlib.image.imread(workdir / figure).ndim == 3
+  assert "Gate (>= 4 droppable modules ambient" in report
   # Transcripts: the references of the test split, each arm's hypothesis.
   samples = summary["transcripts"]
-  final = json.loads((workdir / "arms" / "targeted" / "seed_0" /
-                      "final_eval.json").read_text())["value"]
+  final = _final(workdir, "c070/targeted")
   assert [s["reference"] for s in samples] == final["references"][:6]
-  assert [s["arms"]["targeted"] for s in samples] == final["hypotheses"][:6]
-  assert f"reference: `{samples[0]['reference']}`" in report
-  # The pre-trained model on its own dev domain, with CER and an interval.
-  dev = summary["pretrain"]["dev_eval"]
-  assert dev["wer_low"] <= dev["wer"] <= dev["wer_high"] and 0 <= dev["cer"]
-  curve = summary["pretrain"]["learning_curve"]
-  assert [c["step"] for c in curve] == [1, 2, 3, 4, 5, 6]
-  assert matplotlib.image.imread(workdir / "pretrain_curve.png").ndim == 3
+  assert [s["arms"]["c070/targeted"] for s in samples] == (
+      final["hypotheses"][:6])
   # Links in the report are relative to the workdir.
   assert str(workdir) not in report
+
+
+def test_half_width_ranking_covers_every_droppable_module(experiment):
+  workdir, _, _, summary = experiment
+  half = json.loads((workdir / "pretrain" / "analysis" / "halfwidth.json"
+                     ).read_text())["value"]
+  model = summary["models"][0]
+  assert set(half["modules"]) == set(model["labels"])
+  for m in half["modules"].values():
+    assert m["wer_increase"] == pytest.approx(m["wer"] - half["baseline_wer"])
+  assert model["halfwidth"]["agreement"]["num_modules"] == 8
 
 
 def test_same_command_in_a_new_workdir_gives_the_same_numbers(
@@ -192,21 +180,21 @@ def test_notebook_3_reuses_the_run_and_shows_its_table(
       notebooks.COLABS / "03_targeted_federated_dropout.ipynb", tmp_path,
       CONFORMER_FL_WORKDIR=str(workdir), CONFORMER_FL_DATA_DIR=tiny_corpus_dir)
   text = notebooks.all_text(nb)
-  assert "pre-training: done (6 steps), reused" in text
-  assert "analysis: done, reused" in text
-  for arm in arms_lib.ARMS:
-    assert f"adapt {arm} seed 0: done, reused" in text
-  assert f"targeted: {summary['analysis']['targeted_units']}" in text
+  assert "pre-training model 0 (seed 0): done (6 steps), reused" in text
+  assert "analysis model 0 (seed 0): done, reused" in text
+  assert "adapt targeted c070 model 0 seed 0 lr 0.05: done, reused" in text
+  assert f"least important first: {summary['models'][0]['ranking'][:4]}" in text
+  assert f"verdict: {summary['verdict']['verdict']}" in text
   table = notebooks.cell_printing(nb, "of the parameters")
   markdown = [o.data["text/markdown"] for o in table.outputs
               if o.output_type == "display_data" and "text/markdown" in o.data]
-  assert len(markdown) == 1 and "| arm | client model |" in markdown[0]
+  assert len(markdown) == 1 and "| level | arm | client model |" in markdown[0]
   for row in summary["arms"]:
-    assert (f"{row['arm']:>9}: {row['params_fraction']:.1%} of the parameters,"
-            f" {row['flops_fraction']:.1%} of the FLOPs, WER {row['wer']:.3f}"
-            ) in text
+    assert (f"{row['key']:>18}: {row['params_fraction']:.1%} of the"
+            f" parameters, {row['flops_fraction']:.1%} of the FLOPs, WER"
+            f" {row['wer']:.3f}") in text
     assert f"| {row['arm']} |" in markdown[0]
-  # The heatmap, the WER-by-round and the client-cost figures.
+  # The heatmap, the WER-against-cost and the WER-by-round figures.
   pngs = notebooks.pngs(nb)
   assert len(pngs) == 3
   assert all(png[:8] == notebooks.PNG_MAGIC for png in pngs)
@@ -214,19 +202,19 @@ def test_notebook_3_reuses_the_run_and_shows_its_table(
 
 def test_the_stability_stage_grows_the_run_into_the_study(
     experiment, tiny_corpus_dir, tmp_path):
-  """scale=study's stage 5 at tiny scale, on a copy of the finished run."""
+  """The optional stability stage at tiny scale, on a copy of the finished run."""
   workdir, _, _, summary = experiment
   study = tmp_path / "study"
   shutil.copytree(workdir, study)
   arg = (",stability_seeds=0+1,stability_norms=group_norm+batch_norm")
   first = tiny_experiment.run(study, tiny_corpus_dir, arg)
   # The demo's stages are reused; three runs are added to `pretrain`.
-  assert "pre-training: done (6 steps), reused" in first
+  assert "pre-training model 0 (seed 0): done (6 steps), reused" in first
   names = ["tiny_batch_norm_seed0", "tiny_batch_norm_seed1",
            "tiny_group_norm_seed1"]
   for name in names:
-    assert f"[5/6] stability {name}: 6 central steps" in first
-    assert f"[5/6] stability {name}: analysis" in first
+    assert f"[6/7] stability {name}: 6 central steps" in first
+    assert f"[6/7] stability {name}: analysis" in first
   again = tiny_experiment.run(study, tiny_corpus_dir, arg)
   for name in names:
     assert f"stability {name}: pre-training done, reused" in again
@@ -277,8 +265,7 @@ def test_the_stability_stage_grows_the_run_into_the_study(
   seconds = json.loads((study / "stage_seconds.json").read_text())
   stability_seconds = sum(v for k, v in seconds.items()
                           if k.startswith("stability/"))
-  assert (f"stability runs {stability_seconds:.0f} s (3 pre-trained and"
-          " analysed)") in report
+  assert f"stability {stability_seconds:.0f} s (6 runs)" in report
   assert "| seeds (same size and norm) | 2 (" in report
   # The demo's numbers are untouched.
   assert json.loads((study / "summary.json").read_text())["arms"] == (

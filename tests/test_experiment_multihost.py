@@ -3,8 +3,8 @@
 Every stage runs under `launch/local_multiprocess.py` (pre-training and the
 arms over both processes' devices, the analysis' variants split over them,
 evaluations split over the processes) and must give the summary of one
-process of four devices: the same WERs, ambient and critical units, targeted
-units and client costs. Pre-training's gradient all-reduce runs over two
+process of four devices: the same WERs and intervals, module labels,
+half-width ranking, arms and client costs. Pre-training's gradient all-reduce runs over two
 processes there (gloo) and sums in another order, so parameters differ in
 their last bits and losses are compared to a relative 1e-4.
 
@@ -42,16 +42,16 @@ def _summary(workdir):
 
 def test_process_0_alone_reports(runs):
   two_dir, stdout = runs["two"]
-  assert "[p0] [5/5] summary" in stdout
-  assert not re.search(r"^\[p1\] \[\d/5\]", stdout, re.MULTILINE)
+  assert "[p0] [7/7] summary" in stdout
+  assert not re.search(r"^\[p1\] \[\d/7\]", stdout, re.MULTILINE)
   assert f"[p0] Report: {two_dir / 'report.md'}" in stdout
 
 
 def test_two_processes_give_the_summary_of_one(runs):
   one, two = _summary(runs["one"][0]), _summary(runs["two"][0])
-  assert [row["arm"] for row in two["arms"]] == ["full", "targeted"]
-  assert two["analysis"]["targeted_units"] == one["analysis"]["targeted_units"]
-  assert two["analysis"]["ambient"] == one["analysis"]["ambient"]
+  assert [row["key"] for row in two["arms"]] == ["any/full", "c070/targeted"]
+  assert two["models"][0]["labels"] == one["models"][0]["labels"]
+  assert two["arms"][1]["kept"] == one["arms"][1]["kept"]
   tiny_experiment.assert_close(two, one)
 
 

@@ -38,9 +38,10 @@ def _tiny_config(norm):
       dropout_rate=0.0, **groups)
 
 
-def _submodel(norm, spec):
+def _submodel(norm, spec, rescale=False):
   """The tiny model at the widths of `spec` (the model side's sub-model)."""
-  return models.build_model(_tiny_config(norm), kept_units=spec.kept_units)
+  return models.build_model(_tiny_config(norm), kept_units=spec.kept_units,
+                            rescale_kept=rescale)
 
 
 def _model_and_variables():
@@ -166,13 +167,16 @@ def test_group_norm_channels_dropped_within_groups(group_norm_model):
   assert len(set(kept)) == 24 and np.all(np.diff(kept) > 0)
 
 
+@pytest.mark.parametrize("rescale", [False, True])
 def test_sub_model_equals_full_model_with_dropped_units_zeroed(
-    batch_norm_model):
+    batch_norm_model, rescale):
   """Eval mode: a sub-model = the full model whose dropped units output 0.
 
   With batch norm in eval mode every conv channel is independent, so this
   holds for FFN hidden units, conv channels (incl. running statistics, which
-  live in model_state) and heads alike.
+  live in model_state) and heads alike. With `rescale` (inverted dropout)
+  the kept units' rows of the output projection are, in the reference,
+  multiplied by n / k.
   """
   model, variables, batch = batch_norm_model
   params, state = variables["params"], _state(variables)
@@ -184,6 +188,8 @@ def test_sub_model_equals_full_model_with_dropped_units_zeroed(
       **submodel_lib.gather_submodel(spec, state, kept, "model_state")}
   indicator = {k: np.asarray(v) for k, v in
                submodel_lib.kept_indicator(spec, kept).items()}
+  if rescale:
+    indicator = {k: v * (v.size / v.sum()) for k, v in indicator.items()}
   block = jax.tree.map(np.array, params["encoder"]["block_00"])
   for name in ("ffn1", "ffn2"):
     block[name]["dense_out"]["kernel"] *= indicator[
@@ -197,7 +203,7 @@ def test_sub_model_equals_full_model_with_dropped_units_zeroed(
   inputs = (batch["audio"], batch["audio_paddings"], batch["labels"],
             batch["label_paddings"])
   encode = lambda m, v: m.apply(v, *inputs, train=False)["encoded"]
-  sub_model = _submodel("batch_norm", spec)
+  sub_model = _submodel("batch_norm", spec, rescale)
   expected, got = jax.jit(lambda a, b: (encode(model, a),
                                         encode(sub_model, b)))(
                                             masked, sub_variables)

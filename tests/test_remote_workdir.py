@@ -34,7 +34,7 @@ from conformer_fl.analysis import movement  # pylint: disable=g-import-not-at-to
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import clients  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conformer_fl.experiment import summary as summary_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.experiment import figures  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = "gs://bucket/run"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -209,14 +209,16 @@ def test_client_size_report_writes_to_gs(bucket):
 
 def test_experiment_figures_write_to_gs(bucket):
   summary = dict(
-      seeds=[0],
-      arms=[dict(arm="full", params_fraction=1.0, flops_fraction=1.0,
-                 peak_bytes_fraction=1.0, dev_wer_by_round={0: [[1, 0.5]]}),
-            dict(arm="targeted", params_fraction=0.5, flops_fraction=0.6,
-                 peak_bytes_fraction=0.7, dev_wer_by_round={0: [[1, 0.4]]})])
-  summary_lib.plot_wer_by_round(summary, f"{_WORKDIR}/wer_by_round.png")
-  summary_lib.plot_client_cost(summary,
-                               epath.Path(_WORKDIR) / "client_cost.png")
-  for name in ("wer_by_round.png", "client_cost.png"):
-    assert _png_size(bucket.cat_file(f"{_WORKDIR}/{name}")) == (600, 400)
+      setup=dict(eval_split="test", confidence=0.95),
+      models=[dict(seed=0, learning_curve=[dict(step=1, wer=0.9)])],
+      arms=[dict(key="any/full", arm="full", wer=0.3, low=0.25, high=0.35,
+                 params_fraction=1.0, step_seconds_fraction=1.0,
+                 dev_wer_by_round=[[1, 0.5]]),
+            dict(key="c070/targeted", arm="targeted", wer=0.32, low=0.27,
+                 high=0.37, params_fraction=0.7, step_seconds_fraction=0.8,
+                 dev_wer_by_round=[[1, 0.4]])])
+  figures.write_figures(summary, _WORKDIR)
+  for name in (figures.COST_FIGURE, figures.ROUNDS_FIGURE,
+               figures.CURVE_FIGURE):
+    assert _png_size(bucket.cat_file(f"{_WORKDIR}/{name}"))[0] > 0
   _assert_nothing_local()

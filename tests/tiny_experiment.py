@@ -43,10 +43,11 @@ def run(workdir, data_dir, arg: str = "", overrides: Sequence[str] = (),
 def without_timings(summary: dict[str, Any]) -> dict[str, Any]:
   """The summary less what the machine's speed decides (seconds)."""
   summary = dict(summary, stage_seconds=None)
-  summary["arms"] = [dict(row, seconds_per_round=None)
+  summary["arms"] = [dict(row, step_seconds_fraction=None)
                      for row in summary["arms"]]
-  summary["pretrain"] = dict(summary["pretrain"], learning_curve=[
-      dict(c, seconds=None) for c in summary["pretrain"]["learning_curve"]])
+  summary["models"] = [dict(model, learning_curve=[
+      dict(c, seconds=None) for c in model["learning_curve"]])
+                       for model in summary["models"]]
   return summary
 
 

@@ -236,7 +236,8 @@ def load_run_config(
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def _data_config(run_config, analysis) -> ml_collections.ConfigDict:
+def data_config_of(run_config, analysis) -> ml_collections.ConfigDict:
+  """The run's data config with the analysis's data_dir, split and domains."""
   data = run_config.data.copy_and_resolve_references()
   if analysis.data_dir:
     data.data_dir = analysis.data_dir
@@ -372,7 +373,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   fresh_inits = fresh_initializations(model, seeds)
   units = models.list_units(trained["params"], analysis.granularity)
 
-  data_config = _data_config(run_config, analysis)
+  data_config = data_config_of(run_config, analysis)
   batches = input_pipeline.get_eval_batches(data_config, tokenizer)
   if analysis.eval_max_batches:
     batches = itertools.islice(batches, analysis.eval_max_batches)

@@ -1,29 +1,29 @@
-r"""The study end to end: pre-train, find the ambient layers, adapt with dropout.
+r"""Claim 5 put to a test: pre-train, analyse, adapt with cost-matched arms.
 
 `run_experiment(config, workdir, ...)` (mode 'experiment', configs/experiment.py;
-`make demo` runs it) chains the paper's stages, each a run of its own mode in
-a sub-directory of the workdir W:
+`make demo` runs it) chains the stages, each a run of its own mode in a
+sub-directory of the workdir W:
 
   1. corpus     build the synthetic corpus if it is not built yet;
-  2. pretrain   central training on the long-form domain       W/pretrain/
-                (config.pretrain, a central run config; checkpoints from step 0);
-  3. analysis   reset each unit of the pre-trained model         W/pretrain/analysis/
-                (config.analysis), giving importance.json;
-  4. adapt      federated adaptation to the withheld short-form  W/arms/ARM/seed_S/
-                domain, one client per speaker, from the pre-trained model
-                (config.adapt), once per arm (`arms.ARMS`: full, uniform,
-                targeted, freeze) and seed (config.seeds); each arm's run is then
-                evaluated on config.final_eval_split (held-out speakers);
-  5. stability  only when config.stability.runs is set           W/stability/NAME/
-                (scale=study): more pre-training runs (seeds,    W/stability.json
-                conv norms, a larger size), each analysed,
-                compared with each other and with W/pretrain
-                (`stability_runs`; claims 2 and 3);
-  6. summary    client cost of each arm (`costs`), the pre-     W/summary.json
-                trained model on its own dev split, the table,   W/report.md
-                paired intervals, transcripts and figures
-                (`summary`, `evidence`); the wall time of every
-                stage that ran                                   W/stage_seconds.json
+  2. pretrain   central training on the long-form domain, once  W/pretrain/,
+                per seed of config.pretrain_seeds (checkpoints   W/pretrain_model1/ ...
+                from step 0);
+  3. analysis   per model: reset each unit (config.analysis),    .../analysis/importance.json
+                paired labels; the half-width ranking            .../analysis/halfwidth.json
+                (`halfwidth`); the arms at every cost level
+                (`arms`);
+  4. tuning     each arm's client learning rate on dev from      W/arms/model_0/...
+                config.comparison.lr_grid (`design`);
+  5. adapt      the final federated runs, one client per         W/arms/model_M/LEVEL/ARM/
+                speaker, from each pre-trained model, each run     seed_S_lrR/
+                then evaluated on config.final_eval_split
+                (held-out speakers);
+  6. stability  only when config.stability.runs is set           W/stability/NAME/
+                (claims 2 and 3, `stability_runs`);              W/stability.json
+  7. summary    client costs (`costs`), not-adapted and dev      W/summary.json
+                evaluations, intervals, the verdict (`verdict`), W/report.md
+                figures (`figures`), the report (`report`); the  W/stage_seconds.json
+                wall time of every stage that ran
 
 The training stages run the loops `run_experiment` is given
 (`conformer_fl/main.py` passes `train.train_central` and `train.train_federated`),
@@ -34,7 +34,7 @@ checkpoints, so the same config and seeds give the same WERs and costs (the
 measured seconds per round vary with the machine's load). A workdir holds
 one experiment: if W/experiment_config.json differs from the config in any
 field but `workdir.EXPERIMENT_RESUMABLE_FIELDS` (the corpus's data_dir and the
-stability runs, so that a demo's workdir grows into the study's), the
+stability runs, so that a workdir grows by stability runs), the
 run stops before writing anything, naming each field with both values (the
 rule of every mode, `conformer_fl.workdir.check_config`). The run holds
 W/.lock (`conformer_fl.workdir.WorkdirLock`) while it lasts.

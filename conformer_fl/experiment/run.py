@@ -20,18 +20,25 @@ from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import costs as costs_lib
+from conformer_fl.experiment import design
+from conformer_fl.experiment import halfwidth as halfwidth_lib
+from conformer_fl.experiment import report as report_lib
 from conformer_fl.experiment import stability_runs
 from conformer_fl.experiment import summary as summary_lib
 
 CONFIG_FILE = "experiment_config.json"
 # A training loop of conformer_fl/train.py: (run config, workdir) -> params.
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
-# Version of the cached final evaluations (2: with CER, the WER interval and
-# the transcripts); a cache of another version is computed again.
-EVAL_SCHEMA = 2
+# Version of the cached final evaluations (3: with the per-utterance errors,
+# words and speakers); a cache of another version is computed again.
+EVAL_SCHEMA = 3
 
 
 STAGE_SECONDS_FILE = "stage_seconds.json"
+# Client costs of every arm of model 0 (W/), the half-width ranking of each
+# pre-trained model (W/pretrain*/analysis/).
+COSTS_FILE = "client_costs.json"
+HALFWIDTH_FILE = "halfwidth.json"
 
 
 class _Progress:
@@ -222,15 +229,23 @@ def _read_json(path: epath.Path) -> dict[str, Any]:
     return {}  # A write cut short (the files are written atomically now).
 
 
-def _adapt_config(config: ml_collections.ConfigDict,
+def _pretrain_config(config: ml_collections.ConfigDict,
+                     model: int) -> ml_collections.ConfigDict:
+  run_config = config.pretrain.copy_and_resolve_references()
+  with run_config.unlocked():
+    run_config.seed = int(config.pretrain_seeds[model])
+  return run_config
+
+
+def _adapt_config(config: ml_collections.ConfigDict, run: design.Run,
                   dropout_config: ml_collections.ConfigDict,
-                  seed: int, pretrain_dir: epath.Path
-                  ) -> ml_collections.ConfigDict:
+                  init_dir: epath.Path) -> ml_collections.ConfigDict:
   run_config = config.adapt.copy_and_resolve_references()
   with run_config.unlocked():
-    run_config.seed = seed
-    run_config.federated.init_workdir = os.fspath(pretrain_dir)
+    run_config.seed = run.seed
+    run_config.federated.init_workdir = os.fspath(init_dir)
     run_config.federated.dropout = dropout_config
+    run_config.federated.client_optimizer.learning_rate = run.lr
   return run_config
 
 
@@ -240,31 +255,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the bad field.
   """
-  if not config.arms or set(config.arms) - set(arms_lib.ARMS):
-    raise ValueError(f"config.arms={tuple(config.arms)}: expected some of"
-                     f" {arms_lib.ARMS}.")
-  if not config.seeds:
-    raise ValueError("config.seeds is empty: give at least one federated seed.")
-  if config.targeting.rule not in arms_lib.TARGETING_RULES:
-    raise ValueError(f"config.targeting.rule={config.targeting.rule!r}; expected"
-                     f" one of {arms_lib.TARGETING_RULES}.")
-  if config.targeting.metric not in arms_lib.TARGETING_METRICS:
-    raise ValueError(f"config.targeting.metric={config.targeting.metric!r};"
-                     f" expected one of {arms_lib.TARGETING_METRICS}.")
-  for field in ("targeted_rate", "other_rate"):
-    rate = config.targeting[field]
-    if not 0.0 <= rate < 1.0:
-      raise ValueError(f"config.targeting.{field}={rate}: must be in [0, 1).")
-  if config.targeting.rule == "rank":
-    granularity = config.analysis.analysis.granularity
-    kinds = set(config.adapt.federated.dropout.unit_kinds)
-    per_block = 1 if granularity == "block" else sum(
-        kind in kinds for kind in arms_lib.MODULE_KINDS.values())
-    most = config.pretrain.model.num_blocks * per_block
-    if not 1 <= config.targeting.num_units <= most:
-      raise ValueError(
-          f"config.targeting.num_units={config.targeting.num_units}: expected 1"
-          f" to {most} ({granularity} units that hold droppable layers).")
+  unknown = sorted(set(config.arms) - set(arms_lib.BASE_ARMS))
+  if not config.arms or unknown or "full" not in config.arms:
+    raise ValueError(f"config.arms={tuple(config.arms)}: expected 'full' and"
+                     f" others of {arms_lib.BASE_ARMS}.")
+  design.validate(config.comparison, config.pretrain_seeds)
+  if config.analysis.analysis.granularity != "module":
+    raise ValueError("config.analysis.analysis.granularity must be 'module':"
+                     " the arms read each droppable module's label.")
   for stage, mode in (("pretrain", "central"), ("analysis", "analysis"),
                       ("adapt", "federated")):
     if config[stage].mode != mode:
@@ -282,8 +280,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the experiment's directory W.
     train_central: the central loop that pre-trains (`train.train_central`;
       `conformer_fl/main.py` passes it).
-    train_federated: the federated loop of every arm and seed
-      (`train.train_federated`).
+    train_federated: the federated loop of every run (`train.train_federated`).
   """
   workdir = epath.Path(workdir)
   validate_config(config)
@@ -299,13 +296,27 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
     return _run_stages(config, workdir, train_central, train_federated)
 
 
+def _last_dev_wer(run_dir: epath.Path) -> float:
+  """The last dev WER a federated run logged."""
+  rows = [r for r in summary_lib.read_metrics(run_dir) if "eval/wer" in r]
+  if not rows:
+    raise ValueError(f"{run_dir} logged no dev WER: set"
+                     " adapt.federated.eval_every <= adapt.federated.rounds.")
+  return float(rows[-1]["eval/wer"])
+
+
+def _spec_key(spec: arms_lib.ArmSpec) -> str:
+  return f"{design.level_name(spec.level)}/{spec.arm}"
+
+
 def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                 train_central: TrainFn,
                 train_federated: TrainFn) -> dict[str, Any]:
   """The stages of `run_experiment`, its workdir checked and locked."""
-  num_stages = 6 if config.stability.runs else 5
+  num_stages = 7
   progress = _Progress(num_stages, workdir)
-  pretrain_dir = workdir / "pretrain"
+  c = config.comparison
+  num_models = len(config.pretrain_seeds)
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
@@ -321,107 +332,152 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                                     config.adapt.data.train_split)
 
   steps = config.pretrain.central.num_steps
-  if _done(checkpointing.latest_saved_step(pretrain_dir) == steps):
-    progress.stage(2, f"pre-training: done ({steps} steps), reused")
-  else:
-    progress.stage(2, f"pre-training: {steps} central steps -> {pretrain_dir}")
-    with progress.timed("pretrain"):
-      train_central(config.pretrain, os.fspath(pretrain_dir))
+  specs_by_model, analyses, halfwidths, costs_models = [], [], [], []
+  for model in range(num_models):
+    model_dir = design.pretrain_dir(workdir, model)
+    name = f"model {model} (seed {config.pretrain_seeds[model]})"
+    if _done(checkpointing.latest_saved_step(model_dir) == steps):
+      progress.stage(2, f"pre-training {name}: done ({steps} steps), reused")
+    else:
+      progress.stage(2, f"pre-training {name}: {steps} central steps ->"
+                        f" {model_dir}")
+      with progress.timed(f"pretrain/model_{model}"):
+        train_central(_pretrain_config(config, model), os.fspath(model_dir))
+    importance_path = (model_dir / importance_lib.OUTPUT_DIR /
+                       importance_lib.IMPORTANCE_FILE)
+    if _done(importance_path.exists() and importance_lib.load_importance(
+        model_dir)["trained_step"] == steps):
+      progress.stage(3, f"analysis {name}: done, reused")
+    else:
+      progress.stage(3, f"analysis {name}: resetting each unit")
+      with progress.timed(f"analysis/model_{model}"):
+        importance_lib.run_analysis(config.analysis, os.fspath(model_dir))
+    importance = importance_lib.load_importance(model_dir)
+    halfwidth_path = model_dir / importance_lib.OUTPUT_DIR / HALFWIDTH_FILE
+    with progress.timed(f"halfwidth/model_{model}", record=not _done(
+        halfwidth_path.exists())):
+      progress.stage(3, f"half-width ranking {name}")
+      halfwidths.append(_cached(
+          halfwidth_path, {"draws": c.halfwidth_draws, "step": steps,
+                           "seed": int(config.pretrain_seeds[model])},
+          lambda model_dir=model_dir, model=model:
+          halfwidth_lib.evaluate_half_width(
+              os.fspath(model_dir), config.analysis.analysis,
+              c.halfwidth_draws, int(config.pretrain_seeds[model])),
+          chief_computes=True))
+    analyses.append(importance)
+    store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
+    try:
+      params, model_state = models.split_variables(
+          store.restore_variables(steps))
+    finally:
+      store.close()
+    pretrained = importance_lib.load_run_config(model_dir)
+    cost_model = arms_lib.cost_model(
+        params, models.droppable_modules_from_config(pretrained.model))
+    specs_by_model.append(arms_lib.arm_specs(
+        cost_model, importance, tuple(config.arms), tuple(c.levels),
+        unit_kinds=tuple(config.adapt.federated.dropout.unit_kinds),
+        max_rate=c.max_rate, random_draws=c.random_draws,
+        seed=int(config.pretrain_seeds[model])))
+    costs_models.append((cost_model, params, model_state))
 
-  importance_path = (pretrain_dir / importance_lib.OUTPUT_DIR /
-                     importance_lib.IMPORTANCE_FILE)
-  if _done(importance_path.exists() and
-           importance_lib.load_importance(pretrain_dir)["trained_step"] == steps):
-    progress.stage(3, "analysis: done, reused")
-  else:
-    progress.stage(3, "analysis: resetting each unit of the pre-trained model")
-    with progress.timed("analysis"):
-      importance_lib.run_analysis(config.analysis, os.fspath(pretrain_dir))
-  importance = importance_lib.load_importance(pretrain_dir)
+  present = [[s for s in specs if not s.note] for specs in specs_by_model]
+  by_key = [{_spec_key(s): s for s in specs} for specs in present]
+  pairs = [[(s.arm, s.level) for s in specs] for specs in present]
 
-  pretrained = importance_lib.load_run_config(pretrain_dir)
-  store = checkpointing.CheckpointStore(os.fspath(pretrain_dir), read_only=True)
-  try:
-    params, model_state = models.split_variables(
-        store.restore_variables(steps))
-  finally:
-    store.close()
-  kinds = tuple(config.adapt.federated.dropout.unit_kinds)
-  targets = arms_lib.targeted_units(importance, config.targeting, kinds)
-  if not targets:
-    raise ValueError(
-        f"targeting.rule={config.targeting.rule!r} found no unit to target"
-        f" (ambient: {importance['ambient']}); use targeting.rule='rank' in a"
-        f" new workdir (copy {pretrain_dir} into it to reuse the pre-training).")
-  arm_dropouts = arms_lib.arm_dropout_configs(
-      tuple(config.arms), targets, config.targeting,
-      config.adapt.federated.dropout, params, model_state, pretrained.model)
+  def train(run: design.Run) -> None:
+    spec = by_key[run.model][f"{design.level_name(run.level)}/{run.arm}"]
+    run_dir = run.path(workdir)
+    rounds = config.adapt.federated.rounds
+    label = (f"{run.arm} {design.level_name(run.level)} model {run.model}"
+             f" seed {run.seed} lr {run.lr:g}")
+    if _done(checkpointing.latest_saved_step(run_dir) == rounds):
+      progress.stage(5, f"adapt {label}: done, reused")
+      return
+    progress.stage(5, f"adapt {label}: {rounds} rounds -> {run_dir}")
+    with progress.timed(os.fspath(run_dir.relative_to(workdir))):
+      train_federated(_adapt_config(config, run, arms_lib.dropout_config(spec),
+                                    design.pretrain_dir(workdir, run.model)),
+                      os.fspath(run_dir))
 
-  rounds = config.adapt.federated.rounds
+  tuning = design.tuning_runs(pairs[0], c.verdict_level, tuple(c.lr_grid),
+                              int(c.verdict_seeds[0]))
+  progress.stage(4, f"learning-rate grid: {len(tuning)} runs"
+                    if tuning else "learning-rate grid: one rate, no tuning")
+  for run in tuning:
+    train(run)
+  grid_dev_wer = {run: _last_dev_wer(run.path(workdir)) for run in tuning}
+  picks = design.pick_learning_rates(grid_dev_wer, tuple(c.lr_grid))
+
+  final = design.final_runs(pairs, c.verdict_level, tuple(c.verdict_seeds),
+                            tuple(c.control_seeds), tuple(c.level_seeds),
+                            tuple(c.lr_grid), picks)
   results = {}
-  for arm, dropout_config in arm_dropouts.items():
-    for seed in config.seeds:
-      run_dir = workdir / "arms" / arm / f"seed_{seed}"
-      if _done(checkpointing.latest_saved_step(run_dir) == rounds):
-        progress.stage(4, f"adapt {arm} seed {seed}: done, reused")
-      else:
-        progress.stage(4, f"adapt {arm} seed {seed}: {rounds} federated rounds"
-                          f" -> {run_dir}")
-        with progress.timed(f"adapt/{arm}/seed_{seed}"):
-          train_federated(
-              _adapt_config(config, dropout_config, seed, pretrain_dir),
-              os.fspath(run_dir))
-      split = config.final_eval_split
-      results[(arm, seed)] = _cached(
-          run_dir / "final_eval.json",
-          {"split": split, "round": checkpointing.latest_saved_step(run_dir),
-           "schema": EVAL_SCHEMA},
-          lambda: evaluate_checkpoint(run_dir, split))
+  for run in final:
+    train(run)
+    run_dir = run.path(workdir)
+    split = config.final_eval_split
+    results[run] = _cached(
+        run_dir / "final_eval.json",
+        {"split": split, "round": checkpointing.latest_saved_step(run_dir),
+         "schema": EVAL_SCHEMA},
+        lambda run_dir=run_dir: evaluate_checkpoint(run_dir, split))
 
   stability = None
   if config.stability.runs:
     stability = stability_runs.run_stage(
         config, workdir, train_central=train_central, timed=progress.timed,
-        announce=lambda text: progress.stage(5, text))
+        announce=lambda text: progress.stage(6, text))
 
-  progress.stage(num_stages, "summary: client cost of each arm, final"
-                             " evaluations, table, figures")
-  # The final evaluations and costs are cached: a rerun keeps the time of
-  # the run that computed them.
+  progress.stage(7, "summary: client costs, not-adapted evaluations, verdict,"
+                    " report")
   with progress.timed("summary", record=not _done(
-      (workdir / "client_costs.json").exists())):
-    adapt_run = importance_lib.load_run_config(
-        workdir / "arms" / config.arms[0] / f"seed_{config.seeds[0]}")
+      (workdir / COSTS_FILE).exists())):
+    adapt_run = importance_lib.load_run_config(final[0].path(workdir))
+    cost_model, params, model_state = costs_models[0]
 
     def client_costs():
-      tokenizer = input_pipeline.get_tokenizer(adapt_run.data,
-                                               os.fspath(pretrain_dir))
+      tokenizer = input_pipeline.get_tokenizer(
+          adapt_run.data, os.fspath(design.pretrain_dir(workdir, 0)))
       batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
-      costs = costs_lib.arm_costs(adapt_run, arm_dropouts, params, model_state,
-                                  batch)
-      return {arm: {**cost, "batch_shape": list(batch["audio"].shape)}
-              for arm, cost in costs.items()}
+      measured = costs_lib.arm_costs(
+          adapt_run, {_spec_key(s): arms_lib.dropout_config(s)
+                      for s in present[0]}, params, model_state, batch,
+          repeats=c.timing_repeats)
+      return {key: {**cost, "batch_shape": list(batch["audio"].shape)}
+              for key, cost in measured.items()}
 
-    costs = _cached(workdir / "client_costs.json",
-                    {arm: d.to_dict() for arm, d in arm_dropouts.items()},
+    costs = _cached(workdir / COSTS_FILE,
+                    {"repeats": c.timing_repeats,
+                     **{_spec_key(s): s.dropout for s in present[0]}},
                     client_costs, chief_computes=True)
-    # The pre-trained model, not adapted, on the adaptation domain.
-    pretrained_eval = _cached(
-        workdir / "pretrained_eval.json",
-        {"split": config.final_eval_split, "step": steps,
-         "schema": EVAL_SCHEMA},
-        lambda: evaluate_checkpoint(pretrain_dir, config.final_eval_split,
-                                    step=steps, data_config=adapt_run.data))
-    # The pre-trained model on the dev split of its own domain, every utterance.
-    pretrain_dev_eval = _cached(
-        workdir / "pretrain_dev_eval.json", {"split": "dev", "step": steps,
-                                               "schema": EVAL_SCHEMA},
-        lambda: evaluate_checkpoint(pretrain_dir, "dev", step=steps))
+    not_adapted, dev_evals = [], []
+    for model in range(num_models):
+      model_dir = design.pretrain_dir(workdir, model)
+      # The pre-trained model, not adapted, on the adaptation domain.
+      not_adapted.append(_cached(
+          model_dir / "not_adapted_eval.json",
+          {"split": config.final_eval_split, "step": steps,
+           "schema": EVAL_SCHEMA},
+          lambda model_dir=model_dir: evaluate_checkpoint(
+              model_dir, config.final_eval_split, step=steps,
+              data_config=adapt_run.data)))
+      # The pre-trained model on the dev split of its own domain.
+      dev_evals.append(_cached(
+          model_dir / "dev_eval.json", {"split": "dev", "step": steps,
+                                        "schema": EVAL_SCHEMA},
+          lambda model_dir=model_dir: evaluate_checkpoint(
+              model_dir, "dev", step=steps)))
   summary = summary_lib.build_summary(
-      config, workdir, importance, targets, arm_dropouts, costs, results,
-      pretrained_eval, pretrain_dev_eval, progress.seconds, stability)
+      config, workdir, specs_by_model=specs_by_model,
+      cost_models=[m for m, _, _ in costs_models], analyses=analyses,
+      halfwidths=halfwidths, costs=costs, results=results,
+      grid_dev_wer=grid_dev_wer, picks=picks, not_adapted=not_adapted,
+      dev_evals=dev_evals, stage_seconds=progress.seconds,
+      stability=stability)
   if multihost.is_chief():
-    summary_lib.write_report(summary, workdir)
+    report_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",
           flush=True)
   return summary

@@ -182,6 +182,15 @@ def layer_rates(params: Mapping[str, Any], rates: Mapping[str, float],
           if unit_kinds is None or declaration.kind in unit_kinds}
 
 
+def kept_count(num_units: int, groups: int, rate: float) -> int:
+  """Units a layer of `num_units` in `groups` groups keeps at `rate`.
+
+  G * max(1, round((1 - rate) * n / G)): the same count in every group, at
+  least one unit per group (module docstring).
+  """
+  return groups * max(1, round((1.0 - rate) * num_units / groups))
+
+
 def make_dropout_spec(
     params: Mapping[str, Any],
     model_state: Mapping[str, Any] | None = None,
@@ -224,11 +233,11 @@ def make_dropout_spec(
     if num_units % groups:
       raise ValueError(f"{name}: {groups} groups do not divide its"
                        f" {num_units} units.")
-    per_group = max(1, round((1.0 - rate) * num_units / groups))
-    if per_group * groups == num_units:
+    num_kept = kept_count(num_units, groups, rate)
+    if num_kept == num_units:
       continue
     layers.append(submodel_lib.DroppedLayer(
-        name=name, num_units=num_units, num_kept=per_group * groups,
+        name=name, num_units=num_units, num_kept=num_kept,
         num_groups=groups, param_leaves=param_leaves,
         state_leaves=state_leaves))
   frozen = _topmost(unit_patterns.select_units(
@@ -305,6 +314,37 @@ def rates_from_importance(importance: Mapping[str, Sequence[str]], *,
 # ----------------------------------------------------------------------------
 
 
+def compile_client_step(
+    loss_fn: Callable[..., tuple[jax.Array, PyTree]],
+    client_optimizer: optax.GradientTransformation,
+    spec: submodel_lib.SubmodelSpec,
+    params: PyTree,
+    model_state: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+) -> tuple[Any, tuple[Any, ...]]:
+  """One local step of a sub-model, compiled, and the arguments to run it.
+
+  The step is the round's (`round.local_step`: loss, gradient of the
+  trainable params, client optimizer update) on the sub-model of the leading
+  kept units (`submodel.client_submodel`), frozen subtrees as arguments.
+  `compiled(*args)` runs it (e.g. to time it); args[0] is the trainable
+  params. Arguments as in `client_step_cost`.
+  """
+  trainable, frozen, sub_state = submodel_lib.client_submodel(
+      spec, params, model_state, submodel_lib.all_kept_indices(spec))
+
+  def step(trainable, frozen, opt_state, model_state, batch, rng):
+    return round_lib.local_step(
+        trainable, opt_state, model_state, batch, rng,
+        loss_fn=submodel_lib.with_frozen(spec, loss_fn, frozen),
+        client_optimizer=client_optimizer)
+
+  args = (trainable, frozen, client_optimizer.init(trainable), sub_state,
+          batch, rng)
+  return jax.jit(step).lower(*args).compile(), args
+
+
 def client_step_cost(
     loss_fn: Callable[..., tuple[jax.Array, PyTree]],
     client_optimizer: optax.GradientTransformation,
@@ -324,18 +364,13 @@ def client_step_cost(
   temporaries - aliased, from its memory analysis. loss_fn: the sub-model's
   loss (widths `spec.kept_units`); the other arguments as in client_cost.
   """
-  trainable, frozen, sub_state = submodel_lib.client_submodel(
-      spec, params, model_state, submodel_lib.all_kept_indices(spec))
+  return compiled_step_cost(*compile_client_step(
+      loss_fn, client_optimizer, spec, params, model_state, batch, rng))
 
-  def step(trainable, frozen, opt_state, model_state, batch, rng):
-    return round_lib.local_step(
-        trainable, opt_state, model_state, batch, rng,
-        loss_fn=submodel_lib.with_frozen(spec, loss_fn, frozen),
-        client_optimizer=client_optimizer)
 
-  compiled = jax.jit(step).lower(
-      trainable, frozen, client_optimizer.init(trainable), sub_state, batch,
-      rng).compile()
+def compiled_step_cost(compiled: Any, args: tuple[Any, ...]
+                       ) -> dict[str, float]:
+  """{'params', 'flops', 'peak_bytes'} of `compile_client_step`'s output."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -343,7 +378,7 @@ def client_step_cost(
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
           memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   return {
-      "params": float(sum(x.size for x in jax.tree.leaves(trainable))),
+      "params": float(sum(x.size for x in jax.tree.leaves(args[0]))),
       "flops": float(cost["flops"]),
       "peak_bytes": float(peak),
   }

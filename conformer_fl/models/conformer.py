@@ -205,11 +205,14 @@ class FeedForwardModule(nn.Module):
     dropout_rate: Dropout after the activation and after the output.
     hidden_units: F, the hidden width; None = ffn_mult * D (a Federated
       Dropout sub-model keeps fewer).
+    kept_scale: multiplies the hidden units before dense_out (inverted
+      dropout of a sub-model: full / kept width); 1 = none.
   """
   model_dim: int
   ffn_mult: int = 4
   dropout_rate: float = 0.1
   hidden_units: int | None = None
+  kept_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
@@ -220,6 +223,8 @@ class FeedForwardModule(nn.Module):
     y = nn.Dense(hidden, name="dense_in")(y)
     y = nn.swish(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    if self.kept_scale != 1.0:
+      y = y * self.kept_scale
     y = nn.Dense(self.model_dim, name="dense_out")(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return y, paddings
@@ -259,12 +264,15 @@ class RelativeSelfAttention(nn.Module):
     dropout_rate: Dropout on the module's output.
     kept_heads: the heads computed, of width Dh; None = H (a Federated
       Dropout sub-model keeps fewer).
+    kept_scale: multiplies the heads' outputs before the output projection
+      (inverted dropout of a sub-model: H / kept heads); 1 = none.
   """
   model_dim: int
   num_heads: int
   attention_dropout_rate: float = 0.0
   dropout_rate: float = 0.1
   kept_heads: int | None = None
+  kept_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
@@ -306,6 +314,8 @@ class RelativeSelfAttention(nn.Module):
     probs = nn.Dropout(self.attention_dropout_rate)(
         probs, deterministic=not train)
     attended = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    if self.kept_scale != 1.0:
+      attended = attended * self.kept_scale
     y = nn.DenseGeneral(self.model_dim, axis=(-2, -1), name="output")(attended)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return y, paddings
@@ -326,6 +336,8 @@ class ConvolutionModule(nn.Module):
     depthwise_impl: 'shift_add' | 'conv' (see DepthwiseConv1D).
     dropout_rate: Dropout on the module's output.
     channels: C; None = D.
+    kept_scale: multiplies the channels before pointwise_out (inverted
+      dropout of a sub-model: D / kept channels); 1 = none.
   """
   model_dim: int
   kernel_size: int = 32
@@ -335,6 +347,7 @@ class ConvolutionModule(nn.Module):
   depthwise_impl: DepthwiseImpl = "shift_add"
   dropout_rate: float = 0.1
   channels: int | None = None
+  kept_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, *,
@@ -359,6 +372,8 @@ class ConvolutionModule(nn.Module):
                        f"got {self.norm!r}.")
     y = norm(y, paddings, train=train)
     y = nn.swish(y)
+    if self.kept_scale != 1.0:
+      y = y * self.kept_scale
     y = nn.Dense(self.model_dim, name="pointwise_out")(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return y, paddings
@@ -397,6 +412,11 @@ class ConformerConfig:
       keeps (hidden units, inner channels, heads); () = the full model. Not a
       field of the flat model config, which describes the full model:
       `models.build_model(config, kept_units)` sets it.
+    rescale_kept: inverted dropout for a sub-model: each module that keeps
+      k of its n units (hidden units, channels, heads) multiplies what they
+      feed its output projection by n / k, so that the projection's input
+      matches the full module's in expectation; False = as they are. Set with kept_units by
+      `models.build_model(config, kept_units, rescale_kept)`.
   """
   num_blocks: int = 2
   model_dim: int = 32
@@ -410,6 +430,7 @@ class ConformerConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   kept_units: tuple[tuple[str, int], ...] = ()
+  rescale_kept: bool = False
 
 
 class ConformerBlock(nn.Module):
@@ -430,19 +451,28 @@ class ConformerBlock(nn.Module):
     c = self.config
     kept = dict(c.kept_units)
     width = lambda module: kept.get(f"{self.name}/{module}")
+    full_width = dict(ffn1=c.ffn_mult * c.model_dim, mhsa=c.num_heads,
+                      conv=c.model_dim, ffn2=c.ffn_mult * c.model_dim)
+
+    def scale(module: str) -> float:
+      """n / k of a module that keeps k of n units under rescale_kept."""
+      k = width(module)
+      return full_width[module] / k if c.rescale_kept and k else 1.0
+
     ffn = lambda name: FeedForwardModule(c.model_dim, c.ffn_mult,
                                          c.dropout_rate, width(name),
-                                         name=name)
+                                         scale(name), name=name)
     y, _ = ffn("ffn1")(x, paddings, train=train)
     x = x + 0.5 * y
     y, _ = RelativeSelfAttention(
         c.model_dim, c.num_heads, c.attention_dropout_rate,
-        c.dropout_rate, width("mhsa"), name="mhsa")(x, paddings, train=train)
+        c.dropout_rate, width("mhsa"), scale("mhsa"), name="mhsa")(
+            x, paddings, train=train)
     x = x + y
     y, _ = ConvolutionModule(
         c.model_dim, c.conv_kernel_size, c.conv_norm, c.conv_norm_groups,
         c.batch_norm_momentum, c.depthwise_impl, c.dropout_rate,
-        width("conv"), name="conv")(x, paddings, train=train)
+        width("conv"), scale("conv"), name="conv")(x, paddings, train=train)
     x = x + y
     y, _ = ffn("ffn2")(x, paddings, train=train)
     x = x + 0.5 * y

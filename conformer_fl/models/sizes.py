@@ -12,6 +12,9 @@ Sizes (encoder blocks x width, heads, LSTM width; depthwise kernel 32):
   L: 17 x 512, 8 heads, LSTM 640   (paper: 118.8M)
   demo: 4 x 96, 4 heads, kernel 15, LSTM 128 - the local CPU demo.
   demo_deep: 6 x 96, otherwise demo - the larger size of the demo's study.
+  demo8x64: 8 x 64, 4 heads, kernel 15 - deeper and narrower than demo at
+    about its FLOPs, with modules to spare for Federated Dropout.
+  demo12x48: 12 x 48, 4 heads, kernel 15 - deeper and narrower still.
   tiny: 2 x 32, 2 heads, kernel 8, LSTM 32 - tests.
 
 vocab_size includes the blank (id 0). Default 1024 for S/M/L (a 1k wordpiece
@@ -56,6 +59,12 @@ _SIZES: dict[str, dict[str, Any]] = {
     "demo_deep": dict(num_blocks=6, model_dim=96, num_heads=4, lstm_dim=128,
                       embed_dim=128, joint_dim=128, conv_kernel_size=15,
                       vocab_size=256),
+    "demo8x64": dict(num_blocks=8, model_dim=64, num_heads=4, lstm_dim=128,
+                     embed_dim=128, joint_dim=128, conv_kernel_size=15,
+                     vocab_size=256),
+    "demo12x48": dict(num_blocks=12, model_dim=48, num_heads=4, lstm_dim=128,
+                      embed_dim=128, joint_dim=128, conv_kernel_size=15,
+                      vocab_size=256),
     "tiny": dict(num_blocks=2, model_dim=32, num_heads=2, lstm_dim=32,
                  embed_dim=32, joint_dim=32, conv_kernel_size=8,
                  vocab_size=32),
@@ -72,7 +81,7 @@ FEATURE_NORMALIZATIONS = ("utterance", "none")
 # the sub-model's kept units, which `build_model` takes apart).
 ENCODER_FIELDS = tuple(
     field.name for field in dataclasses.fields(conformer.ConformerConfig)
-    if field.name != "kept_units")
+    if field.name not in ("kept_units", "rescale_kept"))
 # ConformerASR attributes that are no config fields.
 _NOT_FIELDS = ("parent", "name", "encoder_config")
 
@@ -92,7 +101,8 @@ def get_model_config(size: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The config of a named size, with fields overridden by keyword.
 
   Args:
-    size: One of SIZES ('S', 'M', 'L', 'demo', 'demo_deep', 'tiny').
+    size: One of SIZES ('S', 'M', 'L', 'demo', 'demo_deep', 'demo8x64',
+      'demo12x48', 'tiny').
     **overrides: Any model config field, e.g. decoder='ctc',
       conv_norm='group_norm'.
 
@@ -190,8 +200,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict,
-                kept_units: Mapping[str, int] | None = None
-                ) -> asr.ConformerASR:
+                kept_units: Mapping[str, int] | None = None,
+                rescale_kept: bool = False) -> asr.ConformerASR:
   """ConformerASR of a (validated) flat model config (module docstring).
 
   Args:
@@ -200,6 +210,8 @@ def build_model(config: ml_collections.ConfigDict,
       ('encoder/block_03/ffn1', 'encoder/block_03/conv',
       'encoder/block_03/mhsa'): the hidden units, inner channels or heads it
       keeps} (`SubmodelSpec.kept_units`); None or {} = the full model.
+    rescale_kept: multiply the output of each thinned module by full / kept
+      units (inverted dropout; `ConformerConfig.rescale_kept`).
 
   Raises:
     ValueError: a kept_units key that names no droppable module of the model,
@@ -208,7 +220,8 @@ def build_model(config: ml_collections.ConfigDict,
   validate_config(config)
   encoder_config = conformer.ConformerConfig(
       **{field: config[field] for field in ENCODER_FIELDS},
-      kept_units=_encoder_kept_units(config, kept_units or {}))
+      kept_units=_encoder_kept_units(config, kept_units or {}),
+      rescale_kept=bool(rescale_kept))
   return asr.ConformerASR(
       encoder_config=encoder_config,
       **{field: config[field] for field in config.keys()

@@ -98,11 +98,15 @@ class DroppableModule:
       leaves that match no pattern are kept whole.
     groups: G; units are kept k/G per group of n/G consecutive units (the
       conv module's group norm), 1 elsewhere.
+    output: the '/'-joined path below the module of the leaf that maps the
+      units to the module's output, with the units along axis 0: zeroing
+      its rows of some units removes those units from the output.
   """
   kind: str
   module: str
   leaves: tuple[tuple[str, int, int], ...]
   groups: int = 1
+  output: str = ""
 
 
 def droppable_modules(conv_norm_groups: int = 1
@@ -135,11 +139,14 @@ def droppable_modules(conv_norm_groups: int = 1
   conv_leaves = (("pointwise_in/kernel", 1, 2), ("pointwise_in/bias", 0, 2),
                  ("depthwise/kernel", 2, 1), ("pointwise_out/kernel", 0, 1),
                  ("conv_norm/.+", -1, 1))
-  return (DroppableModule("ffn", block + "ffn1", ffn_leaves),
-          DroppableModule("mhsa", block + "mhsa", mhsa_leaves),
+  return (DroppableModule("ffn", block + "ffn1", ffn_leaves,
+                          output="dense_out/kernel"),
+          DroppableModule("mhsa", block + "mhsa", mhsa_leaves,
+                          output="output/kernel"),
           DroppableModule("conv", block + "conv", conv_leaves,
-                          conv_norm_groups),
-          DroppableModule("ffn", block + "ffn2", ffn_leaves))
+                          conv_norm_groups, output="pointwise_out/kernel"),
+          DroppableModule("ffn", block + "ffn2", ffn_leaves,
+                          output="dense_out/kernel"))
 
 
 def droppable_modules_from_config(
