@@ -17,9 +17,9 @@ climbs to ~1e5, its floor for outputs that cannot align, and on to 1e14). The
 loops feed the guard the training loss of every logged step or round (values
 they read anyway) after a first value from the parameters they start from: the
 loss of the first step (central: one host read, once), or of the first round
-(federated). A value
-above `factor` times the median of the last `window` accepted values is not
-accepted; `patience` such values in a row stop the run. A resumed run first
+(federated). A value above `factor` times the median of the last `window`
+accepted values is not accepted; `patience` such values in a row stop the run,
+and the exploded model is logged but not evaluated. A resumed run first
 replays the losses of metrics.jsonl. The loss of step (round) i is that of
 checkpoint i - 1, so the checkpoints from the last accepted step on are moved
 to `<workdir>/checkpoints_diverged/`: the workdir's newest checkpoint is then
