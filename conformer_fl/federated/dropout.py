@@ -10,6 +10,20 @@ models/units.py:droppable_modules); this module knows no layer
 name. The round side (gather, scatter, count-normalized mean) is
 conformer_fl/federated/submodel.py.
 
+Which units a client keeps (`policy`, submodel.KEPT_POLICIES), the same
+choice in every dropped layer, within each group:
+  'random' (Caldas et al. 2018, arXiv 1812.07210; the default): a fresh
+    uniform subset per client and round, from the client's rng.
+  'ordered' (FjORD, Horvath et al. 2021): the leading units [0, k).
+  'static' (HeteroFL, Diao et al. 2021): a fixed leading slice per capacity
+    level; one spec is one capacity level, so it keeps the same units as
+    'ordered'.
+  'rolling' (FedRolex, Alam et al. 2022): the k consecutive units starting
+    at unit r mod n of round r, wrapping around (mod n).
+Every client of a round keeps the same units under the three deterministic
+policies. kind='targeted' (rates by layer importance) combines with any of
+them: the rates set how many units each layer keeps, the policy which.
+
 Keep count of a layer of n units at rate r: round((1 - r) * n), at least one
 unit (one per group), the same for every client so that clients vmap; a rate
 that keeps all n leaves the layer whole (not gathered).
@@ -200,6 +214,7 @@ def make_dropout_spec(
     default_rate: float = 0.0,
     unit_kinds: Sequence[str] | None = None,
     freeze_units: Sequence[str] = (),
+    policy: str = "random",
 ) -> submodel_lib.SubmodelSpec:
   """The SubmodelSpec of a model's params for per-layer dropout rates.
 
@@ -216,6 +231,7 @@ def make_dropout_spec(
     freeze_units: patterns (conformer_fl/unit_patterns.py) over the subtrees
       of params, e.g. ('encoder/block_00', '*/conv'); the topmost subtrees
       they select are not trained by the clients.
+    policy: which units a client keeps (module docstring).
 
   Raises:
     ValueError: as `layer_rates`, or a freeze_units pattern that matches no
@@ -243,10 +259,10 @@ def make_dropout_spec(
   frozen = _topmost(unit_patterns.select_units(
       freeze_units, subtree_names(params) if freeze_units else [],
       field="federated.dropout.freeze_units"))
-  return submodel_lib.SubmodelSpec(layers=tuple(layers),
-                                   frozen_paths=tuple(
-                                       tuple(name.split("/"))
-                                       for name in frozen))
+  return submodel_lib.SubmodelSpec(
+      layers=tuple(layers),
+      frozen_paths=tuple(tuple(name.split("/")) for name in frozen),
+      policy=policy)
 
 
 def dropout_spec_from_config(
@@ -256,6 +272,8 @@ def dropout_spec_from_config(
     droppable: Sequence[Droppable],
 ) -> submodel_lib.SubmodelSpec | None:
   """The spec of `config.federated.dropout` (see config_lib); None when off.
+
+  A config without `policy` keeps the 'random' units.
 
   `droppable`: the model's declaration, e.g.
   models.droppable_modules_from_config(config.model).
@@ -272,7 +290,8 @@ def dropout_spec_from_config(
   spec = make_dropout_spec(
       params, model_state, droppable=droppable, rates=rates,
       default_rate=default_rate, unit_kinds=tuple(dropout_config.unit_kinds),
-      freeze_units=tuple(dropout_config.freeze_units))
+      freeze_units=tuple(dropout_config.freeze_units),
+      policy=dropout_config.get("policy", "random"))
   return None if spec.is_identity else spec
 
 

@@ -143,7 +143,9 @@ def make_federated_round(
   """round_fn(server_state, round_data, rng) -> (server_state, metrics).
 
   Client c (global index in [0, C)) uses fold_in(fold_in(rng,
-  server_state.round), c) on any device layout; its weight is
+  server_state.round), c) on any device layout; the sub-model policy
+  (submodel.kept_indices) reads server_state.round as a traced scalar, so
+  one compiled round serves every round. Its weight is
   round_data.client_weights(aggregation_weight). submodel: Federated
   Dropout / freezing spec (None = plain); submodel_loss_fn: the loss of the
   sub-model, whose layers have the widths `submodel.kept_units` (None =
@@ -154,8 +156,15 @@ def make_federated_round(
   """
   aggregation.check_clip_update_norm(clip_update_norm)
   round_data_lib.check_aggregation_weight(aggregation_weight)
-  client_fn = functools.partial(client_update, loss_fn=loss_fn,
-                                client_optimizer=client_optimizer)
+  plain_client_fn = functools.partial(client_update, loss_fn=loss_fn,
+                                      client_optimizer=client_optimizer)
+
+  def client_fn(params, model_state, batches, step_mask, client_rng,
+                round_index):
+    del round_index  # Read by the sub-model policies only.
+    return plain_client_fn(params, model_state, batches, step_mask,
+                           client_rng)
+
   average = aggregation.weighted_mean
   if submodel is not None and not submodel.is_identity:  # Federated Dropout.
     client_fn = submodel_lib.wrap_client_update(
@@ -163,14 +172,14 @@ def make_federated_round(
         client_optimizer)
     average = submodel_lib.make_average(submodel, average)
 
-  def device_sums(params, model_state, round_data, round_rng):
+  def device_sums(params, model_state, round_data, round_rng, round_index):
     here = round_data["num_examples"].shape[0]
     first = jax.lax.axis_index(mesh_lib.CLIENTS_AXIS) * here
     rngs = jax.vmap(functools.partial(jax.random.fold_in, round_rng))(
         first + jnp.arange(here, dtype=jnp.int32))
-    outputs = jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0))(
+    outputs = jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0, None))(
         params, model_state, round_data_lib.batches(round_data),
-        round_data["step_mask"], rngs)
+        round_data["step_mask"], rngs, round_index)
     weights = round_data_lib.client_weights(round_data, aggregation_weight)
     sums = aggregation.aggregate(outputs, weights,
                                  round_data["num_examples"], clip_update_norm)
@@ -179,12 +188,12 @@ def make_federated_round(
   # check_vma off, else every loss_fn would pcast its constants.
   sharded_sums = jax.shard_map(
       device_sums, mesh=mesh,
-      in_specs=(P(), P(), P(mesh_lib.CLIENTS_AXIS), P()), out_specs=P(),
+      in_specs=(P(), P(), P(mesh_lib.CLIENTS_AXIS), P(), P()), out_specs=P(),
       check_vma=False)
 
   def run_round(state, round_data, rng):
     sums = sharded_sums(state.params, state.model_state, round_data,
-                        jax.random.fold_in(rng, state.round))
+                        jax.random.fold_in(rng, state.round), state.round)
     return server_update(state, sums, server_optimizer, average=average,
                          unit_paths=unit_paths)
 
