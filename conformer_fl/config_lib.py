@@ -188,8 +188,17 @@ def federated_config(server: str = "fedavg",
           from unit r mod n at round r, wrapping around (mod n).
         kind='targeted' with any policy: rates by layer importance set how
         many units each layer keeps, the policy which ones.
+      tiers: clients of mixed capacity in one round: ((fraction, width),
+        ...), e.g. ((0.4, 1.0), (0.3, 0.75), (0.3, 0.5)); fractions sum to
+        1, tier t takes round(fraction * clients_per_round) clients (a
+        multiple of the mesh's devices) and its layers of `unit_kinds` keep
+        width * (1 - rate) of their units (any kind, 'none' included:
+        rate 0). Each tier is vmapped at its own widths in the one compiled
+        round (conformer_fl/federated/tiers.py); the server averages each
+        element over the clients of every tier that trained it. () = one
+        tier, every client at the rates' widths.
       A layer keeps round((1 - rate) * n) of its n units (>= 1), the same
-      count for every client.
+      count for every client of a tier.
   """
   # Every field of every server optimizer, unset: `optimizers` fills them in
   # from `server`'s (or an overriding name's) defaults.
@@ -221,6 +230,7 @@ def federated_config(server: str = "fedavg",
           freeze_units=(),
           rescale=False,
           policy="random",
+          tiers=(),
       ),
   ))
 
