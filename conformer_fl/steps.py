@@ -94,8 +94,9 @@ def make_round_from_config(
 
   round_fn is `round_lib.make_federated_round` of the config's client and
   server optimizers (conformer_fl/optimizers.py), update clipping, logged
-  units and Federated Dropout (with capacity tiers: each tier's sub-model). `params` and `model_state` may be abstract
-  (jax.ShapeDtypeStruct): only their structure and shapes are read.
+  units and Federated Dropout (with capacity tiers: each tier's sub-model).
+  `params` and `model_state` may be abstract (jax.ShapeDtypeStruct): only
+  their structure and shapes are read.
   `launch/tpu_pod.py plan` builds the round through this function too, so
   what it compiles is what a run runs.
   """

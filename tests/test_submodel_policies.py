@@ -172,7 +172,8 @@ def run_rounds(policy, num_rounds, seed=0):
   for _ in range(num_rounds):
     state, _ = round_fn(state, toy_round_data(), jax.random.key(seed))
     history.append(jax.tree.map(np.array, state.params))
-    compiled.append(round_fn.jitted._cache_size())  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    compiled.append(round_fn.jitted._cache_size())
   return history, compiled
 
 
