@@ -148,7 +148,7 @@ def make_federated_round(
   Client c (global index in [0, C)) uses fold_in(fold_in(rng,
   server_state.round), c) on any device layout; the sub-model policy
   (submodel.kept_indices) reads server_state.round as a traced scalar, so
-  one compiled round serves every round. Its weight is
+  one compiled round serves every round. Client c's weight is
   round_data.client_weights(aggregation_weight). submodel: Federated
   Dropout / freezing spec (None = plain); submodel_loss_fn: the loss of the
   sub-model, whose layers have the widths `submodel.kept_units` (None =
