@@ -146,8 +146,9 @@ def federated_config(server: str = "fedavg",
       are logged every round (`update_norm/<unit>`).
     log_every, eval_every, checkpoint_every: cadence in rounds.
     dropout: Federated Dropout (conformer_fl/federated/dropout.py): each
-      client of a round trains a sub-model keeping a random subset of the
-      units of the targeted layers, gathered into smaller weight matrices.
+      client of a round trains a sub-model keeping a subset of the units
+      of the targeted layers (`policy`), gathered into smaller weight
+      matrices.
       kind: 'none' (full model) | 'uniform' (default_rate on every targeted
         layer) | 'targeted' (per-unit rates, default_rate elsewhere).
       rates: {unit pattern: rate in [0, 1)} (kind='targeted' only). A
@@ -175,8 +176,29 @@ def federated_config(server: str = "fedavg",
         by n / k (full over kept units) on the clients, so that the
         sub-model's forward pass matches the full model's in expectation;
         False = the kept units' outputs unscaled.
+      policy: which units a client keeps (the same count k of n for every
+        client; within each group-norm group for 'conv'):
+        'random' (Caldas et al. 2018, the default): a fresh random subset
+          per client and round;
+        'ordered' (FjORD, Horvath et al. 2021): the leading units 0..k-1;
+        'static' (HeteroFL, Diao et al. 2021): a fixed leading slice per
+          capacity level; with the one capacity level of a run it keeps
+          the same units as 'ordered';
+        'rolling' (FedRolex, Alam et al. 2022): the k consecutive units
+          from unit r mod n at round r, wrapping around (mod n).
+        kind='targeted' with any policy: rates by layer importance set how
+        many units each layer keeps, the policy which ones.
+      tiers: clients of mixed capacity in one round: ((fraction, width),
+        ...), e.g. ((0.4, 1.0), (0.3, 0.75), (0.3, 0.5)); fractions sum to
+        1, tier t takes round(fraction * clients_per_round) clients (a
+        multiple of the mesh's devices) and its layers of `unit_kinds` keep
+        width * (1 - rate) of their units (any kind, 'none' included:
+        rate 0). Each tier is vmapped at its own widths in the one compiled
+        round (conformer_fl/federated/tiers.py); the server averages each
+        element over the clients of every tier that trained it. () = one
+        tier, every client at the rates' widths.
       A layer keeps round((1 - rate) * n) of its n units (>= 1), the same
-      count for every client; which ones is drawn per client and round.
+      count for every client of a tier.
   """
   # Every field of every server optimizer, unset: `optimizers` fills them in
   # from `server`'s (or an overriding name's) defaults.
@@ -207,6 +229,8 @@ def federated_config(server: str = "fedavg",
           unit_kinds=("ffn", "conv", "mhsa"),
           freeze_units=(),
           rescale=False,
+          policy="random",
+          tiers=(),
       ),
   ))
 

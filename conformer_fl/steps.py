@@ -26,6 +26,7 @@ from conformer_fl.data import input_pipeline
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round as round_lib
+from conformer_fl.federated import tiers as tiers_lib
 
 PyTree = Any
 # (state, batch, seed_key, guard) -> (state, metrics, guard).
@@ -93,8 +94,9 @@ def make_round_from_config(
 
   round_fn is `round_lib.make_federated_round` of the config's client and
   server optimizers (conformer_fl/optimizers.py), update clipping, logged
-  units and Federated Dropout. `params` and `model_state` may be abstract
-  (jax.ShapeDtypeStruct): only their structure and shapes are read.
+  units and Federated Dropout (with capacity tiers: each tier's sub-model).
+  `params` and `model_state` may be abstract (jax.ShapeDtypeStruct): only
+  their structure and shapes are read.
   `launch/tpu_pod.py plan` builds the round through this function too, so
   what it compiles is what a run runs.
   """
@@ -104,18 +106,29 @@ def make_round_from_config(
   client_optimizer = optimizers.client_optimizer_from_config(
       f.client_optimizer)
   units = models.list_units(params, granularity=f.unit_granularity)
-  # Federated Dropout and frozen units; None trains the full model.
-  submodel = federated_dropout.dropout_spec_from_config(
-      f.dropout, params, model_state,
-      models.droppable_modules_from_config(config.model))
-  submodel_loss_fn = None if submodel is None else models.make_mean_loss_fn(
-      models.build_model(config.model, kept_units=submodel.kept_units,
-                         rescale_kept=f.dropout.get("rescale", False)))
+  droppable = models.droppable_modules_from_config(config.model)
+
+  def submodel_loss(spec):
+    """The loss of the sub-model at spec's widths (None: the full model)."""
+    return None if spec is None else models.make_mean_loss_fn(
+        models.build_model(config.model, kept_units=spec.kept_units,
+                           rescale_kept=f.dropout.get("rescale", False)))
+
+  # Capacity tiers, else one Federated Dropout spec (None: the full model).
+  tier_specs = federated_dropout.tier_specs_from_config(
+      f.dropout, params, model_state, droppable, f.clients_per_round)
+  submodel = tiers = None
+  if tier_specs is None:
+    submodel = federated_dropout.dropout_spec_from_config(
+        f.dropout, params, model_state, droppable)
+  else:
+    tiers = [tiers_lib.Tier(count, spec, submodel_loss(spec))
+             for count, spec in tier_specs]
   round_fn = round_lib.make_federated_round(
       models.make_mean_loss_fn(model), client_optimizer, server_optimizer,
       mesh, clip_update_norm=f.clip_update_norm or None, unit_paths=units,
-      submodel=submodel, submodel_loss_fn=submodel_loss_fn,
-      aggregation_weight=f.aggregation_weight)
+      submodel=submodel, submodel_loss_fn=submodel_loss(submodel),
+      aggregation_weight=f.aggregation_weight, tiers=tiers)
   return round_fn, server_optimizer
 
 

@@ -10,9 +10,30 @@ models/units.py:droppable_modules); this module knows no layer
 name. The round side (gather, scatter, count-normalized mean) is
 conformer_fl/federated/submodel.py.
 
+Which units a client keeps (`policy`, submodel.KEPT_POLICIES), the same
+choice in every dropped layer, within each group:
+  'random' (Caldas et al. 2018, arXiv 1812.07210; the default): a fresh
+    uniform subset per client and round, from the client's rng.
+  'ordered' (FjORD, Horvath et al. 2021): the leading units [0, k).
+  'static' (HeteroFL, Diao et al. 2021): a fixed leading slice per capacity
+    level; one spec is one capacity level, so it keeps the same units as
+    'ordered'.
+  'rolling' (FedRolex, Alam et al. 2022): the k consecutive units starting
+    at unit r mod n of round r, wrapping around (mod n).
+Every client of a round keeps the same units under the three deterministic
+policies. kind='targeted' (rates by layer importance) combines with any of
+them: the rates set how many units each layer keeps, the policy which.
+
 Keep count of a layer of n units at rate r: round((1 - r) * n), at least one
 unit (one per group), the same for every client so that clients vmap; a rate
 that keeps all n leaves the layer whole (not gathered).
+
+Capacity tiers (`tier_specs_from_config`, `dropout.tiers`): clients of mixed
+capacity in one round, each tier a share of the clients with a width
+multiplier w; a tier's layers keep round(w (1 - r) n) units (its spec is
+built at rate 1 - w (1 - r)), chosen by the policy ('static' gives HeteroFL:
+each tier its leading slice). The round (round.py, tiers.py) vmaps each
+tier at its own widths.
 
 Groups (e.g. a group norm over the conv channels): dropping whole units at
 random would mix units of different groups in a reshaped sub-model group. A
@@ -200,6 +221,8 @@ def make_dropout_spec(
     default_rate: float = 0.0,
     unit_kinds: Sequence[str] | None = None,
     freeze_units: Sequence[str] = (),
+    policy: str = "random",
+    width: float = 1.0,
 ) -> submodel_lib.SubmodelSpec:
   """The SubmodelSpec of a model's params for per-layer dropout rates.
 
@@ -216,6 +239,9 @@ def make_dropout_spec(
     freeze_units: patterns (conformer_fl/unit_patterns.py) over the subtrees
       of params, e.g. ('encoder/block_00', '*/conv'); the topmost subtrees
       they select are not trained by the clients.
+    policy: which units a client keeps (module docstring).
+    width: a capacity tier's width multiplier w in (0, 1]: every selected
+      layer keeps the share w (1 - rate) of its units (rate 1 - w (1 - rate)).
 
   Raises:
     ValueError: as `layer_rates`, or a freeze_units pattern that matches no
@@ -224,6 +250,8 @@ def make_dropout_spec(
   Returns:
     The spec (layers with keep count n left out; empty at rate 0).
   """
+  if not 0.0 < width <= 1.0:
+    raise ValueError(f"Capacity tier width {width!r} must lie in (0, 1].")
   layers = []
   found = droppable_layers(params, model_state, droppable)
   for name, rate in layer_rates(params, rates or {}, droppable, default_rate,
@@ -233,7 +261,8 @@ def make_dropout_spec(
     if num_units % groups:
       raise ValueError(f"{name}: {groups} groups do not divide its"
                        f" {num_units} units.")
-    num_kept = kept_count(num_units, groups, rate)
+    num_kept = kept_count(num_units, groups, rate if width == 1.0 else
+                          1.0 - width * (1.0 - rate))
     if num_kept == num_units:
       continue
     layers.append(submodel_lib.DroppedLayer(
@@ -243,10 +272,10 @@ def make_dropout_spec(
   frozen = _topmost(unit_patterns.select_units(
       freeze_units, subtree_names(params) if freeze_units else [],
       field="federated.dropout.freeze_units"))
-  return submodel_lib.SubmodelSpec(layers=tuple(layers),
-                                   frozen_paths=tuple(
-                                       tuple(name.split("/"))
-                                       for name in frozen))
+  return submodel_lib.SubmodelSpec(
+      layers=tuple(layers),
+      frozen_paths=tuple(tuple(name.split("/")) for name in frozen),
+      policy=policy)
 
 
 def dropout_spec_from_config(
@@ -254,8 +283,13 @@ def dropout_spec_from_config(
     params: Mapping[str, Any],
     model_state: Mapping[str, Any] | None,
     droppable: Sequence[Droppable],
+    width: float = 1.0,
 ) -> submodel_lib.SubmodelSpec | None:
   """The spec of `config.federated.dropout` (see config_lib); None when off.
+
+  A config without `policy` keeps the 'random' units. width: a capacity
+  tier's width multiplier (`make_dropout_spec`), applied to the layers of
+  `unit_kinds` whatever the kind ('none' included).
 
   `droppable`: the model's declaration, e.g.
   models.droppable_modules_from_config(config.model).
@@ -272,8 +306,42 @@ def dropout_spec_from_config(
   spec = make_dropout_spec(
       params, model_state, droppable=droppable, rates=rates,
       default_rate=default_rate, unit_kinds=tuple(dropout_config.unit_kinds),
-      freeze_units=tuple(dropout_config.freeze_units))
+      freeze_units=tuple(dropout_config.freeze_units),
+      policy=dropout_config.get("policy", "random"), width=width)
   return None if spec.is_identity else spec
+
+
+def tier_specs_from_config(
+    dropout_config: ml_collections.ConfigDict,
+    params: Mapping[str, Any],
+    model_state: Mapping[str, Any] | None,
+    droppable: Sequence[Droppable],
+    clients_per_round: int,
+) -> list[tuple[int, submodel_lib.SubmodelSpec | None]] | None:
+  """[(clients, spec)] per capacity tier of `dropout.tiers`; None = no tiers.
+
+  dropout.tiers: ((fraction, width), ...), fractions summing to 1; tier t
+  gets round(fraction_t * clients_per_round) clients and the spec of
+  `dropout_spec_from_config` at its width.
+
+  Raises:
+    ValueError: fractions that do not sum to 1, or whose client counts do not
+      add up to clients_per_round.
+  """
+  tiers = tuple(tuple(tier) for tier in dropout_config.get("tiers", ()))
+  if not tiers:
+    return None
+  fractions = [fraction for fraction, _ in tiers]
+  counts = [round(fraction * clients_per_round) for fraction in fractions]
+  if abs(sum(fractions) - 1.0) > 1e-6 or sum(counts) != clients_per_round:
+    raise ValueError(
+        f"federated.dropout.tiers={tiers}: the fractions sum to "
+        f"{sum(fractions):g} and give {counts} clients for "
+        f"clients_per_round={clients_per_round}; make them sum to 1 and give"
+        " whole clients.")
+  return [(count, dropout_spec_from_config(dropout_config, params,
+                                           model_state, droppable, width))
+          for count, (_, width) in zip(counts, tiers)]
 
 
 def rates_from_importance(importance: Mapping[str, Sequence[str]], *,

@@ -4,7 +4,8 @@ Plain functions of pytrees; `make_federated_round` vmaps client_update over
 the C/n clients of a device in `jax.shard_map` over the mesh axis 'clients'
 (mesh.py says why), psums the aggregates and jits the whole (round data:
 round_data.py). Federated Dropout (submodel.py) wraps client_update and
-replaces the server's mean.
+replaces the server's mean; capacity tiers (tiers.py) vmap groups of the
+clients at their own widths and add their sums.
 """
 
 import functools
@@ -21,6 +22,7 @@ from conformer_fl.federated import aggregation
 from conformer_fl.federated import mesh as mesh_lib
 from conformer_fl.federated import round_data as round_data_lib
 from conformer_fl.federated import submodel as submodel_lib
+from conformer_fl.federated import tiers as tiers_lib
 
 Params = ModelState = Any
 Metrics = dict[str, jax.Array]
@@ -139,52 +141,97 @@ def make_federated_round(
     submodel: submodel_lib.SubmodelSpec | None = None,
     submodel_loss_fn: LossFn | None = None,
     aggregation_weight: str = "examples_trained",
+    tiers: Sequence[tiers_lib.Tier] | None = None,
 ) -> Callable[..., tuple[ServerState, Metrics]]:
   """round_fn(server_state, round_data, rng) -> (server_state, metrics).
 
   Client c (global index in [0, C)) uses fold_in(fold_in(rng,
-  server_state.round), c) on any device layout; its weight is
+  server_state.round), c) on any device layout; the sub-model policy
+  (submodel.kept_indices) reads server_state.round as a traced scalar, so
+  one compiled round serves every round. Client c's weight is
   round_data.client_weights(aggregation_weight). submodel: Federated
   Dropout / freezing spec (None = plain); submodel_loss_fn: the loss of the
   sub-model, whose layers have the widths `submodel.kept_units` (None =
   loss_fn, for a loss that reads its widths from the params it is given).
+  tiers: clients of mixed capacity (tiers.py: each tier vmapped at its own
+  widths, their clients' C_t summing to C), instead of submodel and
+  submodel_loss_fn; the server averages each element over the clients of
+  every tier that trained it.
   round_fn checks the data
   (ValueError), then runs `round_fn.jitted` (server_state donated) after a
   barrier between processes per new shape (mesh.barrier_after_compile).
   """
   aggregation.check_clip_update_norm(clip_update_norm)
   round_data_lib.check_aggregation_weight(aggregation_weight)
-  client_fn = functools.partial(client_update, loss_fn=loss_fn,
-                                client_optimizer=client_optimizer)
-  average = aggregation.weighted_mean
-  if submodel is not None and not submodel.is_identity:  # Federated Dropout.
-    client_fn = submodel_lib.wrap_client_update(
-        client_update, submodel, submodel_loss_fn or loss_fn,
-        client_optimizer)
-    average = submodel_lib.make_average(submodel, average)
+  if tiers is not None and (submodel is not None or
+                            submodel_loss_fn is not None):
+    raise ValueError("Give the round either tiers or submodel, not both.")
+  if tiers is None:
+    tiers, counts = (tiers_lib.Tier(0, submodel, submodel_loss_fn),), None
+  else:
+    counts = tiers_lib.local_counts(tiers, mesh.shape[mesh_lib.CLIENTS_AXIS])
+  union = tiers_lib.union_spec([tier.spec for tier in tiers])
 
-  def device_sums(params, model_state, round_data, round_rng):
+  def tier_client_fn(tier):
+    """The client update of one client of `tier` (round_index last)."""
+    if tier.spec is None or tier.spec.is_identity:
+      plain = functools.partial(client_update, loss_fn=loss_fn,
+                                client_optimizer=client_optimizer)
+
+      def client_fn(params, model_state, batches, step_mask, client_rng,
+                    round_index):
+        del round_index  # Read by the sub-model policies only.
+        return plain(params, model_state, batches, step_mask, client_rng)
+    else:  # Federated Dropout.
+      client_fn = submodel_lib.wrap_client_update(
+          client_update, tier.spec, tier.loss_fn or loss_fn,
+          client_optimizer)
+    if union is None or len(tiers) == 1:
+      return client_fn
+    return tiers_lib.with_union_units(client_fn, union)
+
+  client_fns = [tier_client_fn(tier) for tier in tiers]
+  average = aggregation.weighted_mean
+  if union is not None:
+    average = submodel_lib.make_average(union, average)
+
+  def device_sums(params, model_state, round_data, round_rng, round_index):
     here = round_data["num_examples"].shape[0]
+    if counts is not None and sum(counts) != here:
+      raise ValueError(
+          f"The round's capacity tiers hold {sum(counts)} clients per device"
+          f" ({[tier.clients for tier in tiers]} in all) but each device has "
+          f"{here}; the tiers' clients must add up to the round's.")
     first = jax.lax.axis_index(mesh_lib.CLIENTS_AXIS) * here
     rngs = jax.vmap(functools.partial(jax.random.fold_in, round_rng))(
         first + jnp.arange(here, dtype=jnp.int32))
-    outputs = jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0))(
-        params, model_state, round_data_lib.batches(round_data),
-        round_data["step_mask"], rngs)
+    batches = round_data_lib.batches(round_data)
     weights = round_data_lib.client_weights(round_data, aggregation_weight)
-    sums = aggregation.aggregate(outputs, weights,
-                                 round_data["num_examples"], clip_update_norm)
+    sums, start = None, 0
+    for count, client_fn in zip(counts or (here,), client_fns):
+      take = (lambda tree: tree) if counts is None else functools.partial(
+          jax.tree.map, lambda x, start=start, count=count: x[start:start +
+                                                              count])
+      outputs = jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0, None))(
+          params, model_state, take(batches), take(round_data["step_mask"]),
+          take(rngs), round_index)
+      tier_sums = aggregation.aggregate(
+          outputs, take(weights), take(round_data["num_examples"]),
+          clip_update_norm)
+      sums = tier_sums if sums is None else jax.tree.map(jnp.add, sums,
+                                                         tier_sums)
+      start += count
     return jax.lax.psum(sums, mesh_lib.CLIENTS_AXIS)
 
   # check_vma off, else every loss_fn would pcast its constants.
   sharded_sums = jax.shard_map(
       device_sums, mesh=mesh,
-      in_specs=(P(), P(), P(mesh_lib.CLIENTS_AXIS), P()), out_specs=P(),
+      in_specs=(P(), P(), P(mesh_lib.CLIENTS_AXIS), P(), P()), out_specs=P(),
       check_vma=False)
 
   def run_round(state, round_data, rng):
     sums = sharded_sums(state.params, state.model_state, round_data,
-                        jax.random.fold_in(rng, state.round))
+                        jax.random.fold_in(rng, state.round), state.round)
     return server_update(state, sums, server_optimizer, average=average,
                          unit_paths=unit_paths)
 

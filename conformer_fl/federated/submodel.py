@@ -8,6 +8,9 @@ by `jnp.take` of its kept unit indices along those axes, so it has genuinely
 smaller arrays (fewer FLOPs and less memory); its update is scattered back
 into zeros of the full shape.
 
+Which units a client keeps is the spec's policy (KEPT_POLICIES: random,
+ordered, static, rolling), from the client's rng and the round index.
+
 Round pieces (conformer_fl/federated/round.py calls them when given a spec):
   `wrap_client_update`: the round's client update run on the client's
     sub-model; returns full-shape outputs plus the client's kept-unit
@@ -45,6 +48,18 @@ from conformer_fl import tree_paths
 Path = tuple[str, ...]
 PyTree = Any
 KeptIndices = dict[str, jax.Array]  # layer name -> int32 [num_kept]
+
+# Which units a client keeps (`kept_indices`); per group of m = n/G units of a
+# layer that keeps k/G per group:
+#   'random': Caldas et al. 2018 (arXiv 1812.07210), a fresh uniform subset
+#     per client and round (`sample_kept_indices`).
+#   'ordered': FjORD (Horvath et al. 2021), the leading slice [0, k/G).
+#   'static': HeteroFL (Diao et al. 2021), a fixed leading slice per capacity
+#     level; with the one capacity level of a spec it is the same slice as
+#     'ordered'.
+#   'rolling': FedRolex (Alam et al. 2022), at round r the window
+#     (r + j) mod m, j in [0, k/G), which rolls one unit per round.
+KEPT_POLICIES = ("random", "ordered", "static", "rolling")
 
 # fold_in tag of the dropout rng: fold_in(client_rng, tag). Local step k uses
 # fold_in(client_rng, k) with k < K, far below the tag.
@@ -106,9 +121,16 @@ class SubmodelSpec:
   Attributes:
     layers: the dropped layers (same kept counts for every client).
     frozen_paths: subtrees of params the clients do not train.
+    policy: which units a client keeps, one of KEPT_POLICIES (`kept_indices`).
   """
   layers: tuple[DroppedLayer, ...] = ()
   frozen_paths: tuple[Path, ...] = ()
+  policy: str = "random"
+
+  def __post_init__(self):
+    if self.policy not in KEPT_POLICIES:
+      raise ValueError(f"federated.dropout.policy={self.policy!r}; expected "
+                       f"one of {KEPT_POLICIES}.")
 
   @property
   def is_identity(self) -> bool:
@@ -155,15 +177,62 @@ def sample_kept_indices(spec: SubmodelSpec, rng: jax.Array) -> KeptIndices:
   return kept
 
 
+def _in_groups(layer: DroppedLayer, within: jax.Array) -> jax.Array:
+  """int32 [k]: per-group positions within [G, k/G] -> full-layer indices."""
+  group_size = layer.num_units // layer.num_groups
+  offsets = group_size * jnp.arange(layer.num_groups)[:, None]
+  return (jnp.sort(within, axis=1) + offsets).reshape(-1).astype(jnp.int32)
+
+
 def all_kept_indices(spec: SubmodelSpec) -> KeptIndices:
-  """The leading k units of every layer (a fixed choice, e.g. for costs)."""
+  """The leading k/G units of every group of every layer (a fixed choice).
+
+  Group g of a layer keeps g n/G + [0, k/G): policies 'ordered' and 'static',
+  and the sub-model whose costs are measured.
+  """
+  return {layer.name: _in_groups(layer, jnp.broadcast_to(
+      jnp.arange(layer.num_kept // layer.num_groups),
+      (layer.num_groups, layer.num_kept // layer.num_groups)))
+          for layer in spec.layers}
+
+
+def rolling_kept_indices(spec: SubmodelSpec,
+                         round_index: jax.Array) -> KeptIndices:
+  """A window of consecutive units per group that rolls with the round.
+
+  In each group of m = n/G units, round r keeps the k/G units
+  (r + j) mod m, j in [0, k/G): the window starts at unit r mod m and wraps
+  around within the group. round_index: int32 [] (traced or concrete).
+  """
   kept = {}
   for layer in spec.layers:
     group_size = layer.num_units // layer.num_groups
-    per_group = jnp.arange(layer.num_kept // layer.num_groups)
-    kept[layer.name] = (per_group[None, :] + group_size *
-                        jnp.arange(layer.num_groups)[:, None]).reshape(-1)
+    per_group = layer.num_kept // layer.num_groups
+    start = jnp.asarray(round_index, jnp.int32) % group_size
+    window = (start + jnp.arange(per_group, dtype=jnp.int32)) % group_size
+    kept[layer.name] = _in_groups(layer, jnp.broadcast_to(
+        window, (layer.num_groups, per_group)))
   return kept
+
+
+def kept_indices(spec: SubmodelSpec, rng: jax.Array,
+                 round_index: jax.Array) -> KeptIndices:
+  """One client's kept units under `spec.policy` (KEPT_POLICIES).
+
+  Args:
+    spec: the sub-model spec.
+    rng: the client's dropout rng (read by 'random' only).
+    round_index: int32 [], the server's round (read by 'rolling' only); a
+      traced scalar, so one compiled round serves every round.
+
+  Returns:
+    {layer name: int32 [num_kept]} (group-major, ascending within a group).
+  """
+  if spec.policy == "random":
+    return sample_kept_indices(spec, rng)
+  if spec.policy == "rolling":
+    return rolling_kept_indices(spec, round_index)
+  return all_kept_indices(spec)  # 'ordered', 'static'.
 
 
 def _leaf_indices(layer: DroppedLayer, leaf: GatheredLeaf,
@@ -292,7 +361,7 @@ def with_frozen(spec: SubmodelSpec, loss_fn: Callable[..., Any],
 def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
                        loss_fn: Callable[..., Any],
                        client_optimizer: Any) -> Callable[..., Any]:
-  """The round's client update of ONE client, run on its random sub-model.
+  """The round's client update of ONE client, run on its sub-model.
 
   Args:
     client_update: round.client_update(server_params, server_model_state,
@@ -304,18 +373,19 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
     client_optimizer: the round's.
 
   Returns:
-    fn(server_params, server_model_state, batches, step_mask, client_rng) ->
-    ClientOutput with full-shape delta (zero at dropped and frozen units),
-    model_state (zero at the dropped units of state leaves) and units
-    {layer name: float32 [n] kept indicator}. The kept units are drawn from
-    fold_in(client_rng, DROPOUT_RNG_TAG); the frozen subtrees are constants
-    (stop_gradient) of the loss.
+    fn(server_params, server_model_state, batches, step_mask, client_rng,
+    round_index) -> ClientOutput with full-shape delta (zero at dropped and
+    frozen units), model_state (zero at the dropped units of state leaves)
+    and units {layer name: float32 [n] kept indicator}. The kept units are
+    `kept_indices(spec, fold_in(client_rng, DROPOUT_RNG_TAG), round_index)`
+    (round_index: int32 [], the server's round); the frozen subtrees are
+    constants (stop_gradient) of the loss.
   """
 
   def dropout_client_update(server_params, server_model_state, batches,
-                            step_mask, client_rng):
-    kept = sample_kept_indices(
-        spec, jax.random.fold_in(client_rng, DROPOUT_RNG_TAG))
+                            step_mask, client_rng, round_index):
+    kept = kept_indices(
+        spec, jax.random.fold_in(client_rng, DROPOUT_RNG_TAG), round_index)
     trainable, frozen, sub_state = client_submodel(
         spec, server_params, server_model_state, kept)
     frozen = jax.lax.stop_gradient(frozen)
