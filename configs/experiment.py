@@ -229,6 +229,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       gate_min_ambient=4,
   ))
 
+  # (6) Leave one speech engine out (conformer_fl/experiment/engines.py): a
+  # model pre-trained without this engine ('' = off), evaluated on its test
+  # speakers and on the others'; steps 0 = config.pretrain's.
+  config.engine_check = ml_collections.ConfigDict(dict(
+      leave_out="flite", steps=0))
+
   # (6) Claims 2 and 3 (optional): more pre-training runs, each analysed,
   # compared with each other and with `pretrain`.
   config.stability = ml_collections.ConfigDict()

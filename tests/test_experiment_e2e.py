@@ -153,6 +153,25 @@ def test_report_has_checks_verdict_tables_and_figures(experiment):
   assert str(workdir) not in report
 
 
+def test_leave_one_engine_out_splits_the_test_speakers_by_engine(experiment):
+  workdir, first, _, summary = experiment
+  engines = summary["engines"]
+  assert (engines["engine"], engines["trained_on"]) == ("flite", ["espeak"])
+  assert "leave out flite: 6 central steps without flite" in first
+  card = summary["corpus"]
+  long_test = card["sizes"]["test"]["by_domain"]["long"]["utterances"]
+  held_out, in_domain = engines["held_out"], engines["in_domain"]
+  assert held_out["num_examples"] > 0 and in_domain["num_examples"] > 0
+  assert held_out["num_examples"] + in_domain["num_examples"] == long_test
+  assert (engines["trained_with_engine"]["num_examples"] ==
+          held_out["num_examples"])
+  config = json.loads((workdir / "leave_out_flite" / "config.json").read_text())
+  assert config["data"]["train_engines"] == ["espeak"]
+  report = (workdir / "report.md").read_text()
+  assert "### Leave one engine out: flite" in report
+  assert f"test {card['oov_rate']['test']['all']:.3f}" in report
+
+
 def test_half_width_ranking_covers_every_droppable_module(experiment):
   workdir, _, _, summary = experiment
   half = json.loads((workdir / "pretrain" / "analysis" / "halfwidth.json"

@@ -22,6 +22,9 @@ import tiny_experiment  # tests/tiny_experiment.py
 pytestmark = pytest.mark.slow
 
 ARMS = "--config.arms=('full','targeted')"
+# The leave-one-engine-out stage is one more central run (tested in
+# test_experiment_e2e); left out here to keep the suite short.
+NO_ENGINE_CHECK = "--config.engine_check.leave_out="
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,8 @@ def runs(tiny_corpus_dir, tmp_path_factory):
   for name, launcher in (("one", ()), ("two", tiny_experiment.TWO_PROCESSES)):
     workdir = tmp_path_factory.mktemp(f"{name}_process_experiment")
     runs[name] = (workdir, tiny_experiment.run(
-        workdir, tiny_corpus_dir, overrides=[ARMS], launcher=launcher))
+        workdir, tiny_corpus_dir, overrides=[ARMS, NO_ENGINE_CHECK],
+        launcher=launcher))
   return runs
 
 

@@ -18,7 +18,9 @@ sub-directory of the workdir W:
                 speaker, from each pre-trained model, each run     seed_S_lrR/
                 then evaluated on config.final_eval_split
                 (held-out speakers);
-  6. stability  only when config.stability.runs is set           W/stability/NAME/
+  6. engines    leave one speech engine out                      W/leave_out_ENGINE/
+                (config.engine_check, `engines`);
+     stability  only when config.stability.runs is set           W/stability/NAME/
                 (claims 2 and 3, `stability_runs`);              W/stability.json
   7. summary    client costs (`costs`), not-adapted and dev      W/summary.json
                 evaluations, intervals, the verdict (`verdict`), W/report.md

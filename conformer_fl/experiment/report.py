@@ -215,6 +215,57 @@ def _models(summary: Mapping[str, Any]) -> list[str]:
                   ""]
 
 
+def _corpus(summary: Mapping[str, Any]) -> list[str]:
+  """What the corpus is (its card) and the leave-one-engine-out WERs."""
+  card, engines = summary.get("corpus"), summary.get("engines")
+  lines = []
+  if card:
+    sizes = card["sizes"]
+    voices = "; ".join(
+        f"{engine}: " + ", ".join(f"{split} {len(v['voices'][split])} voices /"
+                                  f" {v['speakers'][split]} speakers"
+                                  for split in ("train", "dev", "test"))
+        for engine, v in card["engines"].items())
+    aug = card.get("augmentation") or {}
+    oov = card["oov_rate"]
+    lines += [
+        "## The corpus", "",
+        f"`{card['name']}` {card['version']}: {sizes['train']['hours']:.1f} h"
+        f" of train speech ({sizes['train']['speakers']} speakers), dev"
+        f" {sizes['dev']['speakers']} and test {sizes['test']['speakers']}"
+        f" held-out speakers. Engines and voices: {voices}.",
+        f"Long form: {card['text']['long']['source']}. Short form:"
+        f" {card['text']['short']['source']}.",
+        f"Augmentation at build time: speed {aug.get('speed_factors')},"
+        f" reverberation p={aug.get('reverb_prob')} (RT60"
+        f" {aug.get('rt60_seconds')} s), noise p={aug.get('noise_prob')}"
+        f" ({', '.join(aug.get('noise_kinds', []))}; SNR"
+        f" {aug.get('noise_snr_db')} dB), channel p={aug.get('channel_prob')}.",
+        f"Out-of-vocabulary rate of word tokens against train: dev"
+        f" {oov['dev']['all']:.3f}, test {oov['test']['all']:.3f}; transcripts"
+        f" shared with train: dev {card['transcript_overlap_with_train']['dev']},"
+        f" test {card['transcript_overlap_with_train']['test']}.", ""]
+  if engines:
+    row = lambda name, e: (f"| {name} | {e['wer']:.3f} [{e['wer_low']:.3f},"
+                           f" {e['wer_high']:.3f}] | {_fmt(e['cer'])} |"
+                           f" {e['num_examples']:.0f} |")
+    lines += [
+        f"### Leave one engine out: {engines['engine']}", "",
+        f"A model pre-trained as the experiment's ({engines['steps']} steps) on"
+        f" {', '.join(engines['trained_on'])} speakers only, evaluated on the"
+        " long-form test split:", "",
+        "| evaluated on | WER [interval] | CER | utterances |",
+        "|---|---|---|---|",
+        row(f"{', '.join(engines['trained_on'])} test speakers (in domain)",
+            engines["in_domain"]),
+        row(f"{engines['engine']} test speakers (engine never heard)",
+            engines["held_out"]),
+        row(f"{engines['engine']} test speakers, by model 0 (heard"
+            f" {engines['engine']} in training)",
+            engines["trained_with_engine"]), ""]
+  return lines
+
+
 def _transcripts(summary: Mapping[str, Any]) -> list[str]:
   samples = summary.get("transcripts") or []
   if not samples:
@@ -246,6 +297,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
       *_plateau(summary),
       f"![Dev WER by round]({figures.ROUNDS_FIGURE})", "",
       *_models(summary),
+      *_corpus(summary),
       *(stability_runs.report_lines(summary["stability"])
         if summary.get("stability") else []),
       *_transcripts(summary),

@@ -21,6 +21,7 @@ from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import costs as costs_lib
 from conformer_fl.experiment import design
+from conformer_fl.experiment import engines as engines_lib
 from conformer_fl.experiment import halfwidth as halfwidth_lib
 from conformer_fl.experiment import report as report_lib
 from conformer_fl.experiment import stability_runs
@@ -133,6 +134,18 @@ def corpus_is_built(data_config: ml_collections.ConfigDict) -> bool:
   return synthetic_speech.SyntheticSpeech(
       config=data_config.builder_config,
       data_dir=data_config.data_dir or None).is_prepared()
+
+
+def corpus_card(data_config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """The built local corpus's corpus_card.json (None: not a local corpus)."""
+  if data_config.dataset != "synthetic_speech":
+    return None
+  from conformer_fl.data import corpus_card as card_lib  # pylint: disable=g-import-not-at-top
+  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
+  path = synthetic_speech.SyntheticSpeech(
+      config=data_config.builder_config,
+      data_dir=data_config.data_dir or None).data_path / card_lib.CARD_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def build_corpus(data_config: ml_collections.ConfigDict) -> None:
@@ -424,6 +437,18 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
          "schema": EVAL_SCHEMA},
         lambda run_dir=run_dir: evaluate_checkpoint(run_dir, split))
 
+  def evaluate_cached(run_dir, split, *, data_config, step, name):
+    return _cached(
+        run_dir / f"eval_{name}.json",
+        {"split": split, "step": step, "schema": EVAL_SCHEMA,
+         "engines": list(data_config.eval_engines)},
+        lambda: evaluate_checkpoint(run_dir, split, step=step,
+                                    data_config=data_config))
+
+  engines = engines_lib.run_stage(
+      config, workdir, train_central=train_central, evaluate=evaluate_cached,
+      timed=progress.timed, announce=lambda text: progress.stage(6, text))
+
   stability = None
   if config.stability.runs:
     stability = stability_runs.run_stage(
@@ -475,7 +500,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       halfwidths=halfwidths, costs=costs, results=results,
       grid_dev_wer=grid_dev_wer, picks=picks, not_adapted=not_adapted,
       dev_evals=dev_evals, stage_seconds=progress.seconds,
-      stability=stability)
+      stability=stability, engines=engines,
+      corpus=corpus_card(config.pretrain.data.copy_and_resolve_references()))
   if multihost.is_chief():
     report_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",

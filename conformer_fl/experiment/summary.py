@@ -30,7 +30,10 @@ W/summary.json:
   "verdict": {"verdict", "reasons", "margin", "rule"} | null,
   "grid": [{"arm", "lr", "dev_wer"}],
   "transcripts": [{"reference", "not_adapted", "arms": {key: str}}],
-  "stability": W/stability.json | null
+  "stability": W/stability.json | null,
+  "engines": {"engine", "steps", "trained_on", "held_out", "in_domain",
+              "trained_with_engine"} | null,   leave one engine out
+  "corpus": the corpus card (corpus_card.json) | null
 }
 """
 
@@ -128,7 +131,9 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
                   not_adapted: Sequence[Mapping[str, Any]],
                   dev_evals: Sequence[Mapping[str, Any]],
                   stage_seconds: Mapping[str, float] | None = None,
-                  stability: Mapping[str, Any] | None = None
+                  stability: Mapping[str, Any] | None = None,
+                  engines: Mapping[str, Any] | None = None,
+                  corpus: Mapping[str, Any] | None = None
                   ) -> dict[str, Any]:
   """The summary (module docstring) from the stages' outputs.
 
@@ -147,6 +152,9 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
     dev_evals: each model's evaluation on its own dev split.
     stage_seconds: wall seconds of each stage.
     stability: W/stability.json or None.
+    engines: the leave-one-engine-out stage's result (`engines.run_stage`)
+      or None.
+    corpus: the corpus card (corpus_card.json) or None.
   """
   c = config.comparison
   f = config.adapt.federated
@@ -275,4 +283,6 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
       arms=arms, absent=absent, comparisons=comparisons, verdict=verdict,
       grid=[dict(arm=run.arm, lr=run.lr, dev_wer=wer)
             for run, wer in grid_dev_wer.items()],
-      transcripts=transcripts, stability=stability)
+      transcripts=transcripts, stability=stability,
+      engines=dict(engines) if engines else None,
+      corpus=dict(corpus) if corpus else None)
