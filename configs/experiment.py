@@ -31,9 +31,8 @@ analysis runs at module granularity) by the WER increase; the tiny scale,
 whose 6-step model transcribes nothing, ranks them by the loss increase.
 
 The demo (`make demo`, 18 minutes on 2 CPU cores; the README gives the
-measured time of each stage): the `demo` corpus (eSpeak NG and Flite speakers;
-long form: 2-6 s sentences of English prose; short form: <= 2 s commands;
-acoustic augmentation: conformer_fl/data/synthetic_speech.py), the demo-size
+measured time of each stage): the `demo` corpus (long form: 2-6 s sentences of
+a closed-vocabulary grammar; short form: <= 2 s commands), the demo-size
 Conformer (4 blocks x 96, CTC over characters) pre-trained centrally on one
 device with lighter SpecAugment and tight buckets, the analysis on 160 dev
 utterances, four arms x 3 federated seeds (20 rounds of 4 clients x 8 local
