@@ -5,6 +5,7 @@ is built three more times for the determinism check.
 """
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conformer_fl.data import augment
 from conformer_fl.data import commands
 from conformer_fl.data import corpus_card
 from conformer_fl.data import synthetic_speech
@@ -461,3 +463,33 @@ def test_leave_one_engine_out_selects_by_engine(tiny_builder, tiny_examples):
                               for ex in tiny_examples["test"]) == 5
   with pytest.raises(ValueError, match="Unknown speech engines"):
     input_pipeline.leave_one_engine_out(config, "festival")
+  # The federated clients of the training config: the 4 eSpeak NG speakers.
+  from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  train.client_domains = ()
+  train.bucket_seconds = (16.0,)
+  clients = input_pipeline.get_client_datasets(train,
+                                               tokenizer_lib.CharTokenizer())
+  assert set(clients.client_ids) == train_ids
+
+
+def test_babble_is_made_of_other_speakers_of_the_same_split():
+  speakers = synthetic_speech.assign_speakers(TINY)
+  tasks = synthetic_speech.babble_tasks(TINY)
+  # min(babble_clips = 8, speakers) clips per split.
+  assert [t.split for t in tasks] == ["train"] * 8 + ["dev"] * 2 + ["test"] * 2
+  pools = synthetic_speech.sentence_pools(
+      TINY, synthetic_speech.long_sentences(TINY))
+  for task in tasks:
+    assert set(task.talkers) <= set(speakers[task.split])
+    assert len(task.talkers) == min(4, len(speakers[task.split]) - 1)
+    assert set(task.texts) <= set(pools[task.split])
+  clips = [np.full(3, i, float) for i in range(len(tasks))]
+  for split, members in speakers.items():
+    for speaker in members:
+      mine = synthetic_speech.babble_for(speaker, split, tasks, clips)
+      assert mine  # every speaker of a split of 2 or more has babble
+      for clip in mine:
+        task = tasks[int(clip[0])]
+        assert task.split == split and speaker not in task.talkers
+  clean = dataclasses.replace(TINY, augmentation=augment.CLEAN)
+  assert synthetic_speech.babble_tasks(clean) == []

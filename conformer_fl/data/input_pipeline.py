@@ -30,6 +30,12 @@ Typical use by the training loop:
                                local_steps=K, batch_size=B)
 Batch layouts: `batching` (central batches) and `clients` (round arrays).
 
+Engines (synthetic corpus): every speaker id starts with its speech engine
+('espeak/...', 'flite/...'); `train_engines`, `eval_engines` and
+`client_engines` keep only those engines' speakers, and
+`leave_one_engine_out(config, engine)` gives the data configs that train
+without `engine` and evaluate on its held-out test speakers.
+
 The federated clients are read from disk by record index: the dataset must be
 prepared in the array_record format (`record_source`), and their speaker index
 is built once beside the data. Nothing of a client is held in memory but its
