@@ -11,10 +11,17 @@ value. So `save` refuses a state that is not finite and records a CRC32 of every
 leaf's bytes in the step's orbax custom metadata (`_CHECKPOINT_METADATA`,
 `StepMetadata.custom_metadata`), and `restore` checks the restored state against
 them and for non-finite values, raising `CheckpointError` naming the step and the
-leaf. (Checkpoints saved without checksums are checked for finiteness only.)
+leaf. A step whose checksums are missing (its `_CHECKPOINT_METADATA` deleted or
+torn, or written without them) cannot be checked: it is *unverified*, and is
+refused like a damaged one (`UnverifiedCheckpointError`) unless the store was
+opened with `allow_unverified=True` (the run configs'
+`allow_unverified_checkpoints`), which restores it with a one-line warning and
+records it in `unverified_steps`. A step whose commit marker
+(`commit_success.txt`) alone is missing still has its checksums, and is checked.
 `restore_latest_intact` walks the saved steps from the newest: a step that fails
 to restore (a truncated or missing file: orbax and TensorStore errors) or fails
-the checks is reported in one line and the next older step is tried; the damaged
+the checks (or is unverified) is reported in one line and the next older step
+is tried; the damaged
 steps newer than the one restored are moved to `<workdir>/checkpoints_damaged/`
 (deleted on GCS, where folders cannot be renamed) so that training can save those
 steps again. When no step is intact the run stops with `CheckpointError`.
@@ -39,7 +46,10 @@ from conformer_fl import workdir as workdir_lib
 
 PyTree = Any
 CHECKSUM_KEY = "crc32"
+# Orbax's per-step metadata file, which holds the checksums.
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 DAMAGED_DIR = "checkpoints_damaged"
+ALLOW_UNVERIFIED_FIELD = "allow_unverified_checkpoints"
 
 
 class CheckpointError(workdir_lib.RunError):
@@ -52,6 +62,10 @@ class CheckpointError(workdir_lib.RunError):
   def __init__(self, message: str, step: int | None = None):
     super().__init__(message)
     self.step = step
+
+
+class UnverifiedCheckpointError(CheckpointError):
+  """A checkpoint whose checksums are missing, so damage cannot be detected."""
 
 
 def leaf_name(path: tuple[Any, ...]) -> str:
@@ -149,7 +163,19 @@ class CheckpointStore:
       (`make demo`'s `runs/demo`). Cloud paths (`gs://...`) pass unchanged.
   """
 
-  def __init__(self, workdir: str, *, read_only: bool = False):
+  def __init__(self, workdir: str, *, read_only: bool = False,
+               allow_unverified: bool = False):
+    """Opens `<workdir>/checkpoints`.
+
+    Args:
+      workdir: the run's directory (local or `gs://`).
+      read_only: never create, write or clean up anything.
+      allow_unverified: restore steps without checksums (with a warning)
+        instead of refusing them (module docstring).
+    """
+    self.allow_unverified = allow_unverified
+    # The steps restored so far that had no checksums (allow_unverified).
+    self.unverified_steps: set[int] = set()
     workdir = str(workdir)
     if not workdir_lib.is_remote(workdir):
       workdir = os.path.abspath(workdir)
@@ -198,24 +224,38 @@ class CheckpointStore:
                        custom_metadata=custom_metadata)
     self._manager.wait_until_finished()
 
-  def _saved_checksums(self, step: int) -> dict[str, str]:
+  def _saved_checksums(self, step: int) -> tuple[dict[str, str], str]:
+    """(the checksums saved with `step`, why there are none: '' if there are)."""
+    metadata_file = self.directory / str(step) / STEP_METADATA_FILE
+    if not metadata_file.exists():
+      return {}, f"{metadata_file} is missing"
     try:
       custom = self._manager.metadata(step).custom_metadata or {}
     except Exception as e:  # pylint: disable=broad-exception-caught
-      # A missing or torn _CHECKPOINT_METADATA: the data may still be whole.
-      logging.warning("Checkpoint step %d: no readable step metadata (%s).",
-                      step, _one_line(e))
-      return {}
-    return custom.get(CHECKSUM_KEY) or {}
+      # A torn _CHECKPOINT_METADATA: the data may still be whole.
+      return {}, f"{metadata_file} does not read ({_one_line(e, 160)})"
+    sums = custom.get(CHECKSUM_KEY) or {}
+    return sums, "" if sums else f"{metadata_file} holds no checksums"
+
+  def unverified_message(self, step: int, why: str) -> str:
+    """The one line about an unverified `step` (`why`: the missing sums)."""
+    return (f"checkpoint step {step} in {self.directory} is unverified: its"
+            f" checksums are missing ({why}), so damage to its data cannot be"
+            " detected")
 
   def verify(self, step: int, state: PyTree) -> None:
     """Checks a restored `state` of `step` for non-finite values and checksums.
 
+    A step without checksums passes only with `allow_unverified` (and is then
+    added to `unverified_steps`).
+
     Raises:
       CheckpointError: naming the step and the first damaged leaf.
+      UnverifiedCheckpointError: the step has no checksums (and
+        `allow_unverified` is False).
     """
     leaves = host_leaves(state)
-    expected = self._saved_checksums(step)
+    expected, missing = self._saved_checksums(step)
     if expected:
       actual = checksums(leaves)
       wrong = sorted(name for name in expected
@@ -231,6 +271,11 @@ class CheckpointStore:
       raise CheckpointError(
           f"checkpoint step {step} in {self.directory} is damaged: {problem}",
           step)
+    if missing:
+      if not self.allow_unverified:
+        raise UnverifiedCheckpointError(self.unverified_message(step, missing),
+                                        step)
+      self.unverified_steps.add(step)
 
   def restore(self, step: int, like: PyTree | None = None, *,
               verify: bool = True) -> PyTree:
@@ -281,9 +326,10 @@ class CheckpointStore:
   ) -> tuple[int | None, PyTree | None]:
     """The newest step that restores and verifies, and its state.
 
-    Damaged steps are reported (one line each, through `report`) and, once an
-    older step restores, moved out of the checkpoint directory (module
-    docstring). Every process makes the same choice.
+    Damaged and unverified steps are reported (one line each, through
+    `report`) and, once an older step restores, moved out of the checkpoint
+    directory (module docstring). With `allow_unverified` an unverified step
+    is restored, reported in one line. Every process makes the same choice.
 
     Args:
       like: as in `restore`.
@@ -296,12 +342,14 @@ class CheckpointStore:
       CheckpointError: steps were saved but none is intact.
     """
     steps = self.all_steps()
-    problems = []
+    problems, unverified = [], False
     for step in reversed(steps):
       state, problem = None, None
       with _abandoned_reads_logged():
         try:
           state = self.restore(step, like)
+        except UnverifiedCheckpointError as e:
+          problem, unverified = str(e), True
         except CheckpointError as e:
           problem = str(e)
         except Exception as e:  # pylint: disable=broad-exception-caught
@@ -316,29 +364,41 @@ class CheckpointStore:
         report(f"{problem}; " + (f"trying step {older[-1]}" if older else
                                  "no older step"))
         continue
+      if step in self.unverified_steps:
+        _, missing = self._saved_checksums(step)
+        report(f"{self.unverified_message(step, missing)}; restoring it anyway"
+               f" ({ALLOW_UNVERIFIED_FIELD}=True).")
       damaged = [s for s in steps if s > step]
       if damaged:
-        self._set_aside(damaged)
-        where = ("were deleted" if workdir_lib.is_remote(self.directory) else
-                 f"were moved to {self.workdir / DAMAGED_DIR}")
+        where = self.set_aside(damaged)
         report(f"Resuming from checkpoint step {step}, the newest intact one;"
                f" the damaged steps {damaged} {where}.")
       return step, state
     if not steps:
       return None, None
+    accept = (f", or accept the unverified steps with"
+              f" --config.{ALLOW_UNVERIFIED_FIELD}=True" if unverified else "")
     raise CheckpointError(
         f"No intact checkpoint in {self.directory}: " + "; ".join(problems)
-        + ". Move the checkpoints away (or use a new workdir) to start again.")
+        + f". Move the checkpoints away (or use a new workdir) to start"
+        f" again{accept}.")
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Moves `steps` to <workdir>/checkpoints_damaged/ (deletes them on GCS)."""
+  def set_aside(self, steps: list[int], folder: str = DAMAGED_DIR) -> str:
+    """Moves `steps` to <workdir>/`folder`/ (deletes them on GCS).
+
+    Every process calls it (process 0 moves, the others wait).
+
+    Returns:
+      What happened to them, for a message: 'were moved to DIR' or 'were
+      deleted'.
+    """
     if jax.process_index() == 0:
       for step in steps:
         source = self.directory / str(step)
         if workdir_lib.is_remote(self.directory):
           self._manager.delete(step)
           continue
-        target_dir = self.workdir / DAMAGED_DIR
+        target_dir = self.workdir / folder
         target_dir.mkdir(parents=True, exist_ok=True)
         target, copy = target_dir / str(step), 1
         while target.exists():
@@ -346,6 +406,8 @@ class CheckpointStore:
         os.rename(source, target)
     multihost.sync("checkpoints_set_aside")
     self._manager.reload()
+    return ("were deleted" if workdir_lib.is_remote(self.directory) else
+            f"were moved to {self.workdir / folder}")
 
   def restore_variables(self, step: int) -> dict[str, PyTree]:
     """The model variables of `step`, {'params': ..., **model_state}, as numpy."""

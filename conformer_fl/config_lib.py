@@ -8,8 +8,9 @@ central.clip_grad_norm, federated.client_optimizer.clip_grad_norm,
 federated.clip_update_norm, data.max_label_rate, model.dropout_rate,
 model.attention_dropout_rate, SpecAugment (model.specaug_num_freq_masks,
 specaug_num_time_masks, specaug_max_freq_mask, specaug_max_time_mask_ratio) and
-federated.dropout.default_rate. data.skip_ctc_unalignable is a switch (False =
-off).
+federated.dropout.default_rate, and loss_guard.factor.
+data.skip_ctc_unalignable and allow_unverified_checkpoints are switches (False
+= off).
 """
 
 import os
@@ -211,7 +212,7 @@ def federated_config(server: str = "fedavg",
 
 def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
                 decoder: str) -> ml_collections.ConfigDict:
-  """The fields every training mode has: mode, seed, data, model, eval.
+  """The fields every training mode has: mode, seed, data, model, eval, faults.
 
   data.skip_ctc_unalignable is on for CTC: an utterance with more labels (plus
   one per repeated label) than encoder frames (25 per second of audio:
@@ -229,6 +230,20 @@ def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
   config.model = model_config(size, conv_norm=norm, decoder=decoder)
   # Evaluate on at most this many eval batches (0 = the whole eval split).
   config.eval_max_batches = 0
+  # Resume from a checkpoint whose checksums are missing (its
+  # _CHECKPOINT_METADATA deleted or torn), with a warning, instead of falling
+  # back to the newest step that has them (conformer_fl/checkpointing.py).
+  config.allow_unverified_checkpoints = False
+  # The loss-explosion guard (conformer_fl/divergence.py): the run stops when
+  # `patience` logged training losses in a row are above `factor` times the
+  # median of the last `window` accepted ones (0 = off). A CTC model's
+  # training loss falls: in tiny runs of configs/central.py (40 steps, each
+  # logged: losses 40 to 227) and configs/federated.py (30 rounds: 52 to
+  # 249) no loss was above 1.8x that median, while a client or server
+  # learning rate of 1e6 sent it to 1e5 (CTC's floor for outputs that cannot
+  # align) and on to 1e14 within two rounds.
+  config.loss_guard = ml_collections.ConfigDict(dict(
+      factor=10.0, patience=3, window=20))
   return config
 
 
@@ -239,7 +254,8 @@ def central_run_config(size: str = "demo", norm: str = "group_norm",
   """Central pre-training (configs/central.py documents the arguments).
 
   Fields: mode, seed, data (`data_config`), model (`model_config`),
-  eval_max_batches (0 = the whole eval split) and central:
+  eval_max_batches (0 = the whole eval split), allow_unverified_checkpoints
+  and loss_guard (`_run_config` documents both) and central:
     num_steps; peak_learning_rate, warmup_steps (linear warm-up, then
     inverse-square-root decay); b1, b2, eps (Adam); clip_grad_norm (0 = off);
     log_every, eval_every, checkpoint_every (steps; step 0 is always saved);
@@ -283,7 +299,8 @@ def federated_run_config(size: str = "demo", norm: str = "group_norm",
                          seed: int = 0) -> ml_collections.ConfigDict:
   """Federated training (configs/federated.py documents the arguments).
 
-  Fields: mode, seed, data, model, eval_max_batches and federated
+  Fields: mode, seed, data, model, eval_max_batches,
+  allow_unverified_checkpoints, loss_guard (`_run_config`) and federated
   (`federated_config`). The clients are the speakers of `domain`. Their data
   is read from disk per round (conformer_fl/data/record_source.py): the corpus
   must be prepared in the array_record format. LibriSpeech has no domains of
@@ -324,13 +341,26 @@ def analysis_run_config(granularity: str = "block", seeds: int = 3,
   analysis.eval_domains = config_dict.placeholder(tuple)
   analysis.data_dir = ""
   analysis.eval_max_batches = 0  # 0 = the whole split.
-  # Ambient vs critical: the WER increase after the tau=0 reset against
+  # The threshold: the WER increase after the tau=0 reset against
   # max_abs_wer_increase (WER points, 0.01 = 1%) and relative to the baseline
   # WER against max_rel_wer_increase; threshold_rule "either" calls a unit
   # ambient when one test passes, "both" when both do.
   analysis.max_abs_wer_increase = 0.01
   analysis.max_rel_wer_increase = 0.05
   analysis.threshold_rule = "either"
+  # Labels from paired intervals of each unit's WER increase (speakers, then
+  # utterances resampled; conformer_fl.stats): ambient when the upper bound
+  # lies below the threshold, critical when the lower bound lies above it,
+  # undetermined otherwise.
+  analysis.label_confidence = 0.95
+  analysis.bootstrap_samples = 2000
+  # Claim 4's primary test (conformer_fl/analysis/movement_test.py): this
+  # movement measure ('relative_distance' = ||w_T - w_0|| / ||w_0||, or
+  # 'rms_movement' = ||w_T - w_0|| / sqrt(parameters)) against the WER
+  # increase over the droppable modules, p-values from this many
+  # permutations within module types. Other correlations are secondary.
+  analysis.movement_measure = "relative_distance"
+  analysis.movement_permutations = 10000
   # Evaluation: variants stacked on a leading axis and vmapped, this many per
   # compiled call (bounds memory: each holds a full copy of the variables),
   # split over every device of every process and rounded up to a multiple of

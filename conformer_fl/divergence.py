@@ -11,11 +11,29 @@ and the error names the exact first step. Federated training reads its round's
 metrics every round anyway: a round whose every client was non-finite (and so
 left out) or whose new server state is not finite stops the run.
 
+Loss explosion (`LossExplosionGuard`): a loss that stays finite but grows by
+orders of magnitude (a learning rate far too high: the loss of a CTC model then
+climbs to ~1e5, its floor for outputs that cannot align, and on to 1e14). The
+loops feed the guard the training loss of every logged step or round (values
+they read anyway) after a first value from the parameters they start from: the
+loss of the first step (central: one host read, once), or of the first round
+(federated). A value
+above `factor` times the median of the last `window` accepted values is not
+accepted; `patience` such values in a row stop the run. A resumed run first
+replays the losses of metrics.jsonl. The loss of step (round) i is that of
+checkpoint i - 1, so the checkpoints from the last accepted step on are moved
+to `<workdir>/checkpoints_diverged/`: the workdir's newest checkpoint is then
+one that an accepted loss vouches for.
+
 Either way the run stops with `DivergenceError`, naming the step or round and
 the quantity; the loop ends metrics.jsonl with a `stopped` record, and the entry
-point prints the one-line message and exits with status 1.
+point prints the one-line message and exits with status 1. When the run
+resumed from a checkpoint without checksums (`allow_unverified_checkpoints`),
+the message says that this checkpoint may be damaged rather than blaming the
+learning rate.
 """
 
+import collections
 from typing import Any
 
 import jax
@@ -33,6 +51,7 @@ OPTIMIZER_STATE = 8
 _QUANTITIES = ((LOSS, "the loss"), (GRADIENT, "the gradient"),
                (PARAMETERS, "the parameters"),
                (OPTIMIZER_STATE, "the optimizer state"))
+DIVERGED_DIR = "checkpoints_diverged"
 
 
 class DivergenceError(workdir_lib.RunError):
@@ -94,28 +113,48 @@ def describe(flags: int) -> str:
   return names[0] if names else "nothing"
 
 
-def check_guard(guard: dict[str, Any], last_checkpoint: int | None) -> None:
+def _cause(resumed_unverified: int | None, fix: str) -> str:
+  """The likely cause and fix, for the end of a divergence message.
+
+  Args:
+    resumed_unverified: the step or round this run resumed from, if that
+      checkpoint had no checksums (None: it was verified, or a fresh start).
+    fix: the fix otherwise, e.g. 'try e.g. a lower central.peak_learning_rate'.
+  """
+  if resumed_unverified is None:
+    return f"({fix})."
+  return (f"(the run resumed from checkpoint {resumed_unverified}, which had"
+          " no checksums: it may be damaged, which a learning rate would not"
+          " explain; rerun without --config.allow_unverified_checkpoints=True"
+          " to resume from the newest verified checkpoint instead).")
+
+
+def check_guard(guard: dict[str, Any], last_checkpoint: int | None,
+                resumed_unverified: int | None = None) -> None:
   """Raises DivergenceError if the host copy of a central `guard` is set.
 
   Args:
     guard: the guard as numpy values.
     last_checkpoint: the newest step saved (for the message).
+    resumed_unverified: as in `_cause`.
   """
   step = int(np.asarray(guard["step"]))
   if step < 0:
     return
   flags = int(np.asarray(guard["flags"]))
   loss = float(np.asarray(guard["loss"]))
-  verb = "is" if flags in (LOSS, GRADIENT, PARAMETERS, OPTIMIZER_STATE) else "are"
+  verb = "is" if flags in (LOSS, GRADIENT, OPTIMIZER_STATE) else "are"
   raise DivergenceError(
       f"Central training diverged at step {step}: {describe(flags)} {verb} not"
       f" finite (loss {loss}); the last checkpoint is step {last_checkpoint},"
-      " nothing non-finite was saved (try e.g. a lower"
-      " central.peak_learning_rate).", step)
+      " nothing non-finite was saved "
+      + _cause(resumed_unverified,
+               "try e.g. a lower central.peak_learning_rate"), step)
 
 
 def check_round(round_index: int, metrics: dict[str, Any],
-                server_state_finite: bool, last_checkpoint: int | None) -> None:
+                server_state_finite: bool, last_checkpoint: int | None,
+                resumed_unverified: int | None = None) -> None:
   """Raises DivergenceError for a federated round that made no finite progress.
 
   Args:
@@ -123,6 +162,7 @@ def check_round(round_index: int, metrics: dict[str, Any],
     metrics: the round's metrics as numpy values.
     server_state_finite: whether the new server state is finite.
     last_checkpoint: the newest round saved (for the message).
+    resumed_unverified: as in `_cause`.
   """
   clients = int(metrics["num_clients"])
   nonfinite = int(metrics["num_nonfinite_clients"])
@@ -131,11 +171,83 @@ def check_round(round_index: int, metrics: dict[str, Any],
         f"Federated training diverged at round {round_index}: the update of"
         f" every client ({nonfinite} of {clients}) was not finite and was left"
         " out, so the server did not move; the last checkpoint is round"
-        f" {last_checkpoint} (try e.g. a lower"
-        " federated.client_optimizer.learning_rate).", round_index)
+        f" {last_checkpoint} " + _cause(
+            resumed_unverified,
+            "try e.g. a lower federated.client_optimizer.learning_rate"),
+        round_index)
   if not server_state_finite:
     raise DivergenceError(
         f"Federated training diverged at round {round_index}: the new server"
         " state (parameters or server optimizer state) is not finite; the last"
-        f" checkpoint is round {last_checkpoint} (try e.g. a lower"
-        " federated.server_optimizer.learning_rate).", round_index)
+        f" checkpoint is round {last_checkpoint} " + _cause(
+            resumed_unverified,
+            "try e.g. a lower federated.server_optimizer.learning_rate"),
+        round_index)
+
+
+class LossExplosionGuard:
+  """Stops a run whose finite loss grew far above its running median.
+
+  Fed on the host with the loss of each logged step or round (module
+  docstring). Every process feeds it the same replicated values, so every
+  process stops alike.
+
+  Attributes:
+    factor: a value above factor * reference is not accepted (0 = off).
+    patience: this many values in a row not accepted stop the run.
+    window: the reference is the median of the last `window` accepted values.
+  """
+
+  def __init__(self, factor: float, patience: int, window: int):
+    if factor and (factor <= 1 or patience < 1 or window < 1):
+      raise ValueError(
+          f"loss_guard needs factor > 1 (or 0 = off), patience >= 1 and"
+          f" window >= 1; got factor={factor}, patience={patience},"
+          f" window={window}.")
+    self.factor, self.patience = factor, patience
+    self._accepted = collections.deque(maxlen=window)
+    # (index, loss) of the values not accepted since the last accepted one.
+    self._streak: list[tuple[int, float]] = []
+    self.last_accepted: int | None = None
+
+  def reference(self) -> float | None:
+    """The median of the accepted values in the window (None: none yet)."""
+    return float(np.median(self._accepted)) if self._accepted else None
+
+  def update(self, index: int, loss: float) -> bool:
+    """Takes the loss of step or round `index`; True when the run must stop.
+
+    Non-finite values are the non-finite guard's: ignored here.
+    """
+    if not self.factor or not np.isfinite(loss):
+      return False
+    reference = self.reference()
+    if reference is None or loss <= self.factor * reference:
+      self._accepted.append(float(loss))
+      self._streak, self.last_accepted = [], index
+      return False
+    self._streak.append((index, float(loss)))
+    return len(self._streak) >= self.patience
+
+  def message(self, what: str, last_checkpoint: int | None, moved: str,
+              fix: str, resumed_unverified: int | None = None) -> str:
+    """The one line of a tripped guard.
+
+    Args:
+      what: 'Central training' / 'Federated training', and the index's name
+        'step' / 'round', as 'Central training|step'.
+      last_checkpoint: the newest step or round kept.
+      moved: the checkpoints set aside, e.g. 'the checkpoints [6, 8] were
+        moved to DIR; ' ('' if none).
+      fix: as in `_cause`.
+      resumed_unverified: as in `_cause`.
+    """
+    mode, unit = what.split("|")
+    first, *_ = self._streak
+    values = ", ".join(f"{loss:.3g} at {unit} {index}"
+                       for index, loss in self._streak)
+    return (f"{mode} diverged at {unit} {first[0]}: the loss exploded,"
+            f" {len(self._streak)} losses in a row above"
+            f" {self.factor:g} x the median of the previous ones"
+            f" ({self.reference():.3g}): {values}; {moved}the last checkpoint"
+            f" is {unit} {last_checkpoint} " + _cause(resumed_unverified, fix))

@@ -17,6 +17,7 @@ import numpy as np
 
 from conformer_fl import models
 from conformer_fl import multihost
+from conformer_fl import stats
 from conformer_fl import wer as wer_lib
 
 Batch = Mapping[str, Any]
@@ -77,7 +78,8 @@ class EvalAccumulator:
   """Loss, word and character errors of the batches of a split, per batch.
 
   Each batch added is kept as one record (its index in the split, loss sum,
-  number of examples, per-utterance error counts, transcripts), so that the
+  number of examples, per-utterance error counts and speakers, transcripts),
+  so that the
   records of batches evaluated on different processes can be gathered
   (`gathered`) and reduced in the split's order: the result is then the same,
   bit for bit, as one process's over every batch.
@@ -93,11 +95,14 @@ class EvalAccumulator:
 
     Args:
       outputs: `eval_step(variables, batch)`.
-      batch: the batch (its labels are the references).
+      batch: the batch (its labels are the references; its 'speaker' [B],
+        when present, the speaker of each row).
       index: the batch's position in the split (None = after the last added).
     """
     outputs = jax.device_get(outputs)
     keep = np.asarray(batch["example_mask"]) > 0
+    speakers = ([int(x) for x, k in zip(np.asarray(batch["speaker"]), keep) if k]
+                if "speaker" in batch else None)
     hypotheses = ids_to_texts(outputs["ids"], outputs["id_paddings"], self._decode)
     references = ids_to_texts(batch["labels"], batch["label_paddings"], self._decode)
     hypotheses = [h for h, k in zip(hypotheses, keep) if k]
@@ -112,6 +117,7 @@ class EvalAccumulator:
         num_examples=float(outputs["num_examples"]),
         words=[[int(x) for x in row] for row in words],  # [2, n]
         chars=[[int(x) for x in row] for row in chars],  # [2, n]
+        speakers=speakers,  # [n] or None
         examples=[[r, h] for r, h in zip(references, hypotheses)]))
 
   def gathered(self, name: str = "eval") -> "EvalAccumulator":
@@ -128,13 +134,34 @@ class EvalAccumulator:
     """(reference, hypothesis) of every real example, in batch order."""
     return [(r, h) for record in self._records for r, h in record["examples"]]
 
-  def result(self) -> dict[str, float]:
+  def utterance_speakers(self) -> list[int]:
+    """The speaker index of every real example, in batch order.
+
+    From the batches' 'speaker'; an utterance of a batch without it is a
+    speaker of its own, numbered -1, -2, ... by its position (so no two such
+    utterances share a speaker).
+    """
+    speakers = []
+    for record in self._records:
+      count = len(record["examples"])
+      if record.get("speakers") is None:
+        first = len(speakers)
+        speakers.extend(-(first + i + 1) for i in range(count))
+      else:
+        speakers.extend(record["speakers"])
+    return speakers
+
+  def result(self) -> dict[str, Any]:
     """Metrics of the batches added so far.
 
     Returns:
       {'loss': mean loss per example, 'wer': corpus WER, 'cer': corpus CER,
-       'wer_low', 'wer_high': 95% bootstrap interval of the WER over the
-       utterances (`wer.bootstrap_rate_interval`), 'num_examples': n}.
+       'wer_low', 'wer_high': 95% interval of the WER resampling speakers,
+       then utterances within them (`stats.rate_interval`), 'num_examples':
+       n, 'num_speakers', and per utterance in batch order, to pool
+       evaluations later: 'utterance_errors' [n] word errors,
+       'utterance_words' [n] reference words, 'utterance_speakers' [n]
+       speaker indices (`utterance_speakers`)}.
     """
     loss_sum, num_examples = 0.0, 0.0
     for record in self._records:  # Summed in batch order, as they were added.
@@ -148,14 +175,19 @@ class EvalAccumulator:
     char_errors, chars = np.concatenate(
         [np.array(r["chars"], np.int64).reshape(2, -1) for r in self._records],
         axis=1).sum(axis=1)
-    low, high = wer_lib.bootstrap_rate_interval(word_errors, words)
+    speakers = self.utterance_speakers()
+    interval = stats.rate_interval(word_errors, words, speakers)
     return dict(
         loss=loss_sum / num_examples,
         wer=int(word_errors.sum()) / max(int(words.sum()), 1),
         cer=int(char_errors) / max(int(chars), 1),
-        wer_low=low,
-        wer_high=high,
+        wer_low=interval["low"],
+        wer_high=interval["high"],
         num_examples=num_examples,
+        num_speakers=interval["num_speakers"],
+        utterance_errors=[int(x) for x in word_errors],
+        utterance_words=[int(x) for x in words],
+        utterance_speakers=speakers,
     )
 
 
@@ -180,8 +212,10 @@ def evaluate(
     decode: token ids -> text (the tokenizer's decode).
 
   Returns:
-    ({'loss', 'wer', 'cer', 'wer_low', 'wer_high', 'num_examples'},
-     [(reference, hypothesis), ...] in the split's order).
+    (`EvalAccumulator.result`: {'loss', 'wer', 'cer', 'wer_low', 'wer_high',
+     'num_examples', 'num_speakers', 'utterance_errors', 'utterance_words',
+     'utterance_speakers'}, [(reference, hypothesis), ...] in the split's
+     order).
   """
   accumulator = EvalAccumulator(decode)
   num_processes, process = jax.process_count(), jax.process_index()

@@ -47,15 +47,23 @@ class Run:
 def _tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                init_workdir: str) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, trained (or copied from `init_workdir`) by process 0.
+
+  Raises:
+    workdir.WorkdirError: (on every process) the saved tokenizer.model does
+      not load.
   """
   saved = workdir / "tokenizer.model"
   if init_workdir and not saved.exists() and multihost.is_chief():
     source = epath.Path(init_workdir) / "tokenizer.model"
     if source.exists():
       source.copy(saved)
+  error = None
   if multihost.is_chief():
-    tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
-  multihost.sync("tokenizer")
+    try:
+      tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
+    except tokenizer_lib.TokenizerFileError as e:
+      error = workdir_lib.WorkdirError(str(e))
+  _raise_on_every_process(error, f"load the tokenizer of {workdir}")
   if not multihost.is_chief():
     tokenizer = input_pipeline.get_tokenizer(config.data, os.fspath(workdir))
   return tokenizer
@@ -131,7 +139,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
       workdir_lib.write_atomically(workdir / workdir_lib.CONFIG_FILE,
                                    config.to_json_best_effort(indent=2))
     run = Run(config, workdir, model, tokenizer,
-              checkpointing.CheckpointStore(os.fspath(workdir)),
+              checkpointing.CheckpointStore(
+                  os.fspath(workdir), allow_unverified=bool(config.get(
+                      checkpointing.ALLOW_UNVERIFIED_FIELD, False))),
               metric_logging.MetricsLogger(os.fspath(workdir), step_key))
     try:
       yield run
@@ -142,6 +152,56 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
     finally:
       run.logger.close()
       run.store.close()
+
+
+def resumed_unverified(run: Run, start: int) -> int | None:
+  """`start` if the run resumed from a checkpoint without checksums, else None."""
+  return start if start in run.store.unverified_steps else None
+
+
+def loss_guard(run: Run, start: int) -> divergence.LossExplosionGuard:
+  """The loss-explosion guard of `run.config.loss_guard` (factor 0 = off).
+
+  It is fed the losses of metrics.jsonl up to `start` first (process 0 reads
+  them, every process gets them), so that a resumed run judges its losses
+  against the same history as an uninterrupted one.
+  """
+  g = run.config.get("loss_guard") or {}
+  guard = divergence.LossExplosionGuard(
+      g.get("factor", 0.0), g.get("patience", 1), g.get("window", 1))
+  history = []
+  if guard.factor and multihost.is_chief():
+    for record in metric_logging.read_records(
+        run.workdir / metric_logging.METRICS_FILE):
+      index = record.get(run.logger.step_key)
+      if (isinstance(index, int) and index <= start
+          and isinstance(record.get("loss"), float)):
+        history.append((index, record["loss"]))
+  for index, loss in multihost.chief_decides(history, "loss_history"):
+    guard.update(index, loss)
+  return guard
+
+
+def stop_exploded(run: Run, guard: divergence.LossExplosionGuard, mode: str,
+                  unit: str, index: int, fix: str,
+                  resumed_from_unverified: int | None
+                  ) -> divergence.DivergenceError:
+  """The error of a tripped loss guard, once the exploded steps are set aside.
+
+  The loss of step (round) i is that of the state of checkpoint i - 1: the
+  checkpoints from the guard's last accepted index on (whose state no
+  accepted loss vouches for) are moved to `divergence.DIVERGED_DIR` (deleted
+  on GCS).
+  """
+  exploded = [s for s in run.store.all_steps()
+              if guard.last_accepted is not None and s >= guard.last_accepted]
+  moved = ""
+  if exploded:
+    where = run.store.set_aside(exploded, divergence.DIVERGED_DIR)
+    moved = f"the checkpoints {exploded} {where}; "
+  return divergence.DivergenceError(
+      guard.message(f"{mode}|{unit}", run.store.latest_step(), moved, fix,
+                    resumed_from_unverified), index)
 
 
 def eval_batches(run: Run,
@@ -168,8 +228,13 @@ def local_copy(tree: PyTree) -> PyTree:
 def evaluate(run: Run, eval_step: Any, variables: PyTree,
              batches: Sequence[dict[str, np.ndarray]],
              step: int) -> dict[str, float]:
-  """{'eval/<metric>': value} of `variables` on `batches`; logs 3 samples."""
+  """{'eval/<metric>': value} of `variables` on `batches`; logs 3 samples.
+
+  The scalar metrics only: the per-utterance lists of the evaluation are
+  left out of the metric logs.
+  """
   metrics, examples = evaluation.evaluate(
       eval_step, variables, batches, run.tokenizer.decode)
   run.logger.write_samples(step, examples[:3])
-  return {f"eval/{k}": v for k, v in metrics.items()}
+  return {f"eval/{k}": v for k, v in metrics.items()
+          if not isinstance(v, list)}

@@ -24,8 +24,10 @@ that the workdir is a directory and that its config.json allows this config
 (`conformer_fl.workdir.RESUMABLE_FIELDS`), then process 0 takes the workdir lock;
 checkpoints are verified on restore with a fallback to the newest intact step
 (`checkpointing.CheckpointStore.restore_latest_intact`); the logs are trimmed to the
-restored step; and the divergence guard (`conformer_fl.divergence`) stops a run
-whose loss, gradient or state is not finite before anything non-finite is saved.
+restored step; the divergence guard (`conformer_fl.divergence`) stops a run
+whose loss, gradient or state is not finite before anything non-finite is saved,
+and its loss-explosion guard one whose logged loss stays far above its running
+median (`config.loss_guard`), moving the checkpoints of the explosion aside.
 """
 
 import os
@@ -98,6 +100,8 @@ def _train_central(run: run_setup.Run) -> PyTree:
     state = restored
   run.logger.drop_after(start)
   last_saved = start
+  unverified = run_setup.resumed_unverified(run, start)
+  loss_guard = run_setup.loss_guard(run, start)
 
   # Multi-process: compiled, then a barrier, before its first collective.
   train_step = mesh_lib.barrier_after_compile(
@@ -121,6 +125,10 @@ def _train_central(run: run_setup.Run) -> PyTree:
       state, metrics, guard = train_step(
           state, mesh_lib.shard_round_data(batch, mesh), seed_key, guard)
       progress.update(1)
+      if step == start + 1:
+        # The loss of the parameters this run starts from: the loss guard's
+        # first value (one host sync, once).
+        loss_guard.update(step, float(jax.device_get(metrics["loss"])))
       log = step % c.log_every == 0 or step == c.num_steps
       evaluate = step % c.eval_every == 0 or step == c.num_steps
       save = step % c.checkpoint_every == 0 or step == c.num_steps
@@ -128,13 +136,16 @@ def _train_central(run: run_setup.Run) -> PyTree:
         # The guard is read with the metrics (no host sync of its own) and
         # before every save: nothing non-finite is evaluated, logged or saved.
         metrics, guard_now = jax.device_get((metrics, guard))
-        divergence.check_guard(guard_now, last_saved)
+        divergence.check_guard(guard_now, last_saved, unverified)
       if log or evaluate:
         elapsed = time.perf_counter() - tic
         metrics["steps_per_second"] = (step - logged_step) / elapsed
         tic, logged_step = time.perf_counter(), step
         progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if evaluate:
+        # An exploded model is logged, not evaluated.
+        exploded = step > start + 1 and loss_guard.update(
+            step, float(metrics["loss"]))
+        if evaluate and not exploded:
           variables = {"params": run_setup.local_copy(state["params"]),
                        **run_setup.local_copy(state["model_state"])}
           metrics.update(run_setup.evaluate(run, eval_step, variables,
@@ -142,6 +153,10 @@ def _train_central(run: run_setup.Run) -> PyTree:
           logging.info("step %d: %s", step, metrics)
           tic = time.perf_counter()  # Evaluation time is not training time.
         run.logger.write(step, metrics)
+        if exploded:
+          raise run_setup.stop_exploded(
+              run, loss_guard, "Central training", "step", step,
+              "try e.g. a lower central.peak_learning_rate", unverified)
       if save:
         run.store.save(step, state)
         last_saved = step
@@ -229,6 +244,8 @@ def _train_federated(run: run_setup.Run) -> PyTree:
     state = flax.serialization.from_state_dict(state, restored)
   run.logger.drop_after(start)
   last_saved = start
+  unverified = run_setup.resumed_unverified(run, start)
+  loss_guard = run_setup.loss_guard(run, start)
   state_is_finite = jax.jit(divergence.all_finite)
 
   client_datasets = input_pipeline.get_client_datasets(run.config.data,
@@ -263,19 +280,29 @@ def _train_federated(run: run_setup.Run) -> PyTree:
       progress.set_postfix(loss=f"{metrics['loss']:.3f}",
                            clients_s=f"{metrics['clients_per_second']:.2f}")
       try:
-        divergence.check_round(done, metrics, bool(finite), last_saved)
+        divergence.check_round(done, metrics, bool(finite), last_saved,
+                               unverified)
       except divergence.DivergenceError:
         run.logger.write(done, metrics)  # The round that stopped the run.
         raise
-      if done % f.eval_every == 0 or done == f.rounds:
+      # An exploded model is logged, not evaluated.
+      exploded = ((done == start + 1 or done % f.log_every == 0)
+                  and loss_guard.update(done, float(metrics["loss"])))
+      if (done % f.eval_every == 0 or done == f.rounds) and not exploded:
         variables = {"params": run_setup.local_copy(state.params),
                      **run_setup.local_copy(state.model_state)}
         metrics.update(run_setup.evaluate(run, eval_step, variables,
                                           eval_batches, done))
         logging.info("round %d: %s", done, {k: v for k, v in metrics.items()
                                             if not k.startswith("update_norm/")})
-      if done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics:
+      if (done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics
+          or exploded):
         run.logger.write(done, metrics)
+      if exploded:
+        raise run_setup.stop_exploded(
+            run, loss_guard, "Federated training", "round", done,
+            "try e.g. a lower federated.client_optimizer.learning_rate or"
+            " federated.server_optimizer.learning_rate", unverified)
       if done % f.checkpoint_every == 0 or done == f.rounds:
         run.store.save(done, flax.serialization.to_state_dict(state))
         last_saved = done

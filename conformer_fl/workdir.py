@@ -24,7 +24,10 @@ through this module before it writes anything:
    variable CONFORMER_FL_TAKE_OVER_LOCK=1 says that run is gone. Workdirs on
    GCS (`gs://...`) are not locked: etils.epath offers no atomic
    create-if-absent or file lock there; run one job per workdir
-   (`launch/tpu_pod.py run` refuses a second job on a pod).
+   (`launch/tpu_pod.py run` refuses a second job on a pod). A workdir that
+   cannot be written (read-only, immutable, or on a read-only file system)
+   is refused with `WorkdirNotWritableError` when the lock file is made, the
+   run's first write.
 
 `RunError` is the base of the errors that stop or refuse a run for a reason
 the user can act on; the entry point (`conformer_fl/main.py`) prints its
@@ -78,6 +81,10 @@ RESUMABLE_FIELDS = (
     "eval_max_batches",
     "data.eval_batch_size",
     "data.prefetch_batches",
+    # How faults are handled: whether a checkpoint without checksums may be
+    # restored, and the loss-explosion guard's thresholds.
+    "allow_unverified_checkpoints",
+    "loss_guard.*",
 )
 
 # Fields a run derives rather than takes from the command line: config.json
@@ -109,6 +116,10 @@ class ConfigChangedError(WorkdirError, ValueError):
 
 class WorkdirLockedError(WorkdirError):
   """Another run holds the workdir's lock."""
+
+
+class WorkdirNotWritableError(WorkdirError):
+  """The workdir (or the folder it is to be made in) cannot be written."""
 
 
 def warn(message: str) -> None:
@@ -296,9 +307,8 @@ class WorkdirLock:
       logging.warning("%s is not locked: workdirs on GCS have no lock (run"
                       " one job per workdir).", self.workdir)
       return
-    os.makedirs(self.workdir, exist_ok=True)
     for _ in range(5):
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = self._open()
       try:
         flocked = self._flock(fd)
         # The file may have been removed (released) between open and flock:
@@ -313,6 +323,25 @@ class WorkdirLock:
         raise
       os.close(fd)
     raise WorkdirLockedError(f"Could not take the lock {self.path}.")
+
+  def _open(self) -> int:
+    """Makes the workdir and opens (creates) the lock file.
+
+    Raises:
+      WorkdirNotWritableError: either cannot be written.
+    """
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise
+      where = e.filename or self.path
+      raise WorkdirNotWritableError(
+          f"--workdir={self.workdir} cannot be written ({e.strerror}:"
+          f" {where}): make it writable (chmod u+w; chattr -i if it is"
+          " immutable; remount a read-only file system) or use another"
+          " workdir.") from e
 
   def _flock(self, fd: int) -> bool:
     """flock(fd); False where the file system has no flock."""

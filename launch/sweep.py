@@ -98,8 +98,10 @@ def write_stability(points: Points, workdir: str) -> dict:
            for p in points}
   for pair in stability["pairs"]:
     rho = pair["wer_increase"]["spearman"]["statistic"]
+    overlap = pair["jaccard_ambient"]  # None: neither run has an ambient unit.
     a, b = names.get(pair["a"], pair["a"]), names.get(pair["b"], pair["b"])
-    print(f"{a} vs {b}: Jaccard(ambient) = {pair['jaccard_ambient']:.3f},"
+    print(f"{a} vs {b}: Jaccard(ambient) ="
+          f" {'none ambient' if overlap is None else f'{overlap:.3f}'},"
           f" Spearman(WER increase) = {rho if rho is None else f'{rho:.3f}'}")
   return stability
 

@@ -46,13 +46,15 @@ NUM_VARIANTS = 1 + 7 * (3 + 1)
 TOP_LEVEL_KEYS = {
     "schema_version", "workdir", "step_key", "granularity", "trained_step",
     "checkpoint_steps", "taus", "rerandomize_seeds", "model", "eval",
-    "thresholds", "baseline", "units", "ambient", "critical", "correlations",
+    "thresholds", "baseline", "units", "ambient", "critical", "undetermined",
+    "correlations", "movement_test",
     "stability", "timing", "figures"}
 UNIT_KEYS = {
     "path", "num_params", "reinit_wer", "reinit_loss", "rerandomize_wer",
     "rerandomize_loss", "wer_increase", "relative_wer_increase",
-    "loss_increase", "rerandomize_wer_increase", "movement", "ambient"}
-MOVEMENT_KEYS = {"distance", "initial_norm", "relative_distance",
+    "loss_increase", "rerandomize_wer_increase", "movement", "ambient",
+    "wer_increase_low", "wer_increase_high", "label"}
+MOVEMENT_KEYS = {"distance", "initial_norm", "relative_distance", "rms_movement",
                  "update_norm_sum"}
 
 
@@ -98,6 +100,15 @@ def test_frozen_unit_reset_changes_nothing_and_is_ambient(results):
   assert frozen["reinit_loss"] == [baseline["loss"]] * len(results["taus"])
   assert frozen["wer_increase"] == 0.0 and frozen["loss_increase"] == 0.0
   assert frozen["ambient"] and FROZEN in results["ambient"]
+  # Its reset changes no utterance: the paired interval is [0, 0].
+  assert frozen["label"] == "ambient"
+  assert frozen["wer_increase_low"] == frozen["wer_increase_high"] == 0.0
+  labels = {u["label"] for u in results["units"].values()}
+  assert labels <= set(importance.LABELS)
+  for name, unit in results["units"].items():
+    assert unit["wer_increase_low"] <= unit["wer_increase"] <= unit[
+        "wer_increase_high"]
+    assert name in results[unit["label"]]
   assert frozen["movement"]["distance"] == 0.0
   # Units that trained did move, and resetting them changes the loss.
   trained_units = [u for n, u in results["units"].items() if n != FROZEN]
@@ -158,11 +169,17 @@ def test_importance_json_has_every_field(workdir, results):
     assert len(unit["reinit_wer"]) == len(unit["reinit_loss"]) == 3
     assert len(unit["rerandomize_wer"]) == len(written["rerandomize_seeds"]) == 1
     assert unit["movement"]["update_norm_sum"] is None  # A central run.
-  assert sorted(written["ambient"] + written["critical"]) == sorted(
-      written["units"])
+  assert sorted(written["ambient"] + written["critical"]
+                + written["undetermined"]) == sorted(written["units"])
   assert sum(u["num_params"] for u in written["units"].values()) == (
       written["model"]["num_params"])
-  assert set(written["correlations"]) == {"distance", "relative_distance"}
+  assert set(written["correlations"]) == {"distance", "relative_distance",
+                                          "rms_movement"}
+  primary = written["movement_test"]
+  assert primary["measure"] == "relative_distance"
+  assert primary["units"] == [f"encoder/block_00/{m}"
+                              for m in ("ffn1", "mhsa", "conv", "ffn2")]
+  assert primary["strata"] == {"conv": 1, "ffn": 2, "mhsa": 1}
   assert written["eval"]["num_examples"] == 10.0
   assert written["timing"]["num_variants"] == NUM_VARIANTS
 
@@ -181,8 +198,9 @@ def test_figures_are_pngs_of_the_expected_size(workdir, results):
       "heatmap_wer": plots.heatmap_size_inches(num_units, num_taus),
       "heatmap_loss": plots.heatmap_size_inches(num_units, num_taus),
       "rerandomization": plots.bars_size_inches(num_units),
-      # Two movement panels for a central run: distance, relative distance.
-      "movement_scatter": (2 * plots.SCATTER_SIZE_INCHES[0],
+      # Three movement panels for a central run: distance, relative
+      # distance, RMS movement.
+      "movement_scatter": (3 * plots.SCATTER_SIZE_INCHES[0],
                            plots.SCATTER_SIZE_INCHES[1]),
   }
   assert set(results["figures"]) == set(expected)

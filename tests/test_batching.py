@@ -176,6 +176,28 @@ def test_eval_batches_hold_every_example_exactly_once():
   assert len(batches) == sum(-(-n // 4) for n in per_bucket)
 
 
+def test_eval_batches_number_speakers_in_order_of_first_appearance():
+  skips = batching.SkipCounter()
+  speakers = ["b", "a", "b", "c", "a", "c", "b"]
+  lengths = [4000, 12000, 4000, 12000, 4000, 4000, 12000]
+  examples = [batching.prepare_example(_example(i, n, speaker=s), _CHAR,
+                                       _BUCKETS, skips)
+              for i, (n, s) in enumerate(zip(lengths, speakers))]
+  batches = list(batching.eval_batches(examples, _BUCKETS, batch_size=3))
+  index = {"b": 0, "a": 1, "c": 2}
+  seen = 0
+  for batch in batches:
+    assert batch["speaker"].dtype == np.int32
+    for row in range(3):
+      if batch["example_mask"][row]:
+        example = _index_of(batch["audio"][row])
+        assert batch["speaker"][row] == index[speakers[example]]
+        seen += 1
+      else:
+        assert batch["speaker"][row] == -1
+  assert seen == 7
+
+
 # A tiny TFDS dataset with the synthetic corpus's features (audio int16, text,
 # speaker_id, domain ClassLabel, duration, id).
 _TRAIN_LENGTHS = [3000, 5000, 7000, 7900, 9000, 11000, 12000, 15000, 4000, 6000,

@@ -5,6 +5,7 @@ import pytest
 
 from conformer_fl import wer as wer_lib
 from conformer_fl.experiment import evidence
+from conformer_fl.experiment import summary as summary_lib
 
 
 def test_utterance_errors_in_words_and_characters():
@@ -109,3 +110,20 @@ def test_checks_state_each_target_with_its_measurement():
   assert [c["met"] for c in checks] == [False, False, False]
   assert "WER 0.310" in checks[0]["measured"]
   assert "28% lower" in checks[2]["measured"]
+
+
+def test_differences_are_read_as_non_inferiority_with_a_margin():
+  with_margin = summary_lib._non_inferiority_sentence(  # pylint: disable=protected-access
+      {"analysis": {"thresholds": {"max_abs_wer_increase": 0.01}}})
+  assert "upper bound lies below the margin, +0.010 WER" in with_margin
+  assert "no difference was detected, not that there is none" in with_margin
+  without = summary_lib._non_inferiority_sentence({})  # pylint: disable=protected-access
+  assert "below a margin declared beforehand" in without
+  lines = "\n".join(summary_lib._differences_lines(dict(  # pylint: disable=protected-access
+      analysis={"thresholds": {"max_abs_wer_increase": 0.02}},
+      paired_differences={"targeted": dict(
+          difference=0.011, low=-0.011, high=0.032, num_seeds=3,
+          num_utterances=240)})))
+  assert "shows no difference" not in lines
+  assert "+0.020 WER" in lines
+  assert "| targeted - full | +0.011 | -0.011 to +0.032 | 3 x 240 |" in lines

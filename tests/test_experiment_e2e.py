@@ -266,8 +266,12 @@ def test_the_stability_stage_grows_the_run_into_the_study(
       assert p["matching"] == "name"
       assert p["jaccard_ambient"] == pytest.approx(stability.jaccard(
           importance[p["a"]]["ambient"], importance[p["b"]]["ambient"]))
-    assert group["jaccard_mean"] == pytest.approx(np.mean(
-        [p["jaccard_ambient"] for p in group["pairs"]]))
+    # Pairs with no ambient unit in either run are left out of the mean.
+    overlaps = [p["jaccard_ambient"] for p in group["pairs"]
+                if p["jaccard_ambient"] is not None]
+    assert group["num_empty_pairs"] == len(group["pairs"]) - len(overlaps)
+    assert group["jaccard_mean"] == (pytest.approx(np.mean(overlaps))
+                                     if overlaps else None)
   report = (study / "report.md").read_text()
   assert "## Claims 2 and 3: the stability of layer importance" in report
   seconds = json.loads((study / "stage_seconds.json").read_text())
@@ -275,7 +279,7 @@ def test_the_stability_stage_grows_the_run_into_the_study(
                           if k.startswith("stability/"))
   assert (f"stability runs {stability_seconds:.0f} s (3 pre-trained and"
           " analysed)") in report
-  assert "| seeds (same size and norm) | 2 |" in report
+  assert "| seeds (same size and norm) | 2 (" in report
   # The demo's numbers are untouched.
   assert json.loads((study / "summary.json").read_text())["arms"] == (
       summary["arms"])

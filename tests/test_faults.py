@@ -9,6 +9,8 @@ the tests assert the one-line message, the exit status, and that no file of the
 workdir changed where nothing should have.
 """
 
+from collections.abc import Iterator
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +37,8 @@ import xla_env  # tests/xla_env.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
+# Parameters * this: a state whose loss is finite but exploded.
+EXPLOSION_SCALE = 1e3
 
 
 # ----------------------------------------------------------------------------
@@ -122,11 +126,13 @@ def test_resumable_fields_are_one_documented_list():
       "federated.log_every", "federated.eval_every",
       "federated.checkpoint_every", "central.num_devices",
       "data.data_dir", "federated.init_workdir",
-      "eval_max_batches", "data.eval_batch_size", "data.prefetch_batches")
+      "eval_max_batches", "data.eval_batch_size", "data.prefetch_batches",
+      "allow_unverified_checkpoints", "loss_guard.*")
   readme = (ROOT / "README.md").read_text()
   section = readme[readme.index("### When a run fails"):]
   for field in workdir_lib.RESUMABLE_FIELDS:
-    assert f"`{field}`" in section or field.split(".")[-1] in section, field
+    assert (f"`{field}`" in section or field.split(".")[-1] in section
+            or field.rstrip(".*") in section), field
 
 
 @pytest.mark.parametrize("make_config,field,value", [
@@ -359,8 +365,99 @@ def test_a_nonfinite_checkpoint_is_damaged_and_none_intact_stops(tmp_path):
       str(tmp_path / "empty")).restore_latest_intact() == (None, None)
 
 
+def test_a_step_without_checksums_is_unverified_and_passed_over(tmp_path):
+  store = _saved_store(tmp_path)
+  _flip_bytes(_largest_data_file(tmp_path, 6))
+  (tmp_path / "checkpoints" / "6" / checkpointing.STEP_METADATA_FILE).unlink()
+  # A missing commit marker alone leaves the checksums: step 4 is checked.
+  (tmp_path / "checkpoints" / "4" / "commit_success.txt").unlink()
+  _flip_bytes(_largest_data_file(tmp_path, 4))
+  with pytest.raises(checkpointing.UnverifiedCheckpointError,
+                     match="checkpoint step 6 in .* is unverified: its checksums"
+                           " are missing \\(.*6/_CHECKPOINT_METADATA is"
+                           " missing\\)"):
+    store.restore(6, like=_state(0))
+  reports = []
+  step, _ = store.restore_latest_intact(like=_state(0), report=reports.append)
+  assert step == 2
+  assert "is unverified" in reports[0] and reports[0].endswith("trying step 4")
+  assert "differ from the checksums saved with it" in reports[1]
+  assert store.all_steps() == [0, 2]
+
+
+def test_an_unverified_step_restores_when_allowed(tmp_path):
+  _saved_store(tmp_path).close()
+  (tmp_path / "checkpoints" / "6" / checkpointing.STEP_METADATA_FILE).unlink()
+  store = checkpointing.CheckpointStore(str(tmp_path), allow_unverified=True)
+  reports = []
+  step, state = store.restore_latest_intact(like=_state(0),
+                                            report=reports.append)
+  assert step == 6 and store.unverified_steps == {6}
+  np.testing.assert_array_equal(state["params"]["w"], _state(6)["params"]["w"])
+  assert len(reports) == 1 and reports[0].endswith(
+      "; restoring it anyway (allow_unverified_checkpoints=True).")
+
+
+def test_no_verified_step_names_the_field_that_allows_them(tmp_path):
+  _saved_store(tmp_path, steps=(0,)).close()
+  (tmp_path / "checkpoints" / "0" / checkpointing.STEP_METADATA_FILE).unlink()
+  store = checkpointing.CheckpointStore(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="or accept the unverified steps with"
+                           " --config.allow_unverified_checkpoints=True.$"):
+    store.restore_latest_intact(like=_state(0), report=lambda line: None)
+
+
 # ----------------------------------------------------------------------------
 # The divergence guard.
+
+# Logged training losses (rounded) of tiny federated runs of configs/federated.py
+# (2 clients x 2 local steps per round): the default learning rates, then
+# the client or the server learning rate 1e6.
+_NORMAL = (227.0, 248.5, 117.6, 137.9, 224.0, 147.4, 147.9, 75.1, 84.8, 142.1,
+           154.0, 165.9, 58.0, 79.7, 93.7, 83.0, 102.3, 80.4, 189.6, 143.8)
+_CLIENT_LR_1E6 = (99405.7, 7.49e12, 3.11e13, 1.61e14, 3.09e14, 2.43e13)
+_SERVER_LR_1E6 = (227.0, 2.61e8, 99999.3, 99999.3, 99999.3, 99999.3)
+
+
+@pytest.mark.parametrize("losses,stop", [
+    (_NORMAL, None), (_CLIENT_LR_1E6, 4), (_SERVER_LR_1E6, 4)])
+def test_the_loss_guard_stops_an_explosion_only(losses, stop):
+  guard = divergence.LossExplosionGuard(factor=10.0, patience=3, window=20)
+  stopped = next((i for i, loss in enumerate(losses, 1)
+                  if guard.update(i, loss)), None)
+  assert stopped == stop
+  if stop:
+    assert guard.last_accepted == 1
+    assert guard.message("Federated training|round", 0, "", "try x") == (
+        f"Federated training diverged at round 2: the loss exploded, 3 losses"
+        f" in a row above 10 x the median of the previous ones"
+        f" ({losses[0]:.3g}): {losses[1]:.3g} at round 2, {losses[2]:.3g} at"
+        f" round 3, {losses[3]:.3g} at round 4; the last checkpoint is round 0"
+        " (try x).")
+
+
+def test_a_spike_that_falls_back_is_not_an_explosion():
+  guard = divergence.LossExplosionGuard(factor=10.0, patience=3, window=4)
+  for i, loss in enumerate((100.0, 90.0, 5e3, 6e3, 80.0, 7e3, 70.0), 1):
+    assert not guard.update(i, loss)
+  assert guard.reference() == 85.0  # median(100, 90, 80, 70): spikes left out.
+  assert not divergence.LossExplosionGuard(0.0, 3, 20).update(1, 1e30)
+  with pytest.raises(ValueError, match="loss_guard needs factor > 1"):
+    divergence.LossExplosionGuard(0.5, 3, 20)
+
+
+def test_the_nonfinite_message_agrees_in_number():
+  guard = {"step": 9, "loss": 3.0}
+  for flags, text in ((divergence.PARAMETERS, "the parameters are not finite"),
+                      (divergence.LOSS, "the loss is not finite"),
+                      (divergence.LOSS | divergence.GRADIENT,
+                       "the loss and the gradient are not finite")):
+    with pytest.raises(divergence.DivergenceError, match=text) as raised:
+      divergence.check_guard(dict(guard, flags=flags), 6)
+    assert str(raised.value).endswith(
+        "nothing non-finite was saved (try e.g. a lower"
+        " central.peak_learning_rate).")
 
 
 def test_the_guard_keeps_the_first_nonfinite_step():
@@ -414,16 +511,17 @@ def copy_of(tmp_path, finished_central):
   return target
 
 
-def _plant_divergent_step(workdir, step: int = 6) -> None:
-  """Saves `step`: the latest state of `workdir` with every parameter * 1e30.
+def _plant_divergent_step(workdir, step: int = 6, scale: float = 1e30) -> None:
+  """Saves `step`: the latest state of `workdir` with every parameter * scale.
 
   A state that is finite and intact (it restores and verifies) but from which
-  the next step or round diverges; the runs that resume from it are the very
-  programs of the finished run, which the compilation cache already holds.
+  the next step or round diverges (1e30: to NaN); the runs that resume from
+  it are the very programs of the finished run, which the compilation cache
+  already holds.
   """
   store = checkpointing.CheckpointStore(str(workdir))
   state = store.restore(store.latest_step())
-  state["params"] = jax.tree.map(lambda x: x * 1e30, state["params"])
+  state["params"] = jax.tree.map(lambda x: x * scale, state["params"])
   state["step"] = np.asarray(step, np.int32)
   store.save(step, state)
   store.close()
@@ -431,12 +529,24 @@ def _plant_divergent_step(workdir, step: int = 6) -> None:
 
 def test_central_divergence_stops_before_saving_it(copy_of, tiny_corpus_dir,
                                                    tiny_central_overrides):
+  """Resumed from a step without checksums, allowed: the message says so."""
   _plant_divergent_step(copy_of)
+  (copy_of / "checkpoints" / "6" / checkpointing.STEP_METADATA_FILE).unlink()
   result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides,
+                               "--config.allow_unverified_checkpoints=True",
                                steps=8))
   line = _error_line(result)
   assert line.startswith("error: Central training diverged at step 7: the loss,")
-  assert "the last checkpoint is step 6, nothing non-finite was saved" in line
+  assert line.endswith(
+      "the last checkpoint is step 6, nothing non-finite was saved (the run"
+      " resumed from checkpoint 6, which had no checksums: it may be damaged,"
+      " which a learning rate would not explain; rerun without"
+      " --config.allow_unverified_checkpoints=True to resume from the newest"
+      " verified checkpoint instead).")
+  assert (f"checkpoint step 6 in {copy_of}/checkpoints is unverified: its"
+          " checksums are missing") in result.stderr
+  assert ("; restoring it anyway (allow_unverified_checkpoints=True)."
+          in result.stderr)
   steps = checkpointing.CheckpointStore(str(copy_of), read_only=True)
   assert steps.all_steps() == [0, 2, 4, 6]
   records = _metric_lines(copy_of)
@@ -473,18 +583,26 @@ def test_federated_round_without_a_finite_client_stops(tmp_path, copy_of,
 def test_a_damaged_checkpoint_falls_back_and_resumes_bit_equal(
     copy_of, finished_central, tiny_corpus_dir, tiny_central_overrides):
   _flip_bytes(_largest_data_file(copy_of, 4))
+  # Step 2 damaged too, and its checksums gone: unverified, passed over.
+  _flip_bytes(_largest_data_file(copy_of, 2))
+  (copy_of / "checkpoints" / "2" / checkpointing.STEP_METADATA_FILE).unlink()
   result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides))
   _assert_ok(result)
   assert "checkpoint step 4 in " in result.stderr
   assert "differ from the checksums saved with it; trying step 2" in result.stderr
-  assert "Resuming from checkpoint step 2, the newest intact one" in result.stderr
+  assert (f"checkpoint step 2 in {copy_of}/checkpoints is unverified: its"
+          f" checksums are missing ({copy_of}/checkpoints/2/"
+          "_CHECKPOINT_METADATA is missing), so damage to its data cannot be"
+          " detected; trying step 0") in result.stderr
+  assert "Resuming from checkpoint step 0, the newest intact one" in result.stderr
   steps = checkpointing.CheckpointStore(str(copy_of), read_only=True)
   assert steps.all_steps() == [0, 2, 4]
   reference = checkpointing.CheckpointStore(str(finished_central), read_only=True)
   for a, b in zip(jax.tree.leaves(steps.restore(4)["params"]),
                   jax.tree.leaves(reference.restore(4)["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert (copy_of / "checkpoints_damaged" / "4").is_dir()
+  assert sorted(p.name for p in (copy_of / "checkpoints_damaged").iterdir()) == [
+      "2", "4"]
   assert [r["step"] for r in _metric_lines(copy_of)] == [2, 4]
 
 
@@ -565,3 +683,77 @@ def test_a_file_given_as_workdir_is_named(tmp_path, tiny_corpus_dir,
   assert line == (f"error: --workdir={path} is not a directory: give a directory"
                   " (it is made if absent).")
   assert path.read_text() == "not a run"
+
+
+def test_a_finite_loss_explosion_stops_and_sets_its_checkpoints_aside(
+    copy_of, tiny_corpus_dir, tiny_central_overrides):
+  _plant_divergent_step(copy_of, scale=EXPLOSION_SCALE)
+  # Step 7 (the loss of step 6's state: the guard's first value) and 8 (the
+  # last step, logged) are far above the median of steps 2 and 4.
+  result = _main(_central_args(copy_of, tiny_corpus_dir, tiny_central_overrides,
+                               "--config.loss_guard.patience=2", steps=8))
+  line = _error_line(result)
+  assert line.startswith("error: Central training diverged at step 7: the loss"
+                         " exploded, 2 losses in a row above 10 x the median"
+                         " of the previous ones (")
+  assert line.endswith(
+      f" at step 8; the checkpoints [4, 6] were moved to"
+      f" {copy_of}/checkpoints_diverged; the last checkpoint is step 2 (try"
+      " e.g. a lower central.peak_learning_rate).")
+  assert checkpointing.CheckpointStore(
+      str(copy_of), read_only=True).all_steps() == [0, 2]
+  assert sorted(p.name for p in (copy_of / "checkpoints_diverged").iterdir()
+                ) == ["4", "6"]
+  records = _metric_lines(copy_of)
+  assert [r["step"] for r in records] == [2, 4, 8, 8]
+  assert records[2]["loss"] > 10 * max(records[0]["loss"], records[1]["loss"])
+  assert "eval/wer" not in records[2]  # An exploded model is not evaluated.
+  assert records[-1] == {"step": 8, "stopped": line[len("error: "):]}
+
+
+def test_a_truncated_tokenizer_is_named(copy_of, tiny_corpus_dir,
+                                        tiny_central_overrides):
+  path = copy_of / "tokenizer.model"
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  before = _snapshot(copy_of)
+  line = _error_line(_main(_central_args(copy_of, tiny_corpus_dir,
+                                         tiny_central_overrides)))
+  assert line.startswith(f"error: {path} is not a valid SentencePiece model (")
+  assert line.endswith("restore it from a copy of this run, or use a new"
+                       " workdir (a run's checkpoints need the tokenizer that"
+                       " trained them).")
+  assert _snapshot(copy_of) == before
+
+
+@contextlib.contextmanager
+def _unwritable(directory: pathlib.Path) -> Iterator[None]:
+  """`directory` unwritable to this user: immutable for root, else read-only."""
+  if os.geteuid() != 0:
+    directory.chmod(0o555)
+    try:
+      yield
+    finally:
+      directory.chmod(0o755)
+    return
+  if shutil.which("chattr") is None or subprocess.run(
+      ["chattr", "+i", str(directory)], check=False,
+      capture_output=True).returncode:
+    pytest.skip("root without chattr +i: cannot make a directory unwritable")
+  try:
+    yield
+  finally:
+    subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_an_unwritable_workdir_is_named(copy_of, tiny_corpus_dir,
+                                        tiny_central_overrides):
+  before = _snapshot(copy_of)
+  with _unwritable(copy_of):
+    result = _main(_central_args(copy_of, tiny_corpus_dir,
+                                 tiny_central_overrides))
+  line = _error_line(result)
+  assert line.startswith(f"error: --workdir={copy_of} cannot be written (")
+  assert line.endswith(
+      f": {copy_of}/.lock): make it writable (chmod u+w; chattr -i if it is"
+      " immutable; remount a read-only file system) or use another workdir.")
+  assert _snapshot(copy_of) == before

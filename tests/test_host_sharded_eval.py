@@ -16,6 +16,7 @@ import pytest
 
 from conformer_fl import evaluation
 from conformer_fl import multihost
+from conformer_fl import stats
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "fox"]
 
@@ -24,8 +25,11 @@ def _decode(ids):
   return " ".join(WORDS[i - 1] for i in ids)
 
 
-def _batches(num_batches=5, batch_size=3, length=4):
-  """(batch, eval outputs) pairs: random labels and partly wrong hypotheses."""
+def _batches(num_batches=5, batch_size=3, length=4, speakers=False):
+  """(batch, eval outputs) pairs: random labels and partly wrong hypotheses.
+
+  speakers: give each batch a 'speaker' [B] (indices 0-2, -1 in filler rows).
+  """
   rng = np.random.default_rng(7)
   pairs = []
   for _ in range(num_batches):
@@ -39,6 +43,9 @@ def _batches(num_batches=5, batch_size=3, length=4):
     mask = np.ones(batch_size, np.float32)
     mask[-1] = float(rng.random() < 0.5)  # Some batches end with padding.
     batch = dict(labels=labels, label_paddings=paddings, example_mask=mask)
+    if speakers:
+      batch["speaker"] = np.where(mask > 0, rng.integers(0, 3, batch_size),
+                                  -1).astype(np.int32)
     outputs = dict(loss_sum=np.float32(rng.random() * 10),
                    num_examples=np.float32(mask.sum()),
                    ids=ids.astype(np.int32), id_paddings=paddings)
@@ -46,8 +53,9 @@ def _batches(num_batches=5, batch_size=3, length=4):
   return pairs
 
 
-def test_two_hosts_records_reduce_to_one_hosts_result(monkeypatch):
-  pairs = _batches()
+@pytest.mark.parametrize("speakers", [False, True])
+def test_two_hosts_records_reduce_to_one_hosts_result(monkeypatch, speakers):
+  pairs = _batches(speakers=speakers)
   one = evaluation.EvalAccumulator(_decode)
   for batch, outputs in pairs:
     one.add(outputs, batch)
@@ -62,6 +70,35 @@ def test_two_hosts_records_reduce_to_one_hosts_result(monkeypatch):
   assert merged.examples == one.examples
   # Host 1 alone saw batches 1 and 3 only.
   assert hosts[1].result()["num_examples"] < one.result()["num_examples"]
+
+
+def test_result_carries_utterances_and_resamples_speakers():
+  pairs = _batches(num_batches=8, speakers=True)
+  accumulator = evaluation.EvalAccumulator(_decode)
+  for batch, outputs in pairs:
+    accumulator.add(outputs, batch)
+  result = accumulator.result()
+  speakers = [int(s) for batch, _ in pairs
+              for s, m in zip(batch["speaker"], batch["example_mask"]) if m]
+  assert result["utterance_speakers"] == speakers
+  errors = np.array(result["utterance_errors"])
+  words = np.array(result["utterance_words"])
+  assert len(errors) == len(words) == result["num_examples"]
+  assert errors.sum() / words.sum() == result["wer"]
+  assert result["num_speakers"] == len(set(speakers)) == 3
+  interval = stats.rate_interval(errors, words, speakers)
+  assert (result["wer_low"], result["wer_high"]) == (interval["low"],
+                                                     interval["high"])
+  # Without speakers each utterance is a speaker of its own.
+  plain = evaluation.EvalAccumulator(_decode)
+  for batch, outputs in pairs:
+    plain.add(outputs, {k: v for k, v in batch.items() if k != "speaker"})
+  alone = plain.result()
+  assert alone["utterance_speakers"] == [-(i + 1) for i in range(len(errors))]
+  assert alone["utterance_errors"] == result["utterance_errors"]
+  assert alone["num_speakers"] == len(errors)
+  assert (alone["wer_low"], alone["wer_high"]) != (result["wer_low"],
+                                                   result["wer_high"])
 
 
 def test_evaluate_on_one_process_sees_every_batch():

@@ -63,7 +63,7 @@ def test_groups_by_hand():
                  num_units=3, ambient=res["ambient"])
             for r, res in zip(runs, results)],
       groups=groups)))
-  assert "| seeds (same size and norm) | 2 | 0.25 (0.00-0.50) |" in lines
+  assert "| seeds (same size and norm) | 2 (0) | 0.25 (0.00-0.50) |" in lines
   assert "| pretrain | 4x96 | group_norm | 0 | 0.200 (0.180-0.220) | 1 / 3 |" in (
       lines)
 
@@ -90,4 +90,23 @@ def test_droppable_only_keeps_the_modules_dropout_can_target():
           chance_jaccard_mean=0.2, spearman_mean=0.9, spearman_min=0.9,
           spearman_max=0.9)})))
   assert "droppable modules only" in lines
-  assert "| seeds (same size and norm) | 1 | 0.50 (0.50-0.50) | 0.20 |" in lines
+  assert ("| seeds (same size and norm) | 1 (0) | 0.50 (0.50-0.50) | 0.20"
+          " (n/a) |") in lines
+
+
+def test_empty_pairs_are_counted_and_left_out_of_the_means():
+  units = ["encoder/block_00/ffn1", "encoder/block_00/conv", "decoder"]
+  runs = [_run("pretrain"), _run("seed1", seed=1), _run("seed2", seed=2)]
+  results = [_importance(dict(zip(units, (0.0, 0.2, 0.5))), []),
+             _importance(dict(zip(units, (0.0, 0.3, 0.4))), []),
+             _importance(dict(zip(units, (0.0, 0.1, 0.6))), units[:1])]
+  seeds = stability_runs.compare(runs, results)["seeds"]
+  assert [p["both_empty"] for p in seeds["pairs"]] == [True, False, False]
+  assert (seeds["num_pairs"], seeds["num_empty_pairs"]) == (3, 1)
+  # Only the two pairs {} vs {ffn1} count: Jaccard 0 each (not 1/3 with the
+  # empty pair's 1.0); chance of two sets of 0 and 1 of 3: 0.
+  assert seeds["jaccard_mean"] == 0.0
+  assert seeds["chance_jaccard_mean"] == 0.0
+  # An intersection of 0 or more: probability 1 under both nulls.
+  assert seeds["overlap_pvalue_max"] == 1.0
+  assert seeds["overlap_pvalue_within_types_max"] == 1.0

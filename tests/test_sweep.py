@@ -262,5 +262,7 @@ def test_tiny_sweep_end_to_end_with_analysis(tmp_path, tiny_corpus_dir,
   assert summary["points"] == {"seed0_norm-group_norm": "seed=0,norm=group_norm",
                                "seed1_norm-group_norm": "seed=1,norm=group_norm"}
   assert summary["pairs"] == comparison["pairs"]
+  overlap = pair["jaccard_ambient"]
   assert (f"seed0_norm-group_norm vs seed1_norm-group_norm: Jaccard(ambient) ="
-          f" {pair['jaccard_ambient']:.3f}") in result.stdout
+          f" {'none ambient' if overlap is None else f'{overlap:.3f}'}") in (
+              result.stdout)

@@ -11,11 +11,16 @@ Each unit of the model (`conformer_fl.models.list_units` at
 A unit's batch-norm statistics are reset with it. Every variant and the trained
 model are evaluated (WER, loss) on the eval split by one compiled function:
 variants stacked on a leading axis and vmapped, `variants_per_call` at a time
-(`variant_eval`). A unit is ambient when its WER after the tau = 0 reset stays
-within the thresholds of the baseline WER, critical otherwise
-(`importance.is_ambient`). Weight movement (`movement`), rank correlations
-with the importance, stability across runs (`stability`), figures (`plots`)
-and a report (`report`) complete it.
+(`variant_eval`). Each unit's WER increase after the tau = 0 reset gets a
+paired 95% interval (the variant and the trained model on the same
+utterances; speakers, then utterances within them, resampled:
+`conformer_fl.stats`): the unit is ambient when the interval's upper bound
+lies below the threshold (`importance.wer_threshold`), critical when its
+lower bound lies above it, undetermined otherwise (`importance.label_unit`).
+Weight movement (`movement`) against importance, with one primary test
+stratified by module type (`movement_test`) and secondary rank
+correlations, stability across runs (`stability`), figures (`plots`) and a
+report (`report`) complete it.
 
 Choices the papers leave open (config fields, configs/analysis.py): the
 thresholds (default: ambient when the WER rises by <= 0.01 absolute or <= 5%
@@ -45,8 +50,11 @@ ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
   "eval": {"split": str, "domains": [str] ([] = all), "num_batches": int,
            "num_examples": float},
   "thresholds": {"max_abs_wer_increase": float, "max_rel_wer_increase": float,
-                 "rule": "either" | "both"},
-  "baseline": {"wer": float, "loss": float},   the trained model, no reset
+                 "rule": "either" | "both", "wer_increase": the threshold
+                 (`importance.wer_threshold`), "confidence": float,
+                 "bootstrap_samples": int},
+  "baseline": {"wer": float, "loss": float, "cer": float, "wer_interval":
+               [low, high], "num_speakers": int},   the trained model
   "units": {                       in model order (subsampling, blocks, decoder)
     "<unit name, e.g. encoder/block_03/conv>": {
       "path": [str],               its path in the params tree
@@ -56,28 +64,39 @@ ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
       "rerandomize_wer": [float],  per rerandomize_seeds[i]
       "rerandomize_loss": [float],
       "wer_increase": float,       reinit_wer[0] - baseline wer (the importance)
+      "wer_increase_low", "wer_increase_high": float,  its paired interval
       "relative_wer_increase": float | null,   / baseline wer (null if 0)
       "loss_increase": float,      reinit_loss[0] - baseline loss
       "rerandomize_wer_increase": float | null,  mean over seeds - baseline
       "movement": {"distance": ||theta(T)-theta(0)||, "initial_norm":
                    ||theta(0)||, "relative_distance": float | null,
+                   "rms_movement": distance / sqrt(parameters),
                    "update_norm_sum": float | null (federated runs only)},
-      "ambient": bool
+      "label": "ambient" | "critical" | "undetermined",
+      "ambient": bool              label == "ambient"
     }, ...
   },
-  "ambient": [unit names],        in model order
+  "ambient": [unit names],        in model order, by label
   "critical": [unit names],
-  "correlations": {"distance" | "relative_distance" | "update_norm_sum": {
+  "undetermined": [unit names],
+  "movement_test": {"measure", "units", "num_units", "strata", "spearman",
+      "pvalue", "partial_spearman_log_params", "partial_pvalue",
+      "num_permutations"}         the primary test (`movement_test`)
+  "correlations": {"distance" | "relative_distance" | "rms_movement" |
+                   "update_norm_sum": {        secondary
       "wer_increase" | "loss_increase": {"num_units": int,
           "spearman": {"statistic", "pvalue"}, "kendall": {"statistic",
           "pvalue"}}}},
   "stability": null | {"runs": [workdir], "pairs": [{"a", "b",
       "num_common_units" (pairs of matched units), "matching": "name" |
-      "relative_depth", "jaccard_ambient", "chance_jaccard_ambient",
-      "wer_increase": correlations,
+      "relative_depth", "both_empty", "jaccard_ambient" (null when
+      both_empty), "chance_jaccard_ambient", "overlap_pvalue",
+      "chance_jaccard_within_types", "overlap_pvalue_within_types",
+      "intersection", "wer_increase": correlations,
       "loss_increase": correlations}], "depth": {workdir: {"num_blocks",
       "points": [{"unit", "relative_depth", "wer_increase", "loss_increase"}],
-      "wer_increase_vs_depth": correlations, "loss_increase_vs_depth": ...}}},
+      "wer_increase_vs_depth": correlations, "loss_increase_vs_depth": ...}},
+      "ambient_frequency": {unit: {"runs", "ambient", "frequency"}}},
   "timing": {"evaluation_seconds", "num_variants", "variants_per_call",
              "vectorized"},
   "figures": {"heatmap_wer" | "heatmap_loss" | "rerandomization" |
@@ -85,7 +104,8 @@ ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
               analysis/, "width": px, "height": px}}
 }
 Targeted federated dropout reads "ambient" / "critical" (names match
-`list_units` at "granularity") and, to grade rates, units[name]["wer_increase"].
+`list_units` at "granularity"; undetermined units get the default rate) and,
+to grade rates, units[name]["wer_increase"].
 """
 
 from conformer_fl.analysis.importance import load_importance

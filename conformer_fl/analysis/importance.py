@@ -28,8 +28,10 @@ import numpy as np
 from conformer_fl import checkpointing
 from conformer_fl import models
 from conformer_fl import multihost
+from conformer_fl import stats
 from conformer_fl import tree_paths
 from conformer_fl.analysis import movement
+from conformer_fl.analysis import movement_test
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import report
 from conformer_fl.analysis import resets
@@ -41,6 +43,7 @@ from conformer_fl.federated import mesh as mesh_lib
 
 SCHEMA_VERSION = 1
 THRESHOLD_RULES = ("either", "both")
+LABELS = ("ambient", "critical", "undetermined")
 OUTPUT_DIR = "analysis"
 IMPORTANCE_FILE = "importance.json"
 
@@ -49,20 +52,34 @@ IMPORTANCE_FILE = "importance.json"
 # Pure pieces.
 
 
-def is_ambient(wer_increase: float, baseline_wer: float, max_abs: float,
-               max_rel: float, rule: str = "either") -> bool:
-  """Whether a unit whose tau = 0 reset raised WER by `wer_increase` is ambient.
+def wer_threshold(baseline_wer: float, max_abs: float, max_rel: float,
+                  rule: str = "either") -> float:
+  """The WER increase that separates ambient from critical units.
 
-  Absolute test: wer_increase <= max_abs. Relative test: wer_increase <=
-  max_rel * baseline_wer. rule 'either' needs one test, 'both' needs both.
+  Absolute test: increase <= max_abs. Relative test: increase <= max_rel *
+  baseline_wer. rule 'either' passes a unit that meets one test, so its
+  threshold is the larger of the two; 'both' needs both, the smaller.
   """
   if rule not in THRESHOLD_RULES:
     raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got "
                      f"{rule!r}.")
-  absolute_ok = wer_increase <= max_abs
-  relative_ok = wer_increase <= max_rel * baseline_wer
-  return (absolute_ok or relative_ok) if rule == "either" else (
-      absolute_ok and relative_ok)
+  bounds = (max_abs, max_rel * baseline_wer)
+  return float(max(bounds) if rule == "either" else min(bounds))
+
+
+def label_unit(low: float, high: float, threshold: float) -> str:
+  """'ambient', 'critical' or 'undetermined' from a WER-increase interval.
+
+  Ambient: the interval's upper bound is below the threshold (the reset
+  costs less than the threshold, at the interval's confidence). Critical:
+  its lower bound is above it. Undetermined: the interval holds the
+  threshold.
+  """
+  if high < threshold:
+    return "ambient"
+  if low > threshold:
+    return "critical"
+  return "undetermined"
 
 
 def parse_taus(taus: Any, saved_steps: list[int], trained_step: int) -> list[int]:
@@ -95,18 +112,45 @@ def _count_params(tree: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def summarize(metrics: list[dict[str, float]], variants: list[resets.Variant],
+def summarize(metrics: list[dict[str, Any]], variants: list[resets.Variant],
               units: Mapping[str, tuple[str, ...]], trained_params: Any,
               taus: list[int], seeds: list[int], analysis: Any) -> dict[str, Any]:
-  """Per-unit results, classification and baseline from the evaluated variants."""
+  """Per-unit results, labels and baseline from the evaluated variants.
+
+  Each unit's WER increase (its reset to tau = 0 against the baseline, on the
+  same utterances) gets a paired interval (`stats.difference_interval`,
+  speakers then utterances resampled, `analysis.label_confidence`,
+  `analysis.bootstrap_samples` resamples), and its label (`label_unit`)
+  compares that interval with the threshold (`wer_threshold`).
+
+  Args:
+    metrics: per variant, `evaluation.EvalAccumulator.result` (with the
+      per-utterance 'utterance_errors', 'utterance_words',
+      'utterance_speakers').
+    variants: the variants, aligned with `metrics`.
+    units: unit name -> path.
+    trained_params: the trained model's params (for parameter counts).
+    taus: re-initialization steps (taus[0] = 0).
+    seeds: re-randomization seeds.
+    analysis: the analysis config.
+  """
   by_variant = dict(zip(variants, metrics))
   base = by_variant[resets.Variant(resets.BASELINE)]
+  threshold = wer_threshold(base["wer"], analysis.max_abs_wer_increase,
+                            analysis.max_rel_wer_increase,
+                            analysis.threshold_rule)
   unit_results = {}
   for name, path in units.items():
     reinit = [by_variant[resets.Variant(resets.REINIT, name, t)] for t in taus]
     rerand = [by_variant[resets.Variant(resets.RERANDOMIZE, name, s)]
               for s in seeds]
     wer_increase = reinit[0]["wer"] - base["wer"]
+    interval = stats.difference_interval(
+        reinit[0]["utterance_errors"], base["utterance_errors"],
+        base["utterance_words"], base["utterance_speakers"],
+        confidence=analysis.label_confidence,
+        num_samples=analysis.bootstrap_samples)
+    label = label_unit(interval["low"], interval["high"], threshold)
     rerand_wers = [m["wer"] for m in rerand]
     unit_results[name] = dict(
         path=list(path),
@@ -116,29 +160,35 @@ def summarize(metrics: list[dict[str, float]], variants: list[resets.Variant],
         rerandomize_wer=rerand_wers,
         rerandomize_loss=[m["loss"] for m in rerand],
         wer_increase=wer_increase,
+        wer_increase_low=interval["low"],
+        wer_increase_high=interval["high"],
         relative_wer_increase=(wer_increase / base["wer"] if base["wer"] > 0
                                else None),
         loss_increase=reinit[0]["loss"] - base["loss"],
         rerandomize_wer_increase=(float(np.mean(rerand_wers)) - base["wer"]
                                   if rerand_wers else None),
-        ambient=is_ambient(wer_increase, base["wer"],
-                           analysis.max_abs_wer_increase,
-                           analysis.max_rel_wer_increase,
-                           analysis.threshold_rule))
+        label=label,
+        ambient=label == "ambient")
   return dict(
       baseline=dict(wer=base["wer"], loss=base["loss"], cer=base.get("cer"),
-                    wer_interval=([base["wer_low"], base["wer_high"]]
-                                  if "wer_low" in base else None)),
+                    wer_interval=[base["wer_low"], base["wer_high"]],
+                    num_speakers=base["num_speakers"]),
       num_examples=base["num_examples"],
+      wer_threshold=threshold,
       units=unit_results,
-      ambient=[n for n, u in unit_results.items() if u["ambient"]],
-      critical=[n for n, u in unit_results.items() if not u["ambient"]])
+      **{label: [n for n, u in unit_results.items() if u["label"] == label]
+         for label in LABELS})
 
 
 def movement_correlations(unit_results: Mapping[str, Any]) -> dict[str, Any]:
-  """{measure: {'wer_increase': corr, 'loss_increase': corr}} over units."""
+  """{measure: {'wer_increase': corr, 'loss_increase': corr}} over all units.
+
+  Secondary: scipy's p-values treat the units as independent draws, and the
+  absolute distance grows with a unit's size. The primary test is
+  `movement_test.primary_movement_test`.
+  """
   names = list(unit_results)
-  measures = ["distance", "relative_distance"]
+  measures = ["distance", "relative_distance", "rms_movement"]
   if any(unit_results[n]["movement"]["update_norm_sum"] is not None
          for n in names):
     measures.append("update_norm_sum")
@@ -226,6 +276,17 @@ def _validate(analysis) -> None:
                      'would redraw the run\'s own initialization).')
   if analysis.variants_per_call < 1:
     raise ValueError("analysis.variants_per_call must be >= 1.")
+  if not 0.0 < analysis.label_confidence < 1.0:
+    raise ValueError("analysis.label_confidence must lie in (0, 1), got "
+                     f"{analysis.label_confidence}.")
+  if analysis.bootstrap_samples < 1:
+    raise ValueError("analysis.bootstrap_samples must be >= 1.")
+  if analysis.movement_measure not in movement_test.MEASURES:
+    raise ValueError(f"analysis.movement_measure must be one of "
+                     f"{movement_test.MEASURES}, got "
+                     f"{analysis.movement_measure!r}.")
+  if analysis.movement_permutations < 1:
+    raise ValueError("analysis.movement_permutations must be >= 1.")
 
 
 def load_importance(workdir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -374,11 +435,18 @@ def run_analysis(config: ml_collections.ConfigDict,
                 num_examples=summary["num_examples"]),
       thresholds=dict(max_abs_wer_increase=analysis.max_abs_wer_increase,
                       max_rel_wer_increase=analysis.max_rel_wer_increase,
-                      rule=analysis.threshold_rule),
+                      rule=analysis.threshold_rule,
+                      wer_increase=summary["wer_threshold"],
+                      confidence=analysis.label_confidence,
+                      bootstrap_samples=analysis.bootstrap_samples),
       baseline=summary["baseline"],
       units=summary["units"],
       ambient=summary["ambient"],
       critical=summary["critical"],
+      undetermined=summary["undetermined"],
+      movement_test=movement_test.primary_movement_test(
+          summary["units"], analysis.movement_measure,
+          num_permutations=analysis.movement_permutations),
       correlations=movement_correlations(summary["units"]),
       stability=None,
       timing=dict(evaluation_seconds=seconds, num_variants=len(variants),
@@ -403,7 +471,8 @@ def run_analysis(config: ml_collections.ConfigDict,
   # its files are written.
   results = multihost.chief_decides(results if multihost.is_chief() else None,
                                     "analysis_results")
-  logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s.",
-               workdir, results["baseline"]["wer"], results["ambient"],
-               results["critical"])
+  logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s;"
+               " undetermined %s.", workdir, results["baseline"]["wer"],
+               results["ambient"], results["critical"],
+               results["undetermined"])
   return results

@@ -3,6 +3,8 @@
   distance          ||theta_u(T) - theta_u(0)||_2 over all parameters of unit u
   initial_norm      ||theta_u(0)||_2
   relative_distance distance / initial_norm (None when initial_norm is 0)
+  rms_movement      distance / sqrt(number of parameters of u): the root mean
+                    square change per parameter
   update_norm_sum   sum over rounds <= T of the server update norm of u logged
                     by federated training (`update_norm/<unit>` in
                     metrics.jsonl); None for central runs. A unit coarser
@@ -41,7 +43,8 @@ def tree_l2_norm(tree: PyTree) -> float:
 
 def unit_movement(trained_params: PyTree, initial_params: PyTree,
                   units: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
-  """{unit: {'distance', 'initial_norm', 'relative_distance'}} (module docstring)."""
+  """{unit: {'distance', 'initial_norm', 'relative_distance',
+  'rms_movement'}} (module docstring)."""
   movement = {}
   for name, path in units.items():
     trained = tree_paths.get(trained_params, path)
@@ -50,9 +53,11 @@ def unit_movement(trained_params: PyTree, initial_params: PyTree,
         lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
         trained, initial))
     initial_norm = tree_l2_norm(initial)
+    size = sum(np.size(x) for x in jax.tree.leaves(initial))
     movement[name] = dict(
         distance=distance, initial_norm=initial_norm,
-        relative_distance=distance / initial_norm if initial_norm > 0 else None)
+        relative_distance=distance / initial_norm if initial_norm > 0 else None,
+        rms_movement=distance / math.sqrt(size) if size else None)
   return movement
 
 

@@ -26,6 +26,21 @@ def _correlation_rows(correlations: dict[str, Any]) -> list[str]:
   return rows
 
 
+def _primary_test_lines(test: dict[str, Any] | None) -> list[str]:
+  """The primary movement test (`movement_test.primary_movement_test`)."""
+  if not test:
+    return []
+  strata = ", ".join(f"{t} {c}" for t, c in test["strata"].items())
+  return [
+      f"Primary test: `{test['measure']}` against the WER increase over the"
+      f" {test['num_units']} droppable modules ({strata or 'none'}): Spearman"
+      f" {_fmt(test['spearman'], 3)}, p = {_fmt(test['pvalue'], 2)} from"
+      f" {test['num_permutations']} permutations within module types;"
+      " partial Spearman given log parameter count"
+      f" {_fmt(test['partial_spearman_log_params'], 3)}, p ="
+      f" {_fmt(test['partial_pvalue'], 2)}.", ""]
+
+
 def render_report(results: dict[str, Any]) -> str:
   """Markdown of an importance.json dict; figures linked by file name."""
   t = results["thresholds"]
@@ -46,25 +61,34 @@ def render_report(results: dict[str, Any]) -> str:
       f"{results['eval']['num_examples']:.0f} utterances.",
       "",
       f"Baseline (no reset): WER {base['wer']:.4f}"
-      + (f" (95% bootstrap interval over utterances {base['wer_interval'][0]:.4f}"
-         f"-{base['wer_interval'][1]:.4f})" if base.get("wer_interval") else "")
+      + (f" (95% bootstrap interval over speakers, then utterances within"
+         f" them, {base['wer_interval'][0]:.4f}-{base['wer_interval'][1]:.4f})"
+         if base.get("wer_interval") else "")
       + (f", CER {base['cer']:.4f}" if base.get("cer") is not None else "")
       + f", loss {base['loss']:.4f}.",
       "",
-      f"A unit is **ambient** when its WER after the reset to tau = 0 rises by "
-      f"at most {t['max_abs_wer_increase']} (absolute) "
-      f"{'or' if t['rule'] == 'either' else 'and'} at most "
-      f"{t['max_rel_wer_increase']} x the baseline WER (relative); otherwise "
-      f"**critical**.",
+      f"Threshold: a WER increase after the reset to tau = 0 of "
+      f"{t['max_abs_wer_increase']} (absolute) "
+      f"{'or' if t['rule'] == 'either' else 'and'} "
+      f"{t['max_rel_wer_increase']} x the baseline WER (relative), here "
+      f"{t['wer_increase']:.4f}. Each unit's increase has a paired "
+      f"{t['confidence']:.0%} interval (the reset and the baseline on the same "
+      "utterances; speakers, then utterances within them, resampled). A unit "
+      "is **ambient** when the interval's upper bound lies below the "
+      "threshold, **critical** when its lower bound lies above it, and "
+      "**undetermined** when the interval holds the threshold.",
       "",
       f"Ambient ({len(results['ambient'])}): "
       f"{', '.join(results['ambient']) or 'none'}.",
       f"Critical ({len(results['critical'])}): "
       f"{', '.join(results['critical']) or 'none'}.",
+      f"Undetermined ({len(results['undetermined'])}): "
+      f"{', '.join(results['undetermined']) or 'none'}.",
       "",
       "## Per unit",
       "",
-      "| unit | params | WER tau=0 | WER increase | loss increase | "
+      f"| unit | params | WER tau=0 | WER increase ({t['confidence']:.0%}"
+      " interval) | loss increase | "
       "re-rand. WER (mean) | distance from init | relative distance | update norm sum | class |",
       "|---|---|---|---|---|---|---|---|---|---|",
   ]
@@ -73,11 +97,12 @@ def render_report(results: dict[str, Any]) -> str:
     m = u["movement"]
     lines.append(
         f"| {name} | {u['num_params']} | {_fmt(u['reinit_wer'][0])} | "
-        f"{_fmt(u['wer_increase'])} | {_fmt(u['loss_increase'])} | "
+        f"{_fmt(u['wer_increase'])} ({_fmt(u['wer_increase_low'])} to "
+        f"{_fmt(u['wer_increase_high'])}) | {_fmt(u['loss_increase'])} | "
         f"{_fmt(sum(rerand) / len(rerand) if rerand else None)} | "
         f"{_fmt(m['distance'])} | {_fmt(m['relative_distance'])} | "
         f"{_fmt(m['update_norm_sum'])} | "
-        f"{'ambient' if u['ambient'] else 'critical'} |")
+        f"{u['label']} |")
   figures = results["figures"]
   lines += ["", "## Re-initialization robustness (units x tau)", "",
             f"![WER heatmap]({figures['heatmap_wer']['file']})", "",
@@ -86,6 +111,10 @@ def render_report(results: dict[str, Any]) -> str:
             f"![re-randomization]({figures['rerandomization']['file']})", "",
             "## Weight movement vs importance", "",
             f"![movement scatter]({figures['movement_scatter']['file']})", ""]
+  lines += _primary_test_lines(results.get("movement_test"))
+  lines += ["Secondary: every measure over all units, with scipy's p-values"
+            " (they treat the units as independent draws, and the absolute"
+            " distance grows with a unit's size).", ""]
   lines += _correlation_rows(results["correlations"])
   stability = results.get("stability")
   if stability:

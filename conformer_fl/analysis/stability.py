@@ -4,18 +4,33 @@ Inputs are importance.json dicts (`conformer_fl.analysis` schema), one per
 run. For every pair of runs: the Jaccard overlap of their ambient sets and the
 rank correlation of importance (WER and loss increase under the tau = 0
 reset), both over the pairs of units that correspond. Runs of the same depth
-pair units by name. Runs of different depths pair them by relative depth: each
-block unit of the deeper run ('encoder/block_05/conv' of 6 blocks) with the
-unit of the same kind in the block of the shallower run whose centre,
-(index + 0.5) / number of blocks, is nearest ('encoder/block_03/conv' of 4);
-units outside the blocks pair by name. Next to each Jaccard overlap stands its
-chance level: the expected overlap of two random sets of the same sizes.
+pair units by name. Runs of different depths pair them by relative depth,
+one to one: each block of the shallower run with the block of the deeper run
+whose centre, (index + 0.5) / number of blocks, is nearest to its own (4
+blocks against 6: 0-0, 1-2, 2-3, 3-5), units of one kind with each other;
+the deeper run's other blocks stay unpaired, so no unit stands in two pairs.
+Units outside the blocks pair by name.
+
+Next to each Jaccard overlap stand two nulls, each with its chance level
+(expected overlap) and the tail probability of an intersection at least as
+large as the one seen:
+  * random sets: two random sets of the same sizes among the pairs (the
+    intersection is hypergeometric);
+  * random within type: the ambient units of each type (a pair's type is its
+    unit's kind: 'encoder/block/conv', 'encoder/block/final_norm', a unit
+    outside the blocks its own) drawn at random among the units of that type,
+    the counts per type kept. Units ambient by construction (norms) then
+    overlap under the null too. The intersection is a sum of independent
+    hypergeometric counts, its law their convolution.
+Two empty ambient sets give no overlap to measure: their Jaccard, chance
+levels and tail probabilities are None (and left out of any mean).
 """
 
 from collections.abc import Sequence
 import re
 from typing import Any
 
+import numpy as np
 from scipy import stats
 
 from conformer_fl.analysis import movement
@@ -24,27 +39,111 @@ IMPORTANCE_KEYS = ("wer_increase", "loss_increase")
 _BLOCK = re.compile(r"(?:^|/)block_(\d+)(?:/|$)")
 
 
-def jaccard(a: Sequence[str], b: Sequence[str]) -> float:
-  """|A & B| / |A | B|; 1.0 when both sets are empty."""
+def jaccard(a: Sequence[str], b: Sequence[str]) -> float | None:
+  """|A & B| / |A | B|; None when both sets are empty (nothing to overlap)."""
   a, b = set(a), set(b)
   union = a | b
-  return len(a & b) / len(union) if union else 1.0
+  return len(a & b) / len(union) if union else None
 
 
-def chance_jaccard(num_items: int, size_a: int, size_b: int) -> float:
+def _check_sizes(num_items: int, size_a: int, size_b: int) -> None:
+  if not 0 <= size_a <= num_items or not 0 <= size_b <= num_items:
+    raise ValueError(f"Subset sizes {size_a}, {size_b} of {num_items} items.")
+
+
+def intersection_law(num_items: Sequence[int], sizes_a: Sequence[int],
+                     sizes_b: Sequence[int]) -> np.ndarray:
+  """float64[K + 1]: P(|A & B| = k) when A and B are drawn at random per type.
+
+  Type t has num_items[t] items; A holds sizes_a[t] of them and B sizes_b[t],
+  each drawn uniformly and independently. The intersection of one type is
+  hypergeometric; the total is their convolution.
+  """
+  law = np.ones(1)
+  for n, a, b in zip(num_items, sizes_a, sizes_b):
+    _check_sizes(n, a, b)
+    law = np.convolve(law, stats.hypergeom(n, a, b).pmf(np.arange(min(a, b)
+                                                                  + 1)))
+  return law
+
+
+def _expected_jaccard(law: np.ndarray, size_a: int, size_b: int) -> float:
+  k = np.arange(len(law))
+  return float(np.sum(law * k / (size_a + size_b - k)))
+
+
+def chance_jaccard(num_items: int, size_a: int, size_b: int) -> float | None:
   """Expected Jaccard overlap of two random subsets of sizes a and b of n items.
 
   The intersection of a random a-subset and a random b-subset of n items is
-  hypergeometric; the overlap is |A & B| / (a + b - |A & B|), 1.0 for two
+  hypergeometric; the overlap is |A & B| / (a + b - |A & B|); None for two
   empty sets (as `jaccard`).
   """
-  if not 0 <= size_a <= num_items or not 0 <= size_b <= num_items:
-    raise ValueError(f"Subset sizes {size_a}, {size_b} of {num_items} items.")
+  _check_sizes(num_items, size_a, size_b)
   if size_a == 0 and size_b == 0:
-    return 1.0
-  counts = range(max(0, size_a + size_b - num_items), min(size_a, size_b) + 1)
-  law = stats.hypergeom(num_items, size_a, size_b)
-  return float(sum(law.pmf(k) * k / (size_a + size_b - k) for k in counts))
+    return None
+  return _expected_jaccard(intersection_law([num_items], [size_a], [size_b]),
+                           size_a, size_b)
+
+
+def overlap_nulls(types: Sequence[str], in_a: Sequence[bool],
+                  in_b: Sequence[bool]) -> dict[str, Any]:
+  """The two nulls of the module docstring for one pair of ambient sets.
+
+  Args:
+    types: [n] the type of each item (pair of matched units).
+    in_a: [n] whether the item is in A (ambient in run a).
+    in_b: [n] whether it is in B.
+
+  Returns:
+    {'intersection': |A & B|, 'chance_jaccard', 'overlap_pvalue' (random
+     sets), 'chance_jaccard_within_types', 'overlap_pvalue_within_types'};
+    the last four None when A and B are both empty.
+  """
+  in_a, in_b = np.asarray(in_a, bool), np.asarray(in_b, bool)
+  k, size_a, size_b = int(np.sum(in_a & in_b)), int(in_a.sum()), int(in_b.sum())
+  result: dict[str, Any] = dict(
+      intersection=k, chance_jaccard=None, overlap_pvalue=None,
+      chance_jaccard_within_types=None, overlap_pvalue_within_types=None)
+  if size_a == 0 and size_b == 0:
+    return result
+  names = sorted(set(types))
+  of_type = [np.array([t == name for t in types]) for name in names]
+  laws = dict(
+      overlap=intersection_law([len(types)], [size_a], [size_b]),
+      within_types=intersection_law([int(m.sum()) for m in of_type],
+                                    [int(in_a[m].sum()) for m in of_type],
+                                    [int(in_b[m].sum()) for m in of_type]))
+  for name, law in laws.items():
+    suffix = "" if name == "overlap" else "_within_types"
+    result[f"chance_jaccard{suffix}"] = _expected_jaccard(law, size_a, size_b)
+    result[f"overlap_pvalue{suffix}"] = float(min(1.0, law[k:].sum()))
+  return result
+
+
+def unit_type(unit: str) -> str:
+  """A unit's kind: 'encoder/block/conv' for 'encoder/block_03/conv'; a unit
+  outside the blocks is its own type."""
+  located = _block(unit)
+  return unit if located is None else located[1]
+
+
+def ambient_frequency(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Per unit name: in how many of the runs that have it it is ambient.
+
+  Returns:
+    {unit: {'runs', 'ambient', 'frequency'}}, units in first-seen order.
+  """
+  frequency: dict[str, dict[str, Any]] = {}
+  for result in results:
+    ambient = set(result["ambient"])
+    for unit in result["units"]:
+      entry = frequency.setdefault(unit, dict(runs=0, ambient=0))
+      entry["runs"] += 1
+      entry["ambient"] += unit in ambient
+  for entry in frequency.values():
+    entry["frequency"] = entry["ambient"] / entry["runs"]
+  return frequency
 
 
 def _block(unit: str) -> tuple[int, str] | None:
@@ -59,11 +158,13 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
                   ) -> list[tuple[str, str]]:
   """The pairs (unit of a, unit of b) that correspond (module docstring).
 
-  Runs of the same number of blocks pair units by name; otherwise every block
-  unit of the deeper run pairs with the nearest-centred block unit of the same
-  kind in the shallower one (a tie goes to the shallower block; units of the
-  shallower run may appear in several pairs), and units outside the blocks
-  pair by name.
+  Runs of the same number of blocks pair units by name; otherwise each block
+  of the shallower run pairs with the block of the deeper run whose centre is
+  nearest to its own (a tie goes to the shallower block), units of one kind
+  with each other, and units outside the blocks pair by name. The pairing is
+  one to one: centres of the deeper run lie closer together than those of
+  the shallower, so two shallow blocks never share their nearest deep
+  block. Pairs follow the deeper run's unit order.
   """
   blocks_a = a["model"]["num_blocks"]
   blocks_b = b["model"]["num_blocks"]
@@ -77,6 +178,13 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
     located = _block(unit)
     if located is not None:
       shallow_by_kind[(located[0], located[1])] = unit
+  # |(j + 1/2) / shallow - (i + 1/2) / deep| in exact integers, so that a
+  # tie goes to the shallower block i whatever the rounding.
+  partner_block = {}
+  for j in range(shallow_blocks):
+    nearest = min(range(deep_blocks), key=lambda i, j=j: (
+        abs((2 * j + 1) * deep_blocks - (2 * i + 1) * shallow_blocks), i))
+    partner_block[nearest] = j
   pairs = []
   for unit in deep["units"]:
     located = _block(unit)
@@ -84,25 +192,22 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
       partner = unit if unit in shallow["units"] else None
     else:
       index, kind = located
-      # |(j + 1/2) / shallow - (index + 1/2) / deep| in exact integers, so
-      # that a tie goes to the shallower block j whatever the rounding.
-      nearest = min(range(shallow_blocks), key=lambda j: (
-          abs((2 * j + 1) * deep_blocks - (2 * index + 1) * shallow_blocks),
-          j))
-      partner = shallow_by_kind.get((nearest, kind))
+      partner = (shallow_by_kind.get((partner_block[index], kind))
+                 if index in partner_block else None)
     if partner is not None:
       pairs.append((unit, partner) if swap else (partner, unit))
   return pairs
 
 
 def relative_depth(unit: str, num_blocks: int) -> float | None:
-  """block index / num_blocks for a unit inside a Conformer block, else None."""
+  """The block's centre, (index + 0.5) / num_blocks, for a unit inside a
+  Conformer block, else None."""
   match = _BLOCK.search(unit)
   if match is None:
     return None
   if num_blocks < 1:
     raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
-  return int(match.group(1)) / num_blocks
+  return (int(match.group(1)) + 0.5) / num_blocks
 
 
 def _importance(result: dict[str, Any], key: str) -> dict[str, float | None]:
@@ -114,24 +219,28 @@ def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
   Returns:
     {'num_common_units': number of pairs, 'matching': 'name' |
-     'relative_depth', 'jaccard_ambient', 'chance_jaccard_ambient',
-     'wer_increase': correlations, 'loss_increase': correlations}. The
-    overlap is taken over the pairs: pairs whose two units are both ambient,
-    over pairs with at least one ambient unit. Matched by relative depth, a
-    unit of the shallower run may stand in several pairs, so the pairs are
-    not independent draws and the chance level (random sets of pairs of the
-    same sizes) is a reference, not an exact null.
+     'relative_depth', 'both_empty': whether neither run has an ambient
+     paired unit, 'jaccard_ambient', 'chance_jaccard_ambient',
+     'overlap_pvalue', 'chance_jaccard_within_types',
+     'overlap_pvalue_within_types', 'intersection', 'wer_increase':
+     correlations, 'loss_increase': correlations}. The overlap is taken over
+    the pairs: pairs whose two units are both ambient, over pairs with at
+    least one ambient unit; the nulls are those of the module docstring
+    (None, with the Jaccard, when both sets are empty).
   """
   pairs = matched_units(a, b)
   ambient_a, ambient_b = set(a["ambient"]), set(b["ambient"])
-  in_a = [i for i, (u, _) in enumerate(pairs) if u in ambient_a]
-  in_b = [i for i, (_, v) in enumerate(pairs) if v in ambient_b]
+  in_a = [u in ambient_a for u, _ in pairs]
+  in_b = [v in ambient_b for _, v in pairs]
+  nulls = overlap_nulls([unit_type(u) for u, _ in pairs], in_a, in_b)
   comparison: dict[str, Any] = dict(
       num_common_units=len(pairs),
       matching=("name" if a["model"]["num_blocks"] == b["model"]["num_blocks"]
                 else "relative_depth"),
-      jaccard_ambient=jaccard([str(i) for i in in_a], [str(i) for i in in_b]),
-      chance_jaccard_ambient=chance_jaccard(len(pairs), len(in_a), len(in_b)))
+      both_empty=not any(in_a) and not any(in_b),
+      jaccard_ambient=jaccard([str(i) for i, x in enumerate(in_a) if x],
+                              [str(i) for i, x in enumerate(in_b) if x]),
+      chance_jaccard_ambient=nulls.pop("chance_jaccard"), **nulls)
   for key in IMPORTANCE_KEYS:
     x, y = _importance(a, key), _importance(b, key)
     comparison[key] = movement.rank_correlations([x[u] for u, _ in pairs],
@@ -164,9 +273,9 @@ def compare_runs(results: Sequence[dict[str, Any]],
     labels: a name per run (e.g. its workdir).
 
   Returns:
-    {'runs': labels, 'pairs': [{'a', 'b', 'num_common_units',
-     'jaccard_ambient', 'wer_increase': correlations, 'loss_increase': ...}],
-     'depth': {label: depth_profile}}.
+    {'runs': labels, 'pairs': [{'a', 'b', ...`compare_pair`}],
+     'depth': {label: depth_profile}, 'ambient_frequency':
+     `ambient_frequency`}.
   """
   if len(results) != len(labels):
     raise ValueError(f"{len(results)} results but {len(labels)} labels.")
@@ -177,4 +286,5 @@ def compare_runs(results: Sequence[dict[str, Any]],
                         **compare_pair(results[i], results[j])))
   return dict(runs=list(labels), pairs=pairs,
               depth={label: depth_profile(result)
-                     for label, result in zip(labels, results)})
+                     for label, result in zip(labels, results)},
+              ambient_frequency=ambient_frequency(results))

@@ -23,6 +23,8 @@ Steps:
      'labels':         int32   [B, U]  0 at padded positions
      'label_paddings': float32 [B, U]  1.0 = padded position
      'example_mask':   float32 [B]     1.0 = real example, 0.0 = filler row
+   and, in eval batches only (`eval_batches`),
+     'speaker':        int32   [B]     speaker index, -1 = filler row
    where S and U are the bucket's audio length (samples) and label length. A filler
    row is all padding (zero audio, paddings 1.0, labels 0); multiply per-example
    losses and error counts by 'example_mask'.
@@ -492,19 +494,35 @@ def eval_batches(
   Examples are grouped per bucket in input order; each bucket's last batch is
   completed with filler rows ('example_mask' 0). Memory: at most one partial
   batch per bucket.
+
+  Besides the keys of `pad_batch`, each batch holds 'speaker' int32 [B]: the
+  example's speaker as an index, speakers numbered 0, 1, ... in the order the
+  input first shows them (so one split in one order always numbers them the
+  same), -1 in filler rows. Examples with an empty 'speaker_id' share one
+  index. The evaluation resamples speakers by it (`conformer_fl.stats`).
   """
+  speaker_index: dict[str, int] = {}
+
+  def batch_of(group: list[Example], bucket: int) -> Batch:
+    batch = pad_batch(group, buckets.audio_lengths[bucket],
+                      buckets.label_lengths[bucket], batch_size)
+    speakers = np.full((batch_size,), -1, np.int32)
+    speakers[:len(group)] = [speaker_index[e.get("speaker_id", "")]
+                             for e in group]
+    batch["speaker"] = speakers
+    return batch
+
   pending: list[list[Example]] = [[] for _ in range(len(buckets))]
   for example in examples:
+    speaker_index.setdefault(example.get("speaker_id", ""), len(speaker_index))
     group = pending[example["bucket"]]
     group.append(example)
     if len(group) == batch_size:
-      yield pad_batch(group, buckets.audio_lengths[example["bucket"]],
-                      buckets.label_lengths[example["bucket"]], batch_size)
+      yield batch_of(group, example["bucket"])
       pending[example["bucket"]] = []
   for bucket, group in enumerate(pending):
     if group:
-      yield pad_batch(group, buckets.audio_lengths[bucket],
-                      buckets.label_lengths[bucket], batch_size)
+      yield batch_of(group, bucket)
 
 
 def pad_groups(

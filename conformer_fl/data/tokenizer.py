@@ -41,6 +41,10 @@ _SPM_MAX_VOCAB = re.compile(r"value <= (\d+)")
 _SPM_MIN_VOCAB = re.compile(r"required_chars\. (\d+) vs (\d+)")
 
 
+class TokenizerFileError(ValueError):
+  """A saved tokenizer model file that does not load (truncated, not a model)."""
+
+
 class Tokenizer(Protocol):
   """What the pipeline and the decoders need from a tokenizer."""
 
@@ -203,11 +207,25 @@ def load_tokenizer(path: str | os.PathLike[str]) -> SentencePieceTokenizer:
 
   Args:
     path: the model file, local or remote (`gs://`).
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    TokenizerFileError: the file is not a whole SentencePiece model (the one
+      line names it and the fix).
   """
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"No tokenizer model at {path}.")
-  return SentencePieceTokenizer(path.read_bytes())
+  data = path.read_bytes()
+  try:
+    return SentencePieceTokenizer(data)
+  except RuntimeError as e:  # SentencePiece's parse error of a damaged file.
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    raise TokenizerFileError(
+        f"{path} is not a valid SentencePiece model ({len(data)} bytes,"
+        f" truncated or damaged: {first_line[:160]}); restore it from a copy"
+        " of this run, or use a new workdir (a run's checkpoints need the"
+        " tokenizer that trained them).") from e
 
 
 def build_tokenizer(

@@ -9,8 +9,11 @@ experiment's analysis config, resetting to `config.stability.analysis_taus`).
 With W/pretrain they make the set of runs, and every pair of runs that differs
 in exactly one of (seed, conv norm, size) is compared
 (`conformer_fl.analysis.stability.compare_pair`: Jaccard overlap of the
-ambient sets beside its chance level, rank correlation of the WER increases;
-units of different depths matched by relative depth).
+ambient sets beside two chance levels, random sets and random within module
+type, with the tail probability of each; rank correlation of the WER
+increases; units of different depths matched one to one by relative depth).
+A pair of runs with no ambient unit in either has no overlap to measure: it
+is counted ('num_empty_pairs') and left out of the means.
 
 W/stability.json:
   {"runs": [{"name", "workdir" (relative to W), "size" ('4x96': blocks x
@@ -19,11 +22,15 @@ W/stability.json:
              "ambient": [unit]}],
    "groups": {"seeds" | "norms" | "sizes": {
        "pairs": [{"a", "b", ...compare_pair}],
-       "num_pairs", "jaccard_mean", "jaccard_min", "jaccard_max",
-       "chance_jaccard_mean", "spearman_mean", "spearman_min",
-       "spearman_max"}},
+       "num_pairs", "num_empty_pairs", "jaccard_mean", "jaccard_min",
+       "jaccard_max", "chance_jaccard_mean",
+       "chance_jaccard_within_types_mean", "overlap_pvalue_max",
+       "overlap_pvalue_within_types_max", "spearman_mean",
+       "spearman_min", "spearman_max"}},
    "groups_droppable": the same over the droppable modules only
-       (`droppable_only`: no final norms, front end or decoder)}
+       (`droppable_only`: no final norms, front end or decoder),
+   "ambient_frequency": {unit: {"runs", "ambient", "frequency"}} over the
+       runs that have the unit (`stability.ambient_frequency`)}
 A group with no pair (e.g. one size only) is left out.
 """
 
@@ -83,6 +90,16 @@ def group_of(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
   return {"seed": "seeds", "norm": "norms", "size": "sizes"}[differs[0]]
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+  kept = [v for v in values if v is not None]
+  return float(np.mean(kept)) if kept else None
+
+
+def _max(values: Sequence[float | None]) -> float | None:
+  kept = [v for v in values if v is not None]
+  return max(kept) if kept else None
+
+
 def _range(values: Sequence[float | None], name: str) -> dict[str, float | None]:
   kept = [v for v in values if v is not None]
   if not kept:
@@ -126,9 +143,14 @@ def compare(runs: Sequence[Mapping[str, Any]],
     pairs = group["pairs"]
     group.update(
         num_pairs=len(pairs),
+        num_empty_pairs=sum(p["both_empty"] for p in pairs),
         **_range([p["jaccard_ambient"] for p in pairs], "jaccard"),
-        chance_jaccard_mean=float(np.mean(
-            [p["chance_jaccard_ambient"] for p in pairs])),
+        chance_jaccard_mean=_mean([p["chance_jaccard_ambient"] for p in pairs]),
+        chance_jaccard_within_types_mean=_mean(
+            [p["chance_jaccard_within_types"] for p in pairs]),
+        overlap_pvalue_max=_max([p["overlap_pvalue"] for p in pairs]),
+        overlap_pvalue_within_types_max=_max(
+            [p["overlap_pvalue_within_types"] for p in pairs]),
         **_range([p["wer_increase"]["spearman"]["statistic"] for p in pairs],
                  "spearman"))
   return {g: groups[g] for g in GROUPS if g in groups}
@@ -190,7 +212,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
   summary = dict(
       runs=[{k: v for k, v in r.items() if k != "rest"} for r in runs],
       groups=compare(runs, results),
-      groups_droppable=compare(runs, [droppable_only(r) for r in results]))
+      groups_droppable=compare(runs, [droppable_only(r) for r in results]),
+      ambient_frequency=stability_lib.ambient_frequency(results))
   if multihost.is_chief():
     workdir_lib.write_atomically(workdir / STABILITY_FILE,
                                  json.dumps(summary, indent=2))
@@ -232,8 +255,15 @@ def report_lines(stability: Mapping[str, Any]) -> list[str]:
         f" {r['num_units']} | {ambient} |")
   lines += ["", "Pairs of runs that differ in one thing only. Jaccard: the"
             " overlap of the two ambient sets (1 = the same units), beside"
-            " its chance level (two random sets of the same sizes);"
-            " Spearman: rank correlation of the units' WER increase.", "",
+            " its chance level for two random sets of the same sizes, and"
+            " for sets random within each module type (as many ambient"
+            " units of each type as each run has: norms ambient in both"
+            " runs overlap under it too); p: the largest over the pairs of"
+            " the probability of an overlap at least as large under each"
+            " null (hypergeometric). Pairs where neither run has an ambient"
+            " unit have no overlap and are left out of the means (counted"
+            " as 'empty'). Spearman: rank correlation of the units' WER"
+            " increase.", "",
             *_group_table(stability["groups"])]
   if stability.get("groups_droppable"):
     lines += ["", "The same over the droppable modules only (ffn1, mhsa, conv"
@@ -241,19 +271,33 @@ def report_lines(stability: Mapping[str, Any]) -> list[str]:
               " the final norms, ambient in most runs, are left out, and"
               " with them much of the overlap above.", "",
               *_group_table(stability["groups_droppable"])]
+  frequency = stability.get("ambient_frequency")
+  if frequency:
+    lines += ["", "Ambient in how many of the runs that have the unit: "
+              + ", ".join(f"`{u.removeprefix('encoder/')}` {f['ambient']}/"
+                          f"{f['runs']}" for u, f in frequency.items()) + "."]
   lines += ["", f"Every pair: [{STABILITY_FILE}]({STABILITY_FILE}).", ""]
   return lines
 
 
+def _fmt_p(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.2g}"
+
+
 def _group_table(groups: Mapping[str, Any]) -> list[str]:
-  lines = ["| runs differ in | pairs | Jaccard mean (min-max) | chance |"
+  lines = ["| runs differ in | pairs (empty) | Jaccard mean (min-max) |"
+           " chance: random sets (max p) | chance: within types (max p) |"
            " Spearman mean (min-max) |",
-           "|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|"]
   for name, g in groups.items():
     lines.append(
-        f"| {GROUP_TITLES[name]} | {g['num_pairs']} |"
+        f"| {GROUP_TITLES[name]} | {g['num_pairs']}"
+        f" ({g.get('num_empty_pairs', 0)}) |"
         f" {_fmt(g['jaccard_mean'])} ({_fmt(g['jaccard_min'])}-"
-        f"{_fmt(g['jaccard_max'])}) | {_fmt(g['chance_jaccard_mean'])} |"
+        f"{_fmt(g['jaccard_max'])}) | {_fmt(g['chance_jaccard_mean'])}"
+        f" ({_fmt_p(g.get('overlap_pvalue_max'))}) |"
+        f" {_fmt(g.get('chance_jaccard_within_types_mean'))}"
+        f" ({_fmt_p(g.get('overlap_pvalue_within_types_max'))}) |"
         f" {_fmt(g['spearman_mean'])} ({_fmt(g['spearman_min'])}-"
         f"{_fmt(g['spearman_max'])}) |")
   return lines

@@ -303,9 +303,23 @@ def _differences_lines(summary: Mapping[str, Any]) -> list[str]:
           "Each arm against the full arm on the same test utterances and the"
           " same federated seeds: WER pooled over the seeds, interval from a"
           " paired bootstrap that resamples both the seeds and the utterances"
-          " (`conformer_fl.wer.paired_bootstrap_difference`). An interval"
-          " that holds 0 shows no difference at this sample size.", ""
+          " (`conformer_fl.wer.paired_bootstrap_difference`)."
+          f" {_non_inferiority_sentence(summary)}", ""
           ] + lines + [""]
+
+
+def _non_inferiority_sentence(summary: Mapping[str, Any]) -> str:
+  """How to read a difference's interval: non-inferiority with a margin (the
+  analysis' absolute WER threshold, when the summary has it)."""
+  thresholds = (summary.get("analysis") or {}).get("thresholds") or {}
+  margin = thresholds.get("max_abs_wer_increase")
+  named = (f"the margin, +{margin:.3f} WER (the analysis' absolute"
+           " threshold)" if margin is not None
+           else "a margin declared beforehand")
+  return ("An arm is shown no worse than full (non-inferior) only when the"
+          f" interval's upper bound lies below {named}; an interval that"
+          " holds 0 but reaches past the margin means no difference was"
+          " detected, not that there is none.")
 
 
 def _transcript_lines(summary: Mapping[str, Any]) -> list[str]:
