@@ -29,7 +29,7 @@ DEFAULT_DATA_DIR = paths.DEFAULT_DATA_DIR
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses a config argument `key=value,key=value` over `defaults`.
 
-  `configs/fl.py:size=S,norm=group_norm` passes "size=S,norm=group_norm". Values
+  `configs/federated.py:size=S,norm=group_norm` passes "size=S,norm=group_norm". Values
   keep the type of their default (int, float, bool or str).
 
   Raises:

@@ -26,7 +26,6 @@ call it directly:
 """
 
 import os
-import sys
 from typing import Any
 
 from absl import app

@@ -573,7 +573,7 @@ def main(argv: Sequence[str] | None = None, out=None) -> None:
   """Runs (or prints) one subcommand.
 
   Raises:
-    LaunchError: bad input or a failed command (the console script prints it).
+    LaunchError: bad input or a failed command (run as a script, one line).
   """
   args = build_parser().parse_args(argv)
   if args.subcommand == "plan":

@@ -284,9 +284,11 @@ def test_plan_dry_run_prints_the_step_and_compiles_nothing(monkeypatch):
                 "--config.data.bucket_seconds=(1.0,)",
                 "--config.data.batch_size=4", "--log_dir=/tmp/unused"], out=out)
   lines = out.getvalue().splitlines()
-  assert lines[0].startswith("would compile: the central step of"
-                             " config.mode='central' for cpu: ")
-  assert lines[1] == "  config.data.batch_size=4 (one chip)"
+  # The 4 CPU devices of tests/conftest.py.
+  assert lines[0] == ("would compile: the central step of config.mode='central'"
+                      " for cpu: 4 chips (cpu), 1 host(s), no capacity (no"
+                      " search)")
+  assert lines[1] == "  config.data.batch_size=4: 1 examples per chip"
   # The batch's audio: 4 examples of the 1 s bucket at 16 kHz.
   assert lines[2].endswith("the largest (all chips): float32[4, 16000]")
   assert lines[-1] == "  nothing compiled (--dry-run)"
