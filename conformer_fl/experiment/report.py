@@ -51,6 +51,20 @@ def _interval(c: Mapping[str, Any]) -> str:
   return f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
+def _not_transcribing(summary: Mapping[str, Any]) -> list[str]:
+  """A warning when a pre-trained model does not transcribe its own domain."""
+  bad = [f"model {m} ({model['dev_eval']['wer']:.3f})"
+         for m, model in enumerate(summary["models"])
+         if model["dev_eval"]["wer"] > evidence.MAX_PRETRAINED_DEV_WER]
+  if not bad:
+    return []
+  return [f"> **The pre-trained model does not transcribe**: dev WER above"
+          f" {evidence.MAX_PRETRAINED_DEV_WER:.2f} for {', '.join(bad)}."
+          " Resetting a unit of a model that transcribes nothing changes"
+          " little, so its labels, the gate, the arms built from them and the"
+          " verdict below read noise, not the claim.", ""]
+
+
 def _verdict(summary: Mapping[str, Any]) -> list[str]:
   v = summary.get("verdict")
   s = summary["setup"]
@@ -287,6 +301,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
       " client cost", "",
       *_checks(summary),
       *_miniature(summary),
+      *_not_transcribing(summary),
       *_verdict(summary),
       *_stages(summary),
       *_setup(summary),
