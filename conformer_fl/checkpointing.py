@@ -130,6 +130,26 @@ def _one_line(error: BaseException, limit: int = 320) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _is_abandoned_read(unraisable: Any) -> bool:
+  """Whether an unraisable error comes from a coroutine of orbax's reads."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename
+
+
+def _log_abandoned_read(unraisable: Any) -> None:
+  """sys.unraisablehook: orbax's abandoned reads in one line, others as before."""
+  if not _is_abandoned_read(unraisable):
+    _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
+    return
+  error = unraisable.exc_value
+  lines = str(error).strip().splitlines()
+  logging.info("An abandoned read of a damaged checkpoint failed too: %s: %s",
+               type(error).__name__, lines[0][:300] if lines else "")
+
+
+_PREVIOUS_UNRAISABLEHOOK = [sys.unraisablehook]
+
+
 @contextlib.contextmanager
 def _abandoned_reads_logged() -> Iterator[None]:
   """Logs, in one line each, the errors of reads a failed restore abandoned.
@@ -137,21 +157,19 @@ def _abandoned_reads_logged() -> Iterator[None]:
   When one array of a damaged step fails to read, orbax raises at once and
   leaves the step's other reads as coroutines that are never awaited; those
   that fail too end as "Exception ignored in: <coroutine ...>" tracebacks on
-  stderr whenever Python collects them. The restore's own error already names
-  the step, so here they are collected at once and logged in one line each.
+  stderr whenever Python collects them, which may be long after the restore
+  (at exit, say). The restore's own error already names the step, so from the
+  first restore on, `sys.unraisablehook` logs those of orbax's coroutines in
+  one line each (every other unraisable error goes to the previous hook), and
+  the ones collectable at once are collected here.
   """
-  def log_unraisable(unraisable):
-    error = unraisable.exc_value
-    lines = str(error).strip().splitlines()
-    logging.info("An abandoned read of a damaged checkpoint failed too: %s: %s",
-                 type(error).__name__, lines[0][:300] if lines else "")
-
-  previous, sys.unraisablehook = sys.unraisablehook, log_unraisable
+  if sys.unraisablehook is not _log_abandoned_read:
+    _PREVIOUS_UNRAISABLEHOOK[0] = sys.unraisablehook
+    sys.unraisablehook = _log_abandoned_read
   try:
     yield
   finally:
     gc.collect()
-    sys.unraisablehook = previous
 
 
 class CheckpointStore:

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from conformer_fl import checkpointing
 from conformer_fl import models
 from conformer_fl import tree_paths
 from conformer_fl.analysis import importance as importance_lib
@@ -48,9 +47,12 @@ def silenced(params: Any, module: str, output: str, num_units: int,
   return tree_paths.replace(params, path, leaf)
 
 
-def evaluate_half_width(workdir: str, analysis: Any, draws: int,
-                        seed: int) -> dict[str, Any]:
+def evaluate_half_width(workdir: str, analysis: Any, draws: int, seed: int,
+                        trained: Mapping[str, Any]) -> dict[str, Any]:
   """Dev WER of the trained model with each droppable module at half width.
+
+  Evaluates on this process alone (no collective): every process may call it,
+  or one process for all.
 
   Args:
     workdir: the pre-trained run (its analysis has run).
@@ -58,6 +60,7 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int,
       batches, split and domains are used, so the WERs pair with the resets'.
     draws: random halvings per module (their WERs are averaged).
     seed: the draws' seed.
+    trained: the run's variables at the analysed step (host arrays).
 
   Returns:
     {'baseline_wer', 'draws', 'modules': {module: {'wer', 'wer_increase'}}}.
@@ -66,11 +69,6 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int,
   importance = importance_lib.load_importance(workdir)
   model = models.build_model(run_config.model)
   tokenizer = input_pipeline.get_tokenizer(run_config.data, workdir)
-  store = checkpointing.CheckpointStore(workdir, read_only=True)
-  try:
-    trained = store.restore_variables(importance["trained_step"])
-  finally:
-    store.close()
   layers = federated_dropout.droppable_layers(
       trained["params"], None,
       models.droppable_modules_from_config(run_config.model))

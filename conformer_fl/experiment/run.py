@@ -366,6 +366,13 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       with progress.timed(f"analysis/model_{model}"):
         importance_lib.run_analysis(config.analysis, os.fspath(model_dir))
     importance = importance_lib.load_importance(model_dir)
+    analyses.append(importance)
+    store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
+    try:
+      trained = store.restore_variables(steps)
+    finally:
+      store.close()
+    params, model_state = models.split_variables(trained)
     halfwidth_path = model_dir / importance_lib.OUTPUT_DIR / HALFWIDTH_FILE
     with progress.timed(f"halfwidth/model_{model}", record=not _done(
         halfwidth_path.exists())):
@@ -373,18 +380,12 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       halfwidths.append(_cached(
           halfwidth_path, {"draws": c.halfwidth_draws, "step": steps,
                            "seed": int(config.pretrain_seeds[model])},
-          lambda model_dir=model_dir, model=model:
+          lambda model_dir=model_dir, model=model, trained=trained:
           halfwidth_lib.evaluate_half_width(
               os.fspath(model_dir), config.analysis.analysis,
-              c.halfwidth_draws, int(config.pretrain_seeds[model])),
+              c.halfwidth_draws, int(config.pretrain_seeds[model]),
+              trained),
           chief_computes=True))
-    analyses.append(importance)
-    store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
-    try:
-      params, model_state = models.split_variables(
-          store.restore_variables(steps))
-    finally:
-      store.close()
     pretrained = importance_lib.load_run_config(model_dir)
     cost_model = arms_lib.cost_model(
         params, models.droppable_modules_from_config(pretrained.model))
