@@ -30,6 +30,7 @@ steps again. When no step is intact the run stops with `CheckpointError`.
 from collections.abc import Callable, Iterator
 import contextlib
 import gc
+import inspect
 import os
 import sys
 from typing import Any
@@ -131,13 +132,13 @@ def _one_line(error: BaseException, limit: int = 320) -> str:
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:
-  """Whether an unraisable error comes from a coroutine of orbax's reads."""
-  code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and "orbax" in code.co_filename
+  """Whether an unraisable error comes from a coroutine never awaited (the
+  reads a failed restore leaves behind)."""
+  return inspect.iscoroutine(unraisable.object)
 
 
 def _log_abandoned_read(unraisable: Any) -> None:
-  """sys.unraisablehook: orbax's abandoned reads in one line, others as before."""
+  """sys.unraisablehook: abandoned reads in one line, others as before."""
   if not _is_abandoned_read(unraisable):
     _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
     return
@@ -159,8 +160,8 @@ def _abandoned_reads_logged() -> Iterator[None]:
   that fail too end as "Exception ignored in: <coroutine ...>" tracebacks on
   stderr whenever Python collects them, which may be long after the restore
   (at exit, say). The restore's own error already names the step, so from the
-  first restore on, `sys.unraisablehook` logs those of orbax's coroutines in
-  one line each (every other unraisable error goes to the previous hook), and
+  first restore on, `sys.unraisablehook` logs those of coroutines in one line
+  each (every other unraisable error goes to the previous hook), and
   the ones collectable at once are collected here.
   """
   if sys.unraisablehook is not _log_abandoned_read:

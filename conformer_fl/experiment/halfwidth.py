@@ -106,7 +106,8 @@ def agreement(half_width: Mapping[str, Any],
   """Spearman correlation of the half-width and reset WER increases.
 
   Returns:
-    {'spearman', 'pvalue', 'num_modules', 'same_least_important': how many
+    {'spearman', 'pvalue' (None when a ranking is constant), 'num_modules',
+    'same_least_important': how many
     of the k least important modules (k = a quarter of them) the two
     rankings share, 'k'}.
   """
@@ -114,9 +115,8 @@ def agreement(half_width: Mapping[str, Any],
   reset = np.array([importance["units"][m]["wer_increase"] for m in modules])
   k = max(1, len(modules) // 4)
   least = lambda x: set(np.argsort(x, kind="stable")[:k].tolist())
-  if np.ptp(half) == 0 or np.ptp(reset) == 0:
-    rho, p = float("nan"), float("nan")
-  else:
-    rho, p = scipy_stats.spearmanr(half, reset)
-  return dict(spearman=float(rho), pvalue=float(p), num_modules=len(modules),
+  rho = p = None  # Undefined when either ranking is constant.
+  if np.ptp(half) > 0 and np.ptp(reset) > 0:
+    rho, p = (float(x) for x in scipy_stats.spearmanr(half, reset))
+  return dict(spearman=rho, pvalue=p, num_modules=len(modules),
               same_least_important=len(least(half) & least(reset)), k=k)
