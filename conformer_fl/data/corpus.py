@@ -14,6 +14,9 @@
 Nothing is written to the run's workdir here.
 """
 
+import json
+from typing import Any
+
 import ml_collections
 
 from conformer_fl import multihost
@@ -30,6 +33,20 @@ def _builder(data_config: ml_collections.ConfigDict):
   return record_source.builder_for(data_config.dataset,
                                    data_config.data_dir or None,
                                    data_config.builder_config or None)
+
+
+def is_prepared(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether the local corpus is prepared (True for a corpus prepared elsewhere)."""
+  return not is_local(data_config) or _builder(data_config).is_prepared()
+
+
+def read_card(data_config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """The local corpus's corpus_card.json (None: not local, or no card)."""
+  if not is_local(data_config):
+    return None
+  from conformer_fl.data import corpus_card  # pylint: disable=g-import-not-at-top
+  path = _builder(data_config).data_path / corpus_card.CARD_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def ensure_prepared(data_config: ml_collections.ConfigDict,

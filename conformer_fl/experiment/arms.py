@@ -250,6 +250,7 @@ def arm_specs(model: CostModel, importance: Mapping[str, Any],
     raise ValueError(f"config.arms has {unknown}; expected some of"
                      f" {BASE_ARMS}.")
   names = [m.name for m in model.modules]
+  num_units = {m.name: m.num_units for m in model.modules}
   labels = unit_labels(importance, names)
   ranked = module_ranking(importance, names)
   eligible = [m for m in ranked if labels[m] != "critical"]
@@ -288,10 +289,10 @@ def arm_specs(model: CostModel, importance: Mapping[str, Any],
           continue
         dropout = _dropout("targeted", rates, unit_kinds=unit_kinds,
                            rescale=arm == "targeted_rescaled")
-      kept = {m: n for m, n in model.kept(rates).items()
-              if n < next(x.num_units for x in model.modules if x.name == m)}
+      all_kept = model.kept(rates)
+      kept = {m: n for m, n in all_kept.items() if n < num_units[m]}
       specs.append(ArmSpec(arm, level, dropout, kept,
-                           model.client_params(model.kept(rates)) / model.total))
+                           model.client_params(all_kept) / model.total))
   return specs
 
 

@@ -17,6 +17,7 @@ from conformer_fl import multihost
 from conformer_fl import run_setup
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.data import corpus as corpus_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import costs as costs_lib
@@ -124,37 +125,6 @@ def _grew(workdir: epath.Path, config: ml_collections.ConfigDict) -> bool:
   return workdir_lib.unmatched_fields(saved, given) != (
       workdir_lib.unmatched_fields(
           saved, given, workdir_lib.EXPERIMENT_GROWABLE_FIELDS))
-
-
-def corpus_is_built(data_config: ml_collections.ConfigDict) -> bool:
-  """Whether the local corpus of `data_config` is prepared (True if not local)."""
-  if data_config.dataset != "synthetic_speech":
-    return True
-  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
-  return synthetic_speech.SyntheticSpeech(
-      config=data_config.builder_config,
-      data_dir=data_config.data_dir or None).is_prepared()
-
-
-def corpus_card(data_config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """The built local corpus's corpus_card.json (None: not a local corpus)."""
-  if data_config.dataset != "synthetic_speech":
-    return None
-  from conformer_fl.data import corpus_card as card_lib  # pylint: disable=g-import-not-at-top
-  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
-  path = synthetic_speech.SyntheticSpeech(
-      config=data_config.builder_config,
-      data_dir=data_config.data_dir or None).data_path / card_lib.CARD_FILE
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def build_corpus(data_config: ml_collections.ConfigDict) -> None:
-  """Synthesizes the local corpus of `data_config` unless it is built."""
-  if data_config.dataset != "synthetic_speech":
-    return
-  from conformer_fl.data import synthetic_speech  # pylint: disable=g-import-not-at-top
-  synthetic_speech.build(data_config.builder_config,
-                         data_config.data_dir or None)
 
 
 def evaluate_checkpoint(
@@ -333,16 +303,11 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
-  if not multihost.chief_decides(corpus_is_built(config.pretrain.data),
-                                 "corpus_built"):
-    with progress.timed("corpus"):
-      if multihost.is_chief():
-        build_corpus(config.pretrain.data)
-      multihost.sync("corpus")  # The others wait for process 0 to build it.
-  # The federated clients read the corpus by record index: a corpus prepared
-  # as tfrecord (by an older version) is refused now, not after pre-training.
-  input_pipeline.open_record_source(config.adapt.data,
-                                    config.adapt.data.train_split)
+  # Built when missing; a corpus prepared as tfrecord is refused now, not
+  # after pre-training (the federated clients read records by index).
+  with progress.timed("corpus", record=not multihost.chief_decides(
+      corpus_lib.is_prepared(config.pretrain.data), "corpus_stage_prepared")):
+    corpus_lib.ensure_prepared(config.adapt.data, random_access=True)
 
   steps = config.pretrain.central.num_steps
   specs_by_model, analyses, halfwidths, costs_models = [], [], [], []
@@ -502,7 +467,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
       grid_dev_wer=grid_dev_wer, picks=picks, not_adapted=not_adapted,
       dev_evals=dev_evals, stage_seconds=progress.seconds,
       stability=stability, engines=engines,
-      corpus=corpus_card(config.pretrain.data.copy_and_resolve_references()))
+      corpus=corpus_lib.read_card(
+          config.pretrain.data.copy_and_resolve_references()))
   if multihost.is_chief():
     report_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",
