@@ -37,12 +37,12 @@ debian-packages:
 $(STAMP): setup.py requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install -q --upgrade pip
-	$(VENV_PY) -m pip install -q -r requirements.lock
+	$(VENV_PY) -m pip install -q --require-hashes -r requirements.lock
 	$(VENV_PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 $(TPU_STAMP): $(STAMP) requirements-tpu-plan.lock
-	$(VENV_PY) -m pip install -q -r requirements-tpu-plan.lock
+	$(VENV_PY) -m pip install -q --require-hashes -r requirements-tpu-plan.lock
 	touch $(TPU_STAMP)
 
 setup: debian-packages $(STAMP)

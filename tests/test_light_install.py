@@ -89,18 +89,33 @@ def test_the_base_install_is_the_model_alone():
   assert text.count("jax[tpu]") == 1 and "libtpu" not in base
 
 
-def test_the_lock_file_pins_every_package_and_leaves_out_libtpu():
-  lines = [l.strip() for l in (ROOT / "requirements.lock").read_text().splitlines()
-           if l.strip() and not l.startswith("#")]
-  pins = dict(l.split(" ")[0].split("==") for l in lines)
-  assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+.*", l) for l in lines)
+def _lock_entries(name: str) -> dict[str, list[str]]:
+  """{package: [sha256, ...]} of a lock file (`pkg==v \\` then `--hash=` lines)."""
+  text = (ROOT / name).read_text()
+  entries = {}
+  for entry in re.split(r"(?<!\\)\n", text):
+    entry = entry.strip()
+    if not entry or entry.startswith("#"):
+      continue
+    pin = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+) \\\n(.*)", entry, re.S)
+    assert pin, entry
+    hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", pin.group(3))
+    assert hashes, f"{pin.group(1)} has no sha256 hash"
+    entries[pin.group(1).lower().replace("_", "-")] = hashes
+  return entries
+
+
+def test_the_lock_file_pins_and_hashes_every_package_and_leaves_out_libtpu():
+  pins = _lock_entries("requirements.lock")
+  assert len(pins) > 100
   for name in ("jax", "jaxlib", "flax", "optax", "tensorflow-cpu",
                "tensorflow-datasets", "soundfile", "pytest"):
-    assert name in {n.lower().replace("_", "-") for n in pins}, name
-  assert not any(n.lower() == "libtpu" for n in pins)
-  assert not any("conformer" in n.lower() for n in pins)
-  tpu = (ROOT / "requirements-tpu-plan.lock").read_text()
-  assert re.search(r"^libtpu==\S+", tpu, re.M)
+    assert name in pins, name
+  assert "libtpu" not in pins
+  assert not any("conformer" in n for n in pins)
+  assert list(_lock_entries("requirements-tpu-plan.lock")) == ["libtpu"]
+  makefile = (ROOT / "Makefile").read_text()
+  assert makefile.count("--require-hashes") == 2
 
 
 def test_configs_are_installed_with_the_package():
