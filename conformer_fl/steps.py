@@ -6,7 +6,7 @@ gradient, optimizer update, divergence guard), data-parallel over the mesh.
 (conformer_fl/federated/round.py) and its server optimizer.
 `round_arrays`: the host arrays of one round (`input_pipeline.make_round`).
 
-`launch/tpu_pod.py plan` (conformer_fl/pod_plan.py) compiles these same
+`launch/tpu_pod.py plan` (conformer_fl/tools/pod_plan.py) compiles these same
 functions, so what it plans is what a run runs.
 """
 

@@ -30,8 +30,8 @@ from conformer_fl import checkpointing
 from conformer_fl import config_lib
 from conformer_fl import divergence
 from conformer_fl import metric_logging
-from conformer_fl import sweep
 from conformer_fl import workdir as workdir_lib
+from conformer_fl.tools import sweep
 
 import xla_env  # tests/xla_env.py
 

@@ -1,5 +1,5 @@
-"""`python -m conformer_fl.transcribe`: audio files -> transcripts of a run,
-and `python -m conformer_fl.export`: the run as a self-contained model.
+"""`python -m conformer_fl.tools.transcribe`: audio files -> transcripts of a
+run, and `python -m conformer_fl.export`: the run as a self-contained model.
 
 The workdir is what `train.train_central` writes (config.json, tokenizer.model,
 the step-0 checkpoint; zero steps keep it cheap) plus a step-3 checkpoint of
@@ -36,9 +36,9 @@ from conformer_fl import export
 from conformer_fl import exported
 from conformer_fl import models
 from conformer_fl import train
-from conformer_fl import transcribe
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
+from conformer_fl.tools import transcribe
 
 import xla_env  # tests/xla_env.py
 
@@ -137,7 +137,7 @@ def wavs(run, tmp_path_factory):
 
 def _cli(workdir, files: list[str], *flags: str):
   env = xla_env.subprocess_env(1, TF_CPP_MIN_LOG_LEVEL="2")
-  command = [sys.executable, "-m", "conformer_fl.transcribe",
+  command = [sys.executable, "-m", "conformer_fl.tools.transcribe",
              f"--workdir={workdir}", *flags, *files]
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)

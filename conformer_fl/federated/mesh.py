@@ -66,8 +66,8 @@ def make_client_mesh(num_devices: int | None = None,
     num_devices: use only the first `num_devices` devices (single-process
       only; for benchmarks and tests). None = all devices.
     devices: the devices to lay out; None = `jax.devices()`. A TPU
-      topology's compile-only devices (`conformer_fl.pod_plan`) give the mesh
-      of a pod slice on a machine without one.
+      topology's compile-only devices (`conformer_fl.tools.pod_plan`) give the
+      mesh of a pod slice on a machine without one.
 
   Raises:
     ValueError: if `num_devices` is out of range, or is set to fewer than all

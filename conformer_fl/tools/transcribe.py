@@ -1,7 +1,7 @@
 r"""Transcribes audio files with a run of `conformer_fl.main` or an exported model.
 
-  python -m conformer_fl.transcribe --workdir=DIR FILE.flac [FILE.wav ...]
-  python -m conformer_fl.transcribe --workdir=DIR --step=N FILE.wav ...
+  python -m conformer_fl.tools.transcribe --workdir=DIR FILE.flac [FILE.wav ...]
+  python -m conformer_fl.tools.transcribe --workdir=DIR --step=N FILE.wav ...
 
 DIR is the workdir of a central or federated run of `conformer_fl.main`
 (config.json, the tokenizer, checkpoints/), or a model written by
