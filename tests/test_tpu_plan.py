@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import pytest
 
 from conformer_fl import train
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 from conformer_fl.tools import pod_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

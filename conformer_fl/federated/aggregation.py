@@ -1,7 +1,7 @@
 """Aggregation of client results over the leading clients axis [C, ...].
 
 Pure functions on pytrees whose leaves carry a leading clients axis. The round
-(round.py) calls `aggregate` on the clients of one device (inside shard_map),
+(fl_round.py) calls `aggregate` on the clients of one device (inside shard_map),
 psums its weighted sums over the mesh 'clients' axis, and turns them into the
 server's means (`weighted_mean`, or Federated Dropout's in submodel.py) and
 metrics (`round_metrics`).
@@ -121,7 +121,7 @@ def _subtree(params: PyTree, path: Sequence[str] | str, name: str) -> PyTree:
 
 
 # ----------------------------------------------------------------------------
-# The round's aggregation (conformer_fl/federated/round.py).
+# The round's aggregation (conformer_fl/federated/fl_round.py).
 # ----------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ process has the same number of devices), and must load exactly those clients,
 in order. `process_client_range` computes that range from the mesh;
 `shard_round_data` assembles the global array from each process's block.
 
-Why `jax.shard_map` over this axis (round.py) rather than vmap with
+Why `jax.shard_map` over this axis (fl_round.py) rather than vmap with
 `spmd_axis_name` alone (drjax style, built first): that leaves the
 partitioning inside a client to GSPMD, which on the tiny Conformer split the
 vmapped subsampling convolution over its feature axis and all-gathered
