@@ -13,12 +13,12 @@ in order. `process_client_range` computes that range from the mesh;
 `shard_round_data` assembles the global array from each process's block.
 
 Why `jax.shard_map` over this axis (fl_round.py) rather than vmap with
-`spmd_axis_name` alone (drjax style, built first): that leaves the
-partitioning inside a client to GSPMD, which on the tiny Conformer split the
-vmapped subsampling convolution over its feature axis and all-gathered
-front-end activations over clients (9 all-gathers per round, 6x slower on 4
-devices than a Python loop over clients). With shard_map no communication
-happens inside a client and the round's only collective is its psum.
+`spmd_axis_name` alone (drjax style): that leaves the partitioning inside a
+client to GSPMD, which on the tiny Conformer splits the vmapped subsampling
+convolution over its feature axis and all-gathers front-end activations over
+clients several times per round, slower than a Python loop over clients.
+With shard_map no communication happens inside a client and the round's only
+collective is its psum.
 
 Start-up skew: processes reach the first run of a compiled program far apart
 when one compiles it and another reads it from the persistent compilation

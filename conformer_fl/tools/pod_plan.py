@@ -31,7 +31,7 @@ checkpoint has the same shapes).
 
 Run it with JAX on the CPU (`JAX_PLATFORMS=cpu`, which `plan` sets when
 unset): with libtpu installed and JAX free to choose, the first concrete array
-would start a TPU backend. `--topology=cpu` plans on this machine's CPU devices
+would start a TPU backend. `--topology=cpu` plans on the local CPU devices
 instead (no capacity, no search): the tests compare its lowering with the
 run's, and the README its FLOPs with a TPU's.
 """
@@ -102,7 +102,7 @@ class Target:
 
   Attributes:
     name: the topology, e.g. "v5e:2x2", or "cpu".
-    devices: one compile-only device per chip (or this machine's CPU devices).
+    devices: one compile-only device per chip (or the local CPU devices).
     device_kind: e.g. "TPU v5 lite".
     hbm_bytes: HBM of one chip; None for the CPU (no capacity, no search).
   """
