@@ -19,16 +19,16 @@ through this module before it writes anything:
    PID, host and start time. A second run on the workdir is refused with
    `WorkdirLockedError` naming the holder. A lock left by a killed run (the
    file still names it, but no process holds the flock) is taken over with a
-   warning. A lock
-   written on another host cannot be checked from here (a shared file system
-   may not carry flocks between hosts): it is refused unless the environment
-   variable CONFORMER_FL_TAKE_OVER_LOCK=1 says that run is gone. Workdirs on
-   GCS (`gs://...`) are not locked: etils.epath offers no atomic
-   create-if-absent or file lock there; run one job per workdir
-   (`launch/tpu_pod.py run` refuses a second job on a pod). A workdir that
-   cannot be written (read-only, immutable, or on a read-only file system)
-   is refused with `WorkdirNotWritableError` when the lock file is made, the
-   run's first write.
+   warning. A lock written on another host cannot be checked from here (a
+   shared file system may not carry flocks between hosts): it is refused
+   unless the environment variable CONFORMER_FL_TAKE_OVER_LOCK=1 says that run
+   is gone. On a file system without flock, the record alone decides: a live
+   process of this host in it holds the lock. Workdirs on GCS (`gs://...`)
+   are not locked: etils.epath offers no atomic create-if-absent or file lock
+   there; run one job per workdir (`launch/tpu_pod.py run` refuses a second
+   job on a pod). A workdir that cannot be written (read-only, immutable, or
+   on a read-only file system) is refused with `WorkdirNotWritableError` when
+   the lock file is made, the run's first write.
 
 `RunError` is the base of the errors that stop or refuse a run for a reason
 the user can act on; the entry point (`conformer_fl/main.py`) prints its
