@@ -333,18 +333,18 @@ class WorkdirLock:
       if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         self._acquire_without_flock()
         return
-      raise self._not_writable(e) from e
+      self._raise_if_not_writable(e)
+      raise
     raise WorkdirLockedError(f"Could not take the lock {self.path}.")
 
-  def _not_writable(self, e: OSError) -> OSError:
-    """WorkdirNotWritableError for a permission error, else `e` itself."""
-    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-      return e
-    return WorkdirNotWritableError(
-        f"--workdir={self.workdir} cannot be written ({e.strerror}:"
-        f" {e.filename or self.path}): make it writable (chmod u+w; chattr -i"
-        " if it is immutable; remount a read-only file system) or use another"
-        " workdir.")
+  def _raise_if_not_writable(self, e: OSError) -> None:
+    """Raises WorkdirNotWritableError if `e` is a permission error."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise WorkdirNotWritableError(
+          f"--workdir={self.workdir} cannot be written ({e.strerror}:"
+          f" {e.filename or self.path}): make it writable (chmod u+w; chattr"
+          " -i if it is immutable; remount a read-only file system) or use"
+          " another workdir.") from e
 
   def _acquire_without_flock(self) -> None:
     """The lock on a file system without flock: the holder record alone.
@@ -357,7 +357,8 @@ class WorkdirLock:
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise self._not_writable(e) from e
+      self._raise_if_not_writable(e)
+      raise
     try:
       self._take(fd, flocked=False)
     except BaseException:
