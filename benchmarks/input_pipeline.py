@@ -207,7 +207,7 @@ def _time_compiled_round(data_config, tokenizer, rounds):
   from conformer_fl import models
   from conformer_fl import steps
   from conformer_fl.federated import mesh as mesh_lib
-  from conformer_fl.federated import round as round_lib
+  from conformer_fl.federated import fl_round as round_lib
   # pylint: enable=g-import-not-at-top
   config = config_lib.federated_run_config(size=_ROUND_MODEL.value)
   config.data = data_config

@@ -181,7 +181,7 @@ def run_worker(args) -> dict[str, Any]:
   from conformer_fl import config_lib
   from conformer_fl import optimizers
   from conformer_fl.federated import mesh as mesh_lib
-  from conformer_fl.federated import round as round_lib
+  from conformer_fl.federated import fl_round as round_lib
   # pylint: enable=g-import-not-at-top
 
   num_devices = args.worker_devices

@@ -69,26 +69,14 @@ class UnverifiedCheckpointError(CheckpointError):
   """A checkpoint whose checksums are missing, so damage cannot be detected."""
 
 
-def leaf_name(path: tuple[Any, ...]) -> str:
-  """'params/encoder/.../kernel' for a jax key path (dict, list, attribute)."""
-  parts = []
-  for key in path:
-    for attribute in ("key", "idx", "name"):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
   """{leaf name: this process's numpy copy} (a replicated array's full value)."""
   def local(x):
     if isinstance(x, jax.Array):
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
-  return {leaf_name(path): local(x)
+  # Names like 'params/encoder/.../kernel' (dict keys, list indices, fields).
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): local(x)
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -1,7 +1,7 @@
 """One-line errors for the command-line entry points (absl flags).
 
 `parse_flags` is the `flags_parser` of `absl.app.run` in `conformer_fl.main`,
-`conformer_fl.transcribe` and `conformer_fl.export`: a flag that cannot be
+`conformer_fl.tools.transcribe` and `conformer_fl.export`: a flag that cannot be
 parsed (a mistyped `--config.FIELD`, a value of the wrong type, a config file
 that does not exist, a bad `configs/NAME.py:ARG`, a missing required flag)
 ends the program with one line `error: ...` on stderr naming the flag and the

@@ -44,8 +44,8 @@ import numpy as np
 
 from conformer_fl import cli
 from conformer_fl import exported
-from conformer_fl import transcribe
 from conformer_fl.data import batching
+from conformer_fl.tools import transcribe
 
 _EVAL_FIELDS = ("wer", "cer", "wer_low", "wer_high", "loss", "num_examples")
 
@@ -157,9 +157,10 @@ def card_markdown(card: dict[str, Any]) -> str:
       "",
       "## Use",
       "",
-      "    python -m conformer_fl.transcribe --workdir=THIS_DIR FILE.flac",
+      "    python -m conformer_fl.tools.transcribe --workdir=THIS_DIR FILE.flac",
       "",
-      "    from conformer_fl import exported, transcribe",
+      "    from conformer_fl import exported",
+      "    from conformer_fl.tools import transcribe",
       "    texts = transcribe.Transcriber('THIS_DIR')([audio_16khz])",
       "    loaded = exported.load_model('THIS_DIR')  # model, variables, tokenizer",
       "",

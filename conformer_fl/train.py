@@ -4,7 +4,7 @@
   central    Adam with warm-up and inverse-square-root decay over batches of the
              training split (the paper's pre-training stage), data-parallel over
              every device of every process.
-  federated  rounds of `conformer_fl.federated.round`: clients (speakers) sampled
+  federated  rounds of `conformer_fl.federated.fl_round`: clients (speakers) sampled
              per round, trained under vmap, sharded over the `clients` mesh axis,
              aggregated and applied by the server optimizer in one jitted function.
 
@@ -52,8 +52,8 @@ from conformer_fl import run_setup
 from conformer_fl import steps
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 
 PyTree = Any
 

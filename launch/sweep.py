@@ -4,8 +4,8 @@ r"""Runs a sweep (configs/sweeps/NAME.py): every point locally or on TPU pods.
       --workdir=/tmp/cfl/stability [--analysis] [--dry-run] \
       [-- --config.data.data_dir=DIR ...]
 
-Each point (see `conformer_fl.sweep`) is a run of `python -m conformer_fl.main`
-in WORKDIR/<point>, e.g. /tmp/cfl/stability/seed0_norm-group_norm. Arguments
+Each point (see `conformer_fl.tools.sweep`) is a run of
+`python -m conformer_fl.main` in WORKDIR/<point>, e.g. /tmp/cfl/stability/seed0_norm-group_norm. Arguments
 after `--` are added to every point's command (things of this machine rather
 than of the experiment, such as the data directory).
 
@@ -46,7 +46,7 @@ import time
 import ml_collections
 import tpu_pod  # launch/tpu_pod.py, beside this file.
 
-from conformer_fl import sweep as sweep_lib
+from conformer_fl.tools import sweep as sweep_lib
 
 ROOT = tpu_pod.ROOT
 STABILITY_FILE = "stability.json"

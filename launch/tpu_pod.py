@@ -22,7 +22,7 @@ topology on this machine (no pod, no gcloud: `pip install -e '.[tpu-plan]'`
 brings libtpu) and prints HBM per chip, the most clients (or examples, or
 variants) per chip that fit and the compiled FLOPs; it exits 1, naming the
 config field, when the config does not divide over the chips or does not fit
-(`conformer_fl/pod_plan.py`). It takes the flags of `run` (the pod's are
+(`conformer_fl/tools/pod_plan.py`). It takes the flags of `run` (the pod's are
 optional and unused) and --topology:
 
   python launch/tpu_pod.py plan --topology=v5e:2x2 -- \
@@ -385,7 +385,7 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
   """Prints the plan of `conformer_fl.main main_args` on `topology`.
 
   Compiles on this machine's CPU (JAX_PLATFORMS=cpu unless set): see
-  `conformer_fl.pod_plan`. With `dry_run`, prints what it would compile
+  `conformer_fl.tools.pod_plan`. With `dry_run`, prints what it would compile
   (`pod_plan.describe`) and compiles nothing.
 
   Raises:
@@ -403,7 +403,8 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # Run from a checkout without installing.
   try:
-    from conformer_fl import pod_plan  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from conformer_fl.tools import pod_plan
   except ImportError as e:
     raise LaunchError(
         f"`plan` needs the conformer_fl package and its dependencies ({e}):"

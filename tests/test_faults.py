@@ -11,6 +11,8 @@ workdir changed where nothing should have.
 
 from collections.abc import Iterator
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -30,8 +32,8 @@ from conformer_fl import checkpointing
 from conformer_fl import config_lib
 from conformer_fl import divergence
 from conformer_fl import metric_logging
-from conformer_fl import sweep
 from conformer_fl import workdir as workdir_lib
+from conformer_fl.tools import sweep
 
 import xla_env  # tests/xla_env.py
 
@@ -260,6 +262,28 @@ def test_a_lock_from_another_host_needs_to_be_told(tmp_path, monkeypatch):
     workdir_lib.WorkdirLock(tmp_path).acquire()
   assert (tmp_path / ".lock").read_text() == stale
   monkeypatch.setenv(workdir_lib.TAKE_OVER_ENV, "1")
+  with workdir_lib.WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_without_flock_the_record_decides(tmp_path, monkeypatch):
+  # A file system without flock (an NFS mount without a lock daemon).
+  def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  lock = workdir_lib.WorkdirLock(tmp_path)
+  lock.acquire()
+  assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / ".lock").exists()
+  # A live process of this host in the record holds the lock; a dead one not.
+  (tmp_path / ".lock").write_text(json.dumps(
+      {"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+  with pytest.raises(workdir_lib.WorkdirLockedError,
+                     match=f"in use by another run \\(PID {os.getppid()} on"):
+    workdir_lib.WorkdirLock(tmp_path).acquire()
+  (tmp_path / ".lock").write_text(json.dumps(
+      {"pid": _dead_pid(), "host": socket.gethostname(), "started": "then"}))
   with workdir_lib.WorkdirLock(tmp_path):
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
 

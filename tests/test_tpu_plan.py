@@ -1,4 +1,5 @@
-"""launch/tpu_pod.py plan (conformer_fl/pod_plan.py): a TPU run planned here.
+"""launch/tpu_pod.py plan (conformer_fl/tools/pod_plan.py): a TPU run planned
+here.
 
 The TPU compiles need libtpu (`pip install -e '.[tpu-plan]'`, which `make test`
 installs). Every config is the tiny model on 1-second buckets, one local step
@@ -17,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conformer_fl import pod_plan
 from conformer_fl import train
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
+from conformer_fl.tools import pod_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))

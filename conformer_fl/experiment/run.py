@@ -209,7 +209,7 @@ def _read_json(path: epath.Path) -> dict[str, Any]:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError:
-    return {}  # A write cut short (the files are written atomically now).
+    return {}  # A write cut short.
 
 
 def _pretrain_config(config: ml_collections.ConfigDict,
@@ -303,7 +303,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
-  # Built when missing; a corpus prepared as tfrecord is refused now, not
+  # Built when missing; a corpus prepared as tfrecord is refused here, not
   # after pre-training (the federated clients read records by index).
   with progress.timed("corpus", record=not multihost.chief_decides(
       corpus_lib.is_prepared(config.pretrain.data), "corpus_stage_prepared")):

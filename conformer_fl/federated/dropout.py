@@ -32,7 +32,7 @@ Capacity tiers (`tier_specs_from_config`, `dropout.tiers`): clients of mixed
 capacity in one round, each tier a share of the clients with a width
 multiplier w; a tier's layers keep round(w (1 - r) n) units (its spec is
 built at rate 1 - w (1 - r)), chosen by the policy ('static' gives HeteroFL:
-each tier its leading slice). The round (round.py, tiers.py) vmaps each
+each tier its leading slice). The round (fl_round.py, tiers.py) vmaps each
 tier at its own widths.
 
 Groups (e.g. a group norm over the conv channels): dropping whole units at
@@ -64,7 +64,7 @@ import optax
 
 from conformer_fl import tree_paths
 from conformer_fl import unit_patterns
-from conformer_fl.federated import round as round_lib
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
 
 PyTree = Any
