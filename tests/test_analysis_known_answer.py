@@ -19,6 +19,7 @@ from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import main
 from conformer_fl import models
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import resets
@@ -137,7 +138,7 @@ def test_every_unit_reset_to_tau0_reproduces_the_initial_model(
     reset = resets.reset_unit(reset, initial, path)
   jax.tree.map(np.testing.assert_array_equal, reset, initial)
 
-  run_config = importance.load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   model = models.build_model(run_config.model)
   tokenizer = tokenizer_lib.load_tokenizer(
       os.path.join(workdir, tokenizer_lib.TOKENIZER_FILENAME))

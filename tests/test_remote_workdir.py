@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conformer_fl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import movement  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -153,6 +154,31 @@ def test_analysis_finds_the_tokenizer_in_a_gs_workdir(bucket):
   # The workdir recorded in importance.json stays a gs:// URI.
   assert importance._absolute(_WORKDIR) == _WORKDIR  # pylint: disable=protected-access
   assert importance._absolute("run") == os.path.join(os.getcwd(), "run")  # pylint: disable=protected-access
+  _assert_nothing_local()
+
+
+def test_workdir_reads_its_config_and_metrics_on_gs(bucket):
+  run = workdir_lib.Workdir(_WORKDIR)
+  assert os.fspath(run.config_path) == f"{_WORKDIR}/config.json"
+  assert os.fspath(run.metrics_path) == f"{_WORKDIR}/metrics.jsonl"
+  assert os.fspath(run.checkpoints_dir) == f"{_WORKDIR}/checkpoints"
+  assert os.fspath(run.final_eval_path) == f"{_WORKDIR}/final_eval.json"
+  assert os.fspath(run.analysis_dir) == f"{_WORKDIR}/analysis"
+  with pytest.raises(workdir_lib.NoRunError, match=(
+      f"No {_WORKDIR}/config.json: {_WORKDIR} holds no trained run")):
+    run.config()
+  assert run.metrics() == []
+  bucket.pipe_file(f"{_WORKDIR}/config.json",
+                   json.dumps({"seed": 3, "model": {"num_blocks": 4}}).encode())
+  config = run.config()
+  assert (config.seed, config.model.num_blocks) == (3, 4)
+  # A torn last line (a write cut short) is skipped.
+  bucket.pipe_file(f"{_WORKDIR}/metrics.jsonl",
+                   b'{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 1.25}\n{"st')
+  assert run.metrics() == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.25}]
+  bucket.pipe_file(f"{_WORKDIR}/config.json", b'{"seed": ')
+  with pytest.raises(workdir_lib.WorkdirError, match="is not valid JSON"):
+    run.config()
   _assert_nothing_local()
 
 

@@ -30,6 +30,7 @@ from conformer_fl import models
 from conformer_fl import multihost
 from conformer_fl import stats
 from conformer_fl import tree_paths
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import movement
 from conformer_fl.analysis import movement_test
 from conformer_fl.analysis import plots
@@ -227,15 +228,6 @@ def fresh_initializations(model: models.ConformerASR,
 # Reading a run.
 
 
-def load_run_config(
-    workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"No {path}: the analysis pass needs a trained "
-                            'run\'s workdir.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def data_config_of(run_config, analysis) -> ml_collections.ConfigDict:
   """The run's data config with the analysis's data_dir, split and domains."""
   data = run_config.data.copy_and_resolve_references()
@@ -349,7 +341,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   """
   analysis = config.analysis
   _validate(analysis)
-  run_config = load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   model = models.build_model(run_config.model)
   tokenizer = _tokenizer(run_config, workdir)
   store = checkpointing.CheckpointStore(workdir, read_only=True)
@@ -410,7 +402,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   moved = movement.unit_movement(trained["params"], checkpoints[0]["params"],
                                  units)
   update_sums = movement.read_update_norm_sums(
-      epath.Path(workdir) / "metrics.jsonl", list(units), trained_step)
+      workdir_lib.Workdir(workdir).metrics_path, list(units), trained_step)
   for name, entry in summary["units"].items():
     entry["movement"] = dict(
         moved[name],

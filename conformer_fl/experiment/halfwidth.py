@@ -22,6 +22,7 @@ from scipy import stats as scipy_stats
 
 from conformer_fl import models
 from conformer_fl import tree_paths
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import input_pipeline
@@ -65,7 +66,7 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int, seed: int,
   Returns:
     {'baseline_wer', 'draws', 'modules': {module: {'wer', 'wer_increase'}}}.
   """
-  run_config = importance_lib.load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   importance = importance_lib.load_importance(workdir)
   model = models.build_model(run_config.model)
   tokenizer = input_pipeline.get_tokenizer(run_config.data, workdir)

@@ -146,7 +146,7 @@ def evaluate_checkpoint(
      'split', 'references': [str], 'hypotheses': [str]} (the transcripts in
     the split's order, for paired comparisons and samples in the report).
   """
-  run_config = importance_lib.load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   data_config = data_config or run_config.data
   domains = tuple(data_config.eval_domains) if domains is None else domains
   tokenizer = input_pipeline.get_tokenizer(run_config.data, os.fspath(workdir))
@@ -351,7 +351,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
               c.halfwidth_draws, int(config.pretrain_seeds[model]),
               trained),
           chief_computes=True))
-    pretrained = importance_lib.load_run_config(model_dir)
+    pretrained = workdir_lib.Workdir(model_dir).config()
     cost_model = arms_lib.cost_model(
         params, models.droppable_modules_from_config(pretrained.model))
     specs_by_model.append(arms_lib.arm_specs(
@@ -398,7 +398,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
     run_dir = run.path(workdir)
     split = config.final_eval_split
     results[run] = _cached(
-        run_dir / "final_eval.json",
+        workdir_lib.Workdir(run_dir).final_eval_path,
         {"split": split, "round": checkpointing.latest_saved_step(run_dir),
          "schema": EVAL_SCHEMA},
         lambda run_dir=run_dir: evaluate_checkpoint(run_dir, split))
@@ -425,7 +425,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                     " report")
   with progress.timed("summary", record=not _done(
       (workdir / COSTS_FILE).exists())):
-    adapt_run = importance_lib.load_run_config(final[0].path(workdir))
+    adapt_run = workdir_lib.Workdir(final[0].path(workdir)).config()
     cost_model, params, model_state = costs_models[0]
 
     def client_costs():

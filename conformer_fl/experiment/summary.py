@@ -46,6 +46,7 @@ import numpy as np
 
 from conformer_fl import metric_logging
 from conformer_fl import stats
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import design
 from conformer_fl.experiment import evidence
@@ -55,7 +56,7 @@ from conformer_fl.experiment import verdict as verdict_lib
 
 def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
   """The metric rows of a run's metrics.jsonl, in order (no torn or stop lines)."""
-  return [row for row in metric_logging.read_records(workdir / "metrics.jsonl")
+  return [row for row in workdir_lib.Workdir(workdir).metrics()
           if metric_logging.STOPPED_KEY not in row]
 
 
