@@ -5,6 +5,8 @@ nothing is compiled or trained. The cost model is checked against the
 sub-model the round builds (`submodel.gather_submodel`, `split_frozen`).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from conformer_fl.experiment import arms
 from conformer_fl.federated import dropout
 from conformer_fl.federated import submodel
 from conformer_fl.models import variables as variables_lib
+
+import importance_fakes  # tests/importance_fakes.py
 
 KINDS = ("ffn", "conv", "mhsa")
 
@@ -38,9 +42,9 @@ def _importance(cost_model, critical_every=3, ambient_every=2, seed=0):
     label = ("critical" if i % critical_every == 0 else
              "ambient" if i % ambient_every == 0 else "undetermined")
     increase = {"critical": 0.1, "ambient": 0.0, "undetermined": 0.02}[label]
-    units[m.name] = dict(label=label,
-                         wer_increase=increase + 0.01 * rng.random())
-  return {"units": units}
+    units[m.name] = importance_fakes.unit(increase + 0.01 * rng.random(),
+                                          label=label)
+  return importance_fakes.importance(units)
 
 
 def _counted(params, droppable, dropout_fields):
@@ -96,14 +100,14 @@ def test_each_arm_reaches_the_cost_level(model):
   assert uniform.dropout["kind"] == "uniform"
   assert len(uniform.kept) == 32
   # Freeze: the ambient modules, nothing thinned.
-  ambient = [n for n, u in importance["units"].items() if u["label"] == "ambient"]
+  ambient = [n for n, u in importance.units.items() if u.label == "ambient"]
   assert list(by_key[("freeze", None)].dropout["freeze_units"]) == ambient
 
 
 def test_targeted_spares_critical_modules_and_anti_targeted_mirrors_it(model):
   _, cost_model, _ = model
   importance = _importance(cost_model)
-  labels = {n: u["label"] for n, u in importance["units"].items()}
+  labels = {n: u.label for n, u in importance.units.items()}
   specs = arms.arm_specs(cost_model, importance,
                          ("full", "targeted", "anti_targeted"), (0.70,),
                          unit_kinds=KINDS, max_rate=0.75, random_draws=0,
@@ -154,7 +158,9 @@ def test_missing_labels_are_named(model):
   _, cost_model, _ = model
   importance = _importance(cost_model)
   name = cost_model.modules[0].name
-  del importance["units"][name]["label"]
+  importance = dataclasses.replace(importance, units=dict(
+      importance.units, **{name: dataclasses.replace(importance.units[name],
+                                                     label=None)}))
   with pytest.raises(ValueError, match="no paired label"):
     arms.arm_specs(cost_model, importance, ("targeted",), (0.7,),
                    unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)

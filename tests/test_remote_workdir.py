@@ -31,11 +31,14 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conformer_fl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.analysis import importance_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import movement  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import clients  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.experiment import figures  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import importance_fakes  # tests/importance_fakes.py  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = "gs://bucket/run"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -182,17 +185,21 @@ def test_workdir_reads_its_config_and_metrics_on_gs(bucket):
   _assert_nothing_local()
 
 
-def test_load_importance_and_update_norms_read_gs(bucket):
-  results = {"schema_version": 1, "baseline": {"wer": 0.25},
-             "ambient": ["decoder"], "critical": []}
-  bucket.pipe_file(f"{_WORKDIR}/analysis/importance.json",
-                   json.dumps(results).encode())
-  assert importance.load_importance(_WORKDIR) == results
-  assert importance.load_importance(epath.Path(_WORKDIR)) == results
+def test_importance_and_update_norms_read_and_write_gs(bucket):
+  results = importance_fakes.importance(
+      {"decoder": importance_fakes.unit(0.0, label="ambient")})
+  assert results.write(_WORKDIR) == epath.Path(
+      f"{_WORKDIR}/analysis/importance.json")
+  assert json.loads(bucket.cat_file(
+      f"{_WORKDIR}/analysis/importance.json")) == results.to_json()
+  assert importance_file.Importance.read(_WORKDIR) == results
+  assert importance_file.Importance.read(epath.Path(_WORKDIR)) == results
+  assert importance_file.Importance.exists(_WORKDIR)
+  assert not importance_file.Importance.exists("gs://bucket/other")
   with pytest.raises(FileNotFoundError, match=(
       "No gs://bucket/other/analysis/importance.json: run the analysis pass"
       " on gs://bucket/other first")):
-    importance.load_importance("gs://bucket/other")
+    importance_file.Importance.read("gs://bucket/other")
 
   records = [{"round": 1, "update_norm/decoder": 3.0},
              {"round": 2, "update_norm/decoder": 4.0},

@@ -24,6 +24,7 @@ from conformer_fl import models
 from conformer_fl import tree_paths
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import input_pipeline
 from conformer_fl.federated import dropout as federated_dropout
@@ -67,7 +68,6 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int, seed: int,
     {'baseline_wer', 'draws', 'modules': {module: {'wer', 'wer_increase'}}}.
   """
   run_config = workdir_lib.Workdir(workdir).config()
-  importance = importance_lib.load_importance(workdir)
   model = models.build_model(run_config.model)
   tokenizer = input_pipeline.get_tokenizer(run_config.data, workdir)
   layers = federated_dropout.droppable_layers(
@@ -102,7 +102,7 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int, seed: int,
 
 
 def agreement(half_width: Mapping[str, Any],
-              importance: Mapping[str, Any],
+              importance: importance_file.Importance,
               modules: Sequence[str]) -> dict[str, Any]:
   """Spearman correlation of the half-width and reset WER increases.
 
@@ -113,7 +113,7 @@ def agreement(half_width: Mapping[str, Any],
     rankings share, 'k'}.
   """
   half = np.array([half_width["modules"][m]["wer_increase"] for m in modules])
-  reset = np.array([importance["units"][m]["wer_increase"] for m in modules])
+  reset = np.array([importance.units[m].wer_increase for m in modules])
   k = max(1, len(modules) // 4)
   least = lambda x: set(np.argsort(x, kind="stable")[:k].tolist())
   rho = p = None  # Undefined when either ranking is constant.

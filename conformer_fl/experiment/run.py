@@ -17,6 +17,7 @@ from conformer_fl import multihost
 from conformer_fl import run_setup
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.data import corpus as corpus_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
@@ -321,16 +322,14 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                         f" {model_dir}")
       with progress.timed(f"pretrain/model_{model}"):
         train_central(_pretrain_config(config, model), os.fspath(model_dir))
-    importance_path = (model_dir / importance_lib.OUTPUT_DIR /
-                       importance_lib.IMPORTANCE_FILE)
-    if _done(importance_path.exists() and importance_lib.load_importance(
-        model_dir)["trained_step"] == steps):
+    if _done(importance_file.Importance.exists(model_dir) and
+             importance_file.Importance.read(model_dir).trained_step == steps):
       progress.stage(3, f"analysis {name}: done, reused")
     else:
       progress.stage(3, f"analysis {name}: resetting each unit")
       with progress.timed(f"analysis/model_{model}"):
         importance_lib.run_analysis(config.analysis, os.fspath(model_dir))
-    importance = importance_lib.load_importance(model_dir)
+    importance = importance_file.Importance.read(model_dir)
     analyses.append(importance)
     store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
     try:
@@ -338,7 +337,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
     finally:
       store.close()
     params, model_state = models.split_variables(trained)
-    halfwidth_path = model_dir / importance_lib.OUTPUT_DIR / HALFWIDTH_FILE
+    halfwidth_path = workdir_lib.Workdir(model_dir).analysis_dir / HALFWIDTH_FILE
     with progress.timed(f"halfwidth/model_{model}", record=not _done(
         halfwidth_path.exists())):
       progress.stage(3, f"half-width ranking {name}")
