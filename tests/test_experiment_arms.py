@@ -167,3 +167,47 @@ def test_missing_labels_are_named(model):
   with pytest.raises(ValueError, match="config.arms has"):
     arms.arm_specs(cost_model, _importance(cost_model), ("loudest",), (0.7,),
                    unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)
+
+
+def test_importance_to_rates_by_hand():
+  """Labels and WER increases -> targeted rates -> kept units, by hand.
+
+  Three modules of 7 units of 10 parameters, 210 parameters in all; c is
+  critical, a less important than b, so a gets weight 1 and b 1/2: rates
+  (alpha, alpha / 2) keep round(7 (1 - alpha)) and round(7 (1 - alpha / 2))
+  units. The least alpha whose cost is at most 0.81 is 1 - 4.5 / 7 =
+  0.3571428..., where a drops from 5 to 4 kept units (b keeps 6): 170 / 210
+  parameters, 0.8095.
+  """
+  modules = tuple(arms.Module(name, "ffn", 7, 1, 10) for name in "abc")
+  cost_model = arms.CostModel(210, modules, dict.fromkeys("abc", 70))
+  importance = importance_fakes.importance(
+      {"a": importance_fakes.unit(0.001, label="ambient"),
+       "b": importance_fakes.unit(0.01, label="undetermined"),
+       "c": importance_fakes.unit(0.2, label="critical")})
+  assert arms.module_ranking(importance, ["c", "b", "a"]) == ["a", "b", "c"]
+  targeted, anti, freeze = arms.arm_specs(
+      cost_model, importance, ("targeted", "anti_targeted", "freeze"),
+      (0.81,), unit_kinds=("ffn",), max_rate=0.75, random_draws=0, seed=0)
+  # Rates rounded to 6 digits.
+  assert targeted.dropout["rates"] == {"a": 0.357143, "b": 0.178571}
+  assert targeted.kept == {"a": 4, "b": 6}
+  assert targeted.params_fraction == 170 / 210
+  # The mirror: the same weights on the two most important, c then b.
+  assert anti.dropout["rates"] == {"c": 0.357143, "b": 0.178571}
+  assert anti.kept == {"c": 4, "b": 6}
+  # Freeze: the ambient module a is not trained.
+  assert freeze.dropout["freeze_units"] == ["a"]
+  assert freeze.params_fraction == 140 / 210
+
+
+def test_the_round_keeps_the_units_the_arm_counts(model):
+  params, cost_model, droppable = model
+  importance = _importance(cost_model, critical_every=6)
+  for spec in arms.arm_specs(cost_model, importance,
+                             ("targeted", "anti_targeted", "uniform"), (0.7,),
+                             unit_kinds=KINDS, max_rate=0.75, random_draws=0,
+                             seed=0):
+    built = dropout.dropout_spec_from_config(
+        arms.dropout_config(spec), params, None, droppable)
+    assert {l.name: l.num_kept for l in built.layers} == spec.kept, spec.arm
