@@ -205,8 +205,8 @@ class Workdir:
     Torn lines (a write cut short) are skipped; records of a stopped run
     (`metric_logging.STOPPED_KEY`) are kept.
     """
-    # metric_logging writes the file and imports this module.
-    from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top
+    # metric_logging, which writes the file, imports this module.
+    from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
     return metric_logging.read_records(self.metrics_path)
 
 

@@ -1,4 +1,4 @@
-"""analysis/importance.json as `Importance`: reading, writing, missing fields."""
+"""analysis/importance.json as `Importance`: read, written, missing fields."""
 
 import copy
 import dataclasses

@@ -142,6 +142,7 @@ def render_report(results: importance_file.Importance) -> str:
           f"{_fmt(c['spearman']['statistic'], 3)} | "
           f"{_fmt(c['kendall']['statistic'], 3)} |")
     if "stability_depth" in figures:
-      lines += ["", f"![importance vs depth]({figures['stability_depth'].file})"]
+      lines += ["", "![importance vs depth]"
+                f"({figures['stability_depth'].file})"]
   lines.append("")
   return "\n".join(lines)

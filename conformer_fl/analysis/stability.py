@@ -1,7 +1,8 @@
 """Stability of layer importance across runs (seeds, sizes, conv-module norms).
 
-Inputs are `importance_file.Importance` results, one per run. For every pair of runs: the Jaccard overlap of their ambient sets and the
-rank correlation of importance (WER and loss increase under the tau = 0
+Inputs are `importance_file.Importance` results, one per run. For every
+pair of runs: the Jaccard overlap of their ambient sets and the rank
+correlation of importance (WER and loss increase under the tau = 0
 reset), both over the pairs of units that correspond. Runs of the same depth
 pair units by name. Runs of different depths pair them by relative depth,
 one to one: each block of the shallower run with the block of the deeper run

@@ -337,7 +337,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
     finally:
       store.close()
     params, model_state = models.split_variables(trained)
-    halfwidth_path = workdir_lib.Workdir(model_dir).analysis_dir / HALFWIDTH_FILE
+    halfwidth_path = (workdir_lib.Workdir(model_dir).analysis_dir /
+                      HALFWIDTH_FILE)
     with progress.timed(f"halfwidth/model_{model}", record=not _done(
         halfwidth_path.exists())):
       progress.stage(3, f"half-width ranking {name}")
