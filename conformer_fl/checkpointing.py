@@ -187,7 +187,7 @@ class CheckpointStore:
     if not workdir_lib.is_remote(workdir):
       workdir = os.path.abspath(workdir)
     self.workdir = epath.Path(workdir)
-    self.directory = self.workdir / "checkpoints"
+    self.directory = workdir_lib.Workdir(self.workdir).checkpoints_dir
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
         read_only=read_only,
@@ -428,7 +428,7 @@ class CheckpointStore:
 
 def latest_saved_step(workdir: str | os.PathLike[str]) -> int | None:
   """The last checkpointed step of the run in `workdir`; None if it has none."""
-  if not (epath.Path(workdir) / "checkpoints").exists():
+  if not workdir_lib.Workdir(workdir).checkpoints_dir.exists():
     return None
   store = CheckpointStore(os.fspath(workdir), read_only=True)
   try:

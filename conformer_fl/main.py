@@ -51,7 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
   Returns:
     central / federated: the final params (host numpy); analysis: its
-    results; experiment: its summary.
+    results (`analysis.Importance`); experiment: its summary.
 
   `preflight.check` runs first: the mistakes it finds (an experiment's
   workdir for a single run, clients that do not divide over the devices, an

@@ -1,5 +1,11 @@
 """What a workdir holds on to: the config that made it, and who runs in it.
 
+`Workdir` names the files of a run's workdir (config.json, metrics.jsonl,
+eval_samples.txt, final_eval.json, checkpoints/, analysis/) and reads its
+config and metrics; every module that reads or writes one of them takes its
+path from there. A workdir may be local or on GCS (`gs://...`): its files are
+read through `etils.epath`.
+
 Every training run (central, federated and the experiment) opens its workdir
 through this module before it writes anything:
 
@@ -36,6 +42,7 @@ one-line message and exits with status 1.
 """
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 import datetime
 import errno
 import fnmatch
@@ -52,6 +59,11 @@ import filelock
 import ml_collections
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "eval_samples.txt"
+FINAL_EVAL_FILE = "final_eval.json"
+CHECKPOINTS_DIR = "checkpoints"
+ANALYSIS_DIR = "analysis"
 LOCK_FILE = ".lock"
 TAKE_OVER_ENV = "CONFORMER_FL_TAKE_OVER_LOCK"
 
@@ -122,6 +134,82 @@ class WorkdirLockedError(WorkdirError):
 
 class WorkdirNotWritableError(WorkdirError):
   """The workdir (or the folder it is to be made in) cannot be written."""
+
+
+class NoRunError(WorkdirError, FileNotFoundError):
+  """The workdir holds no run: its config.json is absent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """The files of a central or federated run's workdir (local or `gs://`).
+
+  Attributes:
+    root: the workdir (an `epath.Path`; a str or os.PathLike is converted).
+  """
+  root: epath.Path
+
+  def __post_init__(self):
+    object.__setattr__(self, "root", epath.Path(self.root))
+
+  @property
+  def config_path(self) -> epath.Path:
+    """config.json: the config that made the run (`check_config`)."""
+    return self.root / CONFIG_FILE
+
+  @property
+  def metrics_path(self) -> epath.Path:
+    """metrics.jsonl: one JSON object per logged step or round."""
+    return self.root / METRICS_FILE
+
+  @property
+  def samples_path(self) -> epath.Path:
+    """eval_samples.txt: decoded evaluation samples, appended per eval."""
+    return self.root / SAMPLES_FILE
+
+  @property
+  def final_eval_path(self) -> epath.Path:
+    """final_eval.json: an evaluation of the final checkpoint (optional)."""
+    return self.root / FINAL_EVAL_FILE
+
+  @property
+  def checkpoints_dir(self) -> epath.Path:
+    """checkpoints/: one folder per saved step or round."""
+    return self.root / CHECKPOINTS_DIR
+
+  @property
+  def analysis_dir(self) -> epath.Path:
+    """analysis/: the layer-importance pass's outputs."""
+    return self.root / ANALYSIS_DIR
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The run's config, as config.json holds it.
+
+    Raises:
+      NoRunError: config.json is absent (also a FileNotFoundError).
+      WorkdirError: config.json is not valid JSON.
+    """
+    path = self.config_path
+    if not path.exists():
+      raise NoRunError(
+          f"No {os.fspath(path)}: {os.fspath(self.root)} holds no trained run;"
+          " give the workdir of a central or federated run.")
+    try:
+      return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+      raise WorkdirError(
+          f"{os.fspath(path)} is not valid JSON ({e}); it records the config"
+          " that made this workdir: restore it or use a new workdir.") from e
+
+  def metrics(self) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl in file order ([] if absent).
+
+    Torn lines (a write cut short) are skipped; records of a stopped run
+    (`metric_logging.STOPPED_KEY`) are kept.
+    """
+    # metric_logging, which writes the file, imports this module.
+    from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    return metric_logging.read_records(self.metrics_path)
 
 
 def warn(message: str) -> None:

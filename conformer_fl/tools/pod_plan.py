@@ -55,7 +55,7 @@ from conformer_fl import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl import steps
-from conformer_fl.analysis import importance
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
@@ -385,7 +385,7 @@ def analysis_step(config: ml_collections.ConfigDict, workdir: str | None,
     raise PlanError("The analysis plan reads the trained run's config.json:"
                     " give --workdir=THE_RUN'S_WORKDIR (after --).")
   try:
-    run_config = importance.load_run_config(workdir)
+    run_config = workdir_lib.Workdir(workdir).config()
   except FileNotFoundError as e:
     raise PlanError(str(e)) from e
   model = models.build_model(run_config.model)

@@ -57,7 +57,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from collections.abc import Sequence
 import functools
-import json
 import math
 import re
 import sys
@@ -77,6 +76,7 @@ from conformer_fl import cli
 from conformer_fl import evaluation
 from conformer_fl import exported
 from conformer_fl import models
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import batching
 from conformer_fl.data import tokenizer as tokenizer_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -203,7 +203,8 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   """The run config saved in `workdir/config.json` by the training loop."""
   if not workdir.exists():
     raise TranscribeError(f"{workdir}: no such workdir")
-  path = workdir / "config.json"
+  run = workdir_lib.Workdir(workdir)
+  path = run.config_path
   if (workdir / "experiment_config.json").exists() and not path.exists():
     raise TranscribeError(
         f"{workdir}: an experiment's workdir; give one of its runs, e.g."
@@ -214,9 +215,9 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
         f"{workdir}: no config.json; give the workdir of a central or"
         " federated run of conformer_fl.main")
   try:
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise TranscribeError(f"{path}: not valid JSON ({e})") from None
+    config = run.config()
+  except workdir_lib.WorkdirError as e:
+    raise TranscribeError(str(e)) from None
   if "model" not in config or "data" not in config:
     raise TranscribeError(
         f"{workdir}: its config.json (mode {config.get('mode')!r}) describes no"
@@ -247,7 +248,7 @@ def load_tokenizer(config: ml_collections.ConfigDict,
 def restore_variables(workdir: epath.Path,
                        step: int | None) -> tuple[int, dict[str, Any]]:
   """(step, model variables) of the checkpoint `step` (None = the latest)."""
-  if not (workdir / "checkpoints").exists():
+  if not workdir_lib.Workdir(workdir).checkpoints_dir.exists():
     raise TranscribeError(f"{workdir}: no checkpoints/ directory (no"
                           " checkpoint saved yet?)")
   store = checkpointing.CheckpointStore(str(workdir), read_only=True)
