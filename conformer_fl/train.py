@@ -102,7 +102,7 @@ def _train_central(run: run_setup.Run) -> PyTree:
       run.config.data, run.tokenizer, seed=run.config.seed,
       start_step=checkpoints.start)
 
-  def step(state, index):
+  def step(state: PyTree, index: int) -> tuple[PyTree, dict[str, jax.Array]]:
     del index  # The batches and the state's step count follow the loop.
     nonlocal guard
     batch = next(batches)
@@ -113,13 +113,13 @@ def _train_central(run: run_setup.Run) -> PyTree:
         state, mesh_lib.shard_round_data(batch, mesh), seed_key, guard)
     return state, metrics
 
-  def read(state, metrics, index, checkpoints):
+  def read(state: PyTree, metrics: dict[str, jax.Array], index: int,
+           saved: state_lib.Checkpoints) -> dict[str, Any]:
     del state, index
     # The guard is read with the metrics (no host sync of its own) and
     # before every save: nothing non-finite is evaluated, logged or saved.
     metrics, guard_now = jax.device_get((metrics, guard))
-    divergence.check_guard(guard_now, checkpoints.last_saved,
-                           checkpoints.unverified)
+    divergence.check_guard(guard_now, saved.last_saved, saved.unverified)
     return metrics
 
   mode = loop.Mode(
@@ -214,20 +214,22 @@ def _train_federated(run: run_setup.Run) -> PyTree:
                                       f.clients_per_round, run.config.seed)
   rng = jax.random.key(run.config.seed)
 
-  def step(state, index):
+  def step(state: round_lib.ServerState,
+           index: int) -> tuple[round_lib.ServerState, dict[str, jax.Array]]:
     data = mesh_lib.shard_round_data(
         steps.round_arrays(run.config, client_datasets, sampler, index - 1,
                            mesh), mesh)
     return round_fn(state, data, rng)
 
-  def read(state, metrics, index, checkpoints):
+  def read(state: round_lib.ServerState, metrics: dict[str, jax.Array],
+           index: int, saved: state_lib.Checkpoints) -> dict[str, Any]:
     # The round's metrics are read every round anyway: the guard costs no
     # extra host sync.
     metrics, finite = jax.device_get((metrics, state_is_finite(
         (state.params, state.model_state, state.opt_state))))
     try:
-      divergence.check_round(index, metrics, bool(finite),
-                             checkpoints.last_saved, checkpoints.unverified)
+      divergence.check_round(index, metrics, bool(finite), saved.last_saved,
+                             saved.unverified)
     except divergence.DivergenceError:
       run.logger.write(index, metrics)  # The round that stopped the run.
       raise
