@@ -7,7 +7,9 @@ everything):
   read        the step's outputs are brought to the host and `mode.read`
               checks them (the divergence guard): on the first step, every
               `read_every` steps, and on every step below;
-  log         the training metrics and the throughput go to metrics.jsonl;
+  log         the training metrics and the throughput (over the steps since
+              the previous record, their evaluation left out) go to
+              metrics.jsonl;
   eval        the model is evaluated on the eval split (and logged);
   checkpoint  the state is saved.
 The loss-explosion guard takes the training loss of the first step and of every
@@ -142,15 +144,18 @@ def train(run: run_setup.Run, mode: Mode, state: PyTree,
         logging.info("%s %d: %s", run.logger.step_key, index,
                      {k: v for k, v in metrics.items()
                       if not k.startswith("update_norm/")})
-      if due["log"] or due["evaluate"] or exploded:
+      written = due["log"] or due["evaluate"] or exploded
+      if written:
         run.logger.write(index, metrics)
       if exploded:
         raise checkpoints.stop_exploded(f"{mode.name.capitalize()} training",
                                         index, mode.explosion_fix)
       if due["save"]:
         checkpoints.save(index, state)
-      # The throughput counts the steps alone, not evaluation or saving.
-      tic, timed_from = time.perf_counter(), index
+      if written:
+        # The next record's throughput: the steps after this one, timed from
+        # here (this step's evaluation, logging and saving left out).
+        tic, timed_from = time.perf_counter(), index
   finally:
     progress.close()
   return state
