@@ -8,11 +8,11 @@
              per round, trained under vmap, sharded over the `clients` mesh axis,
              aggregated and applied by the server optimizer in one jitted function.
 
-Each builds its initial state and its step (`conformer_fl.steps`, optimizers from
-`conformer_fl.optimizers`) and hands them to the loop of `conformer_fl.training`:
-the run opened in its workdir (`training.run_setup`), the state restored or saved
-(`training.state`) and the cadence of log / eval / checkpoint with the progress
-bar (`training.loop`).
+Each builds its initial state and its step (`conformer_fl.steps`, optimizers
+from `conformer_fl.optimizers`) and hands them to the loop of
+`conformer_fl.training`: the run opened in its workdir (`training.run_setup`),
+the state restored or saved (`training.state`) and the cadence of log / eval /
+checkpoint with the progress bar (`training.loop`).
 
 Both write the workdir CONTRACT: `config.json`, `metrics.jsonl` (key `step` or
 `round`), TensorBoard events, `checkpoints/` (orbax; step 0 is the initial state),

@@ -37,7 +37,8 @@ def _run(workdir, patience: int = 3) -> run_setup.Run:
                        metric_logging.MetricsLogger(str(workdir), "step"))
 
 
-def _train(workdir, cadence: loop.Cadence, losses: dict[int, float] | None = None,
+def _train(workdir, cadence: loop.Cadence,
+           losses: dict[int, float] | None = None,
            patience: int = 3) -> tuple[dict[str, np.ndarray], list[int]]:
   """Trains the counter; returns the final state and the steps read."""
   run, read_steps = _run(workdir, patience), []
