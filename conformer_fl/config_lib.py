@@ -263,7 +263,7 @@ def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
   # _CHECKPOINT_METADATA deleted or torn), with a warning, instead of falling
   # back to the newest step that has them (conformer_fl/checkpointing.py).
   config.allow_unverified_checkpoints = False
-  # The loss-explosion guard (conformer_fl/divergence.py): the run stops when
+  # The loss-explosion guard (conformer_fl/training/divergence.py): the run stops when
   # `patience` logged training losses in a row are above `factor` times the
   # median of the last `window` accepted ones (0 = off). A CTC model's
   # training loss falls: in the tiny runs of configs/central.py and

@@ -22,7 +22,7 @@ call it directly:
               (`conformer_fl.analysis.run_analysis`)
   experiment  pre-training, analysis and federated arms in sub-directories
               (`conformer_fl.experiment.run_experiment`), whose training stages
-              run the two loops of train.py.
+              run the central and federated training of train.py.
 """
 
 import os

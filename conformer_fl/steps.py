@@ -1,4 +1,4 @@
-"""The compiled steps of the two loops of conformer_fl/train.py, from a config.
+"""The compiled steps of central and federated training (conformer_fl/train.py).
 
 `make_central_train_step` / `jit_central_train_step`: one central step (loss,
 gradient, optimizer update, divergence guard), data-parallel over the mesh.
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl.data import clients as clients_lib

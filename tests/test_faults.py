@@ -30,7 +30,7 @@ import pytest
 
 from conformer_fl import checkpointing
 from conformer_fl import config_lib
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import metric_logging
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.tools import sweep

@@ -14,7 +14,7 @@ from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import models
 from conformer_fl import multihost
-from conformer_fl import run_setup
+from conformer_fl.training import run_setup
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
 from conformer_fl.analysis import importance_file
@@ -30,7 +30,7 @@ from conformer_fl.experiment import stability_runs
 from conformer_fl.experiment import summary as summary_lib
 
 CONFIG_FILE = "experiment_config.json"
-# A training loop of conformer_fl/train.py: (run config, workdir) -> params.
+# A training function of conformer_fl/train.py: (run config, workdir) -> params.
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 # Version of the cached final evaluations (3: with the per-utterance errors,
 # words and speakers); a cache of another version is computed again.

@@ -26,7 +26,7 @@ over the chips or does not fit.
 
 Shapes: the longest bucket of `config.data.bucket_seconds` (the largest round
 or batch the run can meet), the vocabulary of the config's tokenizer (as
-`conformer_fl.run_setup` sets it from the tokenizer), random-init parameters (a
+`conformer_fl.training.run_setup` sets it from the tokenizer), random-init parameters (a
 checkpoint has the same shapes).
 
 Run it with JAX on the CPU (`JAX_PLATFORMS=cpu`, which `plan` sets when
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl import steps
