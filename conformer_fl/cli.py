@@ -23,6 +23,7 @@ from typing import NamedTuple, NoReturn
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -269,6 +270,10 @@ def run_script(main: Callable[[ScriptArgs], None], define_flags: DefineFlags,
   `main` raises, end the program with one line `error: ...`, exit status 1."""
 
   def main_with_one_line_errors(args: ScriptArgs) -> None:
+    if not flags.FLAGS["verbosity"].present:
+      # Warnings and errors only (absl.app turns on INFO): the script prints
+      # what it has to say.
+      logging.set_verbosity(logging.WARNING)
     try:
       main(args)
     except errors as e:
