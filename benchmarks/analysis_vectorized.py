@@ -18,6 +18,8 @@ both paths give the same losses.
     .venv/bin/python benchmarks/analysis_vectorized.py
   .venv/bin/python benchmarks/analysis_vectorized.py --size=demo \
       --variants_per_call=8,16 --num_sources=3
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
 import statistics

@@ -7,6 +7,8 @@ analysis), each also as a percentage of the full model (rate 0). Nothing is time
 so the figures do not drift with the load of the machine.
 
   .venv/bin/python benchmarks/client_cost.py --sizes=tiny,demo --rates=0,0.25,0.5
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
 from absl import flags

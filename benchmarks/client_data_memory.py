@@ -20,6 +20,9 @@ to measure its path on the same data, e.g. one that reads tfrecord files only:
 
 Prints a table (scale, utterances, hours, int16 audio in MB, peak RSS in MB,
 growth against the first scale) and the JSON of the results.
+
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
 import json

@@ -15,6 +15,8 @@ utterance with the 'shift_add, alone' row of the same size.
 Quick default (tiny and S, batch 4, 2 s utterances, 3 repeats):
   XLA_FLAGS=--xla_force_host_platform_device_count=1 \
     .venv/bin/python benchmarks/model_step.py
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
 import json

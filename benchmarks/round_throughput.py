@@ -31,6 +31,9 @@ Usage:
       --local_steps=2 --batch=2 --devices=1,2,4
 'toy' is a 2-layer MLP regression. 'tiny' / 'S' build the Conformer of
 conformer_fl.models and feed it random audio and labels.
+
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
 from collections.abc import Sequence
