@@ -583,8 +583,9 @@ def check_subcommand(args: cli.ScriptArgs) -> str:
       it does not take given, or arguments after -- for one that passes none.
   """
   if not args.positional:
-    raise LaunchError(f"Give a subcommand first, one of {', '.join(SUBCOMMANDS)}"
-                      " (e.g. tpu_pod.py delete --name=N --zone=Z).")
+    raise LaunchError(
+        f"Give a subcommand first, one of {', '.join(SUBCOMMANDS)} (e.g."
+        " tpu_pod.py delete --name=N --zone=Z).")
   subcommand, *extra = args.positional
   if subcommand not in SUBCOMMAND_FLAGS:
     raise LaunchError(f"Unknown subcommand {subcommand!r}: one of"
