@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from conformer_fl import cli
 from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
@@ -240,4 +241,4 @@ def _time_compiled_round(data_config, tokenizer, rounds):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, ()))
