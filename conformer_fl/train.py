@@ -21,7 +21,7 @@ themselves from the latest intact checkpoint of the workdir, and the resumed run
 with the same parameters as an uninterrupted one: every random choice is a function
 of (seed, step or round), never of how far this process has run.
 
-Faults (see the README's "When a run fails"): before writing anything a run checks
+Faults (see docs/running.md, "When a run fails"): before writing anything a run checks
 that the workdir is a directory and that its config.json allows this config
 (`conformer_fl.workdir.RESUMABLE_FIELDS`), then process 0 takes the workdir lock;
 checkpoints are verified on restore with a fallback to the newest intact step

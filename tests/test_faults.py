@@ -1,4 +1,4 @@
-"""Faults a run meets, and what it does about them (the README's "When a run fails").
+"""Faults a run meets, and what it does about them (docs/running.md, "When a run fails").
 
 The rules are tested on their functions (config rule, lock, log trimming,
 checkpoint fallback, the divergence guard); each case also runs once through
@@ -130,8 +130,8 @@ def test_resumable_fields_are_one_documented_list():
       "data.data_dir", "federated.init_workdir",
       "eval_max_batches", "data.eval_batch_size", "data.prefetch_batches",
       "allow_unverified_checkpoints", "loss_guard.*")
-  readme = (ROOT / "README.md").read_text()
-  section = readme[readme.index("### When a run fails"):]
+  doc = (ROOT / "docs" / "running.md").read_text()
+  section = doc[doc.index("## When a run fails"):]
   for field in workdir_lib.RESUMABLE_FIELDS:
     assert (f"`{field}`" in section or field.split(".")[-1] in section
             or field.rstrip(".*") in section), field

@@ -33,7 +33,7 @@ Run it with JAX on the CPU (`JAX_PLATFORMS=cpu`, which `plan` sets when
 unset): with libtpu installed and JAX free to choose, the first concrete array
 would start a TPU backend. `--topology=cpu` plans on the local CPU devices
 instead (no capacity, no search): the tests compare its lowering with the
-run's, and the README its FLOPs with a TPU's.
+run's, and docs/tpu_pods.md its FLOPs with a TPU's.
 """
 
 from collections.abc import Callable, Sequence
