@@ -61,34 +61,9 @@ def append_text(path: epath.Path, text: str) -> None:
     os.close(fd)
 
 
-def parse_records(text: str) -> tuple[list[dict[str, Any]], list[str]]:
-  """The JSON objects of a metrics.jsonl text, and the lines that are not one.
-
-  A torn last line (a write cut short) and any other line that is not a JSON
-  object are returned in the second list instead of raising.
-  """
-  records, bad = [], []
-  for line in text.splitlines():
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      bad.append(line)
-      continue
-    if isinstance(record, dict):
-      records.append(record)
-    else:
-      bad.append(line)
-  return records, bad
-
-
-def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl file ([] if absent), torn lines skipped."""
-  path = epath.Path(path)
-  if not path.exists():
-    return []
-  return parse_records(path.read_text())[0]
+# The readers live with the run's other files (`conformer_fl.workdir`).
+parse_records = workdir_lib.parse_records
+read_records = workdir_lib.read_records
 
 
 def _index(record: Mapping[str, Any]) -> int | None:

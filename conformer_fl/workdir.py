@@ -207,9 +207,7 @@ class Workdir:
     Torn lines (a write cut short) are skipped; records of a stopped run
     (`metric_logging.STOPPED_KEY`) are kept.
     """
-    # metric_logging, which writes the file, imports this module.
-    from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-    return metric_logging.read_records(self.metrics_path)
+    return read_records(self.metrics_path)
 
 
 def warn(message: str) -> None:
@@ -523,3 +521,33 @@ class WorkdirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+def parse_records(text: str) -> tuple[list[dict[str, Any]], list[str]]:
+  """The JSON objects of a metrics.jsonl text, and the lines that are not one.
+
+  A torn last line (a write cut short) and any other line that is not a JSON
+  object are returned in the second list instead of raising.
+  """
+  records, bad = [], []
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      bad.append(line)
+      continue
+    if isinstance(record, dict):
+      records.append(record)
+    else:
+      bad.append(line)
+  return records, bad
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file ([] if absent), torn lines skipped."""
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  return parse_records(path.read_text())[0]
