@@ -15,7 +15,9 @@ Each is compiled and run once (warm-up), then both are timed in turns
 round time of each, clients per second (C / median) and the ratio
 tiered / single of clients per second.
 
-Run with the devices set before jax starts, e.g. (the numbers below):
+The module imports without TensorFlow (tests/test_light_install.py); running
+it needs the full install, since the run's round builder (conformer_fl/steps.py)
+imports the input pipeline. Run with the devices set before jax starts, e.g. (the numbers below):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
       nice python benchmarks/tiered_round.py --size=demo8x64 --clients=12 \
