@@ -24,15 +24,12 @@ imports the input pipeline. Run with the devices set before jax starts, e.g. (th
       --local_steps=2 --batch=2 --audio_seconds=1 --repeats=5
 
 With 4 devices each tier's clients must be a multiple of 4: 12 clients give
-4 per tier (8 clients would allow 2 tiers only). Measured on a 2-core CPU
-host shared with other jobs (demo8x64, 12 clients, 4 forced host devices,
-2 local steps of 2 one-second utterances, median of 5 turns):
-  RESULTS_PLACEHOLDER
-Absolute times on such a host say nothing about an accelerator; the ratio
-is the figure: a tier at width w trains about w^2 of the thinned layers'
-FLOPs, so the tiered round should do more clients per second than the
-single-tier one, by less than the FLOPs alone suggest (the front end,
-attention scores and the server's mean do not shrink).
+4 per tier (8 clients would allow 2 tiers only). Absolute times on a CPU
+host say nothing about an accelerator; the ratio is the figure. A tier at
+width w trains about w^2 of the thinned layers' FLOPs, but the front end,
+attention scores and the server's mean do not shrink, and each tier is a
+vmap of its own in the compiled round (XLA:CPU compiles the 3-tier demo8x64
+round several times slower than the single-tier one).
 """
 
 from collections.abc import Sequence
