@@ -17,7 +17,8 @@ tiered / single of clients per second.
 
 The module imports without TensorFlow (tests/test_light_install.py); running
 it needs the full install, since the run's round builder (conformer_fl/steps.py)
-imports the input pipeline. Run with the devices set before jax starts, e.g. (the numbers below):
+imports the input pipeline. Run with the devices set before jax starts,
+e.g.:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
       nice python benchmarks/tiered_round.py --size=demo8x64 --clients=12 \
@@ -28,8 +29,8 @@ With 4 devices each tier's clients must be a multiple of 4: 12 clients give
 host say nothing about an accelerator; the ratio is the figure. A tier at
 width w trains about w^2 of the thinned layers' FLOPs, but the front end,
 attention scores and the server's mean do not shrink, and each tier is a
-vmap of its own in the compiled round (XLA:CPU compiles the 3-tier demo8x64
-round several times slower than the single-tier one).
+vmap of its own in the compiled round. The first call of each round
+(compile and run) is printed beside the medians.
 """
 
 from collections.abc import Sequence
