@@ -41,6 +41,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _SIZE = flags.DEFINE_string("size", "demo8x64", "Model size "
                             "(conformer_fl/models/sizes.py).")
@@ -156,6 +157,8 @@ def measure(tiers: Sequence[tuple[float, float]]) -> dict[str, Any]:
     start = time.perf_counter()
     jax.block_until_ready(run())
     compile_seconds[name] = time.perf_counter() - start
+    logging.info("%s round: first call (compile and run) %.1f s", name,
+                 compile_seconds[name])
   for _ in range(_REPEATS.value):
     for name, run in runs.items():
       start = time.perf_counter()
