@@ -36,6 +36,7 @@ DATA = [
 
 STUDY = DATA + [
     "clu>=0.0.12",
+    "filelock>=3.30",  # the workdir lock (`on_acquired`)
     "jiwer>=3.0.4",
     "matplotlib>=3.8",
     "orbax-checkpoint>=0.11.0",
@@ -48,7 +49,6 @@ EXTRAS_REQUIRE = {
     "data": DATA,
     "study": STUDY,
     "dev": STUDY + [
-        "filelock>=3.12",
         "ipykernel>=6.29",
         "nbclient>=0.10",
         "nbformat>=5.10",

@@ -18,15 +18,18 @@ both paths give the same losses.
     .venv/bin/python benchmarks/analysis_vectorized.py
   .venv/bin/python benchmarks/analysis_vectorized.py --size=demo \
       --variants_per_call=8,16 --num_sources=3
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
-import argparse
 import statistics
 import time
 
+from absl import flags
 import jax
 import numpy as np
 
+from conformer_fl import cli
 from conformer_fl import models
 from conformer_fl.analysis import importance
 from conformer_fl.analysis import resets
@@ -77,20 +80,26 @@ def time_evaluation(run, repeats: int):
   return max(first - steady, 0.0), steady, results
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", default="tiny")
-  parser.add_argument("--granularity", default="module")
-  parser.add_argument("--num_sources", type=int, default=2,
-                      help="reset sources per unit (taus + seeds)")
-  parser.add_argument("--variants_per_call", default="5,25",
-                      help="comma-separated chunk sizes, one row each")
-  parser.add_argument("--num_batches", type=int, default=2)
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--seconds", type=float, default=4.0)
-  parser.add_argument("--repeats", type=int, default=2)
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The benchmark's flags (absl)."""
+  f = flag_values
+  flags.DEFINE_string("size", "tiny", "Model size.", flag_values=f)
+  flags.DEFINE_string("granularity", "module", "Analysis units.",
+                      flag_values=f)
+  flags.DEFINE_integer("num_sources", 2,
+                       "Reset sources per unit (taus + seeds).", flag_values=f)
+  flags.DEFINE_list("variants_per_call", "5,25",
+                    "Comma-separated chunk sizes, one row each.", flag_values=f)
+  flags.DEFINE_integer("num_batches", 2, "Eval batches.", flag_values=f)
+  flags.DEFINE_integer("batch_size", 8, "Utterances per batch.", flag_values=f)
+  flags.DEFINE_float("seconds", 4.0, "Utterance length in seconds.",
+                     flag_values=f)
+  flags.DEFINE_integer("repeats", 2, "Timed evaluations after the first.",
+                       flag_values=f)
 
+
+def main(command_line: cli.ScriptArgs) -> None:
+  args = command_line.flags
   config = models.get_model_config(args.size, conv_norm="batch_norm")
   model = models.build_model(config)
   variants, groups = make_variants(model, args.num_sources, args.granularity)
@@ -106,7 +115,7 @@ def main():
           single, variants.__getitem__, len(variants), batches, _decode),
       args.repeats)
   rows = [("one at a time", 1, compile_s, loop_s, 0.0)]
-  for per_call in [int(v) for v in args.variants_per_call.split(",")]:
+  for per_call in [int(v) for v in args.variants_per_call]:
     vectorized = variant_eval.make_vectorized_eval_fn(model)
     compile_s, eval_s, results = time_evaluation(
         lambda: variant_eval.evaluate_vectorized(
@@ -126,4 +135,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_script(main, define_flags)

@@ -20,39 +20,49 @@ to measure its path on the same data, e.g. one that reads tfrecord files only:
 
 Prints a table (scale, utterances, hours, int16 audio in MB, peak RSS in MB,
 growth against the first scale) and the JSON of the results.
+
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 
+from absl import flags
+
+from conformer_fl import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True,
-                      help="Folder for the stand-in corpora and run workdirs.")
-  parser.add_argument("--scales", default="1,8",
-                      help="Comma-separated corpus sizes, in units of the"
-                      " first.")
-  parser.add_argument("--speakers", type=int, default=24,
-                      help="Train speakers at scale 1.")
-  parser.add_argument("--utterances", type=int, default=6,
-                      help="Utterances per train speaker.")
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--file_format", default="array_record",
-                      choices=["array_record", "tfrecord"])
-  parser.add_argument("--code", default=ROOT,
-                      help="Repository root whose conformer_fl the runs use.")
-  parser.add_argument("--build_only", action="store_true",
-                      help="(internal) build one stand-in and exit.")
-  parser.add_argument("--scale", type=int, default=1,
-                      help="(internal) the scale of --build_only.")
-  return parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The benchmark's flags (absl)."""
+  f = flag_values
+  flags.DEFINE_string("out", None,
+                      "Folder for the stand-in corpora and run workdirs.",
+                      flag_values=f)
+  flags.DEFINE_list("scales", "1,8",
+                    "Comma-separated corpus sizes, in units of the first.",
+                    flag_values=f)
+  flags.DEFINE_integer("speakers", 24, "Train speakers at scale 1.",
+                       flag_values=f)
+  flags.DEFINE_integer("utterances", 6, "Utterances per train speaker.",
+                       flag_values=f)
+  flags.DEFINE_integer("rounds", 3, "Federated rounds of each run.",
+                       flag_values=f)
+  flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
+                    "File format of the stand-in corpus.", flag_values=f)
+  flags.DEFINE_string("code", ROOT,
+                      "Repository root whose conformer_fl the runs use.",
+                      flag_values=f)
+  flags.DEFINE_bool("build_only", False,
+                    "(internal) build one stand-in and exit.", flag_values=f)
+  flags.DEFINE_integer("scale", 1, "(internal) the scale of --build_only.",
+                       flag_values=f)
+  flags.mark_flag_as_required("out", flag_values=f)
 
 
 def stand_in_size(args, scale: int):
@@ -128,14 +138,14 @@ def run_federated(args, scale: int) -> dict[str, float]:
   return {"peak_rss_mb": usage.ru_maxrss / 1024, "run_seconds": seconds}
 
 
-def main(argv=None) -> None:
-  args = parse_args(argv)
+def main(command_line: cli.ScriptArgs) -> None:
+  args = command_line.flags
   if args.build_only:
     print("RESULT " + json.dumps(build_stand_in(args)))
     return
   os.makedirs(args.out, exist_ok=True)
   results = []
-  for scale in (int(s) for s in args.scales.split(",")):
+  for scale in (int(s) for s in args.scales):
     build = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--out={args.out}",
          f"--speakers={args.speakers}", f"--utterances={args.utterances}",
@@ -164,4 +174,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_script(main, define_flags)

@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from conformer_fl import cli
 from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
@@ -207,7 +208,7 @@ def _time_compiled_round(data_config, tokenizer, rounds):
   from conformer_fl import models
   from conformer_fl import steps
   from conformer_fl.federated import mesh as mesh_lib
-  from conformer_fl.federated import round as round_lib
+  from conformer_fl.federated import fl_round as round_lib
   # pylint: enable=g-import-not-at-top
   config = config_lib.federated_run_config(size=_ROUND_MODEL.value)
   config.data = data_config
@@ -240,4 +241,4 @@ def _time_compiled_round(data_config, tokenizer, rounds):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, ()))

@@ -15,9 +15,10 @@ utterance with the 'shift_add, alone' row of the same size.
 Quick default (tiny and S, batch 4, 2 s utterances, 3 repeats):
   XLA_FLAGS=--xla_force_host_platform_device_count=1 \
     .venv/bin/python benchmarks/model_step.py
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -25,10 +26,12 @@ import sys
 import time
 from typing import Any, Callable
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conformer_fl import cli
 from conformer_fl import models
 
 
@@ -85,7 +88,7 @@ def make_batch(seed: int, batch_size: int, seconds: float, label_length: int,
 
 
 def benchmark_case(size: str, impl: str, num_sets: int,
-                   args: argparse.Namespace) -> dict[str, Any]:
+                   args: flags.FlagValues) -> dict[str, Any]:
   """Times one (size, impl, num_sets) case; num_sets=1 means no vmap."""
   config = models.get_model_config(size, depthwise_impl=impl,
                                    decoder=args.decoder,
@@ -159,28 +162,39 @@ def run_case_in_subprocess(size: str, impl: str, num_sets: int,
   raise RuntimeError(f"Case ({size}, {impl}, {num_sets}) timed out twice.")
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sizes", default="tiny,S")
-  parser.add_argument("--impls", default="shift_add,conv")
-  parser.add_argument("--num_sets", type=int, default=8,
-                      help="parameter sets in the vmapped case")
-  parser.add_argument("--batch_size", type=int, default=4)
-  parser.add_argument("--seconds", type=float, default=2.0,
-                      help="utterance length in seconds")
-  parser.add_argument("--label_length", type=int, default=16)
-  parser.add_argument("--decoder", default="rnnt", choices=["rnnt", "ctc"])
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--slow_seconds", type=float, default=60.0,
-                      help="a warm-up slower than this caps repeats to 1")
-  parser.add_argument("--matmul_size", type=int, default=1024)
-  parser.add_argument("--case_timeout", type=float, default=1200.0,
-                      help="seconds before a case is retried")
-  parser.add_argument("--case", default=None,
-                      help='internal: run one "size,impl,num_sets" case and '
-                      "print it as JSON")
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The benchmark's flags (absl)."""
+  f = flag_values
+  flags.DEFINE_list("sizes", "tiny,S", "Comma-separated model sizes.",
+                    flag_values=f)
+  flags.DEFINE_list("impls", "shift_add,conv",
+                    "Comma-separated depthwise-conv implementations.",
+                    flag_values=f)
+  flags.DEFINE_integer("num_sets", 8, "Parameter sets in the vmapped case.",
+                       flag_values=f)
+  flags.DEFINE_integer("batch_size", 4, "Utterances per batch.",
+                       flag_values=f)
+  flags.DEFINE_float("seconds", 2.0, "Utterance length in seconds.",
+                     flag_values=f)
+  flags.DEFINE_integer("label_length", 16, "Labels per utterance.",
+                       flag_values=f)
+  flags.DEFINE_enum("decoder", "rnnt", ["rnnt", "ctc"], "Model decoder.",
+                    flag_values=f)
+  flags.DEFINE_integer("repeats", 3, "Timed calls after the warm-up.",
+                       flag_values=f)
+  flags.DEFINE_float("slow_seconds", 60.0,
+                     "A warm-up slower than this caps repeats to 1.",
+                     flag_values=f)
+  flags.DEFINE_integer("matmul_size", 1024, "N of the N x N reference matmul.",
+                       flag_values=f)
+  flags.DEFINE_float("case_timeout", 1200.0,
+                     "Seconds before a case is retried.", flag_values=f)
+  flags.DEFINE_string("case", None, "Internal: run one 'size,impl,num_sets'"
+                      " case and print it as JSON.", flag_values=f)
 
+
+def main(command_line: cli.ScriptArgs) -> None:
+  args = command_line.flags
   if args.case:
     size, impl, num_sets = args.case.split(",")
     print(json.dumps(benchmark_case(size, impl, int(num_sets), args)))
@@ -202,10 +216,10 @@ def main() -> None:
             f"{'reps':>4}")
   print(header)
   print("-" * len(header), flush=True)
-  argv = [arg for arg in sys.argv[1:] if not arg.startswith("--case")]
-  for size in args.sizes.split(","):
+  argv = [arg for arg in command_line.argv if not arg.startswith("--case=")]
+  for size in args.sizes:
     baseline = None
-    for impl in args.impls.split(","):
+    for impl in args.impls:
       for num_sets in (1, args.num_sets):
         row, note = run_case_in_subprocess(size, impl, num_sets, argv,
                                            args.case_timeout)
@@ -224,4 +238,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_script(main, define_flags)

@@ -31,9 +31,12 @@ Usage:
       --local_steps=2 --batch=2 --devices=1,2,4
 'toy' is a 2-layer MLP regression. 'tiny' / 'S' build the Conformer of
 conformer_fl.models and feed it random audio and labels.
+
+Flags are absl flags (`--help` lists them); a bad one ends the run with one
+line `error: ...`, exit status 1.
 """
 
-import argparse
+from collections.abc import Sequence
 import functools
 import json
 import os
@@ -42,28 +45,51 @@ import sys
 import time
 from typing import Any, Callable
 
+from absl import flags
+
+from conformer_fl import cli
+
 RESULT_PREFIX = "RESULT "
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="toy", choices=["toy", "tiny", "S"])
-  parser.add_argument("--devices", default="1,2,4",
-                      help="Comma-separated device counts (a subprocess"
-                      " each).")
-  parser.add_argument("--clients", type=int, default=8,
-                      help="Clients per round (a multiple of every count).")
-  parser.add_argument("--local_steps", type=int, default=4)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--toy_dim", type=int, default=256)
-  parser.add_argument("--toy_hidden", type=int, default=512)
-  parser.add_argument("--audio_seconds", type=float, default=2.0)
-  parser.add_argument("--label_length", type=int, default=16)
-  parser.add_argument("--matmul_size", type=int, default=1024)
-  parser.add_argument("--worker_devices", type=int, default=0,
-                      help="Internal: run one measurement in this process.")
-  return parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The benchmark's flags (absl)."""
+  f = flag_values
+  flags.DEFINE_enum("model", "toy", ["toy", "tiny", "S"],
+                    "toy: a 2-layer MLP; tiny, S: the Conformer.",
+                    flag_values=f)
+  flags.DEFINE_list("devices", "1,2,4",
+                    "Comma-separated device counts (a subprocess each).",
+                    flag_values=f)
+  flags.DEFINE_integer("clients", 8,
+                       "Clients per round (a multiple of every count).",
+                       flag_values=f)
+  flags.DEFINE_integer("local_steps", 4, "Client steps per round.",
+                       flag_values=f)
+  flags.DEFINE_integer("batch", 16, "Examples per client step.",
+                       flag_values=f)
+  flags.DEFINE_integer("repeats", 3, "Timed calls of each side.",
+                       flag_values=f)
+  flags.DEFINE_integer("toy_dim", 256, "Input width of the toy model.",
+                       flag_values=f)
+  flags.DEFINE_integer("toy_hidden", 512, "Hidden width of the toy model.",
+                       flag_values=f)
+  flags.DEFINE_float("audio_seconds", 2.0, "Utterance length (tiny, S).",
+                     flag_values=f)
+  flags.DEFINE_integer("label_length", 16, "Labels per utterance (tiny, S).",
+                       flag_values=f)
+  flags.DEFINE_integer("matmul_size", 1024,
+                       "N of the N x N reference matmul.", flag_values=f)
+  flags.DEFINE_integer("worker_devices", 0,
+                       "Internal: run one measurement in this process.",
+                       flag_values=f)
+
+
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """The flags of `argv` (no program name), parsed in a FlagValues of their
+  own, for a caller in this process."""
+  return cli.parse_script_flags(["round_throughput.py", *argv],
+                                define_flags).flags
 
 
 # ----------------------------------------------------------------- models
@@ -181,7 +207,7 @@ def run_worker(args) -> dict[str, Any]:
   from conformer_fl import config_lib
   from conformer_fl import optimizers
   from conformer_fl.federated import mesh as mesh_lib
-  from conformer_fl.federated import round as round_lib
+  from conformer_fl.federated import fl_round as round_lib
   # pylint: enable=g-import-not-at-top
 
   num_devices = args.worker_devices
@@ -352,10 +378,10 @@ def run_worker(args) -> dict[str, Any]:
 
 def _subprocess_env(num_devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-  env["XLA_FLAGS"] = " ".join(flags)
+  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+  xla_flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+  env["XLA_FLAGS"] = " ".join(xla_flags)
   env.setdefault("JAX_PLATFORMS", "cpu")
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(
@@ -412,13 +438,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
           f" {r['loop_compile_s']:23.1f}")
 
 
-def main(argv=None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
-  args = parse_args(argv)
+def main(command_line: cli.ScriptArgs) -> None:
+  args, argv = command_line.flags, command_line.argv
   if args.worker_devices:
     print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
     return
-  device_counts = [int(n) for n in args.devices.split(",")]
+  device_counts = [int(n) for n in args.devices]
   for n in device_counts:
     if args.clients % n:
       raise ValueError(f"--clients={args.clients} must be a multiple of every"
@@ -429,4 +454,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_script(main, define_flags)

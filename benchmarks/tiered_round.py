@@ -142,7 +142,7 @@ def measure(tiers: Sequence[tuple[float, float]]) -> dict[str, Any]:
   from conformer_fl import models
   from conformer_fl import steps
   from conformer_fl.federated import mesh as mesh_lib
-  from conformer_fl.federated import round as round_lib
+  from conformer_fl.federated import fl_round as round_lib
   # pylint: enable=g-import-not-at-top
   mesh = mesh_lib.make_client_mesh(_DEVICES.value or jax.device_count())
   data = None

@@ -69,26 +69,14 @@ class UnverifiedCheckpointError(CheckpointError):
   """A checkpoint whose checksums are missing, so damage cannot be detected."""
 
 
-def leaf_name(path: tuple[Any, ...]) -> str:
-  """'params/encoder/.../kernel' for a jax key path (dict, list, attribute)."""
-  parts = []
-  for key in path:
-    for attribute in ("key", "idx", "name"):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
   """{leaf name: this process's numpy copy} (a replicated array's full value)."""
   def local(x):
     if isinstance(x, jax.Array):
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
-  return {leaf_name(path): local(x)
+  # Names like 'params/encoder/.../kernel' (dict keys, list indices, fields).
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): local(x)
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -199,7 +187,7 @@ class CheckpointStore:
     if not workdir_lib.is_remote(workdir):
       workdir = os.path.abspath(workdir)
     self.workdir = epath.Path(workdir)
-    self.directory = self.workdir / "checkpoints"
+    self.directory = workdir_lib.Workdir(self.workdir).checkpoints_dir
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
         read_only=read_only,
@@ -440,7 +428,7 @@ class CheckpointStore:
 
 def latest_saved_step(workdir: str | os.PathLike[str]) -> int | None:
   """The last checkpointed step of the run in `workdir`; None if it has none."""
-  if not (epath.Path(workdir) / "checkpoints").exists():
+  if not workdir_lib.Workdir(workdir).checkpoints_dir.exists():
     return None
   store = CheckpointStore(os.fspath(workdir), read_only=True)
   try:

@@ -1,7 +1,8 @@
 """One-line errors for the command-line entry points (absl flags).
 
 `parse_flags` is the `flags_parser` of `absl.app.run` in `conformer_fl.main`,
-`conformer_fl.transcribe` and `conformer_fl.export`: a flag that cannot be
+`conformer_fl.tools.transcribe` and `conformer_fl.export`, and `run_script` runs the
+scripts of launch/ and benchmarks/ the same way: a flag that cannot be
 parsed (a mistyped `--config.FIELD`, a value of the wrong type, a config file
 that does not exist, a bad `configs/NAME.py:ARG`, a missing required flag)
 ends the program with one line `error: ...` on stderr naming the flag and the
@@ -13,14 +14,16 @@ directory; where there is none (outside a checkout), the config of the
 installed package is read (setup.py installs configs/ as conformer_fl/configs).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import difflib
 import os
 import pathlib
 import sys
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
+from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -164,13 +167,16 @@ def _flags_error(argv: Sequence[str], config_flag_names: Sequence[str],
 
 
 def parse_flags(argv: Sequence[str],
-                config_flag_names: Sequence[str] = ("config",)) -> list[str]:
+                config_flag_names: Sequence[str] = ("config",),
+                flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """absl's flag parsing, with one-line errors (module docstring).
 
   Args:
     argv: the command line, program name first.
     config_flag_names: the config_flags file flags among the program's flags;
       each is loaded here, so that a missing file is named now.
+    flag_values: where the program's flags are defined (absl's FLAGS, or a
+      FlagValues of a script parsed in another program's process).
 
   Returns:
     The arguments left after the flags, program name first.
@@ -181,7 +187,7 @@ def parse_flags(argv: Sequence[str],
     argv = [prefix + resolve_config_path(a[len(prefix):])
             if a.startswith(prefix) else a for a in argv]
   try:
-    remaining = flags.FLAGS(argv)
+    remaining = flag_values(argv)
   except flags.Error as e:
     fail(_flags_error(argv, config_flag_names, e))
   except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
@@ -189,10 +195,89 @@ def parse_flags(argv: Sequence[str],
     fail(_override_error(argv, config_flag_names, e))
   for name in config_flag_names:
     path_and_arg = _config_file_arg(argv, name)
-    if path_and_arg is None or name not in flags.FLAGS:
+    if path_and_arg is None or name not in flag_values:
       continue
     try:
-      flags.FLAGS[name].value.keys()
+      flag_values[name].value.keys()
     except OSError as e:
       fail(_config_file_error(name, path_and_arg, e))
   return remaining
+
+
+class ScriptArgs(NamedTuple):
+  """A script's command line, parsed by `parse_script_flags`.
+
+  Attributes:
+    flags: the script's flags, parsed (attribute access: `args.flags.name`).
+    positional: the arguments before `--` that are not flags.
+    after_dashes: the arguments after the first `--`, untouched.
+    argv: the command line without the program name, as given.
+  """
+  flags: flags.FlagValues
+  positional: list[str]
+  after_dashes: list[str]
+  argv: list[str]
+
+
+DefineFlags = Callable[[flags.FlagValues], None]
+
+
+def parse_script_flags(
+    argv: Sequence[str], define_flags: DefineFlags,
+    flag_values: flags.FlagValues | None = None, *,
+    config_flag_names: Sequence[str] = (), positional: bool = False,
+    after_dashes: bool = False) -> ScriptArgs:
+  """Defines a script's flags (`define_flags`) and parses `argv` into them.
+
+  Args:
+    argv: the command line, program name first.
+    define_flags: adds the script's flags to the FlagValues it is given.
+    flag_values: absl's FLAGS when the script runs as a program
+      (`run_script`); None: a FlagValues of its own, for a caller in another
+      program's process (tests), where absl's FLAGS holds that program's flags.
+    config_flag_names: the script's config_flags file flags (`parse_flags`).
+    positional: whether the script takes arguments that are not flags (else
+      they are an error).
+    after_dashes: whether the arguments after `--` are the script's to pass on
+      (else `--` ends the flags and what follows is positional).
+
+  Returns:
+    The parsed command line. A flag that does not parse, or an argument the
+    script does not take, ends the program with one line (`fail`).
+  """
+  argv = list(argv)
+  flag_values = flags.FlagValues() if flag_values is None else flag_values
+  define_flags(flag_values)
+  own, rest = argv, []
+  if after_dashes and "--" in argv:
+    split = argv.index("--")
+    own, rest = argv[:split], argv[split + 1:]
+  remaining = parse_flags(own, config_flag_names, flag_values)[1:]
+  if remaining and not positional:
+    fail(f"unexpected arguments {remaining}: {os.path.basename(argv[0])}"
+         " takes flags only (--help lists them)"
+         + ("; arguments for the program it starts go after --"
+            if after_dashes else ""))
+  return ScriptArgs(flag_values, remaining, rest, argv[1:])
+
+
+def run_script(main: Callable[[ScriptArgs], None], define_flags: DefineFlags,
+               errors: tuple[type[Exception], ...] = (),
+               **parse_options) -> None:
+  """`absl.app.run(main)` of a script whose flags `define_flags` adds to
+  absl's FLAGS, parsed by `parse_script_flags` (`parse_options`: its keyword
+  arguments). A flag that does not parse, and an exception of `errors` that
+  `main` raises, end the program with one line `error: ...`, exit status 1."""
+
+  def main_with_one_line_errors(args: ScriptArgs) -> None:
+    if not flags.FLAGS["verbosity"].present:
+      # Warnings and errors only (absl.app turns on INFO): the script prints
+      # what it has to say.
+      logging.set_verbosity(logging.WARNING)
+    try:
+      main(args)
+    except errors as e:
+      fail(str(e))
+
+  app.run(main_with_one_line_errors, flags_parser=lambda argv: (
+      parse_script_flags(argv, define_flags, flags.FLAGS, **parse_options)))

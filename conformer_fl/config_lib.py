@@ -133,8 +133,8 @@ def federated_config(server: str = "fedavg",
       (conformer_fl/federated/round_data.py): 'examples_trained' (the
       examples it trained on this round, repeats counted), 'client_size'
       (its own examples, each once: McMahan et al.'s n_k) or 'uniform' (1
-      per client with data). Default 'examples_trained': the weighting every
-      run so far used, so that their results and resumed runs reproduce; with
+      per client with data). Default 'examples_trained', so that the results
+      of workdirs made with it reproduce and their runs resume; with
       local_epochs = E > 0 (and no cap by K) it equals E * client_size, the
       McMahan weighting. With local_epochs = 0 every client with data trains
       K*B examples and weighs the same (then it is 'uniform'); choose
@@ -263,14 +263,13 @@ def _run_config(mode: str, seed: int, corpus: str, size: str, norm: str,
   # _CHECKPOINT_METADATA deleted or torn), with a warning, instead of falling
   # back to the newest step that has them (conformer_fl/checkpointing.py).
   config.allow_unverified_checkpoints = False
-  # The loss-explosion guard (conformer_fl/divergence.py): the run stops when
+  # The loss-explosion guard (conformer_fl/training/divergence.py): the run stops when
   # `patience` logged training losses in a row are above `factor` times the
   # median of the last `window` accepted ones (0 = off). A CTC model's
-  # training loss falls: in tiny runs of configs/central.py (40 steps, each
-  # logged: losses 40 to 227) and configs/federated.py (30 rounds: 52 to
-  # 249) no loss was above 1.8x that median, while a client or server
-  # learning rate of 1e6 sent it to 1e5 (CTC's floor for outputs that cannot
-  # align) and on to 1e14 within two rounds.
+  # training loss falls: in the tiny runs of configs/central.py and
+  # configs/federated.py no logged loss exceeds 1.8x that median, while a
+  # client or server learning rate of 1e6 sends it to 1e5 (CTC's floor for
+  # outputs that cannot align) and on to 1e14 within two rounds.
   config.loss_guard = ml_collections.ConfigDict(dict(
       factor=10.0, patience=3, window=20))
   return config
@@ -298,8 +297,8 @@ def central_run_config(size: str = "demo", norm: str = "group_norm",
     num_devices: the batch is split over the first num_devices devices (0 =
     every device of every process; k > 0 needs one process). On a CPU,
     XLA's virtual devices (--xla_force_host_platform_device_count) share the
-    cores: on 2 cores the demo's step took half the time on 1 device as on 4
-    (configs/experiment.py sets it).
+    cores, so one device is faster on a CPU host than several virtual
+    devices (configs/experiment.py sets it).
   """
   config = _run_config("central", seed, corpus, size, norm, decoder)
   config.data.train_domains = () if domain == "all" else (domain,)
@@ -394,9 +393,9 @@ def analysis_run_config(granularity: str = "block", seeds: int = 3,
   # compiled call (bounds memory: each holds a full copy of the variables),
   # split over every device of every process and rounded up to a multiple of
   # the devices. vectorized=False evaluates one variant at a time (one
-  # process only). Measure both on your
-  # hardware with benchmarks/analysis_vectorized.py: on the 2-core CPU the
-  # vmapped path was 1.5-2.3x faster for the tiny model but 0.6-0.7x for demo.
+  # process only). Which is faster depends on the model and the hardware (on
+  # a CPU the vmapped path speeds up a tiny model and can slow down a larger
+  # one): benchmarks/analysis_vectorized.py measures both.
   analysis.variants_per_call = variants
   analysis.vectorized = True
   # Stability: workdirs of other runs (seeds, sizes, batch vs group norm)

@@ -44,8 +44,9 @@ import numpy as np
 
 from conformer_fl import cli
 from conformer_fl import exported
-from conformer_fl import transcribe
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import batching
+from conformer_fl.tools import transcribe
 
 _EVAL_FIELDS = ("wer", "cer", "wer_low", "wer_high", "loss", "num_examples")
 
@@ -57,14 +58,8 @@ class ExportError(Exception):
 def evaluations(workdir: epath.Path, step_key: str,
                 last_step: int) -> list[dict[str, Any]]:
   """The evaluation records of the run's metrics.jsonl up to `last_step`."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
   found = []
-  for line in path.read_text().splitlines():
-    if not line.strip():
-      continue
-    record = json.loads(line)
+  for record in workdir_lib.Workdir(workdir).metrics():
     if "eval/wer" not in record or record.get(step_key, -1) > last_step:
       continue
     found.append({"step": record[step_key],
@@ -78,7 +73,7 @@ def model_card(workdir: epath.Path, config, variables: dict[str, Any],
   step_key = "round" if config.get("mode") == "federated" else "step"
   evals = evaluations(workdir, step_key, step)
   at_step = [e for e in evals if e["step"] == step]
-  final_eval = workdir / "final_eval.json"
+  final_eval = workdir_lib.Workdir(workdir).final_eval_path
   return {
       "format": exported.FORMAT,
       "source": {"workdir": os.fspath(workdir.resolve()) if not
@@ -157,9 +152,10 @@ def card_markdown(card: dict[str, Any]) -> str:
       "",
       "## Use",
       "",
-      "    python -m conformer_fl.transcribe --workdir=THIS_DIR FILE.flac",
+      "    python -m conformer_fl.tools.transcribe --workdir=THIS_DIR FILE.flac",
       "",
-      "    from conformer_fl import exported, transcribe",
+      "    from conformer_fl import exported",
+      "    from conformer_fl.tools import transcribe",
       "    texts = transcribe.Transcriber('THIS_DIR')([audio_16khz])",
       "    loaded = exported.load_model('THIS_DIR')  # model, variables, tokenizer",
       "",

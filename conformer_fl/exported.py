@@ -17,8 +17,8 @@ Load it in a project:
   outputs = loaded.model.apply(loaded.variables, audio, paddings, labels,
                                label_paddings, train=False)
 
-or transcribe with it: `python -m conformer_fl.transcribe --workdir=DIR FILE`,
-`transcribe.Transcriber(DIR)`.
+or transcribe with it: `python -m conformer_fl.tools.transcribe --workdir=DIR
+FILE`, `transcribe.Transcriber(DIR)`.
 """
 
 import json

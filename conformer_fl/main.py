@@ -22,7 +22,7 @@ call it directly:
               (`conformer_fl.analysis.run_analysis`)
   experiment  pre-training, analysis and federated arms in sub-directories
               (`conformer_fl.experiment.run_experiment`), whose training stages
-              run the two loops of train.py.
+              run the central and federated training of train.py.
 """
 
 import os
@@ -51,7 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
   Returns:
     central / federated: the final params (host numpy); analysis: its
-    results; experiment: its summary.
+    results (`analysis.Importance`); experiment: its summary.
 
   `preflight.check` runs first: the mistakes it finds (an experiment's
   workdir for a single run, clients that do not divide over the devices, an

@@ -32,8 +32,8 @@ import numpy as np
 
 from conformer_fl import workdir as workdir_lib
 
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "eval_samples.txt"
+METRICS_FILE = workdir_lib.METRICS_FILE
+SAMPLES_FILE = workdir_lib.SAMPLES_FILE
 STOPPED_KEY = "stopped"
 
 
@@ -155,8 +155,8 @@ class MetricsLogger:
       raise ValueError(f"step_key must be 'step' or 'round', got {step_key!r}")
     self.step_key = step_key
     self._is_writer = jax.process_index() == 0
-    self._path = epath.Path(workdir) / METRICS_FILE
-    self._samples_path = epath.Path(workdir) / SAMPLES_FILE
+    self._path = workdir_lib.Workdir(workdir).metrics_path
+    self._samples_path = workdir_lib.Workdir(workdir).samples_path
     self._writer = metric_writers.create_default_writer(
         workdir, just_logging=not self._is_writer, asynchronous=False
     )

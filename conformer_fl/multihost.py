@@ -6,7 +6,7 @@ communicate through collectives; the small host-side facts the processes must
 share (evaluation counts and transcripts, one process's decision) go through
 the key-value store of JAX's distributed runtime (`jax.distributed`'s
 coordination service) instead. That store waits as long as
-`mesh.compile_barrier_timeout_s()` allows, compiles nothing and needs no
+`compile_barrier_timeout_s()` allows, compiles nothing and needs no
 device: a host-side exchange costs no program and cannot hit the fixed 30 s
 deadline of a CPU (gloo) collective whose processes arrive far apart (one of
 them writing files, say).
@@ -20,12 +20,16 @@ Process 0, the chief, alone writes a workdir's files.
 
 import itertools
 import json
+import os
 from typing import Any
 
 import jax
 
-from conformer_fl.federated import mesh as mesh_lib
-
+# Seconds a process waits for the others at a barrier or an exchange (the
+# compile barrier of `mesh.barrier_after_compile`, `gather_json`); the
+# environment variable overrides the default.
+COMPILE_BARRIER_TIMEOUT_ENV = "CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S"
+DEFAULT_COMPILE_BARRIER_TIMEOUT_S = 3600
 # Numbers the exchanges of this process (see the module docstring).
 _EXCHANGE_NUMBERS = itertools.count(1)
 # This process's key of the last exchange, deleted at the next one.
@@ -48,6 +52,25 @@ def _client() -> Any:
   return client
 
 
+def compile_barrier_timeout_s() -> int:
+  """The barrier timeout: $CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S or the default.
+
+  Raises:
+    ValueError: the variable is set but is not a positive number of seconds.
+  """
+  value = os.environ.get(COMPILE_BARRIER_TIMEOUT_ENV, "").strip()
+  if not value:
+    return DEFAULT_COMPILE_BARRIER_TIMEOUT_S
+  try:
+    seconds = int(value)
+  except ValueError:
+    seconds = 0
+  if seconds <= 0:
+    raise ValueError(f"{COMPILE_BARRIER_TIMEOUT_ENV}={value!r} must be a"
+                     " positive whole number of seconds.")
+  return seconds
+
+
 def gather_json(value: Any, name: str) -> list[Any]:
   """Every process's `value` (JSON-serializable), in process order.
 
@@ -65,7 +88,7 @@ def gather_json(value: Any, name: str) -> list[Any]:
   own_key = (f"{_KEY_PREFIX}/{next(_EXCHANGE_NUMBERS)}/{name}/"
              f"{jax.process_index()}")
   client.key_value_set(own_key, json.dumps(value, allow_nan=True))
-  timeout_ms = mesh_lib.compile_barrier_timeout_s() * 1000
+  timeout_ms = compile_barrier_timeout_s() * 1000
   values = [value if p == jax.process_index() else json.loads(
       client.blocking_key_value_get(own_key[:own_key.rindex("/") + 1] + str(p),
                                     timeout_ms))

@@ -1,12 +1,12 @@
-"""The compiled steps of the two loops of conformer_fl/train.py, from a config.
+"""The compiled steps of central and federated training (conformer_fl/train.py).
 
 `make_central_train_step` / `jit_central_train_step`: one central step (loss,
 gradient, optimizer update, divergence guard), data-parallel over the mesh.
 `make_round_from_config`: the federated round of a run's config
-(conformer_fl/federated/round.py) and its server optimizer.
+(conformer_fl/federated/fl_round.py) and its server optimizer.
 `round_arrays`: the host arrays of one round (`input_pipeline.make_round`).
 
-`launch/tpu_pod.py plan` (conformer_fl/pod_plan.py) compiles these same
+`launch/tpu_pod.py plan` (conformer_fl/tools/pod_plan.py) compiles these same
 functions, so what it plans is what a run runs.
 """
 
@@ -18,14 +18,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.federated import dropout as federated_dropout
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import tiers as tiers_lib
 
 PyTree = Any

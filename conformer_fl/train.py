@@ -1,16 +1,18 @@
-"""Central and federated training loops, each around one compiled step.
+"""Central and federated training: their set-up and steps around one loop.
 
 `conformer_fl/main.py` runs `train_central` or `train_federated` by `config.mode`:
   central    Adam with warm-up and inverse-square-root decay over batches of the
              training split (the paper's pre-training stage), data-parallel over
              every device of every process.
-  federated  rounds of `conformer_fl.federated.round`: clients (speakers) sampled
+  federated  rounds of `conformer_fl.federated.fl_round`: clients (speakers) sampled
              per round, trained under vmap, sharded over the `clients` mesh axis,
              aggregated and applied by the server optimizer in one jitted function.
 
-The steps come from `conformer_fl.steps`, the optimizers from
-`conformer_fl.optimizers`, the set-up of a run in its workdir from
-`conformer_fl.run_setup`.
+Each builds its initial state and its step (`conformer_fl.steps`, optimizers
+from `conformer_fl.optimizers`) and hands them to the loop of
+`conformer_fl.training`: the run opened in its workdir (`training.run_setup`),
+the state restored or saved (`training.state`) and the cadence of log / eval /
+checkpoint with the progress bar (`training.loop`).
 
 Both write the workdir CONTRACT: `config.json`, `metrics.jsonl` (key `step` or
 `round`), TensorBoard events, `checkpoints/` (orbax; step 0 is the initial state),
@@ -19,41 +21,39 @@ themselves from the latest intact checkpoint of the workdir, and the resumed run
 with the same parameters as an uninterrupted one: every random choice is a function
 of (seed, step or round), never of how far this process has run.
 
-Faults (see the README's "When a run fails"): before writing anything a run checks
+Faults (see docs/running.md, "When a run fails"): before writing anything a run checks
 that the workdir is a directory and that its config.json allows this config
 (`conformer_fl.workdir.RESUMABLE_FIELDS`), then process 0 takes the workdir lock;
 checkpoints are verified on restore with a fallback to the newest intact step
 (`checkpointing.CheckpointStore.restore_latest_intact`); the logs are trimmed to the
-restored step; the divergence guard (`conformer_fl.divergence`) stops a run
-whose loss, gradient or state is not finite before anything non-finite is saved,
-and its loss-explosion guard one whose logged loss stays far above its running
-median (`config.loss_guard`), moving the checkpoints of the explosion aside.
+restored step; the divergence guard (`conformer_fl.training.divergence`) stops a
+run whose loss, gradient or state is not finite before anything non-finite is
+saved, and its loss-explosion guard one whose logged loss stays far above its
+running median (`config.loss_guard`), moving the checkpoints of the explosion aside.
 """
 
 import os
-import time
 from typing import Any
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from conformer_fl import checkpointing
-from conformer_fl import divergence
-from conformer_fl import evaluation
 from conformer_fl import models
 from conformer_fl import multihost
 from conformer_fl import optimizers
-from conformer_fl import run_setup
 from conformer_fl import steps
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
+from conformer_fl.training import divergence
+from conformer_fl.training import loop
+from conformer_fl.training import run_setup
+from conformer_fl.training import state as state_lib
 
 PyTree = Any
 
@@ -89,79 +89,47 @@ def _train_central(run: run_setup.Run) -> PyTree:
   optimizer = optimizers.make_central_optimizer(c, params)
   state = dict(params=params, model_state=model_state,
                opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-  state = mesh_lib.replicate(state, mesh)
-  start, restored = run.store.restore_latest_intact(like=state,
-                                                    report=run_setup.warn)
-  if start is None:
-    start = 0
-    run.store.save(0, state)
-  else:
-    logging.info("Resuming from step %d.", start)
-    state = restored
-  run.logger.drop_after(start)
-  last_saved = start
-  unverified = run_setup.resumed_unverified(run, start)
-  loss_guard = run_setup.loss_guard(run, start)
+  state, checkpoints = state_lib.resume(
+      run, mesh_lib.replicate(state, mesh), state_lib.AS_IS)
 
   # Multi-process: compiled, then a barrier, before its first collective.
   train_step = mesh_lib.barrier_after_compile(
       steps.jit_central_train_step(run.model, optimizer, mesh), "central_step")
+  # The divergence guard, carried on the device from step to step.
   guard = mesh_lib.replicate(divergence.init_guard(), mesh)
   seed_key = mesh_lib.replicate(jax.random.key(run.config.seed), mesh)
-  eval_step = evaluation.jitted_eval_step(run.model)
-  eval_batches = run_setup.eval_batches(run)
   batches = input_pipeline.get_train_batches(
-      run.config.data, run.tokenizer, seed=run.config.seed, start_step=start)
+      run.config.data, run.tokenizer, seed=run.config.seed,
+      start_step=checkpoints.start)
 
-  progress = tqdm.tqdm(total=c.num_steps, initial=start, desc="central",
-                       disable=not multihost.is_chief(), dynamic_ncols=True)
-  tic, logged_step = time.perf_counter(), start
-  try:
-    for step in range(start + 1, c.num_steps + 1):
-      batch = next(batches)
-      # Every process reads the global batch and places its own rows.
-      first, last = mesh_lib.process_client_range(batch["audio"].shape[0], mesh)
-      batch = {k: v[first:last] for k, v in batch.items()}
-      state, metrics, guard = train_step(
-          state, mesh_lib.shard_round_data(batch, mesh), seed_key, guard)
-      progress.update(1)
-      if step == start + 1:
-        # The loss of the parameters this run starts from: the loss guard's
-        # first value (one host sync, once).
-        loss_guard.update(step, float(jax.device_get(metrics["loss"])))
-      log = step % c.log_every == 0 or step == c.num_steps
-      evaluate = step % c.eval_every == 0 or step == c.num_steps
-      save = step % c.checkpoint_every == 0 or step == c.num_steps
-      if log or evaluate or save:
-        # The guard is read with the metrics (no host sync of its own) and
-        # before every save: nothing non-finite is evaluated, logged or saved.
-        metrics, guard_now = jax.device_get((metrics, guard))
-        divergence.check_guard(guard_now, last_saved, unverified)
-      if log or evaluate:
-        elapsed = time.perf_counter() - tic
-        metrics["steps_per_second"] = (step - logged_step) / elapsed
-        tic, logged_step = time.perf_counter(), step
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-        # An exploded model is logged, not evaluated.
-        exploded = step > start + 1 and loss_guard.update(
-            step, float(metrics["loss"]))
-        if evaluate and not exploded:
-          variables = {"params": run_setup.local_copy(state["params"]),
-                       **run_setup.local_copy(state["model_state"])}
-          metrics.update(run_setup.evaluate(run, eval_step, variables,
-                                            eval_batches, step))
-          logging.info("step %d: %s", step, metrics)
-          tic = time.perf_counter()  # Evaluation time is not training time.
-        run.logger.write(step, metrics)
-        if exploded:
-          raise run_setup.stop_exploded(
-              run, loss_guard, "Central training", "step", step,
-              "try e.g. a lower central.peak_learning_rate", unverified)
-      if save:
-        run.store.save(step, state)
-        last_saved = step
-  finally:
-    progress.close()
+  def step(state: PyTree, index: int) -> tuple[PyTree, dict[str, jax.Array]]:
+    del index  # The batches and the state's step count follow the loop.
+    nonlocal guard
+    batch = next(batches)
+    # Every process reads the global batch and places its own rows.
+    first, last = mesh_lib.process_client_range(batch["audio"].shape[0], mesh)
+    batch = {k: v[first:last] for k, v in batch.items()}
+    state, metrics, guard = train_step(
+        state, mesh_lib.shard_round_data(batch, mesh), seed_key, guard)
+    return state, metrics
+
+  def read(state: PyTree, metrics: dict[str, jax.Array], index: int,
+           saved: state_lib.Checkpoints) -> dict[str, Any]:
+    del state, index
+    # The guard is read with the metrics (no host sync of its own) and
+    # before every save: nothing non-finite is evaluated, logged or saved.
+    metrics, guard_now = jax.device_get((metrics, guard))
+    divergence.check_guard(guard_now, saved.last_saved, saved.unverified)
+    return metrics
+
+  mode = loop.Mode(
+      name="central", step=step, read=read,
+      variables=lambda state: (state["params"], state["model_state"]),
+      explosion_fix="try e.g. a lower central.peak_learning_rate",
+      rate_name="steps_per_second")
+  cadence = loop.Cadence(c.num_steps, c.log_every, c.eval_every,
+                         c.checkpoint_every)
+  state = loop.train(run, mode, state, checkpoints, cadence)
   return run_setup.local_copy(state["params"])
 
 
@@ -231,21 +199,9 @@ def _train_federated(run: run_setup.Run) -> PyTree:
   params, model_state = models.split_variables(_initial_variables(run))
   round_fn, server_optimizer = _round_from_config(
       run.config, run.model, params, model_state, mesh)
-
   state = mesh_lib.replicate(
       round_lib.init_server_state(params, model_state, server_optimizer), mesh)
-  start, restored = run.store.restore_latest_intact(
-      like=flax.serialization.to_state_dict(state), report=run_setup.warn)
-  if start is None:
-    start = 0
-    run.store.save(0, flax.serialization.to_state_dict(state))
-  else:
-    logging.info("Resuming from round %d.", start)
-    state = flax.serialization.from_state_dict(state, restored)
-  run.logger.drop_after(start)
-  last_saved = start
-  unverified = run_setup.resumed_unverified(run, start)
-  loss_guard = run_setup.loss_guard(run, start)
+  state, checkpoints = state_lib.resume(run, state, state_lib.STATE_DICT)
   state_is_finite = jax.jit(divergence.all_finite)
 
   client_datasets = input_pipeline.get_client_datasets(run.config.data,
@@ -256,56 +212,37 @@ def _train_federated(run: run_setup.Run) -> PyTree:
     logging.info("Client sizes:\n%s", table)
   sampler = clients_lib.ClientSampler(client_datasets.client_ids,
                                       f.clients_per_round, run.config.seed)
-  eval_step = evaluation.jitted_eval_step(run.model)
-  eval_batches = run_setup.eval_batches(run)
   rng = jax.random.key(run.config.seed)
 
-  progress = tqdm.tqdm(total=f.rounds, initial=start, desc="federated",
-                       disable=not multihost.is_chief(), dynamic_ncols=True)
-  try:
-    for round_index in range(start, f.rounds):
-      tic = time.perf_counter()
-      data = mesh_lib.shard_round_data(
-          steps.round_arrays(run.config, client_datasets, sampler, round_index,
-                       mesh), mesh)
-      state, metrics = round_fn(state, data, rng)
-      # The round's metrics are read every round anyway: the guard costs no
-      # extra host sync.
-      metrics, finite = jax.device_get((metrics, state_is_finite(
-          (state.params, state.model_state, state.opt_state))))
-      done = round_index + 1
-      metrics["clients_per_second"] = (
-          f.clients_per_round / (time.perf_counter() - tic))
-      progress.update(1)
-      progress.set_postfix(loss=f"{metrics['loss']:.3f}",
-                           clients_s=f"{metrics['clients_per_second']:.2f}")
-      try:
-        divergence.check_round(done, metrics, bool(finite), last_saved,
-                               unverified)
-      except divergence.DivergenceError:
-        run.logger.write(done, metrics)  # The round that stopped the run.
-        raise
-      # An exploded model is logged, not evaluated.
-      exploded = ((done == start + 1 or done % f.log_every == 0)
-                  and loss_guard.update(done, float(metrics["loss"])))
-      if (done % f.eval_every == 0 or done == f.rounds) and not exploded:
-        variables = {"params": run_setup.local_copy(state.params),
-                     **run_setup.local_copy(state.model_state)}
-        metrics.update(run_setup.evaluate(run, eval_step, variables,
-                                          eval_batches, done))
-        logging.info("round %d: %s", done, {k: v for k, v in metrics.items()
-                                            if not k.startswith("update_norm/")})
-      if (done % f.log_every == 0 or done == f.rounds or "eval/wer" in metrics
-          or exploded):
-        run.logger.write(done, metrics)
-      if exploded:
-        raise run_setup.stop_exploded(
-            run, loss_guard, "Federated training", "round", done,
-            "try e.g. a lower federated.client_optimizer.learning_rate or"
-            " federated.server_optimizer.learning_rate", unverified)
-      if done % f.checkpoint_every == 0 or done == f.rounds:
-        run.store.save(done, flax.serialization.to_state_dict(state))
-        last_saved = done
-  finally:
-    progress.close()
+  def step(state: round_lib.ServerState,
+           index: int) -> tuple[round_lib.ServerState, dict[str, jax.Array]]:
+    data = mesh_lib.shard_round_data(
+        steps.round_arrays(run.config, client_datasets, sampler, index - 1,
+                           mesh), mesh)
+    return round_fn(state, data, rng)
+
+  def read(state: round_lib.ServerState, metrics: dict[str, jax.Array],
+           index: int, saved: state_lib.Checkpoints) -> dict[str, Any]:
+    # The round's metrics are read every round anyway: the guard costs no
+    # extra host sync.
+    metrics, finite = jax.device_get((metrics, state_is_finite(
+        (state.params, state.model_state, state.opt_state))))
+    try:
+      divergence.check_round(index, metrics, bool(finite), saved.last_saved,
+                             saved.unverified)
+    except divergence.DivergenceError:
+      run.logger.write(index, metrics)  # The round that stopped the run.
+      raise
+    return metrics
+
+  mode = loop.Mode(
+      name="federated", step=step, read=read,
+      variables=lambda state: (state.params, state.model_state),
+      explosion_fix=(
+          "try e.g. a lower federated.client_optimizer.learning_rate or"
+          " federated.server_optimizer.learning_rate"),
+      rate_name="clients_per_second", per_step=f.clients_per_round)
+  cadence = loop.Cadence(f.rounds, f.log_every, f.eval_every,
+                         f.checkpoint_every, read_every=1)
+  state = loop.train(run, mode, state, checkpoints, cadence)
   return run_setup.local_copy(state.params)

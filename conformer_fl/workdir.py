@@ -1,5 +1,11 @@
 """What a workdir holds on to: the config that made it, and who runs in it.
 
+`Workdir` names the files of a run's workdir (config.json, metrics.jsonl,
+eval_samples.txt, final_eval.json, checkpoints/, analysis/) and reads its
+config and metrics; every module that reads or writes one of them takes its
+path from there. A workdir may be local or on GCS (`gs://...`): its files are
+read through `etils.epath`.
+
 Every training run (central, federated and the experiment) opens its workdir
 through this module before it writes anything:
 
@@ -14,20 +20,21 @@ through this module before it writes anything:
    in a warning and the run resumes, so that updating the code does not lock
    out every existing workdir.
 3. `WorkdirLock`: process 0 holds `<workdir>/.lock` for the life of the run.
-   The lock is an `fcntl.flock` on that file, which the kernel releases when
-   the process dies, and the file records the holder's PID, host and start
-   time. A second run on the workdir is refused with `WorkdirLockedError`
-   naming the holder. A lock left by a killed run (the file still names it,
-   but no process holds the flock) is taken over with a warning. A lock
-   written on another host cannot be checked from here (a shared file system
-   may not carry flocks between hosts): it is refused unless the environment
-   variable CONFORMER_FL_TAKE_OVER_LOCK=1 says that run is gone. Workdirs on
-   GCS (`gs://...`) are not locked: etils.epath offers no atomic
-   create-if-absent or file lock there; run one job per workdir
-   (`launch/tpu_pod.py run` refuses a second job on a pod). A workdir that
-   cannot be written (read-only, immutable, or on a read-only file system)
-   is refused with `WorkdirNotWritableError` when the lock file is made, the
-   run's first write.
+   The lock is a `filelock.FileLock` (an flock) on that file, which the
+   kernel releases when the process dies, and the file records the holder's
+   PID, host and start time. A second run on the workdir is refused with
+   `WorkdirLockedError` naming the holder. A lock left by a killed run (the
+   file still names it, but no process holds the flock) is taken over with a
+   warning. A lock written on another host cannot be checked from here (a
+   shared file system may not carry flocks between hosts): it is refused
+   unless the environment variable CONFORMER_FL_TAKE_OVER_LOCK=1 says that run
+   is gone. On a file system without flock, the record alone decides: a live
+   process of this host in it holds the lock. Workdirs on GCS (`gs://...`)
+   are not locked: etils.epath offers no atomic create-if-absent or file lock
+   there; run one job per workdir (`launch/tpu_pod.py run` refuses a second
+   job on a pod). A workdir that cannot be written (read-only, immutable, or
+   on a read-only file system) is refused with `WorkdirNotWritableError` when
+   the lock file is made, the run's first write.
 
 `RunError` is the base of the errors that stop or refuse a run for a reason
 the user can act on; the entry point (`conformer_fl/main.py`) prints its
@@ -35,10 +42,11 @@ one-line message and exits with status 1.
 """
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 import datetime
 import errno
-import fcntl
 import fnmatch
+import functools
 import json
 import os
 import socket
@@ -47,9 +55,15 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+import filelock
 import ml_collections
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "eval_samples.txt"
+FINAL_EVAL_FILE = "final_eval.json"
+CHECKPOINTS_DIR = "checkpoints"
+ANALYSIS_DIR = "analysis"
 LOCK_FILE = ".lock"
 TAKE_OVER_ENV = "CONFORMER_FL_TAKE_OVER_LOCK"
 
@@ -120,6 +134,82 @@ class WorkdirLockedError(WorkdirError):
 
 class WorkdirNotWritableError(WorkdirError):
   """The workdir (or the folder it is to be made in) cannot be written."""
+
+
+class NoRunError(WorkdirError, FileNotFoundError):
+  """The workdir holds no run: its config.json is absent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """The files of a central or federated run's workdir (local or `gs://`).
+
+  Attributes:
+    root: the workdir (an `epath.Path`; a str or os.PathLike is converted).
+  """
+  root: epath.Path
+
+  def __post_init__(self):
+    object.__setattr__(self, "root", epath.Path(self.root))
+
+  @property
+  def config_path(self) -> epath.Path:
+    """config.json: the config that made the run (`check_config`)."""
+    return self.root / CONFIG_FILE
+
+  @property
+  def metrics_path(self) -> epath.Path:
+    """metrics.jsonl: one JSON object per logged step or round."""
+    return self.root / METRICS_FILE
+
+  @property
+  def samples_path(self) -> epath.Path:
+    """eval_samples.txt: decoded evaluation samples, appended per eval."""
+    return self.root / SAMPLES_FILE
+
+  @property
+  def final_eval_path(self) -> epath.Path:
+    """final_eval.json: an evaluation of the final checkpoint (optional)."""
+    return self.root / FINAL_EVAL_FILE
+
+  @property
+  def checkpoints_dir(self) -> epath.Path:
+    """checkpoints/: one folder per saved step or round."""
+    return self.root / CHECKPOINTS_DIR
+
+  @property
+  def analysis_dir(self) -> epath.Path:
+    """analysis/: the layer-importance pass's outputs."""
+    return self.root / ANALYSIS_DIR
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The run's config, as config.json holds it.
+
+    Raises:
+      NoRunError: config.json is absent (also a FileNotFoundError).
+      WorkdirError: config.json is not valid JSON.
+    """
+    path = self.config_path
+    if not path.exists():
+      raise NoRunError(
+          f"No {os.fspath(path)}: {os.fspath(self.root)} holds no trained run;"
+          " give the workdir of a central or federated run.")
+    try:
+      return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+      raise WorkdirError(
+          f"{os.fspath(path)} is not valid JSON ({e}); it records the config"
+          " that made this workdir: restore it or use a new workdir.") from e
+
+  def metrics(self) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl in file order ([] if absent).
+
+    Torn lines (a write cut short) are skipped; records of a stopped run
+    (`metric_logging.STOPPED_KEY`) are kept.
+    """
+    # metric_logging, which writes the file, imports this module.
+    from conformer_fl import metric_logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    return metric_logging.read_records(self.metrics_path)
 
 
 def warn(message: str) -> None:
@@ -299,7 +389,13 @@ class WorkdirLock:
   def __init__(self, workdir: str | os.PathLike[str]):
     self.workdir = os.fspath(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
-    self._fd: int | None = None
+    # The holder record is written through filelock's descriptor once the
+    # flock is held (`on_acquired`); a raise there gives the lock back.
+    self._lock = filelock.FileLock(
+        self.path, mode=0o644, thread_local=False, blocking=False,
+        on_acquired=functools.partial(self._take, flocked=True))
+    # The open lock file where the file system has no flock (see `acquire`).
+    self._fd_without_flock: int | None = None
 
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirLockedError naming its holder."""
@@ -307,56 +403,67 @@ class WorkdirLock:
       logging.warning("%s is not locked: workdirs on GCS have no lock (run"
                       " one job per workdir).", self.workdir)
       return
-    for _ in range(5):
-      fd = self._open()
-      try:
-        flocked = self._flock(fd)
-        # The file may have been removed (released) between open and flock:
-        # then this fd holds a lock on a file no one else can see.
-        if os.path.exists(self.path) and os.path.samestat(
-            os.fstat(fd), os.stat(self.path)):
-          self._take(fd, flocked)
-          self._fd = fd
-          return
-      except BaseException:
-        os.close(fd)
-        raise
-      os.close(fd)
-    raise WorkdirLockedError(f"Could not take the lock {self.path}.")
-
-  def _open(self) -> int:
-    """Makes the workdir and opens (creates) the lock file.
-
-    Raises:
-      WorkdirNotWritableError: either cannot be written.
-    """
     try:
       os.makedirs(self.workdir, exist_ok=True)
-      return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-        raise
-      where = e.filename or self.path
-      raise WorkdirNotWritableError(
-          f"--workdir={self.workdir} cannot be written ({e.strerror}:"
-          f" {where}): make it writable (chmod u+w; chattr -i if it is"
-          " immutable; remount a read-only file system) or use another"
-          " workdir.") from e
-
-  def _flock(self, fd: int) -> bool:
-    """flock(fd); False where the file system has no flock."""
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-      raise WorkdirLockedError(
-          f"--workdir={self.workdir} is in use by another run"
-          f" ({_holder_text(self._read(fd))}); wait for it to end or use"
-          " another workdir.") from e
+      for _ in range(5):
+        try:
+          self._lock.acquire()
+          return
+        except filelock.Timeout as e:
+          # filelock also gives up when the holder removed the file (released
+          # the lock) between its open and its flock: then try again.
+          if os.path.exists(self.path):
+            raise WorkdirLockedError(
+                f"--workdir={self.workdir} is in use by another run"
+                f" ({_holder_text(self._read_path())}); wait for it to end or"
+                " use another workdir.") from e
     except OSError as e:
       if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
+        self._acquire_without_flock()
+        return
+      self._raise_if_not_writable(e)
       raise
-    return True
+    raise WorkdirLockedError(f"Could not take the lock {self.path}.")
+
+  def _raise_if_not_writable(self, e: OSError) -> None:
+    """Raises WorkdirNotWritableError if `e` is a permission error."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise WorkdirNotWritableError(
+          f"--workdir={self.workdir} cannot be written ({e.strerror}:"
+          f" {e.filename or self.path}): make it writable (chmod u+w; chattr"
+          " -i if it is immutable; remount a read-only file system) or use"
+          " another workdir.") from e
+
+  def _acquire_without_flock(self) -> None:
+    """The lock on a file system without flock: the holder record alone.
+
+    filelock's own answer there (its soft lock) takes no `on_acquired`, writes
+    a record of its own format in the file, and covers ENOSYS only, not the
+    ENOLCK of an NFS mount without a lock daemon; so the record is checked
+    here: a live process on this host still holds the lock.
+    """
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      self._raise_if_not_writable(e)
+      raise
+    try:
+      self._take(fd, flocked=False)
+    except BaseException:
+      os.close(fd)
+      raise
+    self._fd_without_flock = fd
+
+  def _read_path(self) -> dict[str, Any]:
+    """The holder record in the lock file ({} where there is none)."""
+    try:
+      fd = os.open(self.path, os.O_RDONLY)
+    except FileNotFoundError:
+      return {}
+    try:
+      return self._read(fd)
+    finally:
+      os.close(fd)
 
   @staticmethod
   def _read(fd: int) -> dict[str, Any]:
@@ -398,14 +505,17 @@ class WorkdirLock:
 
   def release(self) -> None:
     """Removes the lock file and drops the lock (a no-op if not held)."""
-    if self._fd is None:
+    if not self._lock.is_locked and self._fd_without_flock is None:
       return
     try:
       os.remove(self.path)
     except FileNotFoundError:
       pass
-    os.close(self._fd)  # Drops the flock.
-    self._fd = None
+    if self._fd_without_flock is not None:
+      os.close(self._fd_without_flock)
+      self._fd_without_flock = None
+    else:
+      self._lock.release()
 
   def __enter__(self) -> "WorkdirLock":
     self.acquire()

@@ -1,4 +1,4 @@
-"""Runs one config as N local processes on 127.0.0.1, as a pod runs one per host.
+r"""Runs one config as N local processes on 127.0.0.1, as a pod runs one per host.
 
 Each process gets `--xla_force_host_platform_device_count=D` CPU devices, joins the
 others through `jax.distributed.initialize` (gloo CPU collectives), and runs the
@@ -10,7 +10,8 @@ devices exactly as it spans the hosts of a TPU pod.
 
 Everything after `--` goes to `python -m conformer_fl.main`. The launcher waits for
 every process, prefixes their output with the process index, and exits non-zero if
-any process fails (the others are then stopped).
+any process fails (the others are then stopped). Its own flags are absl flags
+(`--help` lists them); a bad one ends it with one line `error: ...`, status 1.
 
 `--process_env=INDEX:NAME=VALUE` (repeatable) sets an environment variable of one
 process only, e.g. a compilation cache of its own:
@@ -23,13 +24,16 @@ it from the cache): each waits for the others after compiling, see
 `conformer_fl/federated/mesh.py` (`barrier_after_compile`).
 """
 
-import argparse
 from collections.abc import Mapping
 import os
 import socket
 import subprocess
 import sys
 import threading
+
+from absl import flags
+
+from conformer_fl import cli
 
 
 def _free_port() -> int:
@@ -107,25 +111,31 @@ def launch(
   return exit_code
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", type=int, default=2)
-  parser.add_argument("--process_env", action="append", default=[],
-                      metavar="INDEX:NAME=VALUE",
-                      help="an environment variable of process INDEX only")
-  args, main_args = parser.parse_known_args()
-  if main_args and main_args[0] == "--":
-    main_args = main_args[1:]
-  if args.num_processes < 1 or args.devices_per_process < 1:
-    parser.error("--num_processes and --devices_per_process must be positive")
-  try:
-    process_env = parse_process_env(args.process_env, args.num_processes)
-  except ValueError as e:
-    parser.error(str(e))
-  sys.exit(launch(main_args, args.num_processes, args.devices_per_process,
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The launcher's flags (absl)."""
+  flags.DEFINE_integer("num_processes", 2, "Processes to start.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("devices_per_process", 2,
+                       "CPU devices of each process.", flag_values=flag_values)
+  flags.DEFINE_multi_string(
+      "process_env", [], "INDEX:NAME=VALUE: an environment variable of"
+      " process INDEX only.", flag_values=flag_values)
+
+
+def main(args: cli.ScriptArgs) -> None:
+  """Starts the processes of `args` and exits with `launch`'s code.
+
+  Raises:
+    ValueError: a flag out of range or a bad --process_env.
+  """
+  f = args.flags
+  if f.num_processes < 1 or f.devices_per_process < 1:
+    raise ValueError("--num_processes and --devices_per_process must be"
+                     " positive.")
+  process_env = parse_process_env(f.process_env, f.num_processes)
+  sys.exit(launch(args.after_dashes, f.num_processes, f.devices_per_process,
                   process_env))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_script(main, define_flags, errors=(ValueError,), after_dashes=True)

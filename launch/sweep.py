@@ -4,7 +4,12 @@ r"""Runs a sweep (configs/sweeps/NAME.py): every point locally or on TPU pods.
       --workdir=/tmp/cfl/stability [--analysis] [--dry-run] \
       [-- --config.data.data_dir=DIR ...]
 
-Each point (see `conformer_fl.sweep`) is a run of `python -m conformer_fl.main`
+The flags are absl flags (`--help` lists them); --sweep is an ml_collections
+config file flag, so --sweep.FIELD=VALUE overrides a field of the sweep. A bad
+flag, or a sweep file that does not load, ends the script with one line
+`error: ...`, exit status 1.
+
+Each point (see `conformer_fl.tools.sweep`) is a run of `python -m conformer_fl.main`
 in WORKDIR/<point>, e.g. /tmp/cfl/stability/seed0_norm-group_norm. Arguments
 after `--` are added to every point's command (things of this machine rather
 than of the experiment, such as the data directory).
@@ -36,17 +41,20 @@ with --mode=local --analysis on the copy (the finished runs do not train again;
 they need the same data, e.g. TFDS_DATA_DIR).
 """
 
-import argparse
 from collections.abc import Sequence
+import functools
 import json
 import os
 import sys
 import time
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import tpu_pod  # launch/tpu_pod.py, beside this file.
 
-from conformer_fl import sweep as sweep_lib
+from conformer_fl import cli
+from conformer_fl.tools import sweep as sweep_lib
 
 ROOT = tpu_pod.ROOT
 STABILITY_FILE = "stability.json"
@@ -106,76 +114,87 @@ def write_stability(points: Points, workdir: str) -> dict:
   return stability
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="launch/sweep.py", description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--sweep", required=True,
-                      help="configs/sweeps/NAME.py[:ARG]")
-  parser.add_argument("--workdir", required=True,
-                      help="Root of the points' workdirs (gs:// for pods).")
-  parser.add_argument("--mode", choices=("local", "pod"), default="local")
-  parser.add_argument("--dry-run", "--dry_run", dest="dry_run",
-                      action="store_true",
-                      help="Print the commands instead of running them.")
-  parser.add_argument("--analysis", action="store_true",
-                      help="Then the analysis pass and the stability"
-                      " comparison.")
-  pod = parser.add_argument_group("--mode=pod (see launch/tpu_pod.py)")
-  pod.add_argument("--name", default=None,
-                   help="Queued-resource name(s), comma-separated.")
-  pod.add_argument("--zone", default=None)
-  pod.add_argument("--project", default=None)
-  pod.add_argument("--tfds_data_dir", "--tfds-data-dir", dest="tfds_data_dir",
-                   default=None)
-  return parser
+def define_flags(flag_values: flags.FlagValues,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The sweep's flags (absl); --sweep is an ml_collections config file flag
+  (`sys_argv`: the command line its --sweep.FIELD overrides are read from,
+  default sys.argv). --dry_run is also --dry-run, --tfds_data_dir also
+  --tfds-data-dir."""
+  config_flags.DEFINE_config_file(
+      "sweep", None, "configs/sweeps/NAME.py[:ARG]; --sweep.FIELD=VALUE"
+      " overrides a field of it.", flag_values=flag_values, lock_config=True,
+      sys_argv=None if sys_argv is None else list(sys_argv))
+  flags.DEFINE_string("workdir", None,
+                      "Root of the points' workdirs (gs:// for pods).",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("mode", "local", ["local", "pod"],
+                    "local: run the points here, one after another; pod: start"
+                    " them on the TPU pods of --name.", flag_values=flag_values)
+  flags.DEFINE_bool("dry_run", False,
+                    "Print the commands instead of running them.",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("analysis", False,
+                    "Then the analysis pass and the stability comparison.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("name", None, "--mode=pod: queued-resource name(s),"
+                      " comma-separated (see launch/tpu_pod.py).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("zone", None, "--mode=pod: the pods' zone.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("project", None, "--mode=pod: GCP project; default:"
+                      " gcloud's.", flag_values=flag_values)
+  flags.DEFINE_string("tfds_data_dir", None, "--mode=pod: exported as"
+                      " TFDS_DATA_DIR on the pods.", flag_values=flag_values)
+  flags.mark_flags_as_required(["sweep", "workdir"], flag_values=flag_values)
+  for name in ("dry_run", "tfds_data_dir"):
+    flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=flag_values)
 
 
-def main(argv: Sequence[str] | None = None, out=None) -> None:
+PARSE_OPTIONS = dict(config_flag_names=("sweep",), after_dashes=True)
+
+
+def run_command_line(args: cli.ScriptArgs, out=None) -> None:
   """Runs (or prints) the sweep.
 
   Raises:
-    tpu_pod.LaunchError: bad flags or a failed command. ValueError,
-    FileNotFoundError: a bad sweep config.
+    tpu_pod.LaunchError: bad flags or a failed command. ValueError: a bad
+    sweep config.
   """
-  args, extra = build_parser().parse_known_args(argv)
-  if extra and extra[0] == "--":
-    extra = extra[1:]
+  f, extra = args.flags, args.after_dashes
   unknown = [a for a in extra if not a.startswith("--config.")]
   if unknown:
     raise tpu_pod.LaunchError(
         f"Unexpected arguments {unknown}: after --, give --config.FIELD=VALUE"
         " overrides for every point.")
-  sweep = sweep_lib.load_config_file(args.sweep, ROOT)
+  sweep = f.sweep
   points = sweep_lib.expand(sweep)
   sweep_lib.check_points(sweep, points, ROOT, extra)
-  workdir = args.workdir
+  workdir = f.workdir
   if not workdir.startswith("gs://"):
     workdir = os.path.abspath(workdir)  # The runs start in the repository root.
-  if args.mode == "pod":
-    if args.analysis:
+  if f.mode == "pod":
+    if f.analysis:
       raise tpu_pod.LaunchError(
           "--analysis runs on one host with local files: when the pod runs are"
           " done, copy the sweep down (gsutil -m cp -r WORKDIR DIR) and run"
           " --mode=local --analysis --workdir=DIR/<name>.")
-    if not args.name or not args.zone or not args.tfds_data_dir:
+    if not f.name or not f.zone or not f.tfds_data_dir:
       raise tpu_pod.LaunchError("--mode=pod needs --name, --zone and"
                                 " --tfds_data_dir.")
-    pods = [tpu_pod.Pod(n, args.zone, args.project)
-            for n in args.name.split(",")]
+    pods = [tpu_pod.Pod(n, f.zone, f.project) for n in f.name.split(",")]
+    name = sweep_lib.sweep_name(config_flags.get_config_filename(f["sweep"]))
     tpu_pod.execute(pod_commands(sweep, points, workdir, extra, pods,
-                                 args.tfds_data_dir,
-                                 sweep_lib.sweep_name(args.sweep)),
-                    args.dry_run, out=out)
+                                 f.tfds_data_dir, name),
+                    f.dry_run, out=out)
     return
-  if workdir.startswith("gs://") and args.analysis:
+  if workdir.startswith("gs://") and f.analysis:
     raise tpu_pod.LaunchError(
         "--analysis needs a local --workdir (the analysis pass writes local"
         " files); copy the sweep down first.")
   commands = train_commands(sweep, points, workdir, extra)
-  if args.analysis:
+  if f.analysis:
     commands += analysis_commands(sweep, points, workdir)
-  if args.dry_run:
+  if f.dry_run:
     tpu_pod.execute(commands, dry_run=True, out=out)
     return
   for index, command in enumerate(commands):
@@ -183,13 +202,23 @@ def main(argv: Sequence[str] | None = None, out=None) -> None:
     tpu_pod.execute([command], dry_run=False, cwd=ROOT)
     print(f"[{index + 1}/{len(commands)}] done in"
           f" {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
-  if args.analysis and len(points) > 1:
+  if f.analysis and len(points) > 1:
     write_stability(points, workdir)
 
 
+def main(argv: Sequence[str], out=None) -> None:
+  """The command line `sweep.py ARGV...`, run in this process.
+
+  Raises:
+    As run_command_line. A flag that does not parse (a missing sweep file
+    too) ends the program (`cli.fail`).
+  """
+  argv = ["sweep.py", *argv]
+  run_command_line(cli.parse_script_flags(
+      argv, functools.partial(define_flags, sys_argv=argv), **PARSE_OPTIONS),
+                   out=out)
+
+
 if __name__ == "__main__":
-  try:
-    main()
-  except (tpu_pod.LaunchError, ValueError, FileNotFoundError) as error:
-    print(f"sweep.py: error: {error}", file=sys.stderr)
-    sys.exit(1)
+  cli.run_script(run_command_line, define_flags,
+                 errors=(tpu_pod.LaunchError, ValueError), **PARSE_OPTIONS)

@@ -22,11 +22,17 @@ topology on this machine (no pod, no gcloud: `pip install -e '.[tpu-plan]'`
 brings libtpu) and prints HBM per chip, the most clients (or examples, or
 variants) per chip that fit and the compiled FLOPs; it exits 1, naming the
 config field, when the config does not divide over the chips or does not fit
-(`conformer_fl/pod_plan.py`). It takes the flags of `run` (the pod's are
+(`conformer_fl/tools/pod_plan.py`). It takes the flags of `run` (the pod's are
 optional and unused) and --topology:
 
   python launch/tpu_pod.py plan --topology=v5e:2x2 -- \
       --config=configs/federated.py:size=S,corpus=librispeech
+
+The subcommand is the first argument that is not a flag; the flags are absl
+flags, each --a_b also spelled --a-b (`--help` lists them, with the
+subcommands that take each). A flag the subcommand needs but is not given, or
+one it does not take, ends the script with one line `error: ...` naming the
+flag, exit status 1, as every bad input does.
 
 Every subcommand takes --dry-run: it prints the exact commands, one per line
 (shell-quoted), instead of running them (`plan --dry-run` prints the step it
@@ -47,7 +53,6 @@ them is set. Each worker logs to ~/conformer_fl/logs/JOB.workerN.log. `run`
 refuses to start while a conformer_fl.main job is still running on a worker.
 """
 
-import argparse
 from collections.abc import Sequence
 import dataclasses
 import os
@@ -58,7 +63,14 @@ import sys
 import tempfile
 import time
 
+from absl import flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # Run from a checkout without installing.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl import cli
+# pylint: enable=g-import-not-at-top,wrong-import-position
 # On every worker, relative to the home directory (ssh sessions start there).
 REMOTE_DIR = "conformer_fl"
 REMOTE_ARCHIVE = "conformer_fl.tar.gz"
@@ -385,7 +397,7 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
   """Prints the plan of `conformer_fl.main main_args` on `topology`.
 
   Compiles on this machine's CPU (JAX_PLATFORMS=cpu unless set): see
-  `conformer_fl.pod_plan`. With `dry_run`, prints what it would compile
+  `conformer_fl.tools.pod_plan`. With `dry_run`, prints what it would compile
   (`pod_plan.describe`) and compiles nothing.
 
   Raises:
@@ -400,10 +412,9 @@ def plan_run(main_args: Sequence[str], topology: str, search: bool = True,
   if max_compiles < 1:
     raise LaunchError(f"--max_compiles must be >= 1, got {max_compiles}.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # Run from a checkout without installing.
   try:
-    from conformer_fl import pod_plan  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from conformer_fl.tools import pod_plan
   except ImportError as e:
     raise LaunchError(
         f"`plan` needs the conformer_fl package and its dependencies ({e}):"
@@ -489,126 +500,170 @@ def wait_until_active(pod: Pod, dry_run: bool, timeout_minutes: float = 60.0,
 # Command line.
 
 
-def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-  """--a_b, also spelled --a-b (as gcloud spells its flags)."""
-  spellings = [f"--{name}"]
-  if "_" in name:
-    spellings.append(f"--{name.replace('_', '-')}")
-  parser.add_argument(*spellings, dest=name, **kwargs)
+SUBCOMMANDS = ("create", "wait", "setup", "run", "logs", "delete", "plan")
+_POD = ("project", "node_id", "dry_run")  # Beside --name and --zone.
+# Per subcommand: (the flags it needs, the other flags it takes).
+SUBCOMMAND_FLAGS = {
+    "create": (("name", "zone", "accelerator_type", "runtime_version"),
+               (*_POD, "spot", "best_effort")),
+    "wait": (("name", "zone"), (*_POD, "timeout_minutes", "poll_seconds")),
+    "setup": (("name", "zone"),
+              (*_POD, "ref", "archive", "python", "corpus_packages")),
+    "run": (("name", "zone", "tfds_data_dir"), (*_POD, "job")),
+    "logs": (("name", "zone"), (*_POD, "job", "worker", "lines", "follow")),
+    "delete": (("name", "zone"), _POD),
+    # The pod's flags are optional and unused: the flags of `run` work as is.
+    "plan": (("topology",), ("name", "zone", "project", "node_id",
+                             "tfds_data_dir", "job", "dry_run", "no_search",
+                             "max_compiles")),
+}
+# The subcommands that pass the arguments after -- to conformer_fl.main.
+TAKES_MAIN_ARGS = ("run", "plan")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="launch/tpu_pod.py", description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  common = argparse.ArgumentParser(add_help=False)
-  _add(common, "name", required=True, help="Queued-resource name.")
-  _add(common, "zone", required=True, help="e.g. us-central2-b.")
-  _add(common, "project", default=None, help="Default: gcloud's project.")
-  _add(common, "node_id", default=None, help="TPU VM node; default: --name.")
-  _add(common, "dry_run", action="store_true",
-       help="Print the commands instead of running them.")
-  sub = parser.add_subparsers(dest="subcommand", required=True)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The flags of every subcommand (absl); each --a_b is also --a-b, as
+  gcloud spells its flags. `check_subcommand` says which one takes which."""
 
-  create = sub.add_parser("create", parents=[common],
-                          help="Request the pod (a queued resource).")
-  _add(create, "accelerator_type", required=True, help="e.g. v4-32.")
-  _add(create, "runtime_version", required=True,
-       help="e.g. tpu-ubuntu2204-base (v4), v2-alpha-tpuv5-lite (v5e).")
-  _add(create, "spot", action="store_true")
-  _add(create, "best_effort", action="store_true")
+  def define(kind, name: str, default, help_string: str, **kwargs) -> None:
+    kind(name, default, help_string, flag_values=flag_values, **kwargs)
+    if "_" in name:
+      flags.DEFINE_alias(name.replace("_", "-"), name,
+                         flag_values=flag_values)
 
-  wait = sub.add_parser("wait", parents=[common],
-                        help="Poll until the queued resource is ACTIVE.")
-  _add(wait, "timeout_minutes", type=float, default=60.0)
-  _add(wait, "poll_seconds", type=float, default=30.0)
-
-  setup = sub.add_parser("setup", parents=[common],
-                         help="Code and virtualenv on every worker.")
-  _add(setup, "ref", default="HEAD", help="The git commit to ship.")
-  _add(setup, "archive", default=None, help="Local path of the tarball.")
-  _add(setup, "python", default=DEFAULT_PYTHON)
-  _add(setup, "corpus_packages", action="store_true",
-       help=f"Also apt-get {' '.join(CORPUS_PACKAGES)} (the local corpus).")
-
-  run = sub.add_parser(
-      "run", parents=[common],
-      help="Start conformer_fl.main on every worker; its arguments after --.")
-  _add(run, "tfds_data_dir", required=True,
-       help="Exported as TFDS_DATA_DIR, e.g. gs://BUCKET/tfds.")
-  _add(run, "job", default=None, help="Log name; default: the workdir's name.")
-  run.add_argument("main_args", nargs=argparse.REMAINDER,
-                   help="-- --config=... --workdir=gs://... [--config.X=V]")
-
-  plan = sub.add_parser(
-      "plan", help="Compile the run's step for a TPU topology here: HBM per"
-      " chip, max clients per chip, FLOPs; no pod needed.")
-  for name in ("name", "zone", "project", "node_id", "tfds_data_dir", "job"):
-    _add(plan, name, default=None, help="As for run; unused by the plan.")
-  _add(plan, "dry_run", action="store_true",
-       help="Print what would be compiled (step, shapes, chips), compile"
-       " nothing.")
-  _add(plan, "topology", required=True,
-       help="TPU topology, e.g. v5e:2x2 (v5litepod-4), v5e:4x4, v4:2x2x1"
-       " (v4-8), v4:2x2x2, v5p:2x2x1, v6e:2x2; or cpu (this machine).")
-  _add(plan, "no_search", action="store_true",
-       help="Compile the config's own count only (no max-per-chip search).")
-  _add(plan, "max_compiles", type=int, default=4,
-       help="At most this many compilations in the search.")
-  plan.add_argument("main_args", nargs=argparse.REMAINDER,
-                    help="-- --config=... [--workdir=...] [--config.X=V]")
-
-  logs = sub.add_parser("logs", parents=[common], help="Tail a job's log.")
-  _add(logs, "job", default=None, help="Default: the newest log.")
-  _add(logs, "worker", default="0", help="0, 1, ... or all.")
-  _add(logs, "lines", type=int, default=100)
-  _add(logs, "follow", action="store_true")
-
-  sub.add_parser("delete", parents=[common],
-                 help="Delete the queued resource and its node.")
-  return parser
+  string, boolean = flags.DEFINE_string, flags.DEFINE_bool
+  define(string, "name", None, "Queued-resource name.")
+  define(string, "zone", None, "e.g. us-central2-b.")
+  define(string, "project", None, "Default: gcloud's project.")
+  define(string, "node_id", None, "TPU VM node; default: --name.")
+  define(boolean, "dry_run", False,
+         "Print the commands instead of running them (plan: print what would"
+         " be compiled, its step, shapes and chips, and compile nothing).")
+  # create
+  define(string, "accelerator_type", None, "create: e.g. v4-32.")
+  define(string, "runtime_version", None, "create: e.g. tpu-ubuntu2204-base"
+         " (v4), v2-alpha-tpuv5-lite (v5e).")
+  define(boolean, "spot", False, "create: a Spot request.")
+  define(boolean, "best_effort", False, "create: a best-effort request.")
+  # wait
+  define(flags.DEFINE_float, "timeout_minutes", 60.0,
+         "wait: give up after this long.")
+  define(flags.DEFINE_float, "poll_seconds", 30.0, "wait: poll interval.")
+  # setup
+  define(string, "ref", "HEAD", "setup: the git commit to ship.")
+  define(string, "archive", None, "setup: local path of the tarball.")
+  define(string, "python", DEFAULT_PYTHON, "setup: the workers' Python.")
+  define(boolean, "corpus_packages", False,
+         f"setup: also apt-get {' '.join(CORPUS_PACKAGES)} (the local"
+         " corpus).")
+  # run (and plan, unused there)
+  define(string, "tfds_data_dir", None,
+         "run: exported as TFDS_DATA_DIR, e.g. gs://BUCKET/tfds.")
+  define(string, "job", None, "run: the log's name; default: the workdir's"
+         " name. logs: the job; default: the newest log.")
+  # plan
+  define(string, "topology", None,
+         "plan: TPU topology, e.g. v5e:2x2 (v5litepod-4), v5e:4x4, v4:2x2x1"
+         " (v4-8), v4:2x2x2, v5p:2x2x1, v6e:2x2; or cpu (this machine).")
+  define(boolean, "no_search", False,
+         "plan: compile the config's own count only (no max-per-chip"
+         " search).")
+  define(flags.DEFINE_integer, "max_compiles", 4,
+         "plan: at most this many compilations in the search.")
+  # logs
+  define(string, "worker", "0", "logs: 0, 1, ... or all.")
+  define(flags.DEFINE_integer, "lines", 100, "logs: lines to show.")
+  define(boolean, "follow", False, "logs: keep following the log.")
 
 
-def main(argv: Sequence[str] | None = None, out=None) -> None:
+def check_subcommand(args: cli.ScriptArgs) -> str:
+  """The subcommand (the first argument that is not a flag), checked.
+
+  Raises:
+    LaunchError: no or an unknown subcommand, a flag it needs missing, a flag
+      it does not take given, or arguments after -- for one that passes none.
+  """
+  if not args.positional:
+    raise LaunchError(
+        f"Give a subcommand first, one of {', '.join(SUBCOMMANDS)} (e.g."
+        " tpu_pod.py delete --name=N --zone=Z).")
+  subcommand, *extra = args.positional
+  if subcommand not in SUBCOMMAND_FLAGS:
+    raise LaunchError(f"Unknown subcommand {subcommand!r}: one of"
+                      f" {', '.join(SUBCOMMANDS)}.")
+  if extra:
+    raise LaunchError(
+        f"Unexpected arguments {extra}: `{subcommand}` takes flags; the"
+        " arguments of conformer_fl.main (run, plan) go after --.")
+  required, optional = SUBCOMMAND_FLAGS[subcommand]
+  for name in required:
+    if not args.flags[name].present:
+      raise LaunchError(f"`{subcommand}` needs --{name} (--help describes"
+                        " it).")
+  taken = {*required, *optional}
+  for name in sorted({n for names in SUBCOMMAND_FLAGS.values()
+                      for group in names for n in group} - taken):
+    if args.flags[name].present:
+      raise LaunchError(
+          f"--{name} is not a flag of `{subcommand}`; its flags are"
+          f" {', '.join('--' + n for n in sorted(taken))}.")
+  if args.after_dashes and subcommand not in TAKES_MAIN_ARGS:
+    raise LaunchError(f"`{subcommand}` takes no arguments after --, got"
+                      f" {args.after_dashes}.")
+  return subcommand
+
+
+def parse_command_line(argv: Sequence[str]) -> cli.ScriptArgs:
+  """`argv` (program name first) parsed in a FlagValues of its own."""
+  return cli.parse_script_flags(argv, define_flags, positional=True,
+                                after_dashes=True)
+
+
+def run_command_line(args: cli.ScriptArgs, out=None) -> None:
   """Runs (or prints) one subcommand.
 
   Raises:
     LaunchError: bad input or a failed command (run as a script, one line).
   """
-  args = build_parser().parse_args(argv)
-  if args.subcommand == "plan":
-    plan_run(args.main_args, args.topology, search=not args.no_search,
-             max_compiles=args.max_compiles, out=out, dry_run=args.dry_run)
+  subcommand = check_subcommand(args)
+  f = args.flags
+  if subcommand == "plan":
+    plan_run(args.after_dashes, f.topology, search=not f.no_search,
+             max_compiles=f.max_compiles, out=out, dry_run=f.dry_run)
     return
-  pod = Pod(args.name, args.zone, args.project, args.node_id)
-  if args.subcommand == "create":
-    commands = create_commands(pod, args.accelerator_type, args.runtime_version,
-                               args.spot, args.best_effort)
-  elif args.subcommand == "wait":
-    wait_until_active(pod, args.dry_run, args.timeout_minutes,
-                      args.poll_seconds, out=out)
+  pod = Pod(f.name, f.zone, f.project, f.node_id)
+  if subcommand == "create":
+    commands = create_commands(pod, f.accelerator_type, f.runtime_version,
+                               f.spot, f.best_effort)
+  elif subcommand == "wait":
+    wait_until_active(pod, f.dry_run, f.timeout_minutes, f.poll_seconds,
+                      out=out)
     return
-  elif args.subcommand == "setup":
-    commands = setup_commands(pod, args.ref, args.archive, args.python,
-                              args.corpus_packages)
-  elif args.subcommand == "run":
-    main_args = list(args.main_args)
-    if main_args and main_args[0] == "--":
-      main_args = main_args[1:]
+  elif subcommand == "setup":
+    commands = setup_commands(pod, f.ref, f.archive, f.python,
+                              f.corpus_packages)
+  elif subcommand == "run":
+    main_args = args.after_dashes
     check_main_args(main_args)
-    job = args.job or default_job_name(main_args)
-    commands = run_commands(pod, [(job, main_args)], args.tfds_data_dir)
-  elif args.subcommand == "logs":
-    commands = logs_commands(pod, args.job, args.worker, args.lines,
-                             args.follow)
+    job = f.job or default_job_name(main_args)
+    commands = run_commands(pod, [(job, main_args)], f.tfds_data_dir)
+  elif subcommand == "logs":
+    commands = logs_commands(pod, f.job, f.worker, f.lines, f.follow)
   else:
     commands = delete_commands(pod)
-  execute(commands, args.dry_run, out=out)
+  execute(commands, f.dry_run, out=out)
+
+
+def main(argv: Sequence[str], out=None) -> None:
+  """The command line `tpu_pod.py ARGV...`, run in this process.
+
+  Raises:
+    LaunchError: as run_command_line. A flag that does not parse ends the
+      program (`cli.fail`).
+  """
+  run_command_line(parse_command_line(["tpu_pod.py", *argv]), out=out)
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except LaunchError as error:
-    print(f"tpu_pod.py: error: {error}", file=sys.stderr)
-    sys.exit(1)
+  cli.run_script(run_command_line, define_flags, errors=(LaunchError,),
+                 positional=True, after_dashes=True)

@@ -19,7 +19,9 @@ from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import main
 from conformer_fl import models
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import plots
 from conformer_fl.analysis import resets
 from conformer_fl.data import input_pipeline
@@ -94,34 +96,33 @@ def saved(workdir):
 
 
 def test_frozen_unit_reset_changes_nothing_and_is_ambient(results):
-  frozen = results["units"][FROZEN]
-  baseline = results["baseline"]
-  assert frozen["reinit_wer"] == [baseline["wer"]] * len(results["taus"])
-  assert frozen["reinit_loss"] == [baseline["loss"]] * len(results["taus"])
-  assert frozen["wer_increase"] == 0.0 and frozen["loss_increase"] == 0.0
-  assert frozen["ambient"] and FROZEN in results["ambient"]
+  frozen = results.units[FROZEN]
+  baseline = results.baseline
+  assert frozen.reinit_wer == (baseline.wer,) * len(results.taus)
+  assert frozen.reinit_loss == (baseline.loss,) * len(results.taus)
+  assert frozen.wer_increase == 0.0 and frozen.loss_increase == 0.0
+  assert frozen.ambient and FROZEN in results.ambient
   # Its reset changes no utterance: the paired interval is [0, 0].
-  assert frozen["label"] == "ambient"
-  assert frozen["wer_increase_low"] == frozen["wer_increase_high"] == 0.0
-  labels = {u["label"] for u in results["units"].values()}
+  assert frozen.label == "ambient"
+  assert frozen.wer_increase_low == frozen.wer_increase_high == 0.0
+  labels = {u.label for u in results.units.values()}
   assert labels <= set(importance.LABELS)
-  for name, unit in results["units"].items():
-    assert unit["wer_increase_low"] <= unit["wer_increase"] <= unit[
-        "wer_increase_high"]
-    assert name in results[unit["label"]]
-  assert frozen["movement"]["distance"] == 0.0
+  for name, unit in results.units.items():
+    assert unit.wer_increase_low <= unit.wer_increase <= unit.wer_increase_high
+    assert name in getattr(results, unit.label)
+  assert frozen.movement.distance == 0.0
   # Units that trained did move, and resetting them changes the loss.
-  trained_units = [u for n, u in results["units"].items() if n != FROZEN]
-  assert all(u["movement"]["distance"] > 0 for u in trained_units)
-  assert any(u["loss_increase"] != 0.0 for u in trained_units)
+  trained_units = [u for n, u in results.units.items() if n != FROZEN]
+  assert all(u.movement.distance > 0 for u in trained_units)
+  assert any(u.loss_increase != 0.0 for u in trained_units)
 
 
 def test_reset_to_the_trained_step_is_the_baseline(results):
-  assert results["taus"] == [0, 2, STEPS] == results["checkpoint_steps"]
-  for unit in results["units"].values():
-    assert unit["reinit_wer"][-1] == results["baseline"]["wer"]
-    assert unit["reinit_loss"][-1] == pytest.approx(results["baseline"]["loss"],
-                                                    rel=1e-6)
+  assert results.taus == (0, 2, STEPS) == results.checkpoint_steps
+  for unit in results.units.values():
+    assert unit.reinit_wer[-1] == results.baseline.wer
+    assert unit.reinit_loss[-1] == pytest.approx(results.baseline.loss,
+                                                 rel=1e-6)
 
 
 def test_every_unit_reset_to_tau0_reproduces_the_initial_model(
@@ -137,7 +138,7 @@ def test_every_unit_reset_to_tau0_reproduces_the_initial_model(
     reset = resets.reset_unit(reset, initial, path)
   jax.tree.map(np.testing.assert_array_equal, reset, initial)
 
-  run_config = importance.load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   model = models.build_model(run_config.model)
   tokenizer = tokenizer_lib.load_tokenizer(
       os.path.join(workdir, tokenizer_lib.TOKENIZER_FILENAME))
@@ -156,7 +157,8 @@ def test_every_unit_reset_to_tau0_reproduces_the_initial_model(
 def test_importance_json_has_every_field(workdir, results):
   with open(os.path.join(workdir, "analysis", "importance.json")) as f:
     written = json.load(f)
-  assert written == json.loads(json.dumps(results))
+  assert written == results.to_json()
+  assert importance_file.Importance.from_json(written) == results
   assert set(written) == TOP_LEVEL_KEYS
   assert written["granularity"] == "module" and written["step_key"] == "step"
   assert written["trained_step"] == STEPS
@@ -193,7 +195,7 @@ def _png_size(path):
 
 def test_figures_are_pngs_of_the_expected_size(workdir, results):
   out = os.path.join(workdir, "analysis")
-  num_units, num_taus = len(results["units"]), len(results["taus"])
+  num_units, num_taus = len(results.units), len(results.taus)
   expected = {
       "heatmap_wer": plots.heatmap_size_inches(num_units, num_taus),
       "heatmap_loss": plots.heatmap_size_inches(num_units, num_taus),
@@ -203,15 +205,15 @@ def test_figures_are_pngs_of_the_expected_size(workdir, results):
       "movement_scatter": (3 * plots.SCATTER_SIZE_INCHES[0],
                            plots.SCATTER_SIZE_INCHES[1]),
   }
-  assert set(results["figures"]) == set(expected)
+  assert set(results.figures) == set(expected)
   with open(os.path.join(out, "report.md")) as f:
     report_text = f.read()
   for key, (width, height) in expected.items():
-    figure = results["figures"][key]
+    figure = results.figures[key]
     size = (round(width * plots.DPI), round(height * plots.DPI))
-    assert (figure["width"], figure["height"]) == size
-    assert _png_size(os.path.join(out, figure["file"])) == size
-    assert f"]({figure['file']})" in report_text
+    assert (figure.width, figure.height) == size
+    assert _png_size(os.path.join(out, figure.file)) == size
+    assert f"]({figure.file})" in report_text
   assert FROZEN in report_text
   # The title names the run's folder, not where it lies on this machine.
   assert report_text.splitlines()[0] == (

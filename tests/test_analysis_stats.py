@@ -1,5 +1,6 @@
 """Analysis statistics: correlations, Jaccard, movement, thresholds, taus."""
 
+import dataclasses
 import json
 import math
 
@@ -9,10 +10,13 @@ import pytest
 from scipy import stats
 
 from conformer_fl.analysis import importance
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import movement
 from conformer_fl.analysis import report
 from conformer_fl.analysis import resets
 from conformer_fl.analysis import stability
+
+import importance_fakes  # tests/importance_fakes.py
 
 
 def test_rank_correlations_match_scipy_and_hand_values():
@@ -62,9 +66,9 @@ def test_relative_depth():
 
 
 def _result(units, ambient, num_blocks):
-  return dict(model=dict(num_blocks=num_blocks), ambient=ambient,
-              units={u: dict(wer_increase=w, loss_increase=10 * w)
-                     for u, w in units.items()})
+  return importance_fakes.importance(
+      {u: importance_fakes.unit(w, loss_increase=10 * w)
+       for u, w in units.items()}, num_blocks=num_blocks, ambient=ambient)
 
 
 def test_compare_runs_of_one_depth_pairs_units_by_name():
@@ -110,7 +114,7 @@ def test_compare_runs_of_two_depths_pairs_units_by_relative_depth():
   shallow = _result({f"encoder/block_{i:02d}": 0.0 for i in range(10)}, [],
                     10)
   pairs = stability.matched_units(deep, shallow)
-  assert sorted(v for _, v in pairs) == sorted(shallow["units"])
+  assert sorted(v for _, v in pairs) == sorted(shallow.units)
   assert pairs[0] == ("encoder/block_00", "encoder/block_00")
   assert pairs[-1] == ("encoder/block_14", "encoder/block_09")
   comparison = stability.compare_runs([a, b], ["a", "b"])
@@ -313,22 +317,22 @@ def test_parse_taus():
 
 
 def test_report_shows_labels_intervals_primary_test_and_nulls():
-  unit = dict(num_params=10, reinit_wer=[0.3], reinit_loss=[1.0],
-              rerandomize_wer=[], wer_increase=0.05, wer_increase_low=0.01,
-              wer_increase_high=0.09, loss_increase=0.2, label="undetermined",
-              movement=dict(distance=1.0, relative_distance=0.5,
-                            update_norm_sum=None))
-  figures = {k: dict(file=f"{k}.png") for k in (
+  unit = dataclasses.replace(
+      importance_fakes.unit(0.05, loss_increase=0.2), num_params=10,
+      reinit_wer=(0.3,), wer_increase_low=0.01, wer_increase_high=0.09)
+  figures = {k: importance_file.Figure(f"{k}.png", 10, 10) for k in (
       "heatmap_wer", "heatmap_loss", "rerandomization", "movement_scatter")}
-  results = dict(
-      workdir="/x/run", step_key="step", trained_step=4, granularity="module",
-      taus=[0, 4], rerandomize_seeds=[], eval=dict(split="dev", domains=[],
-                                                  num_examples=10.0),
-      baseline=dict(wer=0.25, loss=1.0, cer=0.1, wer_interval=[0.2, 0.3]),
-      thresholds=dict(max_abs_wer_increase=0.01, max_rel_wer_increase=0.05,
-                      rule="either", wer_increase=0.0125, confidence=0.95),
-      units={"encoder/block_00/conv": unit}, ambient=[], critical=[],
-      undetermined=["encoder/block_00/conv"],
+  results = dataclasses.replace(
+      importance_fakes.importance({"encoder/block_00/conv": unit}),
+      workdir="/x/run", trained_step=4, taus=(0, 4),
+      eval=importance_file.EvalInfo(split="dev", domains=(), num_batches=1,
+                                    num_examples=10.0),
+      baseline=importance_file.Baseline(wer=0.25, loss=1.0, cer=0.1,
+                                        wer_interval=(0.2, 0.3),
+                                        num_speakers=2),
+      thresholds=importance_file.Thresholds(
+          max_abs_wer_increase=0.01, max_rel_wer_increase=0.05, rule="either",
+          wer_increase=0.0125, confidence=0.95, bootstrap_samples=100),
       movement_test=dict(measure="relative_distance", num_units=16,
                          strata={"conv": 4, "ffn": 8, "mhsa": 4},
                          spearman=0.5, pvalue=0.04, num_permutations=10000,

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from conformer_fl import experiment
-from conformer_fl import sweep
 from conformer_fl.data import batching
 from conformer_fl.data import clients
 from conformer_fl.data import input_pipeline
@@ -29,6 +28,7 @@ from conformer_fl.data import record_source
 from conformer_fl.data import synthetic_speech
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import mesh as mesh_lib
+from conformer_fl.tools import sweep
 
 import entry_point  # tests/entry_point.py
 import stand_ins  # tests/stand_ins.py

@@ -5,6 +5,8 @@ nothing is compiled or trained. The cost model is checked against the
 sub-model the round builds (`submodel.gather_submodel`, `split_frozen`).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from conformer_fl.experiment import arms
 from conformer_fl.federated import dropout
 from conformer_fl.federated import submodel
 from conformer_fl.models import variables as variables_lib
+
+import importance_fakes  # tests/importance_fakes.py
 
 KINDS = ("ffn", "conv", "mhsa")
 
@@ -38,9 +42,9 @@ def _importance(cost_model, critical_every=3, ambient_every=2, seed=0):
     label = ("critical" if i % critical_every == 0 else
              "ambient" if i % ambient_every == 0 else "undetermined")
     increase = {"critical": 0.1, "ambient": 0.0, "undetermined": 0.02}[label]
-    units[m.name] = dict(label=label,
-                         wer_increase=increase + 0.01 * rng.random())
-  return {"units": units}
+    units[m.name] = importance_fakes.unit(increase + 0.01 * rng.random(),
+                                          label=label)
+  return importance_fakes.importance(units)
 
 
 def _counted(params, droppable, dropout_fields):
@@ -96,14 +100,14 @@ def test_each_arm_reaches_the_cost_level(model):
   assert uniform.dropout["kind"] == "uniform"
   assert len(uniform.kept) == 32
   # Freeze: the ambient modules, nothing thinned.
-  ambient = [n for n, u in importance["units"].items() if u["label"] == "ambient"]
+  ambient = [n for n, u in importance.units.items() if u.label == "ambient"]
   assert list(by_key[("freeze", None)].dropout["freeze_units"]) == ambient
 
 
 def test_targeted_spares_critical_modules_and_anti_targeted_mirrors_it(model):
   _, cost_model, _ = model
   importance = _importance(cost_model)
-  labels = {n: u["label"] for n, u in importance["units"].items()}
+  labels = {n: u.label for n, u in importance.units.items()}
   specs = arms.arm_specs(cost_model, importance,
                          ("full", "targeted", "anti_targeted"), (0.70,),
                          unit_kinds=KINDS, max_rate=0.75, random_draws=0,
@@ -154,7 +158,9 @@ def test_missing_labels_are_named(model):
   _, cost_model, _ = model
   importance = _importance(cost_model)
   name = cost_model.modules[0].name
-  del importance["units"][name]["label"]
+  importance = dataclasses.replace(importance, units=dict(
+      importance.units, **{name: dataclasses.replace(importance.units[name],
+                                                     label=None)}))
   with pytest.raises(ValueError, match="no paired label"):
     arms.arm_specs(cost_model, importance, ("targeted",), (0.7,),
                    unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)
@@ -203,3 +209,47 @@ def test_each_policy_arm_is_the_uniform_arm_under_its_policy(model):
   ffn = next(m for m in cost_model.modules if m.kind == "ffn")
   assert by_key[("uniform_rolling", 0.70)].kept[ffn.name] == (
       dropout.kept_count(ffn.num_units, ffn.groups, rate))
+
+
+def test_importance_to_rates_by_hand():
+  """Labels and WER increases -> targeted rates -> kept units, by hand.
+
+  Three modules of 7 units of 10 parameters, 210 parameters in all; c is
+  critical, a less important than b, so a gets weight 1 and b 1/2: rates
+  (alpha, alpha / 2) keep round(7 (1 - alpha)) and round(7 (1 - alpha / 2))
+  units. The least alpha whose cost is at most 0.81 is 1 - 4.5 / 7 =
+  0.3571428..., where a drops from 5 to 4 kept units (b keeps 6): 170 / 210
+  parameters, 0.8095.
+  """
+  modules = tuple(arms.Module(name, "ffn", 7, 1, 10) for name in "abc")
+  cost_model = arms.CostModel(210, modules, dict.fromkeys("abc", 70))
+  importance = importance_fakes.importance(
+      {"a": importance_fakes.unit(0.001, label="ambient"),
+       "b": importance_fakes.unit(0.01, label="undetermined"),
+       "c": importance_fakes.unit(0.2, label="critical")})
+  assert arms.module_ranking(importance, ["c", "b", "a"]) == ["a", "b", "c"]
+  targeted, anti, freeze = arms.arm_specs(
+      cost_model, importance, ("targeted", "anti_targeted", "freeze"),
+      (0.81,), unit_kinds=("ffn",), max_rate=0.75, random_draws=0, seed=0)
+  # Rates rounded to 6 digits.
+  assert targeted.dropout["rates"] == {"a": 0.357143, "b": 0.178571}
+  assert targeted.kept == {"a": 4, "b": 6}
+  assert targeted.params_fraction == 170 / 210
+  # The mirror: the same weights on the two most important, c then b.
+  assert anti.dropout["rates"] == {"c": 0.357143, "b": 0.178571}
+  assert anti.kept == {"c": 4, "b": 6}
+  # Freeze: the ambient module a is not trained.
+  assert freeze.dropout["freeze_units"] == ["a"]
+  assert freeze.params_fraction == 140 / 210
+
+
+def test_the_round_keeps_the_units_the_arm_counts(model):
+  params, cost_model, droppable = model
+  importance = _importance(cost_model, critical_every=6)
+  for spec in arms.arm_specs(cost_model, importance,
+                             ("targeted", "anti_targeted", "uniform"), (0.7,),
+                             unit_kinds=KINDS, max_rate=0.75, random_draws=0,
+                             seed=0):
+    built = dropout.dropout_spec_from_config(
+        arms.dropout_config(spec), params, None, droppable)
+    assert {l.name: l.num_kept for l in built.layers} == spec.kept, spec.arm

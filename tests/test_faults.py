@@ -1,4 +1,4 @@
-"""Faults a run meets, and what it does about them (the README's "When a run fails").
+"""Faults a run meets, and what it does about them (docs/running.md, "When a run fails").
 
 The rules are tested on their functions (config rule, lock, log trimming,
 checkpoint fallback, the divergence guard); each case also runs once through
@@ -11,6 +11,8 @@ workdir changed where nothing should have.
 
 from collections.abc import Iterator
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -28,10 +30,10 @@ import pytest
 
 from conformer_fl import checkpointing
 from conformer_fl import config_lib
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import metric_logging
-from conformer_fl import sweep
 from conformer_fl import workdir as workdir_lib
+from conformer_fl.tools import sweep
 
 import xla_env  # tests/xla_env.py
 
@@ -128,8 +130,8 @@ def test_resumable_fields_are_one_documented_list():
       "data.data_dir", "federated.init_workdir",
       "eval_max_batches", "data.eval_batch_size", "data.prefetch_batches",
       "allow_unverified_checkpoints", "loss_guard.*")
-  readme = (ROOT / "README.md").read_text()
-  section = readme[readme.index("### When a run fails"):]
+  doc = (ROOT / "docs" / "running.md").read_text()
+  section = doc[doc.index("## When a run fails"):]
   for field in workdir_lib.RESUMABLE_FIELDS:
     assert (f"`{field}`" in section or field.split(".")[-1] in section
             or field.rstrip(".*") in section), field
@@ -260,6 +262,28 @@ def test_a_lock_from_another_host_needs_to_be_told(tmp_path, monkeypatch):
     workdir_lib.WorkdirLock(tmp_path).acquire()
   assert (tmp_path / ".lock").read_text() == stale
   monkeypatch.setenv(workdir_lib.TAKE_OVER_ENV, "1")
+  with workdir_lib.WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_without_flock_the_record_decides(tmp_path, monkeypatch):
+  # A file system without flock (an NFS mount without a lock daemon).
+  def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  lock = workdir_lib.WorkdirLock(tmp_path)
+  lock.acquire()
+  assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / ".lock").exists()
+  # A live process of this host in the record holds the lock; a dead one not.
+  (tmp_path / ".lock").write_text(json.dumps(
+      {"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+  with pytest.raises(workdir_lib.WorkdirLockedError,
+                     match=f"in use by another run \\(PID {os.getppid()} on"):
+    workdir_lib.WorkdirLock(tmp_path).acquire()
+  (tmp_path / ".lock").write_text(json.dumps(
+      {"pid": _dead_pid(), "host": socket.gethostname(), "started": "then"}))
   with workdir_lib.WorkdirLock(tmp_path):
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
 

@@ -22,8 +22,8 @@ import optax
 import pytest
 
 from conformer_fl import optimizers
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 
 CLIENT_LR = 0.5
 W0 = np.array([0.0, 1.0], np.float32)

@@ -18,8 +18,8 @@ import pytest
 from conformer_fl import models
 from conformer_fl import tree_paths
 from conformer_fl.federated import dropout
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
 from conformer_fl.models.losses import make_mean_loss_fn
 
@@ -263,7 +263,7 @@ def test_client_flops_fall_with_kept_fraction(group_norm_model):
 
 
 # ----------------------------------------------------------------------------
-# Config, importance.
+# Config.
 # ----------------------------------------------------------------------------
 
 
@@ -332,22 +332,6 @@ def test_rates_and_frozen_units_by_pattern(group_norm_model):
       r" no unit")):
     dropout.make_dropout_spec(params, droppable=GROUPED,
                               freeze_units=("encoder/block_01",))
-
-
-def test_rates_from_importance(group_norm_model):
-  importance = {"ambient": ["encoder/block_00/ffn1", "encoder/block_00/conv"],
-                "critical": ["encoder/block_00/mhsa"], "scores": {}}
-  rates = dropout.rates_from_importance(importance, ambient_rate=0.5,
-                                        critical_rate=0.0, other_rate=0.25)
-  assert rates == {"encoder/block_00/ffn1": 0.5, "encoder/block_00/conv": 0.5,
-                   "encoder/block_00/mhsa": 0.0}
-  spec = dropout.make_dropout_spec(group_norm_model[1]["params"], rates=rates,
-                                   default_rate=0.25, droppable=GROUPED)
-  assert {l.name: l.num_kept for l in spec.layers} == {
-      "encoder/block_00/ffn1": 64, "encoder/block_00/conv": 16,
-      "encoder/block_00/ffn2": 96}
-  with pytest.raises(ValueError, match="both ambient and critical"):
-    dropout.rates_from_importance({"ambient": ["a"], "critical": ["a"]})
 
 
 # ----------------------------------------------------------------------------

@@ -125,6 +125,14 @@ def test_only_main_imports_train():
   assert importers == MAY_IMPORT_TRAIN
 
 
+def test_multihost_imports_no_federated_module():
+  # multihost is the lower layer: federated/mesh.py reads its timeout.
+  graph = import_graph()
+  assert f"{PACKAGE}.multihost" in graph[f"{PACKAGE}.federated.mesh"]
+  assert not {m for m in graph[f"{PACKAGE}.multihost"]
+              if m.startswith(f"{PACKAGE}.federated")}
+
+
 def test_benchmarks_and_notebooks_do_not_import_train():
   modules = set(package_modules())
   sources = {p.name: [p.read_text()]

@@ -222,10 +222,30 @@ def test_options_after_the_double_dash_are_refused():
                   "--dry-run"])
 
 
-def test_missing_required_flag_is_a_usage_error(capsys):
-  with pytest.raises(SystemExit):
-    tpu_pod.main(["delete", "--zone=us-central2-b", "--dry-run"])
-  assert "--name" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["delete", "--zone=us-central2-b"], "`delete` needs --name "),
+    (["create", *POD, "--runtime_version=r"],
+     "`create` needs --accelerator_type "),
+    (["run", *POD, "--", *RUN_ARGS], "`run` needs --tfds_data_dir "),
+    (["plan", "--", *RUN_ARGS], "`plan` needs --topology "),
+    (["delete", *POD, "--spot"], "--spot is not a flag of `delete`; its flags"
+     " are --dry_run, --name, --node_id, --project, --zone."),
+    (["logs", *POD, "--topology=v5e:2x2"], "--topology is not a flag of"),
+    ([*POD], "Give a subcommand first, one of create, wait, setup, run, logs,"
+     " delete, plan"),
+    (["destroy", *POD], "Unknown subcommand 'destroy'"),
+    (["delete", "now", *POD], r"Unexpected arguments \['now'\]"),
+    (["delete", *POD, "--", "--force"], "`delete` takes no arguments after"),
+])
+def test_each_subcommand_takes_its_own_flags(args, message):
+  with pytest.raises(tpu_pod.LaunchError, match=message):
+    tpu_pod.main(args, out=io.StringIO())
+
+
+def test_flags_may_come_before_the_subcommand():
+  out = io.StringIO()
+  tpu_pod.main(["--dry-run", *POD, "delete"], out=out)
+  assert out.getvalue().splitlines() == _dry_run("delete", *POD)
 
 
 def test_execute_stops_at_the_first_failure(monkeypatch):

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from conformer_fl import cli, config_lib, models
 from conformer_fl.data import tokenizer
-from conformer_fl.federated import round as round_lib
+from conformer_fl.federated import fl_round as round_lib
 from benchmarks import round_throughput
 from benchmarks import tiered_round
 

@@ -6,6 +6,8 @@ from scipy import stats
 
 from conformer_fl.analysis import movement_test
 
+import importance_fakes  # tests/importance_fakes.py
+
 
 def test_droppable_module_types():
   names = ["encoder/subsampling", "encoder/block_00/ffn1",
@@ -92,12 +94,12 @@ def test_primary_test_reads_importance_units():
   for b in range(3):
     for m, size in (("ffn1", 400), ("mhsa", 300), ("conv", 200),
                     ("ffn2", 400), ("final_norm", 8)):
-      units[f"encoder/block_{b:02d}/{m}"] = dict(
-          num_params=size, wer_increase=0.01 * b + (m == "conv") * 0.1,
-          movement=dict(relative_distance=0.1 * b + 0.05 * (m == "conv"),
-                        rms_movement=None if m == "mhsa" else 0.2))
-  units["decoder"] = dict(num_params=10, wer_increase=1.0,
-                          movement=dict(relative_distance=5.0))
+      units[f"encoder/block_{b:02d}/{m}"] = importance_fakes.unit(
+          0.01 * b + (m == "conv") * 0.1, num_params=size,
+          relative_distance=0.1 * b + 0.05 * (m == "conv"),
+          rms_movement=None if m == "mhsa" else 0.2)
+  units["decoder"] = importance_fakes.unit(1.0, num_params=10,
+                                           relative_distance=5.0)
   result = movement_test.primary_movement_test(units, "relative_distance",
                                                num_permutations=99)
   assert result["measure"] == "relative_distance"
@@ -105,8 +107,8 @@ def test_primary_test_reads_importance_units():
   assert "decoder" not in result["units"]
   assert result["strata"] == {"conv": 3, "ffn": 6, "mhsa": 3}
   assert result["spearman"] == pytest.approx(stats.spearmanr(
-      [units[n]["movement"]["relative_distance"] for n in result["units"]],
-      [units[n]["wer_increase"] for n in result["units"]]).statistic)
+      [units[n].movement.relative_distance for n in result["units"]],
+      [units[n].wer_increase for n in result["units"]]).statistic)
   rms = movement_test.primary_movement_test(units, "rms_movement",
                                             num_permutations=99)
   assert rms["num_units"] == 9 and rms["spearman"] is None  # constant

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conformer_fl import multihost
 from conformer_fl.federated import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,14 +30,14 @@ def test_process_env_goes_to_one_process():
 
 
 def test_compile_barrier_timeout_from_the_environment(monkeypatch):
-  monkeypatch.delenv(mesh_lib.COMPILE_BARRIER_TIMEOUT_ENV, raising=False)
-  assert mesh_lib.compile_barrier_timeout_s() == 3600
-  monkeypatch.setenv(mesh_lib.COMPILE_BARRIER_TIMEOUT_ENV, "7200")
-  assert mesh_lib.compile_barrier_timeout_s() == 7200
+  monkeypatch.delenv(multihost.COMPILE_BARRIER_TIMEOUT_ENV, raising=False)
+  assert multihost.compile_barrier_timeout_s() == 3600
+  monkeypatch.setenv(multihost.COMPILE_BARRIER_TIMEOUT_ENV, "7200")
+  assert multihost.compile_barrier_timeout_s() == 7200
   for bad in ("0", "-5", "1h"):
-    monkeypatch.setenv(mesh_lib.COMPILE_BARRIER_TIMEOUT_ENV, bad)
+    monkeypatch.setenv(multihost.COMPILE_BARRIER_TIMEOUT_ENV, bad)
     with pytest.raises(ValueError, match="must be a positive whole number"):
-      mesh_lib.compile_barrier_timeout_s()
+      multihost.compile_barrier_timeout_s()
 
 
 def test_barrier_after_compile_is_the_jitted_function_in_one_process():

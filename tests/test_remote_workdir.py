@@ -29,12 +29,16 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conformer_fl import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.analysis import importance_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import movement  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import clients  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.experiment import figures  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import importance_fakes  # tests/importance_fakes.py  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = "gs://bucket/run"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,17 +160,46 @@ def test_analysis_finds_the_tokenizer_in_a_gs_workdir(bucket):
   _assert_nothing_local()
 
 
-def test_load_importance_and_update_norms_read_gs(bucket):
-  results = {"schema_version": 1, "baseline": {"wer": 0.25},
-             "ambient": ["decoder"], "critical": []}
-  bucket.pipe_file(f"{_WORKDIR}/analysis/importance.json",
-                   json.dumps(results).encode())
-  assert importance.load_importance(_WORKDIR) == results
-  assert importance.load_importance(epath.Path(_WORKDIR)) == results
+def test_workdir_reads_its_config_and_metrics_on_gs(bucket):
+  run = workdir_lib.Workdir(_WORKDIR)
+  assert os.fspath(run.config_path) == f"{_WORKDIR}/config.json"
+  assert os.fspath(run.metrics_path) == f"{_WORKDIR}/metrics.jsonl"
+  assert os.fspath(run.checkpoints_dir) == f"{_WORKDIR}/checkpoints"
+  assert os.fspath(run.final_eval_path) == f"{_WORKDIR}/final_eval.json"
+  assert os.fspath(run.analysis_dir) == f"{_WORKDIR}/analysis"
+  with pytest.raises(workdir_lib.NoRunError, match=(
+      f"No {_WORKDIR}/config.json: {_WORKDIR} holds no trained run")):
+    run.config()
+  assert run.metrics() == []
+  bucket.pipe_file(f"{_WORKDIR}/config.json",
+                   json.dumps({"seed": 3, "model": {"num_blocks": 4}}).encode())
+  config = run.config()
+  assert (config.seed, config.model.num_blocks) == (3, 4)
+  # A torn last line (a write cut short) is skipped.
+  bucket.pipe_file(f"{_WORKDIR}/metrics.jsonl",
+                   b'{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 1.25}\n{"st')
+  assert run.metrics() == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.25}]
+  bucket.pipe_file(f"{_WORKDIR}/config.json", b'{"seed": ')
+  with pytest.raises(workdir_lib.WorkdirError, match="is not valid JSON"):
+    run.config()
+  _assert_nothing_local()
+
+
+def test_importance_and_update_norms_read_and_write_gs(bucket):
+  results = importance_fakes.importance(
+      {"decoder": importance_fakes.unit(0.0, label="ambient")})
+  assert results.write(_WORKDIR) == epath.Path(
+      f"{_WORKDIR}/analysis/importance.json")
+  assert json.loads(bucket.cat_file(
+      f"{_WORKDIR}/analysis/importance.json")) == results.to_json()
+  assert importance_file.Importance.read(_WORKDIR) == results
+  assert importance_file.Importance.read(epath.Path(_WORKDIR)) == results
+  assert importance_file.Importance.exists(_WORKDIR)
+  assert not importance_file.Importance.exists("gs://bucket/other")
   with pytest.raises(FileNotFoundError, match=(
       "No gs://bucket/other/analysis/importance.json: run the analysis pass"
       " on gs://bucket/other first")):
-    importance.load_importance("gs://bucket/other")
+    importance_file.Importance.read("gs://bucket/other")
 
   records = [{"round": 1, "update_norm/decoder": 3.0},
              {"round": 2, "update_norm/decoder": 4.0},

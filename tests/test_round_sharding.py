@@ -19,8 +19,8 @@ import optax
 import pytest
 
 from conformer_fl import optimizers
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 
 import xla_env  # tests/xla_env.py
 

@@ -4,6 +4,8 @@ import pytest
 
 from conformer_fl.experiment import stability_runs
 
+import importance_fakes  # tests/importance_fakes.py
+
 
 def _run(name, size="4x96", norm="group_norm", seed=0, **rest):
   return dict(name=name, size=size, norm=norm, seed=seed,
@@ -11,9 +13,9 @@ def _run(name, size="4x96", norm="group_norm", seed=0, **rest):
 
 
 def _importance(wer_increases, ambient, num_blocks=1):
-  return dict(model=dict(num_blocks=num_blocks), ambient=ambient,
-              units={u: dict(wer_increase=w, loss_increase=w)
-                     for u, w in wer_increases.items()})
+  return importance_fakes.importance(
+      {u: importance_fakes.unit(w) for u, w in wer_increases.items()},
+      num_blocks=num_blocks, ambient=ambient)
 
 
 def test_a_pair_differs_in_one_thing_only():
@@ -60,7 +62,7 @@ def test_groups_by_hand():
   lines = "\n".join(stability_runs.report_lines(dict(
       runs=[dict(r, workdir=r["name"], steps=1200, baseline_wer=0.2,
                  baseline_wer_interval=[0.18, 0.22], num_examples=160,
-                 num_units=3, ambient=res["ambient"])
+                 num_units=3, ambient=list(res.ambient))
             for r, res in zip(runs, results)],
       groups=groups)))
   assert "| seeds (same size and norm) | 2 (0) | 0.25 (0.00-0.50) |" in lines
@@ -78,12 +80,12 @@ def test_droppable_only_keeps_the_modules_dropout_can_target():
                        ["encoder/block_00/ffn1", "encoder/block_00/final_norm",
                         "encoder/block_01/ffn2"], num_blocks=2)
   kept = stability_runs.droppable_only(result)
-  assert list(kept["units"]) == ["encoder/block_00/ffn1",
-                                 "encoder/block_00/mhsa",
-                                 "encoder/block_01/conv",
-                                 "encoder/block_01/ffn2"]
-  assert kept["ambient"] == ["encoder/block_00/ffn1", "encoder/block_01/ffn2"]
-  assert len(result["units"]) == 7  # The input is left as it was.
+  assert list(kept.units) == ["encoder/block_00/ffn1",
+                              "encoder/block_00/mhsa",
+                              "encoder/block_01/conv",
+                              "encoder/block_01/ffn2"]
+  assert kept.ambient == ("encoder/block_00/ffn1", "encoder/block_01/ffn2")
+  assert len(result.units) == 7  # The input is left as it was.
   lines = "\n".join(stability_runs.report_lines(dict(
       runs=[], groups={}, groups_droppable={"seeds": dict(
           num_pairs=1, jaccard_mean=0.5, jaccard_min=0.5, jaccard_max=0.5,

@@ -18,8 +18,8 @@ import pytest
 from conformer_fl import config_lib
 from conformer_fl import models
 from conformer_fl.federated import dropout
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
 
 

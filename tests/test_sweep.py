@@ -19,8 +19,8 @@ import sys
 import ml_collections
 import pytest
 
-from conformer_fl import sweep as sweep_lib
 from conformer_fl.analysis import stability
+from conformer_fl.tools import sweep as sweep_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))

@@ -1,4 +1,5 @@
-"""launch/tpu_pod.py plan (conformer_fl/pod_plan.py): a TPU run planned here.
+"""launch/tpu_pod.py plan (conformer_fl/tools/pod_plan.py): a TPU run planned
+here.
 
 The TPU compiles need libtpu (`pip install -e '.[tpu-plan]'`, which `make test`
 installs). Every config is the tiny model on 1-second buckets, one local step
@@ -17,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conformer_fl import pod_plan
 from conformer_fl import train
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
+from conformer_fl.tools import pod_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
@@ -48,7 +49,7 @@ def _plan(*args: str) -> str:
 def test_tiny_round_compiles_for_v5e_and_fits():
   """One compile (about a minute here); the search is tested on a cheaper
   step below: a second compile, at a thousand tiny clients per chip, took
-  7 minutes here (README: at least 1030 clients per chip fit)."""
+  7 minutes here (docs/tpu_pods.md: at least 1030 clients per chip fit)."""
   plan = _plan("--no_search", "--", *TINY,
                "--config.federated.clients_per_round=8")
   assert "federated round on v5e:2x2: 4 chips (TPU v5 lite), 1 host(s)" in plan
@@ -240,7 +241,7 @@ def _refusal(name: str, field: str, unit: str, requested: int,
 @pytest.mark.parametrize("searched", [False, True])
 def test_a_round_that_does_not_fit_at_1_client_per_chip_names_what_helps(
     searched):
-  # The L round at a 36 s bucket on v5e (README: 16.68 GiB at 1 per chip).
+  # The L round at a 36 s bucket on v5e (docs/tpu_pods.md: 16.68 GiB at 1 per chip).
   message = _refusal("federated round", "federated.clients_per_round",
                      "clients", 4, 16.68, searched)
   assert message == (
@@ -265,7 +266,7 @@ def test_a_central_step_that_does_not_fit_at_1_example_per_chip():
 
 
 def test_an_unsearched_count_above_1_per_chip_is_told_to_lower_the_count():
-  # The M round on v5e at 2 clients per chip (README: 18.68 GiB).
+  # The M round on v5e at 2 clients per chip (docs/tpu_pods.md: 18.68 GiB).
   message = _refusal("federated round", "federated.clients_per_round",
                      "clients", 8, 18.68, searched=False)
   assert message.endswith(

@@ -1,5 +1,5 @@
-"""`python -m conformer_fl.transcribe`: audio files -> transcripts of a run,
-and `python -m conformer_fl.export`: the run as a self-contained model.
+"""`python -m conformer_fl.tools.transcribe`: audio files -> transcripts of a
+run, and `python -m conformer_fl.export`: the run as a self-contained model.
 
 The workdir is what `train.train_central` writes (config.json, tokenizer.model,
 the step-0 checkpoint; zero steps keep it cheap) plus a step-3 checkpoint of
@@ -36,9 +36,9 @@ from conformer_fl import export
 from conformer_fl import exported
 from conformer_fl import models
 from conformer_fl import train
-from conformer_fl import transcribe
 from conformer_fl.data import batching
 from conformer_fl.data import input_pipeline
+from conformer_fl.tools import transcribe
 
 import xla_env  # tests/xla_env.py
 
@@ -137,7 +137,7 @@ def wavs(run, tmp_path_factory):
 
 def _cli(workdir, files: list[str], *flags: str):
   env = xla_env.subprocess_env(1, TF_CPP_MIN_LOG_LEVEL="2")
-  command = [sys.executable, "-m", "conformer_fl.transcribe",
+  command = [sys.executable, "-m", "conformer_fl.tools.transcribe",
              f"--workdir={workdir}", *flags, *files]
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)
@@ -236,7 +236,7 @@ def test_workdir_errors_name_the_problem(run, tmp_path):
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
-def test_read_wav_scales_each_pcm_width(tmp_path, width):
+def test_read_audio_scales_each_wav_pcm_width(tmp_path, width):
   values = np.array([-1.0, -0.5, 0.0, 0.25, 0.5 - 2.0**-7], np.float64)
   full_scale = 2 ** (8 * width - 1)
   ints = np.round(values * full_scale).astype(np.int64)
@@ -246,7 +246,7 @@ def test_read_wav_scales_each_pcm_width(tmp_path, width):
     raw = np.stack([(ints >> s) & 0xFF for s in (0, 8, 16)], 1).astype(np.uint8)
   else:
     raw = ints.astype(f"<i{width}")
-  samples, rate = transcribe.read_wav(
+  samples, rate = transcribe.read_audio(
       _write_wav(tmp_path / "x.wav", raw, rate=22050, width=width))
   assert rate == 22050
   if width <= 2:  # int16, as the corpus stores audio.
@@ -257,10 +257,10 @@ def test_read_wav_scales_each_pcm_width(tmp_path, width):
     np.testing.assert_allclose(samples, values, rtol=0, atol=1e-7)
 
 
-def test_read_wav_refuses_bad_files(tmp_path):
+def test_read_audio_refuses_bad_wav_files(tmp_path):
   def error(path) -> str:
     with pytest.raises(transcribe.TranscribeError) as e:
-      transcribe.read_wav(os.fspath(path))
+      transcribe.read_audio(os.fspath(path))
     message = str(e.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     return message
@@ -270,7 +270,8 @@ def test_read_wav_refuses_bad_files(tmp_path):
   (tmp_path / "empty.wav").write_bytes(b"")
   assert "empty file" in error(tmp_path / "empty.wav")
   (tmp_path / "text.wav").write_text("hello, this is not audio\n")
-  assert "not a WAV file" in error(tmp_path / "text.wav")
+  assert "not an audio file that libsndfile reads" in error(
+      tmp_path / "text.wav")
   assert "3 channels" in error(
       _write_wav(tmp_path / "three.wav", np.repeat(tone, 3), channels=3))
   assert "no audio samples" in error(
@@ -278,23 +279,24 @@ def test_read_wav_refuses_bad_files(tmp_path):
   good = _write_wav(tmp_path / "good.wav", tone)
   data = pathlib.Path(good).read_bytes()
   (tmp_path / "header.wav").write_bytes(data[:20])
-  assert "truncated WAV header" in error(tmp_path / "header.wav")
+  assert "not an audio file that libsndfile reads" in error(
+      tmp_path / "header.wav")
   (tmp_path / "short.wav").write_bytes(data[:-1001])
   assert error(tmp_path / "short.wav").endswith(
       "truncated: the header announces 1600 samples, the file holds 1099")
-  # IEEE float (format tag 3): a valid WAV, but not integer PCM.
-  floats = np.zeros(16, "<f4").tobytes()
+
+
+def test_read_audio_reads_float_wav(tmp_path):
+  # IEEE float (format tag 3).
+  floats = np.array([0.0, 0.5, -0.25, 1.0], "<f4").tobytes()
   fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
   body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data"
           + struct.pack("<I", len(floats)) + floats)
   (tmp_path / "float.wav").write_bytes(
       b"RIFF" + struct.pack("<I", len(body)) + body)
-  assert "unknown format: 3); only plain integer PCM" in error(
-      tmp_path / "float.wav")
-  # read_audio reads it with soundfile instead.
   samples, rate = transcribe.read_audio(os.fspath(tmp_path / "float.wav"))
   assert rate == 16000 and samples.dtype == np.float32
-  np.testing.assert_array_equal(samples, np.zeros(16, np.float32))
+  np.testing.assert_array_equal(samples, [0.0, 0.5, -0.25, 1.0])
 
 
 def test_resample_to_16khz():

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from conformer_fl import config_lib
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl import steps

@@ -158,7 +158,7 @@ def test_a_tfrecord_corpus_is_refused_for_federated_clients(
 
 
 def test_a_central_run_builds_the_corpus_that_federated_runs_read(tmp_path):
-  """The README's sequence on an empty data_dir: central, then federated."""
+  """docs/training.md's sequence on an empty data_dir: central, then federated."""
   data_dir = str(tmp_path / "tfds")
   central = entry_point.parse_config(
       CENTRAL.removeprefix("--config="), f"--config.data.data_dir={data_dir}")

@@ -35,8 +35,10 @@ Outputs in W/analysis/: importance.json, heatmap_wer.png, heatmap_loss.png
 (units x tau), rerandomization.png, movement_scatter.png,
 stability_depth.png (with compare_workdirs), report.md.
 
-importance.json (schema_version 1). Numbers are plain JSON floats; undefined
-ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
+importance.json (schema_version 1), read and written as
+`importance_file.Importance` (`Importance.read(W)`, its fields named as the
+keys below). Numbers are plain JSON floats; undefined ones are null (never
+NaN). "WER" is corpus WER (0.1 = 10%).
 {
   "schema_version": 1,
   "workdir": str,                 absolute path of the analyzed run
@@ -103,12 +105,12 @@ ones are null (never NaN). "WER" is corpus WER (0.1 = 10%).
               "movement_scatter" | "stability_depth": {"file": name in
               analysis/, "width": px, "height": px}}
 }
-Targeted federated dropout reads "ambient" / "critical" (names match
-`list_units` at "granularity"; undetermined units get the default rate) and,
-to grade rates, units[name]["wer_increase"].
+The experiment's arms (`conformer_fl.experiment.arms`) read each droppable
+module's label and wer_increase (names match `list_units` at "granularity",
+which must be "module") and turn them into federated-dropout rates.
 """
 
-from conformer_fl.analysis.importance import load_importance
 from conformer_fl.analysis.importance import run_analysis
+from conformer_fl.analysis.importance_file import Importance
 
-__all__ = ["load_importance", "run_analysis"]
+__all__ = ["Importance", "run_analysis"]

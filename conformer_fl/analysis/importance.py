@@ -12,8 +12,8 @@ so the workdir may be on GCS (`gs://...`).
 """
 
 from collections.abc import Mapping
+import dataclasses
 import itertools
-import json
 import os
 import time
 from typing import Any
@@ -30,6 +30,8 @@ from conformer_fl import models
 from conformer_fl import multihost
 from conformer_fl import stats
 from conformer_fl import tree_paths
+from conformer_fl import workdir as workdir_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import movement
 from conformer_fl.analysis import movement_test
 from conformer_fl.analysis import plots
@@ -41,11 +43,8 @@ from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import mesh as mesh_lib
 
-SCHEMA_VERSION = 1
 THRESHOLD_RULES = ("either", "both")
 LABELS = ("ambient", "critical", "undetermined")
-OUTPUT_DIR = "analysis"
-IMPORTANCE_FILE = "importance.json"
 
 
 # ----------------------------------------------------------------------------
@@ -180,23 +179,23 @@ def summarize(metrics: list[dict[str, Any]], variants: list[resets.Variant],
          for label in LABELS})
 
 
-def movement_correlations(unit_results: Mapping[str, Any]) -> dict[str, Any]:
+def movement_correlations(
+    unit_results: Mapping[str, importance_file.Unit]) -> dict[str, Any]:
   """{measure: {'wer_increase': corr, 'loss_increase': corr}} over all units.
 
   Secondary: scipy's p-values treat the units as independent draws, and the
   absolute distance grows with a unit's size. The primary test is
   `movement_test.primary_movement_test`.
   """
-  names = list(unit_results)
+  units = list(unit_results.values())
   measures = ["distance", "relative_distance", "rms_movement"]
-  if any(unit_results[n]["movement"]["update_norm_sum"] is not None
-         for n in names):
+  if any(u.movement.update_norm_sum is not None for u in units):
     measures.append("update_norm_sum")
   return {
       measure: {
           target: movement.rank_correlations(
-              [unit_results[n]["movement"][measure] for n in names],
-              [unit_results[n][target] for n in names])
+              [getattr(u.movement, measure) for u in units],
+              [getattr(u, target) for u in units])
           for target in stability.IMPORTANCE_KEYS
       } for measure in measures
   }
@@ -225,15 +224,6 @@ def fresh_initializations(model: models.ConformerASR,
 
 # ----------------------------------------------------------------------------
 # Reading a run.
-
-
-def load_run_config(
-    workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"No {path}: the analysis pass needs a trained "
-                            'run\'s workdir.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def data_config_of(run_config, analysis) -> ml_collections.ConfigDict:
@@ -290,15 +280,6 @@ def _validate(analysis) -> None:
     raise ValueError("analysis.movement_permutations must be >= 1.")
 
 
-def load_importance(workdir: str | os.PathLike[str]) -> dict[str, Any]:
-  """A workdir's analysis/importance.json (the workdir local or `gs://`)."""
-  path = epath.Path(workdir) / OUTPUT_DIR / IMPORTANCE_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"No {path}: run the analysis pass on {workdir} "
-                            "first (configs/analysis.py).")
-  return json.loads(path.read_text())
-
-
 def _absolute(workdir: str | os.PathLike[str]) -> str:
   """`workdir` made absolute; a `gs://`-style URI is already absolute."""
   path = os.fspath(workdir)
@@ -309,47 +290,48 @@ def _absolute(workdir: str | os.PathLike[str]) -> str:
 # The pass.
 
 
-def _write_figures(results: dict[str, Any],
-                   out_dir: epath.Path) -> dict[str, Any]:
-  names = list(results["units"])
-  units = results["units"]
+def _write_figures(results: importance_file.Importance,
+                   out_dir: epath.Path) -> dict[str, importance_file.Figure]:
+  names = list(results.units)
+  units = list(results.units.values())
   figures = {}
 
   def add(key, filename, size):
-    figures[key] = dict(file=filename, width=size[0], height=size[1])
+    figures[key] = importance_file.Figure(filename, size[0], size[1])
 
-  for metric, field in (("wer", "reinit_wer"), ("loss", "reinit_loss")):
+  for metric in ("wer", "loss"):
     filename = f"heatmap_{metric}.png"
     add(f"heatmap_{metric}", filename, plots.heatmap(
-        np.array([units[n][field] for n in names]), names, results["taus"],
-        results["baseline"][metric], metric.upper() if metric == "wer" else
-        metric, results["step_key"], out_dir / filename))
+        np.array([getattr(u, f"reinit_{metric}") for u in units]), names,
+        list(results.taus), getattr(results.baseline, metric),
+        metric.upper() if metric == "wer" else metric, results.step_key,
+        out_dir / filename))
   add("rerandomization", "rerandomization.png", plots.rerandomization_bars(
-      {n: units[n]["rerandomize_wer"] for n in names},
-      {n: units[n]["reinit_wer"][0] for n in names}, results["baseline"]["wer"],
-      out_dir / "rerandomization.png"))
-  panels = [(measure, [units[n]["movement"][measure] for n in names])
-            for measure in results["correlations"]]
+      {n: list(u.rerandomize_wer) for n, u in results.units.items()},
+      {n: u.reinit_wer[0] for n, u in results.units.items()},
+      results.baseline.wer, out_dir / "rerandomization.png"))
+  panels = [(measure, [getattr(u.movement, measure) for u in units])
+            for measure in results.correlations]
   add("movement_scatter", "movement_scatter.png", plots.movement_scatter(
-      panels, [units[n]["wer_increase"] for n in names], names,
+      panels, [u.wer_increase for u in units], names,
       out_dir / "movement_scatter.png"))
-  if results.get("stability"):
+  if results.stability:
     add("stability_depth", "stability_depth.png", plots.depth_plot(
-        results["stability"]["depth"], "wer_increase",
+        results.stability["depth"], "wer_increase",
         out_dir / "stability_depth.png"))
   return figures
 
 
 def run_analysis(config: ml_collections.ConfigDict,
-                 workdir: str | os.PathLike[str]) -> dict[str, Any]:
+                 workdir: str | os.PathLike[str]) -> importance_file.Importance:
   """The analysis pass over the run in `workdir` (module docstring).
 
   Returns:
-    The importance.json dict (also written to workdir/analysis/).
+    The results (also written to workdir/analysis/importance.json).
   """
   analysis = config.analysis
   _validate(analysis)
-  run_config = load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   model = models.build_model(run_config.model)
   tokenizer = _tokenizer(run_config, workdir)
   store = checkpointing.CheckpointStore(workdir, read_only=True)
@@ -410,70 +392,75 @@ def run_analysis(config: ml_collections.ConfigDict,
   moved = movement.unit_movement(trained["params"], checkpoints[0]["params"],
                                  units)
   update_sums = movement.read_update_norm_sums(
-      epath.Path(workdir) / "metrics.jsonl", list(units), trained_step)
-  for name, entry in summary["units"].items():
-    entry["movement"] = dict(
-        moved[name],
-        update_norm_sum=update_sums[name] if update_sums else None)
+      workdir_lib.Workdir(workdir).metrics_path, list(units), trained_step)
+  unit_results = {
+      name: importance_file.Unit.from_json(dict(entry, movement=dict(
+          moved[name],
+          update_norm_sum=update_sums[name] if update_sums else None)))
+      for name, entry in summary["units"].items()}
 
-  results: dict[str, Any] = dict(
-      schema_version=SCHEMA_VERSION,
+  results = importance_file.Importance(
+      schema_version=importance_file.SCHEMA_VERSION,
       workdir=_absolute(workdir),
       step_key=step_key,
       granularity=analysis.granularity,
       trained_step=trained_step,
-      checkpoint_steps=saved_steps,
-      taus=taus,
-      rerandomize_seeds=seeds,
-      model=dict(num_blocks=run_config.model.num_blocks,
-                 model_dim=run_config.model.model_dim,
-                 conv_norm=run_config.model.conv_norm,
-                 decoder=run_config.model.decoder,
-                 num_params=_count_params(trained["params"])),
-      eval=dict(split=data_config.eval_split,
-                domains=list(data_config.eval_domains),
-                num_batches=len(batches),
-                num_examples=summary["num_examples"]),
-      thresholds=dict(max_abs_wer_increase=analysis.max_abs_wer_increase,
-                      max_rel_wer_increase=analysis.max_rel_wer_increase,
-                      rule=analysis.threshold_rule,
-                      wer_increase=summary["wer_threshold"],
-                      confidence=analysis.label_confidence,
-                      bootstrap_samples=analysis.bootstrap_samples),
-      baseline=summary["baseline"],
-      units=summary["units"],
-      ambient=summary["ambient"],
-      critical=summary["critical"],
-      undetermined=summary["undetermined"],
+      checkpoint_steps=tuple(saved_steps),
+      taus=tuple(taus),
+      rerandomize_seeds=tuple(seeds),
+      model=importance_file.ModelInfo(
+          num_blocks=run_config.model.num_blocks,
+          model_dim=run_config.model.model_dim,
+          conv_norm=run_config.model.conv_norm,
+          decoder=run_config.model.decoder,
+          num_params=_count_params(trained["params"])),
+      eval=importance_file.EvalInfo(
+          split=data_config.eval_split,
+          domains=tuple(data_config.eval_domains),
+          num_batches=len(batches),
+          num_examples=summary["num_examples"]),
+      thresholds=importance_file.Thresholds(
+          max_abs_wer_increase=analysis.max_abs_wer_increase,
+          max_rel_wer_increase=analysis.max_rel_wer_increase,
+          rule=analysis.threshold_rule,
+          wer_increase=summary["wer_threshold"],
+          confidence=analysis.label_confidence,
+          bootstrap_samples=analysis.bootstrap_samples),
+      baseline=importance_file.Baseline.from_json(summary["baseline"]),
+      units=unit_results,
+      ambient=tuple(summary["ambient"]),
+      critical=tuple(summary["critical"]),
+      undetermined=tuple(summary["undetermined"]),
       movement_test=movement_test.primary_movement_test(
-          summary["units"], analysis.movement_measure,
+          unit_results, analysis.movement_measure,
           num_permutations=analysis.movement_permutations),
-      correlations=movement_correlations(summary["units"]),
+      correlations=movement_correlations(unit_results),
       stability=None,
       timing=dict(evaluation_seconds=seconds, num_variants=len(variants),
                   variants_per_call=analysis.variants_per_call,
                   vectorized=bool(analysis.vectorized)),
   )
   if analysis.compare_workdirs:
-    others = [load_importance(w) for w in analysis.compare_workdirs]
-    results["stability"] = stability.compare_runs(
+    others = [importance_file.Importance.read(w)
+              for w in analysis.compare_workdirs]
+    results = dataclasses.replace(results, stability=stability.compare_runs(
         [results] + others,
-        [results["workdir"]] + [_absolute(w)
-                                for w in analysis.compare_workdirs])
+        [results.workdir] + [_absolute(w) for w in analysis.compare_workdirs]))
 
-  out_dir = epath.Path(workdir) / OUTPUT_DIR
   if multihost.is_chief():
+    out_dir = workdir_lib.Workdir(workdir).analysis_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    results["figures"] = _write_figures(results, out_dir)
-    (out_dir / IMPORTANCE_FILE).write_text(
-        json.dumps(results, indent=2, allow_nan=False))
+    results = dataclasses.replace(
+        results, figures=_write_figures(results, out_dir))
+    results.write(workdir)
     (out_dir / "report.md").write_text(report.render_report(results))
   # The other processes return process 0's results (figures included) once
   # its files are written.
-  results = multihost.chief_decides(results if multihost.is_chief() else None,
-                                    "analysis_results")
+  results = importance_file.Importance.from_json(multihost.chief_decides(
+      results.to_json() if multihost.is_chief() else None,
+      "analysis_results"))
   logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s;"
-               " undetermined %s.", workdir, results["baseline"]["wer"],
-               results["ambient"], results["critical"],
-               results["undetermined"])
+               " undetermined %s.", workdir, results.baseline.wer,
+               list(results.ambient), list(results.critical),
+               list(results.undetermined))
   return results

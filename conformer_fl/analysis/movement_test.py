@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from conformer_fl.analysis import importance_file
+
 MEASURES = ("relative_distance", "rms_movement")
 # The module type of each droppable module of a Conformer block.
 MODULE_TYPES = {"ffn1": "ffn", "ffn2": "ffn", "mhsa": "mhsa", "conv": "conv"}
@@ -145,14 +147,14 @@ def movement_test(movement: Sequence[float], increase: Sequence[float],
   return result
 
 
-def primary_movement_test(units: Mapping[str, Mapping[str, Any]],
+def primary_movement_test(units: Mapping[str, importance_file.Unit],
                           measure: str, *, num_permutations: int = 10000,
                           seed: int = 0) -> dict[str, Any]:
   """`movement_test` of `measure` over the droppable units of importance.json.
 
   Args:
-    units: importance.json's 'units' (each with 'movement', 'wer_increase',
-      'num_params').
+    units: the analysis's units (`Importance.units`; their movement, WER
+      increase and parameter count are read).
     measure: one of `MEASURES`.
     num_permutations: permutations within module types.
     seed: the permutation seed.
@@ -165,10 +167,11 @@ def primary_movement_test(units: Mapping[str, Mapping[str, Any]],
     raise ValueError(f"analysis.movement_measure={measure!r}; expected one of"
                      f" {MEASURES}.")
   types = droppable_module_types(list(units))
-  names = [n for n in types if units[n]["movement"].get(measure) is not None]
+  names = [n for n in types
+           if getattr(units[n].movement, measure) is not None]
   result = movement_test(
-      [units[n]["movement"][measure] for n in names],
-      [units[n]["wer_increase"] for n in names],
-      [units[n]["num_params"] for n in names], [types[n] for n in names],
+      [getattr(units[n].movement, measure) for n in names],
+      [units[n].wer_increase for n in names],
+      [units[n].num_params for n in names], [types[n] for n in names],
       num_permutations=num_permutations, seed=seed)
   return dict(measure=measure, units=names, **result)

@@ -3,6 +3,8 @@
 import posixpath
 from typing import Any
 
+from conformer_fl.analysis import importance_file
+
 
 def _fmt(value: Any, digits: int = 4) -> str:
   if value is None:
@@ -41,82 +43,82 @@ def _primary_test_lines(test: dict[str, Any] | None) -> list[str]:
       f" {_fmt(test['partial_pvalue'], 2)}.", ""]
 
 
-def render_report(results: dict[str, Any]) -> str:
-  """Markdown of an importance.json dict; figures linked by file name."""
-  t = results["thresholds"]
-  base = results["baseline"]
+def render_report(results: importance_file.Importance) -> str:
+  """Markdown of an importance.json; figures linked by file name."""
+  t = results.thresholds
+  base = results.baseline
   # The run's folder name, not its absolute path: the report sits in
   # <run>/analysis/ and stays readable when the workdir is moved or shared.
-  run_name = posixpath.basename(posixpath.normpath(str(results["workdir"])))
+  run_name = posixpath.basename(posixpath.normpath(str(results.workdir)))
   lines = [
       f"# Layer importance of the run `{run_name}` (the folder above this"
       " report's)",
       "",
-      f"Trained checkpoint: {results['step_key']} {results['trained_step']}; "
-      f"units at granularity `{results['granularity']}`; re-initialization "
-      f"taus {results['taus']}; re-randomization seeds "
-      f"{results['rerandomize_seeds']}.",
-      f"Eval split `{results['eval']['split']}` (domains "
-      f"{results['eval']['domains'] or 'all'}), "
-      f"{results['eval']['num_examples']:.0f} utterances.",
+      f"Trained checkpoint: {results.step_key} {results.trained_step}; "
+      f"units at granularity `{results.granularity}`; re-initialization "
+      f"taus {list(results.taus)}; re-randomization seeds "
+      f"{list(results.rerandomize_seeds)}.",
+      f"Eval split `{results.eval.split}` (domains "
+      f"{list(results.eval.domains) or 'all'}), "
+      f"{results.eval.num_examples:.0f} utterances.",
       "",
-      f"Baseline (no reset): WER {base['wer']:.4f}"
+      f"Baseline (no reset): WER {base.wer:.4f}"
       + (f" (95% bootstrap interval over speakers, then utterances within"
-         f" them, {base['wer_interval'][0]:.4f}-{base['wer_interval'][1]:.4f})"
-         if base.get("wer_interval") else "")
-      + (f", CER {base['cer']:.4f}" if base.get("cer") is not None else "")
-      + f", loss {base['loss']:.4f}.",
+         f" them, {base.wer_interval[0]:.4f}-{base.wer_interval[1]:.4f})"
+         if base.wer_interval else "")
+      + (f", CER {base.cer:.4f}" if base.cer is not None else "")
+      + f", loss {base.loss:.4f}.",
       "",
       f"Threshold: a WER increase after the reset to tau = 0 of "
-      f"{t['max_abs_wer_increase']} (absolute) "
-      f"{'or' if t['rule'] == 'either' else 'and'} "
-      f"{t['max_rel_wer_increase']} x the baseline WER (relative), here "
-      f"{t['wer_increase']:.4f}. Each unit's increase has a paired "
-      f"{t['confidence']:.0%} interval (the reset and the baseline on the same "
+      f"{t.max_abs_wer_increase} (absolute) "
+      f"{'or' if t.rule == 'either' else 'and'} "
+      f"{t.max_rel_wer_increase} x the baseline WER (relative), here "
+      f"{t.wer_increase:.4f}. Each unit's increase has a paired "
+      f"{t.confidence:.0%} interval (the reset and the baseline on the same "
       "utterances; speakers, then utterances within them, resampled). A unit "
       "is **ambient** when the interval's upper bound lies below the "
       "threshold, **critical** when its lower bound lies above it, and "
       "**undetermined** when the interval holds the threshold.",
       "",
-      f"Ambient ({len(results['ambient'])}): "
-      f"{', '.join(results['ambient']) or 'none'}.",
-      f"Critical ({len(results['critical'])}): "
-      f"{', '.join(results['critical']) or 'none'}.",
-      f"Undetermined ({len(results['undetermined'])}): "
-      f"{', '.join(results['undetermined']) or 'none'}.",
+      f"Ambient ({len(results.ambient)}): "
+      f"{', '.join(results.ambient) or 'none'}.",
+      f"Critical ({len(results.critical)}): "
+      f"{', '.join(results.critical) or 'none'}.",
+      f"Undetermined ({len(results.undetermined)}): "
+      f"{', '.join(results.undetermined) or 'none'}.",
       "",
       "## Per unit",
       "",
-      f"| unit | params | WER tau=0 | WER increase ({t['confidence']:.0%}"
+      f"| unit | params | WER tau=0 | WER increase ({t.confidence:.0%}"
       " interval) | loss increase | "
       "re-rand. WER (mean) | distance from init | relative distance | update norm sum | class |",
       "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, u in results["units"].items():
-    rerand = u["rerandomize_wer"]
-    m = u["movement"]
+  for name, u in results.units.items():
+    rerand = u.rerandomize_wer
+    m = u.movement
     lines.append(
-        f"| {name} | {u['num_params']} | {_fmt(u['reinit_wer'][0])} | "
-        f"{_fmt(u['wer_increase'])} ({_fmt(u['wer_increase_low'])} to "
-        f"{_fmt(u['wer_increase_high'])}) | {_fmt(u['loss_increase'])} | "
+        f"| {name} | {u.num_params} | {_fmt(u.reinit_wer[0])} | "
+        f"{_fmt(u.wer_increase)} ({_fmt(u.wer_increase_low)} to "
+        f"{_fmt(u.wer_increase_high)}) | {_fmt(u.loss_increase)} | "
         f"{_fmt(sum(rerand) / len(rerand) if rerand else None)} | "
-        f"{_fmt(m['distance'])} | {_fmt(m['relative_distance'])} | "
-        f"{_fmt(m['update_norm_sum'])} | "
-        f"{u['label']} |")
-  figures = results["figures"]
+        f"{_fmt(m.distance)} | {_fmt(m.relative_distance)} | "
+        f"{_fmt(m.update_norm_sum)} | "
+        f"{u.label} |")
+  figures = results.figures
   lines += ["", "## Re-initialization robustness (units x tau)", "",
-            f"![WER heatmap]({figures['heatmap_wer']['file']})", "",
-            f"![loss heatmap]({figures['heatmap_loss']['file']})", "",
+            f"![WER heatmap]({figures['heatmap_wer'].file})", "",
+            f"![loss heatmap]({figures['heatmap_loss'].file})", "",
             "## Re-randomization robustness", "",
-            f"![re-randomization]({figures['rerandomization']['file']})", "",
+            f"![re-randomization]({figures['rerandomization'].file})", "",
             "## Weight movement vs importance", "",
-            f"![movement scatter]({figures['movement_scatter']['file']})", ""]
-  lines += _primary_test_lines(results.get("movement_test"))
+            f"![movement scatter]({figures['movement_scatter'].file})", ""]
+  lines += _primary_test_lines(results.movement_test)
   lines += ["Secondary: every measure over all units, with scipy's p-values"
             " (they treat the units as independent draws, and the absolute"
             " distance grows with a unit's size).", ""]
-  lines += _correlation_rows(results["correlations"])
-  stability = results.get("stability")
+  lines += _correlation_rows(results.correlations)
+  stability = results.stability
   if stability:
     lines += ["", "## Stability across runs", "",
               "Jaccard: overlap of the ambient sets ('-' when neither run has"
@@ -140,6 +142,7 @@ def render_report(results: dict[str, Any]) -> str:
           f"{_fmt(c['spearman']['statistic'], 3)} | "
           f"{_fmt(c['kendall']['statistic'], 3)} |")
     if "stability_depth" in figures:
-      lines += ["", f"![importance vs depth]({figures['stability_depth']['file']})"]
+      lines += ["", "![importance vs depth]"
+                f"({figures['stability_depth'].file})"]
   lines.append("")
   return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Stability of layer importance across runs (seeds, sizes, conv-module norms).
 
-Inputs are importance.json dicts (`conformer_fl.analysis` schema), one per
-run. For every pair of runs: the Jaccard overlap of their ambient sets and the
-rank correlation of importance (WER and loss increase under the tau = 0
+Inputs are `importance_file.Importance` results, one per run. For every
+pair of runs: the Jaccard overlap of their ambient sets and the rank
+correlation of importance (WER and loss increase under the tau = 0
 reset), both over the pairs of units that correspond. Runs of the same depth
 pair units by name. Runs of different depths pair them by relative depth,
 one to one: each block of the shallower run with the block of the deeper run
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import movement
 
 IMPORTANCE_KEYS = ("wer_increase", "loss_increase")
@@ -128,7 +129,8 @@ def unit_type(unit: str) -> str:
   return unit if located is None else located[1]
 
 
-def ambient_frequency(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def ambient_frequency(
+    results: Sequence[importance_file.Importance]) -> dict[str, Any]:
   """Per unit name: in how many of the runs that have it it is ambient.
 
   Returns:
@@ -136,8 +138,8 @@ def ambient_frequency(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """
   frequency: dict[str, dict[str, Any]] = {}
   for result in results:
-    ambient = set(result["ambient"])
-    for unit in result["units"]:
+    ambient = set(result.ambient)
+    for unit in result.units:
       entry = frequency.setdefault(unit, dict(runs=0, ambient=0))
       entry["runs"] += 1
       entry["ambient"] += unit in ambient
@@ -154,8 +156,8 @@ def _block(unit: str) -> tuple[int, str] | None:
   return int(match.group(1)), _BLOCK.sub("/block/", unit, count=1)
 
 
-def matched_units(a: dict[str, Any], b: dict[str, Any]
-                  ) -> list[tuple[str, str]]:
+def matched_units(a: importance_file.Importance,
+                  b: importance_file.Importance) -> list[tuple[str, str]]:
   """The pairs (unit of a, unit of b) that correspond (module docstring).
 
   Runs of the same number of blocks pair units by name; otherwise each block
@@ -166,15 +168,15 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
   the shallower, so two shallow blocks never share their nearest deep
   block. Pairs follow the deeper run's unit order.
   """
-  blocks_a = a["model"]["num_blocks"]
-  blocks_b = b["model"]["num_blocks"]
+  blocks_a = a.model.num_blocks
+  blocks_b = b.model.num_blocks
   if blocks_a == blocks_b:
-    return [(u, u) for u in a["units"] if u in b["units"]]
+    return [(u, u) for u in a.units if u in b.units]
   swap = blocks_a > blocks_b
   deep, shallow = (a, b) if swap else (b, a)
   deep_blocks, shallow_blocks = max(blocks_a, blocks_b), min(blocks_a, blocks_b)
   shallow_by_kind = {}
-  for unit in shallow["units"]:
+  for unit in shallow.units:
     located = _block(unit)
     if located is not None:
       shallow_by_kind[(located[0], located[1])] = unit
@@ -186,10 +188,10 @@ def matched_units(a: dict[str, Any], b: dict[str, Any]
         abs((2 * j + 1) * deep_blocks - (2 * i + 1) * shallow_blocks), i))
     partner_block[nearest] = j
   pairs = []
-  for unit in deep["units"]:
+  for unit in deep.units:
     located = _block(unit)
     if located is None:
-      partner = unit if unit in shallow["units"] else None
+      partner = unit if unit in shallow.units else None
     else:
       index, kind = located
       partner = (shallow_by_kind.get((partner_block[index], kind))
@@ -210,11 +212,13 @@ def relative_depth(unit: str, num_blocks: int) -> float | None:
   return (int(match.group(1)) + 0.5) / num_blocks
 
 
-def _importance(result: dict[str, Any], key: str) -> dict[str, float | None]:
-  return {unit: entry[key] for unit, entry in result["units"].items()}
+def _importance(result: importance_file.Importance,
+                key: str) -> dict[str, float | None]:
+  return {unit: getattr(entry, key) for unit, entry in result.units.items()}
 
 
-def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def compare_pair(a: importance_file.Importance,
+                 b: importance_file.Importance) -> dict[str, Any]:
   """Jaccard of ambient sets and importance rank correlations over matched units.
 
   Returns:
@@ -229,13 +233,13 @@ def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     (None, with the Jaccard, when both sets are empty).
   """
   pairs = matched_units(a, b)
-  ambient_a, ambient_b = set(a["ambient"]), set(b["ambient"])
+  ambient_a, ambient_b = set(a.ambient), set(b.ambient)
   in_a = [u in ambient_a for u, _ in pairs]
   in_b = [v in ambient_b for _, v in pairs]
   nulls = overlap_nulls([unit_type(u) for u, _ in pairs], in_a, in_b)
   comparison: dict[str, Any] = dict(
       num_common_units=len(pairs),
-      matching=("name" if a["model"]["num_blocks"] == b["model"]["num_blocks"]
+      matching=("name" if a.model.num_blocks == b.model.num_blocks
                 else "relative_depth"),
       both_empty=not any(in_a) and not any(in_b),
       jaccard_ambient=jaccard([str(i) for i, x in enumerate(in_a) if x],
@@ -248,15 +252,15 @@ def compare_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
   return comparison
 
 
-def depth_profile(result: dict[str, Any]) -> dict[str, Any]:
+def depth_profile(result: importance_file.Importance) -> dict[str, Any]:
   """Per run: (relative depth, importance) of its block units and their correlation."""
-  num_blocks = result["model"]["num_blocks"]
+  num_blocks = result.model.num_blocks
   points = []
-  for unit, entry in result["units"].items():
+  for unit, entry in result.units.items():
     depth = relative_depth(unit, num_blocks)
     if depth is not None:
       points.append(dict(unit=unit, relative_depth=depth,
-                         **{k: entry[k] for k in IMPORTANCE_KEYS}))
+                         **{k: getattr(entry, k) for k in IMPORTANCE_KEYS}))
   profile: dict[str, Any] = dict(num_blocks=num_blocks, points=points)
   for key in IMPORTANCE_KEYS:
     profile[f"{key}_vs_depth"] = movement.rank_correlations(
@@ -264,12 +268,12 @@ def depth_profile(result: dict[str, Any]) -> dict[str, Any]:
   return profile
 
 
-def compare_runs(results: Sequence[dict[str, Any]],
+def compare_runs(results: Sequence[importance_file.Importance],
                  labels: Sequence[str]) -> dict[str, Any]:
   """Stability over runs.
 
   Args:
-    results: importance.json dicts.
+    results: each run's importance.
     labels: a name per run (e.g. its workdir).
 
   Returns:

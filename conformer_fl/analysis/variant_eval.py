@@ -53,9 +53,10 @@ def make_single_eval_fn(model: nn.Module) -> EvalFn:
 
 # Units passed once, unbatched, to every variant of a chunk that leaves them
 # untouched. The front end's 2-D convolution kernel, batched per variant,
-# becomes a grouped convolution that XLA:CPU runs 2.5x slower than the whole
-# rest of the model (benchmarks/analysis_vectorized.py); so it is batched only
-# in chunks that reset it. Each shared/batched pattern compiles once.
+# becomes a grouped convolution that XLA:CPU runs slower than the whole rest
+# of the model (benchmarks/analysis_vectorized.py measures it); so it is
+# batched only in chunks that reset it. Each shared/batched pattern compiles
+# once.
 SHAREABLE_PATHS = (("encoder", "subsampling"),)
 
 

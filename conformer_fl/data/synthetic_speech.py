@@ -1,4 +1,4 @@
-"""TFDS builder 'synthetic_speech': English speech synthesized on this machine.
+"""TFDS builder 'synthetic_speech': English speech synthesized locally.
 
 Many synthetic speakers (each one a federated client) read two domains of text:
 

@@ -28,10 +28,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import wave
 
 import numpy as np
 from scipy import signal
+import soundfile
 
 SAMPLE_RATE = 16000
 ENGINES = ("espeak", "flite")
@@ -144,17 +144,18 @@ def timbre_of(speaker_id: str) -> str:
 
 
 def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
-  """Decodes mono 16-bit PCM WAV bytes to (int16 samples [N], sample rate)."""
-  with wave.open(io.BytesIO(data)) as wav:
-    if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
-      raise ValueError(
-          "Expected mono 16-bit WAV from the synthesizer, got"
-          f" {wav.getnchannels()} channels of {8 * wav.getsampwidth()} bits."
-      )
-    rate = wav.getframerate()
-    # eSpeak NG's --stdout header has a placeholder length: read what is there.
-    frames = wav.readframes(wav.getnframes())
-  return np.frombuffer(frames, dtype="<i2").astype(np.int16), rate
+  """Decodes mono 16-bit PCM WAV bytes to (int16 samples [N], sample rate).
+
+  eSpeak NG's --stdout header has a placeholder length: libsndfile reads the
+  samples that are there.
+  """
+  info = soundfile.info(io.BytesIO(data))
+  if info.subtype != "PCM_16" or info.channels != 1:
+    raise ValueError(
+        "Expected mono 16-bit WAV from the synthesizer, got"
+        f" {info.channels} channels of {info.subtype_info}.")
+  samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+  return samples, rate
 
 
 def resample_to_16k(audio: np.ndarray, rate: int) -> np.ndarray:

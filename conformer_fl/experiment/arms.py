@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from conformer_fl import tree_paths
+from conformer_fl.analysis import importance_file
 from conformer_fl.federated import dropout as federated_dropout
 
 # The uniform arm's rate under each other policy of federated/dropout.py.
@@ -119,20 +120,20 @@ def cost_model(params: Any, droppable: Sequence[Any]) -> CostModel:
   return CostModel(total, tuple(modules), module_params)
 
 
-def unit_labels(importance: Mapping[str, Any],
+def unit_labels(importance: importance_file.Importance,
                 modules: Sequence[str]) -> dict[str, str]:
-  """{module: label} from importance.json (its per-unit 'label').
+  """{module: label} from importance.json (its per-unit label).
 
   Raises:
     ValueError: a module the analysis did not measure (it must run at
       module granularity), or an importance.json without labels.
   """
-  units = importance["units"]
+  units = importance.units
   missing = [m for m in modules if m not in units]
   if missing:
     raise ValueError(f"The analysis has no result for {missing[:3]}...: run it"
                      " at analysis.granularity='module'.")
-  labels = {m: units[m].get("label") for m in modules}
+  labels = {m: units[m].label for m in modules}
   bad = {m: v for m, v in labels.items() if v not in LABELS}
   if bad:
     raise ValueError(f"importance.json has no paired label for {sorted(bad)[:3]}"
@@ -140,11 +141,11 @@ def unit_labels(importance: Mapping[str, Any],
   return labels
 
 
-def module_ranking(importance: Mapping[str, Any],
+def module_ranking(importance: importance_file.Importance,
                    modules: Sequence[str]) -> list[str]:
   """Modules least important first: WER increase after the reset, then order."""
-  units = importance["units"]
-  return sorted(modules, key=lambda m: (units[m]["wer_increase"],
+  units = importance.units
+  return sorted(modules, key=lambda m: (units[m].wer_increase,
                                         list(modules).index(m)))
 
 
@@ -237,7 +238,7 @@ def arm_names(arms: Sequence[str], random_draws: int) -> list[str]:
   return names
 
 
-def arm_specs(model: CostModel, importance: Mapping[str, Any],
+def arm_specs(model: CostModel, importance: importance_file.Importance,
               arms: Sequence[str], levels: Sequence[float], *,
               unit_kinds: Sequence[str], max_rate: float,
               random_draws: int, seed: int) -> list[ArmSpec]:

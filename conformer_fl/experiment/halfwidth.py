@@ -22,7 +22,9 @@ from scipy import stats as scipy_stats
 
 from conformer_fl import models
 from conformer_fl import tree_paths
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import input_pipeline
 from conformer_fl.federated import dropout as federated_dropout
@@ -65,8 +67,7 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int, seed: int,
   Returns:
     {'baseline_wer', 'draws', 'modules': {module: {'wer', 'wer_increase'}}}.
   """
-  run_config = importance_lib.load_run_config(workdir)
-  importance = importance_lib.load_importance(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   model = models.build_model(run_config.model)
   tokenizer = input_pipeline.get_tokenizer(run_config.data, workdir)
   layers = federated_dropout.droppable_layers(
@@ -101,7 +102,7 @@ def evaluate_half_width(workdir: str, analysis: Any, draws: int, seed: int,
 
 
 def agreement(half_width: Mapping[str, Any],
-              importance: Mapping[str, Any],
+              importance: importance_file.Importance,
               modules: Sequence[str]) -> dict[str, Any]:
   """Spearman correlation of the half-width and reset WER increases.
 
@@ -112,7 +113,7 @@ def agreement(half_width: Mapping[str, Any],
     rankings share, 'k'}.
   """
   half = np.array([half_width["modules"][m]["wer_increase"] for m in modules])
-  reset = np.array([importance["units"][m]["wer_increase"] for m in modules])
+  reset = np.array([importance.units[m].wer_increase for m in modules])
   k = max(1, len(modules) // 4)
   least = lambda x: set(np.argsort(x, kind="stable")[:k].tolist())
   rho = p = None  # Undefined when either ranking is constant.

@@ -14,9 +14,10 @@ from conformer_fl import checkpointing
 from conformer_fl import evaluation
 from conformer_fl import models
 from conformer_fl import multihost
-from conformer_fl import run_setup
+from conformer_fl.training import run_setup
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.data import corpus as corpus_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.experiment import arms as arms_lib
@@ -29,7 +30,7 @@ from conformer_fl.experiment import stability_runs
 from conformer_fl.experiment import summary as summary_lib
 
 CONFIG_FILE = "experiment_config.json"
-# A training loop of conformer_fl/train.py: (run config, workdir) -> params.
+# A training function of conformer_fl/train.py: (run config, workdir) -> params.
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 # Version of the cached final evaluations (3: with the per-utterance errors,
 # words and speakers); a cache of another version is computed again.
@@ -146,7 +147,7 @@ def evaluate_checkpoint(
      'split', 'references': [str], 'hypotheses': [str]} (the transcripts in
     the split's order, for paired comparisons and samples in the report).
   """
-  run_config = importance_lib.load_run_config(workdir)
+  run_config = workdir_lib.Workdir(workdir).config()
   data_config = data_config or run_config.data
   domains = tuple(data_config.eval_domains) if domains is None else domains
   tokenizer = input_pipeline.get_tokenizer(run_config.data, os.fspath(workdir))
@@ -209,7 +210,7 @@ def _read_json(path: epath.Path) -> dict[str, Any]:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError:
-    return {}  # A write cut short (the files are written atomically now).
+    return {}  # A write cut short.
 
 
 def _pretrain_config(config: ml_collections.ConfigDict,
@@ -303,7 +304,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
-  # Built when missing; a corpus prepared as tfrecord is refused now, not
+  # Built when missing; a corpus prepared as tfrecord is refused here, not
   # after pre-training (the federated clients read records by index).
   with progress.timed("corpus", record=not multihost.chief_decides(
       corpus_lib.is_prepared(config.pretrain.data), "corpus_stage_prepared")):
@@ -321,16 +322,14 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                         f" {model_dir}")
       with progress.timed(f"pretrain/model_{model}"):
         train_central(_pretrain_config(config, model), os.fspath(model_dir))
-    importance_path = (model_dir / importance_lib.OUTPUT_DIR /
-                       importance_lib.IMPORTANCE_FILE)
-    if _done(importance_path.exists() and importance_lib.load_importance(
-        model_dir)["trained_step"] == steps):
+    if _done(importance_file.Importance.exists(model_dir) and
+             importance_file.Importance.read(model_dir).trained_step == steps):
       progress.stage(3, f"analysis {name}: done, reused")
     else:
       progress.stage(3, f"analysis {name}: resetting each unit")
       with progress.timed(f"analysis/model_{model}"):
         importance_lib.run_analysis(config.analysis, os.fspath(model_dir))
-    importance = importance_lib.load_importance(model_dir)
+    importance = importance_file.Importance.read(model_dir)
     analyses.append(importance)
     store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
     try:
@@ -338,7 +337,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
     finally:
       store.close()
     params, model_state = models.split_variables(trained)
-    halfwidth_path = model_dir / importance_lib.OUTPUT_DIR / HALFWIDTH_FILE
+    halfwidth_path = (workdir_lib.Workdir(model_dir).analysis_dir /
+                      HALFWIDTH_FILE)
     with progress.timed(f"halfwidth/model_{model}", record=not _done(
         halfwidth_path.exists())):
       progress.stage(3, f"half-width ranking {name}")
@@ -351,7 +351,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
               c.halfwidth_draws, int(config.pretrain_seeds[model]),
               trained),
           chief_computes=True))
-    pretrained = importance_lib.load_run_config(model_dir)
+    pretrained = workdir_lib.Workdir(model_dir).config()
     cost_model = arms_lib.cost_model(
         params, models.droppable_modules_from_config(pretrained.model))
     specs_by_model.append(arms_lib.arm_specs(
@@ -398,7 +398,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
     run_dir = run.path(workdir)
     split = config.final_eval_split
     results[run] = _cached(
-        run_dir / "final_eval.json",
+        workdir_lib.Workdir(run_dir).final_eval_path,
         {"split": split, "round": checkpointing.latest_saved_step(run_dir),
          "schema": EVAL_SCHEMA},
         lambda run_dir=run_dir: evaluate_checkpoint(run_dir, split))
@@ -425,7 +425,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                     " report")
   with progress.timed("summary", record=not _done(
       (workdir / COSTS_FILE).exists())):
-    adapt_run = importance_lib.load_run_config(final[0].path(workdir))
+    adapt_run = workdir_lib.Workdir(final[0].path(workdir)).config()
     cost_model, params, model_state = costs_models[0]
 
     def client_costs():

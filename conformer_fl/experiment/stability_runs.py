@@ -35,6 +35,7 @@ A group with no pair (e.g. one size only) is left out.
 """
 
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 import json
 import os
 import re
@@ -49,6 +50,7 @@ from conformer_fl import models
 from conformer_fl import multihost
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import importance as importance_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.analysis import stability as stability_lib
 
 STABILITY_DIR = "stability"
@@ -108,27 +110,28 @@ def _range(values: Sequence[float | None], name: str) -> dict[str, float | None]
           f"{name}_max": max(kept)}
 
 
-def droppable_only(result: Mapping[str, Any]) -> dict[str, Any]:
-  """An importance.json dict restricted to the droppable modules.
+def droppable_only(
+    result: importance_file.Importance) -> importance_file.Importance:
+  """An importance.json restricted to the droppable modules.
 
   Keeps the units that a declared droppable module (`models.droppable_modules`:
   ffn1, mhsa, conv, ffn2 of every block) fully matches; the final norms, the
   front end and the decoder are left out.
   """
   patterns = [re.compile(m.module) for m in models.droppable_modules()]
-  keep = {u: v for u, v in result["units"].items()
+  keep = {u: v for u, v in result.units.items()
           if any(p.fullmatch(u) for p in patterns)}
-  return dict(result, units=keep,
-              ambient=[u for u in result["ambient"] if u in keep])
+  return dataclasses.replace(
+      result, units=keep, ambient=tuple(u for u in result.ambient if u in keep))
 
 
 def compare(runs: Sequence[Mapping[str, Any]],
-            results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+            results: Sequence[importance_file.Importance]) -> dict[str, Any]:
   """The "groups" of W/stability.json (module docstring).
 
   Args:
     runs: per run, its identity {'name', 'size', 'norm', 'seed', ...}.
-    results: per run, its importance.json dict.
+    results: per run, its importance.json.
   """
   groups: dict[str, Any] = {}
   for i in range(len(runs)):
@@ -200,15 +203,16 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
       announce(f"stability {name}: analysis")
       with timed(f"stability/{name}/analysis"):
         importance_lib.run_analysis(analysis, os.fspath(run_dir))
-  results = [importance_lib.load_importance(d) for d in dirs]
+  results = [importance_file.Importance.read(d) for d in dirs]
   runs = []
   for name, run_dir, run_config, result in zip(names, dirs, configs, results):
+    interval = result.baseline.wer_interval
     runs.append(dict(
         name=name, workdir=os.path.relpath(run_dir, workdir),
-        **_identity(run_config), baseline_wer=result["baseline"]["wer"],
-        baseline_wer_interval=result["baseline"].get("wer_interval"),
-        num_examples=result["eval"]["num_examples"],
-        num_units=len(result["units"]), ambient=list(result["ambient"])))
+        **_identity(run_config), baseline_wer=result.baseline.wer,
+        baseline_wer_interval=list(interval) if interval else interval,
+        num_examples=result.eval.num_examples,
+        num_units=len(result.units), ambient=list(result.ambient)))
   summary = dict(
       runs=[{k: v for k, v in r.items() if k != "rest"} for r in runs],
       groups=compare(runs, results),
@@ -221,9 +225,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path, *,
 
 
 def _analysed(run_dir: epath.Path, steps: int) -> bool:
-  path = run_dir / importance_lib.OUTPUT_DIR / importance_lib.IMPORTANCE_FILE
-  return (path.exists() and
-          importance_lib.load_importance(run_dir)["trained_step"] == steps)
+  return (importance_file.Importance.exists(run_dir) and
+          importance_file.Importance.read(run_dir).trained_step == steps)
 
 
 def _fmt(value: float | None) -> str:

@@ -46,6 +46,8 @@ import numpy as np
 
 from conformer_fl import metric_logging
 from conformer_fl import stats
+from conformer_fl import workdir as workdir_lib
+from conformer_fl.analysis import importance_file
 from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import design
 from conformer_fl.experiment import evidence
@@ -55,7 +57,7 @@ from conformer_fl.experiment import verdict as verdict_lib
 
 def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
   """The metric rows of a run's metrics.jsonl, in order (no torn or stop lines)."""
-  return [row for row in metric_logging.read_records(workdir / "metrics.jsonl")
+  return [row for row in workdir_lib.Workdir(workdir).metrics()
           if metric_logging.STOPPED_KEY not in row]
 
 
@@ -122,7 +124,7 @@ def _compare(pool: _Pool, a: str, b: str, confidence: float
 def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
                   specs_by_model: Sequence[Sequence[arms_lib.ArmSpec]],
                   cost_models: Sequence[arms_lib.CostModel],
-                  analyses: Sequence[Mapping[str, Any]],
+                  analyses: Sequence[importance_file.Importance],
                   halfwidths: Sequence[Mapping[str, Any]],
                   costs: Mapping[str, Mapping[str, float]],
                   results: Mapping[design.Run, Mapping[str, Any]],
@@ -185,7 +187,7 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
         learning_curve=evidence.learning_curve(
             read_metrics(design.pretrain_dir(workdir, m))),
         labels=labels, **{f"num_{k}": v for k, v in counts.items()},
-        wer_increase={n: importance["units"][n]["wer_increase"] for n in names},
+        wer_increase={n: importance.units[n].wer_increase for n in names},
         ranking=arms_lib.module_ranking(importance, names),
         halfwidth=dict(agreement=halfwidth_lib.agreement(
             halfwidths[m], importance, names),

@@ -1,7 +1,7 @@
 """Aggregation of client results over the leading clients axis [C, ...].
 
 Pure functions on pytrees whose leaves carry a leading clients axis. The round
-(round.py) calls `aggregate` on the clients of one device (inside shard_map),
+(fl_round.py) calls `aggregate` on the clients of one device (inside shard_map),
 psums its weighted sums over the mesh 'clients' axis, and turns them into the
 server's means (`weighted_mean`, or Federated Dropout's in submodel.py) and
 metrics (`round_metrics`).
@@ -11,10 +11,9 @@ clip a client's norm) reach the leaves only through the [C] weights of
 `weighted_sum`, never as a select or scale applied to each leaf: XLA:CPU
 fuses a cheap [C] value computed from all L leaves (an `&` chain) into each
 of its L readers, which copies it L times. With the per-leaf form the
-compile of the S round grew quadratically with its blocks (25 s at 2 blocks,
-53 s at 4, 186 s at 8) and, at 16 blocks (632 leaves), did not finish in
-18 minutes; with the weights form it takes about 90 s
-(tests/test_round_sharding.py checks the growth).
+compile time of a round grows quadratically with the model's blocks; with
+the weights form it grows linearly (tests/test_round_sharding.py checks the
+growth).
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -121,7 +120,7 @@ def _subtree(params: PyTree, path: Sequence[str] | str, name: str) -> PyTree:
 
 
 # ----------------------------------------------------------------------------
-# The round's aggregation (conformer_fl/federated/round.py).
+# The round's aggregation (conformer_fl/federated/fl_round.py).
 # ----------------------------------------------------------------------------
 
 

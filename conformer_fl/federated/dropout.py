@@ -22,7 +22,9 @@ choice in every dropped layer, within each group:
     at unit r mod n of round r, wrapping around (mod n).
 Every client of a round keeps the same units under the three deterministic
 policies. kind='targeted' (rates by layer importance) combines with any of
-them: the rates set how many units each layer keeps, the policy which.
+them: the rates set how many units each layer keeps, the policy which. The
+experiment's arms (`conformer_fl.experiment.arms`) derive those rates from a
+run's analysis/importance.json.
 
 Keep count of a layer of n units at rate r: round((1 - r) * n), at least one
 unit (one per group), the same for every client so that clients vmap; a rate
@@ -32,7 +34,7 @@ Capacity tiers (`tier_specs_from_config`, `dropout.tiers`): clients of mixed
 capacity in one round, each tier a share of the clients with a width
 multiplier w; a tier's layers keep round(w (1 - r) n) units (its spec is
 built at rate 1 - w (1 - r)), chosen by the policy ('static' gives HeteroFL:
-each tier its leading slice). The round (round.py, tiers.py) vmaps each
+each tier its leading slice). The round (fl_round.py, tiers.py) vmaps each
 tier at its own widths.
 
 Groups (e.g. a group norm over the conv channels): dropping whole units at
@@ -64,7 +66,7 @@ import optax
 
 from conformer_fl import tree_paths
 from conformer_fl import unit_patterns
-from conformer_fl.federated import round as round_lib
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import submodel as submodel_lib
 
 PyTree = Any
@@ -342,39 +344,6 @@ def tier_specs_from_config(
   return [(count, dropout_spec_from_config(dropout_config, params,
                                            model_state, droppable, width))
           for count, (_, width) in zip(counts, tiers)]
-
-
-def rates_from_importance(importance: Mapping[str, Sequence[str]], *,
-                          ambient_rate: float = 0.5,
-                          critical_rate: float = 0.0,
-                          other_rate: float = 0.25) -> dict[str, float]:
-  """Targeted rates: drop more of the ambient units, little of the critical.
-
-  Args:
-    importance: {'ambient': [unit names], 'critical': [unit names]} (as in
-      analysis/importance.json; other keys are ignored). A name may be a
-      block ('encoder/block_03') or a module; it applies to the droppable
-      modules under it.
-    ambient_rate, critical_rate: their rates.
-    other_rate: rate of every unit in neither list (use as default_rate).
-
-  Returns:
-    {name: rate} for make_dropout_spec(rates=..., default_rate=other_rate).
-  """
-  for key in ("ambient", "critical"):
-    if key not in importance:
-      raise ValueError(f"importance lacks the key {key!r}; it has "
-                       f"{sorted(importance)}.")
-  both = sorted(set(importance["ambient"]) & set(importance["critical"]))
-  if both:
-    raise ValueError(f"Units both ambient and critical: {both}.")
-  for name, rate in (("ambient_rate", ambient_rate),
-                     ("critical_rate", critical_rate),
-                     ("other_rate", other_rate)):
-    _check_rate(name, rate)
-  rates = {name: ambient_rate for name in importance["ambient"]}
-  rates.update({name: critical_rate for name in importance["critical"]})
-  return rates
 
 
 # ----------------------------------------------------------------------------

@@ -12,13 +12,13 @@ process has the same number of devices), and must load exactly those clients,
 in order. `process_client_range` computes that range from the mesh;
 `shard_round_data` assembles the global array from each process's block.
 
-Why `jax.shard_map` over this axis (round.py) rather than vmap with
-`spmd_axis_name` alone (drjax style, built first): that leaves the
-partitioning inside a client to GSPMD, which on the tiny Conformer split the
-vmapped subsampling convolution over its feature axis and all-gathered
-front-end activations over clients (9 all-gathers per round, 6x slower on 4
-devices than a Python loop over clients). With shard_map no communication
-happens inside a client and the round's only collective is its psum.
+Why `jax.shard_map` over this axis (fl_round.py) rather than vmap with
+`spmd_axis_name` alone (drjax style): that leaves the partitioning inside a
+client to GSPMD, which on the tiny Conformer splits the vmapped subsampling
+convolution over its feature axis and all-gathers front-end activations over
+clients several times per round, slower than a Python loop over clients.
+With shard_map no communication happens inside a client and the round's only
+collective is its psum.
 
 Start-up skew: processes reach the first run of a compiled program far apart
 when one compiles it and another reads it from the persistent compilation
@@ -30,12 +30,11 @@ process, and with gloo (CPU) collectives that wait is bounded by a fixed 30 s
 removes the skew: every process compiles each new signature ahead of time and
 then waits at a barrier of the distributed runtime (`jax.distributed`'s
 coordination service, no collective), whose timeout is
-`COMPILE_BARRIER_TIMEOUT_ENV` (default `DEFAULT_COMPILE_BARRIER_TIMEOUT_S`).
+`multihost.compile_barrier_timeout_s()`.
 """
 
 from collections.abc import Callable, Sequence
 import itertools
-import os
 from typing import Any
 
 from absl import logging
@@ -45,14 +44,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from conformer_fl import multihost as multihost_lib
+
 PyTree = Any
 
 CLIENTS_AXIS = "clients"
 
-# Seconds a process waits for the others to finish compiling a program
-# (`barrier_after_compile`); the environment variable overrides the default.
-COMPILE_BARRIER_TIMEOUT_ENV = "CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S"
-DEFAULT_COMPILE_BARRIER_TIMEOUT_S = 3600
 # Numbers the barriers of this process: every process compiles the same
 # programs in the same order, so the n-th barrier has the same id everywhere.
 _BARRIER_NUMBERS = itertools.count(1)
@@ -66,8 +63,8 @@ def make_client_mesh(num_devices: int | None = None,
     num_devices: use only the first `num_devices` devices (single-process
       only; for benchmarks and tests). None = all devices.
     devices: the devices to lay out; None = `jax.devices()`. A TPU
-      topology's compile-only devices (`conformer_fl.pod_plan`) give the mesh
-      of a pod slice on a machine without one.
+      topology's compile-only devices (`conformer_fl.tools.pod_plan`) give the
+      mesh of a pod slice on a machine without one.
 
   Raises:
     ValueError: if `num_devices` is out of range, or is set to fewer than all
@@ -240,25 +237,6 @@ def describe_mesh(mesh: Mesh) -> Sequence[str]:
   return lines
 
 
-def compile_barrier_timeout_s() -> int:
-  """The barrier timeout: $CONFORMER_FL_COMPILE_BARRIER_TIMEOUT_S or the default.
-
-  Raises:
-    ValueError: the variable is set but is not a positive number of seconds.
-  """
-  value = os.environ.get(COMPILE_BARRIER_TIMEOUT_ENV, "").strip()
-  if not value:
-    return DEFAULT_COMPILE_BARRIER_TIMEOUT_S
-  try:
-    seconds = int(value)
-  except ValueError:
-    seconds = 0
-  if seconds <= 0:
-    raise ValueError(f"{COMPILE_BARRIER_TIMEOUT_ENV}={value!r} must be a"
-                     " positive whole number of seconds.")
-  return seconds
-
-
 def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
   """What decides the compiled program: tree, shapes, dtypes, shardings."""
   leaves, treedef = jax.tree.flatten(args)
@@ -275,7 +253,8 @@ def barrier_after_compile(jitted: Any, name: str) -> Callable[..., Any]:
   Multi-process: the first call with a new signature (tree structure, shapes,
   dtypes, shardings of the arguments) compiles `jitted` ahead of time
   (`lower(...).compile()`), waits until every process has compiled it too
-  (a barrier of the distributed runtime, timeout `compile_barrier_timeout_s()`),
+  (a barrier of the distributed runtime, timeout
+  `multihost.compile_barrier_timeout_s()`),
   then runs the compiled program; later calls with that signature run it at
   once. Every process must make the same calls in the same order, as SPMD
   programs do. Single process: `jitted` itself is called.
@@ -298,11 +277,12 @@ def barrier_after_compile(jitted: Any, name: str) -> Callable[..., Any]:
     if executable is None:
       executable = jitted.lower(*args).compile()
       compiled[key] = executable
-      timeout_s = compile_barrier_timeout_s()
+      timeout_s = multihost_lib.compile_barrier_timeout_s()
       barrier = f"{name}/compiled/{next(_BARRIER_NUMBERS)}"
       logging.info("Compiled %s; waiting up to %d s for the other processes"
                    " to compile it (barrier %s; $%s sets the limit).", name,
-                   timeout_s, barrier, COMPILE_BARRIER_TIMEOUT_ENV)
+                   timeout_s, barrier,
+                   multihost_lib.COMPILE_BARRIER_TIMEOUT_ENV)
       # Imported here: orbax is only needed by multi-process runs.
       from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
       multihost.get_barrier_sync_fn()(key=barrier, timeout_ms=timeout_s * 1000)

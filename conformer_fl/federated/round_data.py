@@ -1,4 +1,4 @@
-"""The round-data contract of federated/round.py, and client weights.
+"""The round-data contract of federated/fl_round.py, and client weights.
 
 Round data (what conformer_fl/data/clients.py:make_round_data makes for every
 round) is a dict of arrays with leading axes [C, K] = clients, local steps:

@@ -11,7 +11,7 @@ into zeros of the full shape.
 Which units a client keeps is the spec's policy (KEPT_POLICIES: random,
 ordered, static, rolling), from the client's rng and the round index.
 
-Round pieces (conformer_fl/federated/round.py calls them when given a spec):
+Round pieces (conformer_fl/federated/fl_round.py calls them when given a spec):
   `wrap_client_update`: the round's client update run on the client's
     sub-model; returns full-shape outputs plus the client's kept-unit
     indicators {layer: float32 [n]}, which the round weighs like a delta.

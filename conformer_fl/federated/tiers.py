@@ -2,7 +2,7 @@
 
 A tier is a number of the round's clients that all train the sub-model of
 one SubmodelSpec (one static width per dropped layer), with that
-sub-model's loss. conformer_fl/federated/round.py vmaps each tier at its own
+sub-model's loss. conformer_fl/federated/fl_round.py vmaps each tier at its own
 width inside the one compiled round and adds the tiers' client sums before
 the server's mean, which averages each element over the clients (of any
 tier) that trained it (submodel.make_average on `union_spec`).

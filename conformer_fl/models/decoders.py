@@ -118,7 +118,7 @@ class RNNTDecoder(nn.Module):
     self.embedding = nn.Embed(self.vocab_size, self.embed_dim)
     # Not flax's default orthogonal recurrent init: its QR, batched when a
     # caller vmaps model.init over seeds, can deadlock jaxlib 0.10's LAPACK
-    # kernel on a 2-thread CPU pool (seen on the team machine).
+    # kernel on a 2-thread CPU pool.
     self.lstm = nn.OptimizedLSTMCell(
         self.lstm_dim, recurrent_kernel_init=nn.initializers.lecun_normal())
     self.joint_encoder = nn.Dense(self.joint_dim)

@@ -22,7 +22,7 @@ def make_mean_loss_fn(model: asr.ConformerASR) -> LossFn:
   mean of `asr.per_example_loss` is over the real examples of the batch; a
   batch with none has loss 0. new_model_state: model_state with what training
   updated (batch_stats of a batch-norm model). This is the function the
-  federated round (conformer_fl/federated/round.py) and the central step
+  federated round (conformer_fl/federated/fl_round.py) and the central step
   (conformer_fl/steps.py) differentiate.
   """
 

@@ -1,36 +1,36 @@
-"""The divergence guard of the training loops.
+"""The divergence guard of the training loop.
 
 Central training: the jitted step computes, as one int32 scalar, which of the
 loss, the gradient, the new parameters (with the model state) and the new
 optimizer state hold a NaN or Inf (`nonfinite_flags`), and folds it into a small
 `guard` carried from step to step on the device (`update_guard`): the first step
 that was not finite, its flags and its loss. The loop reads the guard only when
-it reads the metrics anyway (log and eval steps) and before every checkpoint
-(`check_guard`), so no step adds a host sync, no non-finite state is ever saved,
-and the error names the exact first step. Federated training reads its round's
-metrics every round anyway: a round whose every client was non-finite (and so
-left out) or whose new server state is not finite stops the run.
+it reads the metrics anyway (the first step, log and eval steps) and before
+every checkpoint (`check_guard`), so no step adds a host sync, no non-finite
+state is ever saved, and the error names the exact first step. Federated
+training reads its round's metrics every round anyway: a round whose every
+client was non-finite (and so left out) or whose new server state is not finite
+stops the run.
 
 Loss explosion (`LossExplosionGuard`): a loss that stays finite but grows by
 orders of magnitude (a learning rate far too high: the loss of a CTC model then
 climbs to ~1e5, its floor for outputs that cannot align, and on to 1e14). The
-loops feed the guard the training loss of every logged step or round (values
-they read anyway) after a first value from the parameters they start from: the
-loss of the first step (central: one host read, once), or of the first round
-(federated). A value above `factor` times the median of the last `window`
-accepted values is not accepted; `patience` such values in a row stop the run,
-and the exploded model is logged but not evaluated. A resumed run first
-replays the losses of metrics.jsonl. The loss of step (round) i is that of
-checkpoint i - 1, so the checkpoints from the last accepted step on are moved
-to `<workdir>/checkpoints_diverged/`: the workdir's newest checkpoint is then
-one that an accepted loss vouches for.
+loop (conformer_fl/training/loop.py) feeds the guard the training loss of its
+first step or round (the loss of the parameters it starts from) and of every
+logged or evaluated one, values it reads anyway. A value above `factor` times
+the median of the last `window` accepted values is not accepted; `patience` such
+values in a row stop the run, and the exploded model is logged but not
+evaluated. A resumed run first replays the losses of metrics.jsonl. The loss of
+step (round) i is that of checkpoint i - 1, so the checkpoints from the last
+accepted step on are moved to `<workdir>/checkpoints_diverged/`: the workdir's
+newest checkpoint is then one that an accepted loss vouches for.
 
 Either way the run stops with `DivergenceError`, naming the step or round and
-the quantity; the loop ends metrics.jsonl with a `stopped` record, and the entry
-point prints the one-line message and exits with status 1. When the run
-resumed from a checkpoint without checksums (`allow_unverified_checkpoints`),
-the message says that this checkpoint may be damaged rather than blaming the
-learning rate.
+the quantity; the run (`run_setup.open_run`) ends metrics.jsonl with a `stopped`
+record, and the entry point prints the one-line message and exits with status 1.
+When the run resumed from a checkpoint without checksums
+(`allow_unverified_checkpoints`), the message says that this checkpoint may be
+damaged rather than blaming the learning rate.
 """
 
 import collections

@@ -3,7 +3,7 @@ r"""Plans a run for a TPU pod slice on a machine without one: HBM and FLOPs.
 `launch/tpu_pod.py plan --topology=v5e:2x2 -- --config=... [--config.X=V]`
 reads the config exactly as `python -m conformer_fl.main` does, builds the
 run's step with the run's own functions (the federated round of
-`conformer_fl.federated.round`, the central step of `conformer_fl.steps`, the
+`conformer_fl.federated.fl_round`, the central step of `conformer_fl.steps`, the
 analysis pass's vmapped evaluation of `conformer_fl.analysis.variant_eval`),
 lowers it with `jax.ShapeDtypeStruct`s placed on a mesh of the topology's
 compile-only devices (`jax.experimental.topologies`, which needs the `libtpu`
@@ -32,14 +32,14 @@ clients).
 
 Shapes: the longest bucket of `config.data.bucket_seconds` (the largest round
 or batch the run can meet), the vocabulary of the config's tokenizer (as
-`conformer_fl.run_setup` sets it from the tokenizer), random-init parameters (a
+`conformer_fl.training.run_setup` sets it from the tokenizer), random-init parameters (a
 checkpoint has the same shapes).
 
 Run it with JAX on the CPU (`JAX_PLATFORMS=cpu`, which `plan` sets when
 unset): with libtpu installed and JAX free to choose, the first concrete array
-would start a TPU backend. `--topology=cpu` plans on this machine's CPU devices
+would start a TPU backend. `--topology=cpu` plans on the local CPU devices
 instead (no capacity, no search): the tests compare its lowering with the
-run's, and the README its FLOPs with a TPU's.
+run's, and docs/tpu_pods.md its FLOPs with a TPU's.
 """
 
 from collections.abc import Callable, Sequence
@@ -57,19 +57,19 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from conformer_fl import divergence
+from conformer_fl.training import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl import steps
-from conformer_fl.analysis import importance
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
+from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
-from conformer_fl.federated import round as round_lib
 
 PyTree = Any
 GIB = 2**30
@@ -109,7 +109,7 @@ class Target:
 
   Attributes:
     name: the topology, e.g. "v5e:2x2", or "cpu".
-    devices: one compile-only device per chip (or this machine's CPU devices).
+    devices: one compile-only device per chip (or the local CPU devices).
     device_kind: e.g. "TPU v5 lite".
     hbm_bytes: HBM of one chip; None for the CPU (no capacity, no search).
   """
@@ -252,7 +252,7 @@ def abstract_round_data(config: ml_collections.ConfigDict, num_clients: int,
   The keys, dtypes and trailing axes come from `clients.make_round_data`
   itself, run for one client without examples, one step of one utterance;
   its leading axes [1, 1, 1] then become [C, K, B] (the round-data CONTRACT
-  of `conformer_fl.federated.round`: [C], [C, K] or [C, K, B, ...]).
+  of `conformer_fl.federated.fl_round`: [C], [C, K] or [C, K, B, ...]).
   """
   f = config.federated
   one = clients_lib.make_round_data(
@@ -456,7 +456,7 @@ def analysis_step(config: ml_collections.ConfigDict, workdir: str | None,
     raise PlanError("The analysis plan reads the trained run's config.json:"
                     " give --workdir=THE_RUN'S_WORKDIR (after --).")
   try:
-    run_config = importance.load_run_config(workdir)
+    run_config = workdir_lib.Workdir(workdir).config()
   except FileNotFoundError as e:
     raise PlanError(str(e)) from e
   model = models.build_model(run_config.model)

@@ -1,10 +1,10 @@
-"""What the loops of conformer_fl/train.py share: a run opened in its workdir.
+"""The set-up of a training run: a run opened in its workdir.
 
 `open_run(config, workdir, step_key)` checks the workdir (a directory whose
 config.json allows this config, `conformer_fl.workdir.RESUMABLE_FIELDS`), takes
 its lock on process 0, trains (or copies) the tokenizer, sets the model's
 vocabulary from it, writes config.json and opens the checkpoint store and the
-metrics logger: a `Run`. The other functions are the loops' host-side helpers
+metrics logger: a `Run`. The other functions are the loop's host-side helpers
 (evaluation batches, host copies, evaluation with logged samples).
 """
 
@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 
 from conformer_fl import checkpointing
-from conformer_fl import divergence
 from conformer_fl import evaluation
 from conformer_fl import metric_logging
 from conformer_fl import models
@@ -28,13 +27,14 @@ from conformer_fl import multihost
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
+from conformer_fl.training import divergence
 
 PyTree = Any
 
 
 @dataclasses.dataclass
 class Run:
-  """What both loops need: the resolved config, model, tokenizer and outputs."""
+  """What the loop needs: the resolved config, model, tokenizer and outputs."""
 
   config: ml_collections.ConfigDict
   workdir: epath.Path
@@ -152,56 +152,6 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, step_key: str,
     finally:
       run.logger.close()
       run.store.close()
-
-
-def resumed_unverified(run: Run, start: int) -> int | None:
-  """`start` if the run resumed from a checkpoint without checksums, else None."""
-  return start if start in run.store.unverified_steps else None
-
-
-def loss_guard(run: Run, start: int) -> divergence.LossExplosionGuard:
-  """The loss-explosion guard of `run.config.loss_guard` (factor 0 = off).
-
-  It is fed the losses of metrics.jsonl up to `start` first (process 0 reads
-  them, every process gets them), so that a resumed run judges its losses
-  against the same history as an uninterrupted one.
-  """
-  g = run.config.get("loss_guard") or {}
-  guard = divergence.LossExplosionGuard(
-      g.get("factor", 0.0), g.get("patience", 1), g.get("window", 1))
-  history = []
-  if guard.factor and multihost.is_chief():
-    for record in metric_logging.read_records(
-        run.workdir / metric_logging.METRICS_FILE):
-      index = record.get(run.logger.step_key)
-      if (isinstance(index, int) and index <= start
-          and isinstance(record.get("loss"), float)):
-        history.append((index, record["loss"]))
-  for index, loss in multihost.chief_decides(history, "loss_history"):
-    guard.update(index, loss)
-  return guard
-
-
-def stop_exploded(run: Run, guard: divergence.LossExplosionGuard, mode: str,
-                  unit: str, index: int, fix: str,
-                  resumed_from_unverified: int | None
-                  ) -> divergence.DivergenceError:
-  """The error of a tripped loss guard, once the exploded steps are set aside.
-
-  The loss of step (round) i is that of the state of checkpoint i - 1: the
-  checkpoints from the guard's last accepted index on (whose state no
-  accepted loss vouches for) are moved to `divergence.DIVERGED_DIR` (deleted
-  on GCS).
-  """
-  exploded = [s for s in run.store.all_steps()
-              if guard.last_accepted is not None and s >= guard.last_accepted]
-  moved = ""
-  if exploded:
-    where = run.store.set_aside(exploded, divergence.DIVERGED_DIR)
-    moved = f"the checkpoints {exploded} {where}; "
-  return divergence.DivergenceError(
-      guard.message(f"{mode}|{unit}", run.store.latest_step(), moved, fix,
-                    resumed_from_unverified), index)
 
 
 def eval_batches(run: Run,

@@ -187,7 +187,8 @@ def main_args(sweep: ml_collections.ConfigDict, point: Point, workdir: str,
   """Arguments of `python -m conformer_fl.main` for one point.
 
   Order: --config, --workdir, the sweep's overrides, the point's field
-  overrides, then `extra` (e.g. --config.data.data_dir=... for this machine).
+  overrides, then `extra` (e.g. --config.data.data_dir=... of the host that
+  runs it).
   """
   args = [_config_flag(sweep.base.config, config_arg(sweep, point)),
           f"--workdir={workdir}"]

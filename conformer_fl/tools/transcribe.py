@@ -1,7 +1,7 @@
 r"""Transcribes audio files with a run of `conformer_fl.main` or an exported model.
 
-  python -m conformer_fl.transcribe --workdir=DIR FILE.flac [FILE.wav ...]
-  python -m conformer_fl.transcribe --workdir=DIR --step=N FILE.wav ...
+  python -m conformer_fl.tools.transcribe --workdir=DIR FILE.flac [FILE.wav ...]
+  python -m conformer_fl.tools.transcribe --workdir=DIR --step=N FILE.wav ...
 
 DIR is the workdir of a central or federated run of `conformer_fl.main`
 (config.json, the tokenizer, checkpoints/), or a model written by
@@ -19,10 +19,10 @@ The transcript is in the normalized alphabet of the training text (see
 conformer_fl/text.py), possibly empty. Which model and step were used, and
 notes on resampled or overlong files, go to stderr.
 
-Input: mono audio files. WAV files of integer PCM (8, 16, 24 or 32 bits per
-sample) are read by the standard library `wave` module; every other format
-(FLAC, as LibriSpeech ships, OGG/Vorbis, AIFF, float WAV, ...) by libsndfile
-through the `soundfile` package (setup.py's [data] extra). 16-bit audio at
+Input: mono audio files of any format libsndfile reads, through the
+`soundfile` package (setup.py's [data] extra): WAV (integer PCM of 8, 16, 24
+or 32 bits per sample, or float), FLAC (as LibriSpeech ships), OGG/Vorbis,
+AIFF, ... 16-bit audio at
 16 kHz reaches the model exactly as the training data does (int16 / 32768, see
 conformer_fl/data/batching.py). Files at another sample rate are resampled to
 16 kHz (`scipy.signal.resample_poly`), and a note says so on stderr. A file
@@ -57,12 +57,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from collections.abc import Sequence
 import functools
-import json
 import math
-import struct
+import re
 import sys
 from typing import Any
-import wave
 
 from absl import app
 from absl import flags
@@ -78,103 +76,21 @@ from conformer_fl import cli
 from conformer_fl import evaluation
 from conformer_fl import exported
 from conformer_fl import models
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.data import batching
 from conformer_fl.data import tokenizer as tokenizer_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SAMPLE_RATE = batching.SAMPLE_RATE
 DEFAULT_BATCH_SIZE = 8
-_PCM_FORMAT_HINT = ("only plain integer PCM WAV files are read: convert it,"
-                    " e.g. `sox IN.wav -b 16 OUT.wav`")
 
 
 class TranscribeError(Exception):
   """A problem with the workdir or an input file; the message is one line."""
 
 
-class UnsupportedWavEncoding(TranscribeError):
-  """A WAV file that is not integer PCM (`read_audio` reads it with soundfile)."""
-
-
 # ----------------------------------------------------------------------------
 # Reading audio files.
-
-
-def read_wav(path: str) -> tuple[np.ndarray, int]:
-  """The samples and sample rate of a mono integer-PCM WAV file.
-
-  Args:
-    path: a local file.
-
-  Returns:
-    (samples, rate): samples int16 [N] for 8- and 16-bit files (8-bit samples
-    x are widened exactly, to (x - 128) * 256), float32 [N] in [-1, 1) for 24-
-    and 32-bit files (x / 2**23, x / 2**31); rate in Hz.
-
-  Raises:
-    TranscribeError: missing, unreadable, not a WAV file, several channels,
-      no samples, or truncated (the message names the file);
-      UnsupportedWavEncoding: a WAV file that is not integer PCM.
-  """
-  try:
-    with open(path, "rb") as f:
-      header = f.read(12)
-      if not header:
-        raise TranscribeError(f"{path}: empty file (0 bytes)")
-      if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-        raise TranscribeError(f"{path}: not a WAV file (no RIFF/WAVE header)")
-      f.seek(0)
-      with wave.open(f, "rb") as w:
-        channels, width = w.getnchannels(), w.getsampwidth()
-        rate, num_frames = w.getframerate(), w.getnframes()
-        if channels != 1:
-          raise TranscribeError(
-              f"{path}: {channels} channels; only mono (1 channel) files are"
-              " transcribed: mix it down first, e.g."
-              " `sox IN.wav -c 1 OUT.wav`")
-        if width not in (1, 2, 3, 4):
-          raise TranscribeError(f"{path}: {8 * width}-bit samples;"
-                                f" {_PCM_FORMAT_HINT}")
-        if rate <= 0:
-          raise TranscribeError(f"{path}: corrupt header (sample rate {rate})")
-        if num_frames == 0:
-          raise TranscribeError(f"{path}: no audio samples")
-        data = w.readframes(num_frames)
-  except FileNotFoundError:
-    raise TranscribeError(f"{path}: no such file") from None
-  except IsADirectoryError:
-    raise TranscribeError(f"{path}: is a directory, not a WAV file") from None
-  except OSError as e:
-    raise TranscribeError(
-        f"{path}: cannot read it ({e.strerror or e})") from None
-  except (EOFError, struct.error):
-    raise TranscribeError(f"{path}: truncated WAV header") from None
-  except wave.Error as e:
-    if str(e).startswith("unknown format"):
-      raise UnsupportedWavEncoding(f"{path}: unsupported WAV encoding ({e});"
-                                   f" {_PCM_FORMAT_HINT}") from None
-    raise TranscribeError(f"{path}: not a valid WAV file ({e})") from None
-  if len(data) < num_frames * width:
-    raise TranscribeError(
-        f"{path}: truncated: the header announces {num_frames} samples, the"
-        f" file holds {len(data) // width}")
-  return _pcm_to_array(data, width), rate
-
-
-def _pcm_to_array(data: bytes, width: int) -> np.ndarray:
-  """Little-endian PCM bytes -> int16 [N] (8/16-bit) or float32 [N] (24/32)."""
-  if width == 1:  # Unsigned, 128 = silence.
-    return ((np.frombuffer(data, np.uint8).astype(np.int16) - 128)
-            * 256).astype(np.int16)
-  if width == 2:
-    return np.frombuffer(data, "<i2").astype(np.int16)
-  if width == 3:  # Into the top three bytes of an int32: sign-extended.
-    padded = np.zeros((len(data) // 3, 4), np.uint8)
-    padded[:, 1:] = np.frombuffer(data, np.uint8).reshape(-1, 3)
-    samples = padded.view("<i4").reshape(-1)
-  else:
-    samples = np.frombuffer(data, "<i4")
-  return (samples.astype(np.float64) / 2.0**31).astype(np.float32)
 
 
 def to_float(audio: np.ndarray) -> np.ndarray:
@@ -201,46 +117,54 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
   return np.clip(resampled, -1.0, 1.0).astype(np.float32)
 
 
-def _is_wav(path: str) -> bool:
-  """Whether `path` starts with a RIFF/WAVE header (False if unreadable)."""
-  try:
-    with open(path, "rb") as f:
-      header = f.read(12)
-  except OSError:
-    return False
-  return header[:4] == b"RIFF" and header[8:12] == b"WAVE"
+# libsndfile reads a WAV file whose data chunk is cut short without an error
+# (the samples present); its log (`info.extra_info`) gives the length the
+# header announced, e.g. `data : 3200 (should be 2199)`.
+_SHORT_DATA = re.compile(r"^data : (\d+) \(should be \d+\)", re.M)
+_BLOCK_ALIGN = re.compile(r"^\s*Block Align\s*: (\d+)", re.M)
 
 
-def read_with_soundfile(path: str) -> tuple[np.ndarray, int]:
-  """The samples and sample rate of a mono file libsndfile reads.
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+  """The samples and sample rate of a mono audio file libsndfile reads.
 
   Returns:
-    (samples, rate): int16 [N] for 8- and 16-bit PCM (the values of the file,
-    as `read_wav` gives them), float32 [N] in [-1, 1] otherwise; rate in Hz.
+    (samples, rate): int16 [N] for 8- and 16-bit PCM (unsigned 8-bit WAV
+    samples x widened exactly, to (x - 128) * 256), float32 [N] in [-1, 1]
+    otherwise (24- and 32-bit PCM: x / 2**23, x / 2**31); rate in Hz.
 
   Raises:
-    TranscribeError: soundfile is not installed, or the file is missing, not
-      audio, several channels or empty (one line naming the file).
+    TranscribeError: soundfile is not installed, or the file is missing,
+      empty, not audio, several channels, without samples or truncated (one
+      line naming the file).
   """
   try:
     import soundfile  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise TranscribeError(
-        f"{path}: reading this format needs the soundfile package: pip"
-        " install soundfile (or conformer_fl[data]), or convert the file to"
-        " 16-bit WAV") from None
+        f"{path}: reading audio files needs the soundfile package: pip"
+        " install soundfile (or conformer_fl[data])") from None
   if not os.path.exists(path):
     raise TranscribeError(f"{path}: no such file")
   if os.path.isdir(path):
     raise TranscribeError(f"{path}: is a directory, not an audio file")
+  if os.path.getsize(path) == 0:
+    raise TranscribeError(f"{path}: empty file (0 bytes)")
   try:
     info = soundfile.info(path)
     if info.channels != 1:
+      ext = os.path.splitext(path)[1]
       raise TranscribeError(
           f"{path}: {info.channels} channels; only mono (1 channel) files are"
-          " transcribed: mix it down first, e.g. `sox IN -c 1 OUT`")
+          f" transcribed: mix it down first, e.g. `sox IN{ext} -c 1 OUT{ext}`")
     if info.frames == 0:
       raise TranscribeError(f"{path}: no audio samples")
+    short = _SHORT_DATA.search(info.extra_info)
+    align = _BLOCK_ALIGN.search(info.extra_info)
+    if short and align:
+      raise TranscribeError(
+          f"{path}: truncated: the header announces"
+          f" {int(short.group(1)) // int(align.group(1))} samples, the file"
+          f" holds {info.frames}")
     dtype = "int16" if info.subtype in ("PCM_S8", "PCM_U8", "PCM_16") else "float32"
     samples, rate = soundfile.read(path, dtype=dtype, always_2d=False)
   except (soundfile.SoundFileError, RuntimeError) as e:
@@ -252,29 +176,6 @@ def read_with_soundfile(path: str) -> tuple[np.ndarray, int]:
   if dtype == "float32":
     samples = np.clip(samples, -1.0, 1.0).astype(np.float32)
   return samples, int(rate)
-
-
-def read_audio(path: str) -> tuple[np.ndarray, int]:
-  """The samples and sample rate of a mono audio file (module docstring).
-
-  Integer-PCM WAV files are read by `read_wav`, every other file by
-  `read_with_soundfile`.
-
-  Returns:
-    (samples, rate): int16 [N] for 8- and 16-bit integer audio, float32 [N]
-    in [-1, 1] otherwise; rate in Hz.
-
-  Raises:
-    TranscribeError: the file cannot be read (one line naming it).
-  """
-  if _is_wav(path):
-    try:
-      return read_wav(path)
-    except UnsupportedWavEncoding:
-      pass  # Float or compressed WAV: libsndfile reads it.
-  elif not os.path.exists(path) or os.path.getsize(path) == 0:
-    return read_wav(path)  # Its one-line messages: no such file, empty.
-  return read_with_soundfile(path)
 
 
 def load_audio(path: str) -> tuple[np.ndarray, int]:
@@ -302,7 +203,8 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   """The run config saved in `workdir/config.json` by the training loop."""
   if not workdir.exists():
     raise TranscribeError(f"{workdir}: no such workdir")
-  path = workdir / "config.json"
+  run = workdir_lib.Workdir(workdir)
+  path = run.config_path
   if (workdir / "experiment_config.json").exists() and not path.exists():
     raise TranscribeError(
         f"{workdir}: an experiment's workdir; give one of its runs, e.g."
@@ -313,9 +215,9 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
         f"{workdir}: no config.json; give the workdir of a central or"
         " federated run of conformer_fl.main")
   try:
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise TranscribeError(f"{path}: not valid JSON ({e})") from None
+    config = run.config()
+  except workdir_lib.WorkdirError as e:
+    raise TranscribeError(str(e)) from None
   if "model" not in config or "data" not in config:
     raise TranscribeError(
         f"{workdir}: its config.json (mode {config.get('mode')!r}) describes no"
@@ -346,7 +248,7 @@ def load_tokenizer(config: ml_collections.ConfigDict,
 def restore_variables(workdir: epath.Path,
                        step: int | None) -> tuple[int, dict[str, Any]]:
   """(step, model variables) of the checkpoint `step` (None = the latest)."""
-  if not (workdir / "checkpoints").exists():
+  if not workdir_lib.Workdir(workdir).checkpoints_dir.exists():
     raise TranscribeError(f"{workdir}: no checkpoints/ directory (no"
                           " checkpoint saved yet?)")
   store = checkpointing.CheckpointStore(str(workdir), read_only=True)
