@@ -25,7 +25,10 @@ rates on the modules not labelled critical); anti_targeted (the mirror, on
 the most important modules); uniform (one rate everywhere); random (the
 same rates on `comparison.random_draws` random module draws);
 targeted_rescaled (targeted with inverted dropout); freeze (the ambient
-modules not trained).
+modules not trained); uniform_ordered, uniform_static, uniform_rolling (the
+uniform arm's rate and cost, units chosen by the sub-model policies of
+FjORD, HeteroFL and FedRolex, `federated.dropout.policy`; uniform itself
+keeps random units), controls compared with full and with uniform.
 
 The verdict, fixed here before any run (`comparison.margin` delta,
 `comparison.confidence`): confirmed when the upper bound of targeted - full
@@ -45,10 +48,10 @@ Scales:
          and two seeds give intervals too wide for the margin; its report
          says so.
   study  the test: 2 pre-trained models, levels 0.85 / 0.70 / 0.55, every
-         arm (3 random draws, the rescaling ablation), the verdict's arms
-         over 5 seeds, the other arms at the verdict level over 2, other
-         levels over 1, client learning rate picked per arm from 0.1 / 0.2 /
-         0.4.
+         arm (3 random draws, the rescaling ablation, the three policy
+         arms), the verdict's arms over 5 seeds, the other arms at the
+         verdict level over 2, other levels over 1, client learning rate
+         picked per arm from 0.1 / 0.2 / 0.4.
   tiny   the test of the pipeline (a minute): tiny model, one level, four
          arms.
 
@@ -103,7 +106,8 @@ _SCALES = {
 _SCALES["study"] = dict(
     _SCALES["demo"], pretrain_seeds=(0, 1), levels=(0.85, 0.70, 0.55),
     arms=("full", "targeted", "anti_targeted", "uniform", "random",
-          "targeted_rescaled", "freeze"),
+          "targeted_rescaled", "freeze", "uniform_ordered", "uniform_static",
+          "uniform_rolling"),
     random_draws=3, verdict_seeds=(0, 1, 2, 3, 4), control_seeds=(0, 1),
     level_seeds=(0,), lr_grid=(0.1, 0.2, 0.4), halfwidth_draws=2)
 

@@ -169,6 +169,48 @@ def test_missing_labels_are_named(model):
                    unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)
 
 
+def test_each_policy_arm_is_the_uniform_arm_under_its_policy(model):
+  """uniform_ordered / _static / _rolling: the uniform arm's rate, kept
+  widths and cost at every level; only `policy` differs."""
+  params, cost_model, droppable = model
+  importance = _importance(cost_model)
+  specs = arms.arm_specs(
+      cost_model, importance, ("full", "uniform", "uniform_ordered",
+                               "uniform_static", "uniform_rolling"),
+      (0.85, 0.70), unit_kinds=KINDS, max_rate=0.75, random_draws=0, seed=0)
+  by_key = {(s.arm, s.level): s for s in specs}
+  assert len(specs) == 1 + 4 * 2
+  for level in (0.85, 0.70):
+    uniform = by_key[("uniform", level)]
+    assert uniform.dropout["policy"] == "random"
+    for arm, policy in (("uniform_ordered", "ordered"),
+                        ("uniform_static", "static"),
+                        ("uniform_rolling", "rolling")):
+      spec = by_key[(arm, level)]
+      assert not spec.note
+      assert spec.dropout == {**uniform.dropout, "policy": policy}
+      assert arms.dropout_config(spec).policy == policy
+      assert dict(spec.kept) == dict(uniform.kept) and len(spec.kept) == 32
+      assert spec.params_fraction == uniform.params_fraction
+      assert spec.params_fraction == pytest.approx(level, abs=0.01)
+      # The round's own spec of the arm's config: its policy and widths.
+      round_spec = dropout.dropout_spec_from_config(
+          arms.dropout_config(spec), params, None, droppable)
+      assert round_spec.policy == policy
+      assert round_spec.kept_units == dict(uniform.kept)
+      assert cost_model.client_params(round_spec.kept_units) == _counted(
+          params, droppable, dict(default_rate=spec.dropout["default_rate"],
+                                  unit_kinds=KINDS, policy=policy))
+      assert f", {policy} units (" in arms.describe(spec, cost_model)
+  # Rates solved at 0.70: the ffn modules of demo8x64 (256 units) keep the
+  # same count in every uniform arm.
+  rate = by_key[("uniform", 0.70)].dropout["default_rate"]
+  assert 0.0 < rate <= 0.75
+  ffn = next(m for m in cost_model.modules if m.kind == "ffn")
+  assert by_key[("uniform_rolling", 0.70)].kept[ffn.name] == (
+      dropout.kept_count(ffn.num_units, ffn.groups, rate))
+
+
 def test_importance_to_rates_by_hand():
   """Labels and WER increases -> targeted rates -> kept units, by hand.
 

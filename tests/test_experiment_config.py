@@ -48,9 +48,13 @@ def test_study_is_the_test_and_the_demo_its_miniature():
   assert c.levels == (0.85, 0.70, 0.55) and len(c.lr_grid) == 3
   assert c.random_draws == 3
   assert {"anti_targeted", "random", "uniform", "freeze",
-          "targeted_rescaled"} <= set(study.arms)
+          "targeted_rescaled", "uniform_ordered", "uniform_static",
+          "uniform_rolling"} <= set(study.arms)
   assert len(demo.pretrain_seeds) == 1 and demo.comparison.levels == (0.70,)
   assert "anti_targeted" in demo.arms
+  # The policy arms are the study's alone.
+  policy_arms = {"uniform_ordered", "uniform_static", "uniform_rolling"}
+  assert not policy_arms & (set(demo.arms) | set(_config("scale=tiny").arms))
   assert _config("scale=demo,size=demo12x48").adapt.model.num_blocks == 12
 
 

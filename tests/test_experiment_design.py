@@ -3,6 +3,7 @@
 import ml_collections
 import pytest
 
+from conformer_fl.experiment import arms as arms_lib
 from conformer_fl.experiment import design
 from conformer_fl.experiment import verdict
 
@@ -63,6 +64,31 @@ def test_final_runs_give_the_verdict_arms_every_verdict_seed():
   assert lr[("targeted", 0.55)] == 0.4
   assert lr[("uniform", 0.7)] == 0.1  # No pick: the grid's first rate.
   assert len(runs) == len(set(runs))
+
+
+def test_policy_arms_are_run_as_the_other_controls():
+  """uniform_ordered / _static / _rolling: tuned once each at the verdict
+  level, then the control seeds there and the level seeds elsewhere, as
+  uniform."""
+  arms = ("uniform", *arms_lib.POLICY_ARMS)
+  specs = [("full", None), ("targeted", 0.7), ("anti_targeted", 0.7),
+           *[(arm, level) for level in (0.85, 0.7) for arm in arms]]
+  tuning = design.tuning_runs(specs, 0.7, (0.1, 0.2), seed=0)
+  assert [(r.arm, r.level) for r in tuning if r.arm in arms] == [
+      (arm, 0.7) for arm in arms for _ in (0.1, 0.2)]
+  picks = {"uniform": 0.1, "uniform_ordered": 0.2, "uniform_static": 0.1,
+           "uniform_rolling": 0.2}
+  runs = design.final_runs([specs], 0.7, (0, 1, 2, 3, 4), (0, 1), (0,),
+                           (0.1, 0.2), picks)
+  seeds = {}
+  for r in runs:
+    seeds.setdefault((r.arm, r.level), []).append(r.seed)
+    assert r.lr == picks.get(r.arm, 0.1)
+  for arm in arms:
+    assert seeds[(arm, 0.7)] == [0, 1] and seeds[(arm, 0.85)] == [0]
+  assert seeds[("targeted", 0.7)] == [0, 1, 2, 3, 4]
+  assert str(runs[-1].path("W")) == (
+      "W/arms/model_0/c070/uniform_rolling/seed_1_lr0.2")
 
 
 def _comparison(**fields):

@@ -3,8 +3,8 @@
 `pip install conformer_fl` (setup.py's base requirements) has no TensorFlow:
 a subprocess where importing tensorflow or tensorflow_datasets fails imports
 the model, the round, the configs and a tokenizer module, runs a Conformer
-forward pass and one measurement of benchmarks/round_throughput.py, and
-reports the modules it loaded. Also checked: what setup.py installs (its
+forward pass and one measurement of benchmarks/round_throughput.py, imports
+benchmarks/tiered_round.py, and reports the modules it loaded. Also checked: what setup.py installs (its
 extras and the packaged configs) and the lock file's pins.
 """
 
@@ -35,6 +35,7 @@ from conformer_fl import cli, config_lib, models
 from conformer_fl.data import tokenizer
 from conformer_fl.federated import fl_round as round_lib
 from benchmarks import round_throughput
+from benchmarks import tiered_round
 
 config = cli.load_config_file("configs/federated.py:size=tiny")
 model_config = config.model.copy_and_resolve_references()
@@ -56,6 +57,7 @@ print("RESULT " + json.dumps({
     "chars": tokenizer.CharTokenizer().vocab_size,
     "logits_shape": list(outputs["logits"].shape),
     "max_param_difference": result["max_param_difference"],
+    "tiers": tiered_round.parse_tiers("0.5:1.0,0.5:0.5"),
 }))
 """
 
@@ -73,6 +75,8 @@ def test_model_round_and_benchmark_import_and_run_without_tensorflow():
   # CTC logits [B, T', V]: 1 s of audio is 25 encoder frames.
   assert report["logits_shape"] == [2, 25, 8]
   assert report["max_param_difference"] < 1e-6
+  # benchmarks/tiered_round.py imports (and parses its flags' tiers) too.
+  assert report["tiers"] == [[0.5, 1.0], [0.5, 0.5]]
 
 
 def _setup_py() -> str:

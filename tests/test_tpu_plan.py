@@ -293,3 +293,63 @@ def test_plan_dry_run_prints_the_step_and_compiles_nothing(monkeypatch):
   # The batch's audio: 4 examples of the 1 s bucket at 16 kHz.
   assert lines[2].endswith("the largest (all chips): float32[4, 16000]")
   assert lines[-1] == "  nothing compiled (--dry-run)"
+
+
+# Three capacity tiers of 4 clients each: one per chip of v5e:2x2 (and of the
+# 4 CPU devices of tests/conftest.py).
+TIERED = (*TINY, "--config.federated.clients_per_round=12",
+          "--config.federated.dropout.tiers="
+          "((0.333333,1.0),(0.333333,0.75),(0.333334,0.5))",
+          "--config.federated.dropout.unit_kinds=('ffn','conv')",
+          "--config.federated.dropout.policy=static")
+# The tiny model (2 blocks): ffn 4 x 32 = 128 hidden units, conv 32
+# channels; width 0.75 keeps 96 and 24, width 0.5 64 and 16.
+TIER_LINES = (
+    "  capacity tiers (config.federated.dropout.tiers, policy 'static'), each"
+    " vmapped at its own widths:",
+    "    tier 0: fraction 0.333333, width 1: 1 clients per chip (4 in all),"
+    " full model",
+    "    tier 1: fraction 0.333333, width 0.75: 1 clients per chip (4 in all),"
+    " kept units encoder/block_*/ffn1 96/128, encoder/block_*/conv 24/32,"
+    " encoder/block_*/ffn2 96/128",
+    "    tier 2: fraction 0.333334, width 0.5: 1 clients per chip (4 in all),"
+    " kept units encoder/block_*/ffn1 64/128, encoder/block_*/conv 16/32,"
+    " encoder/block_*/ffn2 64/128")
+
+
+def test_a_tiered_round_lists_its_tiers_without_compiling():
+  out = io.StringIO()
+  tpu_pod.main(["plan", "--dry-run", "--topology=cpu", "--", *TIERED],
+               out=out)
+  lines = out.getvalue().splitlines()
+  assert lines[1] == "  config.federated.clients_per_round=12: 3 clients per chip"
+  assert tuple(lines[3:7]) == TIER_LINES, lines
+
+
+def test_tiers_that_do_not_divide_over_the_chips_are_refused():
+  with pytest.raises(tpu_pod.LaunchError, match="Capacity tier 1 of config"
+                     r"\.federated\.dropout\.tiers has 2 clients, not a"
+                     " multiple of the 4 chips"):
+    tpu_pod.main(["plan", "--dry-run", "--topology=cpu", "--", *TINY,
+                  "--config.federated.clients_per_round=8",
+                  "--config.federated.dropout.tiers=((0.5,1.0),(0.25,0.75),"
+                  "(0.25,0.5))"], out=io.StringIO())
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_tiered_round_compiles_for_v5e_with_its_tier_shapes():
+  """The three tiers vmapped at their own widths in the one round, compiled
+  for v5e: HBM per chip and each tier's clients per chip and widths."""
+  plan = _plan("--", *TIERED)
+  lines = plan.splitlines()
+  assert lines[1] == "  config.federated.clients_per_round=12: 3 clients per chip"
+  assert tuple(lines[3:7]) == TIER_LINES, plan
+  used, capacity = map(float, re.search(
+      r"HBM per chip: ([0-9.]+) GiB used of ([0-9.]+) GiB", plan).groups())
+  assert capacity == 16.0 and 0.0 < used < 1.0, plan
+  # Not searched: the tiers fix each tier's clients (one compile).
+  assert ("  max clients per chip: not searched (the capacity tiers fix each"
+          " tier's clients; plan another config.federated.clients_per_round"
+          " to compare)") in lines, plan
+  assert re.search(r"compiles: 3/chip fits 0\.\d\d GiB \d+ s$", plan), plan

@@ -16,7 +16,15 @@ fraction of the full model's) is matched to a cost level c, e.g. 0.70:
                  included), alpha solved for the same cost;
   uniform        one rate on every droppable module, solved for the cost
                  (attention keeps whole heads, so its kept width is coarser;
-                 the report prints every module's kept width);
+                 the report prints every module's kept width), a fresh
+                 random subset of units per client and round (policy
+                 'random', Caldas et al. 2018);
+  uniform_ordered, uniform_static, uniform_rolling
+                 the uniform arm's rate (the same kept widths, the same
+                 cost), units chosen by the sub-model policy of the
+                 literature (`federated.dropout.policy`, POLICY_ARMS):
+                 'ordered' (FjORD) and 'static' (HeteroFL) the leading units,
+                 'rolling' (FedRolex) a window that moves one unit a round;
   random_D       the null: the same k weights on k modules drawn at random
                  (draw D, order random), alpha solved for the cost;
   targeted_rescaled  `targeted` with inverted dropout (kept units' outputs
@@ -42,8 +50,11 @@ from conformer_fl import tree_paths
 from conformer_fl.analysis import importance_file
 from conformer_fl.federated import dropout as federated_dropout
 
+# The uniform arm's rate under each other policy of federated/dropout.py.
+POLICY_ARMS = {"uniform_ordered": "ordered", "uniform_static": "static",
+               "uniform_rolling": "rolling"}
 BASE_ARMS = ("full", "targeted", "anti_targeted", "uniform", "random",
-             "targeted_rescaled", "freeze")
+             "targeted_rescaled", "freeze", *POLICY_ARMS)
 LABELS = ("ambient", "critical", "undetermined")
 
 
@@ -204,10 +215,11 @@ class ArmSpec:
 def _dropout(kind: str = "none", rates: Mapping[str, float] | None = None,
              default_rate: float = 0.0, unit_kinds: Sequence[str] = (),
              freeze_units: Sequence[str] = (),
-             rescale: bool = False) -> dict[str, Any]:
+             rescale: bool = False, policy: str = "random") -> dict[str, Any]:
   return dict(kind=kind, rates=dict(rates or {}),
               default_rate=float(default_rate), unit_kinds=list(unit_kinds),
-              freeze_units=list(freeze_units), rescale=bool(rescale))
+              freeze_units=list(freeze_units), rescale=bool(rescale),
+              policy=policy)
 
 
 def dropout_config(spec: ArmSpec) -> ml_collections.ConfigDict:
@@ -276,10 +288,11 @@ def arm_specs(model: CostModel, importance: importance_file.Importance,
           "" if frozen else "no ambient module to freeze"))
       continue
     for level in levels:
-      if arm == "uniform":
+      if arm == "uniform" or arm in POLICY_ARMS:
         rate = solve_uniform_rate(model, level, max_rate)
         rates = dict.fromkeys(names, rate)
-        dropout = _dropout("uniform", default_rate=rate, unit_kinds=unit_kinds)
+        dropout = _dropout("uniform", default_rate=rate, unit_kinds=unit_kinds,
+                           policy=POLICY_ARMS.get(arm, "random"))
       else:
         rates = solve_rates(model, weights[arm], level, max_rate) if k else None
         if rates is None:
@@ -312,4 +325,6 @@ def describe(spec: ArmSpec, model: CostModel) -> str:
   widths = "; ".join(f"{kind} {', '.join(sorted(set(v)))}"
                      for kind, v in by_kind.items())
   rescale = ", rescaled" if spec.dropout.get("rescale") else ""
-  return f"{len(spec.kept)} modules thinned{rescale} ({widths})"
+  policy = spec.dropout.get("policy", "random")
+  units = "" if policy == "random" else f", {policy} units"
+  return f"{len(spec.kept)} modules thinned{rescale}{units} ({widths})"

@@ -13,7 +13,9 @@ arms of `experiment/arms.py` at every cost level of `config.comparison`:
   final    every arm at every level on every model, at its picked rate:
            full, targeted and anti_targeted at the verdict level (the
            verdict's arms) with `comparison.verdict_seeds`, the other arms
-           at the verdict level (and freeze) with `comparison.control_seeds`,
+           at the verdict level (and freeze; the controls, among them the
+           policy arms uniform_ordered / _static / _rolling, each tuned on
+           its own) with `comparison.control_seeds`,
            every arm at the other levels with `comparison.level_seeds`. The tuning run of
            the picked rate is the final run of its seed (same directory).
 

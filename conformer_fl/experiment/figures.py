@@ -25,7 +25,9 @@ ROUNDS_FIGURE = "wer_by_round.png"
 CURVE_FIGURE = "pretrain_curve.png"
 
 _MARKERS = {"full": "*", "targeted": "o", "anti_targeted": "v",
-            "uniform": "s", "targeted_rescaled": "D", "freeze": "X"}
+            "uniform": "s", "targeted_rescaled": "D", "freeze": "X",
+            "uniform_ordered": "<", "uniform_static": ">",
+            "uniform_rolling": "^"}
 
 
 def _base(arm: str) -> str:

@@ -230,6 +230,11 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
               for d in range(c.random_draws)]
     pairs += [(arm_key("targeted_rescaled", level),
                arm_key("targeted", level))]
+    # Each sub-model policy against full and against uniform ('random').
+    pairs += [(arm_key(a, level), arm_key("full", None))
+              for a in arms_lib.POLICY_ARMS]
+    pairs += [(arm_key(a, level), arm_key("uniform", level))
+              for a in arms_lib.POLICY_ARMS]
     for a, b in pairs:
       if a in keys and b in keys:
         result = _compare(pool, a, b, confidence)

@@ -24,6 +24,12 @@ by bisection (`_next_count`), within a number of compilations; and refuses
 (`PlanError`, naming the config field) a config whose count does not divide
 over the chips or does not fit.
 
+A round with capacity tiers (`federated.dropout.tiers`) compiles as the run
+builds it, each tier vmapped at its own static widths inside the one round;
+the plan prints each tier's clients per chip and the units its thinned
+layers keep (`tier_lines`), and does not search (the tiers fix each tier's
+clients).
+
 Shapes: the longest bucket of `config.data.bucket_seconds` (the largest round
 or batch the run can meet), the vocabulary of the config's tokenizer (as
 `conformer_fl.training.run_setup` sets it from the tokenizer), random-init parameters (a
@@ -61,6 +67,7 @@ from conformer_fl.data import batching
 from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
+from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
 
@@ -291,6 +298,10 @@ class Step:
       target's devices.
     loop_trips: iterations of the loop XLA's cost analysis counts once (the
       round's lax.scan over K local steps), 1 for the other steps.
+    details: lines `format_plan` prints about the step's shapes (a tiered
+      round's tiers: `tier_lines`).
+    searchable: whether the search for the most per chip may vary the count
+      (not for a tiered round, whose tiers fix each tier's clients).
   """
   name: str
   field: str
@@ -300,6 +311,8 @@ class Step:
   jitted: Any
   arguments: Callable[[int], tuple[Any, ...]]
   loop_trips: int = 1
+  details: tuple[str, ...] = ()
+  searchable: bool = True
 
   def per_chip(self, total: int) -> int:
     return total // self.divisor
@@ -316,12 +329,69 @@ class Step:
     return total
 
 
+def _kept_widths(spec: Any) -> str:
+  """A tier's kept units per layer kind: 'encoder/block_*/ffn1 96/128, ...'.
+
+  Layers whose names differ only in the block index are one entry when they
+  keep the same count.
+  """
+  widths: dict[str, list[str]] = {}
+  for layer in spec.layers:
+    key = re.sub(r"block_\d+", "block_*", layer.name)
+    width = f"{layer.num_kept}/{layer.num_units}"
+    if width not in widths.setdefault(key, []):
+      widths[key].append(width)
+  return ", ".join(f"{key} {' | '.join(value)}"
+                   for key, value in widths.items())
+
+
+def tier_lines(config: ml_collections.ConfigDict, params: PyTree,
+               model_state: PyTree, num_chips: int) -> tuple[str, ...]:
+  """The capacity tiers of a federated config, per chip; () without tiers.
+
+  One line per tier of `federated.dropout.tiers` (each vmapped at its own
+  static widths in the one compiled round): its fraction and width, its
+  clients per chip and in all, and the units each thinned layer keeps.
+
+  Raises:
+    PlanError: tiers whose clients do not divide over the chips.
+  """
+  f = config.federated
+  tier_specs = federated_dropout.tier_specs_from_config(
+      f.dropout, params, model_state,
+      models.droppable_modules_from_config(config.model),
+      int(f.clients_per_round))
+  if tier_specs is None:
+    return ()
+  lines = [f"  capacity tiers (config.federated.dropout.tiers, policy"
+           f" {f.dropout.get('policy', 'random')!r}), each vmapped at its own"
+           " widths:"]
+  for index, ((fraction, width), (count, spec)) in enumerate(
+      zip(f.dropout.tiers, tier_specs)):
+    if count % num_chips:
+      raise PlanError(
+          f"Capacity tier {index} of config.federated.dropout.tiers has"
+          f" {count} clients, not a multiple of the {num_chips} chips; change"
+          " the tier fractions or config.federated.clients_per_round.")
+    kept = ("full model" if spec is None or spec.is_identity else
+            f"kept units {_kept_widths(spec)}")
+    lines.append(f"    tier {index}: fraction {fraction:g}, width {width:g}:"
+                 f" {count // num_chips} clients per chip ({count} in all),"
+                 f" {kept}")
+  return tuple(lines)
+
+
 def federated_round_step(config: ml_collections.ConfigDict,
                          model: models.ConformerASR, target: Target) -> Step:
-  """The round of `train.train_federated`, built as it builds it."""
+  """The round of `train.train_federated`, built as it builds it.
+
+  With capacity tiers, the step's details list them (`tier_lines`) and the
+  count is not searched (the tiers fix each tier's clients).
+  """
   f = config.federated
   params, model_state = models.split_variables(
       abstract_variables(model, config.seed))
+  details = tier_lines(config, params, model_state, target.num_chips)
   mesh = mesh_lib.make_client_mesh(devices=target.devices)
   round_fn, server_optimizer = steps.make_round_from_config(
       config, model, params, model_state, mesh)
@@ -338,7 +408,8 @@ def federated_round_step(config: ml_collections.ConfigDict,
 
   return Step("federated round", "federated.clients_per_round", "clients",
               int(f.clients_per_round), target.num_chips, round_fn.jitted,
-              arguments, loop_trips=int(f.local_steps))
+              arguments, loop_trips=int(f.local_steps), details=details,
+              searchable=not details)
 
 
 def central_step(config: ml_collections.ConfigDict, model: models.ConformerASR,
@@ -646,7 +717,8 @@ def plan_step(step: Step, target: Target, search: bool = True,
   probes = [requested]
   max_per_chip, exact = None, False
   capacity = target.hbm_bytes
-  if capacity is not None and search and step.field != "analysis.vectorized":
+  if (capacity is not None and search and step.searchable
+      and step.field != "analysis.vectorized"):
     max_per_chip, exact, probes = search_max(step, requested, capacity,
                                              max_compiles, log)
   plan = Plan(step, target, requested, max_per_chip, exact, tuple(probes))
@@ -717,12 +789,17 @@ def format_plan(plan: Plan) -> str:
         f" {_gib(target.hbm_bytes)}, {_gib(target.hbm_bytes - probe.hbm_bytes)}"
         " free")
   m = probe.memory
+  lines.extend(step.details)
   lines.append(
       f"    arguments {_gib(m['argument_size_in_bytes'])}, outputs"
       f" {_gib(m['output_size_in_bytes'])}, donated"
       f" {_gib(m['alias_size_in_bytes'])}, temporaries"
       f" {_gib(m['temp_size_in_bytes'])}, code"
       f" {_gib(m['generated_code_size_in_bytes'])}")
+  if not step.searchable:
+    lines.append(f"  max {step.unit} per chip: not searched (the capacity"
+                 " tiers fix each tier's clients; plan another"
+                 f" config.{step.field} to compare)")
   if plan.max_per_chip is not None:
     bound = "" if plan.max_exact else "at least "
     lines.append(
@@ -782,7 +859,7 @@ def describe(main_args: Sequence[str], topology: str, search: bool = True,
   largest = max(arrays, key=lambda x: math.prod(x.shape), default=None)
   capacity = ("no capacity (no search)" if target.hbm_bytes is None
               else f"{_gib(target.hbm_bytes)} HBM per chip")
-  searching = (search and target.hbm_bytes is not None
+  searching = (search and target.hbm_bytes is not None and step.searchable
                and step.field != "analysis.vectorized")
   lines = [
       f"would compile: the {step.name} of config.mode={config.mode!r} for"
@@ -794,6 +871,7 @@ def describe(main_args: Sequence[str], topology: str, search: bool = True,
       f"  arguments per chip: {_gib(step.input_bytes(per_chip))} in"
       f" {len(arrays)} arrays; the largest (all chips):"
       f" {f'{largest.dtype}{list(largest.shape)}' if arrays else '-'}",
+      *step.details,
       (f"  then up to {max_compiles - 1} more compilations to find the most"
        f" {step.unit} per chip that fit" if searching else
        "  one compilation (no search)"),
