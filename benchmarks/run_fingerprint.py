@@ -37,6 +37,7 @@ import numpy as np
 
 from conformer_fl import checkpointing
 from conformer_fl import metric_logging
+from conformer_fl import workdir as workdir_lib
 
 TIMING_SUFFIX = "_per_second"
 
@@ -61,8 +62,7 @@ def checkpoint_digests(workdir: str) -> dict[str, str]:
 
 def metrics_digest(workdir: str) -> tuple[str, int]:
   """(sha256 of metrics.jsonl's records less timing fields, record count)."""
-  records = metric_logging.read_records(
-      os.path.join(workdir, metric_logging.METRICS_FILE))
+  records = workdir_lib.Workdir(workdir).metrics()
   kept = [{k: v for k, v in r.items() if not k.endswith(TIMING_SUFFIX)}
           for r in records]
   text = "\n".join(json.dumps(r, sort_keys=True) for r in kept)

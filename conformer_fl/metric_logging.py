@@ -61,11 +61,6 @@ def append_text(path: epath.Path, text: str) -> None:
     os.close(fd)
 
 
-# The readers live with the run's other files (`conformer_fl.workdir`).
-parse_records = workdir_lib.parse_records
-read_records = workdir_lib.read_records
-
-
 def _index(record: Mapping[str, Any]) -> int | None:
   index = record.get("step", record.get("round"))
   return index if isinstance(index, int) else None
@@ -76,7 +71,7 @@ def trim_metrics(path: epath.Path, step: int) -> None:
   if not path.exists():
     return
   text = path.read_text()
-  records, bad = parse_records(text)
+  records, bad = workdir_lib.parse_records(text)
   for line in bad:
     logging.warning("%s: dropping a line that is not a JSON record (a write cut"
                     " short by a kill?): %.80r", path, line)

@@ -306,7 +306,7 @@ def test_metrics_are_trimmed_to_the_restored_step(tmp_path):
   assert path.read_text() == kept
   metric_logging.trim_metrics(path, 4)  # Nothing to do: not rewritten.
   assert path.read_text() == kept
-  assert [r["step"] for r in metric_logging.read_records(path)] == [2, 4]
+  assert [r["step"] for r in workdir_lib.read_records(path)] == [2, 4]
 
 
 def test_eval_samples_are_trimmed_to_whole_blocks(tmp_path):

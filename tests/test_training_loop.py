@@ -13,6 +13,7 @@ import pytest
 
 from conformer_fl import checkpointing
 from conformer_fl import metric_logging
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.training import divergence
 from conformer_fl.training import loop
 from conformer_fl.training import run_setup
@@ -68,7 +69,7 @@ def _train(workdir, cadence: loop.Cadence,
 
 
 def _records(workdir) -> list[dict]:
-  return metric_logging.read_records(workdir / metric_logging.METRICS_FILE)
+  return workdir_lib.Workdir(workdir).metrics()
 
 
 def test_the_cadence_logs_evaluates_and_saves_on_its_steps(tmp_path):

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from scipy import stats
 
-from conformer_fl import metric_logging
 from conformer_fl import tree_paths
+from conformer_fl import workdir as workdir_lib
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -80,7 +80,7 @@ def read_update_norm_sums(metrics_path: str | os.PathLike[str],
     return None
   per_round: dict[int, dict[str, float]] = {}
   # A torn last line (a run killed while writing it) is skipped.
-  for record in metric_logging.read_records(metrics_path):
+  for record in workdir_lib.read_records(metrics_path):
     norms = {k[len(UPDATE_NORM_PREFIX):]: float(v) for k, v in record.items()
              if k.startswith(UPDATE_NORM_PREFIX)}
     round_index = record.get("round", record.get("step"))

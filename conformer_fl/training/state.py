@@ -20,8 +20,8 @@ from typing import Any
 from absl import logging
 import flax
 
-from conformer_fl import metric_logging
 from conformer_fl import multihost
+from conformer_fl import workdir as workdir_lib
 from conformer_fl.training import divergence
 from conformer_fl.training import run_setup
 
@@ -112,8 +112,7 @@ def _loss_guard(run: run_setup.Run,
       g.get("factor", 0.0), g.get("patience", 1), g.get("window", 1))
   history = []
   if guard.factor and multihost.is_chief():
-    for record in metric_logging.read_records(
-        run.workdir / metric_logging.METRICS_FILE):
+    for record in workdir_lib.Workdir(run.workdir).metrics():
       index = record.get(run.logger.step_key)
       if (isinstance(index, int) and index <= start
           and isinstance(record.get("loss"), float)):
