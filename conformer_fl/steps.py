@@ -4,7 +4,6 @@
 gradient, optimizer update, divergence guard), data-parallel over the mesh.
 `make_round_from_config`: the federated round of a run's config
 (conformer_fl/federated/fl_round.py) and its server optimizer.
-`round_arrays`: the host arrays of one round (`input_pipeline.make_round`).
 
 `launch/tpu_pod.py plan` (conformer_fl/tools/pod_plan.py) compiles these same
 functions, so what it plans is what a run runs.
@@ -15,14 +14,11 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 from conformer_fl.training import divergence
 from conformer_fl import models
 from conformer_fl import optimizers
-from conformer_fl.data import clients as clients_lib
-from conformer_fl.data import input_pipeline
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
@@ -131,24 +127,3 @@ def make_round_from_config(
       aggregation_weight=f.aggregation_weight, tiers=tiers)
   return round_fn, server_optimizer
 
-
-def round_arrays(config: ml_collections.ConfigDict,
-                 client_datasets: input_pipeline.ClientDatasets,
-                 sampler: clients_lib.ClientSampler, round_index: int,
-                 mesh: jax.sharding.Mesh | None = None
-                 ) -> dict[str, np.ndarray]:
-  """Round `round_index`'s arrays [C, K, B, ...] of a federated run's config.
-
-  `input_pipeline.make_round` with the config's federated fields. With a
-  mesh, only this process's block of clients [C / P, K, B, ...], whose
-  records alone are read from disk.
-  """
-  f = config.federated
-  client_range = (None if mesh is None else mesh_lib.process_client_range(
-      sampler.clients_per_round, mesh))
-  _, data = input_pipeline.make_round(
-      client_datasets, sampler, round_index, config.seed,
-      local_steps=f.local_steps, batch_size=f.client_batch_size,
-      local_epochs=f.local_epochs or None, fixed_shape=f.fixed_round_shape,
-      client_range=client_range)
-  return data

@@ -46,7 +46,8 @@ from conformer_fl import models
 from conformer_fl import multihost
 from conformer_fl import optimizers
 from conformer_fl import steps
-from conformer_fl.data import clients as clients_lib
+from conformer_fl.data import client_sizes
+from conformer_fl.data import federated as federated_data
 from conformer_fl.data import input_pipeline
 from conformer_fl.federated import fl_round as round_lib
 from conformer_fl.federated import mesh as mesh_lib
@@ -204,22 +205,21 @@ def _train_federated(run: run_setup.Run) -> PyTree:
   state, checkpoints = state_lib.resume(run, state, state_lib.STATE_DICT)
   state_is_finite = jax.jit(divergence.all_finite)
 
-  client_datasets = input_pipeline.get_client_datasets(run.config.data,
+  client_datasets = federated_data.get_client_datasets(run.config.data,
                                                        run.tokenizer)
   if multihost.is_chief():
-    table, _ = clients_lib.client_size_report(
+    table, _ = client_sizes.client_size_report(
         client_datasets.sizes(), os.fspath(run.workdir / "clients"))
     logging.info("Client sizes:\n%s", table)
-  sampler = clients_lib.ClientSampler(client_datasets.client_ids,
-                                      f.clients_per_round, run.config.seed)
+  sampler = federated_data.ClientSampler(client_datasets.client_ids,
+                                         f.clients_per_round, run.config.seed)
   rng = jax.random.key(run.config.seed)
 
   def step(state: round_lib.ServerState,
            index: int) -> tuple[round_lib.ServerState, dict[str, jax.Array]]:
-    data = mesh_lib.shard_round_data(
-        steps.round_arrays(run.config, client_datasets, sampler, index - 1,
-                           mesh), mesh)
-    return round_fn(state, data, rng)
+    data = federated_data.build_round(run.config, client_datasets, sampler,
+                                      index - 1, mesh)
+    return round_fn(state, mesh_lib.shard_round_data(data, mesh), rng)
 
   def read(state: round_lib.ServerState, metrics: dict[str, jax.Array],
            index: int, saved: state_lib.Checkpoints) -> dict[str, Any]:

@@ -2,19 +2,20 @@
 
 The modules a training loop uses:
   input_pipeline  load_split, get_tokenizer, get_train_batches, get_eval_batches,
-                  get_client_datasets, make_round, default_data_config
+                  default_data_config
   tokenizer       Tokenizer, CharTokenizer, SentencePieceTokenizer, build_tokenizer,
                   load_tokenizer
   batching        Buckets, make_buckets, SkipCounter, prepare_example, pad_batch,
                   bucket_by_length, eval_batches
-  clients         ClientSampler, partition_by_speaker, make_round_data,
-                  client_size_report
+  federated       ClientDatasets, get_client_datasets, ClientSampler,
+                  build_round, make_round_data, partition_by_speaker, RoundData
+  client_sizes    client_size_report
   record_source   RecordSource (a split by record index), load_speaker_index
   librispeech     LibriSpeech -> common example dicts
 The TFDS builder of the local corpus is `synthetic_speech` (imported on demand by
 `input_pipeline.load_split`). The names below are imported on first use, so that
 importing the package, or one of its light modules (`tokenizer`, `batching`,
-`clients`, `data_config`, `paths`), does not load TensorFlow.
+`client_sizes`, `data_config`, `paths`), does not load TensorFlow.
 """
 
 import importlib
@@ -29,18 +30,19 @@ _EXPORTS = {
     "pad_batch": "batching",
     "prepare_example": "batching",
     "SkipCounter": "batching",
-    "client_size_report": "clients",
-    "ClientSampler": "clients",
-    "make_round_data": "clients",
-    "partition_by_speaker": "clients",
-    "ClientDatasets": "input_pipeline",
+    "client_size_report": "client_sizes",
+    "build_round": "federated",
+    "ClientDatasets": "federated",
+    "ClientSampler": "federated",
+    "get_client_datasets": "federated",
+    "make_round_data": "federated",
+    "partition_by_speaker": "federated",
+    "RoundData": "federated",
     "default_data_config": "input_pipeline",
-    "get_client_datasets": "input_pipeline",
     "get_eval_batches": "input_pipeline",
     "get_tokenizer": "input_pipeline",
     "get_train_batches": "input_pipeline",
     "load_split": "input_pipeline",
-    "make_round": "input_pipeline",
     "build_tokenizer": "tokenizer",
     "CharTokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",

@@ -1,4 +1,4 @@
-"""High-level input pipeline: corpus -> common examples -> batches / client rounds.
+"""High-level input pipeline: corpus -> common examples -> batches.
 
 The common example dict (one utterance), produced for every corpus:
   'audio'      int16 [N]  16 kHz waveform
@@ -24,27 +24,18 @@ Typical use by the training loop:
   train_iter = get_train_batches(data_config, tokenizer, seed=config.seed,
                                  start_step=step)
   for batch in get_eval_batches(data_config, tokenizer): ...
-  clients = get_client_datasets(data_config, tokenizer)
-  sampler = clients_lib.ClientSampler(clients.client_ids, C, seed)
-  ids, round_data = make_round(clients, sampler, round_index, seed,
-                               local_steps=K, batch_size=B)
-Batch layouts: `batching` (central batches) and `clients` (round arrays).
+Batch layouts: `batching`. The federated clients and their rounds:
+conformer_fl/data/federated.py (which reads a data config through
+`buckets_from_config`, `prepare_options` and `check_engines` here).
 
 Engines (synthetic corpus): every speaker id starts with its speech engine
 ('espeak/...', 'flite/...'); `train_engines`, `eval_engines` and
 `client_engines` keep only those engines' speakers, and
 `leave_one_engine_out(config, engine)` gives the data configs that train
 without `engine` and evaluate on its held-out test speakers.
-
-The federated clients are read from disk by record index: the dataset must be
-prepared in the array_record format (`record_source`), and their speaker index
-is built once beside the data. Nothing of a client is held in memory but its
-record indices and their buckets; a round reads its sampled clients' records
-(those of this process's block of clients only).
 """
 
 from collections.abc import Iterable, Iterator, Sequence
-import dataclasses
 import importlib
 import itertools
 import queue
@@ -58,7 +49,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conformer_fl.data import batching
-from conformer_fl.data import clients as clients_lib
 from conformer_fl.data import data_config as data_config_lib
 from conformer_fl.data import librispeech
 from conformer_fl.data import record_source
@@ -127,14 +117,14 @@ def load_split(
     wanted = set(domains)
     examples = (e for e in examples if e["domain"] in wanted)
   if engines:
-    _check_engines(engines)
+    check_engines(engines)
     kept = set(engines)
     examples = (e for e in examples if isinstance(e["speaker_id"], str)
                 and tts_engines.engine_of(e["speaker_id"]) in kept)
   return examples
 
 
-def _check_engines(engines: Sequence[str]) -> None:
+def check_engines(engines: Sequence[str]) -> None:
   unknown = set(engines) - set(tts_engines.ENGINES)
   if unknown:
     raise ValueError(f"Unknown speech engines {sorted(unknown)} in a data config's"
@@ -157,7 +147,7 @@ def leave_one_engine_out(
     speakers are held out by timbre (no train speaker shares their voice),
     so `held_out` measures a model on an engine it has never heard.
   """
-  _check_engines((engine,))
+  check_engines((engine,))
   others = tuple(e for e in tts_engines.ENGINES if e != engine)
   train = ml_collections.ConfigDict(config.to_dict())
   train.train_engines = train.eval_engines = train.client_engines = others
@@ -343,206 +333,6 @@ def get_train_batches(
   batches = batching.pad_groups(
       itertools.islice(groups(), start_step, None), buckets, config.batch_size)
   return prefetch_in_thread(batches, config.prefetch_batches)
-
-
-class IndexStale(ValueError):
-  """A record read from disk disagrees with the speaker index's entry."""
-
-
-@dataclasses.dataclass
-class StreamedClient:
-  """One client's examples, read from disk by record index when asked for.
-
-  A `clients.ClientExamples`: `buckets` comes from the speaker index (no audio
-  read); `read` reads the records and prepares them (`batching.prepare_example`).
-
-  Attributes:
-    client_id: the speaker id.
-    records: int64 [n], the client's record indices in the split, increasing.
-    buckets: int64 [n], the bucket of each (the index's transcript and length).
-    datasets: the `ClientDatasets` it belongs to (source, tokenizer, shapes).
-  """
-
-  client_id: str
-  records: np.ndarray
-  buckets: np.ndarray
-  datasets: "ClientDatasets"
-
-  def read(self, positions: Sequence[int]) -> list[Example]:
-    """Prepared examples of the client's examples at `positions`.
-
-    Raises:
-      IndexStale: a record is no longer valid or has another bucket than the
-        index gave it (the data changed after the index was built).
-    """
-    d = self.datasets
-    positions = [int(p) for p in positions]
-    raws = d.source.read(self.records[positions])
-    skips = batching.SkipCounter(f"client:{self.client_id}")
-    prepared = []
-    for p, raw in zip(positions, raws):
-      example = batching.prepare_example(raw, d.tokenizer, d.buckets, skips,
-                                         **d.prepare_options,
-                                         require_speaker_id=True)
-      if example is None or example["bucket"] != self.buckets[p]:
-        raise IndexStale(
-            f"Record {int(self.records[p])} ({raw.get('id')!r}) of"
-            f" {d.source.dataset}:{d.source.split} disagrees with the speaker"
-            f" index {record_source.index_path(d.source)} (skipped:"
-            f" {dict(skips.counts)}); delete the index to rebuild it.")
-      prepared.append(example)
-    return prepared
-
-
-@dataclasses.dataclass
-class ClientDatasets:
-  """The federated clients of a split, in client-id order, read from disk.
-
-  Holds per client only its record indices and their buckets (a few bytes per
-  utterance); `client(client_id)` reads examples by record index.
-
-  Attributes:
-    source: the split, by record index.
-    records: client id -> int64 [n_c] record indices of its valid examples.
-    record_buckets: client id -> int64 [n_c] their buckets.
-    buckets: the static shapes.
-    tokenizer: the run's tokenizer.
-    prepare_options: the `batching.prepare_example` checks of the config.
-  """
-
-  source: record_source.RecordSource
-  records: dict[str, np.ndarray]
-  record_buckets: dict[str, np.ndarray]
-  buckets: batching.Buckets
-  tokenizer: tokenizer_lib.Tokenizer
-  prepare_options: dict[str, Any]
-
-  @property
-  def client_ids(self) -> list[str]:
-    return list(self.records)
-
-  def sizes(self) -> dict[str, int]:
-    return {c: int(r.size) for c, r in self.records.items()}
-
-  def client(self, client_id: str) -> StreamedClient:
-    return StreamedClient(client_id, self.records[client_id],
-                          self.record_buckets[client_id], self)
-
-  def read_client(self, client_id: str) -> list[Example]:
-    """All prepared examples of one client, in record order (reads them)."""
-    client = self.client(client_id)
-    return client.read(range(client.records.size))
-
-
-def open_record_source(config: ml_collections.ConfigDict,
-                       split: str) -> record_source.RecordSource:
-  """`record_source.RecordSource` of a split with the data config's fields."""
-  return record_source.RecordSource(
-      config.dataset, split, config.data_dir, config.builder_config,
-      librispeech_options_from_config(config))
-
-
-def get_client_datasets(
-    config: ml_collections.ConfigDict,
-    tokenizer: tokenizer_lib.Tokenizer,
-    *,
-    split: str | None = None,
-    domains: Sequence[str] | None = None,
-    skips: batching.SkipCounter | None = None,
-) -> ClientDatasets:
-  """The federated clients of a split, streamed from disk (see `clients`).
-
-  Reads the split's speaker index (built and saved beside the data on first
-  use: `record_source.load_speaker_index`), and keeps, per speaker, the
-  records that `batching.prepare_example` accepts (checked on the index's
-  transcripts and lengths: no audio is read) with their buckets. The
-  clients and their examples, in order, are those of partitioning the
-  prepared split by speaker (`clients.partition_by_speaker`); skips are
-  counted by the same reasons.
-
-  Args:
-    config: data config; the dataset must be prepared in a random-access
-      format (array_record).
-    tokenizer: the run's tokenizer.
-    split: defaults to config.train_split.
-    domains: defaults to config.client_domains (empty = all).
-    skips: receives the skipped examples.
-
-  Only speakers of config.client_engines are clients (empty = all).
-
-  Raises:
-    record_source.NotRandomAccess: the dataset is stored as tfrecord only.
-    ValueError: no client has a valid example.
-  """
-  split = split or config.train_split
-  domains = config.client_domains if domains is None else domains
-  skips = skips or batching.SkipCounter(f"clients:{split}")
-  buckets = buckets_from_config(config)
-  options = prepare_options(config)
-  source = open_record_source(config, split)
-  index = record_source.load_speaker_index(source)
-  wanted = set(domains)
-  engines = set(config.get("client_engines", ()))
-  _check_engines(tuple(engines))
-  records: dict[str, list[int]] = {}
-  record_buckets: dict[str, list[int]] = {}
-  for i in range(index["num_records"]):
-    meta, num_samples, problem = record_source.index_example(index, i)
-    if wanted and source.domain_of(meta["domain"], num_samples) not in wanted:
-      continue
-    if problem is not None:
-      skips.skip(problem[0], meta["id"], problem[1])
-      continue
-    prepared = batching.prepare_metadata(meta, num_samples, tokenizer, buckets,
-                                         skips, **options,
-                                         require_speaker_id=True)
-    if prepared is None:
-      continue
-    if engines and tts_engines.engine_of(prepared["speaker_id"]) not in engines:
-      continue
-    records.setdefault(prepared["speaker_id"], []).append(i)
-    record_buckets.setdefault(prepared["speaker_id"], []).append(
-        prepared["bucket"])
-  del index
-  skips.log_summary()
-  if not records:
-    raise ValueError(f"No client has a valid example in split {split!r}, domains"
-                     f" {tuple(domains)} (skipped: {dict(skips.counts)}).")
-  client_ids = sorted(records)
-  logging.info("%d clients, %d examples.", len(client_ids),
-               sum(len(r) for r in records.values()))
-  return ClientDatasets(
-      source,
-      {c: np.array(records[c], np.int64) for c in client_ids},
-      {c: np.array(record_buckets[c], np.int64) for c in client_ids},
-      buckets, tokenizer, options)
-
-
-def make_round(
-    client_datasets: ClientDatasets,
-    sampler: clients_lib.ClientSampler,
-    round_index: int,
-    seed: int,
-    *,
-    local_steps: int,
-    batch_size: int,
-    local_epochs: int | None = None,
-    fixed_shape: bool = False,
-    client_range: tuple[int, int] | None = None,
-) -> tuple[list[str], clients_lib.RoundData]:
-  """Chosen client ids and the round's arrays ([C, K, B, ...], see `clients`).
-
-  Reads from disk only the records of the chosen clients in `client_range`.
-  The federated fields (K, B, E, fixed shape) belong to the federated config;
-  they are passed explicitly. Arguments as in `clients.make_round_data`.
-  """
-  client_ids = sampler.sample(round_index)
-  data = clients_lib.make_round_data(
-      [client_datasets.client(c) for c in client_ids], client_ids, round_index,
-      seed, local_steps=local_steps, batch_size=batch_size,
-      buckets=client_datasets.buckets, local_epochs=local_epochs,
-      fixed_shape=fixed_shape, client_range=client_range)
-  return client_ids, data
 
 
 def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[Any]:

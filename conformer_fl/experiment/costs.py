@@ -22,29 +22,24 @@ import numpy as np
 
 from conformer_fl import models
 from conformer_fl import optimizers
-from conformer_fl import steps
-from conformer_fl.data import clients as clients_lib
-from conformer_fl.data import input_pipeline
+from conformer_fl.data import federated as federated_data
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
 from conformer_fl.federated import submodel as submodel_lib
 
 FULL = "full model"
-# Keys of a round's arrays that a local step's loss reads.
-_STEP_KEYS = ("audio", "audio_paddings", "labels", "label_paddings",
-              "example_mask")
 
 
 def first_round_step_batch(config: ml_collections.ConfigDict,
                            tokenizer: tokenizer_lib.Tokenizer
                            ) -> dict[str, np.ndarray]:
   """One local step's batch [B, ...] shaped as in round 0 of `config`'s run."""
-  datasets = input_pipeline.get_client_datasets(config.data, tokenizer)
-  sampler = clients_lib.ClientSampler(datasets.client_ids,
-                                      config.federated.clients_per_round,
-                                      config.seed)
-  data = steps.round_arrays(config, datasets, sampler, 0)
-  return {key: data[key][0, 0] for key in _STEP_KEYS}
+  datasets = federated_data.get_client_datasets(config.data, tokenizer)
+  sampler = federated_data.ClientSampler(datasets.client_ids,
+                                         config.federated.clients_per_round,
+                                         config.seed)
+  data = federated_data.build_round(config, datasets, sampler, 0)
+  return {key: value[0, 0] for key, value in data.batches.items()}
 
 
 def arm_costs(config: ml_collections.ConfigDict,

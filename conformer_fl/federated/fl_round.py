@@ -2,8 +2,8 @@
 
 Plain functions of pytrees; `make_federated_round` vmaps client_update over
 the C/n clients of a device in `jax.shard_map` over the mesh axis 'clients'
-(mesh.py says why), psums the aggregates and jits the whole (round data:
-round_data.py). Federated Dropout (submodel.py) wraps client_update and
+(mesh.py says why), psums the aggregates and jits the whole (its data: a
+round_data.RoundData). Federated Dropout (submodel.py) wraps client_update and
 replaces the server's mean; capacity tiers (tiers.py) vmap groups of the
 clients at their own widths and add their sums.
 """
@@ -29,7 +29,7 @@ Metrics = dict[str, jax.Array]
 # loss_fn(params, model_state, batch [B, ...], rng) -> (mean loss over the real
 # examples of the batch (batch['example_mask'] [B]), new_model_state).
 LossFn = Callable[..., tuple[jax.Array, ModelState]]
-ROUND_KEYS = round_data_lib.ROUND_KEYS
+RoundData = round_data_lib.RoundData
 
 
 @flax.struct.dataclass
@@ -143,13 +143,15 @@ def make_federated_round(
     aggregation_weight: str = "examples_trained",
     tiers: Sequence[tiers_lib.Tier] | None = None,
 ) -> Callable[..., tuple[ServerState, Metrics]]:
-  """round_fn(server_state, round_data, rng) -> (server_state, metrics).
+  """round_fn(server_state, data, rng) -> (server_state, metrics).
+
+  data: the round's `RoundData` [C, K, ...].
 
   Client c (global index in [0, C)) uses fold_in(fold_in(rng,
   server_state.round), c) on any device layout; the sub-model policy
   (submodel.kept_indices) reads server_state.round as a traced scalar, so
   one compiled round serves every round. Client c's weight is
-  round_data.client_weights(aggregation_weight). submodel: Federated
+  round_data.client_weights(data, aggregation_weight). submodel: Federated
   Dropout / freezing spec (None = plain); submodel_loss_fn: the loss of the
   sub-model, whose layers have the widths `submodel.kept_units` (None =
   loss_fn, for a loss that reads its widths from the params it is given).
@@ -158,7 +160,7 @@ def make_federated_round(
   submodel_loss_fn; the server averages each element over the clients of
   every tier that trained it.
   round_fn checks the data
-  (ValueError), then runs `round_fn.jitted` (server_state donated) after a
+  (TypeError, ValueError), then runs `round_fn.jitted` (server_state donated) after a
   barrier between processes per new shape (mesh.barrier_after_compile).
   """
   aggregation.check_clip_update_norm(clip_update_norm)
@@ -195,8 +197,8 @@ def make_federated_round(
   if union is not None:
     average = submodel_lib.make_average(union, average)
 
-  def device_sums(params, model_state, round_data, round_rng, round_index):
-    here = round_data["num_examples"].shape[0]
+  def device_sums(params, model_state, data, round_rng, round_index):
+    here = data.num_examples.shape[0]
     if counts is not None and sum(counts) != here:
       raise ValueError(
           f"The round's capacity tiers hold {sum(counts)} clients per device"
@@ -205,18 +207,17 @@ def make_federated_round(
     first = jax.lax.axis_index(mesh_lib.CLIENTS_AXIS) * here
     rngs = jax.vmap(functools.partial(jax.random.fold_in, round_rng))(
         first + jnp.arange(here, dtype=jnp.int32))
-    batches = round_data_lib.batches(round_data)
-    weights = round_data_lib.client_weights(round_data, aggregation_weight)
+    weights = round_data_lib.client_weights(data, aggregation_weight)
     sums, start = None, 0
     for count, client_fn in zip(counts or (here,), client_fns):
       take = (lambda tree: tree) if counts is None else functools.partial(
           jax.tree.map, lambda x, start=start, count=count: x[start:start +
                                                               count])
       outputs = jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0, None))(
-          params, model_state, take(batches), take(round_data["step_mask"]),
+          params, model_state, take(data.batches), take(data.step_mask),
           take(rngs), round_index)
       tier_sums = aggregation.aggregate(
-          outputs, take(weights), take(round_data["num_examples"]),
+          outputs, take(weights), take(data.num_examples),
           clip_update_norm)
       sums = tier_sums if sums is None else jax.tree.map(jnp.add, sums,
                                                          tier_sums)
@@ -229,8 +230,8 @@ def make_federated_round(
       in_specs=(P(), P(), P(mesh_lib.CLIENTS_AXIS), P(), P()), out_specs=P(),
       check_vma=False)
 
-  def run_round(state, round_data, rng):
-    sums = sharded_sums(state.params, state.model_state, round_data,
+  def run_round(state, data, rng):
+    sums = sharded_sums(state.params, state.model_state, data,
                         jax.random.fold_in(rng, state.round), state.round)
     return server_update(state, sums, server_optimizer, average=average,
                          unit_paths=unit_paths)
@@ -241,9 +242,9 @@ def make_federated_round(
       in_shardings=(replicated, mesh_lib.client_sharding(mesh), replicated))
   synced = mesh_lib.barrier_after_compile(jitted, "federated_round")
 
-  def round_fn(server_state, round_data, rng):
-    round_data_lib.check_round_data(round_data, mesh, aggregation_weight)
-    return synced(server_state, round_data, rng)
+  def round_fn(server_state, data, rng):
+    round_data_lib.check_round_data(data, mesh, aggregation_weight)
+    return synced(server_state, data, rng)
 
   round_fn.jitted = jitted  # for .lower(...).compile() (HLO, cost).
   return round_fn

@@ -1,15 +1,7 @@
-"""The round-data contract of federated/fl_round.py, and client weights.
+"""`RoundData`, the arrays a federated round takes, and the client weights.
 
-Round data (what conformer_fl/data/clients.py:make_round_data makes for every
-round) is a dict of arrays with leading axes [C, K] = clients, local steps:
-  batch keys ('audio', 'labels', ... anything the loss_fn reads): [C, K, B, ...]
-  'example_mask': float32 [C, K, B]  1 = real example (passed to loss_fn)
-  'step_mask':    float32 [C, K]     1 = real local step; 0 = padding step
-  'num_examples': float32 [C]        examples the client trains on this round,
-                                     repeats counted (sum of example_mask)
-  'client_size':  float32 [C]        the client's own examples, each counted
-                                     once (needed by aggregation_weight
-                                     'client_size' only)
+conformer_fl/data/federated.py builds a `RoundData` for every round from the
+sampled clients; conformer_fl/federated/fl_round.py trains on it.
 
 Aggregation weights (`AGGREGATION_WEIGHTS`, config field
 federated.aggregation_weight in conformer_fl/config_lib.py): the weight w_c of
@@ -22,17 +14,49 @@ client c in the server's mean delta sum_c w_c delta_c / sum_c w_c:
   'uniform'           1 for every client with an example, 0 for one without.
 """
 
-from collections.abc import Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from conformer_fl.federated import mesh as mesh_lib
 
-# Per-client arrays of the round data, not given to the loss_fn.
-ROUND_KEYS = ("step_mask", "num_examples", "client_size")
+Array = Any  # numpy on the host, jax.Array on the mesh.
 AGGREGATION_WEIGHTS = ("examples_trained", "client_size", "uniform")
+
+
+@flax.struct.dataclass
+class RoundData:
+  """One round's arrays; leading axes [C, K] = clients of the round, local steps.
+
+  A pytree: `mesh.shard_round_data` places it on the mesh, every leaf split
+  on its leading [C] axis.
+
+  Attributes:
+    batches: the loss_fn's batches of every client's local steps, each
+      [C, K, B, ...] (a central batch's arrays, `batching.pad_batch`, with two
+      leading axes). Of the speech model (data/federated.py):
+        'audio'          f32[C, K, B, S]
+        'audio_paddings' f32[C, K, B, S]  1.0 = padded
+        'labels'         i32[C, K, B, U]  0 = pad
+        'label_paddings' f32[C, K, B, U]  1.0 = padded
+        'example_mask'   f32[C, K, B]     1.0 = real example
+      Any loss_fn's keys; 'example_mask' is required (the round counts the
+      real examples of a step with it).
+    step_mask: f32[C, K], 1.0 = the step has a real example; 0 = padding step.
+    num_examples: f32[C], sum of example_mask over [K, B]: the examples the
+      client trains on this round, repeats counted.
+    client_size: f32[C], the client's own examples, each counted once; None
+      where unknown (only aggregation_weight 'client_size' reads it).
+  Every client of a round shares one bucket (S, U), so that the clients can
+  be vmapped together.
+  """
+
+  batches: dict[str, Array]
+  step_mask: Array
+  num_examples: Array
+  client_size: Array | None = None
 
 
 def check_aggregation_weight(aggregation_weight: str) -> None:
@@ -41,56 +65,61 @@ def check_aggregation_weight(aggregation_weight: str) -> None:
                      f" of {AGGREGATION_WEIGHTS}.")
 
 
-def check_round_data(round_data: Mapping[str, Any], mesh: jax.sharding.Mesh,
+def check_round_data(data: RoundData, mesh: jax.sharding.Mesh,
                      aggregation_weight: str = "examples_trained"
                      ) -> tuple[int, int]:
-  """Validates key names and shapes; returns (num_clients C, local_steps K).
+  """Validates the shapes; returns (num_clients C, local_steps K).
 
   Raises:
-    ValueError: a missing key, a wrong shape, or C not divisible over the
+    TypeError: `data` is not a RoundData.
+    ValueError: a missing array, a wrong shape, or C not divisible over the
       mesh's devices.
   """
-  required = ("example_mask", "step_mask", "num_examples")
-  if aggregation_weight == "client_size":
-    required += ("client_size",)
-  missing = [k for k in required if k not in round_data]
-  if missing:
-    raise ValueError(f"round_data misses the keys {missing}; it has"
-                     f" {sorted(round_data)}.")
-  step_mask_shape = jnp.shape(round_data["step_mask"])
+  if not isinstance(data, RoundData):
+    raise TypeError(f"The round takes a round_data.RoundData, got"
+                    f" {type(data).__name__}; build it with RoundData(...).")
+  if "example_mask" not in data.batches:
+    raise ValueError("RoundData.batches misses 'example_mask'; it has"
+                     f" {sorted(data.batches)}.")
+  if aggregation_weight == "client_size" and data.client_size is None:
+    raise ValueError("aggregation_weight='client_size' needs"
+                     " RoundData.client_size; it is None.")
+  step_mask_shape = jnp.shape(data.step_mask)
   if len(step_mask_shape) != 2:
-    raise ValueError("round_data['step_mask'] must be [C, K], got shape"
+    raise ValueError("RoundData.step_mask must be [C, K], got shape"
                      f" {step_mask_shape}.")
   num_clients, local_steps = step_mask_shape
-  for key in ("num_examples", "client_size"):
-    if key in round_data and jnp.shape(round_data[key]) != (num_clients,):
-      raise ValueError(f"round_data[{key!r}] must be [C]=[{num_clients}],"
-                       f" got {jnp.shape(round_data[key])}.")
-  for key, value in round_data.items():
-    if key in ROUND_KEYS:
-      continue
+  for name in ("num_examples", "client_size"):
+    value = getattr(data, name)
+    if value is not None and jnp.shape(value) != (num_clients,):
+      raise ValueError(f"RoundData.{name} must be [C]=[{num_clients}],"
+                       f" got {jnp.shape(value)}.")
+  for key, value in data.batches.items():
     if jnp.shape(value)[:2] != (num_clients, local_steps):
       raise ValueError(
-          f"round_data[{key!r}] must have leading axes [C, K] ="
+          f"RoundData.batches[{key!r}] must have leading axes [C, K] ="
           f" [{num_clients}, {local_steps}], got shape {jnp.shape(value)}.")
   mesh_lib.check_clients_divisible(num_clients, mesh)
   return num_clients, local_steps
 
 
-def client_weights(round_data: Mapping[str, jax.Array],
-                   aggregation_weight: str) -> jax.Array:
-  """float32 [C]: each client's aggregation weight (module docstring)."""
-  num_examples = round_data["num_examples"].astype(jnp.float32)
+def client_weights(data: RoundData, aggregation_weight: str) -> jax.Array:
+  """f32[C]: each client's aggregation weight (module docstring)."""
+  num_examples = data.num_examples.astype(jnp.float32)
   if aggregation_weight == "examples_trained":
     return num_examples
   if aggregation_weight == "client_size":
-    return round_data["client_size"].astype(jnp.float32)
+    return data.client_size.astype(jnp.float32)
   if aggregation_weight == "uniform":
     return (num_examples > 0).astype(jnp.float32)
   raise ValueError(f"aggregation_weight={aggregation_weight!r}; expected one"
                    f" of {AGGREGATION_WEIGHTS}.")
 
 
-def batches(round_data: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """The keys given to the loss_fn: [C, K, B, ...] (and example_mask)."""
-  return {k: v for k, v in round_data.items() if k not in ROUND_KEYS}
+def as_dict(data: RoundData) -> dict[str, Array]:
+  """Every array of `data` by name: its batches' keys and the per-client
+  fields ('step_mask', 'num_examples', 'client_size' unless None)."""
+  per_client = {"step_mask": data.step_mask, "num_examples": data.num_examples}
+  if data.client_size is not None:
+    per_client["client_size"] = data.client_size
+  return {**data.batches, **per_client}

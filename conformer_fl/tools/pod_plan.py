@@ -64,7 +64,7 @@ from conformer_fl import steps
 from conformer_fl import workdir as workdir_lib
 from conformer_fl.analysis import variant_eval
 from conformer_fl.data import batching
-from conformer_fl.data import clients as clients_lib
+from conformer_fl.data import federated as federated_data
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import tokenizer as tokenizer_lib
 from conformer_fl.federated import dropout as federated_dropout
@@ -246,23 +246,24 @@ def _longest_bucket(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def abstract_round_data(config: ml_collections.ConfigDict, num_clients: int,
-                        sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """Round data [C, K, B, ...] of the longest bucket (`steps.round_arrays`).
+                        sharding: jax.sharding.Sharding
+                        ) -> federated_data.RoundData:
+  """RoundData [C, K, B, ...] of the longest bucket (`federated.build_round`).
 
-  The keys, dtypes and trailing axes come from `clients.make_round_data`
-  itself, run for one client without examples, one step of one utterance;
-  its leading axes [1, 1, 1] then become [C, K, B] (the round-data CONTRACT
-  of `conformer_fl.federated.fl_round`: [C], [C, K] or [C, K, B, ...]).
+  The arrays, dtypes and trailing axes come from
+  `federated.make_round_data` itself, run for one client without examples,
+  one step of one utterance; its leading axes [1, 1, 1] then become
+  [C, K, B] (`round_data.RoundData`: [C], [C, K] or [C, K, B, ...]).
   """
   f = config.federated
-  one = clients_lib.make_round_data(
+  one = federated_data.make_round_data(
       [[]], ["plan"], 0, config.seed, local_steps=1, batch_size=1,
       buckets=input_pipeline.buckets_from_config(config.data),
       local_epochs=f.local_epochs or None, fixed_shape=True)
   leading = (num_clients, int(f.local_steps), int(f.client_batch_size))
-  return {k: jax.ShapeDtypeStruct(leading[:min(v.ndim, 3)] + v.shape[3:],
-                                  v.dtype, sharding=sharding)
-          for k, v in one.items()}
+  return jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(leading[:min(v.ndim, 3)] + v.shape[3:],
+                                     v.dtype, sharding=sharding), one)
 
 
 def abstract_batch(data_config: ml_collections.ConfigDict, batch_size: int,
