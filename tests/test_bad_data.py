@@ -30,6 +30,7 @@ from conformer_fl import config_lib
 from conformer_fl import models
 from conformer_fl import optimizers
 from conformer_fl.data import batching
+from conformer_fl.data import federated
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import librispeech
 from conformer_fl.data import tokenizer as tokenizer_lib
@@ -98,8 +99,8 @@ def _ids(batches) -> list[str]:
 
 def test_bad_bytes_are_skipped_and_counted_for_clients(bad_bytes_config):
   skips = batching.SkipCounter("clients")
-  datasets = input_pipeline.get_client_datasets(bad_bytes_config, _CHAR,
-                                                skips=skips)
+  datasets = federated.get_client_datasets(bad_bytes_config, _CHAR,
+                                           skips=skips)
   assert dict(skips.counts) == {"undecodable_transcript": 1,
                                 "undecodable_speaker_id": 1,
                                 "missing_speaker_id": 2}

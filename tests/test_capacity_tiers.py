@@ -55,11 +55,13 @@ def toy_round_data():
   example_mask = np.ones((CLIENTS, STEPS, BATCH), np.float32)
   example_mask[1, :, 2] = 0.0
   example_mask[4, :, 1:] = 0.0
-  return {"x": rng.normal(size=(CLIENTS, STEPS, BATCH, IN)).astype(np.float32),
+  return round_lib.RoundData(
+      batches={
+          "x": rng.normal(size=(CLIENTS, STEPS, BATCH, IN)).astype(np.float32),
           "y": rng.normal(size=(CLIENTS, STEPS, BATCH)).astype(np.float32),
-          "example_mask": example_mask,
-          "step_mask": np.ones((CLIENTS, STEPS), np.float32),
-          "num_examples": example_mask.sum(axis=(1, 2))}
+          "example_mask": example_mask},
+      step_mask=np.ones((CLIENTS, STEPS), np.float32),
+      num_examples=example_mask.sum(axis=(1, 2)))
 
 
 def hand_client(params, kept, x, y, mask):
@@ -90,7 +92,7 @@ def run_round(tiers, seed, data, **kwargs):
 def test_tiered_round_against_clients_one_at_a_time():
   seed, data = 3, toy_round_data()
   new_params, metrics = run_round(TIERS, seed, data)
-  params, weights = toy_params(), data["num_examples"]
+  params, weights = toy_params(), data.num_examples
   total = {name: np.zeros_like(value, np.float64)
            for name, value in params.items()}
   count = np.zeros(HIDDEN)
@@ -103,8 +105,8 @@ def test_tiered_round_against_clients_one_at_a_time():
         submodel_lib.kept_indices(spec, jax.random.fold_in(
             client_rng, submodel_lib.DROPOUT_RNG_TAG), 0)["hidden"])
     kept_by_client.append(kept.tolist())
-    delta = hand_client(params, kept, data["x"][c], data["y"][c],
-                        data["example_mask"][c])
+    delta = hand_client(params, kept, *(data.batches[k][c]
+                                        for k in ("x", "y", "example_mask")))
     for name in params:
       total[name] += weights[c] * delta[name]
     count[kept] += weights[c]

@@ -16,12 +16,13 @@ import json
 import pathlib
 import types
 
+import jax
 import numpy as np
 import pytest
 
 from conformer_fl import experiment
 from conformer_fl.data import batching
-from conformer_fl.data import clients
+from conformer_fl.data import federated
 from conformer_fl.data import input_pipeline
 from conformer_fl.data import librispeech_stand_in
 from conformer_fl.data import record_source
@@ -35,8 +36,25 @@ import stand_ins  # tests/stand_ins.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CHAR = tokenizer_lib.CharTokenizer()
-_ROUND_KEYS = ("audio", "audio_paddings", "labels", "label_paddings",
-               "example_mask", "step_mask", "num_examples", "client_size")
+_BATCH_KEYS = ("audio", "audio_paddings", "labels", "label_paddings",
+               "example_mask")
+
+
+def _assert_bitwise_equal(got, expected):
+  """Equal RoundData: same arrays, dtypes, shapes and bytes."""
+  assert sorted(got.batches) == sorted(_BATCH_KEYS)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.tobytes() == b.tobytes()
+
+
+def _sampled_round(datasets, sampler, round_index, seed, **kwargs):
+  """(client ids, RoundData) of a round of `sampler`'s clients."""
+  ids = sampler.sample(round_index)
+  return ids, federated.make_round_data(
+      [datasets.client(c) for c in ids], ids, round_index, seed,
+      buckets=datasets.buckets, **kwargs)
 
 
 def _tiny_config(data_dir: str):
@@ -63,7 +81,7 @@ def _in_memory_clients(config, domains):
       input_pipeline.load_split_from_config(config, "train", domains=domains),
       _CHAR, input_pipeline.buckets_from_config(config), skips,
       **input_pipeline.prepare_options(config), require_speaker_id=True)
-  return clients.partition_by_speaker(prepared), dict(skips.counts)
+  return federated.partition_by_speaker(prepared), dict(skips.counts)
 
 
 @pytest.mark.parametrize("domains", [("short",), ()])
@@ -72,29 +90,24 @@ def test_streamed_rounds_are_bit_identical_to_in_memory(
   reference, reference_skips = _in_memory_clients(
       _tiny_config(tiny_tfrecord_dir), domains)
   skips = batching.SkipCounter("streamed")
-  streamed = input_pipeline.get_client_datasets(
+  streamed = federated.get_client_datasets(
       _tiny_config(tiny_corpus_dir), _CHAR, domains=domains, skips=skips)
   assert dict(skips.counts) == reference_skips
   assert streamed.client_ids == list(reference)
   assert streamed.sizes() == {c: len(e) for c, e in reference.items()}
   assert len(streamed.client_ids) >= 8
-  sampler = clients.ClientSampler(streamed.client_ids, 4, seed=7)
+  sampler = federated.ClientSampler(streamed.client_ids, 4, seed=7)
   rounds = 0
   for local_epochs, fixed_shape in ((None, False), (1, False), (2, True)):
     for round_index in (0, 1, 5):
       kwargs = dict(local_steps=3, batch_size=2, local_epochs=local_epochs,
                     fixed_shape=fixed_shape)
-      ids, data = input_pipeline.make_round(streamed, sampler, round_index, 7,
-                                            **kwargs)
-      expected = clients.make_round_data(
+      ids, data = _sampled_round(streamed, sampler, round_index, 7, **kwargs)
+      expected = federated.make_round_data(
           [reference[c] for c in ids], ids, round_index, 7,
           buckets=streamed.buckets, **kwargs)
-      assert sorted(data) == sorted(expected) == sorted(_ROUND_KEYS)
-      for key in _ROUND_KEYS:
-        assert data[key].dtype == expected[key].dtype, key
-        assert data[key].shape == expected[key].shape, key
-        assert data[key].tobytes() == expected[key].tobytes(), key
-      assert data["example_mask"].sum() > 0
+      _assert_bitwise_equal(data, expected)
+      assert data.batches["example_mask"].sum() > 0
       rounds += 1
   assert rounds == 9
 
@@ -102,7 +115,7 @@ def test_streamed_rounds_are_bit_identical_to_in_memory(
 def test_a_tfrecord_dataset_is_refused_for_clients(tiny_tfrecord_dir):
   with pytest.raises(record_source.NotRandomAccess,
                      match="file_format='array_record'"):
-    input_pipeline.get_client_datasets(_tiny_config(tiny_tfrecord_dir), _CHAR)
+    federated.get_client_datasets(_tiny_config(tiny_tfrecord_dir), _CHAR)
 
 
 def test_the_experiment_refuses_a_tfrecord_corpus_before_pretraining(
@@ -162,7 +175,7 @@ def fake_config(tmp_path_factory):
 
 
 def test_speaker_index_content_by_hand(fake_config):
-  source = input_pipeline.open_record_source(fake_config, "train")
+  source = federated.open_record_source(fake_config, "train")
   assert len(source) == 7
   # TFDS orders records by a hash of their keys: find where each one went.
   order = [e["id"] for e in source.read(range(7))]
@@ -200,7 +213,7 @@ def test_speaker_index_content_by_hand(fake_config):
 
 def test_client_table_from_the_index(fake_config):
   skips = batching.SkipCounter()
-  datasets = input_pipeline.get_client_datasets(fake_config, _CHAR, domains=(),
+  datasets = federated.get_client_datasets(fake_config, _CHAR, domains=(),
                                                 skips=skips)
   assert dict(skips.counts) == {"silent_audio": 1, "undecodable_speaker_id": 1,
                                 "missing_speaker_id": 1}
@@ -210,12 +223,12 @@ def test_client_table_from_the_index(fake_config):
            for e in datasets.read_client(c)}
   assert {u: e["bucket"] for u, e in by_id.items()} == {
       "u0": 0, "u2": 0, "u1": 1, "u5": 0}
-  short = input_pipeline.get_client_datasets(fake_config, _CHAR)  # 'short'
+  short = federated.get_client_datasets(fake_config, _CHAR)  # 'short'
   assert short.sizes() == {"s1": 1, "s2": 2}
 
 
 def test_a_stale_index_is_named(fake_config):
-  source = input_pipeline.open_record_source(fake_config, "train")
+  source = federated.open_record_source(fake_config, "train")
   index = record_source.load_speaker_index(source)
   path = record_source.index_path(source)
   saved = path.read_text()
@@ -238,7 +251,7 @@ def _fake_mesh(process_of_device):
 
 
 def test_each_process_reads_only_its_block_of_clients(tiny_corpus_dir):
-  datasets = input_pipeline.get_client_datasets(
+  datasets = federated.get_client_datasets(
       _tiny_config(tiny_corpus_dir), _CHAR)
   read = []
   original_read = datasets.source.read
@@ -249,12 +262,11 @@ def test_each_process_reads_only_its_block_of_clients(tiny_corpus_dir):
 
   datasets.source.read = recording_read
   mesh = _fake_mesh([0, 0, 1, 1])  # 2 processes of 2 devices, C = 4.
-  sampler = clients.ClientSampler(datasets.client_ids, 4, seed=3)
+  sampler = federated.ClientSampler(datasets.client_ids, 4, seed=3)
   kwargs = dict(local_steps=4, batch_size=2, local_epochs=None)
   for round_index in (0, 1, 2):
     del read[:]
-    ids, full = input_pipeline.make_round(datasets, sampler, round_index, 3,
-                                          **kwargs)
+    ids, full = _sampled_round(datasets, sampler, round_index, 3, **kwargs)
     assert sorted(read) == sorted(
         int(i) for c in ids for i in datasets.records[c])
     blocks = []
@@ -263,9 +275,8 @@ def test_each_process_reads_only_its_block_of_clients(tiny_corpus_dir):
       assert (first, last) == (2 * process, 2 * process + 2)
       del read[:]
       reads_before = datasets.source.records_read
-      _, block = input_pipeline.make_round(
-          datasets, sampler, round_index, 3, client_range=(first, last),
-          **kwargs)
+      _, block = _sampled_round(datasets, sampler, round_index, 3,
+                                client_range=(first, last), **kwargs)
       mine = {int(i) for c in ids[first:last] for i in datasets.records[c]}
       others = {int(i) for c in ids[:first] + ids[last:]
                 for i in datasets.records[c]}
@@ -275,22 +286,21 @@ def test_each_process_reads_only_its_block_of_clients(tiny_corpus_dir):
       assert not set(read) & others
       assert datasets.source.records_read - reads_before == len(mine)
       blocks.append(block)
-    for key in _ROUND_KEYS:
-      joined = np.concatenate([b[key] for b in blocks])
-      assert joined.tobytes() == full[key].tobytes(), key
+    _assert_bitwise_equal(
+        jax.tree.map(lambda *b: np.concatenate(b), *blocks), full)
 
 
 def test_a_round_reads_only_the_positions_its_plans_use(tiny_corpus_dir):
-  datasets = input_pipeline.get_client_datasets(
+  datasets = federated.get_client_datasets(
       _tiny_config(tiny_corpus_dir), _CHAR)
   biggest = max(datasets.client_ids, key=lambda c: datasets.sizes()[c])
   n = datasets.sizes()[biggest]
   assert n >= 3
-  plan = clients.client_step_plan(n, clients.client_rng(0, 4, biggest), 1, 2)
+  plan = federated.client_step_plan(n, federated.client_rng(0, 4, biggest), 1, 2)
   used = sorted({i for step in plan for i in step})
   assert len(used) == 2
   before = datasets.source.records_read
-  clients.make_round_data([datasets.client(biggest)], [biggest], 4, 0,
+  federated.make_round_data([datasets.client(biggest)], [biggest], 4, 0,
                           local_steps=1, batch_size=2,
                           buckets=datasets.buckets)
   assert datasets.source.records_read - before == 2
@@ -324,28 +334,28 @@ def test_federated_librispeech_config_reads_the_stand_in(librispeech_dir,
   data.tokenizer.kind = "char"
   data.labels_per_second = 24.0
   # The train split is train_clean100+train_clean360+train_other500.
-  source = input_pipeline.open_record_source(data, "train")
+  source = federated.open_record_source(data, "train")
   assert len(source) == 15
   examples = source.read(range(15))
   durations = {}
   for e in examples:
     durations.setdefault(e["speaker_id"], []).append(e["duration"])
   assert sorted(durations) == ["100", "101", "102", "103", "104"]
-  datasets = input_pipeline.get_client_datasets(data, _CHAR)
+  datasets = federated.get_client_datasets(data, _CHAR)
   keep = (lambda d: True) if domain == "all" else (lambda d: d <= 4.0)
   expected = {s: sum(map(keep, d)) for s, d in sorted(durations.items())}
   assert datasets.sizes() == {s: n for s, n in expected.items() if n}
   assert sum(datasets.sizes().values()) == (15 if domain == "all" else
                                             sum(expected.values()))
-  sampler = clients.ClientSampler(datasets.client_ids, 2, seed=0)
-  ids, round_data = input_pipeline.make_round(datasets, sampler, 0, 0,
-                                              local_steps=2, batch_size=2)
+  sampler = federated.ClientSampler(datasets.client_ids, 2, seed=0)
+  ids, round_data = _sampled_round(datasets, sampler, 0, 0, local_steps=2,
+                                   batch_size=2)
   assert ids == sampler.sample(0)
-  np.testing.assert_array_equal(round_data["num_examples"], [4, 4])
+  np.testing.assert_array_equal(round_data.num_examples, [4, 4])
   # Audio: the stand-in's int16 samples / 32768, in the first row's place.
   first = datasets.read_client(ids[0])
-  row = round_data["audio"][0, 0, 0]
-  n = int((1 - round_data["audio_paddings"][0, 0, 0]).sum())
+  row = round_data.batches["audio"][0, 0, 0]
+  n = int((1 - round_data.batches["audio_paddings"][0, 0, 0]).sum())
   assert any(e["audio"].size == n and np.array_equal(
       e["audio"] / np.float32(32768), row[:n]) for e in first)
   # The eval split (dev_clean) is read through the same random-access files.
@@ -362,7 +372,7 @@ def test_stand_in_lengths_are_those_generated(librispeech_dir):
 
 
 def test_a_record_that_disagrees_with_the_index_is_named(fake_config):
-  source = input_pipeline.open_record_source(fake_config, "train")
+  source = federated.open_record_source(fake_config, "train")
   index = record_source.load_speaker_index(source)
   path = record_source.index_path(source)
   saved = path.read_text()
@@ -371,12 +381,12 @@ def test_a_record_that_disagrees_with_the_index_is_named(fake_config):
     # The index says u1 is 4000 samples long: bucket 0, the record is bucket 1.
     index["records"]["num_samples"][at] = 4000
     path.write_text(json.dumps(index))
-    datasets = input_pipeline.get_client_datasets(fake_config, _CHAR,
+    datasets = federated.get_client_datasets(fake_config, _CHAR,
                                                   domains=())
     assert datasets.record_buckets["s2"].tolist() == [0, 0]
-    with pytest.raises(input_pipeline.IndexStale, match="delete the index"):
+    with pytest.raises(federated.IndexStale, match="delete the index"):
       datasets.read_client("s2")
   finally:
     path.write_text(saved)
-  datasets = input_pipeline.get_client_datasets(fake_config, _CHAR, domains=())
+  datasets = federated.get_client_datasets(fake_config, _CHAR, domains=())
   assert sorted(e["id"] for e in datasets.read_client("s2")) == ["u1", "u5"]

@@ -45,14 +45,12 @@ def quadratic_loss(params, model_state, batch, rng):
   return loss, model_state
 
 
-def round_data(local_steps: int) -> dict[str, np.ndarray]:
+def round_data(local_steps: int) -> round_lib.RoundData:
   example_mask = EXAMPLE_MASK[:, :local_steps]
-  return {
-      "x": EXAMPLES[:, :local_steps],
-      "example_mask": example_mask,
-      "step_mask": np.ones((2, local_steps), np.float32),
-      "num_examples": example_mask.sum(axis=(1, 2)),
-  }
+  return round_lib.RoundData(
+      batches={"x": EXAMPLES[:, :local_steps], "example_mask": example_mask},
+      step_mask=np.ones((2, local_steps), np.float32),
+      num_examples=example_mask.sum(axis=(1, 2)))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +198,7 @@ def test_update_norm_clipping(mesh):
     ("uniform", [2.0, 0.75]),
 ])
 def test_aggregation_weights(mesh, aggregation_weight, mean_delta):
-  data = dict(round_data(2), client_size=np.array([3.0, 7.0], np.float32))
+  data = round_data(2).replace(client_size=np.array([3.0, 7.0], np.float32))
   state, [metrics] = run_rounds(
       optimizers.make_server_optimizer("fedavg"), mesh, local_steps=2,
       aggregation_weight=aggregation_weight, data=data)
@@ -222,10 +220,12 @@ def test_aggregation_weights(mesh, aggregation_weight, mean_delta):
 def test_uniform_weight_skips_a_client_without_data(mesh):
   # Client B has no example (masks 0): weight 0, not 1; the mean is A's
   # delta [1.5, 1] alone.
-  data = round_data(2)
-  data["example_mask"] = data["example_mask"] * np.array([1, 0])[:, None, None]
-  data["step_mask"] = np.array([[1, 1], [0, 0]], np.float32)
-  data["num_examples"] = data["example_mask"].sum(axis=(1, 2))
+  full = round_data(2)
+  example_mask = full.batches["example_mask"] * np.array([1, 0])[:, None, None]
+  data = round_lib.RoundData(
+      batches=dict(full.batches, example_mask=example_mask),
+      step_mask=np.array([[1, 1], [0, 0]], np.float32),
+      num_examples=example_mask.sum(axis=(1, 2)))
   state, [metrics] = run_rounds(
       optimizers.make_server_optimizer("fedavg"), mesh, local_steps=2,
       aggregation_weight="uniform", data=data)

@@ -368,9 +368,10 @@ def toy_round_data(local_steps):
   y = rng.normal(size=(2, local_steps, TOY_BATCH)).astype(np.float32)
   example_mask = np.ones((2, local_steps, TOY_BATCH), np.float32)
   example_mask[1, :, 2] = 0.0  # client 1 has 2 examples per step
-  return {"x": x, "y": y, "example_mask": example_mask,
-          "step_mask": np.ones((2, local_steps), np.float32),
-          "num_examples": example_mask.sum(axis=(1, 2))}
+  return round_lib.RoundData(
+      batches={"x": x, "y": y, "example_mask": example_mask},
+      step_mask=np.ones((2, local_steps), np.float32),
+      num_examples=example_mask.sum(axis=(1, 2)))
 
 
 def run_toy_round(spec, data, seed):
@@ -425,10 +426,10 @@ def test_count_normalized_averaging_by_hand():
   data = toy_round_data(local_steps=1)
   new_params, metrics = run_toy_round(TOY_SPEC, data, seed)
   params = toy_params()
-  deltas = [hand_client_delta(params, kept, data["x"][c], data["y"][c],
-                              data["example_mask"][c])
+  x, y, mask = (data.batches[k] for k in ("x", "y", "example_mask"))
+  deltas = [hand_client_delta(params, kept, x[c], y[c], mask[c])
             for c, kept in enumerate((kept0, kept1))]
-  weights = data["num_examples"]  # [3, 2]
+  weights = data.num_examples  # [3, 2]
   trained = np.zeros((2, HIDDEN))
   trained[0, kept0], trained[1, kept1] = 1.0, 1.0
   count = weights @ trained  # [HIDDEN]
@@ -455,10 +456,10 @@ def test_frozen_units_not_trained():
   new_params, _ = run_toy_round(spec, data, seed)
   params = toy_params()
   np.testing.assert_array_equal(new_params["v"], params["v"])
-  deltas = [hand_client_delta(params, kept, data["x"][c], data["y"][c],
-                              data["example_mask"][c], train_v=False)
+  x, y, mask = (data.batches[k] for k in ("x", "y", "example_mask"))
+  deltas = [hand_client_delta(params, kept, x[c], y[c], mask[c], train_v=False)
             for c, kept in enumerate((kept0, kept1))]
-  weights = data["num_examples"]
+  weights = data.num_examples
   trained = np.zeros((2, HIDDEN))
   trained[0, kept0], trained[1, kept1] = 1.0, 1.0
   count = weights @ trained
@@ -470,7 +471,7 @@ def test_frozen_units_not_trained():
   # The client optimizes w's kept columns and b only.
   cost = dropout.client_step_cost(
       toy_loss, optax.adam(0.1), spec, params, {},
-      {k: data[k][0, 0] for k in ("x", "y", "example_mask")},
+      {k: v[0, 0] for k, v in data.batches.items()},
       jax.random.key(0))
   assert cost["params"] == IN * 2 + 1
 
@@ -528,11 +529,11 @@ def test_running_statistics_averaged_over_clients_that_kept_them():
   state = round_lib.init_server_state(
       toy_params(), {"stats": {"s": stats}}, server_optimizer)
   state, _ = round_fn(state, data, jax.random.key(seed))
-  params, weights = toy_params(), data["num_examples"]  # [3, 2]
+  params, weights = toy_params(), data.num_examples  # [3, 2]
   total, count = np.zeros(HIDDEN), np.zeros(HIDDEN)
   for c, kept in enumerate((kept0, kept1)):
-    mask = data["example_mask"][c, 0]
-    hidden = data["x"][c, 0] @ params["w"][:, kept]
+    mask = data.batches["example_mask"][c, 0]
+    hidden = data.batches["x"][c, 0] @ params["w"][:, kept]
     client_stats = 0.5 * stats[kept] + 0.5 * (mask @ hidden) / mask.sum()
     total[kept] += weights[c] * client_stats
     count[kept] += weights[c]

@@ -34,7 +34,7 @@ from conformer_fl.analysis import importance  # pylint: disable=g-import-not-at-
 from conformer_fl.analysis import importance_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import movement  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.analysis import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conformer_fl.data import clients  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conformer_fl.data import client_sizes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conformer_fl.experiment import figures  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -232,8 +232,8 @@ def test_plots_write_pngs_to_gs(bucket):
 
 
 def test_client_size_report_writes_to_gs(bucket):
-  table, png = clients.client_size_report({"a": 1, "b": 4, "c": 4, "d": 11},
-                                          f"{_WORKDIR}/clients")
+  table, png = client_sizes.client_size_report(
+      {"a": 1, "b": 4, "c": 4, "d": 11}, f"{_WORKDIR}/clients")
   assert table.splitlines()[2] == "| 4 | 20 | 1 | 4.0 | 5.0 | 11 |"
   assert png == f"{_WORKDIR}/clients/client_sizes.png"
   assert _png_size(bucket.cat_file(png)) == (500, 320)

@@ -72,6 +72,13 @@ def make_round_data(seed=0):
   }
 
 
+def as_round(arrays):
+  """The RoundData of `make_round_data`'s arrays (by name)."""
+  return round_lib.RoundData(
+      batches={key: arrays[key] for key in ("x", "y", "example_mask")},
+      step_mask=arrays["step_mask"], num_examples=arrays["num_examples"])
+
+
 def initial_params():
   return {"w": jnp.linspace(0.5, -0.5, DIM), "b": jnp.asarray(0.2)}
 
@@ -168,7 +175,8 @@ def reference(data):
 
 def run(round_fn, mesh, data):
   state, metrics = round_fn(fresh_state(mesh),
-                            mesh_lib.shard_round_data(data, mesh), rng_key())
+                            mesh_lib.shard_round_data(as_round(data), mesh),
+                            rng_key())
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -195,7 +203,7 @@ def test_sharded_round_matches_python_loop(round_fn, mesh, data, reference):
 
 def test_round_is_partitioned_over_devices(round_fn, mesh, data):
   compiled = round_fn.jitted.lower(
-      fresh_state(mesh), mesh_lib.shard_round_data(data, mesh),
+      fresh_state(mesh), mesh_lib.shard_round_data(as_round(data), mesh),
       rng_key()).compile()
   hlo = compiled.as_text()
   # Each device gets 2 of the 8 clients, no client data moves between
@@ -259,7 +267,7 @@ def test_weights_follow_example_counts(round_fn, mesh, data, reference):
                                                 fedavg, mesh)
   state = mesh_lib.replicate(round_lib.init_server_state(
       initial_params(), initial_model_state(), fedavg), mesh)
-  state, metrics = fedavg_round(state, one_hot, rng_key())
+  state, metrics = fedavg_round(state, as_round(one_hot), rng_key())
   assert_params_close(state.params, clients[2][0])
   assert_params_close(state.model_state, clients[2][1])
   assert metrics["num_aggregated_examples"] == data["num_examples"][2]
@@ -324,7 +332,7 @@ def compiled_round_size(num_leaves: int, mesh,
       clip_update_norm=clip_update_norm)
   state = mesh_lib.replicate(
       round_lib.init_server_state(params, {}, SERVER_OPTIMIZER), mesh)
-  data = mesh_lib.shard_round_data(make_round_data(), mesh)
+  data = mesh_lib.shard_round_data(as_round(make_round_data()), mesh)
   hlo = round_fn.jitted.lower(state, data, rng_key()).compile().as_text()
   return sum(1 for line in hlo.splitlines() if " = " in line)
 
@@ -343,7 +351,7 @@ def test_compiled_round_grows_linearly_with_leaves(clip_update_norm):
 
 
 def test_clients_not_divisible_over_devices_raise(round_fn, mesh, data):
-  six_clients = {key: value[:6] for key, value in data.items()}
+  six_clients = as_round({key: value[:6] for key, value in data.items()})
   with pytest.raises(ValueError, match=r"clients_per_round=6.*4 devices"):
     round_fn(fresh_state(mesh), six_clients, rng_key())
   with pytest.raises(ValueError, match=r"clients_per_round=6.*4 devices"):
@@ -361,8 +369,8 @@ def run_as_one_of_two_processes(process_id: int, port: int) -> None:
                              num_processes=2, process_id=process_id)
   mesh = mesh_lib.make_client_mesh()
   start, stop = mesh_lib.process_client_range(NUM_CLIENTS, mesh)
-  local_data = {key: value[start:stop]
-                for key, value in make_round_data().items()}
+  local_data = as_round({key: value[start:stop]
+                         for key, value in make_round_data().items()})
   round_fn = round_lib.make_federated_round(toy_loss, CLIENT_OPTIMIZER,
                                             SERVER_OPTIMIZER, mesh)
   state, metrics = round_fn(fresh_state(mesh),

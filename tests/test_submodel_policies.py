@@ -140,11 +140,12 @@ def toy_round_data():
   rng = np.random.default_rng(4)
   example_mask = np.ones((2, 1, BATCH), np.float32)
   example_mask[1, :, 2] = 0.0  # client 1 has 2 examples
-  return {"x": rng.normal(size=(2, 1, BATCH, IN)).astype(np.float32),
-          "y": rng.normal(size=(2, 1, BATCH)).astype(np.float32),
-          "example_mask": example_mask,
-          "step_mask": np.ones((2, 1), np.float32),
-          "num_examples": example_mask.sum(axis=(1, 2))}
+  return round_lib.RoundData(
+      batches={"x": rng.normal(size=(2, 1, BATCH, IN)).astype(np.float32),
+               "y": rng.normal(size=(2, 1, BATCH)).astype(np.float32),
+               "example_mask": example_mask},
+      step_mask=np.ones((2, 1), np.float32),
+      num_examples=example_mask.sum(axis=(1, 2)))
 
 
 def hand_client_delta(params, kept, x, y, mask):
@@ -181,9 +182,9 @@ def hand_round(params, kept):
   """The server's params after one round in which both clients keep `kept`:
   the example-weighted mean delta on the kept units, the rest unchanged."""
   data = toy_round_data()
-  weights = data["num_examples"]  # [3, 2]
-  deltas = [hand_client_delta(params, kept, data["x"][c, 0],
-                              data["y"][c, 0], data["example_mask"][c, 0])
+  weights = data.num_examples  # [3, 2]
+  x, y, mask = (data.batches[k] for k in ("x", "y", "example_mask"))
+  deltas = [hand_client_delta(params, kept, x[c, 0], y[c, 0], mask[c, 0])
             for c in range(2)]
   return {name: params[name] + sum(weights[c] * deltas[c][name]
                                    for c in range(2)) / weights.sum()
@@ -226,7 +227,8 @@ def test_random_round_unchanged():
   (new_params,), _ = run_rounds("random", 1, seed=2)
   params = toy_params()
   data = toy_round_data()
-  weights = data["num_examples"]
+  weights = data.num_examples
+  x, y, mask = (data.batches[k] for k in ("x", "y", "example_mask"))
   total = {name: np.zeros_like(value) for name, value in params.items()}
   count = np.zeros(HIDDEN)
   for c in range(2):
@@ -235,8 +237,7 @@ def test_random_round_unchanged():
     kept = np.asarray(submodel_lib.sample_kept_indices(
         toy_spec("random"), jax.random.fold_in(
             client_rng, submodel_lib.DROPOUT_RNG_TAG))["hidden"])
-    delta = hand_client_delta(params, kept, data["x"][c, 0], data["y"][c, 0],
-                              data["example_mask"][c, 0])
+    delta = hand_client_delta(params, kept, x[c, 0], y[c, 0], mask[c, 0])
     for name in params:
       total[name] = total[name] + weights[c] * delta[name]
     count[kept] += weights[c]

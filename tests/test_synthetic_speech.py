@@ -464,11 +464,11 @@ def test_leave_one_engine_out_selects_by_engine(tiny_builder, tiny_examples):
   with pytest.raises(ValueError, match="Unknown speech engines"):
     input_pipeline.leave_one_engine_out(config, "festival")
   # The federated clients of the training config: the 4 eSpeak NG speakers.
+  from conformer_fl.data import federated  # pylint: disable=g-import-not-at-top
   from conformer_fl.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   train.client_domains = ()
   train.bucket_seconds = (16.0,)
-  clients = input_pipeline.get_client_datasets(train,
-                                               tokenizer_lib.CharTokenizer())
+  clients = federated.get_client_datasets(train, tokenizer_lib.CharTokenizer())
   assert set(clients.client_ids) == train_ids
 
 

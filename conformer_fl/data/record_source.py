@@ -1,7 +1,7 @@
 r"""Random access to a corpus split, and its speaker -> record index.
 
 The federated clients are read from disk by record index, round by round
-(conformer_fl/data/clients.py): a TFDS dataset prepared in the ArrayRecord
+(conformer_fl/data/federated.py): a TFDS dataset prepared in the ArrayRecord
 format (`file_format='array_record'`) is a random-access data source
 (`builder.as_data_source`, the API of `tfds.data_source`), whose record i is
 one utterance. `RecordSource` maps its records to the common example dict of
@@ -25,7 +25,7 @@ such as 'train_clean100+train_clean360' is a file name as it is):
                                 (`batching.audio_problem`)}}
 'speakers' holds the usable speaker ids (text, not blank) in sorted order.
 With it a run knows every client's utterances, their lengths and
-transcripts without reading any audio (`input_pipeline.get_client_datasets`),
+transcripts without reading any audio (`federated.get_client_datasets`),
 and a round reads only its sampled clients' records.
 
 The index is written by whichever process first needs it (a temporary file
