@@ -6,8 +6,9 @@ Measures, on one corpus, the host-side cost (numpy + tf.data, no device work) of
   2. central training batches (`get_train_batches`, in-memory cache, no prefetch
      thread, so the number is the producer's own speed),
   3. eval batches streamed from TFDS (`get_eval_batches`),
-  4. federated round arrays [C, K, B, S] (`make_round`: the sampled clients'
-     records read from disk by record index, `record_source`),
+  4. federated round arrays [C, K, B, S] (`federated.make_round_data` of the
+     sampled clients: their records read from disk by record index,
+     `record_source`),
   5. the compiled federated round of a model (`--round_model`, default tiny)
      on those same round arrays, in the same process,
 and prints a table, then the ratio of the two round times: the host is not
@@ -33,11 +34,12 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from conformer_fl import cli
 from conformer_fl.data import batching
-from conformer_fl.data import clients as clients_lib
+from conformer_fl.data import federated
 from conformer_fl.data import input_pipeline
 
 _DATASET = flags.DEFINE_string("dataset", "synthetic_speech",
@@ -83,7 +85,8 @@ def _data_config():
 
 
 def _megabytes(arrays):
-  return sum(a.nbytes for a in arrays.values()) / 1e6
+  """MB of a pytree of numpy arrays (a batch dict, a RoundData)."""
+  return sum(a.nbytes for a in jax.tree.leaves(arrays)) / 1e6
 
 
 def main(argv):
@@ -135,8 +138,8 @@ def main(argv):
   rows.append((f"eval batches ({config.eval_split}, from TFDS)", num_eval, seconds,
                f"{eval_mb / max(num_eval, 1):.2f} MB/batch"))
 
-  datasets = input_pipeline.get_client_datasets(config, tokenizer)
-  sampler = clients_lib.ClientSampler(
+  datasets = federated.get_client_datasets(config, tokenizer)
+  sampler = federated.ClientSampler(
       datasets.client_ids,
       min(_CLIENTS_PER_ROUND.value, len(datasets.client_ids)), seed=0)
   reads_before = datasets.source.records_read
@@ -145,11 +148,13 @@ def main(argv):
   shapes = set()
   kept_rounds = []
   for round_index in range(_NUM_ROUNDS.value):
-    _, data = input_pipeline.make_round(
-        datasets, sampler, round_index, 0, local_steps=_LOCAL_STEPS.value,
-        batch_size=_CLIENT_BATCH_SIZE.value, fixed_shape=_FIXED_SHAPE.value)
+    ids = sampler.sample(round_index)
+    data = federated.make_round_data(
+        [datasets.client(c) for c in ids], ids, round_index, 0,
+        local_steps=_LOCAL_STEPS.value, batch_size=_CLIENT_BATCH_SIZE.value,
+        buckets=datasets.buckets, fixed_shape=_FIXED_SHAPE.value)
     round_mb.append(_megabytes(data))
-    shapes.add(data["audio"].shape)
+    shapes.add(data.batches["audio"].shape)
     if len(kept_rounds) <= _TIMED_ROUNDS.value:
       kept_rounds.append(data)
   round_data_seconds = time.perf_counter() - start
@@ -203,7 +208,6 @@ def _time_compiled_round(data_config, tokenizer, rounds):
      'compile_seconds', 'devices'}.
   """
   # pylint: disable=g-import-not-at-top
-  import jax
   from conformer_fl import config_lib
   from conformer_fl import models
   from conformer_fl import steps
@@ -213,7 +217,7 @@ def _time_compiled_round(data_config, tokenizer, rounds):
   config = config_lib.federated_run_config(size=_ROUND_MODEL.value)
   config.data = data_config
   config.model.vocab_size = tokenizer.vocab_size
-  c = rounds[0]["num_examples"].shape[0]
+  c = rounds[0].num_examples.shape[0]
   config.federated.clients_per_round = c
   config.federated.local_steps = _LOCAL_STEPS.value
   config.federated.client_batch_size = _CLIENT_BATCH_SIZE.value

@@ -218,10 +218,10 @@ def run_worker(args) -> dict[str, Any]:
   loss_fn, params, model_state, make_batches = make_problem(args)
   c, k, b = args.clients, args.local_steps, args.batch
   rng = np.random.default_rng(0)
-  round_data = make_batches(rng, (c, k, b))
-  round_data.update(
-      example_mask=np.ones((c, k, b), np.float32),
-      step_mask=np.ones((c, k), np.float32),
+  batches = make_batches(rng, (c, k, b))
+  batches.update(example_mask=np.ones((c, k, b), np.float32))
+  round_data = round_lib.RoundData(
+      batches=batches, step_mask=np.ones((c, k), np.float32),
       num_examples=np.full((c,), k * b, np.float32))
   # The optimizers of configs/federated.py: SGD with per-step gradient
   # clipping on the clients, FedAvg on the server.
@@ -252,9 +252,8 @@ def run_worker(args) -> dict[str, Any]:
 
   # Baseline: Python loop over clients of a jitted per-client update.
   client_inputs = [
-      ({key: value[i] for key, value in round_data.items()
-        if key not in round_lib.ROUND_KEYS}, round_data["step_mask"][i])
-      for i in range(c)]
+      ({key: value[i] for key, value in batches.items()},
+       round_data.step_mask[i]) for i in range(c)]
   jitted_client_update = jax.jit(
       functools.partial(round_lib.client_update, loss_fn=loss_fn,
                         client_optimizer=client_optimizer))
@@ -279,9 +278,9 @@ def run_worker(args) -> dict[str, Any]:
     for i, (batches, step_mask) in enumerate(client_inputs):
       delta, *_ = client_update(params, model_state, batches, step_mask,
                                 jax.random.fold_in(round_rng, i))
-      delta_sum = accumulate(delta_sum, delta, round_data["num_examples"][i])
+      delta_sum = accumulate(delta_sum, delta, round_data.num_examples[i])
     return server_step(params, opt_state, delta_sum,
-                       float(round_data["num_examples"].sum()))
+                       float(round_data.num_examples.sum()))
 
   # The ceiling of what batching clients can save: one client whose batch
   # holds every client's examples ([K, C * B]), one call, same work. If the
@@ -289,7 +288,7 @@ def run_worker(args) -> dict[str, Any]:
   # throughput-bound and no vmap over clients can beat the loop by much.
   merged_batches = {
       key: np.swapaxes(value, 0, 1).reshape((k, c * b) + value.shape[3:])
-      for key, value in round_data.items() if key not in round_lib.ROUND_KEYS}
+      for key, value in batches.items()}
   all_steps = np.ones((k,), np.float32)
   merged_update = jitted_client_update.lower(
       params, model_state, merged_batches, all_steps, rng_key).compile()
@@ -314,8 +313,7 @@ def run_worker(args) -> dict[str, Any]:
   compiled_seconds, loop_seconds = seconds["compiled"], seconds["loop"]
 
   # FLOPs of one local step (loss + gradient) from XLA's cost analysis.
-  one_batch = {key: value[0, 0] for key, value in round_data.items()
-               if key not in round_lib.ROUND_KEYS}
+  one_batch = {key: value[0, 0] for key, value in batches.items()}
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   cost = grad_fn.lower(params, model_state, one_batch,
                        rng_key).compile().cost_analysis()

@@ -102,9 +102,11 @@ def round_config(tiers: Sequence[tuple[float, float]]) -> Any:
   return config
 
 
-def round_data(config: Any, seed: int = 0) -> dict[str, Any]:
-  """Random audio and labels [C, K, B, ...] of every client, all real."""
+def round_data(config: Any, seed: int = 0) -> Any:
+  """RoundData of random audio and labels [C, K, B, ...] of every client,
+  all real."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from conformer_fl.federated import round_data as round_data_lib  # pylint: disable=g-import-not-at-top
   c, k, b = _CLIENTS.value, _LOCAL_STEPS.value, _BATCH.value
   samples, labels = int(_AUDIO_SECONDS.value * 16000), _LABEL_LENGTH.value
   rng = np.random.default_rng(seed)
@@ -115,19 +117,19 @@ def round_data(config: Any, seed: int = 0) -> dict[str, Any]:
   label_paddings = np.arange(labels) >= label_lengths[..., None]
   audio = 0.1 * rng.uniform(-1, 1, size=shape + (samples,))
   tokens = rng.integers(1, config.model.vocab_size, size=shape + (labels,))
-  return {
-      "audio": np.where(audio_paddings, 0, audio).astype(np.float32),
-      "audio_paddings": audio_paddings.astype(np.float32),
-      "labels": np.where(label_paddings, 0, tokens).astype(np.int32),
-      "label_paddings": label_paddings.astype(np.float32),
-      "example_mask": np.ones(shape, np.float32),
-      "step_mask": np.ones((c, k), np.float32),
-      "num_examples": np.full((c,), k * b, np.float32),
-  }
+  return round_data_lib.RoundData(
+      batches={
+          "audio": np.where(audio_paddings, 0, audio).astype(np.float32),
+          "audio_paddings": audio_paddings.astype(np.float32),
+          "labels": np.where(label_paddings, 0, tokens).astype(np.int32),
+          "label_paddings": label_paddings.astype(np.float32),
+          "example_mask": np.ones(shape, np.float32)},
+      step_mask=np.ones((c, k), np.float32),
+      num_examples=np.full((c,), k * b, np.float32))
 
 
 def _step(round_fn: Any, states: dict[str, Any], name: str,
-          data: dict[str, Any]) -> Any:
+          data: Any) -> Any:
   """One round from states[name] (donated), which the new state replaces."""
   import jax  # pylint: disable=g-import-not-at-top
   states[name], metrics = round_fn(states[name], data, jax.random.key(1))

@@ -296,13 +296,14 @@ def test_a_round_reads_only_the_positions_its_plans_use(tiny_corpus_dir):
   biggest = max(datasets.client_ids, key=lambda c: datasets.sizes()[c])
   n = datasets.sizes()[biggest]
   assert n >= 3
-  plan = federated.client_step_plan(n, federated.client_rng(0, 4, biggest), 1, 2)
+  plan = federated.client_step_plan(
+      n, federated.client_rng(0, 4, biggest), 1, 2)
   used = sorted({i for step in plan for i in step})
   assert len(used) == 2
   before = datasets.source.records_read
   federated.make_round_data([datasets.client(biggest)], [biggest], 4, 0,
-                          local_steps=1, batch_size=2,
-                          buckets=datasets.buckets)
+                            local_steps=1, batch_size=2,
+                            buckets=datasets.buckets)
   assert datasets.source.records_read - before == 2
 
 

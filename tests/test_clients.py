@@ -78,7 +78,7 @@ def test_step_plan_fixed_steps_repeats_data_in_fresh_passes():
                                            (3, [4, 4, 4])])
 def test_step_plan_epochs_capped_at_k_steps(epochs, sizes):
   plan = federated.client_step_plan(5, np.random.default_rng(0), local_steps=3,
-                                  batch_size=4, local_epochs=epochs)
+                                    batch_size=4, local_epochs=epochs)
   assert [len(s) for s in plan] == sizes
   flat = [i for s in plan for i in s]
   for e in range(epochs):
@@ -134,8 +134,8 @@ def _check_round(data, client_examples, k, b):
 def test_round_data_epochs_masks_and_counts(three_clients):
   examples, ids = three_clients
   data = federated.make_round_data(examples, ids, round_index=3, seed=0,
-                                 local_steps=3, batch_size=4, buckets=_BUCKETS,
-                                 local_epochs=1)
+                                   local_steps=3, batch_size=4,
+                                   buckets=_BUCKETS, local_epochs=1)
   _check_round(data, examples, 3, 4)
   # One epoch: a -> steps of 4 and 2 examples; b -> 1 example; z -> nothing.
   np.testing.assert_array_equal(data.num_examples, [6, 1, 0])
@@ -156,8 +156,8 @@ def test_round_data_epochs_masks_and_counts(three_clients):
 def test_round_data_fixed_steps_and_fixed_shape(three_clients):
   examples, ids = three_clients
   data = federated.make_round_data(examples, ids, round_index=0, seed=0,
-                                 local_steps=2, batch_size=4, buckets=_BUCKETS,
-                                 fixed_shape=True)
+                                   local_steps=2, batch_size=4,
+                                   buckets=_BUCKETS, fixed_shape=True)
   _check_round(data, examples, 2, 4)
   # K full steps, data repeated: 8 example slots for a and b; z stays empty.
   np.testing.assert_array_equal(data.num_examples, [8, 8, 0])
@@ -175,7 +175,8 @@ def test_round_data_is_deterministic_and_reshuffled_per_round(three_clients):
   def order(data):
     return [_index_of(r) for r in data.batches["audio"][0].reshape(-1, 8000)]
 
-  orders = {tuple(order(federated.make_round_data(examples, ids, r, 0, **kwargs)))
+  orders = {tuple(order(federated.make_round_data(examples, ids, r, 0,
+                                                 **kwargs)))
             for r in range(6)}
   assert len(orders) > 1
   # Shuffling depends on the client id, not its position in the round.
@@ -190,20 +191,21 @@ def test_round_data_client_range_is_a_block_of_the_full_round(three_clients):
   full = federated.make_round_data(examples, ids, 2, 0, **kwargs)
   # Client "a" alone only needs bucket 0, but the block keeps the round's bucket.
   block = federated.make_round_data(examples, ids, 2, 0, client_range=(0, 1),
-                                  **kwargs)
+                                    **kwargs)
   assert block.batches["audio"].shape == (1, 3, 2, 8000)
   jax.tree.map(lambda b, f: np.testing.assert_array_equal(b, f[:1]), block,
                full)
   tail = federated.make_round_data(examples, ids, 2, 0, client_range=(1, 3),
-                                 **kwargs)
+                                   **kwargs)
   np.testing.assert_array_equal(tail.num_examples, [1, 0])
   with pytest.raises(ValueError, match="outside"):
-    federated.make_round_data(examples, ids, 2, 0, client_range=(2, 4), **kwargs)
+    federated.make_round_data(examples, ids, 2, 0, client_range=(2, 4),
+                              **kwargs)
 
 
 def test_client_size_report(tmp_path):
-  table, png = client_sizes.client_size_report({"a": 1, "b": 4, "c": 4, "d": 11},
-                                          str(tmp_path / "report"))
+  table, png = client_sizes.client_size_report(
+      {"a": 1, "b": 4, "c": 4, "d": 11}, str(tmp_path / "report"))
   rows = table.splitlines()
   assert rows[0] == "| clients | examples | min | median | mean | max |"
   assert rows[2] == "| 4 | 20 | 1 | 4.0 | 5.0 | 11 |"
@@ -268,11 +270,12 @@ def test_round_data_client_size_counts_own_examples_once(three_clients):
   # them, so both train 8; client_size counts each example once.
   examples, ids = three_clients
   data = federated.make_round_data(examples, ids, round_index=0, seed=0,
-                                 local_steps=2, batch_size=4, buckets=_BUCKETS)
+                                   local_steps=2, batch_size=4,
+                                   buckets=_BUCKETS)
   np.testing.assert_array_equal(data.num_examples, [8, 8, 0])
   np.testing.assert_array_equal(data.client_size, [6, 1, 0])
   assert data.client_size.dtype == np.float32
   first = federated.make_round_data(examples, ids, round_index=0, seed=0,
-                                  local_steps=2, batch_size=4,
-                                  buckets=_BUCKETS, client_range=(1, 3))
+                                    local_steps=2, batch_size=4,
+                                    buckets=_BUCKETS, client_range=(1, 3))
   np.testing.assert_array_equal(first.client_size, [1, 0])

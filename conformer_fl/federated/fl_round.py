@@ -159,9 +159,9 @@ def make_federated_round(
   widths, their clients' C_t summing to C), instead of submodel and
   submodel_loss_fn; the server averages each element over the clients of
   every tier that trained it.
-  round_fn checks the data
-  (TypeError, ValueError), then runs `round_fn.jitted` (server_state donated) after a
-  barrier between processes per new shape (mesh.barrier_after_compile).
+  round_fn checks the data (TypeError, ValueError), then runs
+  `round_fn.jitted` (server_state donated) after a barrier between
+  processes per new shape (mesh.barrier_after_compile).
   """
   aggregation.check_clip_update_norm(clip_update_norm)
   round_data_lib.check_aggregation_weight(aggregation_weight)

@@ -28,7 +28,7 @@ AGGREGATION_WEIGHTS = ("examples_trained", "client_size", "uniform")
 
 @flax.struct.dataclass
 class RoundData:
-  """One round's arrays; leading axes [C, K] = clients of the round, local steps.
+  """One round's arrays, leading axes [C, K] = clients, local steps.
 
   A pytree: `mesh.shard_round_data` places it on the mesh, every leaf split
   on its leading [C] axis.
