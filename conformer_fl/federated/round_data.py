@@ -115,11 +115,3 @@ def client_weights(data: RoundData, aggregation_weight: str) -> jax.Array:
   raise ValueError(f"aggregation_weight={aggregation_weight!r}; expected one"
                    f" of {AGGREGATION_WEIGHTS}.")
 
-
-def as_dict(data: RoundData) -> dict[str, Array]:
-  """Every array of `data` by name: its batches' keys and the per-client
-  fields ('step_mask', 'num_examples', 'client_size' unless None)."""
-  per_client = {"step_mask": data.step_mask, "num_examples": data.num_examples}
-  if data.client_size is not None:
-    per_client["client_size"] = data.client_size
-  return {**data.batches, **per_client}
