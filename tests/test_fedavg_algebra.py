@@ -262,3 +262,19 @@ def test_bad_optimizer_names_raise():
   with pytest.raises(ValueError, match="bogus"):
     optimizers.server_optimizer_from_config(
         {"name": "fedavg", "bogus": 1})
+
+
+def test_round_takes_round_data_of_matching_shapes(mesh):
+  server_optimizer = optimizers.make_server_optimizer("fedavg")
+  round_fn = round_lib.make_federated_round(
+      quadratic_loss, optax.sgd(CLIENT_LR), server_optimizer, mesh)
+  state = initial_state(server_optimizer, mesh)
+  data = round_data(2)
+  as_dict = dict(data.batches, step_mask=data.step_mask,
+                 num_examples=data.num_examples)
+  with pytest.raises(TypeError, match="takes a round_data.RoundData, got dict"):
+    round_fn(state, as_dict, jax.random.key(0))
+  one_step = dict(data.batches, x=data.batches["x"][:, :1])
+  with pytest.raises(ValueError, match=r"batches\['x'\] must have leading"
+                     r" axes \[C, K\] = \[2, 2\], got shape \(2, 1, 2, 2\)"):
+    round_fn(state, data.replace(batches=one_step), jax.random.key(0))
