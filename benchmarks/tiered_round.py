@@ -43,12 +43,20 @@ thinner layers save.
 from collections.abc import Sequence
 import functools
 import os
-import time
+import statistics
+import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # `python benchmarks/...` finds benchmarks/timing.py.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import timing
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _SIZE = flags.DEFINE_string("size", "demo8x64", "Model size "
                             "(conformer_fl/models/sizes.py).")
@@ -87,9 +95,8 @@ def round_config(tiers: Sequence[tuple[float, float]]) -> Any:
   from conformer_fl import cli
   from conformer_fl.data import tokenizer
   # pylint: enable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = cli.load_config_file(
-      f"{os.path.join(root, 'configs', 'federated.py')}:size={_SIZE.value}")
+      f"{os.path.join(ROOT, 'configs', 'federated.py')}:size={_SIZE.value}")
   config = config.copy_and_resolve_references()
   config.model.vocab_size = tokenizer.CharTokenizer().vocab_size
   f = config.federated
@@ -106,24 +113,12 @@ def round_data(config: Any, seed: int = 0) -> dict[str, Any]:
   """Random audio and labels [C, K, B, ...] of every client, all real."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   c, k, b = _CLIENTS.value, _LOCAL_STEPS.value, _BATCH.value
-  samples, labels = int(_AUDIO_SECONDS.value * 16000), _LABEL_LENGTH.value
-  rng = np.random.default_rng(seed)
-  shape = (c, k, b)
-  lengths = rng.integers(samples // 2, samples + 1, size=shape)
-  audio_paddings = np.arange(samples) >= lengths[..., None]
-  label_lengths = rng.integers(1, labels + 1, size=shape)
-  label_paddings = np.arange(labels) >= label_lengths[..., None]
-  audio = 0.1 * rng.uniform(-1, 1, size=shape + (samples,))
-  tokens = rng.integers(1, config.model.vocab_size, size=shape + (labels,))
-  return {
-      "audio": np.where(audio_paddings, 0, audio).astype(np.float32),
-      "audio_paddings": audio_paddings.astype(np.float32),
-      "labels": np.where(label_paddings, 0, tokens).astype(np.int32),
-      "label_paddings": label_paddings.astype(np.float32),
-      "example_mask": np.ones(shape, np.float32),
-      "step_mask": np.ones((c, k), np.float32),
-      "num_examples": np.full((c,), k * b, np.float32),
-  }
+  data = timing.random_asr_batches(
+      np.random.default_rng(seed), (c, k, b),
+      int(_AUDIO_SECONDS.value * 16000), _LABEL_LENGTH.value,
+      config.model.vocab_size)
+  data.update(timing.all_real_masks(c, k, b))
+  return data
 
 
 def _step(round_fn: Any, states: dict[str, Any], name: str,
@@ -158,22 +153,13 @@ def measure(tiers: Sequence[tuple[float, float]]) -> dict[str, Any]:
                                                server_optimizer)
     data = round_data(config) if data is None else data
     runs[name] = functools.partial(_step, round_fn, states, name, data)
-  times = {name: [] for name in runs}
-  compile_seconds = {}
-  for name, run in runs.items():
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    compile_seconds[name] = time.perf_counter() - start
+  compile_seconds, times = timing.time_in_turns(runs, _REPEATS.value)
+  for name, seconds in compile_seconds.items():
     logging.info("%s round: first call (compile and run) %.1f s", name,
-                 compile_seconds[name])
-  for _ in range(_REPEATS.value):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(run())
-      times[name].append(time.perf_counter() - start)
+                 seconds)
   result = {"devices": mesh.size, "clients": _CLIENTS.value}
   for name, values in times.items():
-    median = sorted(values)[len(values) // 2]
+    median = statistics.median(values)
     result[name] = dict(median_seconds=median,
                         clients_per_second=_CLIENTS.value / median,
                         first_call_seconds=compile_seconds[name],
