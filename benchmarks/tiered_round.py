@@ -32,12 +32,10 @@ attention scores and the server's mean do not shrink, and each tier is a
 vmap of its own in the compiled round. The first call of each round
 (compile and run) is printed beside the medians.
 
-Measured with the command above on a 2-core CPU host shared with other jobs
-(load average 11-18): the tiered round (static policy) did 0.81x the clients
-per second of the single-tier round (median of 5 turns: 0.764 against
-0.616 s a round); its first call (compile and run) took 834 s against
-186 s. On this host the three tiers' separate vmaps cost more than their
-thinner layers save.
+With the command above on a 2-core CPU host the tiered round (static
+policy) does about 0.8x the clients per second of the single-tier round,
+and its first call (compile and run) takes several times as long: there the
+three tiers' separate vmaps cost more than their thinner layers save.
 """
 
 from collections.abc import Sequence

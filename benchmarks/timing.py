@@ -5,7 +5,7 @@ rounds the same kind of random data and time the rounds they compare in
 turns (A B A B ...), so that drift in the host's load hits every side alike
 and their ratio holds even when absolute times do not.
 
-Shapes: C clients, K local steps, B client batch, N audio samples, L labels.
+Shapes as in conformer_fl/__init__.py.
 """
 
 from collections.abc import Callable, Mapping
@@ -22,10 +22,11 @@ def random_asr_batches(rng: np.random.Generator, shape: tuple[int, ...],
   """Random utterances of leading shape `shape` (e.g. [C, K, B]).
 
   Returns:
-    'audio' f32[*shape, N]: uniform in [-0.1, 0.1], N / 2 to N real samples
-    each, zero after them; 'audio_paddings' f32[*shape, N] (1 = padding);
-    'labels' i32[*shape, L]: 1 to L real ids in [1, vocab_size), 0 after
-    them; 'label_paddings' f32[*shape, L].
+    'audio' float32 [..., S] (S = num_samples): uniform in [-0.1, 0.1],
+    S / 2 to S real samples each, zero after them; 'audio_paddings'
+    float32 [..., S] (1 = padding); 'labels' int32 [..., U]
+    (U = label_length): 1 to U real ids in [1, vocab_size), 0 after them;
+    'label_paddings' float32 [..., U].
   """
   audio = 0.1 * rng.uniform(-1, 1, size=shape + (num_samples,))
   lengths = rng.integers(num_samples // 2, num_samples + 1, size=shape)
@@ -46,8 +47,8 @@ def all_real_masks(clients: int, local_steps: int,
   """The round's masks when every example and step is real.
 
   Returns:
-    'example_mask' f32[C, K, B], 'step_mask' f32[C, K] (all ones) and
-    'num_examples' f32[C] (K * B each).
+    'example_mask' float32 [C, K, B], 'step_mask' float32 [C, K] (all
+    ones) and 'num_examples' float32 [C] (K * B each).
   """
   return {
       "example_mask": np.ones((clients, local_steps, batch), np.float32),
