@@ -49,7 +49,7 @@ from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # `python benchmarks/...` finds benchmarks/timing.py.
+  sys.path.insert(0, ROOT)  # `python benchmarks/X.py` finds benchmarks/.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import timing
 from conformer_fl import cli

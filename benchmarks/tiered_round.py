@@ -51,7 +51,7 @@ from absl import logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # `python benchmarks/...` finds benchmarks/timing.py.
+  sys.path.insert(0, ROOT)  # `python benchmarks/X.py` finds benchmarks/.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import timing
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -147,9 +147,13 @@ def measure(tiers: Sequence[tuple[float, float]]) -> dict[str, Any]:
         models.init_variables(model, config.seed))
     round_fn, server_optimizer = steps.make_round_from_config(
         config, model, params, model_state, mesh)
-    states[name] = round_lib.init_server_state(params, model_state,
-                                               server_optimizer)
-    data = round_data(config) if data is None else data
+    # State and data placed on the mesh as the round returns and reads them,
+    # so that the first call compiles what every later call runs.
+    states[name] = mesh_lib.replicate(
+        round_lib.init_server_state(params, model_state, server_optimizer),
+        mesh)
+    if data is None:
+      data = mesh_lib.shard_round_data(round_data(config), mesh)
     runs[name] = functools.partial(_step, round_fn, states, name, data)
   compile_seconds, times = timing.time_in_turns(runs, _REPEATS.value)
   for name, seconds in compile_seconds.items():

@@ -108,16 +108,17 @@ class EvalAccumulator:
     hypotheses = [h for h, k in zip(hypotheses, keep) if k]
     references = [r for r, k in zip(references, keep) if k]
     # Per utterance, in order: (errors, reference length) in words and in
-    # characters; the corpus rates and the WER interval are computed from them.
+    # characters, [2, N] for the batch's N real examples; the corpus rates and
+    # the WER interval are computed from them.
     words = wer_lib.utterance_errors(references, hypotheses, "word")
     chars = wer_lib.utterance_errors(references, hypotheses, "char")
     self._records.append(dict(
         index=len(self._records) if index is None else int(index),
         loss_sum=float(outputs["loss_sum"]),
         num_examples=float(outputs["num_examples"]),
-        words=[[int(x) for x in row] for row in words],  # [2, B]
-        chars=[[int(x) for x in row] for row in chars],  # [2, B]
-        speakers=speakers,  # [B] or None
+        words=[[int(x) for x in row] for row in words],  # [2, N]
+        chars=[[int(x) for x in row] for row in chars],  # [2, N]
+        speakers=speakers,  # [N] or None
         examples=[[r, h] for r, h in zip(references, hypotheses)]))
 
   def gathered(self, name: str = "eval") -> "EvalAccumulator":
