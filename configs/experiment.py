@@ -145,10 +145,10 @@ def _pretrain_config(s: dict[str, Any], size: str, norm: str, decoder: str,
     pretrain.model.specaug_num_freq_masks = 0
     pretrain.model.dropout_rate = 0.0
     pretrain.model.attention_dropout_rate = 0.0
-  # The demo pre-trains on one device: on this 2-core machine a step split
-  # over 4 XLA CPU devices took twice as long (1.3 s against 0.65 s, measured
-  # side by side). The federated rounds keep every device (4 clients on 4
-  # devices: 2.5 clients/s against 1.9 on one).
+  # The demo pre-trains on one device: on a 2-core CPU host a step split
+  # over 4 XLA CPU devices takes twice as long as on one (1.3 s against
+  # 0.65 s, side by side). The federated rounds keep every device (4 clients
+  # on 4 devices: 2.5 clients/s against 1.9 on one, same host).
   pretrain.central.num_devices = s["pretrain_devices"]
   return pretrain
 
