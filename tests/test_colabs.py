@@ -13,8 +13,15 @@ experiment's workdir, so its test lives beside the experiment's, in
 tests/test_experiment_e2e.py.
 """
 
+import importlib.metadata
 import json
+import os
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import sysconfig
 
 from IPython.core import inputtransformer2
 import nbformat
@@ -49,7 +56,7 @@ def test_notebook_imports_and_never_redefines(path):
   # The first code cell installs the package when it is not importable, from
   # CONFORMER_FL_SOURCE, and is valid IPython (the %pip magic included).
   setup = sources[0]
-  assert "except ImportError:" in setup and "CONFORMER_FL_SOURCE" in setup
+  assert "SPEC.origin is None:" in setup and "CONFORMER_FL_SOURCE" in setup
   python = inputtransformer2.TransformerManager().transform_cell(setup)
   assert "get_ipython().run_line_magic('pip', 'install -q \"{SOURCE}\"')" in (
       python)
@@ -64,6 +71,67 @@ def test_notebook_imports_and_never_redefines(path):
 def test_01_conformer_model_runs(tmp_path):
   nb = notebooks.execute(notebooks.COLABS / "01_conformer_model.ipynb",
                          tmp_path)
+  _check_01_outputs(nb)
+
+
+@pytest.mark.slow
+def test_01_installs_the_package_on_a_fresh_runtime(tmp_path):
+  """Notebook 1 where conformer_fl is not installed, as on a fresh Colab.
+
+  The runtime has the dependencies but not the package: a virtualenv of the
+  base interpreter whose site-packages links each entry of this environment's
+  except conformer_fl's own files (its editable install). The checkout is
+  copied to content/conformer_fl, as a clone in Colab's /content, and the
+  kernel runs in content/ with no CONFORMER_FL_* variable: the setup cell
+  finds the checkout and pip-installs CHECKOUT[study] into the virtualenv,
+  offline (no index, no pip configuration file) and without build isolation
+  (setuptools of the environment); every dependency is already there.
+  """
+  env_dir = tmp_path / "runtime"
+  subprocess.run([sys._base_executable, "-m", "venv", "--without-pip",  # pylint: disable=protected-access
+                  str(env_dir)], check=True)
+  python = str(env_dir / "bin" / "python")
+  site = pathlib.Path(subprocess.run(
+      [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+      check=True, capture_output=True, text=True).stdout.strip())
+  own = {pathlib.PurePath(f).parts[0]
+         for f in importlib.metadata.distribution("conformer_fl").files}
+  own |= {"conformer_fl", "__pycache__"}
+  for entry in pathlib.Path(sysconfig.get_path("purelib")).iterdir():
+    if entry.name not in own:
+      (site / entry.name).symlink_to(entry)
+  content = tmp_path / "content"
+  checkout = content / "conformer_fl"
+  ignore = shutil.ignore_patterns("__pycache__")
+  for name in ("conformer_fl", "configs"):
+    shutil.copytree(notebooks.ROOT / name, checkout / name, ignore=ignore)
+  shutil.copy(notebooks.ROOT / "setup.py", checkout)
+
+  env = {k: v for k, v in os.environ.items()
+         if k != "PYTHONPATH" and not k.startswith(("PIP_", "CONFORMER_FL_"))}
+  env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull,
+             PIP_NO_BUILD_ISOLATION="0")  # "0": build isolation off.
+  # Before: the package is not importable; from content/ the checkout's
+  # directory is a namespace package (no __file__), not the package.
+  probe = ("import importlib.util; spec = importlib.util.find_spec("
+           "'conformer_fl'); print(spec and (spec.origin or 'namespace'))")
+  before = [subprocess.run([python, "-c", probe], cwd=cwd, env=env,
+                           check=True, capture_output=True,
+                           text=True).stdout.strip()
+            for cwd in (tmp_path, content)]
+  assert before == ["None", "namespace"]
+
+  nb = notebooks.execute(notebooks.COLABS / "01_conformer_model.ipynb",
+                         tmp_path, python=python, cwd=content, base_env=env)
+  setup = notebooks.text(next(c for c in nb.cells if c.cell_type == "code"))
+  assert f"conformer_fl from {site / 'conformer_fl'}\n" in setup, setup
+  assert (site / "conformer_fl" / "models").is_dir()
+  assert not (site / "conformer_fl").is_symlink()
+  _check_01_outputs(nb)
+
+
+def _check_01_outputs(nb) -> None:
+  """Notebook 1's printed numbers and its figure."""
   text = notebooks.all_text(nb)
   # Log-mel: 98 frames of 80 bins; 58 valid frames in the 0.6 s utterance.
   assert "features (2, 98, 80) frame paddings (2, 98)" in text
