@@ -67,6 +67,73 @@ def test_notebook_imports_and_never_redefines(path):
     assert "def get_config" not in source and "nn.Module" not in source
 
 
+CORPUS_NOTEBOOKS = [p for p in NOTEBOOKS if p.name.startswith(("02_", "03_"))]
+
+
+def _apt_cell(path: pathlib.Path) -> str:
+  """The code cell of a corpus notebook that installs the Debian packages."""
+  nb = nbformat.read(path, as_version=4)
+  cells = [c.source for c in nb.cells
+           if c.cell_type == "code" and "missing_system_packages" in c.source]
+  assert len(cells) == 1
+  return cells[0]
+
+
+@pytest.mark.parametrize("path", CORPUS_NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("euid", [0, 1000], ids=["root", "user"])
+def test_corpus_notebook_installs_missing_debian_packages(
+    path, euid, monkeypatch, capsys):
+  """The apt cell, run with a fake apt-get: it installs only what is missing."""
+  from conformer_fl.data import tts_engines  # pylint: disable=g-import-not-at-top
+
+  cell = _apt_cell(path)
+  assert cell == _apt_cell(CORPUS_NOTEBOOKS[0])  # The same cell in 02 and 03.
+  python = inputtransformer2.TransformerManager().transform_cell(cell)
+  assert python.strip() == cell.strip()  # Plain Python: no shell escapes.
+  installed = {"espeak-ng", "flite", "bible"}
+  calls = []
+
+  def fake_run(argv, capture_output, text, env):
+    assert capture_output and text
+    calls.append((argv, env["DEBIAN_FRONTEND"]))
+    if "install" in argv:
+      installed.update(argv[argv.index("-qq") + 1:])
+    return subprocess.CompletedProcess(argv, 0, "", "")
+
+  monkeypatch.setattr(subprocess, "run", fake_run)
+  monkeypatch.setattr(os, "geteuid", lambda: euid)
+  monkeypatch.setattr(tts_engines.shutil, "which",
+                      lambda cmd: f"/usr/bin/{cmd}" if cmd in installed else None)
+  everything = "espeak-ng flite fortunes-min fortunes bible-kjv"
+  # All present (the fortunes files are those of this machine): no apt-get.
+  exec(python, {"os": os})  # pylint: disable=exec-used
+  assert calls == []
+  assert capsys.readouterr().out == f"Debian packages installed: {everything}\n"
+
+  # flite missing: apt-get update, then install of flite alone.
+  installed.discard("flite")
+  exec(python, {"os": os})  # pylint: disable=exec-used
+  sudo = [] if euid == 0 else ["sudo"]
+  assert calls == [
+      ([*sudo, "apt-get", "update", "-qq"], "noninteractive"),
+      ([*sudo, "apt-get", "install", "-y", "-qq", "flite"], "noninteractive")]
+  assert capsys.readouterr().out == (
+      f"apt-get install flite\nDebian packages installed: {everything}\n")
+
+  # apt-get fails: its output is in the error.
+  installed.discard("flite")
+  monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: (
+      subprocess.CompletedProcess(argv, 100, "", "E: Unable to locate package")))
+  with pytest.raises(RuntimeError, match="apt-get update -qq failed:\n"
+                     "E: Unable to locate package"):
+    exec(python, {"os": os})  # pylint: disable=exec-used
+  # apt-get succeeds but the package is still missing.
+  monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: (
+      subprocess.CompletedProcess(argv, 0, "", "")))
+  with pytest.raises(RuntimeError, match=r"Still missing .*\['flite'\]"):
+    exec(python, {"os": os})  # pylint: disable=exec-used
+
+
 @pytest.mark.slow
 def test_01_conformer_model_runs(tmp_path):
   nb = notebooks.execute(notebooks.COLABS / "01_conformer_model.ipynb",
@@ -176,6 +243,9 @@ def test_02_layer_importance_runs(tmp_path, tiny_corpus_dir):
                          CONFORMER_FL_STEPS="4")
   text = notebooks.all_text(nb)
   assert f"WORKDIR={workdir}" in text and f"REPO={notebooks.ROOT}" in text
+  # The Debian packages are installed here: the apt cell runs no apt-get.
+  assert "Debian packages installed: espeak-ng flite" in text
+  assert "apt-get install" not in text
   metrics = [json.loads(line) for line in
              (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics] == [2, 4]
