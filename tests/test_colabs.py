@@ -159,8 +159,9 @@ def test_01_installs_the_package_on_a_fresh_runtime(tmp_path):
   (setuptools of the environment); every dependency is already there.
   """
   env_dir = tmp_path / "runtime"
-  subprocess.run([sys._base_executable, "-m", "venv", "--without-pip",  # pylint: disable=protected-access
-                  str(env_dir)], check=True)
+  base_python = sys._base_executable  # pylint: disable=protected-access
+  subprocess.run([base_python, "-m", "venv", "--without-pip", str(env_dir)],
+                 check=True)
   python = str(env_dir / "bin" / "python")
   site = pathlib.Path(subprocess.run(
       [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -196,7 +197,8 @@ def test_01_installs_the_package_on_a_fresh_runtime(tmp_path):
                          tmp_path, python=python, cwd=content, base_env=env)
   setup = notebooks.text(next(c for c in nb.cells if c.cell_type == "code"))
   assert f"conformer_fl from {site / 'conformer_fl'}\n" in setup, setup
-  assert (site / "conformer_fl" / "models").is_dir()
+  # A regular install, configs/ included (as conformer_fl.configs).
+  assert (site / "conformer_fl" / "configs" / "central.py").is_file()
   assert not (site / "conformer_fl").is_symlink()
   _check_01_outputs(nb)
 
