@@ -15,7 +15,7 @@ holds every client's examples in memory grows by the int16 audio it holds.
 stand-in is always built with this repository's code): pass another checkout
 to measure its path on the same data, e.g. one that reads tfrecord files only:
   python benchmarks/client_data_memory.py --out=/tmp/cfl_mem
-  python benchmarks/client_data_memory.py --out=/tmp/cfl_mem_old \
+  python benchmarks/client_data_memory.py --out=/tmp/cfl_mem_other \
       --file_format=tfrecord --code=/path/to/other/checkout
 
 Prints a table (scale, utterances, hours, int16 audio in MB, peak RSS in MB,

@@ -144,8 +144,8 @@ def run_case_in_subprocess(size: str, impl: str, num_sets: int,
   """Runs one case in a fresh process; retries once if it times out.
 
   A fresh process per case keeps memory and compile caches apart; the retry
-  guards against an intermittent XLA:CPU hang we saw once in a few runs
-  (every thread waiting on a futex inside block_until_ready).
+  guards against an intermittent XLA:CPU hang (every thread waiting on a
+  futex inside block_until_ready).
   """
   command = [sys.executable, __file__, *argv,
              f"--case={size},{impl},{num_sets}"]

@@ -43,11 +43,17 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import flags
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # `python benchmarks/X.py` finds benchmarks/.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import timing
 from conformer_fl import cli
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULT_PREFIX = "RESULT "
 
@@ -138,19 +144,8 @@ def asr_problem(args, rng_seed: int = 0):
   num_samples = int(args.audio_seconds * 16000)
 
   def make_batches(rng: np.random.Generator, shape: tuple[int, ...]):
-    audio = 0.1 * rng.uniform(-1, 1, size=shape + (num_samples,))
-    lengths = rng.integers(num_samples // 2, num_samples + 1, size=shape)
-    audio_paddings = (np.arange(num_samples) >= lengths[..., None])
-    label_lengths = rng.integers(1, args.label_length + 1, size=shape)
-    label_paddings = (np.arange(args.label_length) >= label_lengths[..., None])
-    labels = rng.integers(1, config.vocab_size,
-                          size=shape + (args.label_length,))
-    return {
-        "audio": np.where(audio_paddings, 0, audio).astype(np.float32),
-        "audio_paddings": audio_paddings.astype(np.float32),
-        "labels": np.where(label_paddings, 0, labels).astype(np.int32),
-        "label_paddings": label_paddings.astype(np.float32),
-    }
+    return timing.random_asr_batches(rng, shape, num_samples,
+                                     args.label_length, config.vocab_size)
 
   init_batch = make_batches(np.random.default_rng(rng_seed), (1,))
   variables = model.init(
@@ -174,29 +169,6 @@ def asr_problem(args, rng_seed: int = 0):
 # ----------------------------------------------------------------- worker
 
 
-def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
-  return _interleaved_median_seconds({"run": run}, repeats)["run"]
-
-
-def _interleaved_median_seconds(runs: dict[str, Callable[[], Any]],
-                                repeats: int) -> dict[str, float]:
-  """Median wall time of each run, timed in turns (A B A B ...).
-
-  Taking turns exposes every run to the same drift in the machine's load, so
-  their ratio holds even when absolute times do not.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  for run in runs.values():
-    jax.block_until_ready(run())  # compile + warm up
-  times = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(run())
-      times[name].append(time.perf_counter() - start)
-  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
 def run_worker(args) -> dict[str, Any]:
   """One measurement on `args.worker_devices` devices (XLA_FLAGS set)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -218,11 +190,8 @@ def run_worker(args) -> dict[str, Any]:
   loss_fn, params, model_state, make_batches = make_problem(args)
   c, k, b = args.clients, args.local_steps, args.batch
   rng = np.random.default_rng(0)
-  batches = make_batches(rng, (c, k, b))
-  batches.update(example_mask=np.ones((c, k, b), np.float32))
-  round_data = round_lib.RoundData(
-      batches=batches, step_mask=np.ones((c, k), np.float32),
-      num_examples=np.full((c,), k * b, np.float32))
+  round_data = timing.all_real_round(make_batches(rng, (c, k, b)), c, k, b)
+  batches = round_data.batches  # [C, K, B, ...], with 'example_mask'.
   # The optimizers of configs/federated.py: SGD with per-step gradient
   # clipping on the clients, FedAvg on the server.
   federated = config_lib.federated_config()
@@ -275,8 +244,8 @@ def run_worker(args) -> dict[str, Any]:
   def loop_round():
     delta_sum = jax.tree.map(jnp.zeros_like, params)
     round_rng = jax.random.fold_in(rng_key, 0)
-    for i, (batches, step_mask) in enumerate(client_inputs):
-      delta, *_ = client_update(params, model_state, batches, step_mask,
+    for i, (client_batches, step_mask) in enumerate(client_inputs):
+      delta, *_ = client_update(params, model_state, client_batches, step_mask,
                                 jax.random.fold_in(round_rng, i))
       delta_sum = accumulate(delta_sum, delta, round_data.num_examples[i])
     return server_step(params, opt_state, delta_sum,
@@ -307,7 +276,7 @@ def run_worker(args) -> dict[str, Any]:
       float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(
           jax.tree.leaves(compiled_params), jax.tree.leaves(params)))
 
-  seconds = _interleaved_median_seconds(
+  seconds = timing.median_seconds_in_turns(
       {"compiled": compiled_round, "loop": loop_round,
        "merged": one_merged_client}, args.repeats)
   compiled_seconds, loop_seconds = seconds["compiled"], seconds["loop"]
@@ -335,7 +304,8 @@ def run_worker(args) -> dict[str, Any]:
   n = args.matmul_size
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
-  matmul_seconds = _median_seconds(lambda: matmul(a), max(args.repeats, 5))
+  matmul_seconds = timing.median_seconds_in_turns(
+      {"matmul": lambda: matmul(a)}, max(args.repeats, 5))["matmul"]
   matmul_flops_per_second = 2 * n ** 3 / matmul_seconds
 
   client_steps = c * k
@@ -381,9 +351,8 @@ def _subprocess_env(num_devices: int) -> dict[str, str]:
   xla_flags.append(f"--xla_force_host_platform_device_count={num_devices}")
   env["XLA_FLAGS"] = " ".join(xla_flags)
   env.setdefault("JAX_PLATFORMS", "cpu")
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (repo_root, env.get("PYTHONPATH")) if p)
+      p for p in (ROOT, env.get("PYTHONPATH")) if p)
   return env
 
 

@@ -32,23 +32,29 @@ attention scores and the server's mean do not shrink, and each tier is a
 vmap of its own in the compiled round. The first call of each round
 (compile and run) is printed beside the medians.
 
-Measured with the command above on a 2-core CPU host shared with other jobs
-(load average 11-18): the tiered round (static policy) did 0.81x the clients
-per second of the single-tier round (median of 5 turns: 0.764 against
-0.616 s a round); its first call (compile and run) took 834 s against
-186 s. On this host the three tiers' separate vmaps cost more than their
-thinner layers save.
+With the command above on a 2-core CPU host the tiered round (static
+policy) does about 0.8x the clients per second of the single-tier round,
+and its first call (compile and run) takes several times as long: there the
+three tiers' separate vmaps cost more than their thinner layers save.
 """
 
 from collections.abc import Sequence
 import functools
 import os
-import time
+import statistics
+import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # `python benchmarks/X.py` finds benchmarks/.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import timing
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _SIZE = flags.DEFINE_string("size", "demo8x64", "Model size "
                             "(conformer_fl/models/sizes.py).")
@@ -87,9 +93,8 @@ def round_config(tiers: Sequence[tuple[float, float]]) -> Any:
   from conformer_fl import cli
   from conformer_fl.data import tokenizer
   # pylint: enable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = cli.load_config_file(
-      f"{os.path.join(root, 'configs', 'federated.py')}:size={_SIZE.value}")
+      f"{os.path.join(ROOT, 'configs', 'federated.py')}:size={_SIZE.value}")
   config = config.copy_and_resolve_references()
   config.model.vocab_size = tokenizer.CharTokenizer().vocab_size
   f = config.federated
@@ -106,26 +111,12 @@ def round_data(config: Any, seed: int = 0) -> Any:
   """RoundData of random audio and labels [C, K, B, ...] of every client,
   all real."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from conformer_fl.federated import round_data as round_data_lib  # pylint: disable=g-import-not-at-top
   c, k, b = _CLIENTS.value, _LOCAL_STEPS.value, _BATCH.value
-  samples, labels = int(_AUDIO_SECONDS.value * 16000), _LABEL_LENGTH.value
-  rng = np.random.default_rng(seed)
-  shape = (c, k, b)
-  lengths = rng.integers(samples // 2, samples + 1, size=shape)
-  audio_paddings = np.arange(samples) >= lengths[..., None]
-  label_lengths = rng.integers(1, labels + 1, size=shape)
-  label_paddings = np.arange(labels) >= label_lengths[..., None]
-  audio = 0.1 * rng.uniform(-1, 1, size=shape + (samples,))
-  tokens = rng.integers(1, config.model.vocab_size, size=shape + (labels,))
-  return round_data_lib.RoundData(
-      batches={
-          "audio": np.where(audio_paddings, 0, audio).astype(np.float32),
-          "audio_paddings": audio_paddings.astype(np.float32),
-          "labels": np.where(label_paddings, 0, tokens).astype(np.int32),
-          "label_paddings": label_paddings.astype(np.float32),
-          "example_mask": np.ones(shape, np.float32)},
-      step_mask=np.ones((c, k), np.float32),
-      num_examples=np.full((c,), k * b, np.float32))
+  batches = timing.random_asr_batches(
+      np.random.default_rng(seed), (c, k, b),
+      int(_AUDIO_SECONDS.value * 16000), _LABEL_LENGTH.value,
+      config.model.vocab_size)
+  return timing.all_real_round(batches, c, k, b)
 
 
 def _step(round_fn: Any, states: dict[str, Any], name: str,
@@ -156,26 +147,21 @@ def measure(tiers: Sequence[tuple[float, float]]) -> dict[str, Any]:
         models.init_variables(model, config.seed))
     round_fn, server_optimizer = steps.make_round_from_config(
         config, model, params, model_state, mesh)
-    states[name] = round_lib.init_server_state(params, model_state,
-                                               server_optimizer)
-    data = round_data(config) if data is None else data
+    # State and data placed on the mesh as the round returns and reads them,
+    # so that the first call compiles what every later call runs.
+    states[name] = mesh_lib.replicate(
+        round_lib.init_server_state(params, model_state, server_optimizer),
+        mesh)
+    if data is None:
+      data = mesh_lib.shard_round_data(round_data(config), mesh)
     runs[name] = functools.partial(_step, round_fn, states, name, data)
-  times = {name: [] for name in runs}
-  compile_seconds = {}
-  for name, run in runs.items():
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    compile_seconds[name] = time.perf_counter() - start
+  compile_seconds, times = timing.time_in_turns(runs, _REPEATS.value)
+  for name, seconds in compile_seconds.items():
     logging.info("%s round: first call (compile and run) %.1f s", name,
-                 compile_seconds[name])
-  for _ in range(_REPEATS.value):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(run())
-      times[name].append(time.perf_counter() - start)
+                 seconds)
   result = {"devices": mesh.size, "clients": _CLIENTS.value}
   for name, values in times.items():
-    median = sorted(values)[len(values) // 2]
+    median = statistics.median(values)
     result[name] = dict(median_seconds=median,
                         clients_per_second=_CLIENTS.value / median,
                         first_call_seconds=compile_seconds[name],

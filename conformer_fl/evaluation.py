@@ -29,10 +29,10 @@ def make_eval_step(model: nn.Module) -> Callable[[Variables, Batch], EvalOutput]
   """Returns `eval_step(variables, batch) -> outputs` (pure; not yet jitted).
 
   Outputs:
-    loss_sum: f32[] loss summed over the real examples of the batch.
-    num_examples: f32[] number of real examples (`batch['example_mask']`).
-    ids: i32[B, L] greedy hypotheses, 0 at padded positions.
-    id_paddings: f32[B, L].
+    loss_sum: float32 [] loss summed over the real examples of the batch.
+    num_examples: float32 [] number of real examples (`batch['example_mask']`).
+    ids: int32 [B, L] greedy hypotheses, 0 at padded positions.
+    id_paddings: float32 [B, L].
   """
 
   def eval_step(variables: Variables, batch: Batch) -> EvalOutput:
@@ -67,7 +67,7 @@ def jitted_eval_step(model: nn.Module) -> Callable[[Variables, Batch],
 def ids_to_texts(
     ids: np.ndarray, paddings: np.ndarray, decode: Callable[[list[int]], str]
 ) -> list[str]:
-  """Detokenizes the valid ids of each row of i32[B, L] with `decode`."""
+  """Detokenizes the valid ids of each row of int32 [B, L] with `decode`."""
   return [
       decode([int(t) for t, p in zip(row, pad) if p == 0 and t != 0])
       for row, pad in zip(np.asarray(ids), np.asarray(paddings))
@@ -108,16 +108,17 @@ class EvalAccumulator:
     hypotheses = [h for h, k in zip(hypotheses, keep) if k]
     references = [r for r, k in zip(references, keep) if k]
     # Per utterance, in order: (errors, reference length) in words and in
-    # characters; the corpus rates and the WER interval are computed from them.
+    # characters, [2, N] for the batch's N real examples; the corpus rates and
+    # the WER interval are computed from them.
     words = wer_lib.utterance_errors(references, hypotheses, "word")
     chars = wer_lib.utterance_errors(references, hypotheses, "char")
     self._records.append(dict(
         index=len(self._records) if index is None else int(index),
         loss_sum=float(outputs["loss_sum"]),
         num_examples=float(outputs["num_examples"]),
-        words=[[int(x) for x in row] for row in words],  # [2, n]
-        chars=[[int(x) for x in row] for row in chars],  # [2, n]
-        speakers=speakers,  # [n] or None
+        words=[[int(x) for x in row] for row in words],  # [2, N]
+        chars=[[int(x) for x in row] for row in chars],  # [2, N]
+        speakers=speakers,  # [N] or None
         examples=[[r, h] for r, h in zip(references, hypotheses)]))
 
   def gathered(self, name: str = "eval") -> "EvalAccumulator":
@@ -158,9 +159,9 @@ class EvalAccumulator:
       {'loss': mean loss per example, 'wer': corpus WER, 'cer': corpus CER,
        'wer_low', 'wer_high': 95% interval of the WER resampling speakers,
        then utterances within them (`stats.rate_interval`), 'num_examples':
-       n, 'num_speakers', and per utterance in batch order, to pool
-       evaluations later: 'utterance_errors' [n] word errors,
-       'utterance_words' [n] reference words, 'utterance_speakers' [n]
+       N, 'num_speakers', and per utterance in batch order, to pool
+       evaluations later: 'utterance_errors' [N] word errors,
+       'utterance_words' [N] reference words, 'utterance_speakers' [N]
        speaker indices (`utterance_speakers`)}.
     """
     loss_sum, num_examples = 0.0, 0.0

@@ -75,8 +75,8 @@ def trim_metrics(path: epath.Path, step: int) -> None:
   for line in bad:
     logging.warning("%s: dropping a line that is not a JSON record (a write cut"
                     " short by a kill?): %.80r", path, line)
-  # One record per step, the last written (two runs that shared the workdir
-  # before it had a lock logged every step twice), in step order.
+  # One record per step (of a step logged twice, the last record written),
+  # in step order.
   kept = {_index(r): r for r in records if STOPPED_KEY not in r
           and _index(r) is not None and _index(r) <= step}
   new_text = "".join(json.dumps(kept[i]) + "\n" for i in sorted(kept))

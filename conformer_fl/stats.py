@@ -18,7 +18,7 @@ sum(errors) / sum(reference words), every drawn (model, seed) scored on the
 same drawn utterances. `difference_interval` applies the same draws to two
 systems (paired) and takes rate(a) - rate(b). Intervals are percentile
 intervals of `num_samples` resamples; the draws of all resamples are made
-at once (arrays [num_samples, ...]), no Python loop over resamples.
+at once (arrays [B, ...], B = num_samples), no Python loop over resamples.
 
 Calibration (tests/test_stats.py, 500 simulated data sets each): with
 model, seed and speaker effects on a planted difference the 95% interval
@@ -28,9 +28,10 @@ speaker. Drawing utterances within drawn speakers counts the within-speaker
 noise twice, so where speakers do not differ the interval is conservative
 (98% coverage at a nominal 95%, 500 data sets).
 
-Shapes: errors int[M, S, N] (also [S, N] or [N], read as M = 1 and S = 1),
-words int[N] reference words per utterance, speakers a sequence of N
-hashable speaker ids.
+Shapes: errors int [M, S, N] (also [S, N] or [N], read as M = 1 and S = 1),
+words int [N] reference words per utterance, speakers a sequence of N
+hashable speaker ids; M pre-trained models, S seeds, N utterances, K speakers,
+B resamples (`num_samples`).
 """
 
 from collections.abc import Hashable, Sequence
@@ -41,7 +42,7 @@ import numpy as np
 
 
 def _as_3d(errors: Any, num_utterances: int, name: str) -> np.ndarray:
-  """errors as float64[M, S, N]; [S, N] and [N] get leading axes of size 1."""
+  """errors as float64 [M, S, N]; [S, N] and [N] get leading axes of size 1."""
   errors = np.asarray(errors, np.float64)
   if errors.ndim == 1:
     errors = errors[None, None]
@@ -58,7 +59,7 @@ def _as_3d(errors: Any, num_utterances: int, name: str) -> np.ndarray:
 def _speaker_groups(speakers: Sequence[Hashable],
                     num_utterances: int) -> tuple[np.ndarray, np.ndarray,
                                                   np.ndarray]:
-  """(order int[N], starts int[K], counts int[K]): utterances grouped by speaker.
+  """(order int [N], starts int [K], counts int [K]): utterances by speaker.
 
   order lists the utterance indices speaker by speaker (speakers in order of
   first appearance); speaker k's utterances are order[starts[k]:starts[k] +
@@ -81,7 +82,7 @@ def _speaker_groups(speakers: Sequence[Hashable],
 def _utterance_weights(speakers: Sequence[Hashable], num_utterances: int,
                        num_samples: int,
                        rng: np.random.Generator) -> np.ndarray:
-  """float64[num_samples, N]: how often each utterance is drawn per resample.
+  """float64 [B, N]: how often each utterance is drawn per resample.
 
   Speakers are drawn with replacement (K of K; not resampled when K = 1), then
   each drawn speaker's utterances (as many as it has, with replacement). All
@@ -108,7 +109,7 @@ def _utterance_weights(speakers: Sequence[Hashable], num_utterances: int,
 
 def _run_weights(num_models: int, num_seeds: int, num_samples: int,
                  rng: np.random.Generator) -> np.ndarray:
-  """float64[num_samples, M * S]: how often each (model, seed) is drawn.
+  """float64 [B, M * S]: how often each (model, seed) is drawn.
 
   M models with replacement, then S seeds within each drawn model; a level
   with one member is not resampled.
@@ -161,7 +162,7 @@ def _draws(codes: tuple[int, ...], num_models: int, num_seeds: int,
 def _resampled_rates(errors: Sequence[np.ndarray], words: np.ndarray,
                      speakers: Sequence[Hashable], num_samples: int,
                      seed: int) -> list[np.ndarray]:
-  """Per system, float64[num_samples] pooled rates under shared draws."""
+  """Per system, float64 [B] pooled rates under shared draws."""
   num_models, num_seeds, num_utterances = errors[0].shape
   runs, utterances = _draws(_speaker_codes(speakers), num_models, num_seeds,
                             num_samples, seed)      # [B, R], [B, N]
@@ -205,9 +206,9 @@ def rate_interval(errors: Any, words: Any, speakers: Sequence[Hashable], *,
   """Pooled corpus error rate with a hierarchical bootstrap interval.
 
   Args:
-    errors: int[M, S, N] errors per (pre-trained model, seed, utterance);
+    errors: int [M, S, N] errors per (pre-trained model, seed, utterance);
       [S, N] or [N] are read as M = 1 (and S = 1).
-    words: int[N] reference words (or characters) per utterance.
+    words: int [N] reference words (or characters) per utterance.
     speakers: N speaker ids (any hashable).
     confidence: coverage of the percentile interval.
     num_samples: bootstrap resamples.
@@ -237,9 +238,9 @@ def difference_interval(errors_a: Any, errors_b: Any, words: Any,
   every resample applies the same draws to both.
 
   Args:
-    errors_a: int[M, S, N] errors of system a ([S, N] or [N] also accepted).
+    errors_a: int [M, S, N] errors of system a ([S, N] or [N] also accepted).
     errors_b: errors of system b, the same shape.
-    words: int[N] reference words per utterance.
+    words: int [N] reference words per utterance.
     speakers: N speaker ids.
     confidence: coverage of the percentile interval.
     num_samples: bootstrap resamples.

@@ -104,7 +104,7 @@ def utterance_errors(references: Sequence[str], hypotheses: Sequence[str],
       normalized text, spaces between words included).
 
   Returns:
-    (errors int64[N], lengths int64[N]); errors.sum() / lengths.sum() is the
+    (errors int64 [N], lengths int64 [N]); errors.sum() / lengths.sum() is the
     corpus WER (or CER) of the N pairs.
   """
   if unit not in ("word", "char"):
@@ -139,8 +139,8 @@ def bootstrap_rate_interval(errors: np.ndarray, lengths: np.ndarray, *,
   sum(errors) / sum(lengths) is recomputed for each resample.
 
   Args:
-    errors: int[N] errors of each utterance (`utterance_errors`).
-    lengths: int[N] reference lengths.
+    errors: int [N] errors of each utterance (`utterance_errors`).
+    lengths: int [N] reference lengths.
     level: coverage of the interval.
     num_samples: bootstrap resamples.
     seed: the resampling seed (the interval is deterministic for a seed).
@@ -171,9 +171,9 @@ def paired_bootstrap_difference(
   The interval so covers both the choice of test utterances and the seed.
 
   Args:
-    errors_a: int[S, N] word errors of system a, per seed and utterance.
-    errors_b: int[S, N] word errors of system b.
-    lengths: int[N] reference words of each utterance.
+    errors_a: int [S, N] word errors of system a, per seed and utterance.
+    errors_b: int [S, N] word errors of system b.
+    lengths: int [N] reference words of each utterance.
     level: coverage of the interval.
     num_samples: bootstrap resamples.
     seed: the resampling seed.

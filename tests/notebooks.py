@@ -6,6 +6,7 @@ once, on the worker that holds it).
 """
 
 import base64
+from collections.abc import Mapping
 import json
 import os
 import pathlib
@@ -22,13 +23,13 @@ KERNEL_NAME = "conformer_fl_test"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def kernel_manager(kernel_dir: pathlib.Path) -> manager.KernelManager:
-  """A manager of ipykernels run by this very interpreter (sys.executable)."""
+def kernel_manager(kernel_dir: pathlib.Path,
+                   python: str = sys.executable) -> manager.KernelManager:
+  """A manager of ipykernels run by `python` (default: this interpreter)."""
   spec_dir = kernel_dir / KERNEL_NAME
   spec_dir.mkdir(parents=True)
   (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-               "{connection_file}"],
+      "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "conformer_fl test kernel",
       "language": "python",
   }))
@@ -39,14 +40,26 @@ def kernel_manager(kernel_dir: pathlib.Path) -> manager.KernelManager:
 
 
 def execute(path: pathlib.Path, tmp_path: pathlib.Path,
-             **env: str) -> nbformat.NotebookNode:
-  """Runs every cell of the notebook in colabs/; returns it with its outputs."""
+            python: str = sys.executable, cwd: pathlib.Path = COLABS,
+            base_env: Mapping[str, str] | None = None,
+            **env: str) -> nbformat.NotebookNode:
+  """Runs every cell of the notebook in colabs/; returns it with its outputs.
+
+  Args:
+    path: the notebook.
+    tmp_path: a directory for the kernelspec.
+    python: the interpreter that runs the kernel.
+    cwd: the kernel's working directory.
+    base_env: the kernel's environment before `env` (default: os.environ).
+    **env: variables set on top of it (the notebooks' parameters).
+  """
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
-      nb, km=kernel_manager(tmp_path / "kernels"), timeout=600,
-      resources={"metadata": {"path": str(COLABS)}})
+      nb, km=kernel_manager(tmp_path / "kernels", python), timeout=600,
+      resources={"metadata": {"path": str(cwd)}})
   # Figures inline, as in Jupyter and Colab, whatever this process uses.
-  client.execute(env={**os.environ, **env,
+  base = os.environ if base_env is None else base_env
+  client.execute(env={**base, **env,
                       "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
   return nb
 

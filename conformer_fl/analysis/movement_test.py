@@ -61,7 +61,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Pearson correlation of a[n] with each row of b[..., n]."""
+  """Pearson correlation of a [N] with each row of b [..., N]."""
   a = a - a.mean()
   b = b - b.mean(-1, keepdims=True)
   return (b @ a) / np.sqrt((a @ a) * np.sum(b * b, -1))
@@ -73,8 +73,9 @@ def _partial(r_xy: np.ndarray, r_xz: float, r_yz: np.ndarray) -> np.ndarray:
 
 def within_strata_permutations(strata: Sequence[Any], num_permutations: int,
                                seed: int = 0) -> np.ndarray:
-  """int[P, n]: permutations of range(n) that move an index only within its
-  stratum (random sort keys, sorted within stratum blocks)."""
+  """int [num_permutations, N]: permutations of range(N), N = len(strata),
+  that move an index only within its stratum (random sort keys, sorted within
+  stratum blocks)."""
   codes = np.unique(np.asarray([str(s) for s in strata]), return_inverse=True)[1]
   n = len(codes)
   rng = np.random.default_rng(seed)
@@ -82,7 +83,7 @@ def within_strata_permutations(strata: Sequence[Any], num_permutations: int,
   # Sorting by (stratum, key) lists each stratum's indices in random order;
   # position i of a stratum then takes its i-th shuffled member.
   order = np.lexsort((keys, np.broadcast_to(codes, keys.shape)), axis=-1)
-  by_stratum = np.argsort(codes, kind="stable")           # [n]
+  by_stratum = np.argsort(codes, kind="stable")           # [N]
   permutations = np.empty((num_permutations, n), np.int64)
   permutations[:, by_stratum] = order
   return permutations
@@ -95,10 +96,10 @@ def movement_test(movement: Sequence[float], increase: Sequence[float],
   """The stratified permutation test and the size-partialled correlation.
 
   Args:
-    movement: [n] the primary movement measure of each unit.
-    increase: [n] the WER increase of each unit under reset.
-    num_params: [n] parameters of each unit.
-    module_types: [n] the stratum of each unit (`droppable_module_types`).
+    movement: [N] the primary movement measure of each of the N units.
+    increase: [N] the WER increase of each unit under reset.
+    num_params: [N] parameters of each unit.
+    module_types: [N] the stratum of each unit (`droppable_module_types`).
     num_permutations: permutations within strata.
     seed: the permutation seed.
 

@@ -49,7 +49,7 @@ def heatmap(values: np.ndarray, unit_names: Sequence[str], taus: Sequence[int],
   """Units x tau heatmap of a metric after re-initialization (Zhang et al.).
 
   Args:
-    values: f[U, N] the metric with unit u reset to checkpoint taus[n].
+    values: float [U, N] the metric with unit u reset to checkpoint taus[n].
     unit_names: U names (rows, in model order).
     taus: N checkpoint steps (columns).
     baseline: the unreset model's metric (in the title).

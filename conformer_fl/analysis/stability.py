@@ -54,7 +54,7 @@ def _check_sizes(num_items: int, size_a: int, size_b: int) -> None:
 
 def intersection_law(num_items: Sequence[int], sizes_a: Sequence[int],
                      sizes_b: Sequence[int]) -> np.ndarray:
-  """float64[K + 1]: P(|A & B| = k) when A and B are drawn at random per type.
+  """float64 [K + 1]: P(|A & B| = k) when A and B are drawn at random per type.
 
   Type t has num_items[t] items; A holds sizes_a[t] of them and B sizes_b[t],
   each drawn uniformly and independently. The intersection of one type is
@@ -92,9 +92,9 @@ def overlap_nulls(types: Sequence[str], in_a: Sequence[bool],
   """The two nulls of the module docstring for one pair of ambient sets.
 
   Args:
-    types: [n] the type of each item (pair of matched units).
-    in_a: [n] whether the item is in A (ambient in run a).
-    in_b: [n] whether it is in B.
+    types: [N] the type of each of the N items (pairs of matched units).
+    in_a: [N] whether the item is in A (ambient in run a).
+    in_b: [N] whether it is in B.
 
   Returns:
     {'intersection': |A & B|, 'chance_jaccard', 'overlap_pvalue' (random

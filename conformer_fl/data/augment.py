@@ -159,7 +159,7 @@ def babble_clip(utterances: Sequence[np.ndarray], rng: np.random.Generator
   """Mixes talkers' float utterances at equal power, each looped and shifted.
 
   Returns:
-    float [max length] of unit power.
+    float [N] of unit power, N the longest utterance's length.
   """
   length = max(u.size for u in utterances)
   mix = np.zeros(length)

@@ -166,11 +166,15 @@ CONFIGS = (
             long_per_speaker=2, short_per_speaker=3, flite_fraction=0.5),
     # A quarter Flite: 2 Flite speakers in dev and in test, one Flite voice
     # each (leave_one_engine_out reads the test ones).
+    # Long form from the closed-vocabulary 'story' grammar: on 'prose' the
+    # demo's model (1600 steps) reaches dev WER 0.97, CER 0.44, and its WER
+    # no longer moves when a module is reset. Its commands (the federated
+    # domain) keep held-out templates and slot values.
     _config("demo", "The demo default: 96+8+8 eSpeak NG and Flite speakers,"
-            " 25 long (2-6 s) + 30 short each.",
+            " 25 long (2-6 s, 'story' grammar) + 30 short each.",
             num_train_speakers=96, num_dev_speakers=8, num_test_speakers=8,
             long_per_speaker=25, short_per_speaker=30, long_seconds=(2.0, 6.0),
-            prose_words=(5, 12), flite_fraction=0.25),
+            prose_words=(5, 12), flite_fraction=0.25, long_text="story"),
     _config("small", "200+20+20 speakers, 20 long + 30 short each.",
             num_train_speakers=200, num_dev_speakers=20, num_test_speakers=20,
             long_per_speaker=20, short_per_speaker=30),
@@ -531,7 +535,7 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
                       skip_registration=__name__ == "__main__"):
   """English speech by eSpeak NG and Flite speakers; one speaker = one client."""
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("2.1.0")
   # TFDS 4.9.10 locates the builder file through the `importlib_resources`
   # backport, which it does not install on Python >= 3.9; this file is the answer.
   code_path = epath.Path(__file__)
@@ -542,6 +546,8 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
       "2.0.0": "Long-form text from real prose (fortunes, King James Bible);"
                " commands with split templates and slot values; acoustic"
                " augmentation; Flite pitch; demo: a quarter Flite speakers.",
+      "2.1.0": "demo: long-form text from the 'story' grammar (small and"
+               " medium keep 'prose').",
   }
   BUILDER_CONFIGS = list(CONFIGS)
   DEFAULT_CONFIG_NAME = "demo"

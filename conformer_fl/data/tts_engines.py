@@ -52,8 +52,9 @@ class MissingSystemPackagesError(RuntimeError):
   """The Debian packages that synthesize the corpus are not installed."""
 
 
-def check_system_packages(fortune_dir: str = "/usr/share/games/fortunes") -> None:
-  """Raises MissingSystemPackagesError naming every missing Debian package."""
+def missing_system_packages(
+    fortune_dir: str = "/usr/share/games/fortunes") -> list[str]:
+  """The Debian packages of REQUIRED_DEBIAN_PACKAGES that are not installed."""
   missing = []
   if shutil.which("espeak-ng") is None:
     missing.append("espeak-ng")
@@ -66,6 +67,12 @@ def check_system_packages(fortune_dir: str = "/usr/share/games/fortunes") -> Non
     missing.append("fortunes")
   if shutil.which("bible") is None:
     missing.append("bible-kjv")
+  return missing
+
+
+def check_system_packages(fortune_dir: str = "/usr/share/games/fortunes") -> None:
+  """Raises MissingSystemPackagesError naming every missing Debian package."""
+  missing = missing_system_packages(fortune_dir)
   if missing:
     details = "; ".join(f"{p} ({REQUIRED_DEBIAN_PACKAGES[p]})" for p in missing)
     raise MissingSystemPackagesError(

@@ -37,18 +37,19 @@ class RoundData:
     batches: the loss_fn's batches of every client's local steps, each
       [C, K, B, ...] (a central batch's arrays, `batching.pad_batch`, with two
       leading axes). Of the speech model (data/federated.py):
-        'audio'          f32[C, K, B, S]
-        'audio_paddings' f32[C, K, B, S]  1.0 = padded
-        'labels'         i32[C, K, B, U]  0 = pad
-        'label_paddings' f32[C, K, B, U]  1.0 = padded
-        'example_mask'   f32[C, K, B]     1.0 = real example
+        'audio'          float32 [C, K, B, S]
+        'audio_paddings' float32 [C, K, B, S]  1.0 = padded
+        'labels'         int32   [C, K, B, U]  0 = pad
+        'label_paddings' float32 [C, K, B, U]  1.0 = padded
+        'example_mask'   float32 [C, K, B]     1.0 = real example
       Any loss_fn's keys; 'example_mask' is required (the round counts the
       real examples of a step with it).
-    step_mask: f32[C, K], 1.0 = the step has a real example; 0 = padding step.
-    num_examples: f32[C], sum of example_mask over [K, B]: the examples the
-      client trains on this round, repeats counted.
-    client_size: f32[C], the client's own examples, each counted once; None
-      where unknown (only aggregation_weight 'client_size' reads it).
+    step_mask: float32 [C, K], 1.0 = the step has a real example; 0 = a
+      padding step.
+    num_examples: float32 [C], sum of example_mask over [K, B]: the
+      examples the client trains on this round, repeats counted.
+    client_size: float32 [C], the client's own examples, each counted once;
+      None where unknown (only aggregation_weight 'client_size' reads it).
   Every client of a round shares one bucket (S, U), so that the clients can
   be vmapped together.
   """
@@ -104,7 +105,7 @@ def check_round_data(data: RoundData, mesh: jax.sharding.Mesh,
 
 
 def client_weights(data: RoundData, aggregation_weight: str) -> jax.Array:
-  """f32[C]: each client's aggregation weight (module docstring)."""
+  """float32 [C]: each client's aggregation weight (module docstring)."""
   num_examples = data.num_examples.astype(jnp.float32)
   if aggregation_weight == "examples_trained":
     return num_examples

@@ -14,7 +14,8 @@ ordered, static, rolling), from the client's rng and the round index.
 Round pieces (conformer_fl/federated/fl_round.py calls them when given a spec):
   `wrap_client_update`: the round's client update run on the client's
     sub-model; returns full-shape outputs plus the client's kept-unit
-    indicators {layer: float32 [n]}, which the round weighs like a delta.
+    indicators {layer: float32 [num_units]}, which the round weighs like a
+    delta.
   `make_average`: the server-side mean. Each element of a dropped layer, of
     the params and of the model state (e.g. batch-norm running statistics),
     is averaged over the finite clients that kept it,
@@ -22,10 +23,13 @@ Round pieces (conformer_fl/federated/fl_round.py calls them when given a spec):
     (and every frozen one) gets a zero pseudo-gradient and a zero server
     update, a running statistic no client kept keeps the server's value.
 
-Shapes of one dropped layer with n units of which k are kept:
-  kept indices: int32 [k], ascending within each of the layer's G groups and
-    group-major (group g's indices lie in [g n/G, (g+1) n/G)), k/G per group.
-  A leaf [..., n * copies, ...] (axis `axis`) becomes [..., k * copies, ...];
+Shapes of one dropped layer with n (`num_units`) units of which k
+(`num_kept`) are kept:
+  kept indices: int32 [num_kept], ascending within each of the layer's G
+    groups and group-major (group g's indices lie in [g n/G, (g+1) n/G)), k/G
+    per group.
+  A leaf [..., num_units * copies, ...] (axis `axis`) becomes
+  [..., num_kept * copies, ...];
   `copies` = 2 for a kernel whose axis holds two halves of n (GLU input:
   [a | b], unit i owns columns i and n + i).
 
@@ -178,7 +182,7 @@ def sample_kept_indices(spec: SubmodelSpec, rng: jax.Array) -> KeptIndices:
 
 
 def _in_groups(layer: DroppedLayer, within: jax.Array) -> jax.Array:
-  """int32 [k]: per-group positions within [G, k/G] -> full-layer indices."""
+  """int32 [num_kept]: per-group positions [G, k/G] -> full-layer indices."""
   group_size = layer.num_units // layer.num_groups
   offsets = group_size * jnp.arange(layer.num_groups)[:, None]
   return (jnp.sort(within, axis=1) + offsets).reshape(-1).astype(jnp.int32)
@@ -237,14 +241,14 @@ def kept_indices(spec: SubmodelSpec, rng: jax.Array,
 
 def _leaf_indices(layer: DroppedLayer, leaf: GatheredLeaf,
                   kept: jax.Array) -> jax.Array:
-  """int32 [k * copies]: the positions of the kept units along leaf.axis."""
+  """int32 [num_kept * copies]: positions of the kept units along leaf.axis."""
   return jnp.concatenate(
       [kept + copy * layer.num_units for copy in range(leaf.copies)])
 
 
 def kept_indicator(spec: SubmodelSpec,
                    kept: KeptIndices) -> dict[str, jax.Array]:
-  """{layer name: float32 [n]}: 1.0 at the kept units, else 0.0."""
+  """{layer name: float32 [num_units]}: 1.0 at the kept units, else 0.0."""
   return {
       layer.name: jnp.zeros((layer.num_units,), jnp.float32).at[
           kept[layer.name]].set(1.0) for layer in spec.layers
@@ -376,7 +380,8 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
     fn(server_params, server_model_state, batches, step_mask, client_rng,
     round_index) -> ClientOutput with full-shape delta (zero at dropped and
     frozen units), model_state (zero at the dropped units of state leaves)
-    and units {layer name: float32 [n] kept indicator}. The kept units are
+    and units {layer name: float32 [num_units] kept indicator}. The kept
+    units are
     `kept_indices(spec, fold_in(client_rng, DROPOUT_RNG_TAG), round_index)`
     (round_index: int32 [], the server's round); the frozen subtrees are
     constants (stop_gradient) of the loss.
@@ -413,7 +418,7 @@ def wrap_client_update(client_update: Callable[..., Any], spec: SubmodelSpec,
 
 def _broadcast_units(values: jax.Array, leaf: GatheredLeaf,
                      shape: tuple[int, ...]) -> jax.Array:
-  """[n] per-unit values -> leaf shape (tiled over copies, along axis)."""
+  """[num_units] per-unit values -> leaf shape (tiled over copies, on axis)."""
   tiled = jnp.tile(values, leaf.copies)
   axis = leaf.axis % len(shape)
   expand = [1] * len(shape)
@@ -426,7 +431,7 @@ def trained_weights(spec: SubmodelSpec, params: PyTree,
                     which: str = "params") -> dict[Path, Any]:
   """{leaf path: sum_c w_c kept_c broadcast to the leaf} for partial leaves.
 
-  Covers the leaves of dropped layers (unit_weights[name] float32 [n] =
+  Covers the leaves of dropped layers (unit_weights[name] float32 [num_units] =
   sum_c w_c * kept_indicator_c) and, for which='params', every leaf under a
   frozen path (0). Leaves absent from the result were trained by every
   finite client. `params` is the full params (or model_state) tree.
@@ -495,7 +500,7 @@ def make_average(spec: SubmodelSpec,
     model_state are count-normalized (module docstring), whose mask_updates
     zeroes the server update of elements no client trained, and whose
     metrics add 'submodel_kept_fraction/<layer>' (weighted mean kept
-    fraction). sums['unit_weights'] = {layer: sum_c w_c kept_c} [n].
+    fraction). sums['unit_weights'] = {layer: sum_c w_c kept_c} [num_units].
   """
 
   def average(sums, params, model_state):

@@ -75,8 +75,8 @@ def with_union_units(client_fn: Callable[..., Any],
                      union: submodel_lib.SubmodelSpec) -> Callable[..., Any]:
   """client_fn whose output's units cover every layer of `union`.
 
-  A layer the tier keeps whole gets the indicator ones [n]: every one of its
-  units was trained.
+  A layer the tier keeps whole gets the indicator ones [num_units]: every one
+  of its units was trained.
   """
 
   def tier_client_fn(*args):

@@ -15,7 +15,7 @@ Granularities (every parameter belongs to exactly one unit at each):
             block's final LayerNorm is a unit of its own: it belongs to no
             sub-module in the paper's figure, and keeping it separate keeps
             every unit a single subtree.
-Any other top-level subtree (none today) would be a unit of its own.
+Any other top-level subtree would be a unit of its own (the model has none).
 
 Droppable modules (`droppable_modules`): the Conformer's declaration, as data,
 of which module units Federated Dropout may thin, which leaves carry their
