@@ -70,9 +70,6 @@ def tiny_central_overrides() -> tuple[str, ...]:
 _LONGEST_FIRST = (
     "test_experiment_e2e",
     "test_train_e2e",
-    # After test_experiment_e2e's first run has filled the compilation cache:
-    # its one-process run then compiles almost nothing.
-    "test_experiment_multihost",
     "test_colabs",
     "test_sweep",
     "test_faults",

@@ -6,10 +6,24 @@ client costs, verdict, report) on the tiny corpus in a
 subprocess; a second run must reuse all of it and give the same summary, and
 so must notebook 3 (colabs/03_targeted_federated_dropout.ipynb), which runs the
 same config on the same workdir; the same command in a new workdir must give
-the same numbers (two processes: test_experiment_multihost.py).
+the same numbers.
+
+Two processes of two devices (`launch/local_multiprocess.py`) run every stage
+(pre-training and the arms over both processes' devices, the analysis'
+variants split over them, evaluations split over the processes) and must give
+the summary of the first run, one process of four devices: the same WERs and
+intervals, module labels, half-width ranking, arms and client costs.
+Pre-training's gradient all-reduce runs over two processes there (gloo) and
+sums in another order, so parameters differ in their last bits and losses are
+compared to a relative 1e-4. That run has two of the four arms (the baseline
+and the targeted one) and no leave-one-engine-out stage, to keep the suite
+short; every arm is trained on its own, so the first run's summary, less the
+other arms, the comparisons with them, the verdict and the engine check, is
+the summary of that config in one process (`tiny_experiment.restricted`).
 """
 
 import json
+import re
 import shutil
 
 import matplotlib.image
@@ -23,6 +37,11 @@ import notebooks  # tests/notebooks.py
 import tiny_experiment  # tests/tiny_experiment.py
 
 pytestmark = pytest.mark.slow
+
+# The two-process run: two of the four arms, no leave-one-engine-out stage.
+TWO_PROCESS_ARMS = ("any/full", "c070/targeted")
+TWO_PROCESS_OVERRIDES = ("--config.arms=('full','targeted')",
+                         "--config.engine_check.leave_out=")
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +308,44 @@ def test_the_stability_stage_grows_the_run_into_the_study(
   # The demo's numbers are untouched.
   assert json.loads((study / "summary.json").read_text())["arms"] == (
       summary["arms"])
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_corpus_dir, tmp_path_factory):
+  """The tiny experiment as 2 processes x 2 devices: (workdir, stdout)."""
+  workdir = tmp_path_factory.mktemp("two_process_experiment")
+  stdout = tiny_experiment.run(workdir, tiny_corpus_dir,
+                               overrides=TWO_PROCESS_OVERRIDES,
+                               launcher=tiny_experiment.TWO_PROCESSES)
+  return workdir, stdout
+
+
+def test_process_0_alone_reports(two_processes):
+  two_dir, stdout = two_processes
+  assert "[p0] [7/7] summary" in stdout
+  assert not re.search(r"^\[p1\] \[\d/7\]", stdout, re.MULTILINE)
+  assert f"[p0] Report: {two_dir / 'report.md'}" in stdout
+
+
+def test_two_processes_give_the_summary_of_one(experiment, two_processes):
+  one = tiny_experiment.restricted(
+      tiny_experiment.without_timings(experiment[3]), TWO_PROCESS_ARMS)
+  two = tiny_experiment.without_timings(
+      json.loads((two_processes[0] / "summary.json").read_text()))
+  assert [row["key"] for row in two["arms"]] == list(TWO_PROCESS_ARMS)
+  assert two["models"][0]["labels"] == one["models"][0]["labels"]
+  assert two["arms"][1]["kept"] == one["arms"][1]["kept"]
+  tiny_experiment.assert_close(two, one)
+
+
+def test_the_analysis_split_over_hosts_gives_every_units_wers(
+    experiment, two_processes):
+  one, two = [json.loads((workdir / "pretrain" / "analysis" /
+                          "importance.json").read_text())
+              for workdir in (experiment[0], two_processes[0])]
+  assert list(two["units"]) == list(one["units"])
+  for name, unit in one["units"].items():
+    assert two["units"][name]["reinit_wer"] == unit["reinit_wer"], name
+    assert two["units"][name]["rerandomize_wer"] == unit["rerandomize_wer"]
+    assert two["units"][name]["reinit_loss"] == pytest.approx(
+        unit["reinit_loss"], rel=1e-4)

@@ -5,7 +5,9 @@ The TPU compiles need libtpu (`pip install -e '.[tpu-plan]'`, which `make test`
 installs). Every config is the tiny model on 1-second buckets, one local step
 of one utterance: compiling the Conformer for a TPU takes about a minute on
 two cores, most of it on the front end (framing and FFT); the search for the
-most that fits is tested on a cheap step of its own.
+most that fits is tested on a cheap step of its own. The plan of a round with
+capacity tiers is tested without compiling it; its compile for v5e is
+benchmarks/tiered_plan.py.
 """
 
 import importlib.util
@@ -26,6 +28,8 @@ from conformer_fl.tools import pod_plan
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 import tpu_pod  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import tiered_plan  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 TOPOLOGY = "v5e:2x2"
 SMALL = ("--config.data.bucket_seconds=(1.0,)",
@@ -336,20 +340,43 @@ def test_tiers_that_do_not_divide_over_the_chips_are_refused():
                   "(0.25,0.5))"], out=io.StringIO())
 
 
-@needs_libtpu
-@pytest.mark.slow
-def test_a_tiered_round_compiles_for_v5e_with_its_tier_shapes():
-  """The three tiers vmapped at their own widths in the one round, compiled
-  for v5e: HBM per chip and each tier's clients per chip and widths."""
-  plan = _plan("--", *TIERED)
-  lines = plan.splitlines()
+def test_a_tiered_round_is_planned_with_one_compile_and_no_search(
+    monkeypatch):
+  """The plan of a tiered round on a 4-chip target with HBM: one compile, at
+  the tiers' 3 clients per chip, no search, and each tier's widths listed.
+  The compile is a stand-in here (it records what is asked); the round
+  compiled for v5e (HBM per chip, compile seconds) is
+  benchmarks/tiered_plan.py, which plans this config."""
+  compiled = []
+
+  def fake_compile(step, per_chip, capacity, log=None):
+    del log
+    compiled.append((step.name, per_chip, capacity))
+    memory = dict(argument_size_in_bytes=2**20, output_size_in_bytes=2**20,
+                  alias_size_in_bytes=0, temp_size_in_bytes=2**20,
+                  generated_code_size_in_bytes=0)
+    return pod_plan.Probe(per_chip, True, 2**29, 1e9, memory, 2.0,
+                          compiled=True)
+
+  monkeypatch.setattr(pod_plan, "compile_probe", fake_compile)
+  # The 4 CPU devices of tests/conftest.py, with a v5e chip's HBM.
+  target = pod_plan.Target(TOPOLOGY, tuple(jax.devices()), "TPU v5 lite",
+                           16 * 2**30)
+  config, workdir = pod_plan.parse_main_args(list(TIERED))
+  step = pod_plan.make_step(config, workdir, target)
+  assert not step.searchable
+  plan = pod_plan.plan_step(step, target, search=True, max_compiles=4)
+  assert compiled == [("federated round", 3, 16 * 2**30)]
+  assert plan.max_per_chip is None and len(plan.probes) == 1
+  lines = pod_plan.format_plan(plan).splitlines()
   assert lines[1] == "  config.federated.clients_per_round=12: 3 clients per chip"
-  assert tuple(lines[3:7]) == TIER_LINES, plan
-  used, capacity = map(float, re.search(
-      r"HBM per chip: ([0-9.]+) GiB used of ([0-9.]+) GiB", plan).groups())
-  assert capacity == 16.0 and 0.0 < used < 1.0, plan
-  # Not searched: the tiers fix each tier's clients (one compile).
+  assert lines[2] == "  HBM per chip: 0.50 GiB used of 16.00 GiB, 15.50 GiB free"
+  assert tuple(lines[3:7]) == TIER_LINES, lines
   assert ("  max clients per chip: not searched (the capacity tiers fix each"
           " tier's clients; plan another config.federated.clients_per_round"
-          " to compare)") in lines, plan
-  assert re.search(r"compiles: 3/chip fits 0\.\d\d GiB \d+ s$", plan), plan
+          " to compare)") in lines, lines
+  assert lines[-1] == "  compiles: 3/chip fits 0.50 GiB 2 s", lines
+
+
+def test_the_benchmark_plans_the_tiered_round_of_this_module():
+  assert tiered_plan.TIERED_ROUND == TIERED

@@ -51,6 +51,28 @@ def without_timings(summary: dict[str, Any]) -> dict[str, Any]:
   return summary
 
 
+def restricted(summary: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+  """`summary` as the same config with only the arms `keys` and no engine check.
+
+  Each arm is trained and evaluated on its own, so the rest is unchanged: the
+  arms, comparisons and transcripts of other arms go, and so do the verdict
+  (it needs the anti-targeted arm) and the leave-one-engine-out results.
+
+  Args:
+    summary: a summary.json of `configs/experiment.py:scale=tiny`.
+    keys: the arm keys to keep ('LEVEL/ARM'), in the summary's order.
+  """
+  keys = set(keys)
+  summary = dict(summary, verdict=None, engines=None)
+  summary["arms"] = [row for row in summary["arms"] if row["key"] in keys]
+  summary["comparisons"] = [c for c in summary["comparisons"]
+                            if {c["a"], c["b"]} <= keys]
+  summary["transcripts"] = [
+      dict(s, arms={k: v for k, v in s["arms"].items() if k in keys})
+      for s in summary["transcripts"]]
+  return summary
+
+
 def assert_close(got: Any, expected: Any, path: str = "summary",
                  rel: float = 1e-4) -> None:
   """Equal structure, strings, ints and flags; floats to a relative `rel`."""
