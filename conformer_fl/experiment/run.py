@@ -39,6 +39,8 @@ TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 EVAL_SCHEMA = 3
 
 
+# The stages of `_run_stages` (the progress banners' [i/NUM_STAGES]).
+NUM_STAGES = 7
 STAGE_SECONDS_FILE = "stage_seconds.json"
 # Client costs of every arm of model 0 (W/), the half-width ranking of each
 # pre-trained model (W/pretrain*/analysis/).
@@ -328,8 +330,13 @@ AdaptFn = Callable[[design.Run], None]
 def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                 train_central: TrainFn,
                 train_federated: TrainFn) -> dict[str, Any]:
-  """The stages of `run_experiment`, its workdir checked and locked."""
-  progress = _Progress(7, workdir)
+  """The stages of `run_experiment`, its workdir checked and locked.
+
+  1 the corpus, 2-3 each pre-trained model and its analysis, 4 the
+  learning-rate grid, 5 the final federated runs, 6 the held-out engine and
+  stability runs, 7 the summary's own evaluations, then the report.
+  """
+  progress = _Progress(NUM_STAGES, workdir)
   _prepare_corpus(config, progress)
   pretrained = [
       _pretrain_and_analyse(config, workdir, progress, model, train_central)
