@@ -334,6 +334,59 @@ def run_analysis(config: ml_collections.ConfigDict,
   run_config = workdir_lib.Workdir(workdir).config()
   model = models.build_model(run_config.model)
   tokenizer = _tokenizer(run_config, workdir)
+  saved_steps, trained_step, taus, trained, checkpoints = _read_checkpoints(
+      analysis, workdir)
+  seeds = [int(run_config.seed) + analysis.rerandomize_seed_offset + i
+           for i in range(analysis.num_rerandomize_seeds)]
+  fresh_inits = fresh_initializations(model, seeds)
+  units = models.list_units(trained["params"], analysis.granularity)
+  data_config = data_config_of(run_config, analysis)
+  batches = _eval_batches(data_config, analysis, tokenizer)
+  variants = resets.make_variants(list(units), taus, seeds)
+  get_variables = lambda i: resets.variant_variables(
+      variants[i], trained, checkpoints, fresh_inits, units)
+  logging.info("Evaluating %d variants (%d units, taus %s, seeds %s) on %d "
+               "batches.", len(variants), len(units), taus, seeds, len(batches))
+  metrics, seconds = _evaluate_variants(
+      model, analysis, tokenizer, batches, variants, units, get_variables)
+  summary = summarize(metrics, variants, units, trained["params"], taus, seeds,
+                      analysis)
+  results = _importance(
+      workdir, run_config, analysis, saved_steps=saved_steps,
+      trained_step=trained_step, taus=taus, seeds=seeds,
+      trained_params=trained["params"], data_config=data_config,
+      num_batches=len(batches), summary=summary,
+      unit_results=_unit_results(workdir, summary, trained, checkpoints[0],
+                                 units, trained_step),
+      timing=dict(evaluation_seconds=seconds, num_variants=len(variants),
+                  variants_per_call=analysis.variants_per_call,
+                  vectorized=bool(analysis.vectorized)))
+  results = _with_stability(results, analysis)
+  results = _write_and_share(results, workdir)
+  logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s;"
+               " undetermined %s.", workdir, results.baseline.wer,
+               list(results.ambient), list(results.critical),
+               list(results.undetermined))
+  return results
+
+
+def _read_checkpoints(analysis: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike[str]
+                      ) -> tuple[list[int], int, list[int], Any,
+                                 dict[int, Any]]:
+  """The run's saved steps and the variables of each one the pass needs.
+
+  Args:
+    analysis: the analysis config (trained_step, taus).
+    workdir: the run.
+
+  Returns:
+    (every saved step, the analysed trained step, the re-initialization
+    steps taus, the trained variables, {tau: variables}).
+
+  Raises:
+    ValueError: step 0, the trained step or a tau was not saved.
+  """
   store = checkpointing.CheckpointStore(workdir, read_only=True)
   saved_steps = store.all_steps()
   if 0 not in saved_steps:
@@ -345,27 +398,44 @@ def run_analysis(config: ml_collections.ConfigDict,
     raise ValueError(f"analysis.trained_step={trained_step} was not saved; "
                      f"saved: {saved_steps}.")
   taus = parse_taus(analysis.taus, saved_steps, trained_step)
-  step_key = "round" if run_config.mode == "federated" else "step"
-
   trained = store.restore_variables(trained_step)
   checkpoints = {tau: trained if tau == trained_step
                  else store.restore_variables(tau) for tau in taus}
-  seeds = [int(run_config.seed) + analysis.rerandomize_seed_offset + i
-           for i in range(analysis.num_rerandomize_seeds)]
-  fresh_inits = fresh_initializations(model, seeds)
-  units = models.list_units(trained["params"], analysis.granularity)
+  return saved_steps, trained_step, taus, trained, checkpoints
 
-  data_config = data_config_of(run_config, analysis)
+
+def _eval_batches(data_config: ml_collections.ConfigDict,
+                  analysis: ml_collections.ConfigDict,
+                  tokenizer: tokenizer_lib.Tokenizer) -> list[Any]:
+  """The eval batches of `data_config`, the first analysis.eval_max_batches."""
   batches = input_pipeline.get_eval_batches(data_config, tokenizer)
   if analysis.eval_max_batches:
     batches = itertools.islice(batches, analysis.eval_max_batches)
-  batches = list(batches)
+  return list(batches)
 
-  variants = resets.make_variants(list(units), taus, seeds)
-  get_variables = lambda i: resets.variant_variables(
-      variants[i], trained, checkpoints, fresh_inits, units)
-  logging.info("Evaluating %d variants (%d units, taus %s, seeds %s) on %d "
-               "batches.", len(variants), len(units), taus, seeds, len(batches))
+
+def _evaluate_variants(
+    model: models.ConformerASR, analysis: ml_collections.ConfigDict,
+    tokenizer: tokenizer_lib.Tokenizer, batches: list[Any],
+    variants: list[resets.Variant], units: Mapping[str, tuple[str, ...]],
+    get_variables: Any) -> tuple[list[dict[str, Any]], float]:
+  """Evaluates every variant on `batches` (`variant_eval`).
+
+  Args:
+    model: the run's model.
+    analysis: the analysis config (vectorized, variants_per_call).
+    tokenizer: the run's tokenizer (decodes hypotheses).
+    batches: the eval batches.
+    variants: the reset variants.
+    units: unit name -> path.
+    get_variables: i -> the variables of variants[i].
+
+  Returns:
+    (the metrics of each variant, aligned with `variants`; wall seconds).
+
+  Raises:
+    ValueError: analysis.vectorized=False on several processes.
+  """
   tic = time.perf_counter()
   if analysis.vectorized:
     # Variants that reset the front end go in chunks of their own, so that
@@ -385,24 +455,55 @@ def run_analysis(config: ml_collections.ConfigDict,
     metrics = variant_eval.evaluate_one_at_a_time(
         variant_eval.make_single_eval_fn(model), get_variables, len(variants),
         batches, tokenizer.decode)
-  seconds = time.perf_counter() - tic
+  return metrics, time.perf_counter() - tic
 
-  summary = summarize(metrics, variants, units, trained["params"], taus, seeds,
-                      analysis)
-  moved = movement.unit_movement(trained["params"], checkpoints[0]["params"],
-                                 units)
+
+def _unit_results(workdir: str | os.PathLike[str], summary: dict[str, Any],
+                  trained: Any, initial: Any,
+                  units: Mapping[str, tuple[str, ...]],
+                  trained_step: int) -> dict[str, importance_file.Unit]:
+  """Each unit's results: `summary`'s entry and how far the unit moved.
+
+  Args:
+    workdir: the run (its metrics.jsonl holds the update norms).
+    summary: `summarize`'s result.
+    trained: the trained variables.
+    initial: the variables of step 0.
+    units: unit name -> path.
+    trained_step: the analysed step.
+
+  Returns:
+    {unit name: importance_file.Unit}.
+  """
+  moved = movement.unit_movement(trained["params"], initial["params"], units)
   update_sums = movement.read_update_norm_sums(
       workdir_lib.Workdir(workdir).metrics_path, list(units), trained_step)
-  unit_results = {
+  return {
       name: importance_file.Unit.from_json(dict(entry, movement=dict(
           moved[name],
           update_norm_sum=update_sums[name] if update_sums else None)))
       for name, entry in summary["units"].items()}
 
-  results = importance_file.Importance(
+
+def _importance(workdir: str | os.PathLike[str],
+                run_config: ml_collections.ConfigDict,
+                analysis: ml_collections.ConfigDict, *,
+                saved_steps: list[int], trained_step: int, taus: list[int],
+                seeds: list[int], trained_params: Any,
+                data_config: ml_collections.ConfigDict, num_batches: int,
+                summary: dict[str, Any],
+                unit_results: dict[str, importance_file.Unit],
+                timing: dict[str, Any]) -> importance_file.Importance:
+  """The pass's results (importance.json), without stability or figures.
+
+  The arguments are what `run_analysis` read and measured: `summary` is
+  `summarize`'s result, `unit_results` `_unit_results`'s, and `timing` the
+  evaluation's wall seconds and how it ran.
+  """
+  return importance_file.Importance(
       schema_version=importance_file.SCHEMA_VERSION,
       workdir=_absolute(workdir),
-      step_key=step_key,
+      step_key="round" if run_config.mode == "federated" else "step",
       granularity=analysis.granularity,
       trained_step=trained_step,
       checkpoint_steps=tuple(saved_steps),
@@ -413,11 +514,11 @@ def run_analysis(config: ml_collections.ConfigDict,
           model_dim=run_config.model.model_dim,
           conv_norm=run_config.model.conv_norm,
           decoder=run_config.model.decoder,
-          num_params=_count_params(trained["params"])),
+          num_params=_count_params(trained_params)),
       eval=importance_file.EvalInfo(
           split=data_config.eval_split,
           domains=tuple(data_config.eval_domains),
-          num_batches=len(batches),
+          num_batches=num_batches,
           num_examples=summary["num_examples"]),
       thresholds=importance_file.Thresholds(
           max_abs_wer_increase=analysis.max_abs_wer_increase,
@@ -436,17 +537,32 @@ def run_analysis(config: ml_collections.ConfigDict,
           num_permutations=analysis.movement_permutations),
       correlations=movement_correlations(unit_results),
       stability=None,
-      timing=dict(evaluation_seconds=seconds, num_variants=len(variants),
-                  variants_per_call=analysis.variants_per_call,
-                  vectorized=bool(analysis.vectorized)),
+      timing=timing,
   )
-  if analysis.compare_workdirs:
-    others = [importance_file.Importance.read(w)
-              for w in analysis.compare_workdirs]
-    results = dataclasses.replace(results, stability=stability.compare_runs(
-        [results] + others,
-        [results.workdir] + [_absolute(w) for w in analysis.compare_workdirs]))
 
+
+def _with_stability(results: importance_file.Importance,
+                    analysis: ml_collections.ConfigDict
+                    ) -> importance_file.Importance:
+  """`results` with its stability across analysis.compare_workdirs, if any."""
+  if not analysis.compare_workdirs:
+    return results
+  others = [importance_file.Importance.read(w)
+            for w in analysis.compare_workdirs]
+  return dataclasses.replace(results, stability=stability.compare_runs(
+      [results] + others,
+      [results.workdir] + [_absolute(w) for w in analysis.compare_workdirs]))
+
+
+def _write_and_share(results: importance_file.Importance,
+                     workdir: str | os.PathLike[str]
+                     ) -> importance_file.Importance:
+  """Process 0 writes workdir/analysis/; every process gets its results.
+
+  Process 0 draws the figures and writes importance.json and report.md; the
+  other processes return process 0's results (figures included) once its
+  files are written.
+  """
   if multihost.is_chief():
     out_dir = workdir_lib.Workdir(workdir).analysis_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,13 +570,6 @@ def run_analysis(config: ml_collections.ConfigDict,
         results, figures=_write_figures(results, out_dir))
     results.write(workdir)
     (out_dir / "report.md").write_text(report.render_report(results))
-  # The other processes return process 0's results (figures included) once
-  # its files are written.
-  results = importance_file.Importance.from_json(multihost.chief_decides(
+  return importance_file.Importance.from_json(multihost.chief_decides(
       results.to_json() if multihost.is_chief() else None,
       "analysis_results"))
-  logging.info("Analysis of %s: baseline WER %.4f; ambient %s; critical %s;"
-               " undetermined %s.", workdir, results.baseline.wer,
-               list(results.ambient), list(results.critical),
-               list(results.undetermined))
-  return results

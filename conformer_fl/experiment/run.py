@@ -2,6 +2,8 @@
 
 from collections.abc import Callable, Iterator
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -37,6 +39,8 @@ TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 EVAL_SCHEMA = 3
 
 
+# The stages of `_run_stages` (the progress banners' [i/NUM_STAGES]).
+NUM_STAGES = 7
 STAGE_SECONDS_FILE = "stage_seconds.json"
 # Client costs of every arm of model 0 (W/), the half-width ranking of each
 # pre-trained model (W/pretrain*/analysis/).
@@ -293,108 +297,281 @@ def _spec_key(spec: arms_lib.ArmSpec) -> str:
   return f"{design.level_name(spec.level)}/{spec.arm}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pretrained:
+  """What stages 2-3 give of one pre-trained model.
+
+  Attributes:
+    specs: its ArmSpecs (`arms.arm_specs`), absent arms (with a note)
+      included.
+    importance: its importance.json.
+    halfwidth: its `halfwidth.evaluate_half_width` result.
+    cost_model: its `arms.CostModel`.
+    params: its trained params.
+    model_state: its trained model state (batch statistics).
+  """
+  specs: list[arms_lib.ArmSpec]
+  importance: importance_file.Importance
+  halfwidth: dict[str, Any]
+  cost_model: arms_lib.CostModel
+  params: Any
+  model_state: Any
+
+  @property
+  def present(self) -> list[arms_lib.ArmSpec]:
+    """The specs of the arms that run (those without a note)."""
+    return [s for s in self.specs if not s.note]
+
+
+# (run) -> None: trains one federated run of the design, or reuses it.
+AdaptFn = Callable[[design.Run], None]
+
+
 def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
                 train_central: TrainFn,
                 train_federated: TrainFn) -> dict[str, Any]:
-  """The stages of `run_experiment`, its workdir checked and locked."""
-  num_stages = 7
-  progress = _Progress(num_stages, workdir)
-  c = config.comparison
-  num_models = len(config.pretrain_seeds)
+  """The stages of `run_experiment`, its workdir checked and locked.
 
+  1 the corpus, 2-3 each pre-trained model and its analysis, 4 the
+  learning-rate grid, 5 the final federated runs, 6 the held-out engine and
+  stability runs, 7 the summary's own evaluations, then the report.
+  """
+  progress = _Progress(NUM_STAGES, workdir)
+  _prepare_corpus(config, progress)
+  pretrained = [
+      _pretrain_and_analyse(config, workdir, progress, model, train_central)
+      for model in range(len(config.pretrain_seeds))]
+  present = [p.present for p in pretrained]
+  by_key = [{_spec_key(s): s for s in specs} for specs in present]
+  pairs = [[(s.arm, s.level) for s in specs] for specs in present]
+  adapt = functools.partial(_adapt, config, workdir, progress,
+                            train_federated, by_key)
+  grid_dev_wer, picks = _tune_learning_rates(config, workdir, progress,
+                                             pairs[0], adapt)
+  final, results = _final_runs(config, workdir, pairs, picks, adapt)
+  engines, stability = _held_out_stages(config, workdir, progress,
+                                        train_central)
+  costs, not_adapted, dev_evals = _summary_evaluations(
+      config, workdir, progress, final, pretrained[0])
+  summary = summary_lib.build_summary(
+      config, workdir, specs_by_model=[p.specs for p in pretrained],
+      cost_models=[p.cost_model for p in pretrained],
+      analyses=[p.importance for p in pretrained],
+      halfwidths=[p.halfwidth for p in pretrained], costs=costs,
+      results=results, grid_dev_wer=grid_dev_wer, picks=picks,
+      not_adapted=not_adapted, dev_evals=dev_evals,
+      stage_seconds=progress.seconds, stability=stability, engines=engines,
+      corpus=corpus_lib.read_card(
+          config.pretrain.data.copy_and_resolve_references()))
+  _write_report(summary, workdir, progress)
+  return summary
+
+
+def _prepare_corpus(config: ml_collections.ConfigDict,
+                    progress: _Progress) -> None:
+  """Stage 1: builds the corpus of config.adapt.data when it is missing.
+
+  A corpus prepared as tfrecord is refused here, not after pre-training (the
+  federated clients read records by index).
+  """
   progress.stage(1, f"corpus: {config.pretrain.data.dataset}"
                     f"/{config.pretrain.data.builder_config}")
-  # Built when missing; a corpus prepared as tfrecord is refused here, not
-  # after pre-training (the federated clients read records by index).
   with progress.timed("corpus", record=not multihost.chief_decides(
       corpus_lib.is_prepared(config.pretrain.data), "corpus_stage_prepared")):
     corpus_lib.ensure_prepared(config.adapt.data, random_access=True)
 
+
+def _pretrain_and_analyse(config: ml_collections.ConfigDict,
+                          workdir: epath.Path, progress: _Progress,
+                          model: int, train_central: TrainFn) -> _Pretrained:
+  """Stages 2-3 of pre-trained model `model` (an index of pretrain_seeds).
+
+  Pre-trains W/pretrain* (`design.pretrain_dir`), runs the analysis pass and
+  the half-width ranking on it, and derives its arms; each step reuses what
+  an earlier run of the same config wrote.
+
+  Returns:
+    The model's arms, analysis, half-width ranking, cost model and trained
+    variables.
+  """
   steps = config.pretrain.central.num_steps
-  specs_by_model, analyses, halfwidths, costs_models = [], [], [], []
-  for model in range(num_models):
-    model_dir = design.pretrain_dir(workdir, model)
-    name = f"model {model} (seed {config.pretrain_seeds[model]})"
-    if _done(checkpointing.latest_saved_step(model_dir) == steps):
-      progress.stage(2, f"pre-training {name}: done ({steps} steps), reused")
-    else:
-      progress.stage(2, f"pre-training {name}: {steps} central steps ->"
-                        f" {model_dir}")
-      with progress.timed(f"pretrain/model_{model}"):
-        train_central(_pretrain_config(config, model), os.fspath(model_dir))
-    if _done(importance_file.Importance.exists(model_dir) and
-             importance_file.Importance.read(model_dir).trained_step == steps):
-      progress.stage(3, f"analysis {name}: done, reused")
-    else:
-      progress.stage(3, f"analysis {name}: resetting each unit")
-      with progress.timed(f"analysis/model_{model}"):
-        importance_lib.run_analysis(config.analysis, os.fspath(model_dir))
-    importance = importance_file.Importance.read(model_dir)
-    analyses.append(importance)
-    store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
-    try:
-      trained = store.restore_variables(steps)
-    finally:
-      store.close()
-    params, model_state = models.split_variables(trained)
-    halfwidth_path = (workdir_lib.Workdir(model_dir).analysis_dir /
-                      HALFWIDTH_FILE)
-    with progress.timed(f"halfwidth/model_{model}", record=not _done(
-        halfwidth_path.exists())):
-      progress.stage(3, f"half-width ranking {name}")
-      halfwidths.append(_cached(
-          halfwidth_path, {"draws": c.halfwidth_draws, "step": steps,
-                           "seed": int(config.pretrain_seeds[model])},
-          lambda model_dir=model_dir, model=model, trained=trained:
-          halfwidth_lib.evaluate_half_width(
-              os.fspath(model_dir), config.analysis.analysis,
-              c.halfwidth_draws, int(config.pretrain_seeds[model]),
-              trained),
-          chief_computes=True))
-    pretrained = workdir_lib.Workdir(model_dir).config()
-    cost_model = arms_lib.cost_model(
-        params, models.droppable_modules_from_config(pretrained.model))
-    specs_by_model.append(arms_lib.arm_specs(
-        cost_model, importance, tuple(config.arms), tuple(c.levels),
-        unit_kinds=tuple(config.adapt.federated.dropout.unit_kinds),
-        max_rate=c.max_rate, random_draws=c.random_draws,
-        seed=int(config.pretrain_seeds[model])))
-    costs_models.append((cost_model, params, model_state))
+  seed = int(config.pretrain_seeds[model])
+  model_dir = design.pretrain_dir(workdir, model)
+  name = f"model {model} (seed {config.pretrain_seeds[model]})"
+  _pretrain(config, progress, model, model_dir, name, train_central)
+  importance = _analyse(config, progress, model, model_dir, name)
+  store = checkpointing.CheckpointStore(os.fspath(model_dir), read_only=True)
+  try:
+    trained = store.restore_variables(steps)
+  finally:
+    store.close()
+  params, model_state = models.split_variables(trained)
+  halfwidth = _half_width(config, progress, model, model_dir, name, trained)
+  pretrained = workdir_lib.Workdir(model_dir).config()
+  cost_model = arms_lib.cost_model(
+      params, models.droppable_modules_from_config(pretrained.model))
+  c = config.comparison
+  specs = arms_lib.arm_specs(
+      cost_model, importance, tuple(config.arms), tuple(c.levels),
+      unit_kinds=tuple(config.adapt.federated.dropout.unit_kinds),
+      max_rate=c.max_rate, random_draws=c.random_draws, seed=seed)
+  return _Pretrained(specs=specs, importance=importance, halfwidth=halfwidth,
+                     cost_model=cost_model, params=params,
+                     model_state=model_state)
 
-  present = [[s for s in specs if not s.note] for specs in specs_by_model]
-  by_key = [{_spec_key(s): s for s in specs} for specs in present]
-  pairs = [[(s.arm, s.level) for s in specs] for specs in present]
 
-  def train(run: design.Run) -> None:
-    spec = by_key[run.model][f"{design.level_name(run.level)}/{run.arm}"]
-    run_dir = run.path(workdir)
-    rounds = config.adapt.federated.rounds
-    label = (f"{run.arm} {design.level_name(run.level)} model {run.model}"
-             f" seed {run.seed} lr {run.lr:g}")
-    if _done(checkpointing.latest_saved_step(run_dir) == rounds):
-      progress.stage(5, f"adapt {label}: done, reused")
-      return
-    progress.stage(5, f"adapt {label}: {rounds} rounds -> {run_dir}")
-    with progress.timed(os.fspath(run_dir.relative_to(workdir))):
-      train_federated(_adapt_config(config, run, arms_lib.dropout_config(spec),
-                                    design.pretrain_dir(workdir, run.model)),
-                      os.fspath(run_dir))
+def _pretrain(config: ml_collections.ConfigDict, progress: _Progress,
+              model: int, model_dir: epath.Path, name: str,
+              train_central: TrainFn) -> None:
+  """Stage 2: pre-trains `model` in `model_dir`, unless it is done there.
 
-  tuning = design.tuning_runs(pairs[0], c.verdict_level, tuple(c.lr_grid),
+  Args:
+    config: the experiment config.
+    progress: the stage banners and timer.
+    model: the index of the model's seed in config.pretrain_seeds.
+    model_dir: its workdir (`design.pretrain_dir`).
+    name: its name in the banners.
+    train_central: the central loop.
+  """
+  steps = config.pretrain.central.num_steps
+  if _done(checkpointing.latest_saved_step(model_dir) == steps):
+    progress.stage(2, f"pre-training {name}: done ({steps} steps), reused")
+    return
+  progress.stage(2, f"pre-training {name}: {steps} central steps ->"
+                    f" {model_dir}")
+  with progress.timed(f"pretrain/model_{model}"):
+    train_central(_pretrain_config(config, model), os.fspath(model_dir))
+
+
+def _analyse(config: ml_collections.ConfigDict, progress: _Progress,
+             model: int, model_dir: epath.Path,
+             name: str) -> importance_file.Importance:
+  """Stage 3: the analysis pass over `model_dir`, unless done at its step.
+
+  Args: as `_pretrain`'s.
+
+  Returns:
+    The model's importance.json.
+  """
+  steps = config.pretrain.central.num_steps
+  if _done(importance_file.Importance.exists(model_dir) and
+           importance_file.Importance.read(model_dir).trained_step == steps):
+    progress.stage(3, f"analysis {name}: done, reused")
+  else:
+    progress.stage(3, f"analysis {name}: resetting each unit")
+    with progress.timed(f"analysis/model_{model}"):
+      importance_lib.run_analysis(config.analysis, os.fspath(model_dir))
+  return importance_file.Importance.read(model_dir)
+
+
+def _half_width(config: ml_collections.ConfigDict, progress: _Progress,
+                model: int, model_dir: epath.Path, name: str,
+                trained: Any) -> dict[str, Any]:
+  """Stage 3: the half-width ranking of `model`, cached in its analysis dir.
+
+  Args: as `_pretrain`'s, and `trained`, the model's trained variables.
+
+  Returns:
+    `halfwidth.evaluate_half_width`'s result (W/pretrain*/analysis/
+    halfwidth.json).
+  """
+  c = config.comparison
+  steps = config.pretrain.central.num_steps
+  seed = int(config.pretrain_seeds[model])
+  halfwidth_path = (workdir_lib.Workdir(model_dir).analysis_dir /
+                    HALFWIDTH_FILE)
+  with progress.timed(f"halfwidth/model_{model}", record=not _done(
+      halfwidth_path.exists())):
+    progress.stage(3, f"half-width ranking {name}")
+    return _cached(
+        halfwidth_path, {"draws": c.halfwidth_draws, "step": steps,
+                         "seed": seed},
+        lambda: halfwidth_lib.evaluate_half_width(
+            os.fspath(model_dir), config.analysis.analysis,
+            c.halfwidth_draws, seed, trained),
+        chief_computes=True)
+
+
+def _adapt(config: ml_collections.ConfigDict, workdir: epath.Path,
+           progress: _Progress, train_federated: TrainFn,
+           by_key: list[dict[str, arms_lib.ArmSpec]], run: design.Run) -> None:
+  """Stages 4-5: trains the federated `run`, unless it is done.
+
+  Args:
+    config: the experiment config.
+    workdir: W.
+    progress: the stage banners and timer.
+    train_federated: the federated loop.
+    by_key: each model's {`_spec_key`: ArmSpec} of the arms that run.
+    run: the run of the design (`design.Run`).
+  """
+  spec = by_key[run.model][f"{design.level_name(run.level)}/{run.arm}"]
+  run_dir = run.path(workdir)
+  rounds = config.adapt.federated.rounds
+  label = (f"{run.arm} {design.level_name(run.level)} model {run.model}"
+           f" seed {run.seed} lr {run.lr:g}")
+  if _done(checkpointing.latest_saved_step(run_dir) == rounds):
+    progress.stage(5, f"adapt {label}: done, reused")
+    return
+  progress.stage(5, f"adapt {label}: {rounds} rounds -> {run_dir}")
+  with progress.timed(os.fspath(run_dir.relative_to(workdir))):
+    train_federated(_adapt_config(config, run, arms_lib.dropout_config(spec),
+                                  design.pretrain_dir(workdir, run.model)),
+                    os.fspath(run_dir))
+
+
+def _tune_learning_rates(
+    config: ml_collections.ConfigDict, workdir: epath.Path,
+    progress: _Progress, pairs: list[tuple[str, float | None]],
+    adapt: AdaptFn) -> tuple[dict[design.Run, float], dict[str, float]]:
+  """Stage 4: the learning-rate grid of model 0's arms.
+
+  Args:
+    config: the experiment config.
+    workdir: W.
+    progress: the stage banners and timer.
+    pairs: model 0's (arm, level) that run.
+    adapt: trains one run (`_adapt`).
+
+  Returns:
+    ({tuning Run: its last dev WER}, {arm: picked client learning rate}).
+  """
+  c = config.comparison
+  tuning = design.tuning_runs(pairs, c.verdict_level, tuple(c.lr_grid),
                               int(c.verdict_seeds[0]))
   progress.stage(4, f"learning-rate grid: {len(tuning)} runs"
                     if tuning else "learning-rate grid: one rate, no tuning")
   for run in tuning:
-    train(run)
+    adapt(run)
   grid_dev_wer = {run: _last_dev_wer(run.path(workdir)) for run in tuning}
   picks = design.pick_learning_rates(grid_dev_wer, tuple(c.lr_grid))
+  return grid_dev_wer, picks
 
+
+def _final_runs(config: ml_collections.ConfigDict, workdir: epath.Path,
+                pairs: list[list[tuple[str, float | None]]],
+                picks: dict[str, float], adapt: AdaptFn
+                ) -> tuple[list[design.Run], dict[design.Run, dict[str, Any]]]:
+  """Stage 5: trains every final run and evaluates it on the final split.
+
+  Args:
+    config: the experiment config.
+    workdir: W.
+    pairs: each model's (arm, level) that run.
+    picks: {arm: client learning rate} (`_tune_learning_rates`).
+    adapt: trains one run (`_adapt`).
+
+  Returns:
+    (the final runs in order, {Run: `evaluate_checkpoint` result}), the
+    evaluations cached in each run's final-eval file.
+  """
+  c = config.comparison
   final = design.final_runs(pairs, c.verdict_level, tuple(c.verdict_seeds),
                             tuple(c.control_seeds), tuple(c.level_seeds),
                             tuple(c.lr_grid), picks)
   results = {}
   for run in final:
-    train(run)
+    adapt(run)
     run_dir = run.path(workdir)
     split = config.final_eval_split
     results[run] = _cached(
@@ -402,75 +579,140 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
         {"split": split, "round": checkpointing.latest_saved_step(run_dir),
          "schema": EVAL_SCHEMA},
         lambda run_dir=run_dir: evaluate_checkpoint(run_dir, split))
+  return final, results
 
-  def evaluate_cached(run_dir, split, *, data_config, step, name):
-    return _cached(
-        run_dir / f"eval_{name}.json",
-        {"split": split, "step": step, "schema": EVAL_SCHEMA,
-         "engines": list(data_config.eval_engines)},
-        lambda: evaluate_checkpoint(run_dir, split, step=step,
-                                    data_config=data_config))
 
+def _evaluate_cached(run_dir: epath.Path, split: str, *,
+                     data_config: ml_collections.ConfigDict, step: int,
+                     name: str) -> dict[str, Any]:
+  """`evaluate_checkpoint`, cached in run_dir/eval_{name}.json."""
+  return _cached(
+      run_dir / f"eval_{name}.json",
+      {"split": split, "step": step, "schema": EVAL_SCHEMA,
+       "engines": list(data_config.eval_engines)},
+      lambda: evaluate_checkpoint(run_dir, split, step=step,
+                                  data_config=data_config))
+
+
+def _held_out_stages(config: ml_collections.ConfigDict, workdir: epath.Path,
+                     progress: _Progress, train_central: TrainFn
+                     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+  """Stage 6: the leave-one-engine-out model and the stability runs.
+
+  Returns:
+    (`engines.run_stage`'s result, `stability_runs.run_stage`'s result or
+    None when config.stability.runs is empty).
+  """
   engines = engines_lib.run_stage(
-      config, workdir, train_central=train_central, evaluate=evaluate_cached,
+      config, workdir, train_central=train_central, evaluate=_evaluate_cached,
       timed=progress.timed, announce=lambda text: progress.stage(6, text))
-
   stability = None
   if config.stability.runs:
     stability = stability_runs.run_stage(
         config, workdir, train_central=train_central, timed=progress.timed,
         announce=lambda text: progress.stage(6, text))
+  return engines, stability
 
+
+def _summary_evaluations(
+    config: ml_collections.ConfigDict, workdir: epath.Path,
+    progress: _Progress, final: list[design.Run], model_0: _Pretrained
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+  """Stage 7: what the summary needs besides the runs, each cached.
+
+  Args:
+    config: the experiment config.
+    workdir: W.
+    progress: the stage banners and timer.
+    final: the final runs (the first gives the adaptation config).
+    model_0: pre-trained model 0, whose arms' client costs are measured.
+
+  Returns:
+    ({arm key: client step cost} of model 0 (W/client_costs.json), each
+    model's evaluation not adapted on the final split, each model's
+    evaluation on its own dev split).
+  """
   progress.stage(7, "summary: client costs, not-adapted evaluations, verdict,"
                     " report")
   with progress.timed("summary", record=not _done(
       (workdir / COSTS_FILE).exists())):
     adapt_run = workdir_lib.Workdir(final[0].path(workdir)).config()
-    cost_model, params, model_state = costs_models[0]
-
-    def client_costs():
-      tokenizer = input_pipeline.get_tokenizer(
-          adapt_run.data, os.fspath(design.pretrain_dir(workdir, 0)))
-      batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
-      measured = costs_lib.arm_costs(
-          adapt_run, {_spec_key(s): arms_lib.dropout_config(s)
-                      for s in present[0]}, params, model_state, batch,
-          repeats=c.timing_repeats)
-      return {key: {**cost, "batch_shape": list(batch["audio"].shape)}
-              for key, cost in measured.items()}
-
-    costs = _cached(workdir / COSTS_FILE,
-                    {"repeats": c.timing_repeats,
-                     **{_spec_key(s): s.dropout for s in present[0]}},
-                    client_costs, chief_computes=True)
+    costs = _client_costs(config, workdir, adapt_run, model_0)
     not_adapted, dev_evals = [], []
-    for model in range(num_models):
-      model_dir = design.pretrain_dir(workdir, model)
-      # The pre-trained model, not adapted, on the adaptation domain.
-      not_adapted.append(_cached(
-          model_dir / "not_adapted_eval.json",
-          {"split": config.final_eval_split, "step": steps,
-           "schema": EVAL_SCHEMA},
-          lambda model_dir=model_dir: evaluate_checkpoint(
-              model_dir, config.final_eval_split, step=steps,
-              data_config=adapt_run.data)))
-      # The pre-trained model on the dev split of its own domain.
-      dev_evals.append(_cached(
-          model_dir / "dev_eval.json", {"split": "dev", "step": steps,
-                                        "schema": EVAL_SCHEMA},
-          lambda model_dir=model_dir: evaluate_checkpoint(
-              model_dir, "dev", step=steps)))
-  summary = summary_lib.build_summary(
-      config, workdir, specs_by_model=specs_by_model,
-      cost_models=[m for m, _, _ in costs_models], analyses=analyses,
-      halfwidths=halfwidths, costs=costs, results=results,
-      grid_dev_wer=grid_dev_wer, picks=picks, not_adapted=not_adapted,
-      dev_evals=dev_evals, stage_seconds=progress.seconds,
-      stability=stability, engines=engines,
-      corpus=corpus_lib.read_card(
-          config.pretrain.data.copy_and_resolve_references()))
+    for model in range(len(config.pretrain_seeds)):
+      model_not_adapted, dev_eval = _pretrained_evaluations(
+          config, workdir, adapt_run, model)
+      not_adapted.append(model_not_adapted)
+      dev_evals.append(dev_eval)
+  return costs, not_adapted, dev_evals
+
+
+def _client_costs(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  adapt_run: ml_collections.ConfigDict,
+                  model_0: _Pretrained) -> dict[str, Any]:
+  """The measured client step cost of each arm of model 0, cached.
+
+  Args:
+    config: the experiment config.
+    workdir: W.
+    adapt_run: the config of a final federated run.
+    model_0: pre-trained model 0.
+
+  Returns:
+    {arm key: `costs.arm_costs` entry with its 'batch_shape'}
+    (W/client_costs.json).
+  """
+  c = config.comparison
+  present = model_0.present
+
+  def client_costs():
+    tokenizer = input_pipeline.get_tokenizer(
+        adapt_run.data, os.fspath(design.pretrain_dir(workdir, 0)))
+    batch = costs_lib.first_round_step_batch(adapt_run, tokenizer)
+    measured = costs_lib.arm_costs(
+        adapt_run, {_spec_key(s): arms_lib.dropout_config(s)
+                    for s in present}, model_0.params, model_0.model_state,
+        batch, repeats=c.timing_repeats)
+    return {key: {**cost, "batch_shape": list(batch["audio"].shape)}
+            for key, cost in measured.items()}
+
+  return _cached(workdir / COSTS_FILE,
+                 {"repeats": c.timing_repeats,
+                  **{_spec_key(s): s.dropout for s in present}},
+                 client_costs, chief_computes=True)
+
+
+def _pretrained_evaluations(
+    config: ml_collections.ConfigDict, workdir: epath.Path,
+    adapt_run: ml_collections.ConfigDict, model: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Pre-trained `model`'s evaluations, cached in its workdir.
+
+  Returns:
+    (the model, not adapted, on the adaptation domain's final split
+    (not_adapted_eval.json); the model on the dev split of its own domain
+    (dev_eval.json)).
+  """
+  steps = config.pretrain.central.num_steps
+  model_dir = design.pretrain_dir(workdir, model)
+  not_adapted = _cached(
+      model_dir / "not_adapted_eval.json",
+      {"split": config.final_eval_split, "step": steps,
+       "schema": EVAL_SCHEMA},
+      lambda: evaluate_checkpoint(
+          model_dir, config.final_eval_split, step=steps,
+          data_config=adapt_run.data))
+  dev_eval = _cached(
+      model_dir / "dev_eval.json", {"split": "dev", "step": steps,
+                                    "schema": EVAL_SCHEMA},
+      lambda: evaluate_checkpoint(model_dir, "dev", step=steps))
+  return not_adapted, dev_eval
+
+
+def _write_report(summary: dict[str, Any], workdir: epath.Path,
+                  progress: _Progress) -> None:
+  """Process 0 writes W/report.md from `summary` and prints its path."""
   if multihost.is_chief():
     report_lib.write_report(summary, workdir)
     print(f"Report: {workdir / 'report.md'}  ({progress.elapsed:.0f} s)",
           flush=True)
-  return summary

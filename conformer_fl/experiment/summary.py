@@ -159,45 +159,104 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
     corpus: the corpus card (corpus_card.json) or None.
   """
   c = config.comparison
-  f = config.adapt.federated
-  confidence = c.confidence
   pool = _Pool(results)
-  models, num_ambient = [], []
-  for m, importance in enumerate(analyses):
-    names = [x.name for x in cost_models[m].modules]
-    labels = arms_lib.unit_labels(importance, names)
-    counts = {label: sum(v == label for v in labels.values())
-              for label in arms_lib.LABELS}
-    num_ambient.append(counts["ambient"])
-    dev = dev_evals[m]
-    dev_words = _utterances(dev)
-    dev_interval = stats.rate_interval(dev_words[0], dev_words[1],
-                                       dev_words[2], confidence=confidence)
-    base = _utterances(not_adapted[m])
-    base_interval = stats.rate_interval(base[0], base[1], base[2],
-                                        confidence=confidence)
-    models.append(dict(
-        seed=int(config.pretrain_seeds[m]),
-        dir=str(design.pretrain_dir(epath.Path("."), m)),
-        dev_eval=dict(wer=dev["wer"], low=dev_interval["low"],
-                      high=dev_interval["high"], cer=dev.get("cer"),
-                      num_examples=dev["num_examples"]),
-        not_adapted=dict(wer=not_adapted[m]["wer"], low=base_interval["low"],
-                         high=base_interval["high"]),
-        learning_curve=evidence.learning_curve(
-            read_metrics(design.pretrain_dir(workdir, m))),
-        labels=labels, **{f"num_{k}": v for k, v in counts.items()},
-        wer_increase={n: importance.units[n].wer_increase for n in names},
-        ranking=arms_lib.module_ranking(importance, names),
-        halfwidth=dict(agreement=halfwidth_lib.agreement(
-            halfwidths[m], importance, names),
-                       modules=halfwidths[m]["modules"])))
+  models = [_model_row(config, workdir, m, importance, cost_models[m],
+                       halfwidths[m], not_adapted[m], dev_evals[m])
+            for m, importance in enumerate(analyses)]
+  num_ambient = [model["num_ambient"] for model in models]
+  arms, absent = _arm_rows(workdir, specs_by_model[0], cost_models[0], costs,
+                           results, pool, c.confidence)
+  comparisons = _comparisons(pool, {row["key"] for row in arms}, c)
+  return dict(
+      stage_seconds=dict(stage_seconds or {}),
+      setup=_setup(config, picks),
+      models=models,
+      gate=dict(min_ambient=c.gate_min_ambient, num_ambient=num_ambient,
+                passed=all(n >= c.gate_min_ambient for n in num_ambient)),
+      arms=arms, absent=absent, comparisons=comparisons,
+      verdict=_verdict(comparisons, c),
+      grid=[dict(arm=run.arm, lr=run.lr, dev_wer=wer)
+            for run, wer in grid_dev_wer.items()],
+      transcripts=_transcripts(results, not_adapted[0]), stability=stability,
+      engines=dict(engines) if engines else None,
+      corpus=dict(corpus) if corpus else None)
 
+
+def _model_row(config: ml_collections.ConfigDict, workdir: epath.Path, m: int,
+               importance: importance_file.Importance,
+               cost_model: arms_lib.CostModel, halfwidth: Mapping[str, Any],
+               not_adapted: Mapping[str, Any],
+               dev: Mapping[str, Any]) -> dict[str, Any]:
+  """The "models" entry of pre-trained model `m` (module docstring).
+
+  Args:
+    config: the experiment config.
+    workdir: W.
+    m: the model's index in config.pretrain_seeds.
+    importance: its importance.json.
+    cost_model: its `arms.CostModel`.
+    halfwidth: its `halfwidth.evaluate_half_width` result.
+    not_adapted: its evaluation on the adaptation test split.
+    dev: its evaluation on its own dev split.
+
+  Returns:
+    {"seed", "dir", "dev_eval", "not_adapted", "learning_curve", "labels",
+     "num_<label>" of each label, "wer_increase", "ranking", "halfwidth"}.
+  """
+  confidence = config.comparison.confidence
+  names = [x.name for x in cost_model.modules]
+  labels = arms_lib.unit_labels(importance, names)
+  counts = {label: sum(v == label for v in labels.values())
+            for label in arms_lib.LABELS}
+  dev_words = _utterances(dev)
+  dev_interval = stats.rate_interval(dev_words[0], dev_words[1],
+                                     dev_words[2], confidence=confidence)
+  base = _utterances(not_adapted)
+  base_interval = stats.rate_interval(base[0], base[1], base[2],
+                                      confidence=confidence)
+  return dict(
+      seed=int(config.pretrain_seeds[m]),
+      dir=str(design.pretrain_dir(epath.Path("."), m)),
+      dev_eval=dict(wer=dev["wer"], low=dev_interval["low"],
+                    high=dev_interval["high"], cer=dev.get("cer"),
+                    num_examples=dev["num_examples"]),
+      not_adapted=dict(wer=not_adapted["wer"], low=base_interval["low"],
+                       high=base_interval["high"]),
+      learning_curve=evidence.learning_curve(
+          read_metrics(design.pretrain_dir(workdir, m))),
+      labels=labels, **{f"num_{k}": v for k, v in counts.items()},
+      wer_increase={n: importance.units[n].wer_increase for n in names},
+      ranking=arms_lib.module_ranking(importance, names),
+      halfwidth=dict(agreement=halfwidth_lib.agreement(
+          halfwidth, importance, names), modules=halfwidth["modules"]))
+
+
+def _arm_rows(workdir: epath.Path, specs: Sequence[arms_lib.ArmSpec],
+              cost_model: arms_lib.CostModel,
+              costs: Mapping[str, Mapping[str, float]],
+              results: Mapping[design.Run, Mapping[str, Any]], pool: _Pool,
+              confidence: float
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """The "arms" and "absent" entries (module docstring) of model 0's arms.
+
+  Args:
+    workdir: W.
+    specs: model 0's ArmSpecs.
+    cost_model: model 0's `arms.CostModel`.
+    costs: {arm key: measured client step cost} of model 0's arms.
+    results: {Run: final evaluation} of every final run.
+    pool: the per-utterance errors of `results`.
+    confidence: of the pooled WER intervals.
+
+  Returns:
+    (a row per arm that ran, in the order of `specs`; {"arm", "level",
+    "note"} of each arm that did not).
+  """
   runs_by_key: dict[str, list[design.Run]] = {}
   for run in results:
     runs_by_key.setdefault(arm_key(run.arm, run.level), []).append(run)
   arms, absent = [], []
-  for spec in specs_by_model[0]:
+  for spec in specs:
     key = arm_key(spec.arm, spec.level)
     if spec.note or key not in runs_by_key:
       absent.append(dict(arm=spec.arm, level=spec.level, note=spec.note))
@@ -207,7 +266,7 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
     cost = costs.get(key, {})
     arms.append(dict(
         key=key, arm=spec.arm, level=spec.level,
-        client_model=arms_lib.describe(spec, cost_models[0]),
+        client_model=arms_lib.describe(spec, cost_model),
         params_fraction=spec.params_fraction,
         flops_fraction=cost.get("flops_fraction"),
         peak_bytes_fraction=cost.get("peak_bytes_fraction"),
@@ -218,78 +277,119 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
         dev_wer_by_round=[[r["round"], r["eval/wer"]] for r in read_metrics(
             first.path(workdir)) if "eval/wer" in r],
         **_interval(pool, key, confidence)))
+  return arms, absent
 
-  keys = {row["key"] for row in arms}
+
+def _comparison_pairs(level: float, random_draws: int) -> list[tuple[str, str]]:
+  """The (a, b) arm keys compared at cost `level`, WER(a) - WER(b)."""
+  pairs = [(arm_key(a, level), arm_key("full", None)) for a in (
+      "targeted", "anti_targeted", "uniform", "targeted_rescaled",
+      *[f"random_{d}" for d in range(random_draws)])]
+  pairs += [(arm_key("anti_targeted", level), arm_key("targeted", level))]
+  pairs += [(arm_key(f"random_{d}", level), arm_key("targeted", level))
+            for d in range(random_draws)]
+  pairs += [(arm_key("targeted_rescaled", level),
+             arm_key("targeted", level))]
+  # Each sub-model policy against full and against uniform ('random').
+  pairs += [(arm_key(a, level), arm_key("full", None))
+            for a in arms_lib.POLICY_ARMS]
+  pairs += [(arm_key(a, level), arm_key("uniform", level))
+            for a in arms_lib.POLICY_ARMS]
+  return pairs
+
+
+def _comparisons(pool: _Pool, keys: set[str],
+                 c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The "comparisons" entries (module docstring).
+
+  Args:
+    pool: the per-utterance errors of the final runs.
+    keys: the arm keys that ran.
+    c: config.comparison (levels, random_draws, confidence).
+
+  Returns:
+    A paired difference interval per pair of `_comparison_pairs` of each
+    level whose arms both ran, then freeze against full.
+  """
   comparisons = []
   for level in c.levels:
-    pairs = [(arm_key(a, level), arm_key("full", None)) for a in (
-        "targeted", "anti_targeted", "uniform", "targeted_rescaled",
-        *[f"random_{d}" for d in range(c.random_draws)])]
-    pairs += [(arm_key("anti_targeted", level), arm_key("targeted", level))]
-    pairs += [(arm_key(f"random_{d}", level), arm_key("targeted", level))
-              for d in range(c.random_draws)]
-    pairs += [(arm_key("targeted_rescaled", level),
-               arm_key("targeted", level))]
-    # Each sub-model policy against full and against uniform ('random').
-    pairs += [(arm_key(a, level), arm_key("full", None))
-              for a in arms_lib.POLICY_ARMS]
-    pairs += [(arm_key(a, level), arm_key("uniform", level))
-              for a in arms_lib.POLICY_ARMS]
-    for a, b in pairs:
+    for a, b in _comparison_pairs(level, c.random_draws):
       if a in keys and b in keys:
-        result = _compare(pool, a, b, confidence)
+        result = _compare(pool, a, b, c.confidence)
         if result is not None:
           comparisons.append(dict(cost_level=level, a=a, b=b, **result))
   if arm_key("freeze", None) in keys:
     result = _compare(pool, arm_key("freeze", None), arm_key("full", None),
-                      confidence)
+                      c.confidence)
     if result is not None:
       comparisons.append(dict(cost_level=None, a=arm_key("freeze", None),
                               b=arm_key("full", None), **result))
+  return comparisons
+
+
+def _verdict(comparisons: Sequence[Mapping[str, Any]],
+             c: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """`verdict.decide` on targeted-vs-full and anti-targeted-vs-targeted.
+
+  Args:
+    comparisons: the "comparisons" entries.
+    c: config.comparison (verdict_level, margin).
+
+  Returns:
+    The verdict at c.verdict_level, or None when either comparison is absent.
+  """
 
   def find(a, b):
     return next((x for x in comparisons if x["a"] == a and x["b"] == b), None)
 
-  verdict = None
   tf = find(arm_key("targeted", c.verdict_level), arm_key("full", None))
   at = find(arm_key("anti_targeted", c.verdict_level),
             arm_key("targeted", c.verdict_level))
   if tf and at:
-    verdict = verdict_lib.decide(tf, at, c.margin)
+    return verdict_lib.decide(tf, at, c.margin)
+  return None
 
+
+def _transcripts(results: Mapping[design.Run, Mapping[str, Any]],
+                 not_adapted: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """The "transcripts" entries: the first 6 test utterances.
+
+  Args:
+    results: {Run: final evaluation} of every final run.
+    not_adapted: model 0's evaluation, not adapted, on the same split.
+
+  Returns:
+    [{"reference", "not_adapted", "arms": {arm key: hypothesis of model 0's
+    first seed}}].
+  """
   transcripts = []
   first_runs = {}
   for run in sorted(results, key=lambda r: (r.model, r.seed)):
     if run.model == 0:
       first_runs.setdefault(arm_key(run.arm, run.level), run)
-  base = not_adapted[0]
-  for i, reference in enumerate(base["references"][:6]):
+  for i, reference in enumerate(not_adapted["references"][:6]):
     transcripts.append(dict(
-        reference=reference, not_adapted=base["hypotheses"][i],
+        reference=reference, not_adapted=not_adapted["hypotheses"][i],
         arms={key: results[run]["hypotheses"][i]
               for key, run in first_runs.items()}))
+  return transcripts
 
+
+def _setup(config: ml_collections.ConfigDict,
+           picks: Mapping[str, float]) -> dict[str, Any]:
+  """The "setup" entry (module docstring): the design and the picked rates."""
+  c = config.comparison
+  f = config.adapt.federated
   return dict(
-      stage_seconds=dict(stage_seconds or {}),
-      setup=dict(
-          levels=list(c.levels), verdict_level=c.verdict_level,
-          margin=c.margin, confidence=confidence, max_rate=c.max_rate,
-          lr_grid=list(c.lr_grid), picks=dict(picks), rounds=f.rounds,
-          clients_per_round=f.clients_per_round, local_steps=f.local_steps,
-          pretrain_steps=config.pretrain.central.num_steps,
-          pretrain_seeds=list(config.pretrain_seeds),
-          verdict_seeds=list(c.verdict_seeds),
-          control_seeds=list(c.control_seeds),
-          level_seeds=list(c.level_seeds),
-          eval_split=config.final_eval_split,
-          miniature=(len(config.pretrain_seeds) < 2 or
-                     len(c.verdict_seeds) < 5)),
-      models=models,
-      gate=dict(min_ambient=c.gate_min_ambient, num_ambient=num_ambient,
-                passed=all(n >= c.gate_min_ambient for n in num_ambient)),
-      arms=arms, absent=absent, comparisons=comparisons, verdict=verdict,
-      grid=[dict(arm=run.arm, lr=run.lr, dev_wer=wer)
-            for run, wer in grid_dev_wer.items()],
-      transcripts=transcripts, stability=stability,
-      engines=dict(engines) if engines else None,
-      corpus=dict(corpus) if corpus else None)
+      levels=list(c.levels), verdict_level=c.verdict_level,
+      margin=c.margin, confidence=c.confidence, max_rate=c.max_rate,
+      lr_grid=list(c.lr_grid), picks=dict(picks), rounds=f.rounds,
+      clients_per_round=f.clients_per_round, local_steps=f.local_steps,
+      pretrain_steps=config.pretrain.central.num_steps,
+      pretrain_seeds=list(config.pretrain_seeds),
+      verdict_seeds=list(c.verdict_seeds),
+      control_seeds=list(c.control_seeds),
+      level_seeds=list(c.level_seeds),
+      eval_split=config.final_eval_split,
+      miniature=(len(config.pretrain_seeds) < 2 or
+                 len(c.verdict_seeds) < 5))
