@@ -202,13 +202,16 @@ def test_half_width_ranking_covers_every_droppable_module(experiment):
   assert model["halfwidth"]["agreement"]["num_modules"] == 8
 
 
-def test_same_command_in_a_new_workdir_gives_the_same_numbers(
+def test_a_new_workdir_gives_the_same_numbers(
     experiment, tiny_corpus_dir, tmp_path):
+  """Bit for bit: the config again, with two of its arms and no engine check."""
   _, _, _, summary = experiment
-  tiny_experiment.run(tmp_path, tiny_corpus_dir)
+  tiny_experiment.run(tmp_path, tiny_corpus_dir,
+                      overrides=TWO_PROCESS_OVERRIDES)
   again = json.loads((tmp_path / "summary.json").read_text())
-  assert (tiny_experiment.without_timings(again) ==
-          tiny_experiment.without_timings(summary))
+  assert [row["key"] for row in again["arms"]] == list(TWO_PROCESS_ARMS)
+  assert tiny_experiment.without_timings(again) == tiny_experiment.restricted(
+      tiny_experiment.without_timings(summary), TWO_PROCESS_ARMS)
 
 
 def test_notebook_3_reuses_the_run_and_shows_its_table(
