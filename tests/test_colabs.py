@@ -14,7 +14,10 @@ tests/test_experiment_e2e.py. Notebook 1 runs a second time as on a fresh
 Colab runtime: in a virtualenv without conformer_fl, whose setup cell installs
 it from a copy of the checkout (measured: 24 s after the first run, 33 s
 alone). The Debian-package cell of notebooks 2 and 3 runs against a fake
-apt-get.
+apt-get; their parameter cell runs in a temporary working directory (with and
+without a checkout), and `device_fit`, which fits their configs to the
+runtime's devices, is checked at device counts that the configs' 4 clients or
+batch of 8 do not divide.
 """
 
 import importlib.metadata
