@@ -14,10 +14,14 @@ tests/test_experiment_e2e.py. Notebook 1 runs a second time as on a fresh
 Colab runtime: in a virtualenv without conformer_fl, whose setup cell installs
 it from a copy of the checkout (measured: 24 s after the first run, 33 s
 alone). The Debian-package cell of notebooks 2 and 3 runs against a fake
-apt-get.
+apt-get; their parameter cell runs in a temporary working directory (with and
+without a checkout), and `device_fit`, which fits their configs to the
+runtime's devices, is checked at device counts that the configs' 4 clients or
+batch of 8 do not divide.
 """
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
@@ -250,7 +254,8 @@ def test_02_layer_importance_runs(tmp_path, tiny_corpus_dir):
                          CONFORMER_FL_DATA_DIR=tiny_corpus_dir,
                          CONFORMER_FL_STEPS="4")
   text = notebooks.all_text(nb)
-  assert f"WORKDIR={workdir}" in text and f"REPO={notebooks.ROOT}" in text
+  assert f"WORKDIR={workdir}\n" in text
+  assert f"CONFIGS={notebooks.ROOT / 'configs'}\n" in text
   # The Debian packages are installed here: the apt cell runs no apt-get.
   assert "Debian packages installed: espeak-ng flite" in text
   assert "apt-get install" not in text
@@ -284,3 +289,127 @@ def test_02_layer_importance_runs(tmp_path, tiny_corpus_dir):
   assert all(png[:8] == notebooks.PNG_MAGIC for png in pngs)
   assert pngs == [(workdir / "analysis" / name).read_bytes()
                   for name in ("heatmap_wer.png", "heatmap_loss.png")]
+
+
+def _load_config(name: str, arg: str):
+  """configs/NAME.py's get_config(arg), as the notebooks load it."""
+  path = notebooks.ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_device_fit_picks_a_batch_split_and_clients_per_round():
+  from conformer_fl import device_fit  # pylint: disable=g-import-not-at-top
+
+  # The most devices, at most the runtime's, that a batch of 8 divides over.
+  assert [device_fit.central_devices(8, n) for n in (1, 2, 3, 4, 6, 8, 16)] == [
+      1, 2, 2, 4, 4, 8, 8]
+  # The smallest multiple of the devices >= 4, at most 8 clients.
+  assert [device_fit.clients_per_round(4, n, 8) for n in (1, 2, 3, 4, 8)] == [
+      4, 4, 6, 4, 8]
+  assert device_fit.clients_per_round(4, 5, None) == 5
+  with pytest.raises(ValueError, match=r"multiple of the 16 devices, 16, but "
+                     r"the corpus has 8 clients: run on a runtime with at most "
+                     r"8 devices"):
+    device_fit.clients_per_round(4, 16, 8)
+  with pytest.raises(ValueError, match="must be positive"):
+    device_fit.central_devices(8, 0)
+
+
+@pytest.mark.parametrize("devices, clients, pretrain_devices, changed", [
+    (1, 4, 0, 0), (4, 4, 0, 0), (3, 6, 2, 2), (6, 6, 4, 2), (8, 8, 0, 1)])
+def test_device_fit_fits_notebook_3s_experiment(devices, clients,
+                                                pretrain_devices, changed):
+  """configs/experiment.py:scale=tiny (4 clients a round, batch 8) on N devices."""
+  from conformer_fl import device_fit  # pylint: disable=g-import-not-at-top
+  from conformer_fl import preflight  # pylint: disable=g-import-not-at-top
+
+  config = _load_config("experiment", "scale=tiny")
+  assert config.adapt.federated.clients_per_round == 4
+  assert config.pretrain.data.batch_size == 8
+  assert device_fit.corpus_clients(config.adapt.data) == 8
+  lines = device_fit.fit_config(config, devices)
+  assert len(lines) == changed, lines
+  assert config.adapt.federated.clients_per_round == clients
+  assert config.pretrain.central.num_devices == pretrain_devices
+  # What the experiment's preflight and central training then accept.
+  preflight.check_clients_divide(clients, "adapt.federated.clients_per_round",
+                                 devices)
+  assert 8 % (pretrain_devices or devices) == 0
+  if clients != 4:
+    assert (f"adapt.federated.clients_per_round={clients} (the config's 4 do"
+            f" not divide over the {devices} devices)") in lines
+  if pretrain_devices:
+    assert (f"pretrain.central.num_devices={pretrain_devices}:"
+            f" data.batch_size=8 divides over {pretrain_devices} of the"
+            f" {devices} devices") in lines
+
+
+def test_device_fit_fits_notebook_2s_central_run():
+  from conformer_fl import device_fit  # pylint: disable=g-import-not-at-top
+
+  arg = "size=tiny,corpus=tiny,norm=batch_norm,domain=all,steps=4"
+  config = _load_config("central", arg)
+  assert device_fit.fit_config(config, 4) == []
+  assert config.central.num_devices == 0
+  assert device_fit.fit_config(config, 3) == [
+      "central.num_devices=2: data.batch_size=8 divides over 2 of the 3"
+      " devices"]
+  # A num_devices above the runtime's devices is brought down to them.
+  config = _load_config("central", arg)
+  config.central.num_devices = 8
+  assert device_fit.fit_config(config, 4) == [
+      "central.num_devices=4: data.batch_size=8 divides over 4 of the 4"
+      " devices"]
+  # The federated config: 8 clients a round, the tiny corpus's 8 speakers.
+  config = _load_config("federated", "size=tiny,corpus=tiny")
+  assert config.federated.clients_per_round == 8
+  assert device_fit.fit_config(config, 8) == []
+  assert device_fit.fit_config(config, 4) == []
+  # 3 devices need 9 clients; the corpus has 8.
+  with pytest.raises(ValueError, match="but the corpus has 8 clients"):
+    device_fit.fit_config(config, 3)
+  assert config.federated.clients_per_round == 8
+
+
+def _parameters_cell(path: pathlib.Path) -> str:
+  """The code cell of a corpus notebook that sets WORKDIR and CONFIGS."""
+  nb = nbformat.read(path, as_version=4)
+  cells = [c.source for c in nb.cells
+           if c.cell_type == "code" and "WORKDIR =" in c.source]
+  assert len(cells) == 1
+  return cells[0]
+
+
+@pytest.mark.parametrize("path", CORPUS_NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("checkout", [True, False], ids=["checkout", "none"])
+def test_corpus_notebook_parameters(path, checkout, tmp_path, monkeypatch,
+                                    capsys):
+  """Runs under the working directory, configs from a checkout or the package."""
+  from conformer_fl import cli  # pylint: disable=g-import-not-at-top
+
+  for name in ("CONFORMER_FL_WORKDIR", "CONFORMER_FL_DATA_DIR",
+               "CONFORMER_FL_STEPS"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.chdir(tmp_path)
+  repo = notebooks.ROOT if checkout else None
+  scope = {"os": os, "find_checkout": lambda: repo}
+  exec(_parameters_cell(path), scope)  # pylint: disable=exec-used
+  run = "central" if path.name.startswith("02_") else "experiment"
+  assert scope["WORKDIR"] == str(tmp_path / "conformer_fl_colab" / run)
+  assert scope["DATA_DIR"] == str(tmp_path / "conformer_fl_colab" / "tfds")
+  configs = (notebooks.ROOT / "configs" if checkout
+             else cli.packaged_configs_dir())
+  assert scope["CONFIGS"] == configs
+  assert (configs / "central.py").is_file()
+  out = capsys.readouterr().out
+  assert f"WORKDIR={tmp_path}/conformer_fl_colab/{run}\n" in out
+  assert f"CONFIGS={configs}" in out
+  # Nothing was written: the directories are made by the run.
+  assert list(tmp_path.iterdir()) == []
+  # The notebook fits its config to the runtime's devices before running it.
+  nb = nbformat.read(path, as_version=4)
+  assert "device_fit.fit_config(config, jax.device_count())" in "".join(
+      c.source for c in nb.cells if c.cell_type == "code")
