@@ -78,13 +78,18 @@ def test_notebook_imports_and_never_redefines(path):
 CORPUS_NOTEBOOKS = [p for p in NOTEBOOKS if p.name.startswith(("02_", "03_"))]
 
 
-def _apt_cell(path: pathlib.Path) -> str:
-  """The code cell of a corpus notebook that installs the Debian packages."""
+def _code_cell_with(path: pathlib.Path, marker: str) -> str:
+  """The one code cell of notebook `path` whose source contains `marker`."""
   nb = nbformat.read(path, as_version=4)
   cells = [c.source for c in nb.cells
-           if c.cell_type == "code" and "missing_system_packages" in c.source]
-  assert len(cells) == 1
+           if c.cell_type == "code" and marker in c.source]
+  assert len(cells) == 1, (path.name, marker, len(cells))
   return cells[0]
+
+
+def _apt_cell(path: pathlib.Path) -> str:
+  """The code cell of a corpus notebook that installs the Debian packages."""
+  return _code_cell_with(path, "missing_system_packages")
 
 
 @pytest.mark.parametrize("path", CORPUS_NOTEBOOKS, ids=lambda p: p.stem)
@@ -376,11 +381,7 @@ def test_device_fit_fits_notebook_2s_central_run():
 
 def _parameters_cell(path: pathlib.Path) -> str:
   """The code cell of a corpus notebook that sets WORKDIR and CONFIGS."""
-  nb = nbformat.read(path, as_version=4)
-  cells = [c.source for c in nb.cells
-           if c.cell_type == "code" and "WORKDIR =" in c.source]
-  assert len(cells) == 1
-  return cells[0]
+  return _code_cell_with(path, "WORKDIR =")
 
 
 @pytest.mark.parametrize("path", CORPUS_NOTEBOOKS, ids=lambda p: p.stem)
