@@ -50,7 +50,8 @@ def test_study_is_the_test_and_the_demo_its_miniature():
   assert {"anti_targeted", "random", "uniform", "freeze",
           "targeted_rescaled", "uniform_ordered", "uniform_static",
           "uniform_rolling"} <= set(study.arms)
-  assert len(demo.pretrain_seeds) == 1 and demo.comparison.levels == (0.70,)
+  assert len(demo.pretrain_seeds) == 1 and demo.comparison.levels == (0.85,)
+  assert demo.comparison.verdict_level == study.comparison.verdict_level == 0.85
   assert "anti_targeted" in demo.arms
   # The policy arms are the study's alone.
   policy_arms = {"uniform_ordered", "uniform_static", "uniform_rolling"}
