@@ -45,7 +45,7 @@ def test_study_is_the_test_and_the_demo_its_miniature():
     assert not config.stability.runs
   c = study.comparison
   assert len(study.pretrain_seeds) >= 2 and len(c.verdict_seeds) >= 5
-  assert c.levels == (0.85, 0.70, 0.55) and len(c.lr_grid) == 3
+  assert c.levels == (0.85,) and c.lr_grid == (0.2,)
   assert c.random_draws == 3
   assert {"anti_targeted", "random", "uniform", "freeze",
           "targeted_rescaled", "uniform_ordered", "uniform_static",
