@@ -164,7 +164,7 @@ def build_summary(config: ml_collections.ConfigDict, workdir: epath.Path, *,
                        halfwidths[m], not_adapted[m], dev_evals[m])
             for m, importance in enumerate(analyses)]
   num_ambient = [model["num_ambient"] for model in models]
-  arms, absent = _arm_rows(workdir, specs_by_model[0], cost_models[0], costs,
+  arms, absent = _arm_rows(workdir, specs_by_model, cost_models, costs,
                            results, pool, c.confidence)
   comparisons = _comparisons(pool, {row["key"] for row in arms}, c)
   return dict(
@@ -231,48 +231,67 @@ def _model_row(config: ml_collections.ConfigDict, workdir: epath.Path, m: int,
           halfwidth, importance, names), modules=halfwidth["modules"]))
 
 
-def _arm_rows(workdir: epath.Path, specs: Sequence[arms_lib.ArmSpec],
-              cost_model: arms_lib.CostModel,
+def _arm_rows(workdir: epath.Path,
+              specs_by_model: Sequence[Sequence[arms_lib.ArmSpec]],
+              cost_models: Sequence[arms_lib.CostModel],
               costs: Mapping[str, Mapping[str, float]],
               results: Mapping[design.Run, Mapping[str, Any]], pool: _Pool,
               confidence: float
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """The "arms" and "absent" entries (module docstring) of model 0's arms.
+  """The "arms" and "absent" entries (module docstring).
+
+  An arm is a row when it ran on any pre-trained model; its client model and
+  parameter share are those of the first model it ran on, and the models it
+  is absent from are named in `client_model`. It is "absent" only when no
+  model ran it (with model 0's note).
 
   Args:
     workdir: W.
-    specs: model 0's ArmSpecs.
-    cost_model: model 0's `arms.CostModel`.
+    specs_by_model: each pre-trained model's ArmSpecs.
+    cost_models: each model's `arms.CostModel`.
     costs: {arm key: measured client step cost} of model 0's arms.
     results: {Run: final evaluation} of every final run.
     pool: the per-utterance errors of `results`.
     confidence: of the pooled WER intervals.
 
   Returns:
-    (a row per arm that ran, in the order of `specs`; {"arm", "level",
-    "note"} of each arm that did not).
+    (a row per arm that ran, in the order of model 0's specs; {"arm",
+    "level", "note"} of each arm that did not).
   """
   runs_by_key: dict[str, list[design.Run]] = {}
   for run in results:
     runs_by_key.setdefault(arm_key(run.arm, run.level), []).append(run)
   arms, absent = [], []
-  for spec in specs:
+  for spec in specs_by_model[0]:
     key = arm_key(spec.arm, spec.level)
-    if spec.note or key not in runs_by_key:
+    runs = runs_by_key.get(key, [])
+    ran_on = sorted({r.model for r in runs})
+    if not ran_on:
       absent.append(dict(arm=spec.arm, level=spec.level, note=spec.note))
       continue
-    runs = runs_by_key[key]
+    m = ran_on[0]
+    spec_m = next(x for x in specs_by_model[m]
+                  if arm_key(x.arm, x.level) == key)
+    description = arms_lib.describe(spec_m, cost_models[m])
+    missing = [f"model {other}: {x.note or 'not run'}"
+               for other, specs in enumerate(specs_by_model)
+               if other not in ran_on
+               for x in specs if arm_key(x.arm, x.level) == key]
+    if m:
+      description = f"model {m}: {description}"
+    if missing:
+      description += f" (absent from {'; '.join(missing)})"
     first = min(runs, key=lambda r: (r.model, r.seed))
-    cost = costs.get(key, {})
+    cost = costs.get(key, {}) if m == 0 else {}
     arms.append(dict(
         key=key, arm=spec.arm, level=spec.level,
-        client_model=arms_lib.describe(spec, cost_model),
-        params_fraction=spec.params_fraction,
+        client_model=description,
+        params_fraction=spec_m.params_fraction,
         flops_fraction=cost.get("flops_fraction"),
         peak_bytes_fraction=cost.get("peak_bytes_fraction"),
         step_seconds_fraction=cost.get("step_seconds_fraction"),
-        kept=dict(spec.kept), lr=first.lr,
-        num_models=len({r.model for r in runs}),
+        kept=dict(spec_m.kept), lr=first.lr,
+        num_models=len(ran_on),
         seeds=sorted({r.seed for r in runs}),
         dev_wer_by_round=[[r["round"], r["eval/wer"]] for r in read_metrics(
             first.path(workdir)) if "eval/wer" in r],
@@ -285,7 +304,8 @@ def _comparison_pairs(level: float, random_draws: int) -> list[tuple[str, str]]:
   pairs = [(arm_key(a, level), arm_key("full", None)) for a in (
       "targeted", "anti_targeted", "uniform", "targeted_rescaled",
       *[f"random_{d}" for d in range(random_draws)])]
-  pairs += [(arm_key("anti_targeted", level), arm_key("targeted", level))]
+  pairs += [(arm_key(a, level), arm_key("targeted", level))
+            for a in ("anti_targeted", "uniform")]
   pairs += [(arm_key(f"random_{d}", level), arm_key("targeted", level))
             for d in range(random_draws)]
   pairs += [(arm_key("targeted_rescaled", level),
