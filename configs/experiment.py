@@ -32,10 +32,11 @@ keeps random units), controls compared with full and with uniform.
 
 The verdict's cost level is 0.85 (demo and study). The targeted arm thins
 only modules not labelled critical, at most `max_rate` of each; a model
-with few of them cannot reach a deeper cut (demo8x64 after 2400 steps: 9
-non-critical modules, 0 ambient, reach 0.85 and no level below 0.80), and
-an arm that cannot reach the level is reported absent, never rescaled. The
-deeper levels of `study` show how the arms that can reach them degrade.
+with few of them cannot reach a deeper cut (demo8x64 after 2400 steps, seed
+0: 9 non-critical modules, 0 ambient, reach 0.85 and no level below 0.80;
+seed 1: 19 reach 0.70), and an arm that cannot reach the level is reported
+absent, never rescaled. Deeper levels (the `comparison.levels` override)
+show how the arms that can reach them degrade.
 
 The verdict, fixed here before any run (`comparison.margin` delta,
 `comparison.confidence`): confirmed when the upper bound of targeted - full
@@ -65,11 +66,12 @@ Scales:
          grid (per-arm tuning on dev is
          `--config.comparison.lr_grid='(0.1, 0.2, 0.4)'`, 3 runs per arm
          more), the controls' second seed
-         (`--config.comparison.control_seeds='(0, 1)'`) and the deeper
-         levels (`--config.comparison.levels='(0.85, 0.7, 0.55)'`), which the
-         targeted, anti_targeted and random arms cannot reach on these
-         models. The controls, the 5 x 2 replication of the verdict's arms
-         and the margin are not cut.
+         (`--config.comparison.control_seeds='(0, 1)'`), the deeper levels
+         (`--config.comparison.levels='(0.85, 0.7, 0.55)'`), which the
+         targeted, anti_targeted and random arms of model 0 cannot reach, and
+         a second random halving per module in the half-width ranking
+         (`halfwidth_draws`). The control arms (one seed each), the 5 x 2
+         replication of the verdict's arms and the margin are not cut.
   tiny   the test of the pipeline (a minute): tiny model, one level, four
          arms.
 

@@ -65,3 +65,25 @@ def test_an_arm_no_model_ran_is_absent_with_model_0s_note(tmp_path):
   assert [r["arm"] for r in rows] == ["full"]
   assert absent == [dict(arm="targeted", level=None, note=note)]
   assert np.isclose(rows[0]["wer"], 2 / 10)
+
+
+def test_an_arm_absent_from_model_1_keeps_model_0s_row_and_names_model_1(
+    tmp_path):
+  specs_by_model = [
+      [_spec("full"), _spec("freeze", frozen=(_MODULE.name,))],
+      [_spec("full"), _spec("freeze", note="no ambient module to freeze")]]
+  results = {
+      design.Run("full", None, 0, 0, 0.2): _evaluation([1.0, 0.0, 1.0]),
+      design.Run("freeze", None, 0, 0, 0.2): _evaluation([1.0, 1.0, 1.0]),
+  }
+  rows, _ = summary._arm_rows(  # pylint: disable=protected-access
+      tmp_path, specs_by_model, [_COST, _COST],
+      {"any/freeze": {"flops_fraction": 0.5}}, results,
+      summary._Pool(results), confidence=0.95)  # pylint: disable=protected-access
+  freeze = rows[1]
+  assert freeze["client_model"] == (
+      "1 ambient modules frozen (absent from model 1: no ambient module to"
+      " freeze)")
+  # Model 0's measured cost stays with the row it describes.
+  assert freeze["flops_fraction"] == 0.5
+  assert freeze["wer"] == pytest.approx(3 / 10)

@@ -63,14 +63,19 @@ def test_no_verdict_says_which_level(tmp_path):
       " cost 85%.")
 
 
-def test_update_rewrites_only_the_block_and_is_idempotent(tmp_path):
+def test_update_rewrites_only_the_blocks_and_is_idempotent(tmp_path):
   (tmp_path / "s.json").write_text(json.dumps(_summary()))
   text = ("# Title\n\nbefore\n<!-- results: s.json brief -->\nstale 0.999\n"
-          "<!-- end results -->\nafter\n")
+          "<!-- end results -->\nafter\n<!-- results: s.json -->\n"
+          "<!-- end results -->\n")
   new = readme_results.update(text, tmp_path)
   assert new.startswith("# Title\n\nbefore\n<!-- results: s.json brief -->\n")
-  assert new.endswith("<!-- end results -->\nafter\n")
-  assert "0.999" not in new and "0.832 [0.763, 0.906]" in new
+  first, second = new.split("after\n")
+  assert first.endswith("<!-- end results -->\n")
+  assert "0.999" not in new and "0.832 [0.763, 0.906]" in first
+  # The brief block leaves out the paired differences; the full one has them.
+  assert "c085/targeted - any/full" not in first
+  assert "c085/targeted - any/full" in second
   assert readme_results.update(new, tmp_path) == new
 
 
@@ -78,8 +83,17 @@ def test_update_rewrites_only_the_block_and_is_idempotent(tmp_path):
     ("no block here\n", "no results block"),
     ("<!-- results: missing.json -->\n<!-- end results -->\n",
      "not a readable summary.json"),
+    # A marker that does not parse beside one that does.
+    ("<!-- results: s.json -->\n<!-- end results -->\n"
+     "<!-- results: s.json  brief -->\nold\n<!-- end results -->\n",
+     "2 '<!-- results:' lines but 1 well-formed"),
+    # A block without its end line would swallow the next block.
+    ("<!-- results: s.json -->\nold\n"
+     "<!-- results: s.json brief -->\nold\n<!-- end results -->\n",
+     "its own <!-- end results --> line"),
 ])
 def test_bad_input_names_the_problem(tmp_path, text, message):
+  (tmp_path / "s.json").write_text(json.dumps(_summary()))
   with pytest.raises(readme_results.ReadmeError, match=message):
     readme_results.update(text, tmp_path)
 
@@ -91,14 +105,15 @@ def test_check_fails_in_one_line_on_a_stale_block(tmp_path):
   command = [sys.executable, "-m", "conformer_fl.tools.readme_results",
              f"--files={readme}"]
   result = subprocess.run([*command, "--check"], capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, cwd=ROOT)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
       f"error: {readme}: a results block differs from its summary.json; run"
       " python -m conformer_fl.tools.readme_results without --check"]
   assert "stale" in readme.read_text()
-  subprocess.run(command, check=True)
-  assert subprocess.run([*command, "--check"], check=False).returncode == 0
+  subprocess.run(command, check=True, cwd=ROOT)
+  assert subprocess.run([*command, "--check"], check=False,
+                        cwd=ROOT).returncode == 0
 
 
 def test_the_repository_docs_match_their_runs():

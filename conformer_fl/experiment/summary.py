@@ -270,8 +270,11 @@ def _arm_rows(workdir: epath.Path,
       absent.append(dict(arm=spec.arm, level=spec.level, note=spec.note))
       continue
     m = ran_on[0]
-    spec_m = next(x for x in specs_by_model[m]
-                  if arm_key(x.arm, x.level) == key)
+    spec_m = next((x for x in specs_by_model[m]
+                   if arm_key(x.arm, x.level) == key), None)
+    if spec_m is None:
+      raise ValueError(f"{key} ran on model {m}, whose arms do not include it:"
+                       " the workdir holds runs of another config.")
     description = arms_lib.describe(spec_m, cost_models[m])
     missing = [f"model {other}: {x.note or 'not run'}"
                for other, specs in enumerate(specs_by_model)

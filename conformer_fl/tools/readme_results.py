@@ -102,11 +102,20 @@ def update(text: str, readme_dir: pathlib.Path) -> str:
   """`text` with every results block rendered from its summary.
 
   Raises:
-    ReadmeError: no block, or a block's summary file is missing or not JSON.
+    ReadmeError: no block, a malformed block (a marker line that does not
+      parse, or a block without its own end line), or a block's summary
+      file is missing or not JSON.
   """
-  if not _BLOCK.search(text):
+  blocks = list(_BLOCK.finditer(text))
+  if not blocks:
     raise ReadmeError("no results block: add the lines"
                       f" {BEGIN.format(path='PATH')} and {END}")
+  markers = text.count("<!-- results:")
+  if markers != len(blocks) or any("<!-- results:" in b["body"]
+                                   for b in blocks):
+    raise ReadmeError(f"{markers} '<!-- results:' lines but {len(blocks)}"
+                      f" well-formed blocks: each needs 'PATH' or 'PATH brief'"
+                      f" and its own {END} line")
 
   def replace(match: re.Match[str]) -> str:
     path = readme_dir / match["path"]
