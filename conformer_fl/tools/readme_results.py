@@ -37,6 +37,9 @@ _BLOCK = re.compile(r"<!-- results: (?P<path>\S+)(?P<brief> brief)? -->\n"
                     r"(?P<body>.*?)" + re.escape(END), re.DOTALL)
 
 
+# The number formats of experiment/report.py's tables, kept here: importing
+# conformer_fl.experiment loads the whole experiment (TensorFlow included), and
+# this tool reads JSON only. A cost not measured prints '-'.
 def _level(level: float | None) -> str:
   return "-" if level is None else f"{100 * level:.0f}%"
 
