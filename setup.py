@@ -3,7 +3,8 @@
   pip install .               the model, the federated round, the configs
                               (jax, flax, optax, ml-collections; no TensorFlow)
   pip install '.[data]'       + the corpora and tokenizers (TFDS, TensorFlow CPU,
-                              sentencepiece) and audio files (soundfile)
+                              sentencepiece), audio files (soundfile) and
+                              the batch prefetch thread (grain)
   pip install '.[study]'      + training, checkpoints, analysis, figures: what
                               `python -m conformer_fl.main` runs
   pip install '.[tpu-plan]'   + libtpu, to compile for a TPU pod without one
@@ -28,6 +29,7 @@ INSTALL_REQUIRES = [
 
 DATA = [
     "etils[epath]>=1.7",
+    "grain>=0.2.18,<0.3",  # thread prefetch of the training batches
     "sentencepiece>=0.2.0",
     "soundfile>=0.12",
     "tensorflow-cpu>=2.16",
