@@ -468,6 +468,8 @@ def bucket_by_length(
   Yields:
     (bucket index, list of <= batch_size examples).
   """
+  # Hand-written, not grain's window shuffle: that buffer is not per bucket
+  # and draws another order, so every reported run would change.
   rng = np.random.default_rng(seed)
   capacity = max(batch_size, shuffle_buffer)
   buffers: list[list[Example]] = [[] for _ in range(num_buckets)]

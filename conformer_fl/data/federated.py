@@ -164,6 +164,8 @@ def client_step_plan(
       raise ValueError(f"local_epochs must be positive, got {local_epochs}.")
     passes = local_epochs
     needed = min(local_steps * batch_size, passes * num_examples)
+  # numpy's permutations, not grain's `MapDataset.shuffle().repeat()`: grain's
+  # order differs, so every reported federated run would change.
   order = np.concatenate([rng.permutation(num_examples) for _ in range(passes)])
   order = order[:needed].tolist()
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

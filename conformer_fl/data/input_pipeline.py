@@ -38,11 +38,10 @@ without `engine` and evaluate on its held-out test speakers.
 from collections.abc import Iterable, Iterator, Sequence
 import importlib
 import itertools
-import queue
-import threading
 from typing import Any
 
 from absl import logging
+import grain
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -305,6 +304,9 @@ def get_train_batches(
     logging.info("Cached %d training examples in memory.", len(cached))
 
     def epoch_examples(epoch: int) -> Iterable[Example]:
+      # numpy's permutation, not grain's `MapDataset.shuffle`: grain's order
+      # differs (and takes no (seed, epoch) sequence), so every reported run
+      # would train on other batches.
       order = np.random.default_rng([seed, epoch, 0]).permutation(len(cached))
       return (cached[i] for i in order)
   else:
@@ -338,34 +340,37 @@ def get_train_batches(
 def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[Any]:
   """Runs `iterator` in a background thread, `buffer_size` items ahead.
 
-  Host batching then overlaps the device step. Exceptions of the producer are
-  re-raised in the consumer. buffer_size 0 returns `iterator` itself.
+  Host batching then overlaps the device step. The items come in `iterator`'s
+  order; an exception of `iterator` is re-raised in the consumer. The thread
+  is grain's (`grain.experimental.ThreadPrefetchDatasetIterator`).
+  buffer_size 0 returns `iterator` itself.
   """
   if buffer_size <= 0:
     return iterator
-  items: queue.Queue[Any] = queue.Queue(maxsize=buffer_size)
-  done = object()
+  return grain.experimental.ThreadPrefetchDatasetIterator(
+      _StatelessIterator(iterator), buffer_size)
 
-  def produce():
-    try:
-      for item in iterator:
-        items.put((True, item))
-      items.put((True, done))
-    except BaseException as e:  # pylint: disable=broad-except
-      items.put((False, e))
 
-  threading.Thread(target=produce, daemon=True).start()
+class _StatelessIterator(Iterator[Any]):
+  """A Python iterator with the get_state/set_state of a grain iterator.
 
-  def consume() -> Iterator[Any]:
-    while True:
-      ok, item = items.get()
-      if not ok:
-        raise item
-      if item is done:
-        return
-      yield item
+  Its state is empty: a resumed run rebuilds its batches from the step
+  (`get_train_batches(start_step=...)`), never from a saved iterator state.
+  """
 
-  return consume()
+  def __init__(self, iterator: Iterator[Any]):
+    self._iterator = iterator
+
+  def __next__(self) -> Any:
+    return next(self._iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    return {}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    raise NotImplementedError(
+        "The training batches resume from a step (start_step), not from an"
+        " iterator state.")
 
 
 def _build_local_corpus(builder_config: str | None,

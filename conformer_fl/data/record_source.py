@@ -185,6 +185,8 @@ class RecordSource:
     if shuffle_files:
       blocks = [order[i:i + SHUFFLE_BLOCK]
                 for i in range(0, order.size, SHUFFLE_BLOCK)]
+      # numpy's permutation, not grain's `MapDataset.shuffle`: grain's order
+      # differs, so the streamed epochs of reported runs would change.
       permutation = np.random.default_rng([seed, 7]).permutation(len(blocks))
       order = np.concatenate([blocks[b] for b in permutation] or [order])
     for start in range(0, order.size, _READ_CHUNK):
