@@ -7,6 +7,7 @@ features through `input_pipeline.get_train_batches` / `get_eval_batches`.
 
 import functools
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -329,12 +330,35 @@ def test_train_batches_error_when_no_full_batch_reaches_consumer(data_config):
 
 def test_prefetch_in_thread_keeps_order_and_reraises():
   assert list(input_pipeline.prefetch_in_thread(iter(range(7)), 2)) == list(range(7))
+  threads = []
 
   def failing():
+    threads.append(threading.get_ident())
     yield 1
     raise RuntimeError("producer broke")
 
   it = input_pipeline.prefetch_in_thread(failing(), 3)
   assert next(it) == 1
+  assert threads and threads[0] != threading.get_ident()  # ran in another thread
   with pytest.raises(RuntimeError, match="producer broke"):
     next(it)
+  plain = iter(range(3))
+  assert input_pipeline.prefetch_in_thread(plain, 0) is plain
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_prefetched_train_batches_equal_unprefetched(data_config, cache):
+  def take(prefetch):
+    config = data_config.copy_and_resolve_references()
+    config.cache_train_in_memory = cache
+    config.shuffle_buffer = 0 if cache else 3
+    config.prefetch_batches = prefetch
+    it = input_pipeline.get_train_batches(config, _CHAR, seed=5, start_step=1)
+    return [next(it) for _ in range(14)]  # over two epochs of 6 batches
+
+  plain, prefetched = take(0), take(2)
+  for a, b in zip(plain, prefetched, strict=True):
+    assert sorted(a) == sorted(b)
+    for key in a:
+      assert a[key].dtype == b[key].dtype
+      np.testing.assert_array_equal(a[key], b[key])
