@@ -32,7 +32,7 @@ keeps random units), controls compared with full and with uniform.
 
 The verdict's cost level is 0.85 (demo and study). The targeted arm thins
 only modules not labelled critical, at most `max_rate` of each; a model
-with few of them cannot reach a deeper cut (demo8x64 after 2400 steps, seed
+with few of them cannot reach a deeper cut (the study's models, seed
 0: 9 non-critical modules, 0 ambient, reach 0.85 and no level below 0.80;
 seed 1: 19 reach 0.70), and an arm that cannot reach the level is reported
 absent, never rescaled. Deeper levels (the `comparison.levels` override)
@@ -47,17 +47,20 @@ Intervals: hierarchical paired bootstrap over pre-trained models, federated
 seeds, speakers and utterances (`conformer_fl.stats`).
 
 Scales:
-  demo   the miniature `make demo` runs: the demo8x64 model (8 blocks x 64),
-         2400 pre-training steps (Adam, peak 1e-3 after 300 warm-up steps, no
-         SpecAugment or dropout) on the corpus's 'story' long form, one
-         pre-trained model, one cost level (0.85), arms full, targeted,
-         anti_targeted, uniform, one random draw and freeze, the verdict's
-         arms over 2 federated seeds, the others over 1, one client learning
-         rate (no tuning). It cannot decide the claim: one pre-trained model
-         and two seeds give intervals too wide for the margin; its report
-         says so.
-  study  the test: 2 pre-trained models (seeds 0 and 1, the demo's recipe),
-         each analysed with its own arms at the verdict's level 0.85: full,
+  demo   the miniature `make demo` runs, sized to about half an hour on a
+         2-core CPU host: the 'demo' corpus (64+8+8 speakers), the demo8x64
+         model (8 blocks x 64), 1200 pre-training steps (Adam, peak 1e-3
+         after 300 warm-up steps, no SpecAugment or dropout) on the corpus's
+         'story' long form, the leave-Flite-out model for 600 steps, the
+         analysis on 12 dev batches, one pre-trained model, one cost level
+         (0.85), arms full, targeted, anti_targeted, uniform and freeze over
+         one federated seed, one client learning rate (no tuning). It cannot
+         decide the claim: one pre-trained model and one seed give intervals
+         too wide for the margin; its report says so.
+  study  the test: the 'study' corpus (96+8+8 speakers, 25 long + 30 short
+         utterances each), 2 pre-trained models (seeds 0 and 1) of 2400
+         steps, the leave-Flite-out model for 1200 steps, the analysis on 20
+         dev batches, each model analysed with its own arms at the verdict's level 0.85: full,
          targeted, anti_targeted, uniform, 3 random draws, the rescaling
          ablation, freeze and the three policy arms; the verdict's arms over
          5 federated seeds, the others over 1; one client learning rate
@@ -101,16 +104,16 @@ from conformer_fl import config_lib
 # client batch and client learning rate; eval batches of the runs; targeting
 # (units, metric); the default federated seeds.
 _SCALES = {
-    "demo": dict(corpus="demo", size="demo8x64", steps=2400, peak_lr=1e-3,
-                 warmup=300, regularize=False, engine_check_steps=1200,
+    "demo": dict(corpus="demo", size="demo8x64", steps=1200, peak_lr=1e-3,
+                 warmup=300, regularize=False, engine_check_steps=600,
                  buckets=(3.0, 4.5, 6.0), tokenizer="char",
-                 granularity="module", analysis_batches=20,
+                 granularity="module", analysis_batches=12,
                  rerandomize_seeds=0, rounds=40, clients=8, local_steps=4,
                  batch=4, eval_batches=12, pretrain_devices=1,
                  pretrain_seeds=(0,), levels=(0.85,), verdict_level=0.85,
                  arms=("full", "targeted", "anti_targeted", "uniform",
-                       "random", "freeze"),
-                 random_draws=1, verdict_seeds=(0, 1), control_seeds=(0,),
+                       "freeze"),
+                 random_draws=1, verdict_seeds=(0,), control_seeds=(0,),
                  level_seeds=(0,), lr_grid=(0.2,), halfwidth_draws=1),
     "tiny": dict(corpus="tiny", size="tiny", steps=6, peak_lr=2e-3, warmup=2,
                  regularize=True, engine_check_steps=0,
@@ -124,7 +127,8 @@ _SCALES = {
                  level_seeds=(0,), lr_grid=(0.05,), halfwidth_draws=1),
 }
 _SCALES["study"] = dict(
-    _SCALES["demo"], pretrain_seeds=(0, 1), levels=(0.85,),
+    _SCALES["demo"], corpus="study", steps=2400, engine_check_steps=1200,
+    analysis_batches=20, pretrain_seeds=(0, 1), levels=(0.85,),
     arms=("full", "targeted", "anti_targeted", "uniform", "random",
           "targeted_rescaled", "freeze", "uniform_ordered", "uniform_static",
           "uniform_rolling"),

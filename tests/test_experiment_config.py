@@ -53,6 +53,13 @@ def test_study_is_the_test_and_the_demo_its_miniature():
   assert len(demo.pretrain_seeds) == 1 and demo.comparison.levels == (0.85,)
   assert demo.comparison.verdict_level == study.comparison.verdict_level == 0.85
   assert "anti_targeted" in demo.arms
+  # The study's larger corpus and longer pre-training; the demo's fit its
+  # half hour.
+  assert study.pretrain.data.builder_config == "study"
+  assert demo.pretrain.data.builder_config == "demo"
+  assert (study.pretrain.central.num_steps, demo.pretrain.central.num_steps
+          ) == (2400, 1200)
+  assert (study.engine_check.steps, demo.engine_check.steps) == (1200, 600)
   # The policy arms are the study's alone.
   policy_arms = {"uniform_ordered", "uniform_static", "uniform_rolling"}
   assert not policy_arms & (set(demo.arms) | set(_config("scale=tiny").arms))

@@ -413,14 +413,17 @@ def test_engines_are_deterministic_and_write_16k_int16(tmp_path):
     tts_engines.synthesize(speakers[0], "")
 
 
-def test_demo_config_has_both_engines_and_holds_out_timbres():
-  demo = synthetic_speech.SyntheticSpeech.builder_configs["demo"]
+@pytest.mark.parametrize("name, num_train, flite_train",
+                         [("demo", 64, 16), ("study", 96, 24)])
+def test_demo_config_has_both_engines_and_holds_out_timbres(
+    name, num_train, flite_train):
+  demo = synthetic_speech.SyntheticSpeech.builder_configs[name]
   speakers = synthetic_speech.assign_speakers(demo)
   assert {s: len(v) for s, v in speakers.items()} == {
-      "train": 96, "dev": 8, "test": 8}
+      "train": num_train, "dev": 8, "test": 8}
   flite = {split: sum(s.engine == "flite" for s in v)
            for split, v in speakers.items()}
-  assert flite == {"train": 24, "dev": 2, "test": 2}
+  assert flite == {"train": flite_train, "dev": 2, "test": 2}
   timbres = {split: {s.timbre for s in v} for split, v in speakers.items()}
   assert not timbres["dev"] & timbres["train"]
   assert not timbres["test"] & timbres["train"]

@@ -170,7 +170,14 @@ CONFIGS = (
     # demo's model (1600 steps) reaches dev WER 0.97, CER 0.44, and its WER
     # no longer moves when a module is reset. Its commands (the federated
     # domain) keep held-out templates and slot values.
-    _config("demo", "The demo default: 96+8+8 eSpeak NG and Flite speakers,"
+    _config("demo", "The demo default: 64+8+8 eSpeak NG and Flite speakers,"
+            " 24 long (2-6 s, 'story' grammar) + 24 short each.",
+            num_train_speakers=64, num_dev_speakers=8, num_test_speakers=8,
+            long_per_speaker=24, short_per_speaker=24, long_seconds=(2.0, 6.0),
+            prose_words=(5, 12), flite_fraction=0.25, long_text="story"),
+    # The claim-5 study's corpus: the demo's recipe with more speakers and
+    # utterances.
+    _config("study", "The study's: 96+8+8 eSpeak NG and Flite speakers,"
             " 25 long (2-6 s, 'story' grammar) + 30 short each.",
             num_train_speakers=96, num_dev_speakers=8, num_test_speakers=8,
             long_per_speaker=25, short_per_speaker=30, long_seconds=(2.0, 6.0),
@@ -535,7 +542,7 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
                       skip_registration=__name__ == "__main__"):
   """English speech by eSpeak NG and Flite speakers; one speaker = one client."""
 
-  VERSION = tfds.core.Version("2.1.0")
+  VERSION = tfds.core.Version("2.2.0")
   # TFDS 4.9.10 locates the builder file through the `importlib_resources`
   # backport, which it does not install on Python >= 3.9; this file is the answer.
   code_path = epath.Path(__file__)
@@ -548,6 +555,8 @@ class SyntheticSpeech(tfds.core.GeneratorBasedBuilder,
                " augmentation; Flite pitch; demo: a quarter Flite speakers.",
       "2.1.0": "demo: long-form text from the 'story' grammar (small and"
                " medium keep 'prose').",
+      "2.2.0": "demo: 64+8+8 speakers, 24 long + 24 short each; 'study':"
+               " the former demo (96+8+8, 25 long + 30 short).",
   }
   BUILDER_CONFIGS = list(CONFIGS)
   DEFAULT_CONFIG_NAME = "demo"
@@ -607,7 +616,7 @@ def build(config: str | SyntheticSpeechConfig = "demo",
   """Returns the prepared builder, synthesizing the corpus only if not yet there.
 
   Args:
-    config: a config name ('tiny', 'demo', 'small', 'medium') or a
+    config: a config name ('tiny', 'demo', 'study', 'small', 'medium') or a
       SyntheticSpeechConfig.
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
     file_format: TFDS record format: 'array_record' (random access, which the
@@ -766,7 +775,7 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top,import-self
   from conformer_fl.data import synthetic_speech
-  flags.DEFINE_string("config", "demo", "Config name: tiny, demo, small or medium.")
+  flags.DEFINE_string("config", "demo", "Config name: tiny, demo, study, small or medium.")
   from conformer_fl.data import paths  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("data_dir", paths.DEFAULT_DATA_DIR,
                       "TFDS data directory (the configs' default).")
