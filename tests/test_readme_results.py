@@ -55,6 +55,44 @@ def test_render_formats_every_number_of_the_summary():
   assert brief.splitlines()[:6] == lines[:6]
 
 
+def _models_summary() -> dict:
+  return dict(
+      models=[dict(seed=0, dev_eval=dict(wer=0.6608, low=0.5509, high=0.785504,
+                                         cer=0.2677, num_examples=192.0),
+                   num_ambient=2, num_critical=4, num_undetermined=26),
+              dict(seed=3, dev_eval=dict(wer=0.5, low=0.4, high=0.6,
+                                         cer=0.2, num_examples=96.0),
+                   num_ambient=0, num_critical=30, num_undetermined=2)],
+      engines=dict(engine="flite", steps=600, trained_on=["espeak"],
+                   held_out=dict(wer=0.9744, wer_low=0.9585, wer_high=0.9918,
+                                 cer=0.5586, num_examples=48.0),
+                   in_domain=dict(wer=0.7514, wer_low=0.6976, wer_high=0.8108,
+                                  cer=0.3113, num_examples=144.0)),
+      stage_seconds={"corpus": 69.6, "pretrain/model_0": 507.0,
+                     "arms/model_0/any/full/seed_0": 94.2,
+                     "arms/model_0/c085/targeted/seed_0": 114.9})
+
+
+def test_models_block_states_each_model_the_engine_check_and_stage_times():
+  lines = readme_results.render_models(_models_summary()).splitlines()
+  assert lines == [
+      "- Model 0 (pre-training seed 0): dev WER 0.661 [0.551, 0.786], CER"
+      " 0.268, 192 utterances; droppable modules: 2 ambient, 4 critical, 26"
+      " undetermined.",
+      "- Model 1 (pre-training seed 3): dev WER 0.500 [0.400, 0.600], CER"
+      " 0.200, 96 utterances; droppable modules: 0 ambient, 30 critical, 2"
+      " undetermined.",
+      "- Leave flite out (600 steps on espeak speakers only), long-form test"
+      " split: flite speakers (never heard) WER 0.974 [0.959, 0.992], CER"
+      " 0.559, 48 utterances; espeak speakers WER 0.751 [0.698, 0.811], CER"
+      " 0.311, 144 utterances.",
+      # 69.6 + 507.0 + 94.2 + 114.9 = 785.7 s; the arms summed.
+      "- Stage time 13.1 min: corpus 70 s, pretrain 507 s, arms 209 s."]
+  summary = _models_summary()
+  del summary["engines"], summary["stage_seconds"]
+  assert len(readme_results.render_models(summary).splitlines()) == 2
+
+
 def test_no_verdict_says_which_level(tmp_path):
   summary = _summary()
   summary["verdict"] = None
@@ -91,6 +129,9 @@ def test_update_rewrites_only_the_blocks_and_is_idempotent(tmp_path):
     ("<!-- results: s.json -->\nold\n"
      "<!-- results: s.json brief -->\nold\n<!-- end results -->\n",
      "its own <!-- end results --> line"),
+    # A models block over a summary without models.
+    ("<!-- results: s.json models -->\n<!-- end results -->\n",
+     "not a summary.json of the experiment \\(missing 'models'\\)"),
 ])
 def test_bad_input_names_the_problem(tmp_path, text, message):
   (tmp_path / "s.json").write_text(json.dumps(_summary()))

@@ -5,14 +5,16 @@ r"""The README's claim-5 results, generated from a run's summary.json.
 
 A markdown file holds blocks between the lines
 
-  <!-- results: PATH [brief] -->
+  <!-- results: PATH [brief|models] -->
   <!-- end results -->
 
 where PATH is the summary.json (relative to the file) that the block is
 rendered from: the verdict with its rule's two intervals and the arms
 table, and (without `brief`) every paired difference, numbers formatted as
 in the run's report.md
-(`conformer_fl.experiment.report`). Without `--check` the block is
+(`conformer_fl.experiment.report`); with `models`, instead, each
+pre-trained model's dev WER and labels, the leave-one-engine-out WERs and
+the stage times. Without `--check` the block is
 rewritten in place; with it, nothing is written and the exit status is 1
 when the block differs from what the summary renders (the suite runs the
 check, so a README number cannot drift from its run).
@@ -33,7 +35,8 @@ from conformer_fl import cli
 DOCS = ("README.md", "docs/results.md", "docs/demo.md")
 BEGIN = "<!-- results: {path} -->"
 END = "<!-- end results -->"
-_BLOCK = re.compile(r"<!-- results: (?P<path>\S+)(?P<brief> brief)? -->\n"
+_BLOCK = re.compile(r"<!-- results: (?P<path>\S+)(?: (?P<mode>brief|models))?"
+                    r" -->\n"
                     r"(?P<body>.*?)" + re.escape(END), re.DOTALL)
 
 
@@ -97,6 +100,51 @@ def render(summary: Mapping[str, Any], brief: bool = False) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _wer(wer: float, low: float, high: float) -> str:
+  return f"{wer:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def render_models(summary: Mapping[str, Any]) -> str:
+  """The `models` block's body (markdown) from a summary.json.
+
+  One bullet per pre-trained model (dev WER with its interval, CER, the
+  droppable modules' labels), one for the leave-one-engine-out model where
+  the run has one, and one for the stage times (seconds, summed per stage
+  kind).
+  """
+  lines = []
+  for m in summary["models"]:
+    d = m["dev_eval"]
+    lines.append(
+        f"- Model {summary['models'].index(m)} (pre-training seed"
+        f" {m['seed']}): dev WER {_wer(d['wer'], d['low'], d['high'])}, CER"
+        f" {d['cer']:.3f}, {d['num_examples']:.0f} utterances; droppable"
+        f" modules: {m['num_ambient']} ambient, {m['num_critical']} critical,"
+        f" {m['num_undetermined']} undetermined.")
+  e = summary.get("engines")
+  if e:
+    held, own = e["held_out"], e["in_domain"]
+    lines.append(
+        f"- Leave {e['engine']} out ({e['steps']} steps on"
+        f" {', '.join(e['trained_on'])} speakers only), long-form test split:"
+        f" {e['engine']} speakers (never heard) WER"
+        f" {_wer(held['wer'], held['wer_low'], held['wer_high'])}, CER"
+        f" {held['cer']:.3f}, {held['num_examples']:.0f} utterances;"
+        f" {', '.join(e['trained_on'])} speakers WER"
+        f" {_wer(own['wer'], own['wer_low'], own['wer_high'])},"
+        f" CER {own['cer']:.3f}, {own['num_examples']:.0f} utterances.")
+  totals: dict[str, float] = {}
+  for stage, seconds in summary.get("stage_seconds", {}).items():
+    kind = stage.split("/")[0]
+    totals[kind] = totals.get(kind, 0.0) + seconds
+  if totals:
+    lines.append(
+        f"- Stage time {sum(totals.values()) / 60:.1f} min: "
+        + ", ".join(f"{kind} {seconds:.0f} s"
+                    for kind, seconds in totals.items()) + ".")
+  return "\n".join(lines) + "\n"
+
+
 class ReadmeError(ValueError):
   """The README has no results block, or its summary cannot be read."""
 
@@ -117,7 +165,8 @@ def update(text: str, readme_dir: pathlib.Path) -> str:
   if markers != len(blocks) or any("<!-- results:" in b["body"]
                                    for b in blocks):
     raise ReadmeError(f"{markers} '<!-- results:' lines but {len(blocks)}"
-                      f" well-formed blocks: each needs 'PATH' or 'PATH brief'"
+                      f" well-formed blocks: each needs 'PATH', 'PATH brief' or"
+                      " 'PATH models'"
                       f" and its own {END} line")
 
   def replace(match: re.Match[str]) -> str:
@@ -127,7 +176,13 @@ def update(text: str, readme_dir: pathlib.Path) -> str:
     except (OSError, json.JSONDecodeError) as e:
       raise ReadmeError(f"{path}: not a readable summary.json ({e})") from e
     head = match.group(0).split("\n", 1)[0]
-    return head + "\n" + render(summary, bool(match["brief"])) + END
+    try:
+      body = (render_models(summary) if match["mode"] == "models" else
+              render(summary, match["mode"] == "brief"))
+    except (KeyError, TypeError) as e:
+      raise ReadmeError(f"{path}: not a summary.json of the experiment"
+                        f" (missing {e})") from e
+    return head + "\n" + body + END
 
   return _BLOCK.sub(replace, text)
 
