@@ -113,10 +113,10 @@ def render_models(summary: Mapping[str, Any]) -> str:
   kind).
   """
   lines = []
-  for m in summary["models"]:
+  for index, m in enumerate(summary["models"]):
     d = m["dev_eval"]
     lines.append(
-        f"- Model {summary['models'].index(m)} (pre-training seed"
+        f"- Model {index} (pre-training seed"
         f" {m['seed']}): dev WER {_wer(d['wer'], d['low'], d['high'])}, CER"
         f" {d['cer']:.3f}, {d['num_examples']:.0f} utterances; droppable"
         f" modules: {m['num_ambient']} ambient, {m['num_critical']} critical,"
