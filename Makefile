@@ -4,7 +4,7 @@
 #               requirements-tpu-plan.lock (tests/test_tpu_plan.py), then pytest.
 #   make demo   the same virtualenv without libtpu, then the main job
 #               (configs/experiment.py) on the local synthesized corpus:
-#               pre-training, layer importance, four federated arms, report.md
+#               pre-training, layer importance, five federated runs, report.md
 #               in $(DEMO_WORKDIR). Run again, it reuses what is done.
 # `pip install .` (setup.py) takes version ranges instead; its extras are
 # [data], [study], [tpu-plan] and [dev].
