@@ -13,8 +13,8 @@ Argument (all optional, `key=value,...`):
   size     model size: tiny | demo | S | M | L            (default demo)
   norm     conv-module norm: batch_norm | group_norm | layer_norm (group_norm)
   decoder  ctc | rnnt                                      (ctc)
-  corpus   a synthetic_speech builder config (tiny | demo | small | medium),
-           or librispeech                                   (demo)
+  corpus   a synthetic_speech builder config (tiny | demo | study | small |
+           medium), or librispeech                          (demo)
   domain   training domain: long | short | all              (long)
   steps    training steps                                   (1200)
   seed     seed of init, data order, dropout and SpecAugment (0)

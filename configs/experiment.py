@@ -60,8 +60,9 @@ Scales:
   study  the test: the 'study' corpus (96+8+8 speakers, 25 long + 30 short
          utterances each), 2 pre-trained models (seeds 0 and 1) of 2400
          steps, the leave-Flite-out model for 1200 steps, the analysis on 20
-         dev batches, each model analysed with its own arms at the verdict's level 0.85: full,
-         targeted, anti_targeted, uniform, 3 random draws, the rescaling
+         dev batches, each model analysed with its own arms at the
+         verdict's level 0.85: full, targeted, anti_targeted, uniform, 3
+         random draws, the rescaling
          ablation, freeze and the three policy arms; the verdict's arms over
          5 federated seeds, the others over 1; one client learning rate
          (0.2) for every arm. Cut to fit a few hours on a 2-core CPU host

@@ -110,9 +110,9 @@ DERIVED_FIELDS = ("model.vocab_size",)
 # arms of one config in its report, so only where the corpus is may change.
 EXPERIMENT_RESUMABLE_FIELDS = ("data_dir", "*.data_dir")
 # Fields a rerun of the experiment may add or drop without a word: its
-# stability runs, so that a workdir of `make demo` grows into the study's
-# (scale=study adds runs under W/stability and changes no other stage). A run
-# present in both configs must be the same.
+# stability runs (claims 2 and 3, under W/stability), so that a workdir of
+# `make demo` grows by them and reuses every other stage. A run present in both
+# configs must be the same.
 EXPERIMENT_GROWABLE_FIELDS = ("stability.runs.*",)
 
 

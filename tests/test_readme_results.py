@@ -87,7 +87,8 @@ def test_models_block_states_each_model_the_engine_check_and_stage_times():
       " 0.559, 48 utterances; espeak speakers WER 0.751 [0.698, 0.811], CER"
       " 0.311, 144 utterances.",
       # 69.6 + 507.0 + 94.2 + 114.9 = 785.7 s; the arms summed.
-      "- Stage time 13.1 min: corpus 70 s, pretrain 507 s, arms 209 s."]
+      "- Recorded stage time 13.1 min: corpus 70 s, pretrain 507 s, arms"
+      " 209 s."]
   summary = _models_summary()
   del summary["engines"], summary["stage_seconds"]
   assert len(readme_results.render_models(summary).splitlines()) == 2
@@ -132,9 +133,14 @@ def test_update_rewrites_only_the_blocks_and_is_idempotent(tmp_path):
     # A models block over a summary without models.
     ("<!-- results: s.json models -->\n<!-- end results -->\n",
      "not a summary.json of the experiment \\(missing 'models'\\)"),
+    # stage_seconds of the wrong type.
+    ("<!-- results: bad.json models -->\n<!-- end results -->\n",
+     "not a summary.json of the experiment \\(AttributeError"),
 ])
 def test_bad_input_names_the_problem(tmp_path, text, message):
   (tmp_path / "s.json").write_text(json.dumps(_summary()))
+  (tmp_path / "bad.json").write_text(json.dumps(
+      dict(_models_summary(), stage_seconds=[1.0])))
   with pytest.raises(readme_results.ReadmeError, match=message):
     readme_results.update(text, tmp_path)
 

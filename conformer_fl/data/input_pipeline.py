@@ -340,15 +340,25 @@ def get_train_batches(
 def prefetch_in_thread(iterator: Iterator[Any], buffer_size: int) -> Iterator[Any]:
   """Runs `iterator` in a background thread, `buffer_size` items ahead.
 
-  Host batching then overlaps the device step. The items come in `iterator`'s
-  order; an exception of `iterator` is re-raised in the consumer. The thread
-  is grain's (`grain.experimental.ThreadPrefetchDatasetIterator`).
-  buffer_size 0 returns `iterator` itself.
+  Host batching then overlaps the device step: the thread (grain's
+  `grain.experimental.ThreadPrefetchDatasetIterator`) starts filling its
+  buffer here, before the first item is asked for. The items come in
+  `iterator`'s order; an `Exception` of `iterator` is re-raised in the
+  consumer.
+
+  Args:
+    iterator: the items, e.g. padded batches.
+    buffer_size: items produced ahead; 0 returns `iterator` itself.
+
+  Returns:
+    An iterator over the same items.
   """
   if buffer_size <= 0:
     return iterator
-  return grain.experimental.ThreadPrefetchDatasetIterator(
+  prefetched = grain.experimental.ThreadPrefetchDatasetIterator(
       _StatelessIterator(iterator), buffer_size)
+  prefetched.start_prefetch()
+  return prefetched
 
 
 class _StatelessIterator(Iterator[Any]):
@@ -365,9 +375,11 @@ class _StatelessIterator(Iterator[Any]):
     return next(self._iterator)
 
   def get_state(self) -> dict[str, Any]:
+    """{}: nothing to save."""
     return {}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Refuses: restoring an iterator state is not how a run resumes."""
     raise NotImplementedError(
         "The training batches resume from a step (start_step), not from an"
         " iterator state.")

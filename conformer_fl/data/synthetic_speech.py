@@ -775,7 +775,8 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top,import-self
   from conformer_fl.data import synthetic_speech
-  flags.DEFINE_string("config", "demo", "Config name: tiny, demo, study, small or medium.")
+  flags.DEFINE_string("config", "demo",
+                      "Config name: tiny, demo, study, small or medium.")
   from conformer_fl.data import paths  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("data_dir", paths.DEFAULT_DATA_DIR,
                       "TFDS data directory (the configs' default).")

@@ -109,8 +109,15 @@ def render_models(summary: Mapping[str, Any]) -> str:
 
   One bullet per pre-trained model (dev WER with its interval, CER, the
   droppable modules' labels), one for the leave-one-engine-out model where
-  the run has one, and one for the stage times (seconds, summed per stage
-  kind).
+  the run has one, and one for the stage times the run recorded
+  (`stage_seconds`, summed per stage kind).
+
+  Args:
+    summary: the experiment's summary: its models, engines (optional) and
+      stage_seconds (optional).
+
+  Returns:
+    The bullets, one per line, ending in a newline.
   """
   lines = []
   for index, m in enumerate(summary["models"]):
@@ -139,7 +146,7 @@ def render_models(summary: Mapping[str, Any]) -> str:
     totals[kind] = totals.get(kind, 0.0) + seconds
   if totals:
     lines.append(
-        f"- Stage time {sum(totals.values()) / 60:.1f} min: "
+        f"- Recorded stage time {sum(totals.values()) / 60:.1f} min: "
         + ", ".join(f"{kind} {seconds:.0f} s"
                     for kind, seconds in totals.items()) + ".")
   return "\n".join(lines) + "\n"
@@ -179,9 +186,12 @@ def update(text: str, readme_dir: pathlib.Path) -> str:
     try:
       body = (render_models(summary) if match["mode"] == "models" else
               render(summary, match["mode"] == "brief"))
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
       raise ReadmeError(f"{path}: not a summary.json of the experiment"
                         f" (missing {e})") from e
+    except (AttributeError, TypeError) as e:
+      raise ReadmeError(f"{path}: not a summary.json of the experiment"
+                        f" ({type(e).__name__}: {e})") from e
     return head + "\n" + body + END
 
   return _BLOCK.sub(replace, text)
