@@ -7,6 +7,7 @@ from typing import Any
 
 from etils import epath
 
+from conformer_fl import result_format
 from conformer_fl.experiment import evidence
 from conformer_fl.experiment import figures
 from conformer_fl.experiment import stability_runs
@@ -21,8 +22,8 @@ def _pct(value: float | None) -> str:
   return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def _level(level: float | None) -> str:
-  return "-" if level is None else f"{100 * level:.0f}%"
+_level = result_format.level
+_interval = result_format.difference
 
 
 def _checks(summary: Mapping[str, Any]) -> list[str]:
@@ -45,10 +46,6 @@ def _miniature(summary: Mapping[str, Any]) -> list[str]:
       f" inside the margin of {s['margin']}. Its verdict line is printed by"
       " the same rule and is not evidence either way"
       " (`configs/experiment.py:scale=study` is the test).", ""]
-
-
-def _interval(c: Mapping[str, Any]) -> str:
-  return f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
 def _not_transcribing(summary: Mapping[str, Any]) -> list[str]:
@@ -85,15 +82,9 @@ def _stages(summary: Mapping[str, Any]) -> list[str]:
   seconds = summary.get("stage_seconds") or {}
   if not seconds:
     return []
-  groups: dict[str, float] = {}
-  counts: dict[str, int] = {}
-  for name, value in seconds.items():
-    head = name.split("/")[0]
-    groups[head] = groups.get(head, 0.0) + value
-    counts[head] = counts.get(head, 0) + 1
-  parts = [f"{head} {value:.0f} s" + (f" ({counts[head]} runs)"
-                                      if counts[head] > 1 else "")
-           for head, value in groups.items()]
+  parts = [f"{head} {value:.0f} s" + (f" ({count} runs)" if count > 1 else "")
+           for head, (value, count)
+           in result_format.stage_totals(seconds).items()]
   return [f"Wall time of each stage on this machine (a reused stage keeps the"
           f" time of the run that computed it): {'; '.join(parts)};"
           f" {sum(seconds.values()) / 60:.1f} min in all.", ""]
@@ -132,7 +123,7 @@ def arms_table(summary: Mapping[str, Any]) -> list[str]:
         f" {_pct(row['peak_bytes_fraction'])} |"
         f" {_pct(row['step_seconds_fraction'])} | {row['lr']:g} |"
         f" {row['num_models']} x {len(row['seeds'])} |"
-        f" {row['wer']:.3f} [{row['low']:.3f}, {row['high']:.3f}] |")
+        f" {result_format.wer_interval(row['wer'], row['low'], row['high'])} |")
   for row in summary.get("absent") or []:
     lines.append(f"| {_level(row['level'])} | {row['arm']} | absent:"
                  f" {row['note']} | | | | | | | |")

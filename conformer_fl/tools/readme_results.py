@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 
 from conformer_fl import cli
+from conformer_fl import result_format
 
 # The files of this repository that hold results blocks.
 DOCS = ("README.md", "docs/results.md", "docs/demo.md")
@@ -40,19 +41,14 @@ _BLOCK = re.compile(r"<!-- results: (?P<path>\S+)(?: (?P<mode>brief|models))?"
                     r"(?P<body>.*?)" + re.escape(END), re.DOTALL)
 
 
-# The number formats of experiment/report.py's tables, kept here: importing
-# conformer_fl.experiment loads the whole experiment (TensorFlow included), and
-# this tool reads JSON only. A cost not measured prints '-'.
-def _level(level: float | None) -> str:
-  return "-" if level is None else f"{100 * level:.0f}%"
+_level = result_format.level
+_interval = result_format.difference
+_wer = result_format.wer_interval
 
 
 def _pct(value: float | None) -> str:
+  """A cost not measured prints '-' (report.md prints 'n/a')."""
   return "-" if value is None else f"{100 * value:.1f}"
-
-
-def _interval(row: Mapping[str, Any]) -> str:
-  return f"{row['difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
 def render(summary: Mapping[str, Any], brief: bool = False) -> str:
@@ -85,7 +81,7 @@ def render(summary: Mapping[str, Any], brief: bool = False) -> str:
         f" {_pct(row['params_fraction'])} | {_pct(row['flops_fraction'])} |"
         f" {_pct(row['step_seconds_fraction'])} |"
         f" {row['num_models']} x {len(row['seeds'])} |"
-        f" {row['wer']:.3f} [{row['low']:.3f}, {row['high']:.3f}] |")
+        f" {_wer(row['wer'], row['low'], row['high'])} |")
   for row in summary.get("absent") or []:
     lines.append(f"| {_level(row['level'])} | {row['arm']} | absent:"
                  f" {row['note']} | | | | | |")
@@ -98,10 +94,6 @@ def render(summary: Mapping[str, Any], brief: bool = False) -> str:
                    f" {c['num_models']} x {c['num_seeds']} x"
                    f" {c['num_speakers']} x {c['num_utterances']} |")
   return "\n".join(lines) + "\n"
-
-
-def _wer(wer: float, low: float, high: float) -> str:
-  return f"{wer:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def render_models(summary: Mapping[str, Any]) -> str:
@@ -140,15 +132,13 @@ def render_models(summary: Mapping[str, Any]) -> str:
         f" {', '.join(e['trained_on'])} speakers WER"
         f" {_wer(own['wer'], own['wer_low'], own['wer_high'])},"
         f" CER {own['cer']:.3f}, {own['num_examples']:.0f} utterances.")
-  totals: dict[str, float] = {}
-  for stage, seconds in summary.get("stage_seconds", {}).items():
-    kind = stage.split("/")[0]
-    totals[kind] = totals.get(kind, 0.0) + seconds
+  totals = result_format.stage_totals(summary.get("stage_seconds", {}))
   if totals:
     lines.append(
-        f"- Recorded stage time {sum(totals.values()) / 60:.1f} min: "
+        f"- Recorded stage time"
+        f" {sum(t for t, _ in totals.values()) / 60:.1f} min: "
         + ", ".join(f"{kind} {seconds:.0f} s"
-                    for kind, seconds in totals.items()) + ".")
+                    for kind, (seconds, _) in totals.items()) + ".")
   return "\n".join(lines) + "\n"
 
 
